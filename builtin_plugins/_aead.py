@@ -1,0 +1,51 @@
+"""Shared shape of the built-in AEAD plugins over cryptography's hazmat AEAD classes."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from cryptography.exceptions import InvalidTag
+
+from qimem.crypto import Cipher, random_bytes
+from qimem.errors import DecryptionError, ValidationError
+
+
+class CryptographyAead:
+    """An :class:`qimem.crypto.Algorithm` over one of cryptography's AEAD classes."""
+
+    name: ClassVar[str]
+    algorithm_id: ClassVar[int]
+    key_size: ClassVar[int] = 32
+    nonce_size: ClassVar[int] = 12
+    tag_size: ClassVar[int] = 16
+    aead_class: ClassVar[Any]
+
+    def generate_key(self) -> bytearray:
+        return bytearray(random_bytes(self.key_size))
+
+    def cipher(self, key: bytes | bytearray) -> Cipher:
+        if len(key) != self.key_size:
+            raise ValidationError(f"{self.name} needs a {self.key_size}-byte key")
+        return self.aead_class(bytes(key))  # type: ignore[no-any-return]
+
+    def _check_nonce(self, nonce: bytes) -> None:
+        if len(nonce) != self.nonce_size:
+            raise ValidationError(f"{self.name} needs a {self.nonce_size}-byte nonce")
+
+    def encrypt(
+        self, key: bytes | bytearray, nonce: bytes, plaintext: bytes, aad: bytes | None = None
+    ) -> bytes:
+        self._check_nonce(nonce)
+        return self.cipher(key).encrypt(nonce, plaintext, aad)
+
+    def decrypt(
+        self, key: bytes | bytearray, nonce: bytes, ciphertext: bytes, aad: bytes | None = None
+    ) -> bytes:
+        self._check_nonce(nonce)
+        try:
+            return self.cipher(key).decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise DecryptionError("ciphertext failed authentication") from None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,143 @@
+"""``memory://``: a thread-safe key store that lives and dies with the process.
+
+Key bytes are held in ``bytearray``s and zeroed when a store is closed or garbage collected
+(best effort: Python and OpenSSL may hold other copies, which cannot be reached from here).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from qimem.crypto import zero
+from qimem.errors import ConflictError, NotFoundError
+from qimem.hooks import hookimpl
+from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
+from qimem.keystore import KeyStore
+from qimem.registry import RegisterKeyStore
+from qimem.rootkey import KeyWrapper
+
+
+class InMemoryKeyStore(KeyStore):
+    """Keys in process memory; everything is lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._versions: dict[str, KeyVersion] = {}
+        self._material: dict[str, bytearray] = {}
+        self._lineages: dict[str, list[str]] = {}  # lineage_id -> key_ids, oldest first
+        self._names: dict[tuple[str, str], str] = {}  # (realm, name) -> lineage_id
+
+    def create(
+        self, realm: str, algorithm: str, material: bytes | bytearray, *, name: str | None = None
+    ) -> KeyVersion:
+        with self._lock:
+            if name is not None and (realm, name) in self._names:
+                raise ConflictError(f"a key named {name!r} already exists", code="name_taken")
+            version = KeyVersion(
+                key_id=new_id(),
+                lineage_id=new_id(),
+                name=name,
+                realm=realm,
+                version=1,
+                algorithm=algorithm,
+                state=KeyState.ACTIVE,
+                created_at=datetime.now(UTC),
+            )
+            self._store(version, material)
+            self._lineages[version.lineage_id] = [version.key_id]
+            if name is not None:
+                self._names[(realm, name)] = version.lineage_id
+            return version
+
+    def _store(self, version: KeyVersion, material: bytes | bytearray) -> None:
+        self._versions[version.key_id] = version
+        self._material[version.key_id] = bytearray(material)
+
+    def get(self, realm: str, key_id: str) -> KeyVersion:
+        version = self._versions.get(key_id)
+        if version is None or version.realm != realm:
+            raise NotFoundError(f"no key {key_id!r}")
+        return version
+
+    def find_lineage(self, realm: str, ref: str) -> str:
+        with self._lock:
+            lineage_id = self._names.get((realm, ref))
+            if lineage_id is not None:
+                return lineage_id
+            key_ids = self._lineages.get(ref)
+            if key_ids and self._versions[key_ids[0]].realm == realm:
+                return ref
+        raise NotFoundError(f"no key {ref!r}")
+
+    def versions(self, realm: str, lineage_id: str) -> list[KeyVersion]:
+        with self._lock:
+            key_ids = self._lineages.get(lineage_id)
+            if not key_ids or self._versions[key_ids[0]].realm != realm:
+                raise NotFoundError(f"no key {lineage_id!r}")
+            return [self._versions[k] for k in key_ids]
+
+    def list(self, realm: str) -> list[KeyVersion]:
+        with self._lock:
+            newest = [self._versions[ids[-1]] for ids in self._lineages.values()]
+        return [v for v in newest if v.realm == realm]
+
+    def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
+        with self._lock:
+            current = self.get(realm, key_id)
+            if current.state is not KeyState.ACTIVE:
+                active = next(
+                    (v for v in self.versions(realm, current.lineage_id) if v.active), None
+                )
+                raise not_active_error(current, active)
+            ids = self._lineages[current.lineage_id]
+            newest = self._versions[ids[-1]]
+            self._versions[key_id] = replace(current, state=KeyState.DECRYPT_ONLY)
+            rotated = replace(
+                current,
+                key_id=new_id(),
+                version=newest.version + 1,
+                state=KeyState.ACTIVE,
+                created_at=datetime.now(UTC),
+            )
+            self._store(rotated, material)
+            ids.append(rotated.key_id)
+            return rotated
+
+    def material(self, realm: str, key_id: str) -> bytearray:
+        with self._lock:
+            self.get(realm, key_id)
+            return bytearray(self._material[key_id])
+
+    def close(self) -> None:
+        with self._lock:
+            for buffer in self._material.values():
+                zero(buffer)
+            self._material.clear()
+
+    def __del__(self) -> None:
+        for buffer in getattr(self, "_material", {}).values():
+            zero(buffer)
+
+    def __repr__(self) -> str:
+        return f"<InMemoryKeyStore versions={len(self._versions)}>"
+
+
+@hookimpl
+def qimem_register_keystores(register: RegisterKeyStore) -> None:
+    def factory(url: str, wrapper: KeyWrapper | None) -> KeyStore:
+        return InMemoryKeyStore()
+
+    register("memory", factory)
+
+
+@hookimpl
+def qimem_plugin_manifest() -> dict[str, object]:
+    return {
+        "name": "memory-keystore",
+        "version": "1.0.0",
+        "description": "In-process key store (memory://), for tests and throwaway use",
+        "provides": {"keystores": ["memory"]},
+        "builtin": True,
+    }

@@ -1,0 +1,322 @@
+"""``sqlite:///path`` and ``postgresql+psycopg://...``: the SQL key store on SQLAlchemy 2.x.
+
+One row per key version, material wrapped under the root key. Rotation is one transaction
+whose first statement is the compare-and-swap ``UPDATE ... WHERE key_id = ? AND state =
+'active'``: it takes the write lock (SQLite) or the row lock (PostgreSQL) before anything
+is read, so concurrent rotations of one key_id serialize and exactly one finds the row
+still active. The unique (lineage_id, version) constraint is the backstop.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from qimem.errors import ConfigError, ConflictError, NotFoundError
+from qimem.hooks import hookimpl
+from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
+from qimem.keystore import KeyStore
+from qimem.registry import RegisterKeyStore
+from qimem.rootkey import KeyWrapper
+from qimem.sql import create_engine, migrate, translate_errors
+
+metadata = sa.MetaData()
+meta_table = sa.Table(
+    "qimem_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+lineages = sa.Table(
+    "qimem_lineages",
+    metadata,
+    sa.Column("lineage_id", sa.String(36), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(128)),
+    sa.Column("algorithm", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+versions = sa.Table(
+    "qimem_key_versions",
+    metadata,
+    sa.Column("key_id", sa.String(36), primary_key=True),
+    sa.Column("lineage_id", sa.String(36), nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("algorithm", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("material", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+_METADATA_COLUMNS = (
+    versions.c.key_id,
+    versions.c.lineage_id,
+    lineages.c.name,
+    versions.c.realm,
+    versions.c.version,
+    versions.c.algorithm,
+    versions.c.state,
+    versions.c.created_at,
+)
+_SELECT_VERSIONS = sa.select(*_METADATA_COLUMNS).join_from(
+    versions, lineages, versions.c.lineage_id == lineages.c.lineage_id
+)
+
+
+def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algorithm: str) -> bytes:
+    return f"qimem-key-v1|{realm}|{lineage_id}|{key_id}|{version}|{algorithm}".encode()
+
+
+def _to_version(row: Any) -> KeyVersion:
+    created = row.created_at
+    if created.tzinfo is None:  # SQLite drops the offset; everything is stored in UTC
+        created = created.replace(tzinfo=UTC)
+    return KeyVersion(
+        key_id=row.key_id,
+        lineage_id=row.lineage_id,
+        name=row.name,
+        realm=row.realm,
+        version=row.version,
+        algorithm=row.algorithm,
+        state=KeyState(row.state),
+        created_at=created,
+    )
+
+
+class SqlKeyStore(KeyStore):
+    """Key versions in SQLite or PostgreSQL, material wrapped under the root key."""
+
+    def __init__(self, url: str, wrapper: KeyWrapper, *, auto_migrate: bool = True) -> None:
+        if wrapper is None:
+            raise ConfigError("an SQL key store needs a root key (run 'qimem init')")
+        self._wrapper = wrapper
+        self.engine = create_engine(url)
+        if auto_migrate:
+            migrate(self.engine)
+        self._check_root_key()
+
+    def _check_root_key(self) -> None:
+        """Record the root key's check value on first use; refuse a different root key."""
+        check = self._wrapper.check_value
+        with translate_errors(), self.engine.begin() as conn:
+            stored = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
+            ).scalar()
+            if stored is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            sa.insert(meta_table).values(name="root_key_check", value=check)
+                        )
+                except IntegrityError:
+                    stored = conn.execute(
+                        sa.select(meta_table.c.value).where(
+                            meta_table.c.name == "root_key_check"
+                        )
+                    ).scalar()
+        if stored is not None and stored != check:
+            raise ConfigError(
+                "the root key does not match this store (wrong root key file or QIMEM_ROOT_KEY)"
+            )
+
+    def create(
+        self, realm: str, algorithm: str, material: bytes | bytearray, *, name: str | None = None
+    ) -> KeyVersion:
+        now = datetime.now(UTC)
+        version = KeyVersion(
+            key_id=new_id(),
+            lineage_id=new_id(),
+            name=name,
+            realm=realm,
+            version=1,
+            algorithm=algorithm,
+            state=KeyState.ACTIVE,
+            created_at=now,
+        )
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(lineages).values(
+                        lineage_id=version.lineage_id,
+                        realm=realm,
+                        name=name,
+                        algorithm=algorithm,
+                        created_at=now,
+                    )
+                )
+                self._insert_version(conn, version, material)
+        except IntegrityError:
+            raise ConflictError(f"a key named {name!r} already exists", code="name_taken") from None
+        return version
+
+    def _insert_version(
+        self, conn: sa.Connection, version: KeyVersion, material: bytes | bytearray
+    ) -> None:
+        wrapped = self._wrapper.wrap(
+            material,
+            _wrap_context(
+                version.realm,
+                version.lineage_id,
+                version.key_id,
+                version.version,
+                version.algorithm,
+            ),
+        )
+        conn.execute(
+            sa.insert(versions).values(
+                key_id=version.key_id,
+                lineage_id=version.lineage_id,
+                realm=version.realm,
+                version=version.version,
+                algorithm=version.algorithm,
+                state=version.state.value,
+                material=wrapped,
+                created_at=version.created_at,
+            )
+        )
+
+    def get(self, realm: str, key_id: str) -> KeyVersion:
+        with translate_errors(), self.engine.connect() as conn:
+            return self._get(conn, realm, key_id)
+
+    def _get(self, conn: sa.Connection, realm: str, key_id: str) -> KeyVersion:
+        row = conn.execute(
+            _SELECT_VERSIONS.where(versions.c.key_id == key_id, versions.c.realm == realm)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return _to_version(row)
+
+    def find_lineage(self, realm: str, ref: str) -> str:
+        query = sa.select(lineages.c.lineage_id).where(
+            lineages.c.realm == realm,
+            sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            lineage_id = conn.execute(query).scalar()
+        if lineage_id is None:
+            raise NotFoundError(f"no key {ref!r}")
+        return str(lineage_id)
+
+    def versions(self, realm: str, lineage_id: str) -> list[KeyVersion]:
+        query = _SELECT_VERSIONS.where(
+            versions.c.lineage_id == lineage_id, versions.c.realm == realm
+        ).order_by(versions.c.version)
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return [_to_version(row) for row in rows]
+
+    def list(self, realm: str) -> list[KeyVersion]:
+        newest = (
+            sa.select(versions.c.lineage_id, sa.func.max(versions.c.version).label("version"))
+            .where(versions.c.realm == realm)
+            .group_by(versions.c.lineage_id)
+            .subquery()
+        )
+        query = (
+            _SELECT_VERSIONS.join(
+                newest,
+                sa.and_(
+                    versions.c.lineage_id == newest.c.lineage_id,
+                    versions.c.version == newest.c.version,
+                ),
+            )
+            .where(versions.c.realm == realm)
+            .order_by(lineages.c.created_at, lineages.c.lineage_id)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_to_version(row) for row in conn.execute(query)]
+
+    def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                swapped = conn.execute(
+                    sa.update(versions)
+                    .where(
+                        versions.c.key_id == key_id,
+                        versions.c.realm == realm,
+                        versions.c.state == KeyState.ACTIVE.value,
+                    )
+                    .values(state=KeyState.DECRYPT_ONLY.value)
+                ).rowcount
+                current = self._get(conn, realm, key_id)  # NotFoundError rolls back
+                if swapped != 1:
+                    active_row = conn.execute(
+                        _SELECT_VERSIONS.where(
+                            versions.c.lineage_id == current.lineage_id,
+                            versions.c.state == KeyState.ACTIVE.value,
+                        )
+                    ).first()
+                    active = _to_version(active_row) if active_row is not None else None
+                    raise not_active_error(current, active)
+                newest = conn.execute(
+                    sa.select(sa.func.max(versions.c.version)).where(
+                        versions.c.lineage_id == current.lineage_id
+                    )
+                ).scalar_one()
+                rotated = KeyVersion(
+                    key_id=new_id(),
+                    lineage_id=current.lineage_id,
+                    name=current.name,
+                    realm=realm,
+                    version=newest + 1,
+                    algorithm=current.algorithm,
+                    state=KeyState.ACTIVE,
+                    created_at=datetime.now(UTC),
+                )
+                self._insert_version(conn, rotated, material)
+        except IntegrityError:
+            raise ConflictError(
+                f"key {key_id} was rotated concurrently; retry with the active version",
+                code="key_not_active",
+            ) from None
+        return rotated
+
+    def material(self, realm: str, key_id: str) -> bytearray:
+        query = sa.select(
+            versions.c.material,
+            versions.c.lineage_id,
+            versions.c.version,
+            versions.c.algorithm,
+        ).where(versions.c.key_id == key_id, versions.c.realm == realm)
+        with translate_errors(), self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return self._wrapper.unwrap(
+            row.material,
+            _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
+        )
+
+    def ping(self) -> None:
+        with translate_errors(), self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<SqlKeyStore {self.engine.url.render_as_string(hide_password=True)}>"
+
+
+@hookimpl
+def qimem_register_keystores(register: RegisterKeyStore) -> None:
+    for scheme in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+        register(scheme, SqlKeyStore)
+
+
+@hookimpl
+def qimem_plugin_manifest() -> dict[str, object]:
+    return {
+        "name": "sql-keystore",
+        "version": "1.0.0",
+        "description": "SQL key store on SQLAlchemy: SQLite (embedded default) and PostgreSQL",
+        "provides": {"keystores": ["sqlite", "postgresql", "postgresql+psycopg", "postgres"]},
+        "builtin": True,
+    }

@@ -1,0 +1,79 @@
+"""Hook specifications for qimem plugins. Import as ``qimem.hooks.specs``.
+
+Collecting hooks hand the plugin a ``register`` callback, so the host validates what it is
+given, refuses duplicates and names the plugin at fault. Built-in plugins implement exactly
+these hooks, the same way a third-party package does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qimem.hooks.markers import hookspec
+
+if TYPE_CHECKING:
+    from qimem.events import KeyEvent
+    from qimem.registry import RegisterAlgorithm, RegisterAuthProvider, RegisterKeyStore
+
+
+@hookspec
+def qimem_register_algorithms(register: RegisterAlgorithm) -> None:
+    """Add AEAD algorithms.
+
+    Call ``register(algorithm)`` once per algorithm. The object must satisfy
+    :class:`qimem.crypto.Algorithm`: ``name`` (e.g. ``"aes-256-gcm"``), ``algorithm_id``
+    (1-255, written into envelopes), ``key_size``, ``nonce_size``, ``tag_size``, and
+    ``generate_key()``, ``encrypt(key, nonce, plaintext, aad)``,
+    ``decrypt(key, nonce, ciphertext, aad)`` and ``cipher(key)``. A duplicate name or id raises
+    :class:`qimem.errors.PluginError` naming this plugin.
+
+    :param register: callback that records one algorithm.
+    """
+
+
+@hookspec
+def qimem_register_keystores(register: RegisterKeyStore) -> None:
+    """Add key store backends, selected by the scheme of the store URL.
+
+    Call ``register(scheme, factory)``; ``factory(url, wrapper)`` returns a
+    :class:`qimem.keystore.KeyStore`. ``wrapper`` is the :class:`qimem.rootkey.KeyWrapper`
+    a persistent store must use so key material is never stored in the clear. Schemes are
+    matched exactly (``memory``, ``sqlite``, ``postgresql+psycopg`` ...); a duplicate scheme
+    raises :class:`qimem.errors.PluginError`.
+
+    :param register: callback that records one scheme and its factory.
+    """
+
+
+@hookspec
+def qimem_register_auth_providers(register: RegisterAuthProvider) -> None:
+    """Add authentication providers (local passwords, service-account secrets ...).
+
+    Call ``register(name, provider)`` once per provider. Providers are consulted by the
+    identity layer in registration order; a duplicate name raises
+    :class:`qimem.errors.PluginError`.
+
+    :param register: callback that records one provider.
+    """
+
+
+@hookspec
+def qimem_plugin_manifest() -> dict[str, Any] | None:
+    """Describe this plugin.
+
+    Return a mapping with at least ``name``, ``version``, ``description`` and ``provides``
+    (a mapping of kind, such as ``"algorithms"``, to a list of names). Every plugin, built-in
+    ones too, should implement it; ``qimem plugins list`` shows the result.
+    """
+
+
+@hookspec
+def qimem_key_event(event: KeyEvent) -> None:
+    """Observe a key lifecycle event (``created``, ``rotated`` ...) after it committed.
+
+    For audit sinks and integrations. ``event`` carries metadata only, never key material.
+    An exception raised here is logged with the plugin's name and does not undo the
+    operation or stop other plugins from seeing the event.
+
+    :param event: what happened, to which key version, in which realm.
+    """

@@ -1,0 +1,137 @@
+"""Configuration: one TOML file written by ``qimem init``, with environment overrides.
+
+Where things live, by precedence: ``--config`` / ``QIMEM_CONFIG`` for the file;
+``QIMEM_HOME`` for a self-contained directory (config, root key and SQLite store);
+otherwise the user's config and data directories (platformdirs). ``QIMEM_STORE`` overrides
+the store URL, ``QIMEM_ROOT_KEY`` (base64) the root key file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+
+from qimem.errors import ConfigError
+
+APP_NAME = "qimem"
+CONFIG_NAME = "config.toml"
+DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
+
+
+def config_dir() -> Path:
+    home = os.environ.get("QIMEM_HOME")
+    return Path(home) if home else Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def data_dir() -> Path:
+    home = os.environ.get("QIMEM_HOME")
+    return Path(home) if home else Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("QIMEM_CONFIG")
+    return Path(env) if env else config_dir() / CONFIG_NAME
+
+
+def default_store_url() -> str:
+    return f"sqlite:///{data_dir() / 'qimem.db'}"
+
+
+@dataclass
+class Config:
+    """Everything qimem needs to open its store and plugins."""
+
+    store_url: str
+    root_key_file: Path | None = None
+    root_key_b64: str | None = field(default=None, repr=False)
+    plugins_enabled: list[str] = field(default_factory=list)
+    cache_ttl: float = 5.0
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    path: Path | None = None
+
+    def to_toml(self) -> dict[str, Any]:
+        """The TOML document ``qimem init`` writes (never the root key itself)."""
+        doc: dict[str, Any] = {
+            "store": {"url": self.store_url},
+            "plugins": {"enabled": list(self.plugins_enabled)},
+            "cache": {"ttl_seconds": self.cache_ttl},
+            "limits": {"max_envelope_bytes": self.max_envelope_bytes},
+        }
+        if self.root_key_file is not None:
+            doc["root_key"] = {"file": str(self.root_key_file)}
+        return doc
+
+    def write(self, path: Path) -> None:
+        """Write the config atomically (temp file + rename), mode 0600."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(self.to_toml(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    return value
+
+
+def load_config(
+    path: Path | None = None, *, store_url: str | None = None, required: bool = True
+) -> Config:
+    """Read the config file and apply environment and command-line overrides.
+
+    :param path: the config file; default :func:`default_config_path`.
+    :param store_url: overrides the file and ``QIMEM_STORE`` (the CLI's ``--store``).
+    :param required: raise if the file is missing (otherwise use defaults).
+    :raises ConfigError: a missing (when required) or malformed file.
+    """
+    path = path or default_config_path()
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    elif required and not (store_url or os.environ.get("QIMEM_STORE")):
+        raise ConfigError(f"no configuration at {path}; run 'qimem init' first")
+
+    store = _section(doc, "store", path)
+    root = _section(doc, "root_key", path)
+    plugins = _section(doc, "plugins", path)
+    cache = _section(doc, "cache", path)
+    limits = _section(doc, "limits", path)
+    enabled = plugins.get("enabled", [])
+    if not isinstance(enabled, list) or not all(isinstance(p, str) for p in enabled):
+        raise ConfigError(f"{path}: plugins.enabled must be a list of plugin names")
+    root_file = root.get("file")
+    if root_file is None and not doc:
+        candidate = data_dir() / "root.key"
+        root_file = str(candidate) if candidate.exists() else None
+    try:
+        return Config(
+            store_url=store_url
+            or os.environ.get("QIMEM_STORE")
+            or store.get("url")
+            or default_store_url(),
+            root_key_file=Path(root_file) if root_file else None,
+            root_key_b64=os.environ.get("QIMEM_ROOT_KEY") or None,
+            plugins_enabled=list(enabled),
+            cache_ttl=float(cache.get("ttl_seconds", 5.0)),
+            max_envelope_bytes=int(limits.get("max_envelope_bytes", DEFAULT_MAX_ENVELOPE_BYTES)),
+            path=path,
+        )
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: a [cache] or [limits] value is not a number") from None

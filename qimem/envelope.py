@@ -1,0 +1,126 @@
+"""Envelope v1: one AEAD message with everything needed to decrypt it (docs/formats.md).
+
+Layout (all integers big-endian)::
+
+    offset  size  field
+    0       4     magic  b"QMEV"
+    4       1     format version (1)
+    5       1     algorithm id (1 = aes-256-gcm, 2 = chacha20-poly1305, plugins: others)
+    6       16    key id (the key version's UUID, 16 raw bytes)
+    22      4     key version (uint32, >= 1)
+    26      1     nonce length N (must be the algorithm's nonce size)
+    27      N     nonce
+    27+N    4     ciphertext length L (ciphertext ‖ tag, uint32)
+    31+N    L     ciphertext ‖ tag
+
+The header is bytes ``[0, 31+N)``. The AEAD's associated data is ``header ‖ caller_aad``, so
+changing the algorithm, key id, version, nonce or length is detected. The encoding is
+deterministic: a value has exactly one encoding, and the parser rejects anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import NamedTuple
+
+from qimem.errors import EnvelopeFormatError
+
+MAGIC = b"QMEV"
+VERSION = 1
+PREFIX_SIZE = 27  # magic .. nonce length
+_PREFIX = struct.Struct(">4sBB16sIB")
+_LENGTH = struct.Struct(">I")
+MAX_VERSION = 0xFFFFFFFF
+
+
+class Envelope(NamedTuple):
+    """A parsed envelope. ``header`` is the exact bytes bound as associated data."""
+
+    algorithm_id: int
+    key_id: bytes
+    key_version: int
+    nonce: bytes
+    ciphertext: bytes
+    header: bytes
+
+    @property
+    def key_id_str(self) -> str:
+        return str(uuid.UUID(bytes=self.key_id))
+
+
+def header_prefix(algorithm_id: int, key_id: str | bytes, key_version: int, nonce_size: int) -> bytes:
+    """Header bytes up to the nonce; constant for one key version."""
+    raw_id = key_id if isinstance(key_id, bytes) else uuid.UUID(key_id).bytes
+    if not 1 <= key_version <= MAX_VERSION:
+        raise ValueError("key version out of range")
+    return _PREFIX.pack(MAGIC, VERSION, algorithm_id, raw_id, key_version, nonce_size)
+
+
+def header(prefix: bytes, nonce: bytes, ciphertext_length: int) -> bytes:
+    """The full header: ``prefix ‖ nonce ‖ uint32(ciphertext_length)``."""
+    return prefix + nonce + _LENGTH.pack(ciphertext_length)
+
+
+def associated_data(header_bytes: bytes, aad: bytes | None) -> bytes:
+    """What the AEAD authenticates besides the ciphertext: header ‖ caller aad."""
+    return header_bytes + aad if aad else header_bytes
+
+
+def parse(blob: bytes) -> Envelope:
+    """Parse envelope bytes strictly.
+
+    :raises EnvelopeFormatError: bad magic, unknown format version, truncation, trailing
+        bytes, or a zero key version.
+    """
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise EnvelopeFormatError("envelope must be bytes")
+    blob = bytes(blob)
+    if len(blob) < PREFIX_SIZE:
+        if blob[:4] != MAGIC[: len(blob[:4])]:
+            raise EnvelopeFormatError("not a qimem envelope (bad magic)")
+        raise EnvelopeFormatError("envelope is truncated")
+    magic, version, algorithm_id, key_id, key_version, nonce_size = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise EnvelopeFormatError("not a qimem envelope (bad magic)")
+    if version != VERSION:
+        raise EnvelopeFormatError(f"unsupported envelope version {version}")
+    if key_version == 0:
+        raise EnvelopeFormatError("envelope has key version 0")
+    if nonce_size == 0:
+        raise EnvelopeFormatError("envelope has an empty nonce")
+    body = PREFIX_SIZE + nonce_size + _LENGTH.size
+    if len(blob) < body:
+        raise EnvelopeFormatError("envelope is truncated")
+    (length,) = _LENGTH.unpack_from(blob, PREFIX_SIZE + nonce_size)
+    if len(blob) < body + length:
+        raise EnvelopeFormatError("envelope is truncated")
+    if len(blob) > body + length:
+        raise EnvelopeFormatError("envelope has trailing bytes")
+    return Envelope(
+        algorithm_id=algorithm_id,
+        key_id=key_id,
+        key_version=key_version,
+        nonce=blob[PREFIX_SIZE : PREFIX_SIZE + nonce_size],
+        ciphertext=blob[body:],
+        header=blob[:body],
+    )
+
+
+def seal(
+    algorithm: object,
+    key: bytes | bytearray,
+    key_id: str,
+    key_version: int,
+    nonce: bytes,
+    plaintext: bytes,
+    aad: bytes | None = None,
+) -> bytes:
+    """Build one envelope with an explicit nonce (known-answer vectors, tests).
+
+    ``algorithm`` is a :class:`qimem.crypto.Algorithm`; the service layer uses the same
+    layout with a fresh random nonce per message.
+    """
+    prefix = header_prefix(algorithm.algorithm_id, key_id, key_version, algorithm.nonce_size)  # type: ignore[attr-defined]
+    head = header(prefix, nonce, len(plaintext) + algorithm.tag_size)  # type: ignore[attr-defined]
+    return head + algorithm.encrypt(key, nonce, plaintext, associated_data(head, aad))  # type: ignore[attr-defined]

@@ -1,0 +1,259 @@
+"""The plugin registry: one pluggy manager, and collectors that validate what plugins give.
+
+Built-in plugins are registered through exactly the hooks third-party packages use.
+Third-party packages are found in the ``qimem`` entry-point group and loaded only when
+enabled (config ``plugins.enabled`` or ``--plugin``): a security tool does not run code just
+because it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError
+from qimem.hooks import specs
+from qimem.hooks.markers import PROJECT
+
+if TYPE_CHECKING:
+    from qimem.crypto import Algorithm
+    from qimem.events import KeyEvent
+    from qimem.keystore import KeyStore
+    from qimem.rootkey import KeyWrapper
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "qimem"
+DEFAULT_PLUGINS = (
+    "qimem.builtin_plugins.aes_gcm",
+    "qimem.builtin_plugins.chacha20",
+    "qimem.builtin_plugins.memory_keystore",
+    "qimem.builtin_plugins.sql_keystore",
+)
+
+KeyStoreFactory = Callable[[str, "KeyWrapper"], "KeyStore"]
+RegisterAlgorithm = Callable[["Algorithm"], None]
+RegisterKeyStore = Callable[[str, KeyStoreFactory], None]
+RegisterAuthProvider = Callable[[str, Any], None]
+
+_ALGORITHM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+
+
+def installed_plugins() -> dict[str, str]:
+    """Entry points of the ``qimem`` group: plugin name → ``module:attr`` it names."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def make_plugin_manager(
+    enabled: Iterable[str] = (), *, builtins: Iterable[str] = DEFAULT_PLUGINS
+) -> pluggy.PluginManager:
+    """A fresh plugin manager with the built-in plugins and the enabled third-party ones.
+
+    :raises PluginError: an enabled plugin is not installed or fails to import.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(specs)
+    wanted = list(dict.fromkeys(enabled))
+    if wanted:
+        available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        for name in wanted:
+            ep = available.get(name)
+            if ep is None:
+                raise PluginError(f"plugin {name!r} is enabled but not installed")
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=name)
+            except QimemError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}"
+                ) from exc
+    for module_name in builtins:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+    return pm
+
+
+def _call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a collecting hook, naming the plugin when one fails."""
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        try:
+            impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _validate_algorithm(algorithm: Any) -> str | None:
+    """What is wrong with an object offered as an algorithm, or None."""
+    name = getattr(algorithm, "name", None)
+    if not isinstance(name, str) or not _ALGORITHM_NAME.match(name):
+        return f"algorithm name {name!r} is not a lowercase name like 'aes-256-gcm'"
+    for attr, low, high in (
+        ("algorithm_id", 1, 255),
+        ("key_size", 16, 64),
+        ("nonce_size", 8, 32),
+        ("tag_size", 12, 32),
+    ):
+        value = getattr(algorithm, attr, None)
+        if type(value) is not int or not low <= value <= high:
+            return f"algorithm {name!r}: {attr} must be an integer in {low}..{high}"
+    for method in ("generate_key", "cipher", "encrypt", "decrypt"):
+        if not callable(getattr(algorithm, method, None)):
+            return f"algorithm {name!r} has no {method}() method"
+    return None
+
+
+class Registry:
+    """What the loaded plugins provide, collected once and validated."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+
+    @cached_property
+    def algorithms(self) -> dict[str, Algorithm]:
+        """Algorithm name → algorithm, from ``qimem_register_algorithms``."""
+        by_name: dict[str, Algorithm] = {}
+        by_id: dict[int, Algorithm] = {}
+        current: list[str] = [""]
+
+        def register(algorithm: Algorithm) -> None:
+            problem = _validate_algorithm(algorithm)
+            if problem is None and algorithm.name in by_name:
+                problem = f"algorithm {algorithm.name!r} is already registered"
+            if problem is None and algorithm.algorithm_id in by_id:
+                other = by_id[algorithm.algorithm_id].name
+                problem = f"algorithm id {algorithm.algorithm_id} is already used by {other!r}"
+            if problem is not None:
+                raise PluginError(f"plugin {current[0]!r}: {problem}")
+            by_name[algorithm.name] = algorithm
+            by_id[algorithm.algorithm_id] = algorithm
+
+        for impl in self.pm.hook.qimem_register_algorithms.get_hookimpls():
+            current[0] = impl.plugin_name
+            _call_one(impl, "qimem_register_algorithms", register)
+        self._algorithms_by_id = by_id
+        return by_name
+
+    def algorithm(self, name: str) -> Algorithm:
+        """The algorithm called ``name``.
+
+        :raises UnsupportedAlgorithmError: no loaded plugin provides it.
+        """
+        try:
+            return self.algorithms[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self.algorithms))
+            raise UnsupportedAlgorithmError(
+                f"unknown algorithm {name!r} (available: {known})"
+            ) from None
+
+    def algorithm_by_id(self, algorithm_id: int) -> Algorithm:
+        """The algorithm with envelope id ``algorithm_id``.
+
+        :raises UnsupportedAlgorithmError: no loaded plugin provides it.
+        """
+        self.algorithms  # noqa: B018 - collects on first use
+        try:
+            return self._algorithms_by_id[algorithm_id]
+        except KeyError:
+            raise UnsupportedAlgorithmError(f"unknown algorithm id {algorithm_id}") from None
+
+    @cached_property
+    def keystores(self) -> dict[str, KeyStoreFactory]:
+        """URL scheme → key store factory, from ``qimem_register_keystores``."""
+        factories: dict[str, KeyStoreFactory] = {}
+        current: list[str] = [""]
+
+        def register(scheme: str, factory: KeyStoreFactory) -> None:
+            if not isinstance(scheme, str) or not _SCHEME.match(scheme):
+                raise PluginError(f"plugin {current[0]!r}: bad key store scheme {scheme!r}")
+            if not callable(factory):
+                raise PluginError(f"plugin {current[0]!r}: key store factory is not callable")
+            if scheme in factories:
+                raise PluginError(
+                    f"plugin {current[0]!r}: key store scheme {scheme!r} is already registered"
+                )
+            factories[scheme] = factory
+
+        for impl in self.pm.hook.qimem_register_keystores.get_hookimpls():
+            current[0] = impl.plugin_name
+            _call_one(impl, "qimem_register_keystores", register)
+        return factories
+
+    @cached_property
+    def auth_providers(self) -> dict[str, Any]:
+        """Provider name → provider, from ``qimem_register_auth_providers``."""
+        providers: dict[str, Any] = {}
+        current: list[str] = [""]
+
+        def register(name: str, provider: Any) -> None:
+            if not isinstance(name, str) or not name or name in providers:
+                raise PluginError(f"plugin {current[0]!r}: bad or duplicate provider {name!r}")
+            providers[name] = provider
+
+        for impl in self.pm.hook.qimem_register_auth_providers.get_hookimpls():
+            current[0] = impl.plugin_name
+            _call_one(impl, "qimem_register_auth_providers", register)
+        return providers
+
+    def manifests(self) -> dict[str, dict[str, Any]]:
+        """Plugin name → the manifest it returned from ``qimem_plugin_manifest``."""
+        result: dict[str, dict[str, Any]] = {}
+        for impl in self.pm.hook.qimem_plugin_manifest.get_hookimpls():
+            try:
+                manifest = impl.function()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in qimem_plugin_manifest: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if manifest is None:
+                continue
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("name"), str):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} returned a malformed manifest "
+                    "(a mapping with a 'name' is required)"
+                )
+            result[impl.plugin_name] = manifest
+        return result
+
+    def notify_key_event(self, event: KeyEvent) -> None:
+        """Deliver a key event to every plugin; a failing plugin is logged, not fatal."""
+        for impl in self.pm.hook.qimem_key_event.get_hookimpls():
+            try:
+                impl.function(event)
+            except Exception as exc:
+                log.warning(
+                    "plugin %r failed in qimem_key_event (%s): %s",
+                    impl.plugin_name,
+                    event.kind,
+                    type(exc).__name__,
+                )
+
+
+def _call_one(impl: Any, hook_name: str, register: Callable[..., None]) -> None:
+    try:
+        impl.function(register)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -1,0 +1,117 @@
+"""The root key, and the wrapping of key material under it (DESIGN.md §3).
+
+Persistent stores never hold key material in the clear: each version's key is sealed with
+AES-256-GCM under a wrapping key derived from the root key (HKDF-SHA256), with the version's
+identity (realm, lineage, key id, version, algorithm) as associated data, so a row copied
+onto another row in the database does not unwrap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from qimem.errors import ConfigError, DecryptionError
+
+ROOT_KEY_SIZE = 32
+_WRAP_FORMAT = 1
+_NONCE = 12
+
+
+def _derive(root_key: bytes | bytearray, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+        bytes(root_key)
+    )
+
+
+class KeyWrapper:
+    """Seals and opens key material under the root key. Its repr shows no key bytes."""
+
+    __slots__ = ("_aead", "check_value")
+
+    def __init__(self, root_key: bytes | bytearray) -> None:
+        if len(root_key) != ROOT_KEY_SIZE:
+            raise ConfigError(f"the root key must be {ROOT_KEY_SIZE} bytes")
+        self._aead = AESGCM(_derive(root_key, b"qimem key wrapping v1"))
+        # A public fingerprint stores keep, so a wrong root key is refused with a clear
+        # message instead of failing on every key.
+        self.check_value = _derive(root_key, b"qimem root key check v1")[:16].hex()
+
+    def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:
+        """``material`` sealed under the root key, bound to ``context``."""
+        nonce = os.urandom(_NONCE)
+        return bytes([_WRAP_FORMAT]) + nonce + self._aead.encrypt(nonce, bytes(material), context)
+
+    def unwrap(self, blob: bytes, context: bytes) -> bytearray:
+        """The material sealed by :meth:`wrap` with the same ``context``.
+
+        :raises DecryptionError: wrong root key, wrong context, or damaged bytes.
+        """
+        if len(blob) < 1 + _NONCE + 16 or blob[0] != _WRAP_FORMAT:
+            raise DecryptionError("stored key material is damaged")
+        try:
+            return bytearray(self._aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context))
+        except InvalidTag:
+            raise DecryptionError(
+                "stored key material does not unwrap under this root key"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<KeyWrapper check={self.check_value}>"
+
+
+def generate_root_key() -> bytearray:
+    return bytearray(os.urandom(ROOT_KEY_SIZE))
+
+
+def encode_root_key(key: bytes | bytearray) -> str:
+    return base64.b64encode(bytes(key)).decode("ascii")
+
+
+def decode_root_key(text: str, source: str) -> bytearray:
+    """Decode a base64 root key; ``source`` names where it came from for the error message."""
+    try:
+        key = bytearray(base64.b64decode(text.strip(), validate=True))
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{source} does not hold a base64 root key") from None
+    if len(key) != ROOT_KEY_SIZE:
+        raise ConfigError(f"{source} must hold a {ROOT_KEY_SIZE}-byte root key")
+    return key
+
+
+def write_root_key_file(path: Path) -> bytearray:
+    """Create ``path`` (mode 0600, never overwriting) holding a fresh root key."""
+    key = generate_root_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(encode_root_key(key) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+def read_root_key_file(path: Path) -> bytearray:
+    """Read the root key file, refusing one that others can read or write."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"root key file {path} does not exist (run 'qimem init')") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"root key file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+    try:
+        text = path.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read root key file {path}: {type(exc).__name__}") from None
+    return decode_root_key(text, f"root key file {path}")

@@ -1,0 +1,226 @@
+"""Message operations: encrypt, decrypt, rewrap and data keys, in envelope v1.
+
+The hot path is a dict lookup in the key cache, one ``os.urandom`` and one AEAD call; the
+header prefix of each key version is computed once when the key is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from qimem import envelope as env
+from qimem.app import AppContext
+from qimem.crypto import zero
+from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, ValidationError
+from qimem.keycache import CachedKey
+from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
+from qimem.services.keys import resolve
+
+DATA_KEY_SIZE = 32
+_DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
+
+
+@dataclass(frozen=True)
+class EncryptResult:
+    """An envelope and the key version that sealed it."""
+
+    envelope: bytes = field(repr=False)
+    key_id: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "envelope": base64.b64encode(self.envelope).decode("ascii"),
+            "key_id": self.key_id,
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class DecryptResult:
+    """A plaintext and the key version that opened it. Its repr hides the plaintext."""
+
+    plaintext: bytes = field(repr=False)
+    key_id: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plaintext": base64.b64encode(self.plaintext).decode("ascii"),
+            "key_id": self.key_id,
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A fresh data key, in the clear and sealed under a stored key. Repr hides the key."""
+
+    plaintext_key: bytes = field(repr=False)
+    wrapped_key: bytes = field(repr=False)
+    key_id: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plaintext_key": base64.b64encode(self.plaintext_key).decode("ascii"),
+            "wrapped_key": base64.b64encode(self.wrapped_key).decode("ascii"),
+            "key_id": self.key_id,
+            "version": self.version,
+        }
+
+
+def _load(app: AppContext, version: KeyVersion) -> CachedKey:
+    """Unwrap a version's material once and prepare its cipher and header prefix."""
+    algorithm = app.registry.algorithm(version.algorithm)
+    material = app.store.material(version.realm, version.key_id)
+    try:
+        cipher = algorithm.cipher(material)
+    finally:
+        zero(material)
+    return CachedKey(
+        meta=version,
+        cipher=cipher,
+        prefix=env.header_prefix(
+            algorithm.algorithm_id, version.key_id, version.version, algorithm.nonce_size
+        ),
+        algorithm_id=algorithm.algorithm_id,
+        nonce_size=algorithm.nonce_size,
+        tag_size=algorithm.tag_size,
+        expires=app.cache.expiry(),
+    )
+
+
+def _encryption_key(app: AppContext, ref: str, realm: str) -> CachedKey:
+    entry = app.cache.for_encrypt(realm, ref)
+    if entry is not None:
+        return entry
+    lineage_id, exact = resolve(app, ref, realm)
+    if exact is not None and exact.state is not KeyState.ACTIVE:
+        versions = app.store.versions(realm, lineage_id)
+        raise not_active_error(exact, next((v for v in versions if v.active), None))
+    version = exact or app.store.active_version(realm, lineage_id)
+    entry = _load(app, version)
+    app.cache.put(realm, uuid.UUID(version.key_id).bytes, entry, ref=ref)
+    return entry
+
+
+def _check_bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ValidationError(f"{what} must be bytes")
+    return bytes(value)
+
+
+def encrypt(
+    app: AppContext,
+    ref: str,
+    plaintext: bytes,
+    *,
+    aad: bytes | None = None,
+    realm: str = DEFAULT_REALM,
+) -> EncryptResult:
+    """Seal ``plaintext`` in an envelope under the active version of ``ref``.
+
+    :param ref: a key_id (must be active), lineage_id or name.
+    :param aad: caller associated data; the same bytes are needed to decrypt.
+    :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away (the message names
+        the active one).
+    :raises PayloadTooLargeError: ``plaintext`` is over ``limits.max_envelope_bytes``.
+    """
+    if not isinstance(plaintext, bytes):
+        plaintext = _check_bytes(plaintext, "plaintext")
+    if len(plaintext) > app.config.max_envelope_bytes:
+        raise PayloadTooLargeError(
+            f"plaintext is over the envelope limit of {app.config.max_envelope_bytes} bytes; "
+            "use the stream format for large data"
+        )
+    key = _encryption_key(app, ref, realm)
+    nonce = os.urandom(key.nonce_size)
+    head = env.header(key.prefix, nonce, len(plaintext) + key.tag_size)
+    sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
+    return EncryptResult(head + sealed, key.meta.key_id, key.meta.version)
+
+
+def _decryption_key(app: AppContext, parsed: env.Envelope, realm: str) -> CachedKey:
+    entry = app.cache.for_decrypt(realm, parsed.key_id)
+    if entry is None:
+        try:
+            version = app.store.get(realm, parsed.key_id_str)
+        except NotFoundError:
+            raise NotFoundError(
+                f"the key {parsed.key_id_str} that sealed this envelope does not exist"
+            ) from None
+        if version.state not in _DECRYPTABLE:
+            raise DecryptionError(
+                f"key {version.key_id} (version {version.version}) is {version.state.value}"
+            )
+        entry = _load(app, version)
+        app.cache.put(realm, parsed.key_id, entry)
+    if entry.algorithm_id != parsed.algorithm_id or entry.meta.version != parsed.key_version:
+        raise DecryptionError("ciphertext failed authentication")
+    if len(parsed.nonce) != entry.nonce_size or len(parsed.ciphertext) < entry.tag_size:
+        raise DecryptionError("ciphertext failed authentication")
+    return entry
+
+
+def _open(app: AppContext, blob: bytes, aad: bytes | None, realm: str) -> tuple[bytes, CachedKey]:
+    parsed = env.parse(blob)
+    key = _decryption_key(app, parsed, realm)
+    try:
+        plaintext = key.cipher.decrypt(
+            parsed.nonce, parsed.ciphertext, parsed.header + aad if aad else parsed.header
+        )
+    except Exception:  # the algorithm's own integrity error (e.g. InvalidTag)
+        raise DecryptionError("ciphertext failed authentication") from None
+    return plaintext, key
+
+
+def decrypt(
+    app: AppContext,
+    envelope: bytes,
+    *,
+    aad: bytes | None = None,
+    realm: str = DEFAULT_REALM,
+) -> DecryptResult:
+    """Open an envelope; any version of the key that is not disabled or destroyed works.
+
+    :raises EnvelopeFormatError: the bytes are not a well-formed envelope.
+    :raises NotFoundError: the key that sealed it does not exist in ``realm``.
+    :raises DecryptionError: tampered bytes, wrong ``aad`` or an unusable key version.
+    """
+    plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm)
+    return DecryptResult(plaintext, key.meta.key_id, key.meta.version)
+
+
+def rewrap(
+    app: AppContext,
+    envelope: bytes,
+    *,
+    aad: bytes | None = None,
+    realm: str = DEFAULT_REALM,
+) -> EncryptResult:
+    """Re-seal an envelope under the active version of its own lineage (after rotation).
+
+    The plaintext never leaves this function.
+    """
+    plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm)
+    return encrypt(app, key.meta.lineage_id, plaintext, aad=aad, realm=realm)
+
+
+def datakey(
+    app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, size: int = DATA_KEY_SIZE
+) -> DataKey:
+    """A fresh random data key and the same key sealed in an envelope under ``ref``.
+
+    Encrypt bulk data locally with ``plaintext_key``, keep ``wrapped_key`` beside it, and
+    forget the plaintext key; :func:`decrypt` of ``wrapped_key`` gives it back.
+    """
+    if not 16 <= size <= 64:
+        raise ValidationError("data key size must be 16..64 bytes")
+    plaintext_key = os.urandom(size)
+    sealed = encrypt(app, ref, plaintext_key, realm=realm)
+    return DataKey(plaintext_key, sealed.envelope, sealed.key_id, sealed.version)

@@ -1,0 +1,119 @@
+"""Key operations: create, list, show, rotate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qimem.app import AppContext
+from qimem.crypto import zero
+from qimem.errors import NotFoundError, ValidationError
+from qimem.events import KeyEvent
+from qimem.keys import DEFAULT_REALM, KeyVersion, parse_uuid, validate_name, validate_realm
+
+DEFAULT_ALGORITHM = "aes-256-gcm"
+
+
+@dataclass(frozen=True)
+class KeyDetails:
+    """A lineage with all its versions, as ``keys show`` prints it."""
+
+    lineage_id: str
+    name: str | None
+    realm: str
+    algorithm: str
+    versions: list[KeyVersion]
+
+    @property
+    def active(self) -> KeyVersion | None:
+        return next((v for v in reversed(self.versions) if v.active), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        active = self.active
+        return {
+            "lineage_id": self.lineage_id,
+            "name": self.name,
+            "realm": self.realm,
+            "algorithm": self.algorithm,
+            "active_key_id": active.key_id if active else None,
+            "active_version": active.version if active else None,
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+def _ref(ref: Any) -> str:
+    if not isinstance(ref, str) or not ref or len(ref) > 128:
+        raise ValidationError("a key reference must be a key_id, lineage_id or name")
+    return ref
+
+
+def create_key(
+    app: AppContext,
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+    name: str | None = None,
+    realm: str = DEFAULT_REALM,
+) -> KeyVersion:
+    """Create a key lineage with one active version of ``algorithm``.
+
+    :raises UnsupportedAlgorithmError: no plugin provides ``algorithm``.
+    :raises ConflictError: ``name`` is taken in ``realm``.
+    """
+    validate_realm(realm)
+    if name is not None:
+        validate_name(name)
+    algo = app.registry.algorithm(algorithm)
+    material = algo.generate_key()
+    try:
+        key = app.store.create(realm, algo.name, material, name=name)
+    finally:
+        zero(material)
+    app.registry.notify_key_event(KeyEvent("created", realm, key))
+    return key
+
+
+def list_keys(app: AppContext, *, realm: str = DEFAULT_REALM) -> list[KeyVersion]:
+    """The newest version of every key lineage in ``realm``."""
+    validate_realm(realm)
+    return app.store.list(realm)
+
+
+def resolve(app: AppContext, ref: str, realm: str) -> tuple[str, KeyVersion | None]:
+    """``(lineage_id, exact version or None)`` for a key_id, lineage_id or name."""
+    _ref(ref)
+    if parse_uuid(ref) is not None:
+        try:
+            version = app.store.get(realm, ref)
+            return version.lineage_id, version
+        except NotFoundError:
+            pass
+    return app.store.find_lineage(realm, ref), None
+
+
+def show_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyDetails:
+    """A lineage and all its versions, found by key_id, lineage_id or name."""
+    validate_realm(realm)
+    lineage_id, _ = resolve(app, ref, realm)
+    versions = app.store.versions(realm, lineage_id)
+    first = versions[0]
+    return KeyDetails(lineage_id, first.name, realm, first.algorithm, versions)
+
+
+def rotate_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyVersion:
+    """Rotate: the given key_id (or the active version of a name/lineage) becomes
+    decrypt-only and a new active version is created, atomically.
+
+    :raises KeyNotActiveError: ``ref`` is a key_id that is no longer active.
+    """
+    validate_realm(realm)
+    lineage_id, exact = resolve(app, ref, realm)
+    current = exact or app.store.active_version(realm, lineage_id)
+    algo = app.registry.algorithm(current.algorithm)
+    material = algo.generate_key()
+    try:
+        rotated = app.store.rotate(realm, current.key_id, material)
+    finally:
+        zero(material)
+        app.cache.invalidate_lineage(lineage_id)
+    app.registry.notify_key_event(KeyEvent("rotated", realm, rotated, previous=current))
+    return rotated

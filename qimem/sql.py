@@ -1,0 +1,105 @@
+"""SQLAlchemy engines for the SQL store: SQLite (WAL) and PostgreSQL, one schema, Alembic.
+
+The same code serves ``sqlite:///path`` and ``postgresql+psycopg://...``. Schema changes go
+only through the Alembic migrations in :mod:`qimem.migrations`, applied by ``qimem init``
+and when a store opens a database that is behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from qimem.errors import ConfigError, StoreUnavailableError
+from qimem.migrations import HEAD
+
+_SQLITE_TIMEOUT = 30.0
+_PG_MIGRATION_LOCK = 0x71696D656D  # "qimem": serializes concurrent migrations on PostgreSQL
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgresql://`` and ``postgres://`` onto the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for ``url`` with qimem's connection settings."""
+    url = normalize_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigError("the store URL is not a valid database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:":
+            raise ConfigError("an SQLite store needs a file path: sqlite:///path/to/qimem.db")
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_TIMEOUT})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")  # a key must survive a power cut
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        try:
+            return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"
+            ) from None
+    raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn a lost or refused database connection into StoreUnavailableError."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise StoreUnavailableError(
+            f"the key store is unavailable ({type(exc.orig).__name__})"
+        ) from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailableError("the key store connection was lost") from None
+        raise
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The Alembic revision of the database, or None before the first migration."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate(engine: Engine) -> bool:
+    """Bring the schema to the newest revision; True if anything ran."""
+    with translate_errors(), engine.begin() as connection:
+        if current_revision(connection) == HEAD:
+            return False
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+            if current_revision(connection) == HEAD:
+                return False
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", "qimem:migrations")
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        return True

@@ -1,0 +1,1 @@
+"""The qimem HTTP server (installed as ``qimem.server``)."""
