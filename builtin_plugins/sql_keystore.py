@@ -114,9 +114,7 @@ class SqlKeyStore(KeyStore):
                         )
                 except IntegrityError:
                     stored = conn.execute(
-                        sa.select(meta_table.c.value).where(
-                            meta_table.c.name == "root_key_check"
-                        )
+                        sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
                     ).scalar()
         if stored is not None and stored != check:
             raise ConfigError(

@@ -49,7 +49,9 @@ class Envelope(NamedTuple):
         return str(uuid.UUID(bytes=self.key_id))
 
 
-def header_prefix(algorithm_id: int, key_id: str | bytes, key_version: int, nonce_size: int) -> bytes:
+def header_prefix(
+    algorithm_id: int, key_id: str | bytes, key_version: int, nonce_size: int
+) -> bytes:
     """Header bytes up to the nonce; constant for one key version."""
     raw_id = key_id if isinstance(key_id, bytes) else uuid.UUID(key_id).bytes
     if not 1 <= key_version <= MAX_VERSION:

@@ -86,20 +86,6 @@ def make_plugin_manager(
     return pm
 
 
-def _call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
-    """Call every implementation of a collecting hook, naming the plugin when one fails."""
-    hook = getattr(pm.hook, hook_name)
-    for impl in hook.get_hookimpls():
-        try:
-            impl.function(*[kwargs[arg] for arg in impl.argnames])
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
-            ) from exc
-
-
 def _validate_algorithm(algorithm: Any) -> str | None:
     """What is wrong with an object offered as an algorithm, or None."""
     name = getattr(algorithm, "name", None)

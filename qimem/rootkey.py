@@ -27,9 +27,7 @@ _NONCE = 12
 
 
 def _derive(root_key: bytes | bytearray, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
-        bytes(root_key)
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes(root_key))
 
 
 class KeyWrapper:

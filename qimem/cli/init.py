@@ -1,0 +1,69 @@
+"""``qimem init``: config, root key and store, without ever destroying existing keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qimem.app import AppContext
+from qimem.cli.context import CliState, echo_json, json_option, pass_state
+from qimem.config import Config, data_dir, default_config_path, load_config
+from qimem.rootkey import write_root_key_file
+
+
+@click.command()
+@json_option
+@pass_state
+def init(state: CliState, json_: bool) -> None:
+    """Create the config file, a 0600 root key file and the key store (SQLite by default).
+
+    Safe to rerun: an existing config, root key or store is kept and only brought up to date
+    (migrations). With --config PATH, the root key and the SQLite store go beside PATH.
+    """
+    config_path = state.config_path or default_config_path()
+    created: list[str] = []
+    if config_path.exists():
+        config = load_config(config_path, store_url=state.store_url)
+    else:
+        base = config_path.parent if state.config_path else data_dir()
+        config = Config(
+            store_url=state.store_url or f"sqlite:///{(base / 'qimem.db').resolve()}",
+            root_key_file=(base / "root.key").resolve(),
+            plugins_enabled=list(state.plugins),
+        )
+    root_file = config.root_key_file
+    if root_file is not None and not Path(root_file).exists() and not config.root_key_b64:
+        write_root_key_file(Path(root_file))
+        created.append("root_key")
+    if not config_path.exists():
+        config.write(config_path)
+        created.append("config")
+    app = AppContext(config)
+    try:
+        app.store.ping()  # opening the store applies pending migrations
+    finally:
+        app.close()
+    result = {
+        "config": str(config_path),
+        "root_key_file": str(root_file) if root_file else None,
+        "store": _display_url(config.store_url),
+        "created": created,
+    }
+    if json_:
+        echo_json(result)
+        return
+    verb = "initialized" if created else "already initialized; store is up to date"
+    click.echo(f"qimem {verb}")
+    click.echo(f"  config:   {result['config']}")
+    click.echo(f"  root key: {result['root_key_file']}")
+    click.echo(f"  store:    {result['store']}")
+
+
+def _display_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://…"
