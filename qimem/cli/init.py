@@ -33,17 +33,27 @@ def init(state: CliState, json_: bool) -> None:
             plugins_enabled=list(state.plugins),
         )
     root_file = config.root_key_file
-    if root_file is not None and not Path(root_file).exists() and not config.root_key_b64:
-        write_root_key_file(Path(root_file))
-        created.append("root_key")
-    if not config_path.exists():
-        config.write(config_path)
-        created.append("config")
-    app = AppContext(config)
+    new_files: list[Path] = []
     try:
-        app.store.ping()  # opening the store applies pending migrations
-    finally:
-        app.close()
+        if root_file is not None and not Path(root_file).exists() and not config.root_key_b64:
+            write_root_key_file(Path(root_file))
+            new_files.append(Path(root_file))
+            created.append("root_key")
+        if not config_path.exists():
+            config.write(config_path)
+            new_files.append(config_path)
+            created.append("config")
+        app = AppContext(config)
+        try:
+            app.store.ping()  # opening the store applies pending migrations
+        finally:
+            app.close()
+    except BaseException:
+        # A failed init leaves nothing behind; above all not a fresh root key next to a
+        # store whose keys are wrapped under another one (the user may still restore it).
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        raise
     result = {
         "config": str(config_path),
         "root_key_file": str(root_file) if root_file else None,
