@@ -9,6 +9,8 @@ from cryptography.exceptions import InvalidTag
 from qimem.crypto import Cipher, random_bytes
 from qimem.errors import DecryptionError, ValidationError
 
+_BYTES = (bytes, bytearray, memoryview)
+
 
 class CryptographyAead:
     """An :class:`qimem.crypto.Algorithm` over one of cryptography's AEAD classes."""
@@ -24,24 +26,28 @@ class CryptographyAead:
         return bytearray(random_bytes(self.key_size))
 
     def cipher(self, key: bytes | bytearray) -> Cipher:
-        if len(key) != self.key_size:
+        if not isinstance(key, _BYTES) or len(key) != self.key_size:
             raise ValidationError(f"{self.name} needs a {self.key_size}-byte key")
         return self.aead_class(bytes(key))  # type: ignore[no-any-return]
 
-    def _check_nonce(self, nonce: bytes) -> None:
-        if len(nonce) != self.nonce_size:
+    def _check_inputs(self, nonce: bytes, data: bytes, aad: bytes | None) -> None:
+        if not isinstance(nonce, _BYTES) or len(nonce) != self.nonce_size:
             raise ValidationError(f"{self.name} needs a {self.nonce_size}-byte nonce")
+        if not isinstance(data, _BYTES):
+            raise ValidationError(f"{self.name}: data must be bytes")
+        if aad is not None and not isinstance(aad, _BYTES):
+            raise ValidationError(f"{self.name}: associated data must be bytes or None")
 
     def encrypt(
         self, key: bytes | bytearray, nonce: bytes, plaintext: bytes, aad: bytes | None = None
     ) -> bytes:
-        self._check_nonce(nonce)
+        self._check_inputs(nonce, plaintext, aad)
         return self.cipher(key).encrypt(nonce, plaintext, aad)
 
     def decrypt(
         self, key: bytes | bytearray, nonce: bytes, ciphertext: bytes, aad: bytes | None = None
     ) -> bytes:
-        self._check_nonce(nonce)
+        self._check_inputs(nonce, ciphertext, aad)
         try:
             return self.cipher(key).decrypt(nonce, ciphertext, aad)
         except InvalidTag:

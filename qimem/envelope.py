@@ -54,6 +54,10 @@ def header_prefix(
 ) -> bytes:
     """Header bytes up to the nonce; constant for one key version."""
     raw_id = key_id if isinstance(key_id, bytes) else uuid.UUID(key_id).bytes
+    if len(raw_id) != 16:  # struct's "16s" would silently pad or cut it
+        raise ValueError("a key id is 16 bytes")
+    if isinstance(key_version, bool) or not isinstance(key_version, int):
+        raise ValueError("key version must be an integer")
     if not 1 <= key_version <= MAX_VERSION:
         raise ValueError("key version out of range")
     return _PREFIX.pack(MAGIC, VERSION, algorithm_id, raw_id, key_version, nonce_size)
@@ -123,6 +127,8 @@ def seal(
     ``algorithm`` is a :class:`qimem.crypto.Algorithm`; the service layer uses the same
     layout with a fresh random nonce per message.
     """
+    if len(nonce) != algorithm.nonce_size:  # type: ignore[attr-defined]
+        raise ValueError("the nonce does not have the algorithm's nonce size")
     prefix = header_prefix(algorithm.algorithm_id, key_id, key_version, algorithm.nonce_size)  # type: ignore[attr-defined]
     head = header(prefix, nonce, len(plaintext) + algorithm.tag_size)  # type: ignore[attr-defined]
     return head + algorithm.encrypt(key, nonce, plaintext, associated_data(head, aad))  # type: ignore[attr-defined]
