@@ -131,9 +131,9 @@ class Registry:
             by_name[algorithm.name] = algorithm
             by_id[algorithm.algorithm_id] = algorithm
 
-        for impl in self.pm.hook.qimem_register_algorithms.get_hookimpls():
+        for impl in _impls(self.pm.hook.qimem_register_algorithms):
             current[0] = impl.plugin_name
-            _call_one(impl, "qimem_register_algorithms", register)
+            _call_one(impl, "qimem_register_algorithms", register=register)
         self._algorithms_by_id = by_id
         return by_name
 
@@ -178,9 +178,9 @@ class Registry:
                 )
             factories[scheme] = factory
 
-        for impl in self.pm.hook.qimem_register_keystores.get_hookimpls():
+        for impl in _impls(self.pm.hook.qimem_register_keystores):
             current[0] = impl.plugin_name
-            _call_one(impl, "qimem_register_keystores", register)
+            _call_one(impl, "qimem_register_keystores", register=register)
         return factories
 
     @cached_property
@@ -194,15 +194,15 @@ class Registry:
                 raise PluginError(f"plugin {current[0]!r}: bad or duplicate provider {name!r}")
             providers[name] = provider
 
-        for impl in self.pm.hook.qimem_register_auth_providers.get_hookimpls():
+        for impl in _impls(self.pm.hook.qimem_register_auth_providers):
             current[0] = impl.plugin_name
-            _call_one(impl, "qimem_register_auth_providers", register)
+            _call_one(impl, "qimem_register_auth_providers", register=register)
         return providers
 
     def manifests(self) -> dict[str, dict[str, Any]]:
         """Plugin name → the manifest it returned from ``qimem_plugin_manifest``."""
         result: dict[str, dict[str, Any]] = {}
-        for impl in self.pm.hook.qimem_plugin_manifest.get_hookimpls():
+        for impl in _impls(self.pm.hook.qimem_plugin_manifest):
             try:
                 manifest = impl.function()
             except Exception as exc:
@@ -222,9 +222,9 @@ class Registry:
 
     def notify_key_event(self, event: KeyEvent) -> None:
         """Deliver a key event to every plugin; a failing plugin is logged, not fatal."""
-        for impl in self.pm.hook.qimem_key_event.get_hookimpls():
+        for impl in _impls(self.pm.hook.qimem_key_event):
             try:
-                impl.function(event)
+                impl.function(*_args(impl, event=event))
             except Exception as exc:
                 log.warning(
                     "plugin %r failed in qimem_key_event (%s): %s",
@@ -234,12 +234,32 @@ class Registry:
                 )
 
 
-def _call_one(impl: Any, hook_name: str, register: Callable[..., None]) -> None:
+def _is_builtin(plugin_name: str) -> bool:
+    return plugin_name.startswith("qimem.builtin_plugins.")
+
+
+def _impls(hook: Any) -> list[Any]:
+    """A hook's implementations in collecting order: built-in plugins first, then the others
+    in registration order, so a clash is blamed on the plugin that arrived second."""
+    return sorted(hook.get_hookimpls(), key=lambda impl: not _is_builtin(impl.plugin_name))
+
+
+def _args(impl: Any, **available: Any) -> list[Any]:
+    """The arguments an implementation asked for (pluggy lets it take a subset of the spec)."""
+    return [available[name] for name in impl.argnames]
+
+
+def _call_one(impl: Any, hook_name: str, **available: Any) -> None:
     try:
-        impl.function(register)
+        result = impl.function(*_args(impl, **available))
     except PluginError:
         raise
     except Exception as exc:
         raise PluginError(
             f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
         ) from exc
+    if result is not None:
+        raise PluginError(
+            f"plugin {impl.plugin_name!r} returned a {type(result).__name__} from {hook_name}; "
+            "it must call register(...) and return None"
+        )
