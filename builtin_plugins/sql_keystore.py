@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from qimem.errors import ConfigError, ConflictError, NotFoundError
+from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
 from qimem.hooks import hookimpl
 from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
 from qimem.keystore import KeyStore
@@ -269,10 +269,9 @@ class SqlKeyStore(KeyStore):
                     created_at=datetime.now(UTC),
                 )
                 self._insert_version(conn, rotated, material)
-        except IntegrityError:
-            raise ConflictError(
-                f"key {key_id} was rotated concurrently; retry with the active version",
-                code="key_not_active",
+        except IntegrityError:  # the unique (lineage, version) backstop
+            raise KeyNotActiveError(
+                f"key {key_id} was rotated concurrently; retry with the active version"
             ) from None
         return rotated
 
