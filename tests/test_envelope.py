@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
+import re
 import struct
 import uuid
 from collections.abc import Iterator
@@ -525,3 +527,59 @@ def test_service_rejects_wrong_nonce_length(app: AppContext) -> None:
 def test_service_rejects_non_bytes(app: AppContext) -> None:
     with pytest.raises(ValidationError, match="must be bytes"):
         svc.decrypt(app, "QMEV...")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- docs
+
+DOCS = TESTS.parent / "docs" / "formats.md"
+
+
+def _envelope_docs() -> str:
+    text = DOCS.read_text(encoding="utf-8")
+    start = text.index("## Envelope v1")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_docs_worked_vector_is_a_committed_vector() -> None:
+    section = _envelope_docs()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    hex_blocks = [
+        "".join(body.split())
+        for lang, body in blocks
+        if not lang and re.fullmatch(r"[0-9a-f\s]+", body)
+    ]
+    v = next(v for v in DOCUMENT["vectors"] if v["name"] == "aes-256-gcm-text-aad")
+    assert v["envelope"] in hex_blocks
+    assert v["ciphertext"] in hex_blocks
+    assert v["associated_data"] in hex_blocks
+    for field in ("key", "nonce", "key_id", "key_id_hex"):
+        assert f"`{v[field]}`" in section or f"bytes `{v[field]}`" in section, field
+    assert base64.b64encode(bytes.fromhex(v["envelope"])).decode() in section
+
+
+def test_docs_python_snippet_runs() -> None:
+    section = _envelope_docs()
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/formats.md", "exec"), namespace)
+    v = next(v for v in DOCUMENT["vectors"] if v["name"] == "aes-256-gcm-text-aad")
+    assert namespace["envelope"].hex() == v["envelope"]
+
+
+def test_docs_list_every_parser_message() -> None:
+    section = _envelope_docs()
+    blobs = [
+        "not bytes",
+        b"XXXX" + SAMPLE[4:],
+        SAMPLE[:10],
+        _with(SAMPLE, 4, b"\x02"),
+        _with(SAMPLE, 22, bytes(4)),
+        SAMPLE[:26] + b"\x00" + struct.pack(">I", 16) + bytes(16),
+        SAMPLE + b"\x00",
+    ]
+    for blob in blobs:
+        with pytest.raises(EnvelopeFormatError) as info:
+            envelope.parse(blob)  # type: ignore[arg-type]
+        documented = re.sub(r"^(unsupported envelope version) \d+$", r"\1 N", str(info.value))
+        assert f"`{documented}`" in section, documented
