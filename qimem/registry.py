@@ -82,7 +82,18 @@ def make_plugin_manager(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        unknown = sorted(
+            hook_name
+            for hook_name, caller in vars(pm.hook).items()
+            if isinstance(caller, pluggy.HookCaller)
+            and not caller.has_spec()
+            and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls())
+        )
+        raise PluginError(
+            f"plugin {name!r} implements unknown hook(s) {', '.join(unknown) or '?'} "
+            "(the hooks are listed in qimem.hooks.specs)"
+        ) from exc
     return pm
 
 
