@@ -8,6 +8,7 @@ and when a store opens a database that is behind.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from qimem.migrations import HEAD
 
 _SQLITE_TIMEOUT = 30.0
 _PG_MIGRATION_LOCK = 0x71696D656D  # "qimem": serializes concurrent migrations on PostgreSQL
+_MIGRATION_THREAD_LOCK = threading.Lock()  # Alembic's context is process-global
 
 
 def normalize_url(url: str) -> str:
@@ -87,14 +89,25 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def migrate(engine: Engine) -> bool:
-    """Bring the schema to the newest revision; True if anything ran."""
-    with translate_errors(), engine.begin() as connection:
+    """Bring the schema to the newest revision; True if anything ran.
+
+    Safe to call from many threads and processes at once on a fresh database: exactly one
+    runs the migrations, the others wait for it and return False. Alembic's context is
+    process-global, so threads take a lock; processes serialize on the database itself
+    (an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
+    """
+    with translate_errors(), engine.connect() as connection:
         if current_revision(connection) == HEAD:
             return False
+    with _MIGRATION_THREAD_LOCK, translate_errors(), engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
-            if current_revision(connection) == HEAD:
-                return False
+        elif engine.dialect.name == "sqlite":
+            # Take the write lock before reading the revision; Alembic's DDL then runs in
+            # this one transaction (pysqlite does not commit on DDL).
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if current_revision(connection) == HEAD:
+            return False
         from alembic import command
         from alembic.config import Config
 
