@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -9,13 +10,21 @@ import click
 from qimem.app import AppContext
 from qimem.cli.context import CliState, echo_json, json_option, pass_state
 from qimem.config import Config, data_dir, default_config_path, load_config
+from qimem.errors import ValidationError
 from qimem.rootkey import write_root_key_file
+from qimem.services import identity as identity_services
 
 
 @click.command()
+@click.option(
+    "--admin-password-stdin",
+    is_flag=True,
+    help="Read the password of the master realm's 'admin' user from stdin "
+    "(default: generate one and show it once).",
+)
 @json_option
 @pass_state
-def init(state: CliState, json_: bool) -> None:
+def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
     """Create the config file, a 0600 root key file and the key store (SQLite by default).
 
     Safe to rerun: an existing config, root key or store is kept and only brought up to date
@@ -32,6 +41,11 @@ def init(state: CliState, json_: bool) -> None:
             root_key_file=(base / "root.key").resolve(),
             plugins_enabled=list(state.plugins),
         )
+    admin_password = None
+    if admin_password_stdin:
+        admin_password = sys.stdin.readline().rstrip("\r\n") or None
+        if admin_password is None:
+            raise ValidationError("no admin password on standard input")
     root_file = config.root_key_file
     new_files: list[Path] = []
     try:
@@ -46,7 +60,10 @@ def init(state: CliState, json_: bool) -> None:
         app = AppContext(config)
         try:
             app.store.ping()  # opening the store applies pending migrations
+            # Realm 'master' and user 'admin', unless they exist (never touches existing ones).
+            generated = identity_services.bootstrap(app, admin_password)
         finally:
+            identity_services.close_identity(app)
             app.close()
     except BaseException:
         # A failed init leaves nothing behind; above all not a fresh root key next to a
@@ -60,6 +77,8 @@ def init(state: CliState, json_: bool) -> None:
         "store": _display_url(config.store_url),
         "created": created,
     }
+    if generated:
+        result["admin_password"] = generated
     if json_:
         echo_json(result)
         return
@@ -68,6 +87,8 @@ def init(state: CliState, json_: bool) -> None:
     click.echo(f"  config:   {result['config']}")
     click.echo(f"  root key: {result['root_key_file']}")
     click.echo(f"  store:    {result['store']}")
+    if generated:
+        click.echo(f"  admin password for realm master (shown once): {generated}")
 
 
 def _display_url(url: str) -> str:

@@ -1,0 +1,148 @@
+"""Identity tables (mirroring migration 0002) and the database handle identity runs on.
+
+Identity lives in the same SQL database as the key store. For a ``memory://`` key store it
+uses a private in-memory SQLite database (one connection, serialized by a lock) that lives
+and dies with the process, exactly like the keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from qimem.sql import migrate, translate_errors
+
+metadata = sa.MetaData()
+
+realms = sa.Table(
+    "qimem_realms",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+users = sa.Table(
+    "qimem_users",
+    metadata,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("username", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("secret_hash", sa.String(512), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("failed_logins", sa.Integer, nullable=False),
+    sa.Column("locked_until", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+roles = sa.Table(
+    "qimem_roles",
+    metadata,
+    sa.Column("realm", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("permissions", sa.String(1024), nullable=False),
+    sa.Column("builtin", sa.Boolean, nullable=False),
+    sa.Column("description", sa.String(256), nullable=False),
+)
+grants = sa.Table(
+    "qimem_grants",
+    metadata,
+    sa.Column("realm", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("role", sa.String(64), primary_key=True),
+    sa.Column("scope", sa.String(128), primary_key=True),
+)
+signing_keys = sa.Table(
+    "qimem_signing_keys",
+    metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("public_key", sa.String(64), nullable=False),
+    sa.Column("private_wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("retire_at", sa.Float, nullable=True),
+)
+refresh_tokens = sa.Table(
+    "qimem_refresh_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("family_id", sa.String(36), nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("family_expires_at", sa.Float, nullable=False),
+    sa.Column("used", sa.Boolean, nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False),
+)
+revoked_tokens = sa.Table(
+    "qimem_revoked_tokens",
+    metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=False),
+)
+audit = sa.Table(
+    "qimem_audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("actor", sa.String(160), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("detail", sa.String(1024), nullable=False),
+)
+
+
+class Database:
+    """An engine plus the transaction helper every identity module uses."""
+
+    def __init__(self, engine: Engine, *, serialize: bool = False, owned: bool = False) -> None:
+        self.engine = engine
+        self._owned = owned
+        # One shared SQLite connection (in-memory mode) must not run two transactions at once.
+        self._lock: threading.RLock | None = threading.RLock() if serialize else None
+
+    @classmethod
+    def in_memory(cls) -> Database:
+        """A private in-memory SQLite database with the full schema."""
+        engine = sa.create_engine(
+            "sqlite://",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        migrate(engine)
+        return cls(engine, serialize=True, owned=True)
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> Database:
+        """Identity on an existing key store engine (migrated to HEAD if behind)."""
+        migrate(engine)
+        return cls(engine)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction; database outages become StoreUnavailableError."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                yield conn
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def close(self) -> None:
+        if self._owned:
+            self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<identity Database {self.engine.dialect.name}>"

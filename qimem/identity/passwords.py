@@ -1,0 +1,143 @@
+"""Password hashing: Argon2id (argon2-cffi, which releases the GIL) behind a bounded gate.
+
+At most ``max_concurrent_hashes`` hashes run at once and at most ``max_waiting_hashes``
+callers wait for a slot; beyond that a login is refused at once (503), so a login flood
+cannot occupy every server thread and starve encrypt traffic. Unknown usernames are hashed
+against a dummy hash made with the same parameters, so they cost the same time as real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from qimem.errors import QimemError, ValidationError
+from qimem.identity.settings import IdentitySettings
+
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+_CLIENT_SECRET_PREFIX = "sha256$"  # noqa: S105 (a hash prefix, not a secret)
+
+
+class LoginBusyError(QimemError):
+    """Too many logins are hashing at once; retry shortly."""
+
+    http_status = 503
+    exit_code = 10
+    code = "login_busy"
+    title = "Service unavailable"
+
+
+def validate_password(password: str) -> str:
+    """Check a new password's length (never echoing it)."""
+    if not isinstance(password, str):
+        raise ValidationError("password must be a string", code="invalid_password")
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise ValidationError(
+            f"password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters",
+            code="invalid_password",
+        )
+    return password
+
+
+class PasswordHashing:
+    """Argon2id hashing and verification with a concurrency bound."""
+
+    def __init__(self, settings: IdentitySettings) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_kib,
+            parallelism=settings.argon2_parallelism,
+            type=Type.ID,
+        )
+        self._slots = threading.BoundedSemaphore(settings.max_concurrent_hashes)
+        self._waiting = threading.BoundedSemaphore(
+            settings.max_concurrent_hashes + settings.max_waiting_hashes
+        )
+        self._wait = settings.hash_wait_seconds
+        self._dummy: str | None = None
+        self._dummy_lock = threading.Lock()
+
+    def _gate(self):  # type: ignore[no-untyped-def]
+        hashing = self
+
+        class _Gate:
+            def __enter__(self) -> None:
+                if not hashing._waiting.acquire(blocking=False):
+                    raise LoginBusyError("too many logins in progress; retry shortly")
+                if not hashing._slots.acquire(timeout=hashing._wait):
+                    hashing._waiting.release()
+                    raise LoginBusyError("too many logins in progress; retry shortly")
+
+            def __exit__(self, *exc: object) -> None:
+                hashing._slots.release()
+                hashing._waiting.release()
+
+        return _Gate()
+
+    def hash(self, password: str) -> str:
+        """A PHC-encoded Argon2id hash (``$argon2id$v=19$m=...,t=...,p=...$salt$hash``)."""
+        validate_password(password)
+        with self._gate():
+            return self._hasher.hash(password)
+
+    @property
+    def dummy_hash(self) -> str:
+        """A hash of a random password with the current parameters (for unknown users)."""
+        with self._dummy_lock:
+            if self._dummy is None:
+                self._dummy = self._hasher.hash(secrets.token_urlsafe(24))
+            return self._dummy
+
+    def verify(self, stored: str | None, password: str) -> bool:
+        """True if ``password`` matches ``stored``; with ``stored=None`` a dummy hash is
+        verified instead, so unknown users take as long as known ones and always fail."""
+        if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
+            password = ""
+        target = stored if stored is not None else self.dummy_hash
+        with self._gate():
+            try:
+                ok = self._hasher.verify(target, password)
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                ok = False
+        return ok and stored is not None
+
+    def needs_rehash(self, stored: str) -> bool:
+        """True when ``stored`` was made with other parameters than the current ones."""
+        try:
+            return self._hasher.check_needs_rehash(stored)
+        except (InvalidHashError, ValueError):
+            return True
+
+    def __repr__(self) -> str:
+        h = self._hasher
+        return f"<PasswordHashing argon2id m={h.memory_cost} t={h.time_cost} p={h.parallelism}>"
+
+
+def hash_client_secret(secret: str) -> str:
+    """A service-account secret's stored form. Secrets are 256-bit random strings, so one
+    SHA-256 is enough (no stretching needed); the clear secret is never stored."""
+    return _CLIENT_SECRET_PREFIX + hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def verify_client_secret(stored: str | None, secret: str) -> bool:
+    """Constant-time check of a client secret; ``stored=None`` always fails (same work)."""
+    if not isinstance(secret, str):
+        secret = ""
+    candidate = hash_client_secret(secret[:MAX_PASSWORD_LENGTH])
+    reference = stored if stored is not None else _CLIENT_SECRET_PREFIX + "0" * 64
+    return hmac.compare_digest(candidate, reference) and stored is not None
+
+
+def new_client_secret() -> str:
+    return "qcs_" + secrets.token_urlsafe(32)
+
+
+def generate_password() -> str:
+    """A random password for ``qimem init`` when none is given (shown once)."""
+    return secrets.token_urlsafe(18)

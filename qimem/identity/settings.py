@@ -1,0 +1,92 @@
+"""Identity settings: the ``[identity]`` table of the config file.
+
+Defaults are production values: Argon2id at OWASP's minimum (m=19 MiB, t=2, p=1), short
+access tokens (5 minutes), refresh tokens rotating on every use. Tests lower the Argon2
+cost through the same settings; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qimem.errors import ConfigError
+
+#: Paths that never need a token (configurable with ``identity.public_paths``).
+DEFAULT_PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+@dataclass
+class IdentitySettings:
+    """Tunable identity parameters; see docs/identity.md for each."""
+
+    argon2_memory_kib: int = 19 * 1024
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    #: Concurrent Argon2 computations; more logins wait (bounded) or get 503.
+    max_concurrent_hashes: int = max(1, (os.cpu_count() or 2) // 2)
+    #: Logins allowed to wait for a hashing slot before new ones are refused at once.
+    max_waiting_hashes: int = 16
+    hash_wait_seconds: float = 10.0
+    lockout_threshold: int = 5
+    lockout_seconds: float = 300.0
+    access_token_ttl: int = 300
+    refresh_token_ttl: int = 1800
+    session_max_seconds: int = 36000
+    audience: str = "qimem"
+    issuer_base: str = "qimem"
+    #: How often a server re-reads the revoked-token list other servers may have added to.
+    revocation_refresh_seconds: float = 2.0
+    #: How often signing keys and roles are re-read from the database.
+    cache_seconds: float = 30.0
+    public_paths: tuple[str, ...] = field(default=DEFAULT_PUBLIC_PATHS)
+
+    def issuer(self, realm: str) -> str:
+        """The ``iss`` claim of tokens from ``realm``."""
+        return f"{self.issuer_base}/realms/{realm}"
+
+
+def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") -> IdentitySettings:
+    """Settings from a mapping (the ``[identity]`` table); unknown keys are an error."""
+    known = {f.name: f for f in fields(IdentitySettings)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ConfigError(f"{source}: unknown identity setting {name!r}")
+        default = getattr(IdentitySettings(), name)
+        try:
+            if isinstance(default, tuple):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise TypeError
+                kwargs[name] = tuple(value)
+            elif isinstance(default, bool | str):
+                if not isinstance(value, type(default)):
+                    raise TypeError
+                kwargs[name] = value
+            else:
+                kwargs[name] = type(default)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: identity.{name} has the wrong type") from None
+    settings = IdentitySettings(**kwargs)
+    if settings.argon2_time_cost < 1 or settings.argon2_memory_kib < 8:
+        raise ConfigError(f"{source}: Argon2 parameters are too small")
+    if settings.max_concurrent_hashes < 1 or settings.lockout_threshold < 1:
+        raise ConfigError(f"{source}: identity limits must be at least 1")
+    return settings
+
+
+def load_settings(config_path: Path | None) -> IdentitySettings:
+    """The ``[identity]`` table of the config file at ``config_path`` (defaults if none)."""
+    if config_path is None or not Path(config_path).exists():
+        return IdentitySettings()
+    try:
+        doc = tomllib.loads(Path(config_path).read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return IdentitySettings()  # load_config already reported a broken file
+    table = doc.get("identity", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{config_path}: [identity] must be a table")
+    return settings_from_mapping(table, f"{config_path}")

@@ -1,0 +1,358 @@
+"""Access tokens: EdDSA (Ed25519) JWTs made and checked with PyJWT, per-realm signing keys.
+
+Each realm has one active signing key; rotation makes a new one and keeps the old public
+key in the JWKS (and accepted by verification) until every token it signed has expired.
+Private keys are stored wrapped under the root key with a context of their own, so they
+can never be confused with (or unwrapped as) data-key material.
+
+Verification accepts ``alg: EdDSA`` only, and only with a ``kid`` of a known, unexpired key
+of the realm the token claims; ``none``, HMAC with the public key as secret, another
+realm's key, tampering, expiry, a wrong issuer or audience, and revoked ``jti`` all fail
+with the same 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from sqlalchemy.engine import Connection
+
+from qimem.errors import AuthError
+from qimem.identity import db as tables
+from qimem.identity.db import Database
+from qimem.identity.settings import IdentitySettings
+from qimem.rootkey import KeyWrapper
+
+ALGORITHM = "EdDSA"
+_REQUIRED = ["iss", "sub", "aud", "exp", "iat", "jti"]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _wrap_context(realm: str, kid: str) -> bytes:
+    return f"qimem-jwt-signing-key-v1|{realm}|{kid}".encode()
+
+
+def invalid_token() -> AuthError:
+    """The one error every unusable access token gets."""
+    return AuthError("invalid or expired access token", code="invalid_token")
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    kid: str
+    realm: str
+    key: Ed25519PublicKey = field(repr=False)
+    raw: str
+    active: bool
+    retire_at: float | None
+
+    def jwk(self) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": self.raw,
+            "kid": self.kid,
+            "use": "sig",
+            "alg": ALGORITHM,
+        }
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A signed access token; the repr shows only its id and expiry."""
+
+    token: str = field(repr=False)
+    jti: str
+    expires_at: float
+    claims: dict[str, Any] = field(repr=False)
+
+
+def create_signing_key(conn: Connection, wrapper: KeyWrapper, realm: str) -> str:
+    """A new active Ed25519 signing key for ``realm``; returns its kid."""
+    private = Ed25519PrivateKey.generate()
+    raw_private = bytearray(
+        private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    kid = str(uuid.uuid4())
+    try:
+        wrapped = wrapper.wrap(raw_private, _wrap_context(realm, kid))
+    finally:
+        raw_private[:] = bytes(len(raw_private))
+    conn.execute(
+        sa.insert(tables.signing_keys).values(
+            kid=kid,
+            realm=realm,
+            public_key=_b64url(public),
+            private_wrapped=wrapped,
+            active=True,
+            created_at=time.time(),
+            retire_at=None,
+        )
+    )
+    return kid
+
+
+class TokenService:
+    """Signs and verifies access tokens; caches keys and the revocation list."""
+
+    def __init__(self, database: Database, wrapper: KeyWrapper, settings: IdentitySettings) -> None:
+        self._db = database
+        self._wrapper = wrapper
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._public: dict[str, PublicKey] = {}
+        self._public_loaded = 0.0
+        self._private: dict[str, tuple[str, Ed25519PrivateKey, float]] = {}
+        self._revoked: dict[str, float] = {}
+        self._revoked_loaded = 0.0
+        self._revoked_seen = 0.0
+
+    # -- keys -------------------------------------------------------------------------
+
+    def _load_public(self, force: bool = False) -> dict[str, PublicKey]:
+        now = time.monotonic()
+        if not force and now - self._public_loaded < self._settings.cache_seconds:
+            return self._public
+        with self._db.begin() as conn:
+            rows = conn.execute(
+                sa.select(
+                    tables.signing_keys.c.kid,
+                    tables.signing_keys.c.realm,
+                    tables.signing_keys.c.public_key,
+                    tables.signing_keys.c.active,
+                    tables.signing_keys.c.retire_at,
+                )
+            ).all()
+        keys = {
+            r.kid: PublicKey(
+                r.kid,
+                r.realm,
+                Ed25519PublicKey.from_public_bytes(_unb64url(r.public_key)),
+                r.public_key,
+                bool(r.active),
+                r.retire_at,
+            )
+            for r in rows
+        }
+        with self._lock:
+            self._public = keys
+            self._public_loaded = now
+        return keys
+
+    def invalidate(self) -> None:
+        """Forget cached keys (after a rotation or realm deletion)."""
+        with self._lock:
+            self._public_loaded = 0.0
+            self._private.clear()
+
+    def _signing_key(self, realm: str) -> tuple[str, Ed25519PrivateKey]:
+        cached = self._private.get(realm)
+        if cached is not None and time.monotonic() - cached[2] < self._settings.cache_seconds:
+            return cached[0], cached[1]
+        with self._db.begin() as conn:
+            row = conn.execute(
+                sa.select(tables.signing_keys.c.kid, tables.signing_keys.c.private_wrapped)
+                .where(
+                    tables.signing_keys.c.realm == realm,
+                    tables.signing_keys.c.active.is_(True),
+                )
+                .order_by(tables.signing_keys.c.created_at.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                kid = create_signing_key(conn, self._wrapper, realm)
+                row = conn.execute(
+                    sa.select(
+                        tables.signing_keys.c.kid, tables.signing_keys.c.private_wrapped
+                    ).where(tables.signing_keys.c.kid == kid)
+                ).one()
+        raw = self._wrapper.unwrap(row.private_wrapped, _wrap_context(realm, row.kid))
+        try:
+            private = Ed25519PrivateKey.from_private_bytes(bytes(raw))
+        finally:
+            raw[:] = bytes(len(raw))
+        with self._lock:
+            self._private[realm] = (row.kid, private, time.monotonic())
+        return row.kid, private
+
+    def rotate(self, conn: Connection, realm: str) -> str:
+        """Make a new active key; old ones stay published until their tokens expire."""
+        retire_at = time.time() + self._settings.access_token_ttl + 60
+        conn.execute(
+            sa.update(tables.signing_keys)
+            .where(
+                tables.signing_keys.c.realm == realm,
+                tables.signing_keys.c.active.is_(True),
+            )
+            .values(active=False, retire_at=retire_at)
+        )
+        kid = create_signing_key(conn, self._wrapper, realm)
+        conn.execute(
+            sa.delete(tables.signing_keys).where(
+                tables.signing_keys.c.realm == realm,
+                tables.signing_keys.c.retire_at.is_not(None),
+                tables.signing_keys.c.retire_at < time.time(),
+            )
+        )
+        return kid
+
+    def jwks(self, realm: str) -> dict[str, list[dict[str, str]]]:
+        """The realm's published public keys (active first), as a JWK Set."""
+        now = time.time()
+        keys = [
+            k
+            for k in self._load_public(force=True).values()
+            if k.realm == realm and (k.retire_at is None or k.retire_at > now)
+        ]
+        keys.sort(key=lambda k: not k.active)
+        return {"keys": [k.jwk() for k in keys]}
+
+    # -- issuing ----------------------------------------------------------------------
+
+    def issue(
+        self,
+        realm: str,
+        subject: str,
+        username: str,
+        roles: Iterable[str],
+        *,
+        scoped: dict[str, list[str]] | None = None,
+        kind: str = "user",
+        ttl: int | None = None,
+        now: float | None = None,
+    ) -> AccessToken:
+        """Sign an access token for ``subject`` in ``realm``."""
+        kid, private = self._signing_key(realm)
+        issued = int(now if now is not None else time.time())
+        expires = issued + (ttl if ttl is not None else self._settings.access_token_ttl)
+        jti = str(uuid.uuid4())
+        claims: dict[str, Any] = {
+            "iss": self._settings.issuer(realm),
+            "sub": subject,
+            "aud": self._settings.audience,
+            "exp": expires,
+            "iat": issued,
+            "nbf": issued,
+            "jti": jti,
+            "realm": realm,
+            "roles": sorted(set(roles)),
+            "preferred_username": username,
+            "typ": "Bearer",
+            "kind": kind,
+        }
+        if scoped:
+            claims["scoped_roles"] = {r: sorted(p) for r, p in sorted(scoped.items())}
+        token = jwt.encode(claims, private, algorithm=ALGORITHM, headers={"kid": kid})
+        return AccessToken(token, jti, float(expires), claims)
+
+    # -- verifying --------------------------------------------------------------------
+
+    def verify(self, token: str, *, leeway: float = 0.0) -> dict[str, Any]:
+        """The claims of a valid, unrevoked access token.
+
+        :raises AuthError: ``invalid_token`` for anything else (never saying which check).
+        """
+        if not isinstance(token, str) or not 16 <= len(token) <= 8192:
+            raise invalid_token()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise invalid_token() from None
+        kid = header.get("kid")
+        if header.get("alg") != ALGORITHM or not isinstance(kid, str):
+            raise invalid_token()
+        key = self._load_public().get(kid)
+        if key is None:
+            key = self._load_public(force=self._may_reload()).get(kid)
+        if key is None or (key.retire_at is not None and key.retire_at < time.time()):
+            raise invalid_token()
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[ALGORITHM],
+                audience=self._settings.audience,
+                issuer=self._settings.issuer(key.realm),
+                leeway=leeway,
+                options={"require": _REQUIRED, "verify_signature": True},
+            )
+        except jwt.PyJWTError:
+            raise invalid_token() from None
+        if claims.get("realm") != key.realm or not isinstance(claims.get("roles"), list):
+            raise invalid_token()
+        if self.is_revoked(str(claims["jti"])):
+            raise invalid_token()
+        return claims
+
+    def _may_reload(self) -> bool:
+        # An unknown kid re-reads keys at most once a second (a forged kid cannot flood the DB).
+        return time.monotonic() - self._public_loaded > 1.0
+
+    # -- revocation -------------------------------------------------------------------
+
+    def revoke(self, conn: Connection, realm: str, jti: str, expires_at: float) -> None:
+        now = time.time()
+        exists = conn.execute(
+            sa.select(tables.revoked_tokens.c.jti).where(tables.revoked_tokens.c.jti == jti)
+        ).first()
+        if exists is None:
+            conn.execute(
+                sa.insert(tables.revoked_tokens).values(
+                    jti=jti, realm=realm, expires_at=expires_at, revoked_at=now
+                )
+            )
+        with self._lock:
+            self._revoked[jti] = expires_at
+
+    def is_revoked(self, jti: str) -> bool:
+        now = time.monotonic()
+        if now - self._revoked_loaded >= self._settings.revocation_refresh_seconds:
+            self._refresh_revoked(now)
+        return jti in self._revoked
+
+    def _refresh_revoked(self, now: float) -> None:
+        wall = time.time()
+        with self._db.begin() as conn:
+            rows = conn.execute(
+                sa.select(tables.revoked_tokens.c.jti, tables.revoked_tokens.c.expires_at).where(
+                    tables.revoked_tokens.c.expires_at > wall
+                )
+            ).all()
+            conn.execute(
+                sa.delete(tables.revoked_tokens).where(
+                    tables.revoked_tokens.c.expires_at < wall - 3600
+                )
+            )
+        with self._lock:
+            self._revoked = {r.jti: r.expires_at for r in rows}
+            self._revoked_loaded = now
+
+    def __repr__(self) -> str:
+        return "<TokenService EdDSA>"
