@@ -1,0 +1,179 @@
+"""``qimem serve`` and the console scripts ``qimem-api`` and ``qauth-api``.
+
+``qimem serve`` and ``qauth-api`` run the unified server; ``qimem-api`` runs the security
+API alone, with the short paths ``POST /keys``, ``/encrypt``, ``/decrypt``, ``/rotate``.
+Authentication is not available yet, so all three need ``--insecure-no-auth`` and then bind
+only to loopback addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from qimem.cli.context import CliState, pass_state
+from qimem.errors import ConfigError, QimemError
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by ``qimem serve``, ``qimem-api`` and ``qauth-api``."""
+    options = [
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind."),
+        click.option(
+            "--port",
+            type=click.IntRange(0, 65535),
+            default=8080,
+            show_default=True,
+            help="Port to bind (0 picks a free one).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, 256),
+            default=4,
+            show_default=True,
+            help="Worker threads.",
+        ),
+        click.option(
+            "--insecure-no-auth",
+            is_flag=True,
+            help="Serve without authentication (local development; loopback binds only).",
+        ),
+        click.option(
+            "--max-body-bytes",
+            type=click.IntRange(1, 1 << 30),
+            default=DEFAULT_MAX_BODY_BYTES,
+            show_default=True,
+            help="Larger request bodies get 413.",
+        ),
+        click.option(
+            "--access-log/--no-access-log",
+            default=True,
+            show_default=True,
+            help="One JSON line per request on stderr.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _configure_logging(access_log: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("qimem.server.access")
+    access.handlers[:] = [handler]
+    access.propagate = False
+    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    general = logging.StreamHandler(sys.stderr)
+    general.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("qimem", "waitress"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(general)
+        logger.setLevel(logging.INFO)
+
+
+def run_server(
+    state: CliState,
+    *,
+    prog: str,
+    short_paths: bool,
+    host: str,
+    port: int,
+    threads: int,
+    insecure_no_auth: bool,
+    max_body_bytes: int,
+    access_log: bool,
+) -> None:
+    """Check the options, open the store, bind, serve until SIGTERM/SIGINT."""
+    from qimem.server.app import create_app
+    from qimem.server.auth import AUTH_NOT_AVAILABLE, resolve_loopback_bind
+    from qimem.server.runner import Server, serve
+
+    if not insecure_no_auth:
+        raise ConfigError(AUTH_NOT_AVAILABLE)
+    bind = resolve_loopback_bind(host, port)
+    app_ctx = state.app.open()
+    wsgi = create_app(
+        app_ctx,
+        insecure_no_auth=insecure_no_auth,
+        short_paths=short_paths,
+        max_body_bytes=max_body_bytes,
+    )
+    _configure_logging(access_log)
+    try:
+        server = Server(wsgi, host=bind, port=port, threads=threads, max_body_bytes=max_body_bytes)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"{prog}: serving on {server.url} (no authentication, loopback only)", err=True)
+    serve(server)
+    click.echo(f"{prog}: stopped", err=True)
+
+
+@click.command()
+@serve_options
+@pass_state
+def serve(state: CliState, **options: Any) -> None:
+    """Run the HTTP server (security API and operations endpoints) with waitress.
+
+    Stops gracefully on SIGTERM/SIGINT: requests in flight finish first.
+    """
+    run_server(state, prog="qimem", short_paths=False, **options)
+
+
+def _standalone(prog: str, short_paths: bool, doc: str) -> click.Command:
+    @click.command(name=prog, help=doc, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar="QIMEM_CONFIG",
+        help="Config file (default: the user config dir, or $QIMEM_HOME).",
+    )
+    @click.option(
+        "--store", "store_url", envvar="QIMEM_STORE", help="Key store URL (overrides config)."
+    )
+    @click.option(
+        "--plugin", "plugins", multiple=True, help="Enable an installed plugin (repeatable)."
+    )
+    @serve_options
+    def command(
+        config_path: str | None, store_url: str | None, plugins: tuple[str, ...], **options: Any
+    ) -> None:
+        from qimem.cli import CliError
+
+        state = CliState(config_path, store_url, list(plugins), "master")
+        try:
+            run_server(state, prog=prog, short_paths=short_paths, **options)
+        except QimemError as exc:
+            raise CliError(prog, exc.message, exc.exit_code) from None
+        finally:
+            state.close()
+
+    return command
+
+
+api_command = _standalone(
+    "qimem-api",
+    True,
+    "Run the security API alone (also POST /keys, /encrypt, /decrypt, /rotate).",
+)
+unified_command = _standalone(
+    "qauth-api", False, "Run the unified qimem server (same as 'qimem serve')."
+)
+
+
+def api_main() -> None:
+    """Console entry point of ``qimem-api``."""
+    api_command(prog_name="qimem-api")
+
+
+def unified_main() -> None:
+    """Console entry point of ``qauth-api``."""
+    unified_command(prog_name="qauth-api")

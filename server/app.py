@@ -1,0 +1,86 @@
+"""The Falcon app factory: one app, built from an AppContext and a few server options.
+
+``create_app(app_ctx, insecure_no_auth=True)`` is the unified server (``qimem serve``,
+``qauth-api``); with ``short_paths=True`` it also answers ``POST /keys``, ``/encrypt``,
+``/decrypt`` and ``/rotate`` (``qimem-api``). Resources are thin: parse and validate the
+body, call the same :mod:`qimem.services` function as the CLI, render the result.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from qimem.app import AppContext
+from qimem.server import errors
+from qimem.server.auth import AuthMiddleware
+from qimem.server.crypto import crypto_resources
+from qimem.server.keys import KEYS_PATH, CreateKeyResource, KeysResource, RotateResource
+from qimem.server.metrics import Metrics
+from qimem.server.middleware import (
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
+from qimem.server.ops import (
+    HealthResource,
+    MetricsResource,
+    OpenApiResource,
+    ReadyResource,
+)
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(
+    app_ctx: AppContext,
+    *,
+    insecure_no_auth: bool = False,
+    short_paths: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Metrics | None = None,
+) -> falcon.App:
+    """Build the WSGI app serving ``app_ctx``.
+
+    :param insecure_no_auth: serve without authentication, to loopback clients only. Until
+        identity lands this is the only mode; ``False`` raises :class:`ConfigError`.
+    :param short_paths: also answer ``qimem-api``'s short paths.
+    :param max_body_bytes: request bodies over this many bytes get 413.
+    :param metrics: the metrics to record into (default: a fresh per-app registry).
+    :raises ConfigError: authentication was requested (not available yet).
+    """
+    auth = AuthMiddleware(insecure_no_auth=insecure_no_auth)
+    metrics = metrics or Metrics()
+    app = falcon.App(
+        middleware=[
+            RequestIdMiddleware(),
+            MetricsMiddleware(metrics),
+            AccessLogMiddleware(),
+            BodyLimitMiddleware(max_body_bytes),
+            auth,
+        ],
+        cors_enable=False,
+    )
+    app.req_options.strip_url_path_trailing_slash = False
+    errors.install(app)
+
+    keys = KeysResource(app_ctx, max_body_bytes)
+    rotate = RotateResource(app_ctx, max_body_bytes)
+    crypto = crypto_resources(app_ctx, max_body_bytes, metrics)
+    app.add_route(KEYS_PATH, keys)
+    app.add_route(KEYS_PATH + "/{key_id}", keys, suffix="item")
+    app.add_route("/v1/security/rotate", rotate)
+    for name, resource in crypto.items():
+        app.add_route(f"/v1/security/{name}", resource)
+
+    if short_paths:
+        app.add_route("/keys", CreateKeyResource(app_ctx, max_body_bytes))
+        app.add_route("/encrypt", crypto["encrypt"])
+        app.add_route("/decrypt", crypto["decrypt"])
+        app.add_route("/rotate", rotate)
+
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(app_ctx))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/v1/openapi.json", OpenApiResource(short_paths=short_paths))
+    return app

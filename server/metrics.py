@@ -1,0 +1,75 @@
+"""Prometheus metrics of one app, in a registry of its own (never the global one).
+
+A per-app registry keeps two apps in one process (tests, an embedding program) from
+clashing on metric names and from seeing each other's counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Request counts by route and status, latency histograms, crypto operation counts.
+
+    Labelled children are cached in plain dicts: a lookup there is cheaper than
+    ``labels()`` on every request, and a lost race only creates the same child twice.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "qimem_http_requests",
+            "HTTP requests by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "qimem_http_request_duration_seconds",
+            "HTTP request latency by method and route template.",
+            ["method", "route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.crypto = Counter(
+            "qimem_crypto_operations",
+            "Encrypt/decrypt/rewrap/datakey operations (batch items count one each).",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._crypto_children: dict[tuple[str, str], Any] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one finished request and record its latency."""
+        key = (method, route, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(method, route, str(status))
+        counter.inc()
+        lkey = (method, route)
+        histogram = self._latency_children.get(lkey)
+        if histogram is None:
+            histogram = self._latency_children[lkey] = self.latency.labels(method, route)
+        histogram.observe(seconds)
+
+    def count_crypto(self, operation: str, ok: int = 0, failed: int = 0) -> None:
+        """Count ``ok`` successful and ``failed`` failed operations of one kind."""
+        for outcome, n in (("ok", ok), ("error", failed)):
+            if n:
+                key = (operation, outcome)
+                child = self._crypto_children.get(key)
+                if child is None:
+                    child = self._crypto_children[key] = self.crypto.labels(operation, outcome)
+                child.inc(n)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,76 @@
+"""Operations endpoints: ``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/openapi.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import falcon
+
+from qimem.app import AppContext
+from qimem.errors import StoreUnavailableError
+from qimem.server.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("qimem.server")
+
+#: Paths only ``qimem-api`` serves (short aliases of the /v1/security ones).
+SHORT_PATHS = ("/keys", "/encrypt", "/decrypt", "/rotate")
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document shipped with the package (``qimem/server/openapi.json``)."""
+    text = resources.files("qimem.server").joinpath("openapi.json").read_text("utf-8")
+    return json.loads(text)
+
+
+class HealthResource:
+    """``GET /healthz``: the process is up and serving."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class ReadyResource:
+    """``GET /readyz``: the key store answers; 503 ``store_unavailable`` when it does not."""
+
+    def __init__(self, app: AppContext) -> None:
+        self._app = app
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            self._app.store.ping()
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # a store plugin's own failure must not become a 500
+            log.warning("readiness check failed: %s", type(exc).__name__)
+            raise StoreUnavailableError("the key store is not ready") from None
+        resp.media = {"status": "ready"}
+
+
+class MetricsResource:
+    """``GET /metrics``: Prometheus text format of this app's registry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self._metrics.render()
+        resp.content_type = CONTENT_TYPE
+
+
+class OpenApiResource:
+    """``GET /v1/openapi.json``: the document, without the paths this app does not serve."""
+
+    def __init__(self, *, short_paths: bool) -> None:
+        doc = dict(openapi_document())
+        if not short_paths:
+            doc["paths"] = {p: v for p, v in doc["paths"].items() if p not in SHORT_PATHS}
+        self._data = json.dumps(doc, separators=(",", ":")).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self._data
+        resp.content_type = falcon.MEDIA_JSON
