@@ -86,10 +86,18 @@ def decode_root_key(text: str, source: str) -> bytearray:
 
 
 def write_root_key_file(path: Path) -> bytearray:
-    """Create ``path`` (mode 0600, never overwriting) holding a fresh root key."""
-    key = generate_root_key()
+    """Create ``path`` (mode 0600, never overwriting) holding a fresh root key.
+
+    :raises ConfigError: ``path`` already exists (an existing root key is never replaced).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"root key file {path} already exists; refusing to overwrite it"
+        ) from None
+    key = generate_root_key()
     with os.fdopen(fd, "w") as fh:
         fh.write(encode_root_key(key) + "\n")
         fh.flush()
