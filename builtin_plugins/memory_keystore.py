@@ -11,7 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from qimem.crypto import zero
-from qimem.errors import ConflictError, NotFoundError
+from qimem.errors import ConflictError, NotFoundError, StoreUnavailableError
 from qimem.hooks import hookimpl
 from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
 from qimem.keystore import KeyStore
@@ -108,7 +108,10 @@ class InMemoryKeyStore(KeyStore):
     def material(self, realm: str, key_id: str) -> bytearray:
         with self._lock:
             self.get(realm, key_id)
-            return bytearray(self._material[key_id])
+            buffer = self._material.get(key_id)
+            if buffer is None:  # close() zeroed and dropped it
+                raise StoreUnavailableError("the in-memory key store is closed")
+            return bytearray(buffer)
 
     def close(self) -> None:
         with self._lock:
