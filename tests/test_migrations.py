@@ -16,9 +16,10 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from qimem.builtin_plugins.sql_keystore import SqlKeyStore
+from qimem.errors import ConfigError
 from qimem.keys import KeyState
 from qimem.migrations import HEAD
-from qimem.rootkey import KeyWrapper, generate_root_key
+from qimem.rootkey import KeyWrapper, decode_root_key, generate_root_key
 from qimem.sql import create_engine, current_revision, migrate
 from qimem.testing import run_concurrently
 
@@ -123,24 +124,34 @@ def test_concurrent_migrations_in_threads(db_url: str) -> None:
 _CHILD = textwrap.dedent(
     """
     import json, sys
+    from qimem.builtin_plugins.sql_keystore import SqlKeyStore
+    from qimem.rootkey import KeyWrapper, decode_root_key
     from qimem.sql import create_engine, migrate
 
-    engines = [create_engine(url) for url in json.loads(sys.argv[1])]
+    job = json.loads(sys.argv[1])
+    wrapper = KeyWrapper(decode_root_key(job["root_key"], "test root key"))
+    engines = [create_engine(url) for url in job["urls"]]
     print("ready", flush=True)
     sys.stdin.readline()
-    print(json.dumps([migrate(engine) for engine in engines]), flush=True)
+    results = [migrate(engine) for engine in engines]
+    for url in job["urls"]:  # then all record/check the root key at about the same time
+        SqlKeyStore(url, wrapper, auto_migrate=False).close()
+    print(json.dumps(results), flush=True)
     """
 )
 
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_concurrent_migrations_in_processes(postgres_url: str, tmp_path: Path) -> None:
+def test_concurrent_migrations_in_processes(
+    postgres_url: str, tmp_path: Path, root_key_b64: str
+) -> None:
     """Four processes opening the same fresh databases at once: one migrates, none fails."""
     urls = [f"sqlite:///{tmp_path / 'race.db'}", postgres_url]
+    job = json.dumps({"urls": urls, "root_key": root_key_b64})
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps(urls)],
+            [sys.executable, "-c", _CHILD, job],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -174,3 +185,7 @@ def test_concurrent_migrations_in_processes(postgres_url: str, tmp_path: Path) -
                 assert current_revision(conn) == HEAD
         finally:
             engine.dispose()
+        # The root key the children recorded is the one the store now insists on.
+        SqlKeyStore(url, KeyWrapper(decode_root_key(root_key_b64, "test"))).close()
+        with pytest.raises(ConfigError, match="root key"):
+            SqlKeyStore(url, KeyWrapper(generate_root_key()))
