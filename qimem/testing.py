@@ -235,6 +235,7 @@ class KeyStoreContract:
         assert v2.name == "rotating"
         assert v2.realm == self.realm
         assert v2.algorithm == self.algorithm
+        assert v2.created_at >= v1.created_at
         assert store.get(self.realm, v1.key_id).state is KeyState.DECRYPT_ONLY
         assert store.get(self.realm, v2.key_id) == v2
         states = [(v.version, v.state) for v in store.versions(self.realm, v1.lineage_id)]
@@ -302,6 +303,14 @@ class KeyStoreContract:
         assert [k.version for k in listed] == [3, 1, 1]
         assert all(k.active for k in listed)
         assert all(isinstance(k, KeyVersion) for k in listed)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def test_ping_healthy_store(self, store: KeyStore) -> None:
+        assert store.ping() is None
+        key = store.create(self.realm, self.algorithm, self.make_material())
+        assert store.ping() is None
+        assert store.get(self.realm, key.key_id) == key
 
     # -- errors ---------------------------------------------------------------------------
 
