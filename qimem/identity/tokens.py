@@ -290,7 +290,7 @@ class TokenService:
             raise invalid_token()
         key = self._load_public().get(kid)
         if key is None:
-            key = self._load_public(force=self._may_reload()).get(kid)
+            key = self._lookup(kid)
         if key is None or (key.retire_at is not None and key.retire_at < time.time()):
             raise invalid_token()
         try:
@@ -311,9 +311,33 @@ class TokenService:
             raise invalid_token()
         return claims
 
-    def _may_reload(self) -> bool:
-        # An unknown kid re-reads keys at most once a second (a forged kid cannot flood the DB).
-        return time.monotonic() - self._public_loaded > 1.0
+    def _lookup(self, kid: str) -> PublicKey | None:
+        """One key by kid (a key made by another process since the cache was loaded)."""
+        if len(kid) > 64:
+            return None
+        with self._db.begin() as conn:
+            row = conn.execute(
+                sa.select(
+                    tables.signing_keys.c.kid,
+                    tables.signing_keys.c.realm,
+                    tables.signing_keys.c.public_key,
+                    tables.signing_keys.c.active,
+                    tables.signing_keys.c.retire_at,
+                ).where(tables.signing_keys.c.kid == kid)
+            ).first()
+        if row is None:
+            return None
+        key = PublicKey(
+            row.kid,
+            row.realm,
+            Ed25519PublicKey.from_public_bytes(_unb64url(row.public_key)),
+            row.public_key,
+            bool(row.active),
+            row.retire_at,
+        )
+        with self._lock:
+            self._public = {**self._public, kid: key}
+        return key
 
     # -- revocation -------------------------------------------------------------------
 
