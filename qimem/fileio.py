@@ -1,22 +1,163 @@
 """Crash-safe output files: write a temp file in the target directory, fsync, rename.
 
 A reader never sees a partial output: until the rename, the target either does not exist
-or holds its previous complete content; a crash leaves at most a hidden temp file
-(``.NAME.qimem-tmp-*``) that the next run ignores.
+or holds its previous complete content. A crash leaves at most a hidden temp file
+``.NAME.qimem-tmp-<pid>-<random>`` (``pid`` = the process that owns the run). The next run
+that writes into the same directory removes temp files whose owner is no longer alive
+(:func:`cleanup_stale_temps`), and a run removes its own on failure or Ctrl-C.
+
+Without ``force``, the final step is ``link(temp, target)`` + ``unlink(temp)``, which
+fails if the target appeared in the meantime, so an existing file is never replaced, even
+by a race with another process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from qimem.errors import ConflictError, ValidationError
 
 TEMP_MARKER = ".qimem-tmp-"
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:  # pragma: no cover - no C library (non-POSIX)
+        return None
+
+
+_LIBC = _libc()
+_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None) if _LIBC is not None else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def conflict(path: Path) -> ConflictError:
+    return ConflictError(f"{path} exists (use --force to overwrite)", code="output_exists")
+
+
+def temp_name(target: Path, owner: int | None = None) -> Path:
+    """A hidden temp path next to ``target`` owned by process ``owner`` (default: us)."""
+    owner = os.getpid() if owner is None else owner
+    token = secrets.token_hex(4)
+    return target.with_name(f".{target.name}{TEMP_MARKER}{owner}-{token}")
+
+
+def create_temp(target: Path, owner: int | None = None, mode: int = 0o600) -> tuple[int, Path]:
+    """Create (O_EXCL) a temp file next to ``target``; returns ``(fd, path)``.
+
+    :raises ValidationError: the target directory does not exist or is not writable.
+    """
+    for _ in range(16):
+        tmp = temp_name(target, owner)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise ValidationError(f"output directory {target.parent} does not exist") from None
+        except PermissionError:
+            raise ValidationError(f"{target.parent}: permission denied") from None
+        except NotADirectoryError:
+            raise ValidationError(f"{target.parent} is not a directory") from None
+    raise ValidationError(f"cannot create a temp file in {target.parent}")  # pragma: no cover
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages now (Linux ``sync_file_range``),
+    so the later fsync of a batch finds most of the work done. Best effort."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
+
+
+def commit(tmp: Path, target: Path, *, force: bool) -> None:
+    """Move a complete, synced temp file to ``target``.
+
+    :raises ConflictError: ``target`` exists and ``force`` is false (the temp is removed).
+    """
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise conflict(target) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A filesystem without hard links: check, then rename (a tiny race remains).
+        if target.exists():
+            tmp.unlink()
+            raise conflict(target) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in ``directory`` durable (best effort where directories can't be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_owner(name: str) -> int | None:
+    """The owner pid encoded in a temp file name, or None if ``name`` is not one of ours."""
+    if not name.startswith(".") or TEMP_MARKER not in name:
+        return None
+    tail = name.rsplit(TEMP_MARKER, 1)[1]
+    pid, _, token = tail.partition("-")
+    if not pid.isdigit() or not token:
+        return None
+    return int(pid)
+
+
+def cleanup_stale_temps(directory: Path, *, owner: int | None = None) -> int:
+    """Remove our temp files in ``directory``: those of ``owner`` if given, else those
+    whose owner process is gone. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        pid = temp_owner(entry.name)
+        if pid is None:
+            continue
+        if (owner is not None and pid == owner) or (owner is None and not _alive(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def cleanup_dirs(directories: Iterable[Path], *, owner: int | None = None) -> int:
+    return sum(cleanup_stale_temps(d, owner=owner) for d in directories)
 
 
 @contextlib.contextmanager
@@ -27,31 +168,19 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     if path.exists() and not force:
-        raise ConflictError(f"{path} exists (use --force to overwrite)", code="output_exists")
+        raise conflict(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValidationError(f"output directory {directory} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=directory)
-    tmp = Path(tmp_name)
+    fd, tmp = create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        if not force and path.exists():
-            raise ConflictError(f"{path} exists (use --force to overwrite)", code="output_exists")
-        os.replace(tmp, path)
+        commit(tmp, path, force=force)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(directory)

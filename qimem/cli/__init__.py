@@ -103,6 +103,7 @@ def _register_commands() -> None:
     cli.add_command(keys.keys)
     cli.add_command(crypto.encrypt)
     cli.add_command(crypto.decrypt)
+    cli.add_command(crypto.rewrap)
     cli.add_command(__import__("qimem.cli.serve", fromlist=["serve"]).serve)
 
 

@@ -1,159 +1,253 @@
-"""``qimem encrypt`` and ``qimem decrypt`` for stdin/stdout and single files (envelope v1)."""
+"""``qimem encrypt``, ``qimem decrypt`` and ``qimem rewrap``: stream format v1 over
+standard input/output, single files, many files and directory trees (docs/files.md)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import click
 
-from qimem import services
+from qimem import batch
 from qimem.cli.context import CliState, echo_json, json_option, pass_state
-from qimem.errors import PayloadTooLargeError, ValidationError
-from qimem.fileio import atomic_output
-
-SUFFIX = ".qimem"
-
-
-def _read_limited(stream: BinaryIO, limit: int, what: str) -> bytes:
-    data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLargeError(
-            f"{what} is over the envelope limit of {limit} bytes (limits.max_envelope_bytes)"
-        )
-    return data
-
-
-def _read_input(source: str | None, limit: int) -> bytes:
-    if source is None or source == "-":
-        return _read_limited(sys.stdin.buffer, limit, "standard input")
-    path = Path(source)
-    try:
-        with path.open("rb") as fh:
-            return _read_limited(fh, limit, str(path))
-    except FileNotFoundError:
-        raise ValidationError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValidationError(f"{path} is a directory") from None
-    except PermissionError:
-        raise ValidationError(f"{path}: permission denied") from None
-
-
-def _write_output(data: bytes, target: Path | None, force: bool) -> None:
-    if target is None or str(target) == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    with atomic_output(target, force=force) as fh:
-        fh.write(data)
+from qimem.errors import QimemError, ValidationError
 
 
 def _aad(text: str | None) -> bytes | None:
     return text.encode("utf-8") if text else None
 
 
-_common = [
-    click.option(
-        "-o", "--output", type=click.Path(dir_okay=False), help="Output file ('-': stdout)."
-    ),
-    click.option("--aad", help="Associated data (encryption context); needed again to decrypt."),
-    click.option("--force", is_flag=True, help="Overwrite an existing output file."),
-    click.option("--base64", "armor", is_flag=True, help="Envelope as base64 text."),
-]
+def _options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.argument("files", nargs=-1, type=click.Path()),
+            click.option(
+                "-o", "--output", help="Output file for one input ('-': standard output)."
+            ),
+            click.option(
+                "--out-dir",
+                type=click.Path(file_okay=False),
+                help="Write outputs here, keeping paths relative to each directory given.",
+            ),
+            click.option(
+                "-j",
+                "--jobs",
+                type=click.IntRange(1, 256),
+                default=1,
+                show_default=True,
+                help="Worker processes.",
+            ),
+            click.option(
+                "--aad", help="Associated data (encryption context); needed again to decrypt."
+            ),
+            click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+            json_option,
+        ]
+    ):
+        func = option(func)
+    return func
 
 
-def _apply(options: list) -> callable:  # type: ignore[type-arg]
-    def decorate(func):  # type: ignore[no-untyped-def]
-        for option in reversed(options):
-            func = option(func)
-        return func
+@contextmanager
+def _progress(quiet: bool, tasks: list[batch.Task]) -> Iterator[batch.Progress | None]:
+    """A bytes-and-files progress bar on a terminal; nothing when piped or with --quiet."""
+    todo = [t for t in tasks if t.result.error is None]
+    if quiet or not todo or not sys.stderr.isatty():
+        yield None
+        return
+    total_files = len(todo)
+    done = [0]
+    with click.progressbar(
+        length=max(1, sum(t.size for t in todo)),
+        label=f"0/{total_files} files",
+        file=sys.stderr,
+        show_eta=True,
+        show_percent=True,
+    ) as bar:
 
-    return decorate
+        def update(nbytes: int, nfiles: int) -> None:
+            done[0] += nfiles
+            bar.label = f"{done[0]}/{total_files} files"
+            bar.update(nbytes)
+
+        yield update
+
+
+def _finish(result: batch.BatchResult, json_: bool) -> None:
+    """Print the --json summary, name each failed file, and fail with the right exit code."""
+    if json_:
+        echo_json(result.to_dict())
+    failures = result.failures
+    if not failures:
+        return
+    if len(failures) == 1:
+        error = QimemError(batch.error_line(failures[0]), code=failures[0].error)
+        error.exit_code = failures[0].exit_code
+        raise error
+    for failure in failures:
+        click.echo(f"qimem: error: {batch.error_line(failure)}", err=True)
+    error = QimemError(
+        f"{len(failures)} of {len(result.results)} files failed", code="batch_failed"
+    )
+    error.exit_code = result.exit_code
+    raise error
+
+
+def _stdio(
+    state: CliState,
+    operation: str,
+    output: str | None,
+    key_ref: str | None,
+    aad: str | None,
+    force: bool,
+    json_: bool,
+) -> None:
+    """Standard input to standard output (or to -o OUT, atomically)."""
+    app = state.app
+    to_stdout = output is None or output == "-"
+    if to_stdout and operation == batch.ENCRYPT and sys.stdout.isatty():
+        raise ValidationError("refusing to write ciphertext to a terminal; use -o or a pipe")
+    src = sys.stdin.buffer
+    src_raw = getattr(src, "raw", src)
+    out: Any = sys.stdout.buffer if to_stdout else Path(output)  # type: ignore[arg-type]
+    info = batch.run_stream(
+        app,
+        operation,
+        src_raw,
+        out,
+        key_ref=key_ref,
+        aad=_aad(aad),
+        force=force,
+        realm=state.realm,
+    )
+    if to_stdout:
+        sys.stdout.buffer.flush()
+    if json_:
+        summary = {
+            "operation": operation,
+            "input": "-",
+            "output": "-" if to_stdout else output,
+            "key_id": info.key_id,
+            "version": info.version,
+            "bytes_in": info.plaintext_bytes
+            if operation == batch.ENCRYPT
+            else info.ciphertext_bytes,
+            "bytes_out": info.ciphertext_bytes
+            if operation == batch.ENCRYPT
+            else info.plaintext_bytes,
+        }
+        if to_stdout:  # standard output carries the data: the summary goes to stderr
+            click.echo(__import__("json").dumps(summary, sort_keys=True), err=True)
+        else:
+            echo_json(summary)
+
+
+def _files(
+    state: CliState,
+    operation: str,
+    files: tuple[str, ...],
+    output: str | None,
+    out_dir: str | None,
+    jobs: int,
+    key_ref: str | None,
+    aad: str | None,
+    force: bool,
+    quiet: bool,
+    json_: bool,
+) -> None:
+    if output == "-":
+        raise ValidationError("-o - (standard output) works only with standard input")
+    tasks = batch.plan(files, operation, output=output, out_dir=out_dir)
+    app = state.app
+    with _progress(quiet, tasks) as progress:
+        result = batch.run(
+            app,
+            tasks,
+            operation,
+            key_ref=key_ref,
+            aad=_aad(aad),
+            force=force,
+            jobs=jobs,
+            realm=state.realm,
+            progress=progress,
+        )
+    _finish(result, json_)
 
 
 @click.command()
 @click.option("--key", "key_ref", required=True, help="Key name, lineage_id or active key_id.")
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
-@_apply(_common)
-@json_option
+@_options
 @pass_state
 def encrypt(
     state: CliState,
     key_ref: str,
-    file: str | None,
+    files: tuple[str, ...],
     output: str | None,
+    out_dir: str | None,
+    jobs: int,
     aad: str | None,
     force: bool,
-    armor: bool,
+    quiet: bool,
     json_: bool,
 ) -> None:
-    """Encrypt FILE (or standard input) under the active version of --key.
+    """Encrypt FILES and directories (or standard input) under the active version of --key.
 
-    Writes FILE.qimem next to FILE, or -o OUT, or standard output when reading standard
-    input. Outputs are written atomically and never overwritten without --force.
+    Each FILE becomes FILE.qimem beside it (or under --out-dir; -o names the output of a
+    single input). Directories are walked recursively, skipping files that already end in
+    .qimem. Outputs are written atomically, never overwrite anything without --force, and
+    a failing file does not stop the others: each is named on stderr and the exit code is
+    non-zero. With no FILES, standard input is encrypted to standard output.
     """
-    app = state.app
-    plaintext = _read_input(file, app.config.max_envelope_bytes)
-    result = services.encrypt(app, key_ref, plaintext, aad=_aad(aad), realm=state.realm)
-    data = base64.b64encode(result.envelope) + b"\n" if armor else result.envelope
-    target = Path(output) if output else (Path(file + SUFFIX) if file and file != "-" else None)
-    _write_output(data, target, force)
-    if json_:
-        echo_json(
-            {
-                "output": str(target) if target else "-",
-                "key_id": result.key_id,
-                "version": result.version,
-                "bytes": len(plaintext),
-            }
-        )
+    if not files or files == ("-",):
+        _stdio(state, batch.ENCRYPT, output, key_ref, aad, force, json_)
+        return
+    _files(state, batch.ENCRYPT, files, output, out_dir, jobs, key_ref, aad, force, quiet, json_)
 
 
 @click.command()
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
-@_apply(_common)
-@json_option
+@_options
 @pass_state
 def decrypt(
     state: CliState,
-    file: str | None,
+    files: tuple[str, ...],
     output: str | None,
+    out_dir: str | None,
+    jobs: int,
     aad: str | None,
     force: bool,
-    armor: bool,
+    quiet: bool,
     json_: bool,
 ) -> None:
-    """Decrypt FILE (or standard input); the key is found from the envelope.
+    """Decrypt FILES and directories (or standard input); the key is found in each header.
 
-    FILE.qimem is written to FILE unless -o is given; standard input goes to standard
-    output. Nothing is written unless the whole message authenticates.
+    FILE.qimem becomes FILE (or goes under --out-dir; -o names the output of a single
+    input). Directories are walked for *.qimem files. A file is written only if all of it
+    authenticates. With no FILES, standard input is decrypted to standard output, where
+    each segment is written once it has authenticated: check the exit status.
     """
-    app = state.app
-    data = _read_input(file, app.config.max_envelope_bytes + 4096)
-    if armor:
-        try:
-            data = base64.b64decode(b"".join(data.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValidationError("input is not valid base64") from None
-    result = services.decrypt(app, data, aad=_aad(aad), realm=state.realm)
-    if output:
-        target: Path | None = Path(output)
-    elif file and file != "-":
-        if not file.endswith(SUFFIX):
-            raise ValidationError(f"{file} does not end in {SUFFIX}; name the output with -o")
-        target = Path(file[: -len(SUFFIX)])
-    else:
-        target = None
-    _write_output(result.plaintext, target, force)
-    if json_:
-        echo_json(
-            {
-                "output": str(target) if target else "-",
-                "key_id": result.key_id,
-                "version": result.version,
-                "bytes": len(result.plaintext),
-            }
-        )
+    if not files or files == ("-",):
+        _stdio(state, batch.DECRYPT, output, None, aad, force, json_)
+        return
+    _files(state, batch.DECRYPT, files, output, out_dir, jobs, None, aad, force, quiet, json_)
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@pass_state
+def rewrap(state: CliState, files: tuple[str, ...], quiet: bool, json_: bool) -> None:
+    """Re-seal the data key of encrypted FILES under the newest version of their key.
+
+    Only the header changes (the data itself is not re-encrypted); each file is replaced
+    atomically. Directories are walked for *.qimem files. Files already under the newest
+    version are left alone.
+    """
+    tasks = batch.plan(files, batch.REWRAP)
+    with _progress(quiet, tasks) as progress:
+        result = batch.rewrap(state.app, tasks, realm=state.realm, progress=progress)
+    _finish(result, json_)

@@ -1,0 +1,204 @@
+"""File encryption services: stream format v1 over the key store (docs/files.md).
+
+Each stream gets a fresh random data key, wrapped by the active version of a stored key
+(:func:`qimem.services.crypto.datakey`); decryption finds the key from the header and
+unwraps it (:func:`qimem.services.crypto.decrypt`), so every key state rule of the store
+applies (a disabled or destroyed version refuses, another realm's key is not found).
+
+>>> import io, qimem
+>>> from qimem.services import files
+>>> app = qimem.connect()                                           # doctest: +SKIP
+>>> key = qimem.services.create_key(app, name="backups")            # doctest: +SKIP
+>>> sealed = io.BytesIO()
+>>> files.encrypt_stream(app, io.BytesIO(b"data"), sealed, "backups")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from qimem import envelope as env
+from qimem import stream
+from qimem.app import AppContext
+from qimem.crypto import Algorithm, zero
+from qimem.errors import DecryptionError, EnvelopeFormatError, ValidationError
+from qimem.fileio import atomic_output
+from qimem.keys import DEFAULT_REALM
+from qimem.services import crypto
+
+
+class StoreKeyring:
+    """A :class:`qimem.stream.Keyring` over an application's key store.
+
+    :param ref: the key that wraps new data keys (name, lineage_id or active key_id);
+        ``None`` for a keyring that only unwraps.
+    """
+
+    def __init__(self, app: AppContext, ref: str | None = None, realm: str = DEFAULT_REALM) -> None:
+        self.app = app
+        self.ref = ref
+        self.realm = realm
+
+    def new_data_key(self) -> tuple[Algorithm, bytearray, bytes]:
+        if self.ref is None:
+            raise ValidationError("no key given to encrypt with")
+        made = crypto.datakey(self.app, self.ref, realm=self.realm, size=stream.DATA_KEY_SIZE)
+        algorithm = self.app.registry.algorithm_by_id(env.parse(made.wrapped_key).algorithm_id)
+        return algorithm, bytearray(made.plaintext_key), made.wrapped_key
+
+    def unwrap(self, wrapped_key: bytes) -> bytearray:
+        return bytearray(crypto.decrypt(self.app, wrapped_key, realm=self.realm).plaintext)
+
+    def algorithm(self, algorithm_id: int) -> Algorithm:
+        try:
+            return self.app.registry.algorithm_by_id(algorithm_id)
+        except Exception:
+            raise DecryptionError(f"stream uses unknown algorithm id {algorithm_id}") from None
+
+    def __repr__(self) -> str:
+        return f"<StoreKeyring ref={self.ref!r} realm={self.realm!r}>"
+
+
+def _aad(aad: bytes | str | None) -> bytes | None:
+    if aad is None:
+        return None
+    if isinstance(aad, str):
+        return aad.encode("utf-8")
+    if not isinstance(aad, bytes | bytearray | memoryview):
+        raise ValidationError("aad must be bytes or text")
+    return bytes(aad) or None
+
+
+def encrypt_stream(
+    app: AppContext,
+    src: BinaryIO,
+    dst: BinaryIO,
+    key_ref: str,
+    *,
+    aad: bytes | str | None = None,
+    realm: str = DEFAULT_REALM,
+    segment_size: int = stream.DEFAULT_SEGMENT_SIZE,
+) -> stream.StreamInfo:
+    """Encrypt file object ``src`` into ``dst`` (stream format v1) under ``key_ref``.
+
+    Constant memory; any size. Nothing is written before the key has been found.
+
+    :raises NotFoundError: no such key in ``realm``.
+    :raises KeyNotActiveError: ``key_ref`` is a key_id that was rotated away.
+    """
+    keyring = StoreKeyring(app, key_ref, realm)
+    return stream.encrypt_stream(src, dst, keyring, aad=_aad(aad), segment_size=segment_size)
+
+
+def decrypt_stream(
+    app: AppContext,
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    aad: bytes | str | None = None,
+    realm: str = DEFAULT_REALM,
+) -> stream.StreamInfo:
+    """Decrypt a stream from ``src`` into ``dst``; the key is found from the header.
+
+    Each segment is authenticated before it is written; on an error ``dst`` may hold the
+    segments before the damage, so write to a temp file (as :mod:`qimem.batch` does).
+
+    :raises EnvelopeFormatError: not a stream, or truncated inside the header.
+    :raises DecryptionError: tampering, truncation, a wrong ``aad``, an unusable key.
+    :raises NotFoundError: the key in the header does not exist in ``realm``.
+    """
+    return stream.decrypt_stream(src, dst, StoreKeyring(app, None, realm), aad=_aad(aad))
+
+
+def rewrap_header(
+    app: AppContext, header: stream.Header, *, realm: str = DEFAULT_REALM
+) -> tuple[stream.Header, bool]:
+    """The header re-sealed under the active version of its key's lineage.
+
+    Returns ``(header, changed)``; ``changed`` is false when the data key already is under
+    the newest version (the header is returned as is). The data key never leaves here.
+    """
+    keyring = StoreKeyring(app, None, realm)
+    data_key = keyring.unwrap(header.wrapped_key)
+    try:
+        stream.verify_header(header, data_key)
+        old = env.parse(header.wrapped_key)
+        resealed = crypto.rewrap(app, header.wrapped_key, realm=realm)
+        if resealed.key_id == old.key_id_str and resealed.version == old.key_version:
+            return header, False
+        return stream.rewrap_header(header, data_key, resealed.envelope), True
+    finally:
+        zero(data_key)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``src_fd``@``offset`` to ``dst_fd``'s position, in the
+    kernel where possible (``copy_file_range`` shares extents on reflink filesystems)."""
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    while done < count:
+        n = 0
+        if copy is not None:
+            try:
+                n = copy(src_fd, dst_fd, count - done, offset + done)
+            except OSError:
+                copy = None
+                continue
+        else:
+            chunk = os.pread(src_fd, min(1 << 20, count - done), offset + done)
+            n = os.write(dst_fd, chunk) if chunk else 0
+        if n == 0:
+            raise ValidationError("input changed while it was being rewrapped")
+        done += n
+
+
+def rewrap_file(
+    app: AppContext, path: str | os.PathLike[str], *, realm: str = DEFAULT_REALM
+) -> tuple[stream.StreamInfo, bool]:
+    """Re-seal a stream file's data key under the newest version of its key, in place.
+
+    Only the header changes: the segments are copied byte for byte (not re-encrypted) into
+    a temp file next to ``path``, which is fsynced and renamed over ``path``; a crash
+    leaves the old file intact. Returns the new info and whether anything changed.
+    """
+    path = Path(path)
+    with path.open("rb") as fh:
+        header = stream.read_header(fh)
+        new_header, changed = rewrap_header(app, header, realm=realm)
+        size = os.fstat(fh.fileno()).st_size
+        body = size - header.size
+        new_env = env.parse(new_header.wrapped_key)
+        algorithm = app.registry.algorithm_by_id(header.algorithm_id)
+        plain = stream.plaintext_size(body, header.segment_size, algorithm.tag_size)
+        info = stream.StreamInfo(
+            new_env.key_id_str,
+            new_env.key_version,
+            plain,
+            new_header.size + body,
+            stream.segment_count(plain, header.segment_size),
+        )
+        if not changed:
+            return info, False
+        mode = os.fstat(fh.fileno()).st_mode & 0o7777
+        with atomic_output(path, force=True) as out:
+            out.write(new_header.encode())
+            out.flush()
+            _copy_range(fh.fileno(), out.fileno(), header.size, body)
+            os.fchmod(out.fileno(), mode)
+    return info, True
+
+
+def describe(header: stream.Header) -> dict[str, object]:
+    """Public facts of a header (no key material), e.g. for ``--json`` output."""
+    try:
+        parsed = env.parse(header.wrapped_key)
+    except EnvelopeFormatError:  # pragma: no cover - read_header already checked it
+        raise
+    return {
+        "key_id": parsed.key_id_str,
+        "version": parsed.key_version,
+        "algorithm_id": header.algorithm_id,
+        "segment_size": header.segment_size,
+    }
