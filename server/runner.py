@@ -1,9 +1,9 @@
 """Serve a WSGI app with waitress, and stop gracefully.
 
 On SIGTERM or SIGINT (or :meth:`Server.stop` from another thread) the server stops
-accepting connections, lets every request already received finish and its response be
-sent, closes idle keep-alive connections, and returns; the process then exits 0. A
-deadline (``drain_timeout``) bounds the wait.
+accepting connections, lets every request in flight (being received, queued or running)
+finish and its response be sent, closes idle keep-alive connections, and returns; the
+process then exits 0. A deadline (``drain_timeout``) bounds the wait.
 
 Waitress logs "Task queue depth is N" at WARNING for every request that waits for a worker
 thread once all are busy; under load that logging alone cost ~10% of throughput, so the
@@ -117,7 +117,8 @@ class Server:
         deadline = time.monotonic() + self.drain_timeout
         while server.active_channels and time.monotonic() < deadline:
             for channel in list(server.active_channels.values()):
-                if not channel.requests and not channel.total_outbufs_len:
+                receiving = channel.request is not None  # a request partly received
+                if not (receiving or channel.requests or channel.total_outbufs_len):
                     channel.will_close = True  # idle (keep-alive): close it
             wasyncore.loop(timeout=0.05, map=server._map, use_poll=use_poll, count=1)
         if server.active_channels:
