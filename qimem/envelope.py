@@ -30,7 +30,7 @@ MAGIC = b"QMEV"
 VERSION = 1
 PREFIX_SIZE = 27  # magic .. nonce length
 _PREFIX = struct.Struct(">4sBB16sIB")
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")  # the ciphertext length field after the nonce
 MAX_VERSION = 0xFFFFFFFF
 
 
@@ -60,12 +60,19 @@ def header_prefix(
         raise ValueError("key version must be an integer")
     if not 1 <= key_version <= MAX_VERSION:
         raise ValueError("key version out of range")
+    if not 1 <= nonce_size <= 0xFF:  # parse() refuses an empty nonce
+        raise ValueError("nonce size out of range")
     return _PREFIX.pack(MAGIC, VERSION, algorithm_id, raw_id, key_version, nonce_size)
+
+
+def header_size(nonce_size: int) -> int:
+    """Size of the whole header (prefix, nonce, length field) for a nonce size."""
+    return PREFIX_SIZE + nonce_size + LENGTH.size
 
 
 def header(prefix: bytes, nonce: bytes, ciphertext_length: int) -> bytes:
     """The full header: ``prefix ‖ nonce ‖ uint32(ciphertext_length)``."""
-    return prefix + nonce + _LENGTH.pack(ciphertext_length)
+    return prefix + nonce + LENGTH.pack(ciphertext_length)
 
 
 def associated_data(header_bytes: bytes, aad: bytes | None) -> bytes:
@@ -95,10 +102,10 @@ def parse(blob: bytes) -> Envelope:
         raise EnvelopeFormatError("envelope has key version 0")
     if nonce_size == 0:
         raise EnvelopeFormatError("envelope has an empty nonce")
-    body = PREFIX_SIZE + nonce_size + _LENGTH.size
+    body = PREFIX_SIZE + nonce_size + LENGTH.size
     if len(blob) < body:
         raise EnvelopeFormatError("envelope is truncated")
-    (length,) = _LENGTH.unpack_from(blob, PREFIX_SIZE + nonce_size)
+    (length,) = LENGTH.unpack_from(blob, PREFIX_SIZE + nonce_size)
     if len(blob) < body + length:
         raise EnvelopeFormatError("envelope is truncated")
     if len(blob) > body + length:

@@ -6,6 +6,10 @@ so this process never encrypts with a version it rotated away; a rotation by ano
 process is seen within ``ttl`` seconds (``cache.ttl_seconds``, 0 disables the cache).
 Entries hold the algorithm's prepared cipher, never raw key bytes: the unwrapped material
 is zeroed as soon as the cipher is built.
+
+Decryption looks entries up by the envelope's header prefix (magic .. nonce length, see
+:mod:`qimem.envelope`), which is constant for a key version and names it exactly: one
+slice and one dict lookup per message, no parsing first.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from qimem.keys import KeyVersion
 
 @dataclass(slots=True, repr=False)
 class CachedKey:
-    """A key version ready to use: metadata, prepared cipher, constant header prefix."""
+    """A key version ready to use: metadata, prepared cipher, constant header prefix.
+
+    ``header_size`` is the size of the whole envelope header (prefix, nonce, length field);
+    ``key_id`` and ``version`` repeat ``meta``'s for the hot path.
+    """
 
     meta: KeyVersion
     cipher: Cipher
@@ -28,14 +36,18 @@ class CachedKey:
     algorithm_id: int
     nonce_size: int
     tag_size: int
+    header_size: int
+    key_id: str
+    version: int
     expires: float
 
     def __repr__(self) -> str:
-        return f"<CachedKey {self.meta.key_id} v{self.meta.version}>"
+        return f"<CachedKey {self.key_id} v{self.version}>"
 
 
 class KeyCache:
-    """Realm-scoped cache for encryption (by the caller's ref) and decryption (by key id)."""
+    """Realm-scoped cache for encryption (by the caller's ref) and decryption (by header
+    prefix)."""
 
     def __init__(self, ttl: float, max_entries: int = 4096) -> None:
         self.ttl = ttl
@@ -43,15 +55,20 @@ class KeyCache:
         self._encrypt: dict[tuple[str, str], CachedKey] = {}
         self._decrypt: dict[tuple[str, bytes], CachedKey] = {}
         self._lock = threading.Lock()
+        # Bumped by every invalidation: an entry loaded from the store before a rotation
+        # committed must not be cached after that rotation's invalidation (see put).
+        self.generation = 0
 
     def for_encrypt(self, realm: str, ref: str) -> CachedKey | None:
+        """The unexpired entry cached for ``ref`` (a key_id, lineage_id or name), if any."""
         entry = self._encrypt.get((realm, ref))
         if entry is not None and entry.expires > time.monotonic():
             return entry
         return None
 
-    def for_decrypt(self, realm: str, key_id: bytes) -> CachedKey | None:
-        entry = self._decrypt.get((realm, key_id))
+    def for_decrypt(self, realm: str, prefix: bytes) -> CachedKey | None:
+        """The unexpired entry whose envelope header prefix is ``prefix``, if any."""
+        entry = self._decrypt.get((realm, prefix))
         if entry is not None and entry.expires > time.monotonic():
             return entry
         return None
@@ -59,25 +76,34 @@ class KeyCache:
     def expiry(self) -> float:
         return time.monotonic() + self.ttl
 
-    def put(self, realm: str, key_id: bytes, entry: CachedKey, ref: str | None = None) -> None:
+    def put(self, realm: str, entry: CachedKey, ref: str | None = None, *, generation: int) -> None:
+        """Cache ``entry`` for decryption, and for encryption by ``ref`` if given.
+
+        ``generation`` is :attr:`generation` read before the entry's metadata was read from
+        the store; if an invalidation happened since, the entry may be stale and is dropped.
+        """
         if self.ttl <= 0:
             return
         with self._lock:
+            if generation != self.generation:
+                return
             if len(self._decrypt) + len(self._encrypt) >= self.max_entries:
                 self._encrypt.clear()
                 self._decrypt.clear()
-            self._decrypt[(realm, key_id)] = entry
+            self._decrypt[(realm, entry.prefix)] = entry
             if ref is not None:
                 self._encrypt[(realm, ref)] = entry
 
     def invalidate_lineage(self, lineage_id: str) -> None:
         """Drop every entry of a lineage (after a rotation or state change)."""
         with self._lock:
+            self.generation += 1
             for table in (self._encrypt, self._decrypt):
                 for k in [k for k, v in table.items() if v.meta.lineage_id == lineage_id]:
                     del table[k]
 
     def clear(self) -> None:
         with self._lock:
+            self.generation += 1
             self._encrypt.clear()
             self._decrypt.clear()
