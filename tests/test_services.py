@@ -63,7 +63,7 @@ def test_duplicate_name_is_conflict_per_realm(any_app: AppContext) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        str(uuid.uuid4()),  # would be ambiguous with a key_id
+        "0b9d6f1e-3c2a-4f7e-9a51-2d8c7e6b4a10",  # would be ambiguous with a key_id
         "",
         "1abc",
         "has space",
@@ -122,7 +122,7 @@ def test_show_by_each_reference(any_app: AppContext) -> None:
     assert [v["state"] for v in as_dict["versions"]] == ["decrypt-only", "active"]
 
 
-@pytest.mark.parametrize("ref", ["nobody", str(uuid.uuid4())])
+@pytest.mark.parametrize("ref", ["nobody", "5f0c3b2e-8d41-4e6a-b7c9-1a2b3c4d5e6f"])
 def test_show_unknown(any_app: AppContext, ref: str) -> None:
     with pytest.raises(NotFoundError):
         services.show_key(any_app, ref)
