@@ -28,6 +28,7 @@ class InMemoryKeyStore(KeyStore):
         self._material: dict[str, bytearray] = {}
         self._lineages: dict[str, list[str]] = {}  # lineage_id -> key_ids, oldest first
         self._names: dict[tuple[str, str], str] = {}  # (realm, name) -> lineage_id
+        self._state_changes = 0
 
     def create(
         self, realm: str, algorithm: str, material: bytes | bytearray, *, name: str | None = None
@@ -103,6 +104,7 @@ class InMemoryKeyStore(KeyStore):
             )
             self._store(rotated, material)
             ids.append(rotated.key_id)
+            self._state_changes += 1
             return rotated
 
     def material(self, realm: str, key_id: str) -> bytearray:
@@ -112,6 +114,9 @@ class InMemoryKeyStore(KeyStore):
             if buffer is None:  # close() zeroed and dropped it
                 raise StoreUnavailableError("the in-memory key store is closed")
             return bytearray(buffer)
+
+    def rotation_marker(self) -> object:
+        return self._state_changes
 
     def close(self) -> None:
         with self._lock:

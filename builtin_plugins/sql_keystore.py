@@ -67,6 +67,9 @@ _SELECT_VERSIONS = sa.select(*_METADATA_COLUMNS).join_from(
 )
 
 
+_STATE_MARKER = "key_state_marker"  # changes in every transaction that changes a version's state
+
+
 def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algorithm: str) -> bytes:
     return f"qimem-key-v1|{realm}|{lineage_id}|{key_id}|{version}|{algorithm}".encode()
 
@@ -98,6 +101,24 @@ class SqlKeyStore(KeyStore):
         if auto_migrate:
             migrate(self.engine)
         self._check_root_key()
+        self._ensure_meta(_STATE_MARKER, new_id())
+
+    def _ensure_meta(self, name: str, value: str) -> None:
+        with translate_errors(), self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(meta_table.c.name).where(meta_table.c.name == name)
+            ).first()
+            if exists is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(meta_table).values(name=name, value=value))
+                except IntegrityError:
+                    pass  # another process inserted it first
+
+    def rotation_marker(self) -> object:
+        query = sa.select(meta_table.c.value).where(meta_table.c.name == _STATE_MARKER)
+        with translate_errors(), self.engine.connect() as conn:
+            return conn.execute(query).scalar()
 
     def _check_root_key(self) -> None:
         """Record the root key's check value on first use; refuse a different root key."""
@@ -269,6 +290,11 @@ class SqlKeyStore(KeyStore):
                     created_at=datetime.now(UTC),
                 )
                 self._insert_version(conn, rotated, material)
+                conn.execute(
+                    sa.update(meta_table)
+                    .where(meta_table.c.name == _STATE_MARKER)
+                    .values(value=new_id())
+                )
         except IntegrityError:  # the unique (lineage, version) backstop
             raise KeyNotActiveError(
                 f"key {key_id} was rotated concurrently; retry with the active version"

@@ -72,6 +72,15 @@ class KeyStore(ABC):
         :raises NotFoundError: no such version in ``realm``.
         """
 
+    def rotation_marker(self) -> object:
+        """A value that changes whenever any key version changes state (rotation ...).
+
+        Caches compare it to notice rotations made by other processes. Must be cheap (it is
+        called a few times a second per process). ``None`` means the store cannot tell; the
+        cache then relies on its TTL alone.
+        """
+        return None
+
     def ping(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Check the store is reachable; raise StoreUnavailableError if not."""
 
