@@ -12,7 +12,8 @@ import falcon
 
 from qimem.app import AppContext
 from qimem.server import errors
-from qimem.server.auth import AuthMiddleware
+from qimem.server.auth_api import add_auth_routes
+from qimem.server.auth_middleware import IdentityAuthMiddleware
 from qimem.server.crypto import crypto_resources
 from qimem.server.keys import KEYS_PATH, CreateKeyResource, KeysResource, RotateResource
 from qimem.server.metrics import Metrics
@@ -49,7 +50,7 @@ def create_app(
     :param metrics: the metrics to record into (default: a fresh per-app registry).
     :raises ConfigError: authentication was requested (not available yet).
     """
-    auth = AuthMiddleware(insecure_no_auth=insecure_no_auth)
+    auth = IdentityAuthMiddleware(app_ctx, insecure_no_auth=insecure_no_auth)
     metrics = metrics or Metrics()
     app = falcon.App(
         middleware=[
@@ -79,6 +80,7 @@ def create_app(
         app.add_route("/decrypt", crypto["decrypt"])
         app.add_route("/rotate", rotate)
 
+    add_auth_routes(app, app_ctx, max_body_bytes)
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(app_ctx))
     app.add_route("/metrics", MetricsResource(metrics))

@@ -24,7 +24,9 @@ SHORT_PATHS = ("/keys", "/encrypt", "/decrypt", "/rotate")
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document shipped with the package (``qimem/server/openapi.json``)."""
     text = resources.files("qimem.server").joinpath("openapi.json").read_text("utf-8")
-    return json.loads(text)
+    from qimem.server.auth_openapi import add_auth  # /v1/auth and bearer authentication
+
+    return add_auth(json.loads(text))
 
 
 class HealthResource:

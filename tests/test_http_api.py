@@ -426,8 +426,7 @@ def test_non_loopback_client_is_refused_without_auth(client: testing.TestClient)
     assert client.simulate_get("/v1/security/keys", remote_addr="::1").status_code == 200
 
 
-def test_create_app_requires_the_no_auth_mode(memory_app: AppContext) -> None:
-    from qimem.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="authentication is not available yet"):
-        create_app(memory_app)
+def test_create_app_without_no_auth_mode_requires_tokens(memory_app: AppContext) -> None:
+    result = testing.TestClient(create_app(memory_app)).simulate_get("/v1/security/keys")
+    assert result.status_code == 401
+    assert error_code(result) == "unauthorized"

@@ -2,8 +2,8 @@
 
 ``qimem serve`` and ``qauth-api`` run the unified server; ``qimem-api`` runs the security
 API alone, with the short paths ``POST /keys``, ``/encrypt``, ``/decrypt``, ``/rotate``.
-Authentication is not available yet, so all three need ``--insecure-no-auth`` and then bind
-only to loopback addresses.
+Every endpoint except health, metrics and JWKS needs a bearer token (see docs/identity.md);
+``--insecure-no-auth`` serves without tokens for local development, loopback binds only.
 """
 
 from __future__ import annotations
@@ -93,13 +93,20 @@ def run_server(
 ) -> None:
     """Check the options, open the store, bind, serve until SIGTERM/SIGINT."""
     from qimem.server.app import create_app
-    from qimem.server.auth import AUTH_NOT_AVAILABLE, resolve_loopback_bind
+    from qimem.server.auth import resolve_loopback_bind
     from qimem.server.runner import Server, serve
 
-    if not insecure_no_auth:
-        raise ConfigError(AUTH_NOT_AVAILABLE)
-    bind = resolve_loopback_bind(host, port)
+    bind = resolve_loopback_bind(host, port) if insecure_no_auth else host
     app_ctx = state.app.open()
+    if not insecure_no_auth:
+        from qimem.services.identity import identity
+
+        if not identity(app_ctx).realm_exists("master"):
+            raise ConfigError(
+                "this store has no realm 'master', so no one could log in: run 'qimem init' "
+                "(it creates master and its admin), or serve with --insecure-no-auth for local "
+                "development (loopback only)"
+            )
     wsgi = create_app(
         app_ctx,
         insecure_no_auth=insecure_no_auth,
@@ -111,7 +118,8 @@ def run_server(
         server = Server(wsgi, host=bind, port=port, threads=threads, max_body_bytes=max_body_bytes)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    click.echo(f"{prog}: serving on {server.url} (no authentication, loopback only)", err=True)
+    mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
+    click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
     serve(server)
     click.echo(f"{prog}: stopped", err=True)
 

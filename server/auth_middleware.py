@@ -1,0 +1,325 @@
+"""The one authentication and authorization middleware of the server.
+
+Every request is checked against :data:`RULES`, keyed by (method, route template): public
+routes (health, metrics, JWKS, the token and revocation endpoints) pass; every other route
+needs ``Authorization: Bearer <access token>`` with the rule's permission.
+
+* no, malformed, expired, revoked or forged token → 401 (``WWW-Authenticate: Bearer``);
+* a valid token without the permission → 403;
+* another realm (in the URL, or chosen with ``X-Qimem-Realm`` / ``?realm=``) → 404, as if
+  it did not exist, unless the caller is a ``master`` realm admin acting on it explicitly.
+
+Security endpoints act on the token's realm (``req.context.realm``), so another realm's
+keys are simply not found (404). Grants scoped to key-name patterns are checked against
+the named key of the request (the body is read once here and handed on unchanged). A route
+missing from the table needs ``realms:admin``: new endpoints are closed until mapped.
+``--insecure-no-auth`` keeps the server's loopback-only development mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from qimem import envelope, services
+from qimem.app import AppContext
+from qimem.errors import AuthError, ForbiddenError, NotFoundError, QimemError
+from qimem.identity import Principal
+from qimem.identity.realms import MASTER
+from qimem.keys import DEFAULT_REALM, parse_uuid
+from qimem.server.auth import is_loopback
+from qimem.server.auth_api import AUTH_PREFIX
+from qimem.server.media import read_body
+from qimem.services import identity as ids
+
+REALM_HEADER = "X-Qimem-Realm"
+_CHALLENGE = 'Bearer realm="qimem"'
+
+# How a scoped grant finds the key names a request touches: from the body or the URL.
+KeyNames = Callable[[AppContext, str, Any, dict[str, Any]], list[str | None]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a route needs. ``permission=None`` with ``public=False``: any valid token."""
+
+    permission: str | None = None
+    public: bool = False
+    realm_param: bool = False  # the realm comes from the URL's {realm}
+    master_only: bool = False  # realm-wide administration of the deployment
+    key_names: KeyNames | None = None  # for grants scoped to key-name patterns
+    audit: str | None = None  # audit action recorded for this operation
+
+
+def _name_of(app: AppContext, realm: str, ref: Any) -> str | None:
+    if not isinstance(ref, str):
+        return None
+    try:
+        return services.show_key(app, ref, realm=realm).name
+    except QimemError:
+        return ref if parse_uuid(ref) is None else None
+
+
+def _ref_names(app: AppContext, realm: str, body: Any, params: dict[str, Any]) -> list[str | None]:
+    items = body.get("items") if isinstance(body, dict) else None
+    entries = items if isinstance(items, list) else [body]
+    return [
+        _name_of(app, realm, e.get("key_id") or e.get("key")) if isinstance(e, dict) else None
+        for e in entries
+    ]
+
+
+def _envelope_names(
+    app: AppContext, realm: str, body: Any, params: dict[str, Any]
+) -> list[str | None]:
+    items = body.get("items") if isinstance(body, dict) else None
+    entries = items if isinstance(items, list) else [body]
+    names: list[str | None] = []
+    for entry in entries:
+        name = None
+        try:
+            blob = base64.b64decode(entry["envelope"], validate=True)
+            key_id = envelope.parse(blob).key_id_str
+            name = app.store.get(realm, key_id).name
+        except (QimemError, KeyError, TypeError, ValueError, binascii.Error):
+            pass
+        names.append(name)
+    return names
+
+
+def _new_key_name(
+    app: AppContext, realm: str, body: Any, params: dict[str, Any]
+) -> list[str | None]:
+    return [body.get("name") if isinstance(body, dict) else None]
+
+
+def _param_key(app: AppContext, realm: str, body: Any, params: dict[str, Any]) -> list[str | None]:
+    return [_name_of(app, realm, params.get("key_id"))]
+
+
+def _security_rules(prefix: str) -> dict[tuple[str, str], Rule]:
+    return {
+        ("POST", f"{prefix}/keys"): Rule(
+            "keys:create", key_names=_new_key_name, audit="keys.create"
+        ),
+        ("GET", f"{prefix}/keys"): Rule("keys:read"),
+        ("GET", f"{prefix}/keys/{{key_id}}"): Rule("keys:read", key_names=_param_key),
+        ("POST", f"{prefix}/encrypt"): Rule(
+            "crypto:encrypt", key_names=_ref_names, audit="crypto.encrypt"
+        ),
+        ("POST", f"{prefix}/decrypt"): Rule(
+            "crypto:decrypt", key_names=_envelope_names, audit="crypto.decrypt"
+        ),
+        ("POST", f"{prefix}/rotate"): Rule(
+            "keys:rotate", key_names=_ref_names, audit="keys.rotate"
+        ),
+        ("POST", f"{prefix}/rewrap"): Rule(
+            "crypto:rewrap", key_names=_envelope_names, audit="crypto.rewrap"
+        ),
+        ("POST", f"{prefix}/datakey"): Rule(
+            "crypto:datakey", key_names=_ref_names, audit="crypto.datakey"
+        ),
+    }
+
+
+def _auth_rules() -> dict[tuple[str, str], Rule]:
+    p = AUTH_PREFIX
+    admin = Rule("users:admin", realm_param=True)
+    return {
+        ("GET", p): Rule("realms:admin", master_only=True),
+        ("POST", p): Rule("realms:admin", master_only=True),
+        ("DELETE", p + "/{realm}"): Rule("realms:admin", realm_param=True, master_only=True),
+        ("GET", p + "/{realm}/users"): admin,
+        ("POST", p + "/{realm}/users"): admin,
+        ("PATCH", p + "/{realm}/users/{username}"): admin,
+        ("POST", p + "/{realm}/users/{username}/roles"): admin,
+        ("DELETE", p + "/{realm}/users/{username}/roles"): admin,
+        ("GET", p + "/{realm}/roles"): admin,
+        ("POST", p + "/{realm}/roles"): admin,
+        ("POST", p + "/{realm}/clients"): admin,
+        ("POST", p + "/{realm}/token"): Rule(public=True),
+        ("POST", p + "/{realm}/revoke"): Rule(public=True),
+        ("GET", p + "/{realm}/jwks"): Rule(public=True),
+        ("POST", p + "/{realm}/introspect"): Rule(realm_param=True),
+        ("GET", p + "/{realm}/audit"): Rule("audit:read", realm_param=True),
+        ("POST", p + "/{realm}/signing-key/rotate"): Rule("realms:admin", realm_param=True),
+    }
+
+
+def default_rules() -> dict[tuple[str, str], Rule]:
+    """The route table: security API (long and short paths), plugins, /v1/auth."""
+    rules = _security_rules("/v1/security")
+    short = _security_rules("")
+    for method, path in (
+        ("POST", "/keys"),
+        ("POST", "/encrypt"),
+        ("POST", "/decrypt"),
+        ("POST", "/rotate"),
+    ):
+        rules[(method, path)] = short[(method, path)]
+    rules[("GET", "/v1/plugins")] = Rule("plugins:read")
+    rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")
+    rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True)
+    rules[("DELETE", "/v1/plugins/{name}")] = Rule("plugins:admin", master_only=True)
+    rules[("GET", "/v1/openapi.json")] = Rule()
+    rules.update(_auth_rules())
+    return rules
+
+
+RULES = default_rules()
+_CLOSED = Rule("realms:admin", master_only=True)
+
+
+def _bearer(req: falcon.Request) -> str:
+    header = req.get_header("Authorization")
+    if not header:
+        raise AuthError("this endpoint needs a bearer access token", code="unauthorized")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError("the Authorization header must be 'Bearer <token>'", code="unauthorized")
+    return value.strip()
+
+
+def _realm_not_found(realm: str) -> NotFoundError:
+    return NotFoundError(f"realm {realm!r} does not exist", code="realm_not_found")
+
+
+class IdentityAuthMiddleware:
+    """Authenticate with bearer tokens and authorize by :data:`RULES`.
+
+    :param public_paths: paths served without a token (default: identity settings'
+        ``public_paths``: /healthz, /readyz, /metrics).
+    :param audit: record security operations (buffered) in the audit log.
+    """
+
+    def __init__(
+        self,
+        app_ctx: AppContext,
+        *,
+        insecure_no_auth: bool = False,
+        public_paths: Iterable[str] | None = None,
+        rules: dict[tuple[str, str], Rule] | None = None,
+        audit: bool = True,
+    ) -> None:
+        self._app = app_ctx
+        self.insecure_no_auth = insecure_no_auth
+        self._rules = rules if rules is not None else RULES
+        self._audit = audit and not insecure_no_auth
+        if insecure_no_auth:
+            self._identity = None
+            self._public = frozenset(public_paths or ())
+        else:
+            self._identity = ids.identity(app_ctx)  # open now: fail at start, not per request
+            paths = (
+                public_paths if public_paths is not None else self._identity.settings.public_paths
+            )
+            self._public = frozenset(paths)
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.principal = None
+        req.context.realm = DEFAULT_REALM
+        if self.insecure_no_auth and not is_loopback(req.remote_addr):
+            raise ForbiddenError(
+                "this server runs without authentication and only serves loopback clients"
+            )
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+    ) -> None:
+        if self.insecure_no_auth or resource is None:
+            return  # no route: Falcon answers 404 without touching anything
+        template = req.uri_template or ""
+        if template in self._public:
+            return
+        rule = self._rules.get((req.method, template), _CLOSED)
+        if rule.public:
+            return
+        try:
+            principal = ids.authenticate(self._app, _bearer(req))
+        except AuthError:
+            resp.set_header("WWW-Authenticate", _CHALLENGE)
+            raise
+        req.context.principal = principal
+        realm = self._target_realm(req, principal, rule, params)
+        req.context.realm = realm
+        if rule.master_only and principal.realm != MASTER:
+            raise ForbiddenError("this operation is reserved to master realm administrators")
+        if rule.permission is None or principal.allows(rule.permission):
+            return
+        if (
+            rule.key_names is not None
+            and principal.allows_any(rule.permission)
+            and self._scoped_allowed(req, principal, rule, realm, params)
+        ):
+            return
+        raise ForbiddenError(f"this operation needs the {rule.permission} permission")
+
+    def _target_realm(
+        self, req: falcon.Request, principal: Principal, rule: Rule, params: dict[str, Any]
+    ) -> str:
+        if rule.realm_param:
+            wanted = params.get("realm", principal.realm)
+        else:
+            wanted = req.get_header(REALM_HEADER) or req.get_param("realm") or principal.realm
+        if wanted == principal.realm:
+            return wanted
+        if not principal.can_act_in(wanted) or not self._identity.realm_exists(wanted):  # type: ignore[union-attr]
+            raise _realm_not_found(wanted)
+        return wanted
+
+    def _scoped_allowed(
+        self,
+        req: falcon.Request,
+        principal: Principal,
+        rule: Rule,
+        realm: str,
+        params: dict[str, Any],
+    ) -> bool:
+        body: Any = None
+        if req.method in ("POST", "PUT", "PATCH"):
+            raw = read_body(req, getattr(req.stream, "limit", 1 << 20))
+            req.stream = io.BytesIO(raw)  # hand the same bytes on to the resource
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                return False
+        names = rule.key_names(self._app, realm, body, params)  # type: ignore[misc]
+        return bool(names) and all(
+            name is not None and principal.allows(rule.permission, name)  # type: ignore[arg-type]
+            for name in names
+        )
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
+        if not self._audit:
+            return
+        principal = getattr(req.context, "principal", None)
+        if principal is None:
+            return
+        rule = self._rules.get((req.method, req.uri_template or ""))
+        if rule is None or rule.audit is None:
+            return
+        status = resp.status_code
+        media = resp.media if status < 400 else None
+        target = media.get("key_id") if isinstance(media, dict) else None
+        outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
+        try:
+            self._identity.record(  # type: ignore[union-attr]
+                getattr(req.context, "realm", principal.realm),
+                f"{principal.username}@{principal.realm}",
+                rule.audit,
+                target if isinstance(target, str) else "-",
+                outcome,
+                buffered=True,
+                status=status,
+            )
+        except QimemError:
+            pass  # auditing must never turn a served request into an error
