@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
 from qimem.config import Config
-from qimem.errors import ConfigError
+from qimem.errors import ConfigError, PluginError, QimemError
 from qimem.keycache import KeyCache
 from qimem.keystore import KeyStore
 from qimem.registry import Registry, make_plugin_manager
 from qimem.rootkey import KeyWrapper, decode_root_key, read_root_key_file
+
+log = logging.getLogger(__name__)
 
 
 class AppContext:
@@ -68,7 +73,29 @@ class AppContext:
                 raise ConfigError(f"no key store plugin for {scheme or url!r} (known: {known})")
             if self.wrapper is None and scheme != "memory":
                 raise ConfigError("no root key configured (run 'qimem init' or set QIMEM_ROOT_KEY)")
-            return factory(url, self.wrapper)  # type: ignore[arg-type]
+            return self._open_store(factory, url, scheme)
+
+    def _open_store(self, factory: Callable[..., Any], url: str, scheme: str) -> KeyStore:
+        """Call a store plugin's factory; anything but a qimem error or a KeyStore is the
+        plugin's fault and is reported under its name (without the exception's text, which
+        may quote the URL and its password)."""
+        try:
+            store = factory(url, self.wrapper)
+        except QimemError:
+            raise
+        except Exception as exc:
+            log.debug("key store factory failed", exc_info=True)
+            plugin = self.registry.keystore_plugin(scheme)
+            raise PluginError(
+                f"plugin {plugin!r} failed to open the {scheme!r} key store ({type(exc).__name__})"
+            ) from None
+        if not isinstance(store, KeyStore):
+            plugin = self.registry.keystore_plugin(scheme)
+            raise PluginError(
+                f"plugin {plugin!r}: the {scheme!r} key store factory returned a "
+                f"{type(store).__name__}, not a qimem.keystore.KeyStore"
+            )
+        return store
 
     def open(self) -> AppContext:
         """Build everything now (plugins, root key, store) and return self."""

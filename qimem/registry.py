@@ -188,11 +188,19 @@ class Registry:
                     f"plugin {current[0]!r}: key store scheme {scheme!r} is already registered"
                 )
             factories[scheme] = factory
+            owners[scheme] = current[0]
 
+        owners: dict[str, str] = {}
         for impl in _impls(self.pm.hook.qimem_register_keystores):
             current[0] = impl.plugin_name
             _call_one(impl, "qimem_register_keystores", register=register)
+        self._keystore_owners = owners
         return factories
+
+    def keystore_plugin(self, scheme: str) -> str:
+        """The name of the plugin that registered the key store ``scheme``."""
+        self.keystores  # noqa: B018 - collects on first use
+        return self._keystore_owners.get(scheme, "?")
 
     @cached_property
     def auth_providers(self) -> dict[str, Any]:

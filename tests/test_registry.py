@@ -481,3 +481,55 @@ def test_event_failure_does_not_leak_the_exception_text(caplog: pytest.LogCaptur
         services.create_key(app)
     assert "hunter2" not in caplog.text
     assert "'leaky'" in caplog.text
+
+
+# ------------------------------------------------------- key store factories
+
+
+def _store_plugin(factory: Any) -> object:
+    class Stores:
+        @hookimpl
+        def qimem_register_keystores(self, register: Any) -> None:
+            register("custom", factory)
+
+    return Stores()
+
+
+def test_store_factory_that_raises_is_named(root_key_b64: str) -> None:
+    def factory(url: str, wrapper: Any) -> Any:
+        raise OSError(f"cannot reach {url} with password hunter2")
+
+    pm = with_plugin(_store_plugin(factory), "custom-store")
+    app = AppContext(Config(store_url="custom://u:pw@host/db", root_key_b64=root_key_b64), pm=pm)
+    with pytest.raises(PluginError) as info:
+        services.list_keys(app)
+    message = str(info.value)
+    assert message == "plugin 'custom-store' failed to open the 'custom' key store (OSError)"
+    assert "hunter2" not in message
+
+
+def test_store_factory_returning_garbage_is_named(root_key_b64: str) -> None:
+    pm = with_plugin(_store_plugin(lambda url, wrapper: {"not": "a store"}), "custom-store")
+    app = AppContext(Config(store_url="custom://x", root_key_b64=root_key_b64), pm=pm)
+    with pytest.raises(PluginError, match="'custom-store'.*returned a dict, not a"):
+        services.list_keys(app)
+
+
+def test_store_factory_gets_url_and_wrapper(root_key_b64: str) -> None:
+    from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
+    from qimem.rootkey import KeyWrapper
+
+    calls: list[tuple[str, Any]] = []
+
+    def factory(url: str, wrapper: Any) -> InMemoryKeyStore:
+        calls.append((url, wrapper))
+        return InMemoryKeyStore()
+
+    pm = with_plugin(_store_plugin(factory), "custom-store")
+    config = Config(store_url="custom://somewhere/db", root_key_b64=root_key_b64)
+    with AppContext(config, pm=pm) as app:
+        key = services.create_key(app, name="in-custom")
+        assert services.show_key(app, "in-custom").lineage_id == key.lineage_id
+    assert len(calls) == 1
+    assert calls[0][0] == "custom://somewhere/db"
+    assert isinstance(calls[0][1], KeyWrapper)
