@@ -478,3 +478,28 @@ def test_errors_never_show_key_material(home: Path) -> None:
         assert result.exit_code != 0
         assert root_key not in result.output
         assert "attack at dawn" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["mode", "content", "env"])
+def test_root_key_problems_are_config_errors(
+    home: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    root_key = home / "root.key"
+    secret = root_key.read_text().strip()
+    if damage == "mode":
+        root_key.chmod(0o644)
+        fragment = "chmod 600"
+    elif damage == "content":
+        root_key.write_text("not base64 at all!")
+        fragment = "root key"
+    else:
+        monkeypatch.setenv("QIMEM_ROOT_KEY", "%%%")
+        fragment = "QIMEM_ROOT_KEY"
+    result = run("keys", "list")
+    assert_one_line_error(result, 9, fragment)
+    assert secret not in result.output
+
+
+def test_version(qimem_home: Path) -> None:
+    out = ok("--version").stdout
+    assert "version 0." in out
