@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 from qimem.app import AppContext
 from qimem.identity import IdentitySettings
 from qimem.services import identity as ids
@@ -25,3 +29,22 @@ def password_login(app: AppContext, realm: str, username: str, password: str):  
     return ids.token(
         app, realm, {"grant_type": "password", "username": username, "password": password}
     )
+
+
+@contextlib.contextmanager
+def serving(app: AppContext, **options: object) -> Iterator[str]:
+    """A real waitress server for ``app`` (with authentication) on a free loopback port;
+    yields its base URL and stops it afterwards."""
+    from qimem.server.app import create_app
+    from qimem.server.runner import Server
+
+    wsgi = create_app(app, **options)  # type: ignore[arg-type]
+    server = Server(wsgi, host="127.0.0.1", port=0, threads=4, drain_timeout=10)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        thread.join(15)
+        assert not thread.is_alive(), "server did not stop"
