@@ -202,22 +202,34 @@ def _copy_source(dest: Path) -> Path:
     return dest
 
 
+def _build_requirements_met() -> bool:
+    """Whether this environment satisfies ``[build-system] requires`` (then no download)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    for text in requires:
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            return False
+        if not requirement.specifier.contains(installed, prereleases=True):
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("wheel")
     src = _copy_source(base / "src")
     out = base / "dist"
+    # Without the build requirements here (e.g. a fresh 3.11 venv has setuptools 65 and no
+    # wheel), let build fetch them into an isolated environment, as pip install does.
+    isolation = ["--no-isolation"] if _build_requirements_met() else []
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--outdir",
-            str(out),
-            str(src),
-        ],
+        [sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
