@@ -93,7 +93,9 @@ def sqlite_app(sqlite_url: str, root_key_b64: str) -> Iterator[AppContext]:
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def any_app(request: pytest.FixtureRequest, tmp_path: Path, root_key_b64: str) -> Iterator[AppContext]:
+def any_app(
+    request: pytest.FixtureRequest, tmp_path: Path, root_key_b64: str
+) -> Iterator[AppContext]:
     """An AppContext on each store backend in turn."""
     if request.param == "memory":
         url = "memory://"
