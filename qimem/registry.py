@@ -63,11 +63,21 @@ def make_plugin_manager(
     pm.add_hookspecs(specs)
     wanted = list(dict.fromkeys(enabled))
     if wanted:
-        available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        available: dict[str, list[Any]] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            available.setdefault(ep.name, []).append(ep)
         for name in wanted:
-            ep = available.get(name)
-            if ep is None:
+            candidates = available.get(name)
+            if not candidates:
                 raise PluginError(f"plugin {name!r} is enabled but not installed")
+            if len({c.value for c in candidates}) > 1:
+                # A security tool must not pick one of two packages claiming a name.
+                sources = ", ".join(sorted(_distribution(c) for c in candidates))
+                raise PluginError(
+                    f"plugin {name!r} is provided by more than one installed package "
+                    f"({sources}); uninstall all but one"
+                )
+            ep = candidates[0]
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=name)
@@ -95,6 +105,12 @@ def make_plugin_manager(
             "(the hooks are listed in qimem.hooks.specs)"
         ) from exc
     return pm
+
+
+def _distribution(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    name = dist.metadata["Name"] if dist is not None else None
+    return f"{name or '?'} ({ep.value})"
 
 
 def _validate_algorithm(algorithm: Any) -> str | None:

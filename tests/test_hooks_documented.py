@@ -142,3 +142,15 @@ def test_algorithm_example_works() -> None:
         services.create_key(app, algorithm="aes-128-gcm", name="legacy")
         sealed = services.encrypt(app, "legacy", b"documented", aad=b"a")
         assert services.decrypt(app, sealed.envelope, aad=b"a").plaintext == b"documented"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_has_tests(hook: str) -> None:
+    """Some test module other than this one implements or calls the hook (datasette)."""
+    here = Path(__file__).resolve()
+    users = [
+        path.name
+        for path in here.parent.glob("test_*.py")
+        if path != here and re.search(rf"\b{hook}\b", path.read_text("utf-8", "replace"))
+    ]
+    assert users, f"no test mentions {hook}"

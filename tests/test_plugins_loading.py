@@ -158,6 +158,17 @@ def test_enabled_but_missing_plugin_is_named(install: Install) -> None:
     assert "not installed" in str(info.value)
 
 
+def test_two_packages_claiming_one_name_are_refused(install: Install) -> None:
+    first = install(ALGORITHM_PLUGIN)
+    second = install(ALGORITHM_PLUGIN)
+    with pytest.raises(PluginError) as info:
+        make_plugin_manager([PLUGIN])
+    message = str(info.value)
+    assert message.startswith(f"plugin '{PLUGIN}' is provided by more than one installed package")
+    assert first in message and second in message
+    assert first not in sys.modules and second not in sys.modules  # neither was imported
+
+
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
