@@ -47,13 +47,15 @@ ENCRYPT = "encrypt"
 DECRYPT = "decrypt"
 REWRAP = "rewrap"
 #: A group of small files committed together: at most this many files ...
-GROUP_FILES = 64
+GROUP_FILES = 128
 #: ... or this many bytes.
 GROUP_BYTES = 16 << 20
 #: With jobs > 1, files at least this big are split into segment ranges across workers.
 SPLIT_BYTES = 8 << 20
 #: Start writeback of an output every this many bytes (overlaps disk I/O with crypto).
 WRITEBACK_BYTES = 16 << 20
+#: Files from this size on start their writeback as soon as they are written.
+WRITEBACK_MIN = 1 << 20
 
 Progress = Callable[[int, int], None]  # (bytes done, files done) increments
 
@@ -286,7 +288,8 @@ def _process_one(keyring: stream.Keyring, task: Task, opts: _Options) -> tuple[i
                 info = stream.encrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
             else:
                 info = stream.decrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
-        fileio.start_writeback(fd)
+        if task.size >= WRITEBACK_MIN:  # small files: the group's single sync does it all
+            fileio.start_writeback(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
@@ -311,11 +314,16 @@ def run_group(keyring: stream.Keyring, tasks: list[Task], opts: _Options) -> lis
                 continue
             staged.append((fd, tmp, task))
         directories: set[Path] = set()
+        try:
+            fileio.sync_files([fd for fd, _, _ in staged])
+        except OSError as exc:  # a failed flush: nothing of this group may appear
+            for _, _, task in staged:
+                task.result.fail(exc)
+            raise _GroupSyncFailed from exc
         while staged:
             fd, tmp, task = staged[0]
             assert task.dst is not None
             try:
-                os.fsync(fd)
                 os.close(fd)
                 fd = -1
                 fileio.commit(tmp, task.dst, force=opts.force)
@@ -330,14 +338,19 @@ def run_group(keyring: stream.Keyring, tasks: list[Task], opts: _Options) -> lis
             staged.pop(0)
         for directory in directories:
             fileio.fsync_dir(directory)
-    except BaseException:
+    except BaseException as exc:
         for fd, tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        raise
+        if not isinstance(exc, _GroupSyncFailed):
+            raise
     return [t.result for t in tasks]
+
+
+class _GroupSyncFailed(Exception):
+    """Flushing a group failed: its temp files are removed, its files reported failed."""
 
 
 # ------------------------------------------------------------------------ workers
@@ -391,13 +404,23 @@ def _worker_range(
             cipher, _ = stream.open_header(header, keyring, aad)
             if operation == ENCRYPT:
                 return stream.seal_range(
-                    cipher, in_fd, out_fd, header_size=header.size, size=size,
-                    start=start, stop=stop,
-                )  # fmt: skip
+                    cipher,
+                    in_fd,
+                    out_fd,
+                    header_size=header.size,
+                    size=size,
+                    start=start,
+                    stop=stop,
+                )
             return stream.open_range(
-                cipher, in_fd, out_fd, header_size=header.size, body_size=size,
-                start=start, stop=stop,
-            )  # fmt: skip
+                cipher,
+                in_fd,
+                out_fd,
+                header_size=header.size,
+                body_size=size,
+                start=start,
+                stop=stop,
+            )
         finally:
             os.close(out_fd)
     finally:
@@ -614,9 +637,15 @@ def _run_parallel(
             assert task.src is not None
             for start, stop in ranges:
                 future = pool.submit(
-                    _worker_range, opts.operation, str(task.src), str(split.tmp), opts.aad,
-                    split.size, start, stop,
-                )  # fmt: skip
+                    _worker_range,
+                    opts.operation,
+                    str(task.src),
+                    str(split.tmp),
+                    opts.aad,
+                    split.size,
+                    start,
+                    stop,
+                )
                 futures[future] = ("range", split)
         for group in groups:
             futures[pool.submit(_worker_group, group, opts)] = ("group", group)

@@ -341,17 +341,27 @@ def test_range_sealing_matches_streaming(tmp_path: Path, registry: Registry, siz
     with open(src, "rb") as fin, open(dst, "r+b") as fout:
         for start, stop in [(count // 2, count), (0, count // 2)]:  # out of order
             stream.seal_range(
-                cipher, fin.fileno(), fout.fileno(), header_size=header.size, size=size,
-                start=start, stop=stop,
-            )  # fmt: skip
+                cipher,
+                fin.fileno(),
+                fout.fileno(),
+                header_size=header.size,
+                size=size,
+                start=start,
+                stop=stop,
+            )
     assert dst.read_bytes() == expected.getvalue()
     body = len(expected.getvalue()) - header.size
     back.write_bytes(b"")
     with open(dst, "rb") as fin, open(back, "r+b") as fout:
         stream.open_range(
-            cipher, fin.fileno(), fout.fileno(), header_size=header.size, body_size=body,
-            start=0, stop=count,
-        )  # fmt: skip
+            cipher,
+            fin.fileno(),
+            fout.fileno(),
+            header_size=header.size,
+            body_size=body,
+            start=0,
+            stop=count,
+        )
     assert back.read_bytes() == data
 
 
