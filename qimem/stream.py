@@ -45,7 +45,7 @@ from qimem.errors import DecryptionError, EnvelopeFormatError, ValidationError
 MAGIC = b"QMST"
 VERSION = 1
 #: Plaintext bytes per segment written by default; chosen by measurement (docs/files.md).
-DEFAULT_SEGMENT_SIZE = 64 * 1024
+DEFAULT_SEGMENT_SIZE = 256 * 1024
 MIN_SEGMENT_SIZE = 16
 MAX_SEGMENT_SIZE = 1 << 24
 DATA_KEY_SIZE = 32
@@ -440,9 +440,18 @@ def encrypt_stream(
     parsed = env.parse(wrapped)
     encoded = header.encode()
     _write_all(dst, encoded)
+    first = _read_exact(src, segment_size)
+    if len(first) < segment_size:  # one short segment: no segment-sized buffers at all
+        sealed_one = cipher.seal(0, first, True)
+        _write_all(dst, sealed_one)
+        return StreamInfo(
+            parsed.key_id_str, parsed.key_version, len(first), len(encoded) + len(sealed_one), 1
+        )
     bufs = [memoryview(bytearray(segment_size)), memoryview(bytearray(segment_size))]
     out = memoryview(bytearray(segment_size + cipher.tag_size))
-    current = _readinto_full(src, bufs[0])
+    bufs[0][:] = first
+    del first
+    current = segment_size
     index = 0
     total_in = total_out = 0
     while True:
@@ -502,9 +511,20 @@ def decrypt_stream(
     cipher, wrapped = open_header(header, keyring, aad)
     segment_size = header.segment_size
     full = segment_size + cipher.tag_size
+    first = _read_exact(src, full)
+    if len(first) < full:  # one short segment: no segment-sized buffers at all
+        if len(first) < cipher.tag_size:
+            raise DecryptionError("stream is truncated")
+        plain_one = cipher.open(0, first, True)
+        _write_all(dst, plain_one)
+        return StreamInfo(
+            wrapped.key_id_str, wrapped.key_version, len(plain_one), header.size + len(first), 1
+        )
     bufs = [memoryview(bytearray(full)), memoryview(bytearray(full))]
     out = memoryview(bytearray(segment_size))
-    current = _readinto_full(src, bufs[0])
+    bufs[0][:] = first
+    del first
+    current = full
     index = 0
     total_in = total_out = 0
     while True:
