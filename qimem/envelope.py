@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from typing import NamedTuple
 
 from qimem.errors import EnvelopeFormatError
@@ -68,6 +69,18 @@ def header_prefix(
 def header_size(nonce_size: int) -> int:
     """Size of the whole header (prefix, nonce, length field) for a nonce size."""
     return PREFIX_SIZE + nonce_size + LENGTH.size
+
+
+def header_packer(nonce_size: int) -> Callable[[bytes, bytes, int], bytes]:
+    """``pack(prefix, nonce, ciphertext_length)``: :func:`header` in one call, for a nonce of
+    exactly ``nonce_size`` bytes (the caller guarantees both sizes)."""
+    return struct.Struct(f">{PREFIX_SIZE}s{nonce_size}sI").pack
+
+
+def header_unpacker(nonce_size: int) -> Callable[[bytes], tuple[bytes, int]]:
+    """``unpack_from`` giving ``(nonce, ciphertext length)`` of a header whose nonce is
+    ``nonce_size`` bytes; raises :class:`struct.error` when the bytes are shorter."""
+    return struct.Struct(f">{PREFIX_SIZE}x{nonce_size}sI").unpack_from
 
 
 def header(prefix: bytes, nonce: bytes, ciphertext_length: int) -> bytes:

@@ -328,7 +328,7 @@ def test_reprs_hide_secrets(any_app: AppContext) -> None:
         repr(any_app.config),
         repr(any_app.wrapper),
     ]
-    texts += [repr(entry) for entry in any_app.cache._decrypt.values()]
+    texts += [repr(entry) for entry in any_app.cache.by_prefix.values()]
     joined = "\n".join(texts)
     assert "quarterly" not in joined
     assert repr(SECRET) not in joined
