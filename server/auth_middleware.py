@@ -221,6 +221,7 @@ class IdentityAuthMiddleware:
                 public_paths if public_paths is not None else self._identity.settings.public_paths
             )
             self._public = frozenset(paths)
+            self._audit = self._audit and self._identity.settings.audit_key_operations
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
@@ -311,6 +312,7 @@ class IdentityAuthMiddleware:
         media = resp.media if status < 400 else None
         target = media.get("key_id") if isinstance(media, dict) else None
         outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
+        detail = {} if status < 400 else {"status": status}
         try:
             self._identity.record(  # type: ignore[union-attr]
                 getattr(req.context, "realm", principal.realm),
@@ -319,7 +321,7 @@ class IdentityAuthMiddleware:
                 target if isinstance(target, str) else "-",
                 outcome,
                 buffered=True,
-                status=status,
+                **detail,
             )
         except QimemError:
             pass  # auditing must never turn a served request into an error

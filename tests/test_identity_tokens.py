@@ -141,7 +141,7 @@ def test_signing_key_rotation_keeps_old_keys_until_their_tokens_expire(app: AppC
             .where(tables.signing_keys.c.kid == old_kid)
             .values(retire_at=time.time() - 1)
         )
-    ident.tokens.invalidate()
+    ident.invalidate_caches()
     assert [k["kid"] for k in ids.jwks(app, "acme")["keys"]] == [new_kid]
     with pytest.raises(AuthError):
         ids.authenticate(app, before)

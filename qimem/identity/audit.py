@@ -74,7 +74,7 @@ def clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row(realm: str, actor: str, action: str, target: str, outcome: str, detail: dict) -> dict:
-    text = json.dumps(clean_detail(detail), sort_keys=True)
+    text = json.dumps(clean_detail(detail), sort_keys=True) if detail else "{}"
     if len(text) > 1024:
         text = "{}"
     return {

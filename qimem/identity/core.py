@@ -29,11 +29,12 @@ from qimem.identity.permissions import Principal, permission_map
 from qimem.identity.realms import MASTER, Realm
 from qimem.identity.roles import Role
 from qimem.identity.settings import IdentitySettings
-from qimem.identity.tokens import AccessToken, TokenService, create_signing_key
+from qimem.identity.tokens import AccessToken, TokenService, create_signing_key, invalid_token
 from qimem.identity.users import User
 from qimem.rootkey import KeyWrapper
 
 _BAD_LOGIN = "invalid username or password"
+_VERIFIED_MAX = 10_000
 _BAD_CLIENT = "invalid client credentials"
 _BAD_REFRESH = "invalid or expired refresh token"
 
@@ -87,6 +88,7 @@ class Identity:
         self.tokens = TokenService(database, wrapper, self.settings)
         self.audit = AuditLog(database)
         self._role_cache: dict[str, tuple[float, dict[str, tuple[str, ...]]]] = {}
+        self._verified: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
         atexit.register(self.audit.close)
 
@@ -123,6 +125,7 @@ class Identity:
             realms.delete(conn, name)
             self.audit.record(MASTER, actor, "realm.delete", name, conn=conn)
         self.tokens.invalidate()
+        self._verified.clear()
         self._role_cache.pop(name, None)
 
     def ensure_master(self, admin_password: str | None) -> str | None:
@@ -489,6 +492,12 @@ class Identity:
 
     # -- verification, revocation, introspection --------------------------------------
 
+    def invalidate_caches(self) -> None:
+        """Forget cached signing keys, roles and verified tokens (re-read on next use)."""
+        self.tokens.invalidate()
+        self._verified.clear()
+        self._role_cache.clear()
+
     def principal_from_claims(self, claims: dict[str, Any]) -> Principal:
         realm = claims["realm"]
         scoped = claims.get("scoped_roles") or {}
@@ -507,8 +516,29 @@ class Identity:
         )
 
     def authenticate(self, token: str) -> Principal:
-        """The principal of a valid bearer access token. :raises AuthError: otherwise."""
-        return self.principal_from_claims(self.tokens.verify(token))
+        """The principal of a valid bearer access token. :raises AuthError: otherwise.
+
+        A token seen before (the very same string) is not verified again while it is
+        unexpired and its principal is younger than ``cache_seconds``; expiry and the
+        revocation list are still checked on every call.
+        """
+        cached = self._verified.get(token) if isinstance(token, str) else None
+        if cached is not None:
+            principal, born = cached
+            if (
+                principal.expires_at is not None
+                and principal.expires_at > time.time()
+                and time.monotonic() - born < self.settings.cache_seconds
+            ):
+                if principal.token_id is not None and self.tokens.is_revoked(principal.token_id):
+                    raise invalid_token()
+                return principal
+            self._verified.pop(token, None)
+        principal = self.principal_from_claims(self.tokens.verify(token))
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[token] = (principal, time.monotonic())
+        return principal
 
     def revoke(self, realm: str, token: str, *, actor: str | None = None) -> bool:
         """Revoke an access token (its jti) or a refresh token (its whole family).
@@ -602,6 +632,7 @@ class Identity:
             kid = self.tokens.rotate(conn, realm)
             self.audit.record(realm, actor, "signing_key.rotate", kid, conn=conn)
         self.tokens.invalidate()
+        self._verified.clear()
         return kid
 
     # -- audit ------------------------------------------------------------------------

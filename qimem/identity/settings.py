@@ -43,6 +43,8 @@ class IdentitySettings:
     #: How often signing keys and roles are re-read from the database.
     cache_seconds: float = 30.0
     public_paths: tuple[str, ...] = field(default=DEFAULT_PUBLIC_PATHS)
+    #: Record every key operation served over HTTP (buffered, batched) in the audit log.
+    audit_key_operations: bool = True
 
     def issuer(self, realm: str) -> str:
         """The ``iss`` claim of tokens from ``realm``."""
