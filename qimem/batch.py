@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -382,7 +383,10 @@ def _worker_app(app: AppContext) -> AppContext:
 def _init_worker(app: AppContext, key_ref: str | None, realm: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _set_pdeathsig()
-    _WORKER["keyring"] = file_services.StoreKeyring(_worker_app(app), key_ref, realm)
+    worker_app = _worker_app(app)
+    if worker_app is not app:  # close its connections when the worker exits normally
+        multiprocessing.util.Finalize(None, worker_app.close, exitpriority=10)
+    _WORKER["keyring"] = file_services.StoreKeyring(worker_app, key_ref, realm)
 
 
 def _worker_group(tasks: list[Task], opts: _Options) -> list[FileResult]:

@@ -280,3 +280,22 @@ def test_stale_temp_files_of_dead_runs_are_removed(memory_app: AppContext, tmp_p
     assert not dead.exists() and alive.exists()
     assert cleanup_stale_temps(tmp_path, owner=os.getppid()) == 1
     assert hidden(tmp_path) == []
+
+
+def test_workers_on_postgres(postgres_url: str, root_key_b64: str, tmp_path: Path) -> None:
+    """Forked workers open their own PostgreSQL connections (never the parent's), and the
+    parent's connection still works afterwards."""
+    from conftest import make_app
+
+    app = make_app(postgres_url, root_key_b64)
+    try:
+        services.create_key(app, name="pg")
+        expected = make_tree(tmp_path / "src")
+        tasks = batch.plan([tmp_path / "src"], batch.ENCRYPT, out_dir=tmp_path / "enc")
+        assert batch.run(app, tasks, batch.ENCRYPT, key_ref="pg", jobs=2).failures == []
+        services.rotate_key(app, "pg")  # the parent's own connection is intact
+        tasks = batch.plan([tmp_path / "enc"], batch.DECRYPT, out_dir=tmp_path / "dec")
+        assert batch.run(app, tasks, batch.DECRYPT, jobs=2).failures == []
+        assert tree(tmp_path / "dec") == expected
+    finally:
+        app.close()
