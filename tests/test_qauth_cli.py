@@ -173,3 +173,83 @@ def test_generated_user_password_is_shown_once(home: Path) -> None:
     made = js("user", "add", "bob", "--role", "auditor")
     assert login(home, "master", "bob", made["generated_password"])
     assert "generated_password" not in json.dumps(js("user", "list"))
+
+
+def test_qauth_against_a_server(tmp_path: Path) -> None:
+    """The same commands with --server URL and a bearer token go through /v1/auth."""
+    from conftest import make_app
+    from identity_helpers import serving, with_identity
+
+    app = with_identity(make_app("memory://", None))
+    try:
+        with serving(app) as url:
+            remote = ["--server", url]
+            anonymous = run(qauth, *remote, "realm", "list")
+            _error(anonymous, 4, "bearer")
+            token = json.loads(
+                ok(
+                    *remote,
+                    "token",
+                    "--user",
+                    "admin",
+                    "--password-stdin",
+                    "--json",
+                    input="admin-password\n",
+                ).stdout
+            )["access_token"]
+            remote += ["--token", token]
+            assert js(*remote, "realm", "create", "acme")["name"] == "acme"
+            assert "acme" in [r["name"] for r in js(*remote, "realm", "list")]
+            js(
+                *remote,
+                "user",
+                "add",
+                "--realm",
+                "acme",
+                "bob",
+                "--role",
+                "encryptor",
+                "--password-stdin",
+                input="bob-password\n",
+            )
+            js(*remote, "role", "create", "--realm", "acme", "viewer", "-p", "keys:read")
+            assert js(*remote, "role", "grant", "--realm", "acme", "bob", "viewer")["added"]
+            js(*remote, "user", "disable", "--realm", "acme", "bob")
+            users = {u["username"]: u for u in js(*remote, "user", "list", "--realm", "acme")}
+            assert users["bob"]["enabled"] is False and users["bob"]["roles"] == [
+                "encryptor",
+                "viewer",
+            ]
+            js(*remote, "user", "enable", "--realm", "acme", "bob")
+            ok(
+                *remote,
+                "user",
+                "passwd",
+                "--realm",
+                "acme",
+                "bob",
+                "--password-stdin",
+                input="bob-new-password\n",
+            )
+            bob = ok(
+                "--server",
+                url,
+                "token",
+                "--realm",
+                "acme",
+                "--user",
+                "bob",
+                "--password-stdin",
+                input="bob-new-password\n",
+            ).stdout.strip()
+            assert ids.authenticate(app, bob).username == "bob"
+            client = js(*remote, "client", "create", "--realm", "acme", "svc")
+            assert client["client_secret"].startswith("qcs_")
+            assert js(*remote, "rotate-signing-key", "--realm", "acme")["kid"]
+            events = js(*remote, "audit", "--realm", "acme", "--action", "role.grant")
+            assert [e["actor"] for e in events] == ["admin@master"]
+            _error(run(qauth, *remote, "user", "list", "--realm", "nope"), 5, "nope")
+    finally:
+        ids.close_identity(app)
+        app.close()
+    _error(run(qauth, "--server", "http://127.0.0.1:9", "realm", "list"), 10, "cannot reach")

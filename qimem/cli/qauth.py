@@ -8,13 +8,17 @@ Working on the local store needs the config and root key, which is full control 
 from __future__ import annotations
 
 import sys
+import urllib.parse
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
+from qimem.app import AppContext
 from qimem.cli import QimemGroup
-from qimem.cli.context import CliState, echo_json, echo_table, json_option, pass_state
+from qimem.cli.context import CliState, echo_json, echo_table, json_option
 from qimem.errors import ValidationError
+from qimem.identity.remote import AuthClient
 from qimem.services import identity as ids
 
 
@@ -31,17 +35,256 @@ class QauthGroup(QimemGroup):
     help="Config file (default: the user config dir, or $QIMEM_HOME).",
 )
 @click.option("--store", "store_url", envvar="QIMEM_STORE", help="Store URL (overrides config).")
+@click.option(
+    "--server",
+    envvar="QIMEM_SERVER",
+    help="Work against this qimem server (http://host:port) instead of the local store.",
+)
+@click.option(
+    "--token",
+    envvar="QIMEM_TOKEN",
+    help="Bearer access token for --server (env QIMEM_TOKEN).",
+)
 @click.version_option(package_name="qimem")
 @click.pass_context
-def qauth(ctx: click.Context, config_path: str | None, store_url: str | None) -> None:
+def qauth(
+    ctx: click.Context,
+    config_path: str | None,
+    store_url: str | None,
+    server: str | None,
+    token: str | None,
+) -> None:
     """qauth: realms, users, roles and tokens for qimem.
 
     Start with 'qimem init' (realm master, user admin), then for example
     'qauth realm create acme' and
     'qauth user add --realm acme alice --role encryptor --password-stdin'.
+    With --server URL (and --token or QIMEM_TOKEN) the same commands go to a server.
     """
-    ctx.obj = CliState(config_path, store_url, [], "master")
-    ctx.call_on_close(ctx.obj.close)
+    state = QauthState(config_path, store_url, [], "master")
+    state.server = server
+    state.token = token
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+class QauthState(CliState):
+    """CLI state plus the backend: the local store, or a server (--server)."""
+
+    server: str | None = None
+    token: str | None = None
+    _backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            if self.server:
+                self._backend = RemoteBackend(AuthClient(self.server, self.token))
+            else:
+                self._backend = LocalBackend(self.app)
+        return self._backend
+
+
+class Backend:
+    """The operations behind the commands, returning JSON-ready data."""
+
+    def create_realm(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def list_realms(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def delete_realm(self, name: str) -> None:
+        raise NotImplementedError
+
+    def add_user(
+        self, realm: str, username: str, password: str, roles: list[str]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def list_users(self, realm: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def set_password(self, realm: str, username: str, password: str) -> None:
+        raise NotImplementedError
+
+    def set_enabled(self, realm: str, username: str, enabled: bool) -> None:
+        raise NotImplementedError
+
+    def create_role(
+        self, realm: str, name: str, perms: list[str], description: str
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def list_roles(self, realm: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def grant(self, realm: str, username: str, role: str, scope: str | None) -> bool:
+        raise NotImplementedError
+
+    def revoke(self, realm: str, username: str, role: str, scope: str | None) -> None:
+        raise NotImplementedError
+
+    def create_client(self, realm: str, client_id: str, roles: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def rotate_signing_key(self, realm: str) -> str:
+        raise NotImplementedError
+
+    def audit(
+        self, realm: str, limit: int, action: str | None, actor: str | None
+    ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """The local store (config + root key): full control."""
+
+    def __init__(self, app: AppContext) -> None:
+        self.app = app
+
+    def create_realm(self, name: str) -> dict[str, Any]:
+        return ids.create_realm(self.app, name).to_dict()
+
+    def list_realms(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in ids.list_realms(self.app)]
+
+    def delete_realm(self, name: str) -> None:
+        ids.delete_realm(self.app, name)
+
+    def add_user(
+        self, realm: str, username: str, password: str, roles: list[str]
+    ) -> dict[str, Any]:
+        return ids.add_user(self.app, realm, username, password, roles).to_dict()
+
+    def list_users(self, realm: str) -> list[dict[str, Any]]:
+        return [u.to_dict() for u in ids.list_users(self.app, realm)]
+
+    def set_password(self, realm: str, username: str, password: str) -> None:
+        ids.set_password(self.app, realm, username, password)
+
+    def set_enabled(self, realm: str, username: str, enabled: bool) -> None:
+        ids.set_user_enabled(self.app, realm, username, enabled)
+
+    def create_role(
+        self, realm: str, name: str, perms: list[str], description: str
+    ) -> dict[str, Any]:
+        return ids.create_role(self.app, realm, name, perms, description).to_dict()
+
+    def list_roles(self, realm: str) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in ids.list_roles(self.app, realm)]
+
+    def grant(self, realm: str, username: str, role: str, scope: str | None) -> bool:
+        return ids.grant_role(self.app, realm, username, role, scope)
+
+    def revoke(self, realm: str, username: str, role: str, scope: str | None) -> None:
+        ids.revoke_role(self.app, realm, username, role, scope)
+
+    def create_client(self, realm: str, client_id: str, roles: list[str]) -> dict[str, Any]:
+        made = ids.create_client(self.app, realm, client_id, roles)
+        return {**made.user.to_dict(), "client_id": client_id, "client_secret": made.secret}
+
+    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+        if password is not None:
+            params = {"grant_type": "password", "username": username, "password": password}
+            return ids.token(self.app, realm, params).to_dict()
+        return ids.mint_token(self.app, realm, username).to_dict()
+
+    def rotate_signing_key(self, realm: str) -> str:
+        return ids.rotate_signing_key(self.app, realm)
+
+    def audit(
+        self, realm: str, limit: int, action: str | None, actor: str | None
+    ) -> list[dict[str, Any]]:
+        found = ids.audit_events(self.app, realm, limit=limit, action=action, actor=actor)
+        return [r.to_dict() for r in found]
+
+
+class RemoteBackend(Backend):
+    """A qimem server's /v1/auth API, with the caller's bearer token."""
+
+    def __init__(self, client: AuthClient) -> None:
+        self.client = client
+
+    def _path(self, realm: str, suffix: str = "") -> str:
+        return self.client.realm_path(realm, suffix)
+
+    def create_realm(self, name: str) -> dict[str, Any]:
+        return self.client.request("POST", "/v1/auth/realms", {"name": name})
+
+    def list_realms(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", "/v1/auth/realms")["realms"]
+
+    def delete_realm(self, name: str) -> None:
+        self.client.request("DELETE", self._path(name))
+
+    def add_user(
+        self, realm: str, username: str, password: str, roles: list[str]
+    ) -> dict[str, Any]:
+        body = {"username": username, "password": password, "roles": roles}
+        return self.client.request("POST", self._path(realm, "/users"), body)
+
+    def list_users(self, realm: str) -> list[dict[str, Any]]:
+        return self.client.request("GET", self._path(realm, "/users"))["users"]
+
+    def _user(self, realm: str, username: str) -> str:
+        return self._path(realm, "/users/" + urllib.parse.quote(username, safe=""))
+
+    def set_password(self, realm: str, username: str, password: str) -> None:
+        self.client.request("PATCH", self._user(realm, username), {"password": password})
+
+    def set_enabled(self, realm: str, username: str, enabled: bool) -> None:
+        self.client.request("PATCH", self._user(realm, username), {"enabled": enabled})
+
+    def create_role(
+        self, realm: str, name: str, perms: list[str], description: str
+    ) -> dict[str, Any]:
+        body = {"name": name, "permissions": perms, "description": description}
+        return self.client.request("POST", self._path(realm, "/roles"), body)
+
+    def list_roles(self, realm: str) -> list[dict[str, Any]]:
+        return self.client.request("GET", self._path(realm, "/roles"))["roles"]
+
+    def grant(self, realm: str, username: str, role: str, scope: str | None) -> bool:
+        body = {"role": role, "scope": scope}
+        path = self._user(realm, username) + "/roles"
+        return bool(self.client.request("POST", path, body)["added"])
+
+    def revoke(self, realm: str, username: str, role: str, scope: str | None) -> None:
+        body = {"role": role, "scope": scope}
+        self.client.request("DELETE", self._user(realm, username) + "/roles", body)
+
+    def create_client(self, realm: str, client_id: str, roles: list[str]) -> dict[str, Any]:
+        body = {"client_id": client_id, "roles": roles}
+        return self.client.request("POST", self._path(realm, "/clients"), body)
+
+    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+        if password is None:
+            raise ValidationError("with --server, qauth token needs --password-stdin")
+        params = {"grant_type": "password", "username": username, "password": password}
+        return self.client.request(
+            "POST", self._path(realm, "/token"), params, form=True, auth=False
+        )
+
+    def rotate_signing_key(self, realm: str) -> str:
+        return self.client.request("POST", self._path(realm, "/signing-key/rotate"))["kid"]
+
+    def audit(
+        self, realm: str, limit: int, action: str | None, actor: str | None
+    ) -> list[dict[str, Any]]:
+        query = {"limit": str(limit)}
+        if action:
+            query["action"] = action
+        if actor:
+            query["actor"] = actor
+        path = self._path(realm, "/audit?" + urllib.parse.urlencode(query))
+        return self.client.request("GET", path)["events"]
+
+
+pass_qauth = click.make_pass_decorator(QauthState)
 
 
 realm_option = click.option("--realm", default="master", show_default=True, help="Realm to act on.")
@@ -55,8 +298,8 @@ def _read_secret_stdin(what: str) -> str:
     return value
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _when(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- realms ---------------------------------------------------------------------------
@@ -70,38 +313,38 @@ def realm() -> None:
 @realm.command("create")
 @click.argument("name")
 @json_option
-@pass_state
-def realm_create(state: CliState, name: str, json_: bool) -> None:
+@pass_qauth
+def realm_create(state: QauthState, name: str, json_: bool) -> None:
     """Create realm NAME with the built-in roles and its own signing key."""
-    created = ids.create_realm(state.app, name)
+    created = state.backend.create_realm(name)
     if json_:
-        echo_json(created.to_dict())
+        echo_json(created)
     else:
-        click.echo(f"realm {created.name} created")
+        click.echo(f"realm {created['name']} created")
 
 
 @realm.command("list")
 @json_option
-@pass_state
-def realm_list(state: CliState, json_: bool) -> None:
+@pass_qauth
+def realm_list(state: QauthState, json_: bool) -> None:
     """List realms."""
-    found = ids.list_realms(state.app)
+    found = state.backend.list_realms()
     if json_:
-        echo_json([r.to_dict() for r in found])
+        echo_json(found)
     else:
-        echo_table([[r.name, _when(r.created_at)] for r in found], ["REALM", "CREATED"])
+        echo_table([[r["name"], _when(r["created_at"])] for r in found], ["REALM", "CREATED"])
 
 
 @realm.command("delete")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
-@pass_state
-def realm_delete(state: CliState, name: str, yes: bool, json_: bool) -> None:
+@pass_qauth
+def realm_delete(state: QauthState, name: str, yes: bool, json_: bool) -> None:
     """Delete realm NAME and its users, roles and tokens (refused while it holds keys)."""
     if not yes and sys.stdin.isatty():
         click.confirm(f"delete realm {name} and all its users?", abort=True)
-    ids.delete_realm(state.app, name)
+    state.backend.delete_realm(name)
     if json_:
         echo_json({"deleted": name})
     else:
@@ -124,9 +367,9 @@ def user() -> None:
     "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
 )
 @json_option
-@pass_state
+@pass_qauth
 def user_add(
-    state: CliState,
+    state: QauthState,
     realm: str,
     username: str,
     roles: tuple[str, ...],
@@ -144,14 +387,14 @@ def user_add(
         password = _read_secret_stdin("password")
     else:
         password = generated = generate_password()
-    created = ids.add_user(state.app, realm, username, password, list(roles))
+    created = state.backend.add_user(realm, username, password, list(roles))
     if json_:
-        body = created.to_dict()
+        body = dict(created)
         if generated:
             body["generated_password"] = generated
         echo_json(body)
         return
-    click.echo(f"user {created.username} added to realm {realm}")
+    click.echo(f"user {created['username']} added to realm {realm}")
     if generated:
         click.echo(f"password (shown once): {generated}")
 
@@ -159,19 +402,23 @@ def user_add(
 @user.command("list")
 @realm_option
 @json_option
-@pass_state
-def user_list(state: CliState, realm: str, json_: bool) -> None:
+@pass_qauth
+def user_list(state: QauthState, realm: str, json_: bool) -> None:
     """List the users and service accounts of the realm."""
-    found = ids.list_users(state.app, realm)
+    found = state.backend.list_users(realm)
     if json_:
-        echo_json([u.to_dict() for u in found])
+        echo_json(found)
         return
     rows = []
     for u in found:
-        d = u.to_dict()
-        status = "disabled" if not u.enabled else ("locked" if d["locked"] else "enabled")
-        grants = ",".join(r if s == "" else f"{r}@{s}" for r, s in u.grants) or "-"
-        rows.append([u.username, u.kind, status, grants])
+        status = "disabled" if not u["enabled"] else ("locked" if u["locked"] else "enabled")
+        grants = (
+            ",".join(
+                g["role"] if g["scope"] == "*" else f"{g['role']}@{g['scope']}" for g in u["grants"]
+            )
+            or "-"
+        )
+        rows.append([u["username"], u["kind"], status, grants])
     echo_table(rows, ["USERNAME", "KIND", "STATUS", "ROLES"])
 
 
@@ -182,24 +429,24 @@ def user_list(state: CliState, realm: str, json_: bool) -> None:
     "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
 )
 @json_option
-@pass_state
+@pass_qauth
 def user_passwd(
-    state: CliState, realm: str, username: str, password_stdin: bool, json_: bool
+    state: QauthState, realm: str, username: str, password_stdin: bool, json_: bool
 ) -> None:
     """Set USERNAME's password (clears a lockout and ends their sessions)."""
     if password_stdin:
         password = _read_secret_stdin("password")
     else:
         password = click.prompt("new password", hide_input=True, confirmation_prompt=True)
-    ids.set_password(state.app, realm, username, password)
+    state.backend.set_password(realm, username, password)
     if json_:
         echo_json({"username": username, "realm": realm, "password_changed": True})
     else:
         click.echo(f"password of {username} changed")
 
 
-def _set_enabled(state: CliState, realm: str, username: str, enabled: bool, json_: bool) -> None:
-    ids.set_user_enabled(state.app, realm, username, enabled)
+def _set_enabled(state: QauthState, realm: str, username: str, enabled: bool, json_: bool) -> None:
+    state.backend.set_enabled(realm, username, enabled)
     if json_:
         echo_json({"username": username, "realm": realm, "enabled": enabled})
     else:
@@ -210,8 +457,8 @@ def _set_enabled(state: CliState, realm: str, username: str, enabled: bool, json
 @realm_option
 @click.argument("username")
 @json_option
-@pass_state
-def user_disable(state: CliState, realm: str, username: str, json_: bool) -> None:
+@pass_qauth
+def user_disable(state: QauthState, realm: str, username: str, json_: bool) -> None:
     """Disable USERNAME: no more logins; refresh tokens are revoked."""
     _set_enabled(state, realm, username, False, json_)
 
@@ -220,8 +467,8 @@ def user_disable(state: CliState, realm: str, username: str, json_: bool) -> Non
 @realm_option
 @click.argument("username")
 @json_option
-@pass_state
-def user_enable(state: CliState, realm: str, username: str, json_: bool) -> None:
+@pass_qauth
+def user_enable(state: QauthState, realm: str, username: str, json_: bool) -> None:
     """Enable USERNAME again (also clears a lockout)."""
     _set_enabled(state, realm, username, True, json_)
 
@@ -247,9 +494,9 @@ def role() -> None:
 )
 @click.option("--description", default="", help="What the role is for.")
 @json_option
-@pass_state
+@pass_qauth
 def role_create(
-    state: CliState,
+    state: QauthState,
     realm: str,
     name: str,
     permissions: tuple[str, ...],
@@ -258,25 +505,28 @@ def role_create(
 ) -> None:
     """Create a custom role NAME bundling permissions."""
     perms = [p for item in permissions for p in item.replace(",", " ").split()]
-    created = ids.create_role(state.app, realm, name, perms, description)
+    created = state.backend.create_role(realm, name, perms, description)
     if json_:
-        echo_json(created.to_dict())
+        echo_json(created)
     else:
-        click.echo(f"role {created.name} created in realm {realm}")
+        click.echo(f"role {created['name']} created in realm {realm}")
 
 
 @role.command("list")
 @realm_option
 @json_option
-@pass_state
-def role_list(state: CliState, realm: str, json_: bool) -> None:
+@pass_qauth
+def role_list(state: QauthState, realm: str, json_: bool) -> None:
     """List the realm's roles and their permissions."""
-    found = ids.list_roles(state.app, realm)
+    found = state.backend.list_roles(realm)
     if json_:
-        echo_json([r.to_dict() for r in found])
+        echo_json(found)
     else:
         echo_table(
-            [[r.name, "yes" if r.builtin else "no", " ".join(r.permissions)] for r in found],
+            [
+                [r["name"], "yes" if r["builtin"] else "no", " ".join(r["permissions"])]
+                for r in found
+            ],
             ["ROLE", "BUILTIN", "PERMISSIONS"],
         )
 
@@ -292,12 +542,12 @@ _scope_option = click.option(
 @click.argument("role_name", metavar="ROLE")
 @_scope_option
 @json_option
-@pass_state
+@pass_qauth
 def role_grant(
-    state: CliState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
+    state: QauthState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
 ) -> None:
     """Grant ROLE to USERNAME (a user or service account)."""
-    added = ids.grant_role(state.app, realm, username, role_name, scope)
+    added = state.backend.grant(realm, username, role_name, scope)
     if json_:
         echo_json({"username": username, "role": role_name, "scope": scope or "*", "added": added})
     else:
@@ -313,12 +563,12 @@ def role_grant(
 @click.argument("role_name", metavar="ROLE")
 @_scope_option
 @json_option
-@pass_state
+@pass_qauth
 def role_revoke(
-    state: CliState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
+    state: QauthState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
 ) -> None:
     """Revoke ROLE from USERNAME (every scope unless --scope is given)."""
-    ids.revoke_role(state.app, realm, username, role_name, scope)
+    state.backend.revoke(realm, username, role_name, scope)
     if json_:
         echo_json({"username": username, "role": role_name, "revoked": True})
     else:
@@ -338,40 +588,49 @@ def client() -> None:
 @click.argument("client_id")
 @click.option("--role", "roles", multiple=True, help="Role to grant (repeatable).")
 @json_option
-@pass_state
+@pass_qauth
 def client_create(
-    state: CliState, realm: str, client_id: str, roles: tuple[str, ...], json_: bool
+    state: QauthState, realm: str, client_id: str, roles: tuple[str, ...], json_: bool
 ) -> None:
     """Create service account CLIENT_ID; its secret is printed once and never stored."""
-    made = ids.create_client(state.app, realm, client_id, list(roles))
+    made = state.backend.create_client(realm, client_id, list(roles))
     if json_:
-        echo_json({**made.user.to_dict(), "client_id": client_id, "client_secret": made.secret})
+        echo_json(made)
     else:
         click.echo(f"service account {client_id} created in realm {realm}")
-        click.echo(f"client secret (shown once): {made.secret}")
+        click.echo(f"client secret (shown once): {made['client_secret']}")
 
 
 @qauth.command("token")
 @realm_option
 @click.option("--user", "username", required=True, help="User or service account.")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Log in with the password on stdin (needed with --server; locally a token is "
+    "minted without it).",
+)
 @json_option
-@pass_state
-def token_cmd(state: CliState, realm: str, username: str, json_: bool) -> None:
+@pass_qauth
+def token_cmd(
+    state: QauthState, realm: str, username: str, password_stdin: bool, json_: bool
+) -> None:
     """Print an access token for USER (for scripts: QIMEM_TOKEN=$(qauth token ...))."""
-    issued = ids.mint_token(state.app, realm, username)
+    password = _read_secret_stdin("password") if password_stdin else None
+    issued = state.backend.token(realm, username, password)
     if json_:
-        echo_json(issued.to_dict())
+        echo_json(issued)
     else:
-        click.echo(issued.access_token)
+        click.echo(issued["access_token"])
 
 
 @qauth.command("rotate-signing-key")
 @realm_option
 @json_option
-@pass_state
-def rotate_signing_key(state: CliState, realm: str, json_: bool) -> None:
+@pass_qauth
+def rotate_signing_key(state: QauthState, realm: str, json_: bool) -> None:
     """Start signing with a new key; the old one stays in the JWKS until its tokens expire."""
-    kid = ids.rotate_signing_key(state.app, realm)
+    kid = state.backend.rotate_signing_key(realm)
     if json_:
         echo_json({"realm": realm, "kid": kid})
     else:
@@ -384,9 +643,9 @@ def rotate_signing_key(state: CliState, realm: str, json_: bool) -> None:
 @click.option("--action", help="Only this action (e.g. login, role.grant).")
 @click.option("--actor", help="Only this actor.")
 @json_option
-@pass_state
+@pass_qauth
 def audit_cmd(
-    state: CliState,
+    state: QauthState,
     realm: str,
     limit: int,
     action: str | None,
@@ -394,12 +653,12 @@ def audit_cmd(
     json_: bool,
 ) -> None:
     """Show the realm's audit log, newest first."""
-    found = ids.audit_events(state.app, realm, limit=limit, action=action, actor=actor)
+    found = state.backend.audit(realm, limit, action, actor)
     if json_:
-        echo_json([r.to_dict() for r in found])
+        echo_json(found)
         return
     echo_table(
-        [[_when(r.at), r.actor, r.action, r.target, r.outcome] for r in found],
+        [[_when(r["at"]), r["actor"], r["action"], r["target"], r["outcome"]] for r in found],
         ["WHEN", "ACTOR", "ACTION", "TARGET", "OUTCOME"],
     )
 
