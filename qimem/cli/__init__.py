@@ -25,7 +25,8 @@ class CliError(click.ClickException):
     def __init__(self, prog: str, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.prog = prog
-        self.exit_code = exit_code
+        # click declares exit_code a class variable; this error carries its own.
+        vars(self)["exit_code"] = exit_code
 
     def show(self, file: Any = None) -> None:
         click.echo(f"{self.prog}: error: {self.message}", err=True)
