@@ -12,7 +12,6 @@ from qimem.cli.context import CliState, echo_json, json_option, pass_state
 from qimem.config import Config, data_dir, default_config_path, load_config
 from qimem.errors import ValidationError
 from qimem.rootkey import write_root_key_file
-from qimem.services import identity as identity_services
 
 
 @click.command()
@@ -57,6 +56,9 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
             config.write(config_path)
             new_files.append(config_path)
             created.append("config")
+        # Imported here: the identity layer is heavy, and --help should stay fast.
+        from qimem.services import identity as identity_services
+
         app = AppContext(config)
         try:
             app.store.ping()  # opening the store applies pending migrations
