@@ -96,3 +96,20 @@ def test_errors_exit_without_traceback(env: dict[str, str]) -> None:
     assert missing.returncode == 5
     assert b"Traceback" not in missing.stderr
     assert b"nobody" in missing.stderr
+
+
+def test_cli_import_stays_light(tmp_path: Path) -> None:
+    """``qimem --help`` must not pay for the store, identity or HTTP layers: they are
+    imported by the commands that use them."""
+    heavy = ("sqlalchemy", "alembic", "psycopg", "falcon", "waitress", "jwt", "argon2")
+    heavy += ("qimem.identity", "qimem.server", "qimem.services.identity")
+    program = (
+        "import sys, qimem.cli\n"
+        f"heavy = {heavy!r}\n"
+        "print(sorted({m for m in sys.modules if m.startswith(heavy)}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
