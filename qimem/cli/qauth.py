@@ -10,16 +10,17 @@ from __future__ import annotations
 import sys
 import urllib.parse
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from qimem.app import AppContext
 from qimem.cli import QimemGroup
 from qimem.cli.context import CliState, echo_json, echo_table, json_option
 from qimem.errors import ValidationError
-from qimem.identity.remote import AuthClient
-from qimem.services import identity as ids
+
+if TYPE_CHECKING:
+    from qimem.app import AppContext
+    from qimem.identity.remote import AuthClient
 
 
 class QauthGroup(QimemGroup):
@@ -79,6 +80,8 @@ class QauthState(CliState):
     def backend(self) -> Backend:
         if self._backend is None:
             if self.server:
+                from qimem.identity.remote import AuthClient
+
                 self._backend = RemoteBackend(AuthClient(self.server, self.token))
             else:
                 self._backend = LocalBackend(self.app)
@@ -144,62 +147,65 @@ class LocalBackend(Backend):
     """The local store (config + root key): full control."""
 
     def __init__(self, app: AppContext) -> None:
+        from qimem.services import identity  # imported on use: keeps --help fast
+
         self.app = app
+        self.ids = identity
 
     def create_realm(self, name: str) -> dict[str, Any]:
-        return ids.create_realm(self.app, name).to_dict()
+        return self.ids.create_realm(self.app, name).to_dict()
 
     def list_realms(self) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in ids.list_realms(self.app)]
+        return [r.to_dict() for r in self.ids.list_realms(self.app)]
 
     def delete_realm(self, name: str) -> None:
-        ids.delete_realm(self.app, name)
+        self.ids.delete_realm(self.app, name)
 
     def add_user(
         self, realm: str, username: str, password: str, roles: list[str]
     ) -> dict[str, Any]:
-        return ids.add_user(self.app, realm, username, password, roles).to_dict()
+        return self.ids.add_user(self.app, realm, username, password, roles).to_dict()
 
     def list_users(self, realm: str) -> list[dict[str, Any]]:
-        return [u.to_dict() for u in ids.list_users(self.app, realm)]
+        return [u.to_dict() for u in self.ids.list_users(self.app, realm)]
 
     def set_password(self, realm: str, username: str, password: str) -> None:
-        ids.set_password(self.app, realm, username, password)
+        self.ids.set_password(self.app, realm, username, password)
 
     def set_enabled(self, realm: str, username: str, enabled: bool) -> None:
-        ids.set_user_enabled(self.app, realm, username, enabled)
+        self.ids.set_user_enabled(self.app, realm, username, enabled)
 
     def create_role(
         self, realm: str, name: str, perms: list[str], description: str
     ) -> dict[str, Any]:
-        return ids.create_role(self.app, realm, name, perms, description).to_dict()
+        return self.ids.create_role(self.app, realm, name, perms, description).to_dict()
 
     def list_roles(self, realm: str) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in ids.list_roles(self.app, realm)]
+        return [r.to_dict() for r in self.ids.list_roles(self.app, realm)]
 
     def grant(self, realm: str, username: str, role: str, scope: str | None) -> bool:
-        return ids.grant_role(self.app, realm, username, role, scope)
+        return self.ids.grant_role(self.app, realm, username, role, scope)
 
     def revoke(self, realm: str, username: str, role: str, scope: str | None) -> None:
-        ids.revoke_role(self.app, realm, username, role, scope)
+        self.ids.revoke_role(self.app, realm, username, role, scope)
 
     def create_client(self, realm: str, client_id: str, roles: list[str]) -> dict[str, Any]:
-        made = ids.create_client(self.app, realm, client_id, roles)
+        made = self.ids.create_client(self.app, realm, client_id, roles)
         return {**made.user.to_dict(), "client_id": client_id, "client_secret": made.secret}
 
     def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
         if password is not None:
             params = {"grant_type": "password", "username": username, "password": password}
-            return ids.token(self.app, realm, params).to_dict()
-        return ids.mint_token(self.app, realm, username).to_dict()
+            return self.ids.token(self.app, realm, params).to_dict()
+        return self.ids.mint_token(self.app, realm, username).to_dict()
 
     def rotate_signing_key(self, realm: str) -> str:
-        return ids.rotate_signing_key(self.app, realm)
+        return self.ids.rotate_signing_key(self.app, realm)
 
     def audit(
         self, realm: str, limit: int, action: str | None, actor: str | None
     ) -> list[dict[str, Any]]:
-        found = ids.audit_events(self.app, realm, limit=limit, action=action, actor=actor)
+        found = self.ids.audit_events(self.app, realm, limit=limit, action=action, actor=actor)
         return [r.to_dict() for r in found]
 
 
