@@ -38,6 +38,7 @@ from qimem.rootkey import KeyWrapper
 
 ALGORITHM = "EdDSA"
 _REQUIRED = ["iss", "sub", "aud", "exp", "iat", "jti"]
+_PURGE_INTERVAL = 600.0
 
 
 def _b64url(data: bytes) -> str:
@@ -132,7 +133,7 @@ class TokenService:
         self._private: dict[str, tuple[str, Ed25519PrivateKey, float]] = {}
         self._revoked: dict[str, float] = {}
         self._revoked_loaded = 0.0
-        self._revoked_seen = 0.0
+        self._revoked_purged = time.monotonic()
 
     # -- keys -------------------------------------------------------------------------
 
@@ -369,11 +370,14 @@ class TokenService:
                     tables.revoked_tokens.c.expires_at > wall
                 )
             ).all()
-            conn.execute(
-                sa.delete(tables.revoked_tokens).where(
-                    tables.revoked_tokens.c.expires_at < wall - 3600
+            if now - self._revoked_purged > _PURGE_INTERVAL:
+                # Rows of long-expired tokens are dropped now and then (a rare write).
+                self._revoked_purged = now
+                conn.execute(
+                    sa.delete(tables.revoked_tokens).where(
+                        tables.revoked_tokens.c.expires_at < wall - 3600
+                    )
                 )
-            )
         with self._lock:
             self._revoked = {r.jti: r.expires_at for r in rows}
             self._revoked_loaded = now
