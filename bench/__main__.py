@@ -10,6 +10,7 @@ figures table in ``docs/performance.md`` between ``<!-- bench:begin -->`` and
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -149,6 +150,14 @@ def save(rows: list[dict[str, Any]], ran: dict[str, dict[str, Any]]) -> Path:
     this_run = {"suites": ran, "rows": rows}
     (RESULTS / f"run-{stamp}.json").write_text(json.dumps(this_run, indent=2) + "\n")
 
+    # Several people run suites at once on this machine: merge under a lock (named *.json
+    # like everything in results/ that git ignores).
+    with open(RESULTS / "lock.json", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge(rows, ran)
+
+
+def _merge(rows: list[dict[str, Any]], ran: dict[str, dict[str, Any]]) -> Path:
     latest_path = RESULTS / "latest.json"
     try:
         latest = json.loads(latest_path.read_text())
@@ -161,7 +170,7 @@ def save(rows: list[dict[str, Any]], ran: dict[str, dict[str, Any]]) -> Path:
     latest["suites"] = dict(sorted(latest["suites"].items(), key=lambda kv: order.get(kv[0], 99)))
     kept = [r for r in latest["rows"] if r.get("suite") not in ran]
     latest["rows"] = sorted(kept + rows, key=lambda r: order.get(r["suite"], 99))
-    tmp = latest_path.with_suffix(".tmp")
+    tmp = RESULTS / "latest.tmp.json"
     tmp.write_text(json.dumps(latest, indent=2) + "\n")
     os.replace(tmp, latest_path)
 
@@ -177,7 +186,10 @@ def save(rows: list[dict[str, Any]], ran: dict[str, dict[str, Any]]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run qimem's benchmark suites against their peers; print and save ratios.",
+    )
     parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument(
