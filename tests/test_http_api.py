@@ -361,6 +361,7 @@ def test_access_log_is_structured_and_holds_no_secrets(
 ) -> None:
     create(client, name="logged")
     with caplog.at_level(logging.INFO, logger="qimem.server.access"):
+        caplog.clear()
         sealed = client.simulate_post(
             "/v1/security/encrypt",
             json={"key": "logged", "plaintext": b64(SECRET)},

@@ -113,11 +113,11 @@ def run_server(
         short_paths=short_paths,
         max_body_bytes=max_body_bytes,
     )
-    _configure_logging(access_log)
     try:
         server = Server(wsgi, host=bind, port=port, threads=threads, max_body_bytes=max_body_bytes)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    _configure_logging(access_log)
     mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
     click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
     serve(server)
