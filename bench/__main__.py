@@ -127,11 +127,9 @@ def markdown(latest: dict[str, Any]) -> str:
     ]
     for r in latest["rows"]:
         ok = "" if r["ok"] is None else fmt(r["ok"])
-        lines.append(
-            f"| {r['suite']} | {r['case']} | {r['metric']} | {fmt(r['qimem'])} | "
-            f"{r['peer_name']} | {fmt(r['peer'])} | {fmt(r['ratio'])} | {r['target']} | "
-            f"{ok} | {r['notes']} |"
-        )
+        cells = [r["suite"], r["case"], r["metric"], fmt(r["qimem"]), r["peer_name"]]
+        cells += [fmt(r["peer"]), fmt(r["ratio"]), r["target"], ok, r["notes"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     for name, run in latest["suites"].items():
         m = run["machine"]

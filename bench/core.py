@@ -127,7 +127,7 @@ def make_row(
 
 
 def _notes(size: int, q: float, p: float, m: float) -> str:
-    notes = [f"vs nonce||ct message: {q / m:.2f}"]
+    notes = [f"vs nonce‖ct message: {q / m:.2f}"]
     if size >= 4096:
         notes.append(f"{q * size / 1e6:,.0f} vs {p * size / 1e6:,.0f} MB/s")
     return "; ".join(notes)
