@@ -53,58 +53,124 @@ def installed_plugins() -> dict[str, str]:
 
 
 def make_plugin_manager(
-    enabled: Iterable[str] = (), *, builtins: Iterable[str] = DEFAULT_PLUGINS
+    enabled: Iterable[str] = (),
+    *,
+    builtins: Iterable[str] = DEFAULT_PLUGINS,
+    isolate: bool = False,
 ) -> pluggy.PluginManager:
     """A fresh plugin manager with the built-in plugins and the enabled third-party ones.
 
-    :raises PluginError: an enabled plugin is not installed or fails to import.
+    An enabled plugin whose manifest (the ``qimem_plugin.toml`` it ships, read before its
+    code is imported, or what its ``qimem_plugin_manifest`` hook returns) declares a
+    ``qimem_api`` range excluding this qimem's plugin API is refused.
+
+    :param isolate: instead of raising, leave out each enabled plugin that cannot be loaded
+        and record why (see :func:`load_failures`); the other plugins load normally.
+    :raises PluginError: an enabled plugin is not installed, fails to import, is
+        incompatible or implements an unknown hook (unless ``isolate``).
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(specs)
+    failures: dict[str, str] = {}
+    pm.qimem_load_failures = failures  # type: ignore[attr-defined]
     wanted = list(dict.fromkeys(enabled))
     if wanted:
         available: dict[str, list[Any]] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             available.setdefault(ep.name, []).append(ep)
         for name in wanted:
-            candidates = available.get(name)
-            if not candidates:
-                raise PluginError(f"plugin {name!r} is enabled but not installed")
-            if len({c.value for c in candidates}) > 1:
-                # A security tool must not pick one of two packages claiming a name.
-                sources = ", ".join(sorted(_distribution(c) for c in candidates))
-                raise PluginError(
-                    f"plugin {name!r} is provided by more than one installed package "
-                    f"({sources}); uninstall all but one"
-                )
-            ep = candidates[0]
             try:
-                plugin = ep.load()
-                pm.register(plugin, name=name)
-            except QimemError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}"
-                ) from exc
+                _load_enabled(pm, name, available.get(name))
+            except PluginError as exc:
+                if not isolate:
+                    raise
+                failures[name] = exc.message
     for module_name in builtins:
         pm.register(importlib.import_module(module_name), name=module_name)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        name = pm.get_name(exc.plugin) or repr(exc.plugin)
-        unknown = sorted(
-            hook_name
-            for hook_name, caller in vars(pm.hook).items()
-            if isinstance(caller, pluggy.HookCaller)
-            and not caller.has_spec()
-            and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls())
-        )
-        raise PluginError(
-            f"plugin {name!r} implements unknown hook(s) {', '.join(unknown) or '?'} "
-            "(the hooks are listed in qimem.hooks.specs)"
-        ) from exc
+    while True:
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            unknown = sorted(
+                hook_name
+                for hook_name, caller in vars(pm.hook).items()
+                if isinstance(caller, pluggy.HookCaller)
+                and not caller.has_spec()
+                and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls())
+            )
+            error = PluginError(
+                f"plugin {name!r} implements unknown hook(s) {', '.join(unknown) or '?'} "
+                "(the hooks are listed in qimem.hooks.specs)"
+            )
+            if not isolate or _is_builtin(name):
+                raise error from exc
+            pm.unregister(exc.plugin)
+            failures[name] = error.message
     return pm
+
+
+def load_failures(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Plugin name → why it was left out, for a manager made with ``isolate=True``."""
+    return dict(getattr(pm, "qimem_load_failures", {}))
+
+
+def _load_enabled(pm: pluggy.PluginManager, name: str, candidates: list[Any] | None) -> None:
+    """Check, import and register one enabled third-party plugin.
+
+    :raises PluginError: naming the plugin and what is wrong.
+    """
+    from qimem import manifest
+
+    if not candidates:
+        raise PluginError(f"plugin {name!r} is enabled but not installed")
+    if len({c.value for c in candidates}) > 1:
+        # A security tool must not pick one of two packages claiming a name.
+        sources = ", ".join(sorted(_distribution(c) for c in candidates))
+        raise PluginError(
+            f"plugin {name!r} is provided by more than one installed package "
+            f"({sources}); uninstall all but one"
+        )
+    ep = candidates[0]
+    try:
+        shipped = manifest.read_installed(ep)  # before any of its code runs
+    except manifest.ManifestError as exc:
+        raise PluginError(f"plugin {name!r} ships an invalid manifest: {exc.message}") from None
+    if shipped is not None and not shipped.compatible:
+        raise PluginError(manifest.incompatibility(name, shipped.qimem_api))
+    try:
+        plugin = ep.load()
+        pm.register(plugin, name=name)
+    except QimemError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+    declared = _declared_api(pm, plugin)
+    if declared is not None and not manifest.api_compatible(declared):
+        pm.unregister(plugin)
+        raise PluginError(manifest.incompatibility(name, declared))
+
+
+def _declared_api(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """The ``qimem_api`` range a loaded plugin's manifest hook declares, if a valid one."""
+    from qimem import manifest
+
+    for impl in pm.hook.qimem_plugin_manifest.get_hookimpls():
+        if impl.plugin is not plugin:
+            continue
+        try:
+            declared = impl.function()
+        except Exception:
+            return None  # reported when the manifests are collected
+        spec = declared.get("qimem_api") if isinstance(declared, dict) else None
+        if isinstance(spec, str):
+            try:
+                manifest.version_in_range(manifest.PLUGIN_API_VERSION, spec)
+            except QimemError:
+                return None  # malformed: reported by the listing's manifest validation
+            return spec
+    return None
 
 
 def _distribution(ep: Any) -> str:
