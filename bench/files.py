@@ -125,6 +125,25 @@ def _random_file(path: Path, size: int) -> None:
             block = block[n:] + block[:n]  # cheap variety; content does not matter
 
 
+class _Log:
+    """A row list that prints each row as it arrives (a full run takes minutes)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = _PrintingList(rows)
+
+
+class _PrintingList(list):  # type: ignore[type-arg]
+    def __iadd__(self, more):  # type: ignore[no-untyped-def]
+        for row in more:
+            print(
+                f"  files: {row['case']}: {row['qimem']} {row['metric']}"
+                f" (peer {row['peer_name'] or '-'}: {row['peer']}, ratio {row['ratio']})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return super().__iadd__(more)
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     if shutil.which("age") is None or shutil.which("age-keygen") is None:
         print("bench files: age is not installed (apt-get install age); peers missing")
@@ -168,6 +187,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
         if age:
             subprocess.run(["age", "-r", recipient, "-o", str(aged), str(big)], check=True)
         label = f"{size // MIB} MiB"
+        log = _Log(rows)
+        rows = log.rows
         rows += _cpu(env, big, sealed, aged if age else None, recipient, work, rounds, label, chart)
         rows += _jobs2(
             env, big, sealed, aged if age else None, recipient, work, shm, rounds, label, chart
@@ -461,7 +482,9 @@ def _small(env, work, recipient, count, rounds) -> list[dict[str, Any]]:  # type
         out = fresh()
         names = sorted(os.listdir(src))[:age_count]
         script = "\n".join(f'age -r {recipient} -o "{out}/{n}.age" "{src}/{n}"' for n in names)
-        t = _wall(["sh", "-c", script])
+        script_path = work / "age-loop.sh"
+        script_path.write_text(script + "\n")
+        t = _wall(["sh", str(script_path)])
         shutil.rmtree(out)
         return t
 
