@@ -25,5 +25,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "AES-256-GCM with random 96-bit nonces (cryptography's AESGCM)",
         "provides": {"algorithms": ["aes-256-gcm"]},
-        "builtin": True,
+        "qimem_api": ">=1,<2",
     }

@@ -25,5 +25,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "ChaCha20-Poly1305 with random 96-bit nonces (cryptography)",
         "provides": {"algorithms": ["chacha20-poly1305"]},
-        "builtin": True,
+        "qimem_api": ">=1,<2",
     }

@@ -147,5 +147,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "In-process key store (memory://), for tests and throwaway use",
         "provides": {"keystores": ["memory"]},
-        "builtin": True,
+        "qimem_api": ">=1,<2",
     }

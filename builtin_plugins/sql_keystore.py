@@ -341,5 +341,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "SQL key store on SQLAlchemy: SQLite (embedded default) and PostgreSQL",
         "provides": {"keystores": ["sqlite", "postgresql", "postgresql+psycopg", "postgres"]},
-        "builtin": True,
+        "qimem_api": ">=1,<2",
     }

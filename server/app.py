@@ -29,6 +29,7 @@ from qimem.server.ops import (
     OpenApiResource,
     ReadyResource,
 )
+from qimem.server.plugins import PLUGINS_PATH, PluginsResource
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
@@ -80,6 +81,9 @@ def create_app(
         app.add_route("/decrypt", crypto["decrypt"])
         app.add_route("/rotate", rotate)
 
+    plugins = PluginsResource(app_ctx, max_body_bytes)
+    app.add_route(PLUGINS_PATH, plugins)
+    app.add_route(PLUGINS_PATH + "/{name}", plugins, suffix="item")
     add_auth_routes(app, app_ctx, max_body_bytes)
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(app_ctx))

@@ -106,6 +106,7 @@ def _register_commands() -> None:
     cli.add_command(crypto.decrypt)
     cli.add_command(crypto.rewrap)
     cli.add_command(__import__("qimem.cli.serve", fromlist=["serve"]).serve)
+    cli.add_command(__import__("qimem.cli.plugins", fromlist=["plugins"]).plugins)
 
 
 _register_commands()
