@@ -111,7 +111,9 @@ def read_json(req: falcon.Request, limit: int) -> Any:
     :raises ValidationError: an empty body or malformed JSON (code ``invalid_json``).
     """
     content_type = req.content_type
-    if content_type is None or content_type.split(";", 1)[0].strip().lower() != JSON_TYPE:
+    if content_type != JSON_TYPE and (
+        content_type is None or content_type.split(";", 1)[0].strip().lower() != JSON_TYPE
+    ):
         raise UnsupportedMediaTypeError(
             "request bodies must be JSON (Content-Type: application/json)"
         )
@@ -199,22 +201,31 @@ class Spec:
     def __init__(self, *fields: Field, one_of: tuple[str, ...] = ()) -> None:
         self.fields = {f.name: f for f in fields}
         self.one_of = one_of
+        self._names = frozenset(self.fields)
+        self._required = tuple(f.name for f in fields if f.required)
 
     def parse(self, body: Any) -> dict[str, Any]:
-        """Validate ``body`` and return its converted fields (absent optional ones omitted)."""
-        if not isinstance(body, dict):
+        """Validate ``body`` and return its converted fields (absent optional ones omitted).
+
+        Checked in this order: an object at all, unknown fields, each given field's type and
+        value, missing required fields, the ``one_of`` rule.
+        """
+        if type(body) is not dict:
             raise ValidationError("the request body must be a JSON object", code="invalid_type")
-        unknown = [name for name in body if name not in self.fields]
-        if unknown:
-            listed = ", ".join(repr(n[:40]) for n in sorted(unknown)[:5])
+        if not self._names.issuperset(body):
+            unknown = sorted(name for name in body if name not in self._names)
+            listed = ", ".join(repr(n[:40]) for n in unknown[:5])
             raise ValidationError(f"unknown field(s): {listed}", code="unknown_field")
+        fields = self.fields
         result: dict[str, Any] = {}
-        for name, field in self.fields.items():
-            if name not in body or (body[name] is None and field.nullable):
-                if field.required:
-                    raise ValidationError(f"missing required field '{name}'", code="missing_field")
+        for name, value in body.items():
+            field = fields[name]
+            if value is None and field.nullable:
                 continue
-            result[name] = field.parse(name, body[name])
+            result[name] = field.parse(name, value)
+        for name in self._required:
+            if name not in result:
+                raise ValidationError(f"missing required field '{name}'", code="missing_field")
         if self.one_of:
             present = [n for n in self.one_of if n in result]
             if len(present) != 1:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import threading
 import time
-import uuid
+from collections import deque
+from typing import Any
 
 import falcon
 
@@ -22,7 +25,10 @@ access_log = logging.getLogger("qimem.server.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 UNMATCHED_ROUTE = "unmatched"
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
 
 
 def route_of(req: falcon.Request) -> str:
@@ -46,7 +52,7 @@ class RequestIdMiddleware:
         if given is not None and _REQUEST_ID_RE.match(given):
             req.context.request_id = given
         else:
-            req.context.request_id = uuid.uuid4().hex
+            req.context.request_id = os.urandom(16).hex()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
@@ -54,31 +60,95 @@ class RequestIdMiddleware:
         resp.set_header(REQUEST_ID_HEADER, req.context.request_id)
 
 
+class AccessLogHandler(logging.Handler):
+    """A handler for the access log that writes whole lines in batches.
+
+    Lines are appended to a buffer and written by a background thread every
+    ``flush_interval`` seconds (and on :meth:`flush`/:meth:`close`), so a request never
+    waits for a ``write`` system call. :class:`AccessLogMiddleware` hands it ready-made lines
+    directly (no ``LogRecord``) when it is the logger's only handler.
+    """
+
+    def __init__(self, stream: Any, flush_interval: float = 0.2) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self._lines: deque[str] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self._flush_interval = flush_interval
+        self._thread = threading.Thread(target=self._run, name="qimem-access-log", daemon=True)
+        self._thread.start()
+
+    def write_line(self, line: str) -> None:
+        """Queue one line (thread-safe: ``deque.append`` is atomic)."""
+        self._lines.append(line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(self.format(record))
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._flush_interval)
+            self.flush()
+
+    def flush(self) -> None:
+        lines: list[str] = []
+        pop = self._lines.popleft
+        try:
+            while True:
+                lines.append(pop())
+        except IndexError:
+            pass
+        if lines:
+            with self.lock or threading.Lock():
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # closed or broken stream: drop the lines
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self.flush()
+        super().close()
+
+
 class AccessLogMiddleware:
     """One JSON line per request on the ``qimem.server.access`` logger: method, route
-    template, status, duration and request id. Never a path, query, header or body value."""
+    template, status, duration and request id. Never a path, query, header or body value.
+
+    The line is built directly (every field is already safe: a known method or ``OTHER``, a
+    route template of this app, an int, a float and a validated request id). With an
+    :class:`AccessLogHandler` as the logger's only handler (as ``qimem serve`` sets it up)
+    the line goes straight to it; otherwise a record goes to the logger's handlers, skipping
+    the caller lookup ``Logger.info`` would do.
+    """
 
     def __init__(self, logger: logging.Logger = access_log) -> None:
         self._log = logger
+        self._routes: dict[str | None, str] = {}
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
-        if not self._log.isEnabledFor(logging.INFO):
+        log = self._log
+        if not log.isEnabledFor(logging.INFO):
             return
-        self._log.info(
-            json.dumps(
-                {
-                    "event": "http_request",
-                    "method": req.method,
-                    "route": route_of(req),
-                    "status": resp.status_code,
-                    "duration_ms": round(elapsed(req) * 1000.0, 3),
-                    "request_id": req.context.request_id,
-                },
-                separators=(",", ":"),
-            )
+        route = self._routes.get(req.uri_template)
+        if route is None:
+            route = self._routes[req.uri_template] = json.dumps(route_of(req))
+        method = req.method if req.method in _METHODS else "OTHER"
+        line = (
+            f'{{"event":"http_request","method":"{method}","route":{route},'
+            f'"status":{resp.status_code},"duration_ms":{elapsed(req) * 1000.0:.3f},'
+            f'"request_id":"{req.context.request_id}"}}'
         )
+        handlers = log.handlers
+        if len(handlers) == 1 and not log.propagate and isinstance(handlers[0], AccessLogHandler):
+            handlers[0].write_line(line)
+        else:
+            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, line, None, None))
 
 
 class MetricsMiddleware:

@@ -64,10 +64,12 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _configure_logging(access_log: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    from qimem.server.middleware import AccessLogHandler
+
     access = logging.getLogger("qimem.server.access")
-    access.handlers[:] = [handler]
+    for handler in access.handlers:
+        handler.close()
+    access.handlers[:] = [AccessLogHandler(sys.stderr)] if access_log else []
     access.propagate = False
     access.setLevel(logging.INFO if access_log else logging.WARNING)
     general = logging.StreamHandler(sys.stderr)
@@ -77,6 +79,11 @@ def _configure_logging(access_log: bool) -> None:
         if not logger.handlers:
             logger.addHandler(general)
         logger.setLevel(logging.INFO)
+
+
+def _close_logging() -> None:
+    for handler in logging.getLogger("qimem.server.access").handlers:
+        handler.close()
 
 
 def run_server(
@@ -120,7 +127,10 @@ def run_server(
     _configure_logging(access_log)
     mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
     click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
-    serve(server)
+    try:
+        serve(server)
+    finally:
+        _close_logging()  # writes out the access log lines still buffered
     click.echo(f"{prog}: stopped", err=True)
 
 
