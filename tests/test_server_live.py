@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import runpy
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import requests
@@ -192,6 +197,33 @@ def test_stop_closes_idle_keep_alive_connections(memory_app: AppContext) -> None
             assert sock.recv(10) == b""  # closed by the server, not left hanging
         finally:
             sock.close()
+
+
+# ---- the examples work against a live server ------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_example_http_client(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    module = runpy.run_path(str(EXAMPLES / "http_client.py"))
+    module["main"](server.url)
+    out = capsys.readouterr().out
+    assert "wrong aad refused: 422 decryption_failed" in out
+    assert "rotating the old key_id again: 409 key_not_active" in out
+    assert "batch: 3 of 3 encrypted" in out
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
+def test_example_curl_walkthrough(server: Server) -> None:
+    env = {**os.environ, "QIMEM_URL": server.url}
+    env.pop("QIMEM_TOKEN", None)
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "curl.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hello from curl" in done.stdout
+    assert "HTTP 409" in done.stderr + done.stdout
+    assert '"invalid_base64"' in done.stdout and "HTTP 422" in done.stdout
 
 
 # ---- property-based API testing against the live server (schemathesis, OpenAPI 3.1) ----
