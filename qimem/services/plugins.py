@@ -179,13 +179,45 @@ _CATALOG_ATTR = "_qimem_plugin_catalog"
 _catalog_lock = threading.Lock()
 
 
+def _store(app: AppContext) -> Any:
+    """The app's store; when a broken enabled plugin keeps the app's registry from
+    building, the store opened with the plugins that do load (so listing still works)."""
+    try:
+        return app.store
+    except PluginError:
+        pm, _ = _healthy_manager(app.config.plugins_enabled)
+        return AppContext(app.config, pm=pm).store
+
+
+def _healthy_manager(enabled: list[str]) -> tuple[pluggy.PluginManager, dict[str, str]]:
+    """A manager with the enabled plugins that load *and* whose hooks work; the others
+    are left out, with the reason, so one broken plugin cannot hide the rest."""
+    pm = make_plugin_manager(enabled, isolate=True)
+    failures = load_failures(pm)
+    for name in enabled:
+        plugin = pm.get_plugin(name)
+        if plugin is None:
+            continue
+        failure = _hook_failure(pm, plugin)
+        if failure is not None:
+            pm.unregister(plugin)
+            failures[name] = f"plugin {name!r} {failure}"
+    while (clash := _registry_failure(pm)) is not None:
+        plugin = pm.get_plugin(clash[0]) if clash[0] else None
+        if plugin is None or _is_builtin(clash[0]):
+            raise PluginError(clash[1])
+        pm.unregister(plugin)
+        failures[clash[0]] = clash[1]
+    return pm, failures
+
+
 def _catalog(app: AppContext) -> _MemoryCatalog | _SqlCatalog:
     found = app.__dict__.get(_CATALOG_ATTR)
     if found is None:
         with _catalog_lock:
             found = app.__dict__.get(_CATALOG_ATTR)
             if found is None:
-                engine = getattr(app.store, "engine", None)
+                engine = getattr(_store(app), "engine", None)
                 if isinstance(engine, sa.engine.Engine):
                     found = _SqlCatalog(engine)
                 else:
@@ -210,8 +242,7 @@ def _plugin_manager(app: AppContext) -> tuple[pluggy.PluginManager, dict[str, st
     try:
         return app.registry.pm, {}
     except PluginError:
-        pm = make_plugin_manager(app.config.plugins_enabled, isolate=True)
-        return pm, load_failures(pm)
+        return _healthy_manager(app.config.plugins_enabled)
 
 
 def _hook_failure(pm: pluggy.PluginManager, plugin: object) -> str | None:
@@ -530,7 +561,7 @@ def disable_plugin(app: AppContext, name: str) -> PluginInfo | None:
 
 def _fresh(app: AppContext) -> AppContext:
     """The same config and store, with a plugin manager built from the current config."""
-    fresh = AppContext(app.config, store=app.store)
+    fresh = AppContext(app.config, store=_store(app))
     if _CATALOG_ATTR in app.__dict__:
         fresh.__dict__[_CATALOG_ATTR] = app.__dict__[_CATALOG_ATTR]
     return fresh
