@@ -25,23 +25,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
-import multiprocessing.util
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qimem import fileio, stream
 from qimem.app import AppContext
 from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+# multiprocessing and concurrent.futures cost ~50 ms to import: only --jobs > 1 needs them.
 
 SUFFIX = ".qimem"
 ENCRYPT = "encrypt"
@@ -383,6 +385,8 @@ def _worker_app(app: AppContext) -> AppContext:
 def _init_worker(app: AppContext, key_ref: str | None, realm: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _set_pdeathsig()
+    import multiprocessing.util
+
     worker_app = _worker_app(app)
     if worker_app is not app:  # close its connections when the worker exits normally
         multiprocessing.util.Finalize(None, worker_app.close, exitpriority=10)
@@ -438,6 +442,8 @@ def check_key(keyring: stream.Keyring) -> None:
 
 
 def fork_available() -> bool:
+    import multiprocessing
+
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
@@ -620,6 +626,9 @@ def _run_parallel(
     if groups and len(groups) < jobs * 2 and len(small) > 1:
         per = max(1, -(-len(small) // (jobs * 2)))
         groups = [small[i : i + per] for i in range(0, len(small), per)]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(
         max_workers=jobs,
