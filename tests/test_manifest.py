@@ -228,3 +228,13 @@ def test_openapi_schema_uses_the_same_rules() -> None:
     assert set(kinds) == set(manifest.PROVIDES_KINDS)
     assert kinds["algorithms"]["items"]["pattern"] == manifest.PROVIDED_PATTERN
     assert kinds["event_hooks"]["items"]["enum"] == list(manifest.EVENT_HOOKS)
+
+
+def test_event_hooks_are_the_observing_hooks_of_the_specs() -> None:
+    """provides.event_hooks accepts exactly the hooks that observe events."""
+    pm = make_plugin_manager(builtins=())
+    hooks = {name for name in vars(pm.hook) if name.startswith("qimem_")}
+    observing = {
+        h for h in hooks if not h.startswith("qimem_register_") and h != "qimem_plugin_manifest"
+    }
+    assert set(manifest.EVENT_HOOKS) == observing
