@@ -53,8 +53,26 @@ MANIFEST_FILENAME = "qimem_plugin.toml"
 
 #: The kinds a plugin may provide, in display order.
 PROVIDES_KINDS = ("algorithms", "keystores", "auth_providers", "event_hooks")
-#: The hooks a plugin may list under ``provides.event_hooks``.
-EVENT_HOOKS = ("qimem_key_event",)
+
+
+def _event_hooks() -> tuple[str, ...]:
+    from qimem.hooks import specs
+
+    return tuple(
+        sorted(
+            name
+            for name in vars(specs)
+            if name.startswith("qimem_")
+            and not name.startswith("qimem_register_")
+            and name != "qimem_plugin_manifest"
+        )
+    )
+
+
+#: The hooks a plugin may list under ``provides.event_hooks``: every hook of
+#: :mod:`qimem.hooks.specs` that observes events (not the ``qimem_register_*`` collectors
+#: or the manifest hook).
+EVENT_HOOKS = _event_hooks()
 
 FIELDS = ("name", "version", "description", "qimem_api", "provides", "homepage")
 REQUIRED = ("name", "version", "description", "qimem_api", "provides")
@@ -63,6 +81,7 @@ REQUIRED = ("name", "version", "description", "qimem_api", "provides")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*([._+-]?[A-Za-z0-9]+)*$"
 PROVIDED_PATTERN = r"^[a-z0-9][a-z0-9_+.-]{0,63}$"
+EVENT_HOOK_PATTERN = r"^qimem_[a-z0-9_]{1,58}$"
 HOMEPAGE_PATTERN = r"^https?://[^\s\x00-\x1f\x7f]{1,500}$"
 _CLAUSE = r"(>=|<=|==|!=|~=|>|<) *[0-9]+(\.[0-9]+)*"
 RANGE_PATTERN = rf"^ *{_CLAUSE} *(, *{_CLAUSE} *)*$"

@@ -4,6 +4,7 @@ the manifests the built-in plugins ship."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,8 @@ def test_openapi_schema_uses_the_same_rules() -> None:
     kinds = props["provides"]["properties"]
     assert set(kinds) == set(manifest.PROVIDES_KINDS)
     assert kinds["algorithms"]["items"]["pattern"] == manifest.PROVIDED_PATTERN
-    assert kinds["event_hooks"]["items"]["enum"] == list(manifest.EVENT_HOOKS)
+    assert kinds["event_hooks"]["items"]["pattern"] == manifest.EVENT_HOOK_PATTERN
+    assert all(re.match(manifest.EVENT_HOOK_PATTERN, hook) for hook in manifest.EVENT_HOOKS)
 
 
 def test_event_hooks_are_the_observing_hooks_of_the_specs() -> None:
