@@ -6,9 +6,10 @@ or holds its previous complete content. A crash leaves at most a hidden temp fil
 that writes into the same directory removes temp files whose owner is no longer alive
 (:func:`cleanup_stale_temps`), and a run removes its own on failure or Ctrl-C.
 
-Without ``force``, the final step is ``link(temp, target)`` + ``unlink(temp)``, which
-fails if the target appeared in the meantime, so an existing file is never replaced, even
-by a race with another process.
+Without ``force``, the final step is ``renameat2(RENAME_NOREPLACE)`` (Linux), or
+``link(temp, target)`` + ``unlink(temp)`` where that is not supported; both fail if the
+target appeared in the meantime, so an existing file is never replaced, even by a race
+with another process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ _LIBC = _libc()
 _SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None) if _LIBC is not None else None
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNCFS = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 #: From this many files on, one ``syncfs`` is cheaper than an ``fsync`` per file.
 SYNCFS_MIN_FILES = 8
 
@@ -108,6 +112,19 @@ def commit(tmp: Path, target: Path, *, force: bool) -> None:
     if force:
         os.replace(tmp, target)
         return
+    if _RENAMEAT2 is not None:  # Linux: one atomic rename that refuses to replace
+        rc = _RENAMEAT2(
+            _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise conflict(target)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(target))
     try:
         os.link(tmp, target)
     except FileExistsError:

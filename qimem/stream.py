@@ -439,14 +439,14 @@ def encrypt_stream(
         zero(data_key)
     parsed = env.parse(wrapped)
     encoded = header.encode()
-    _write_all(dst, encoded)
     first = _read_exact(src, segment_size)
-    if len(first) < segment_size:  # one short segment: no segment-sized buffers at all
+    if len(first) < segment_size:  # one short segment: one write, no segment buffers
         sealed_one = cipher.seal(0, first, True)
-        _write_all(dst, sealed_one)
+        _write_all(dst, encoded + sealed_one)
         return StreamInfo(
             parsed.key_id_str, parsed.key_version, len(first), len(encoded) + len(sealed_one), 1
         )
+    _write_all(dst, encoded)
     bufs = [memoryview(bytearray(segment_size)), memoryview(bytearray(segment_size))]
     out = memoryview(bytearray(segment_size + cipher.tag_size))
     bufs[0][:] = first

@@ -299,3 +299,27 @@ def test_workers_on_postgres(postgres_url: str, root_key_b64: str, tmp_path: Pat
         assert tree(tmp_path / "dec") == expected
     finally:
         app.close()
+
+
+def test_commit_never_replaces_an_existing_file(tmp_path: Path) -> None:
+    from qimem import fileio
+    from qimem.errors import ConflictError
+
+    target = tmp_path / "out"
+    fd, tmp = fileio.create_temp(target)
+    os.write(fd, b"new")
+    os.close(fd)
+    target.write_bytes(b"appeared meanwhile")
+    with pytest.raises(ConflictError):
+        fileio.commit(tmp, target, force=False)
+    assert target.read_bytes() == b"appeared meanwhile" and not tmp.exists()
+    fd, tmp = fileio.create_temp(target)
+    os.write(fd, b"new")
+    os.close(fd)
+    fileio.commit(tmp, target, force=True)
+    assert target.read_bytes() == b"new" and hidden(tmp_path) == []
+    target.unlink()
+    fd, tmp = fileio.create_temp(target)
+    os.close(fd)
+    fileio.commit(tmp, target, force=False)
+    assert target.exists() and hidden(tmp_path) == []
