@@ -44,12 +44,11 @@ def create_app(
 ) -> falcon.App:
     """Build the WSGI app serving ``app_ctx``.
 
-    :param insecure_no_auth: serve without authentication, to loopback clients only. Until
-        identity lands this is the only mode; ``False`` raises :class:`ConfigError`.
+    :param insecure_no_auth: serve without tokens, to loopback clients only (local
+        development); otherwise every route except the public ones needs a bearer token.
     :param short_paths: also answer ``qimem-api``'s short paths.
     :param max_body_bytes: request bodies over this many bytes get 413.
     :param metrics: the metrics to record into (default: a fresh per-app registry).
-    :raises ConfigError: authentication was requested (not available yet).
     """
     auth = IdentityAuthMiddleware(app_ctx, insecure_no_auth=insecure_no_auth)
     metrics = metrics or Metrics()

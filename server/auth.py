@@ -1,12 +1,8 @@
-"""The authentication slot of the server.
+"""Loopback rules of ``--insecure-no-auth`` (local development without tokens).
 
-Identity (tokens, realms, permissions) is not built yet, so today the only mode is
-``--insecure-no-auth``, and :class:`AuthMiddleware` enforces its one rule: requests come
-from a loopback address (the runner also refuses to *bind* anything but loopback in this
-mode). Building the middleware without that mode fails with a clear :class:`ConfigError`.
-The identity work replaces the body of :meth:`AuthMiddleware.process_request` with token
-checks that set ``req.context.principal`` and ``req.context.realm``; resources already read
-the realm from there.
+In that mode the runner binds only loopback addresses (:func:`resolve_loopback_bind`) and
+the authentication middleware (:mod:`qimem.server.auth_middleware`) serves only loopback
+clients (:func:`is_loopback`).
 """
 
 from __future__ import annotations
@@ -14,18 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-import falcon
-
-from qimem.errors import ConfigError, ForbiddenError
-from qimem.keys import DEFAULT_REALM
-
-#: Routes that never need credentials (DESIGN.md §7: health and JWKS).
-PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
-
-AUTH_NOT_AVAILABLE = (
-    "authentication is not available yet in this version of qimem; run the server for "
-    "local development with --insecure-no-auth (it binds only to a loopback address)"
-)
+from qimem.errors import ConfigError
 
 _LOOPBACK_LITERALS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -66,24 +51,3 @@ def resolve_loopback_bind(host: str, port: int) -> str:
     if not addresses or not all(is_loopback(a) for a in addresses):
         raise ConfigError(refusal)
     return addresses[0]
-
-
-class AuthMiddleware:
-    """Authenticates every request except :data:`PUBLIC_ROUTES`.
-
-    :param insecure_no_auth: serve without authentication (loopback clients only). The only
-        mode available until identity lands; ``False`` raises :class:`ConfigError`.
-    """
-
-    def __init__(self, *, insecure_no_auth: bool) -> None:
-        if not insecure_no_auth:
-            raise ConfigError(AUTH_NOT_AVAILABLE)
-        self.insecure_no_auth = insecure_no_auth
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.principal = None
-        req.context.realm = DEFAULT_REALM
-        if not is_loopback(req.remote_addr):
-            raise ForbiddenError(
-                "this server runs without authentication and only serves loopback clients"
-            )

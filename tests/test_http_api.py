@@ -74,7 +74,7 @@ def test_create_sets_location(client: testing.TestClient) -> None:
 def test_create_errors(client: testing.TestClient) -> None:
     create(client, name="dup")
     taken = client.simulate_post("/v1/security/keys", json={"name": "dup"})
-    assert taken.status_code == 409
+    assert taken.status_code == 409 and error_code(taken) == "name_taken"
     bad_algo = client.simulate_post("/v1/security/keys", json={"algorithm": "rot13"})
     assert bad_algo.status_code == 400 and error_code(bad_algo) == "unsupported_algorithm"
     bad_name = client.simulate_post("/v1/security/keys", json={"name": "1-starts-with-digit"})
