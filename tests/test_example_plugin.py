@@ -370,3 +370,28 @@ def _wait_for_url(server: subprocess.Popen[bytes]) -> str:
             return found.group(1).decode()
     server.kill()
     raise AssertionError(f"the server did not start: {seen[-2000:]!r}")
+
+
+# ------------------------------------------- the guide's contract-suite example
+
+
+def test_docs_contract_example_passes_the_contract(tmp_path: Path) -> None:
+    """docs/plugins.md's custom key store passes qimem.testing.KeyStoreContract as written."""
+    from qimem.testing import KeyStoreContract
+
+    text = (REPO / "docs" / "plugins.md").read_text("utf-8")
+    blocks = re.findall(r"^```python\n(# test_dict_store\.py\n.*?)^```", text, re.S | re.M)
+    assert len(blocks) == 1
+    (tmp_path / "test_dict_store.py").write_text(blocks[0])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_dict_store.py"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    expected = len([name for name in dir(KeyStoreContract) if name.startswith("test_")])
+    assert f"{expected} passed" in result.stdout
