@@ -13,8 +13,15 @@ from datetime import UTC, datetime
 from qimem.crypto import zero
 from qimem.errors import ConflictError, NotFoundError, StoreUnavailableError
 from qimem.hooks import hookimpl
-from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
-from qimem.keystore import KeyStore
+from qimem.keys import (
+    KeyState,
+    KeyVersion,
+    LineagePolicy,
+    LineageRecord,
+    new_id,
+    not_active_error,
+)
+from qimem.keystore import KeyStore, check_transition, destroyed_error
 from qimem.registry import RegisterKeyStore
 from qimem.rootkey import KeyWrapper
 
@@ -29,6 +36,9 @@ class InMemoryKeyStore(KeyStore):
         self._lineages: dict[str, list[str]] = {}  # lineage_id -> key_ids, oldest first
         self._names: dict[tuple[str, str], str] = {}  # (realm, name) -> lineage_id
         self._state_changes = 0
+        self._policies: dict[str, LineagePolicy] = {}  # lineage_id -> policy (when set)
+        self._usage: dict[str, int] = {}  # key_id -> encryptions reserved
+        self._lineage_created: dict[str, datetime] = {}
 
     def create(
         self, realm: str, algorithm: str, material: bytes | bytearray, *, name: str | None = None
@@ -48,6 +58,7 @@ class InMemoryKeyStore(KeyStore):
             )
             self._store(version, material)
             self._lineages[version.lineage_id] = [version.key_id]
+            self._lineage_created[version.lineage_id] = version.created_at
             if name is not None:
                 self._names[(realm, name)] = version.lineage_id
             return version
@@ -111,12 +122,111 @@ class InMemoryKeyStore(KeyStore):
         with self._lock:
             self.get(realm, key_id)
             buffer = self._material.get(key_id)
+            if buffer is None and self._versions[key_id].state is KeyState.DESTROYED:
+                raise destroyed_error(self._versions[key_id])
             if buffer is None:  # close() zeroed and dropped it
                 raise StoreUnavailableError("the in-memory key store is closed")
             return bytearray(buffer)
 
     def rotation_marker(self) -> object:
         return self._state_changes
+
+    def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
+        with self._lock:
+            self.versions(realm, lineage_id)
+            return self._policies.get(lineage_id, LineagePolicy())
+
+    def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:
+        with self._lock:
+            self.versions(realm, lineage_id)
+            self._policies[lineage_id] = policy
+            self._state_changes += 1
+            return policy
+
+    def set_state(self, realm: str, key_id: str, state: KeyState) -> KeyVersion:
+        with self._lock:
+            current = self.get(realm, key_id)
+            check_transition(current, state)
+            if current.state is state:
+                return current
+            changed = replace(current, state=state)
+            self._versions[key_id] = changed
+            if state is KeyState.DESTROYED:
+                buffer = self._material.pop(key_id, None)
+                if buffer is not None:
+                    zero(buffer)
+            self._state_changes += 1
+            return changed
+
+    def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        with self._lock:
+            self.get(realm, key_id)
+            used = self._usage.get(key_id, 0)
+            granted = max(0, min(count, limit - used))
+            self._usage[key_id] = used + granted
+            return granted
+
+    def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
+        with self._lock:
+            found = self.versions(realm, lineage_id)
+            return {v.key_id: self._usage.get(v.key_id, 0) for v in found}
+
+    def delete_lineage(self, realm: str, lineage_id: str) -> None:
+        with self._lock:
+            found = self.versions(realm, lineage_id)
+            for version in found:
+                buffer = self._material.pop(version.key_id, None)
+                if buffer is not None:
+                    zero(buffer)
+                del self._versions[version.key_id]
+                self._usage.pop(version.key_id, None)
+            del self._lineages[lineage_id]
+            self._policies.pop(lineage_id, None)
+            self._lineage_created.pop(lineage_id, None)
+            if found[0].name is not None:
+                self._names.pop((realm, found[0].name), None)
+            self._state_changes += 1
+
+    def restore_lineage(self, record: LineageRecord) -> None:
+        with self._lock:
+            ids = [v.key_id for v in record.versions]
+            if record.lineage_id in self._lineages or any(k in self._versions for k in ids):
+                raise ConflictError(
+                    f"key {record.lineage_id} (or one of its versions) already exists",
+                    code="key_exists",
+                )
+            if record.name is not None and (record.realm, record.name) in self._names:
+                raise ConflictError(
+                    f"a key named {record.name!r} already exists", code="name_taken"
+                )
+            for item in sorted(record.versions, key=lambda v: v.version):
+                version = KeyVersion(
+                    key_id=item.key_id,
+                    lineage_id=record.lineage_id,
+                    name=record.name,
+                    realm=record.realm,
+                    version=item.version,
+                    algorithm=record.algorithm,
+                    state=item.state,
+                    created_at=item.created_at,
+                )
+                self._versions[item.key_id] = version
+                if item.material is not None:
+                    self._material[item.key_id] = bytearray(item.material)
+                self._usage[item.key_id] = item.encryptions
+            self._lineages[record.lineage_id] = sorted(ids, key=lambda k: self._versions[k].version)
+            self._lineage_created[record.lineage_id] = record.created_at
+            self._policies[record.lineage_id] = record.policy
+            if record.name is not None:
+                self._names[(record.realm, record.name)] = record.lineage_id
+            self._state_changes += 1
+
+    def lineages(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [
+                (self._versions[ids[0]].realm, lineage_id)
+                for lineage_id, ids in self._lineages.items()
+            ]
 
     def close(self) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ still active. The unique (lineage_id, version) constraint is the backstop.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +18,15 @@ from sqlalchemy.exc import IntegrityError
 
 from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
 from qimem.hooks import hookimpl
-from qimem.keys import KeyState, KeyVersion, new_id, not_active_error
-from qimem.keystore import KeyStore
+from qimem.keys import (
+    KeyState,
+    KeyVersion,
+    LineagePolicy,
+    LineageRecord,
+    new_id,
+    not_active_error,
+)
+from qimem.keystore import KeyStore, check_transition, destroyed_error
 from qimem.registry import RegisterKeyStore
 from qimem.rootkey import KeyWrapper
 from qimem.sql import create_engine, migrate, translate_errors
@@ -38,6 +46,12 @@ lineages = sa.Table(
     sa.Column("name", sa.String(128)),
     sa.Column("algorithm", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("min_decryption_version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("min_encryption_version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("usage_limit", sa.BigInteger),
+    sa.Column("auto_rotate_seconds", sa.BigInteger),
+    sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("deletion_date", sa.DateTime(timezone=True)),
 )
 versions = sa.Table(
     "qimem_key_versions",
@@ -50,6 +64,7 @@ versions = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("material", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 _METADATA_COLUMNS = (
@@ -74,10 +89,29 @@ def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algori
     return f"qimem-key-v1|{realm}|{lineage_id}|{key_id}|{version}|{algorithm}".encode()
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite drops the offset; all is UTC
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+_POLICY_COLUMNS = (
+    "min_decryption_version",
+    "min_encryption_version",
+    "usage_limit",
+    "auto_rotate_seconds",
+    "deletion_protection",
+    "deletion_date",
+)
+
+
+def _policy_values(policy: LineagePolicy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in _POLICY_COLUMNS}
+
+
 def _to_version(row: Any) -> KeyVersion:
-    created = row.created_at
-    if created.tzinfo is None:  # SQLite drops the offset; everything is stored in UTC
-        created = created.replace(tzinfo=UTC)
+    created = _utc(row.created_at)
+    assert created is not None
     return KeyVersion(
         key_id=row.key_id,
         lineage_id=row.lineage_id,
@@ -307,15 +341,186 @@ class SqlKeyStore(KeyStore):
             versions.c.lineage_id,
             versions.c.version,
             versions.c.algorithm,
+            versions.c.state,
         ).where(versions.c.key_id == key_id, versions.c.realm == realm)
         with translate_errors(), self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
             raise NotFoundError(f"no key {key_id!r}")
+        if row.state == KeyState.DESTROYED.value:
+            raise destroyed_error(self.get(realm, key_id))
         return self._wrapper.unwrap(
             row.material,
             _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
         )
+
+    def _bump_marker(self, conn: sa.Connection) -> None:
+        conn.execute(
+            sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=new_id())
+        )
+
+    def _lineage_row(self, conn: sa.Connection, realm: str, lineage_id: str) -> Any:
+        row = conn.execute(
+            sa.select(lineages).where(
+                lineages.c.lineage_id == lineage_id, lineages.c.realm == realm
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return row
+
+    def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
+        with translate_errors(), self.engine.connect() as conn:
+            row = self._lineage_row(conn, realm, lineage_id)
+        return LineagePolicy(
+            min_decryption_version=row.min_decryption_version,
+            min_encryption_version=row.min_encryption_version,
+            usage_limit=row.usage_limit,
+            auto_rotate_seconds=row.auto_rotate_seconds,
+            deletion_protection=bool(row.deletion_protection),
+            deletion_date=_utc(row.deletion_date),
+        )
+
+    def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:
+        with translate_errors(), self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(lineages)
+                .where(lineages.c.lineage_id == lineage_id, lineages.c.realm == realm)
+                .values(**_policy_values(policy))
+            ).rowcount
+            if updated != 1:
+                raise NotFoundError(f"no key {lineage_id!r}")
+            self._bump_marker(conn)
+        return policy
+
+    def set_state(self, realm: str, key_id: str, state: KeyState) -> KeyVersion:
+        with translate_errors(), self.engine.begin() as conn:
+            current = self._get(conn, realm, key_id)
+            check_transition(current, state)
+            if current.state is state:
+                return current
+            values: dict[str, Any] = {"state": state.value}
+            if state is KeyState.DESTROYED:
+                values["material"] = b""  # the wrapped material is gone from the row
+            changed = conn.execute(
+                sa.update(versions)
+                .where(versions.c.key_id == key_id, versions.c.state == current.state.value)
+                .values(**values)
+            ).rowcount
+            if changed != 1:
+                raise ConflictError(
+                    f"key {key_id} changed state concurrently; retry", code="conflict"
+                )
+            self._bump_marker(conn)
+        return replace(current, state=state)
+
+    def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        with translate_errors(), self.engine.begin() as conn:
+            # The UPDATE takes the row lock first, so concurrent reservations serialize.
+            conn.execute(
+                sa.update(versions)
+                .where(versions.c.key_id == key_id, versions.c.realm == realm)
+                .values(encryptions=versions.c.encryptions + 0)
+            )
+            used = conn.execute(
+                sa.select(versions.c.encryptions).where(
+                    versions.c.key_id == key_id, versions.c.realm == realm
+                )
+            ).scalar()
+            if used is None:
+                raise NotFoundError(f"no key {key_id!r}")
+            granted = max(0, min(count, limit - int(used)))
+            if granted:
+                conn.execute(
+                    sa.update(versions)
+                    .where(versions.c.key_id == key_id)
+                    .values(encryptions=versions.c.encryptions + granted)
+                )
+        return granted
+
+    def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
+        query = sa.select(versions.c.key_id, versions.c.encryptions).where(
+            versions.c.lineage_id == lineage_id, versions.c.realm == realm
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return {row.key_id: int(row.encryptions) for row in rows}
+
+    def delete_lineage(self, realm: str, lineage_id: str) -> None:
+        with translate_errors(), self.engine.begin() as conn:
+            self._lineage_row(conn, realm, lineage_id)
+            conn.execute(
+                sa.update(versions)
+                .where(versions.c.lineage_id == lineage_id)
+                .values(material=b"", state=KeyState.DESTROYED.value)
+            )
+            conn.execute(sa.delete(versions).where(versions.c.lineage_id == lineage_id))
+            conn.execute(sa.delete(lineages).where(lineages.c.lineage_id == lineage_id))
+            self._bump_marker(conn)
+
+    def restore_lineage(self, record: LineageRecord) -> None:
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(lineages).values(
+                        lineage_id=record.lineage_id,
+                        realm=record.realm,
+                        name=record.name,
+                        algorithm=record.algorithm,
+                        created_at=record.created_at,
+                        **_policy_values(record.policy),
+                    )
+                )
+                for item in record.versions:
+                    version = KeyVersion(
+                        key_id=item.key_id,
+                        lineage_id=record.lineage_id,
+                        name=record.name,
+                        realm=record.realm,
+                        version=item.version,
+                        algorithm=record.algorithm,
+                        state=item.state,
+                        created_at=item.created_at,
+                    )
+                    self._insert_version(conn, version, item.material or b"")
+                    if item.material is None:
+                        conn.execute(
+                            sa.update(versions)
+                            .where(versions.c.key_id == item.key_id)
+                            .values(material=b"")
+                        )
+                    conn.execute(
+                        sa.update(versions)
+                        .where(versions.c.key_id == item.key_id)
+                        .values(encryptions=item.encryptions)
+                    )
+                self._bump_marker(conn)
+        except IntegrityError:
+            taken = record.name is not None and self._name_taken(record.realm, record.name)
+            if taken:
+                raise ConflictError(
+                    f"a key named {record.name!r} already exists", code="name_taken"
+                ) from None
+            raise ConflictError(
+                f"key {record.lineage_id} (or one of its versions) already exists",
+                code="key_exists",
+            ) from None
+
+    def _name_taken(self, realm: str, name: str) -> bool:
+        query = sa.select(lineages.c.lineage_id).where(
+            lineages.c.realm == realm, lineages.c.name == name
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def lineages(self) -> list[tuple[str, str]]:
+        query = sa.select(lineages.c.realm, lineages.c.lineage_id).order_by(
+            lineages.c.created_at, lineages.c.lineage_id
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [(row.realm, row.lineage_id) for row in conn.execute(query)]
 
     def ping(self) -> None:
         with translate_errors(), self.engine.connect() as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -104,3 +104,81 @@ def not_active_error(current: KeyVersion, active: KeyVersion | None) -> KeyNotAc
         f"{label} is no longer active; the active version is {active.key_id} "
         f"(version {active.version})"
     )
+
+
+#: The default usage limit: messages one version may encrypt before it is rotated. Random
+#: 96-bit nonces are safe up to about 2^32 messages per key (NIST SP 800-38D); at 2^31 the
+#: chance of any nonce collision is below 2^-35.
+DEFAULT_USAGE_LIMIT = 2**31
+
+
+@dataclass(frozen=True)
+class LineagePolicy:
+    """Lifecycle settings of a lineage (DESIGN.md §3, issue 7).
+
+    ``min_decryption_version``: older versions refuse to decrypt. ``min_encryption_version``:
+    the active version must be at least this (encryption always uses the active version).
+    ``usage_limit``: messages one version may encrypt before it is rotated automatically
+    (``None``: the deployment default). ``auto_rotate_seconds``: rotate the active version
+    once it is this old (``None``: never). ``deletion_protection``: refuse destroying
+    versions and scheduling deletion. ``deletion_date``: when a scheduled deletion happens.
+    """
+
+    min_decryption_version: int = 1
+    min_encryption_version: int = 1
+    usage_limit: int | None = None
+    auto_rotate_seconds: int | None = None
+    deletion_protection: bool = False
+    deletion_date: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_decryption_version": self.min_decryption_version,
+            "min_encryption_version": self.min_encryption_version,
+            "usage_limit": self.usage_limit,
+            "auto_rotate_seconds": self.auto_rotate_seconds,
+            "deletion_protection": self.deletion_protection,
+            "deletion_date": self.deletion_date.isoformat() if self.deletion_date else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LineagePolicy:
+        """The inverse of :meth:`to_dict` (used by backups)."""
+        date = data.get("deletion_date")
+        return cls(
+            min_decryption_version=int(data.get("min_decryption_version", 1)),
+            min_encryption_version=int(data.get("min_encryption_version", 1)),
+            usage_limit=None if data.get("usage_limit") is None else int(data["usage_limit"]),
+            auto_rotate_seconds=(
+                None
+                if data.get("auto_rotate_seconds") is None
+                else int(data["auto_rotate_seconds"])
+            ),
+            deletion_protection=bool(data.get("deletion_protection", False)),
+            deletion_date=datetime.fromisoformat(date) if date else None,
+        )
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version with its material, as a backup holds it (``material`` None: destroyed)."""
+
+    key_id: str
+    version: int
+    state: KeyState
+    created_at: datetime
+    encryptions: int
+    material: bytearray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """A whole lineage with material, for :meth:`qimem.keystore.KeyStore.restore_lineage`."""
+
+    lineage_id: str
+    realm: str
+    name: str | None
+    algorithm: str
+    created_at: datetime
+    policy: LineagePolicy
+    versions: list[VersionRecord]

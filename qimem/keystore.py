@@ -9,7 +9,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from qimem.keys import KeyVersion
+from qimem.errors import ConflictError, DecryptionError, ValidationError
+from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord
+
+
+def _unsupported(store: KeyStore, what: str) -> ValidationError:
+    return ValidationError(
+        f"the {type(store).__name__} key store does not support {what}", code="unsupported"
+    )
+
+
+def _label(version: KeyVersion) -> str:
+    return f"key {version.key_id} (version {version.version})"
+
+
+def check_transition(current: KeyVersion, target: KeyState) -> None:
+    """Refuse a state change :meth:`KeyStore.set_state` does not allow (shared by stores).
+
+    :raises ConflictError: ``key_active``, ``key_destroyed`` or ``invalid_state``.
+    """
+    if target is KeyState.ACTIVE:
+        raise ConflictError(
+            "a version becomes active only by rotation; enable makes it decrypt-only",
+            code="invalid_state",
+        )
+    if current.state is target:
+        return
+    if current.state is KeyState.ACTIVE:
+        raise ConflictError(
+            f"{_label(current)} is the active version; rotate the key first, then "
+            f"{'destroy' if target is KeyState.DESTROYED else 'disable'} the old version",
+            code="key_active",
+        )
+    if current.state is KeyState.DESTROYED:
+        raise ConflictError(f"{_label(current)} is destroyed", code="key_destroyed")
+
+
+def destroyed_error(version: KeyVersion) -> DecryptionError:
+    """The error for using a destroyed version's material."""
+    return DecryptionError(
+        f"{_label(version)} was destroyed; what it encrypted can no longer be decrypted",
+        code="key_destroyed",
+    )
 
 
 class KeyStore(ABC):
@@ -72,8 +113,72 @@ class KeyStore(ABC):
         :raises NotFoundError: no such version in ``realm``.
         """
 
+    # -- lifecycle (issue 7). Optional for third-party stores: the defaults refuse. -------
+
+    def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
+        """The lifecycle policy of a lineage (defaults when never set).
+
+        :raises NotFoundError: no such lineage in ``realm``.
+        """
+        self.versions(realm, lineage_id)
+        return LineagePolicy()
+
+    def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:
+        """Replace a lineage's policy and change :meth:`rotation_marker` in the same
+        transaction. The caller validated ``policy``.
+
+        :raises NotFoundError: no such lineage in ``realm``.
+        """
+        raise _unsupported(self, "lineage policies")
+
+    def set_state(self, realm: str, key_id: str, state: KeyState) -> KeyVersion:
+        """Move a non-active version between ``decrypt-only`` and ``disabled``, or to
+        ``destroyed`` (its material is overwritten and removed; irreversible). Changes
+        :meth:`rotation_marker`. Setting the state a version already has is a no-op.
+
+        :raises NotFoundError: no such version in ``realm``.
+        :raises ConflictError: ``key_active`` (the active version: rotate first),
+            ``key_destroyed`` (a destroyed version cannot come back), or an ``active``
+            target state.
+        """
+        raise _unsupported(self, "version states")
+
+    def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        """Atomically add up to ``count`` to the version's encryption counter without
+        passing ``limit``; return how many were granted (0 when the counter is at the
+        limit). Callers reserve before they encrypt, so a crash never under-counts.
+
+        :raises NotFoundError: no such version in ``realm``.
+        """
+        raise _unsupported(self, "usage counters")
+
+    def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
+        """``{key_id: encryptions counted}`` for every version of a lineage."""
+        return {v.key_id: 0 for v in self.versions(realm, lineage_id)}
+
+    def delete_lineage(self, realm: str, lineage_id: str) -> None:
+        """Remove a lineage and all its versions (material overwritten first). Changes
+        :meth:`rotation_marker`.
+
+        :raises NotFoundError: no such lineage in ``realm``.
+        """
+        raise _unsupported(self, "deleting keys")
+
+    def restore_lineage(self, record: LineageRecord) -> None:
+        """Insert a whole lineage from a backup, with its ids, states, policy and counters.
+
+        :raises ConflictError: ``key_exists`` (a lineage or key_id is already present) or
+            ``name_taken``.
+        """
+        raise _unsupported(self, "restoring keys")
+
+    def lineages(self) -> list[tuple[str, str]]:
+        """``(realm, lineage_id)`` of every lineage in every realm (whole-store backup)."""
+        raise _unsupported(self, "listing all realms")
+
     def rotation_marker(self) -> object:
-        """A value that changes whenever any key version changes state (rotation ...).
+        """A value that changes whenever any key version changes state (rotation, disable,
+        enable, destroy, policy change, deletion).
 
         Caches compare it to notice rotations made by other processes. Must be cheap (it is
         called a few times a second per process). ``None`` means the store cannot tell; the

@@ -39,7 +39,10 @@ scoping (another realm's key is :class:`~qimem.errors.NotFoundError`, never a le
 material round trips as a fresh ``bytearray`` the caller may zero; rotation is a
 compare-and-swap that turns the old version decrypt-only, refuses an inactive ``key_id``
 with :class:`~qimem.errors.KeyNotActiveError` naming the active one, and lets exactly one of
-several concurrent rotations win.
+several concurrent rotations win. Lifecycle (issue 7): lineage policies, version states
+(disable, enable, destroy: material gone, the active version refused), usage reservations
+that never pass their limit (also concurrently), deleting and restoring whole lineages, and
+:meth:`~qimem.keystore.KeyStore.rotation_marker` changing on state and policy changes.
 """
 
 from __future__ import annotations
@@ -47,12 +50,26 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from qimem.errors import ConflictError, KeyNotActiveError, NotFoundError, QimemError
-from qimem.keys import KeyState, KeyVersion, new_id
+from qimem.errors import (
+    ConflictError,
+    DecryptionError,
+    KeyNotActiveError,
+    NotFoundError,
+    QimemError,
+)
+from qimem.keys import (
+    KeyState,
+    KeyVersion,
+    LineagePolicy,
+    LineageRecord,
+    VersionRecord,
+    new_id,
+)
 from qimem.keystore import KeyStore
 
 __all__ = ["KeyStoreContract", "run_concurrently"]
@@ -326,3 +343,132 @@ class KeyStoreContract:
             with pytest.raises(QimemError) as info:
                 call()
             assert isinstance(info.value, NotFoundError)
+
+    # -- lifecycle (issue 7) ----------------------------------------------------------------
+
+    def test_policy_defaults_and_set(self, store: KeyStore) -> None:
+        key = store.create(self.realm, self.algorithm, self.make_material())
+        assert store.policy(self.realm, key.lineage_id) == LineagePolicy()
+        before = store.rotation_marker()
+        when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+        policy = LineagePolicy(
+            min_decryption_version=1,
+            min_encryption_version=1,
+            usage_limit=1000,
+            auto_rotate_seconds=86400,
+            deletion_protection=True,
+            deletion_date=when,
+        )
+        assert store.set_policy(self.realm, key.lineage_id, policy) == policy
+        assert store.policy(self.realm, key.lineage_id) == policy
+        if before is not None:
+            assert store.rotation_marker() != before
+        with pytest.raises(NotFoundError):
+            store.policy(self.other_realm, key.lineage_id)
+        with pytest.raises(NotFoundError):
+            store.set_policy(self.other_realm, key.lineage_id, LineagePolicy())
+        assert store.policy(self.realm, key.lineage_id) == policy
+
+    def test_disable_enable_destroy(self, store: KeyStore) -> None:
+        v1 = store.create(self.realm, self.algorithm, self.make_material())
+        v2 = store.rotate(self.realm, v1.key_id, self.make_material())
+        marker = store.rotation_marker()
+        disabled = store.set_state(self.realm, v1.key_id, KeyState.DISABLED)
+        assert disabled.state is KeyState.DISABLED
+        assert store.get(self.realm, v1.key_id).state is KeyState.DISABLED
+        if marker is not None:
+            assert store.rotation_marker() != marker
+        # Idempotent, and the active version is untouched.
+        assert store.set_state(self.realm, v1.key_id, KeyState.DISABLED).state is KeyState.DISABLED
+        assert store.get(self.realm, v2.key_id).state is KeyState.ACTIVE
+        enabled = store.set_state(self.realm, v1.key_id, KeyState.DECRYPT_ONLY)
+        assert enabled.state is KeyState.DECRYPT_ONLY
+        store.set_state(self.realm, v1.key_id, KeyState.DESTROYED)
+        assert store.get(self.realm, v1.key_id).state is KeyState.DESTROYED
+        with pytest.raises(DecryptionError) as info:
+            store.material(self.realm, v1.key_id)
+        assert info.value.code == "key_destroyed"
+        with pytest.raises(ConflictError) as conflict:
+            store.set_state(self.realm, v1.key_id, KeyState.DECRYPT_ONLY)
+        assert conflict.value.code == "key_destroyed"
+        assert store.material(self.realm, v2.key_id)  # the other version is intact
+
+    def test_active_version_state_is_refused(self, store: KeyStore) -> None:
+        key = store.create(self.realm, self.algorithm, self.make_material())
+        for target in (KeyState.DISABLED, KeyState.DESTROYED, KeyState.ACTIVE):
+            with pytest.raises(ConflictError):
+                store.set_state(self.realm, key.key_id, target)
+        assert store.get(self.realm, key.key_id).state is KeyState.ACTIVE
+        with pytest.raises(NotFoundError):
+            store.set_state(self.other_realm, key.key_id, KeyState.DISABLED)
+
+    def test_reserve_usage_never_passes_the_limit(self, store: KeyStore) -> None:
+        key = store.create(self.realm, self.algorithm, self.make_material())
+        assert store.reserve_usage(self.realm, key.key_id, 4, 10) == 4
+        assert store.reserve_usage(self.realm, key.key_id, 4, 10) == 4
+        assert store.reserve_usage(self.realm, key.key_id, 4, 10) == 2
+        assert store.reserve_usage(self.realm, key.key_id, 4, 10) == 0
+        assert store.usage(self.realm, key.lineage_id) == {key.key_id: 10}
+        with pytest.raises(NotFoundError):
+            store.reserve_usage(self.other_realm, key.key_id, 1, 10)
+
+    def test_concurrent_reservations_add_up(self, store: KeyStore) -> None:
+        key = store.create(self.realm, self.algorithm, self.make_material())
+        results = run_concurrently(
+            self.concurrency, lambda _: store.reserve_usage(self.realm, key.key_id, 3, 20)
+        )
+        assert all(isinstance(r, int) for r in results), results
+        assert sum(results) == min(20, 3 * self.concurrency)
+        assert store.usage(self.realm, key.lineage_id)[key.key_id] == sum(results)
+
+    def test_delete_lineage(self, store: KeyStore) -> None:
+        gone = store.create(self.realm, self.algorithm, self.make_material(), name="gone")
+        store.rotate(self.realm, gone.key_id, self.make_material())
+        kept = store.create(self.realm, self.algorithm, self.make_material(), name="kept")
+        with pytest.raises(NotFoundError):
+            store.delete_lineage(self.other_realm, gone.lineage_id)
+        store.delete_lineage(self.realm, gone.lineage_id)
+        with pytest.raises(NotFoundError):
+            store.get(self.realm, gone.key_id)
+        with pytest.raises(NotFoundError):
+            store.find_lineage(self.realm, "gone")
+        assert [k.key_id for k in store.list(self.realm)] == [kept.key_id]
+        assert (self.realm, gone.lineage_id) not in store.lineages()
+        # The name is free again.
+        store.create(self.realm, self.algorithm, self.make_material(), name="gone")
+
+    def test_restore_lineage_round_trip(self, store: KeyStore) -> None:
+        materials = [self.make_material() for _ in range(3)]
+        created = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+        record = LineageRecord(
+            lineage_id=new_id(),
+            realm=self.realm,
+            name="restored",
+            algorithm=self.algorithm,
+            created_at=created,
+            policy=LineagePolicy(min_decryption_version=2, usage_limit=50),
+            versions=[
+                VersionRecord(new_id(), 1, KeyState.DESTROYED, created, 7, None),
+                VersionRecord(new_id(), 2, KeyState.DISABLED, created, 8, materials[1]),
+                VersionRecord(new_id(), 3, KeyState.ACTIVE, created, 9, materials[2]),
+            ],
+        )
+        store.restore_lineage(record)
+        assert store.find_lineage(self.realm, "restored") == record.lineage_id
+        found = store.versions(self.realm, record.lineage_id)
+        assert [(v.key_id, v.version, v.state) for v in found] == [
+            (r.key_id, r.version, r.state) for r in record.versions
+        ]
+        assert store.policy(self.realm, record.lineage_id) == record.policy
+        assert store.material(self.realm, record.versions[2].key_id) == materials[2]
+        assert store.material(self.realm, record.versions[1].key_id) == materials[1]
+        with pytest.raises(DecryptionError):
+            store.material(self.realm, record.versions[0].key_id)
+        usage = store.usage(self.realm, record.lineage_id)
+        assert [usage[r.key_id] for r in record.versions] == [7, 8, 9]
+        assert (self.realm, record.lineage_id) in store.lineages()
+        with pytest.raises(ConflictError):
+            store.restore_lineage(record)
+        # Rotation continues the restored numbering.
+        v4 = store.rotate(self.realm, record.versions[2].key_id, self.make_material())
+        assert v4.version == 4
