@@ -150,7 +150,8 @@ def encrypt(
             f"plaintext is over the envelope limit of {app.config.max_envelope_bytes} bytes; "
             "use the stream format for large data"
         )
-    key = app.cache.by_ref.get((realm, ref))  # KeyCache.for_encrypt, inlined
+    refs = app.cache.by_ref.get(realm)  # KeyCache.for_encrypt, inlined
+    key = refs.get(ref) if refs is not None else None
     if key is None or key.expires <= _monotonic():
         key = _encryption_key(app, ref, realm)
     nonce = os.urandom(key.nonce_size)
