@@ -55,6 +55,8 @@ GROUP_FILES = 128
 GROUP_BYTES = 16 << 20
 #: With jobs > 1, files at least this big are split into segment ranges across workers.
 SPLIT_BYTES = 8 << 20
+#: The largest segment range one worker task seals or opens.
+RANGE_BYTES = 32 << 20
 #: Start writeback of an output every this many bytes (overlaps disk I/O with crypto).
 WRITEBACK_BYTES = 16 << 20
 #: Files from this size on start their writeback as soon as they are written.
@@ -500,7 +502,9 @@ def _prepare_split(
         os.close(fd)
         tmp.unlink()
         raise
-    pieces = max(1, min(jobs, count))
+    # At least one range per worker, and none over RANGE_BYTES: balances the workers and
+    # keeps Ctrl-C quick (running tasks are allowed to finish).
+    pieces = max(1, min(count, max(jobs, -(-task.size // RANGE_BYTES))))
     bounds = [count * i // pieces for i in range(pieces + 1)]
     ranges = [(bounds[i], bounds[i + 1]) for i in range(pieces) if bounds[i] < bounds[i + 1]]
     return _Split(task, fd, tmp, len(ranges), size), ranges

@@ -196,3 +196,40 @@ def test_sigkill_mid_batch_leaves_only_complete_outputs(home: Path, tmp_path: Pa
     assert finish.exit_code == 6
     assert not [p for p in src.iterdir() if TEMP_MARKER in p.name]  # dead run's temps gone
     assert len(list(src.glob("*.qimem"))) == 1500
+
+
+def test_ctrl_c_mid_batch_cleans_up(home: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) to a running ``--jobs 2`` batch: exit 130, no temp files, and every
+    output that exists is complete."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(1500):
+        (src / f"f{i:04}").write_bytes(bytes([i % 256]) * (1024 + i))
+    out = tmp_path / "out"
+    env = dict(os.environ, QIMEM_HOME=str(home))
+    proc = subprocess.Popen(
+        [str(QIMEM), "encrypt", "--key", "k", str(src), "--out-dir", str(out), "--jobs", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and any(out.glob("*.qimem"))) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "qimem: interrupted"
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if TEMP_MARKER in n]
+    assert 0 < len(names) < 1500, "the interrupt should land mid-batch"
+    check = tmp_path / "check"
+    ok("decrypt", str(out), "--out-dir", str(check), "--quiet")
+    for path in check.iterdir():
+        assert path.read_bytes() == (src / path.name).read_bytes()
