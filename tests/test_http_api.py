@@ -381,6 +381,30 @@ def test_access_log_is_structured_and_holds_no_secrets(
         assert secret not in logged
 
 
+def test_access_log_handler_batches_lines_and_flushes_on_close(client: testing.TestClient) -> None:
+    import io
+
+    from qimem.server.middleware import AccessLogHandler
+
+    logger = logging.getLogger("qimem.server.access")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    out = io.StringIO()
+    handler = AccessLogHandler(out, flush_interval=60)  # only close() flushes in this test
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(3):
+            client.simulate_get("/healthz")
+        assert out.getvalue() == ""  # batched, not written on the request path
+        handler.close()
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["route"], x["status"]) for x in lines] == [("/healthz", 200)] * 3
+
+
 def test_openapi_served_and_covers_every_route(memory_app: AppContext) -> None:
     doc = openapi_document()
     assert doc["openapi"].startswith("3.1")

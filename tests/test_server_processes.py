@@ -139,6 +139,10 @@ def test_sigterm_lets_the_request_in_flight_finish(
     assert server.stop() == 0
     log = server.log()
     assert "qimem: stopped" in log and "Traceback" not in log
+    access = [json.loads(line) for line in log.splitlines() if line.startswith('{"event"')]
+    assert [(a["method"], a["route"], a["status"]) for a in access] == [
+        ("POST", "/v1/security/keys", 201)
+    ]  # written out at shutdown
 
     from conftest import make_app
 
