@@ -429,7 +429,11 @@ def manifest_path(entry_point: Any) -> Path | None:
     wanted = [tuple(parts[:i]) for i in range(len(parts), 0, -1)]
     for folder in wanted:
         for item in files:
-            if item.name == MANIFEST_FILENAME and tuple(item.parts[:-1]) == folder:
+            if (
+                dist is not None
+                and item.name == MANIFEST_FILENAME
+                and tuple(item.parts[:-1]) == folder
+            ):
                 located = Path(str(dist.locate_file(item)))
                 if located.is_file():
                     return located

@@ -165,12 +165,9 @@ def _build_wheel(source: Path, out: Path) -> Path:
             ".git", "__pycache__", "*.egg-info", "build", "dist", ".*_cache", "venv", ".venv"
         ),
     )
-    try:
-        import setuptools  # noqa: F401
-
-        isolation = ["--no-build-isolation"]  # build requirements are here: no download
-    except ImportError:
-        isolation = []
+    # With the build requirements installed here, build without downloading anything;
+    # otherwise (a fresh CI venv) let pip fetch them into an isolated build environment.
+    isolation = ["--no-build-isolation"] if _build_requirements_met(source) else []
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(out)]
         + [str(copy)],
@@ -182,6 +179,25 @@ def _build_wheel(source: Path, out: Path) -> Path:
     name = source.name.replace("-", "_") if source != REPO else "qimem"
     (wheel,) = out.glob(f"{name}-*.whl")
     return wheel
+
+
+def _build_requirements_met(source: Path) -> bool:
+    """Whether this environment satisfies ``source``'s ``[build-system] requires``."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    requires = tomllib.loads((source / "pyproject.toml").read_text())["build-system"]["requires"]
+    for text in requires:
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            return False
+        if not requirement.specifier.contains(installed, prereleases=True):
+            return False
+    return True
 
 
 def _dependency_dir(base: Path) -> Path:
@@ -393,5 +409,9 @@ def test_docs_contract_example_passes_the_contract(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    expected = len([name for name in dir(KeyStoreContract) if name.startswith("test_")])
-    assert f"{expected} passed" in result.stdout
+    tests = [getattr(KeyStoreContract, n) for n in dir(KeyStoreContract) if n.startswith("test_")]
+    optional = [t for t in tests if getattr(t, "optional_capability", False)]
+    # DictKeyStore implements the core contract; the lifecycle methods keep the KeyStore
+    # defaults (refused as unsupported), so their checks are skipped, never failed.
+    assert f"{len(tests) - len(optional)} passed, {len(optional)} skipped" in result.stdout
+    assert "failed" not in result.stdout and len(optional) >= 1

@@ -385,11 +385,12 @@ def _inspect(app: AppContext) -> dict[str, PluginInfo]:
             )
 
     for name, data in _catalog(app).all().items():
-        info = infos.get(name)
-        if info is None:
-            info = infos[name] = PluginInfo(
+        found = infos.get(name)
+        if found is None:
+            found = infos[name] = PluginInfo(
                 name=name, reason="not installed (only its manifest is registered)"
             )
+        info = found
         info.registered = True
         info.registered_manifest = data
         if info.manifest is None:
