@@ -1,14 +1,18 @@
 """The Falcon app factory: one app, built from an AppContext and a few server options.
 
-``create_app(app_ctx, insecure_no_auth=True)`` is the unified server (``qimem serve``,
-``qauth-api``); with ``short_paths=True`` it also answers ``POST /keys``, ``/encrypt``,
-``/decrypt`` and ``/rotate`` (``qimem-api``). Resources are thin: parse and validate the
-body, call the same :mod:`qimem.services` function as the CLI, render the result.
+``create_app(app_ctx)`` is the unified server (``qimem serve``, ``qauth-api``): security,
+identity and plugin APIs and operations endpoints. ``qimem-api`` is
+``create_app(app_ctx, short_paths=True, security_only=True)``: the security API alone, also
+answering ``POST /keys``, ``/encrypt``, ``/decrypt`` and ``/rotate``.
+
+Resources are thin: parse and validate the body, call the same :mod:`qimem.services`
+function as the CLI, render the result.
 """
 
 from __future__ import annotations
 
 import falcon
+import falcon.inspect
 
 from qimem.app import AppContext
 from qimem.server import errors
@@ -32,6 +36,7 @@ from qimem.server.ops import (
 from qimem.server.plugins import PLUGINS_PATH, PluginsResource
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+OPENAPI_PATH = "/v1/openapi.json"
 
 
 def create_app(
@@ -39,6 +44,7 @@ def create_app(
     *,
     insecure_no_auth: bool = False,
     short_paths: bool = False,
+    security_only: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: Metrics | None = None,
 ) -> falcon.App:
@@ -47,6 +53,8 @@ def create_app(
     :param insecure_no_auth: serve without tokens, to loopback clients only (local
         development); otherwise every route except the public ones needs a bearer token.
     :param short_paths: also answer ``qimem-api``'s short paths.
+    :param security_only: serve the security API and operations endpoints only, without the
+        identity and plugin APIs (``qimem-api``; tokens are still verified).
     :param max_body_bytes: request bodies over this many bytes get 413.
     :param metrics: the metrics to record into (default: a fresh per-app registry).
     """
@@ -80,12 +88,14 @@ def create_app(
         app.add_route("/decrypt", crypto["decrypt"])
         app.add_route("/rotate", rotate)
 
-    plugins = PluginsResource(app_ctx, max_body_bytes)
-    app.add_route(PLUGINS_PATH, plugins)
-    app.add_route(PLUGINS_PATH + "/{name}", plugins, suffix="item")
-    add_auth_routes(app, app_ctx, max_body_bytes)
+    if not security_only:
+        plugins = PluginsResource(app_ctx, max_body_bytes)
+        app.add_route(PLUGINS_PATH, plugins)
+        app.add_route(PLUGINS_PATH + "/{name}", plugins, suffix="item")
+        add_auth_routes(app, app_ctx, max_body_bytes)
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(app_ctx))
     app.add_route("/metrics", MetricsResource(metrics))
-    app.add_route("/v1/openapi.json", OpenApiResource(short_paths=short_paths))
+    served = [route.path for route in falcon.inspect.inspect_routes(app)]
+    app.add_route(OPENAPI_PATH, OpenApiResource([*served, OPENAPI_PATH]))
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -65,12 +66,12 @@ class MetricsResource:
 
 
 class OpenApiResource:
-    """``GET /v1/openapi.json``: the document, without the paths this app does not serve."""
+    """``GET /v1/openapi.json``: the document, with only the paths this app serves."""
 
-    def __init__(self, *, short_paths: bool) -> None:
+    def __init__(self, paths: Iterable[str]) -> None:
+        served = set(paths)
         doc = dict(openapi_document())
-        if not short_paths:
-            doc["paths"] = {p: v for p, v in doc["paths"].items() if p not in SHORT_PATHS}
+        doc["paths"] = {p: v for p, v in doc["paths"].items() if p in served}
         self._data = json.dumps(doc, separators=(",", ":")).encode()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -405,21 +405,28 @@ def test_access_log_handler_batches_lines_and_flushes_on_close(client: testing.T
     assert [(x["route"], x["status"]) for x in lines] == [("/healthz", 200)] * 3
 
 
-def test_openapi_served_and_covers_every_route(memory_app: AppContext) -> None:
+@pytest.mark.parametrize(
+    "flavour",
+    [{}, {"short_paths": True, "security_only": True}, {"short_paths": True}],
+    ids=["unified", "qimem-api", "unified+short"],
+)
+def test_openapi_served_and_covers_every_route(memory_app: AppContext, flavour: dict) -> None:
     doc = openapi_document()
     assert doc["openapi"].startswith("3.1")
-    for short_paths in (False, True):
-        app = create_app(memory_app, insecure_no_auth=True, short_paths=short_paths)
-        served = testing.TestClient(app).simulate_get("/v1/openapi.json").json
-        routes = {
-            (route.path, method.method.lower())
-            for route in falcon.inspect.inspect_routes(app)
-            for method in route.methods
-            if not method.internal
-        }
-        documented = {(path, method) for path, ops in served["paths"].items() for method in ops}
-        assert routes == documented
-        assert set(served["paths"]) <= set(doc["paths"])
+    app = create_app(memory_app, insecure_no_auth=True, **flavour)
+    served = testing.TestClient(app).simulate_get("/v1/openapi.json").json
+    routes = {
+        (route.path, method.method.lower())
+        for route in falcon.inspect.inspect_routes(app)
+        for method in route.methods
+        if not method.internal
+    }
+    documented = {(path, method) for path, ops in served["paths"].items() for method in ops}
+    assert routes == documented
+    assert set(served["paths"]) <= set(doc["paths"])
+    paths = {path for path, _ in routes}
+    assert ("/keys" in paths) == bool(flavour.get("short_paths"))
+    assert any(p.startswith("/v1/auth/") for p in paths) != bool(flavour.get("security_only"))
 
 
 def test_openapi_documents_the_error_shape_for_every_error_status() -> None:

@@ -118,6 +118,7 @@ def run_server(
         app_ctx,
         insecure_no_auth=insecure_no_auth,
         short_paths=short_paths,
+        security_only=short_paths,  # qimem-api: the security API alone
         max_body_bytes=max_body_bytes,
     )
     try:
