@@ -62,7 +62,12 @@ class LimitedStream:
         return data
 
     def readline(self, size: int | None = -1) -> bytes:  # WSGI input interface
-        return self.read(size)
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        data = self._stream.readline(want) if want else b""
+        self._left -= len(data)
+        if self._left < 0:
+            raise PayloadTooLargeError(f"request body is over the limit of {self.limit} bytes")
+        return data
 
     def __iter__(self) -> Any:
         return iter(lambda: self.read(_READ_CHUNK), b"")

@@ -219,6 +219,10 @@ def test_lying_content_length_cannot_read_past_the_limit() -> None:
     with pytest.raises(PayloadTooLargeError):
         whole.read()
     assert LimitedStream(io.BytesIO(b"c" * 10), 10).read() == b"c" * 10
+    lines = LimitedStream(io.BytesIO(b"ab\ncd\n" + b"e" * 20), 10)
+    assert lines.readline() == b"ab\n" and lines.readline() == b"cd\n"
+    with pytest.raises(PayloadTooLargeError):
+        lines.readline()
 
 
 # ---- property-based: no input gives a 500 ----------------------------------------------
