@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import runpy
 import shutil
@@ -92,6 +93,12 @@ def post_head(path: str, length: int | None, *, chunked: bool = False) -> bytes:
     elif length is not None:
         lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_waitress_queue_warning_is_silenced(server: Server) -> None:
+    """Waitress logs "Task queue depth" per queued request under load (~10% throughput)."""
+    queue_logger = logging.getLogger("waitress.queue")
+    assert not queue_logger.isEnabledFor(logging.WARNING)
 
 
 def test_round_trip_over_http(server: Server) -> None:
