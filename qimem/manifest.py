@@ -166,7 +166,8 @@ def _describe(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
-def _range_problem(value: str) -> str | None:
+def range_problem(value: str) -> str | None:
+    """What is wrong with a ``qimem_api`` range such as ``">=1,<2"``, or ``None``."""
     if len(value) > MAX_RANGE:
         return f"must be at most {MAX_RANGE} characters"
     for clause in value.split(","):
@@ -220,7 +221,7 @@ def problems(data: Any) -> list[str]:
         bad("description", f"must be one line of 1-{MAX_DESCRIPTION} characters")
     qimem_api = string("qimem_api")
     if qimem_api is not None:
-        problem = _range_problem(qimem_api)
+        problem = range_problem(qimem_api)
         if problem:
             bad("qimem_api", problem)
     homepage = string("homepage")
@@ -362,7 +363,7 @@ def version_in_range(version: tuple[int, ...], spec: str) -> bool:
 
     :raises ValidationError: ``spec`` is not a range.
     """
-    problem = _range_problem(spec)
+    problem = range_problem(spec)
     if problem:
         raise ValidationError(f"version range {spec!r}: {problem}")
     for clause in spec.split(","):

@@ -294,7 +294,7 @@ def _apply_manifest(info: PluginInfo, data: Any, source: str) -> None:
     else:
         info.manifest = mf.validate(data).to_dict()
     spec = data.get("qimem_api") if isinstance(data, dict) else None
-    if isinstance(spec, str) and not mf._range_problem(spec):
+    if isinstance(spec, str) and not mf.range_problem(spec):
         info.compatible = mf.api_compatible(spec)
         if not info.compatible:
             info.problems.append(mf.incompatibility(info.name, spec))
