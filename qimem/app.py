@@ -40,7 +40,7 @@ class AppContext:
         self._lock = threading.RLock()
         if store is not None:
             self.__dict__["store"] = store
-        self.cache = KeyCache(config.cache_ttl)
+        self.cache = KeyCache(config.cache_ttl, revalidate_seconds=config.cache_revalidate)
 
     @cached_property
     def registry(self) -> Registry:

@@ -52,6 +52,7 @@ class Config:
     root_key_b64: str | None = field(default=None, repr=False)
     plugins_enabled: list[str] = field(default_factory=list)
     cache_ttl: float = 5.0
+    cache_revalidate: float = 0.1
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     path: Path | None = None
 
@@ -134,6 +135,7 @@ def load_config(
             root_key_b64=os.environ.get("QIMEM_ROOT_KEY") or None,
             plugins_enabled=list(enabled),
             cache_ttl=float(cache.get("ttl_seconds", 5.0)),
+            cache_revalidate=float(cache.get("revalidate_seconds", 0.1)),
             max_envelope_bytes=int(limits.get("max_envelope_bytes", DEFAULT_MAX_ENVELOPE_BYTES)),
             path=path,
         )

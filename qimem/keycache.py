@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from qimem.crypto import Cipher
 from qimem.keys import KeyVersion
+
+_UNKNOWN = object()
 
 
 @dataclass(slots=True, repr=False)
@@ -46,6 +48,15 @@ class CachedKey:
     version: int
     realm: str
     expires: float
+    # Lifecycle (qimem.services.lifecycle): the TTL expiry (``expires`` is also cut short
+    # at the next marker check), the version's usage limit, the usage counts reserved for
+    # this entry so far, and the unused ones as an iterator: an encryption draws one with
+    # ``next(tickets, None)`` (atomic under the GIL, unlike ``+= 1``; None: reserve more).
+    hard_expires: float = 0.0
+    limit: int = 0
+    reserved: int = 0
+    tickets: Iterator[int] = field(default_factory=lambda: iter(()))
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __repr__(self) -> str:
         return f"<CachedKey {self.key_id} v{self.version}>"
@@ -55,9 +66,17 @@ class KeyCache:
     """Realm-scoped cache for encryption (by the caller's ref) and decryption (by header
     prefix)."""
 
-    def __init__(self, ttl: float, max_entries: int = 4096) -> None:
+    def __init__(
+        self, ttl: float, max_entries: int = 4096, *, revalidate_seconds: float = 0.1
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        # Across servers: entries count only until the next check of the store's
+        # rotation_marker(), made at most every revalidate_seconds (see revalidate).
+        self.revalidate_seconds = revalidate_seconds
+        self._marker: object = _UNKNOWN
+        self._valid_until = 0.0  # entries' ``expires`` never pass this without a check
+        self._check_lock = threading.Lock()
         # The tables: realm -> ref -> entry (nested: a (realm, ref) tuple key costs more to
         # build and hash than a second lookup) and prefix -> entry (the prefix holds the key
         # id). Writes take the lock and change the dicts in place; reads are plain dict
@@ -100,12 +119,54 @@ class KeyCache:
         with self._lock:
             if generation != self.generation:
                 return
+            entry.hard_expires = entry.expires
+            if entry.expires > self._valid_until:
+                entry.expires = self._valid_until
             size = len(self.by_prefix) + sum(len(refs) for refs in self.by_ref.values())
             if size >= self.max_entries:
                 self._drop_all()
             self.by_prefix[entry.prefix] = entry
             if ref is not None:
                 self.by_ref.setdefault(realm, {})[ref] = entry
+
+    def revalidate(self, marker: Callable[[], object]) -> None:
+        """Check the store's rotation marker, at most every ``revalidate_seconds``.
+
+        Called on cache misses (an entry's ``expires`` is cut to the next check, so the
+        first use after that point misses and lands here). If the marker changed (a
+        rotation, state or policy change committed anywhere), every entry is dropped; if
+        not, entries are extended to the next check (never past their TTL). If the store
+        cannot be reached, entries keep serving: no rotation can commit then either. A
+        store whose marker is ``None`` cannot tell, and entries live their TTL.
+        """
+        if time.monotonic() < self._valid_until:
+            return
+        with self._check_lock:
+            now = time.monotonic()
+            if now < self._valid_until:
+                return
+            try:
+                value = marker()
+            except Exception:  # the store is unreachable: keep serving what is cached
+                value = self._marker
+            if value is None:
+                self._valid_until = float("inf")
+            elif value != self._marker:
+                with self._lock:
+                    self.generation += 1
+                    self._drop_all()
+                self._marker = value
+            until = now + self.revalidate_seconds if value is not None else float("inf")
+            with self._lock:
+                for entry in self._entries():
+                    entry.expires = min(entry.hard_expires, until)
+            self._valid_until = until
+
+    def _entries(self) -> list[CachedKey]:
+        found = list(self.by_prefix.values())
+        for refs in self.by_ref.values():
+            found.extend(refs.values())
+        return found
 
     def invalidate_lineage(self, lineage_id: str) -> None:
         """Drop every entry of a lineage (after a rotation or state change)."""

@@ -23,6 +23,7 @@ from qimem.crypto import zero
 from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, ValidationError
 from qimem.keycache import CachedKey
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
+from qimem.services import lifecycle
 from qimem.services.keys import resolve
 
 DATA_KEY_SIZE = 32
@@ -110,15 +111,32 @@ def _load(app: AppContext, version: KeyVersion) -> CachedKey:
 
 def _encryption_key(app: AppContext, ref: str, realm: str) -> CachedKey:
     """Resolve, check and load the key for ``ref`` from the store (on a cache miss)."""
+    app.cache.revalidate(app.store.rotation_marker)  # other servers' rotations
+    cached = app.cache.for_encrypt(realm, ref)
+    if cached is not None:
+        return cached
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     lineage_id, exact = resolve(app, ref, realm)
     if exact is not None and exact.state is not KeyState.ACTIVE:
         versions = app.store.versions(realm, lineage_id)
         raise not_active_error(exact, next((v for v in versions if v.active), None))
     version = exact or app.store.active_version(realm, lineage_id)
-    entry = _load(app, version)
+    checked, limit = lifecycle.check_encryption(app, version)
+    if checked is not version and exact is not None:  # rotated away by age just now
+        raise not_active_error(exact, checked)
+    entry = _load(app, checked)
+    entry.limit = limit
     app.cache.put(realm, entry, ref=ref, generation=generation)
     return entry
+
+
+def _reserved(app: AppContext, key: CachedKey, ref: str, realm: str) -> CachedKey:
+    """Usage accounting's slow path: reserve more counts, or move on after auto-rotation."""
+    while not lifecycle.reserve(app, key):
+        key = _encryption_key(app, ref, realm)
+        if next(key.tickets, None) is not None:
+            break
+    return key
 
 
 def _check_bytes(value: Any, what: str) -> bytes:
@@ -154,6 +172,8 @@ def encrypt(
     key = refs.get(ref) if refs is not None else None
     if key is None or key.expires <= _monotonic():
         key = _encryption_key(app, ref, realm)
+    if next(key.tickets, None) is None:  # usage counting: one reserved count per message
+        key = _reserved(app, key, ref, realm)
     nonce = os.urandom(key.nonce_size)
     head = key.pack_header(key.prefix, nonce, len(plaintext) + key.tag_size)  # env.header
     sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
@@ -165,6 +185,9 @@ def _decryption_key(app: AppContext, parsed: env.Envelope, realm: str) -> Cached
     prefix = parsed.header[: env.PREFIX_SIZE]
     entry = app.cache.for_decrypt(realm, prefix)
     if entry is None:
+        app.cache.revalidate(app.store.rotation_marker)  # other servers' state changes
+        entry = app.cache.for_decrypt(realm, prefix)
+    if entry is None:
         generation = app.cache.generation  # before reading the store: see KeyCache.put
         try:
             version = app.store.get(realm, parsed.key_id_str)
@@ -172,10 +195,7 @@ def _decryption_key(app: AppContext, parsed: env.Envelope, realm: str) -> Cached
             raise NotFoundError(
                 f"the key {parsed.key_id_str} that sealed this envelope does not exist"
             ) from None
-        if version.state not in _DECRYPTABLE:
-            raise DecryptionError(
-                f"key {version.key_id} (version {version.version}) is {version.state.value}"
-            )
+        lifecycle.check_decryption(app, version)  # state, minimum version, deletion
         entry = _load(app, version)
         app.cache.put(realm, entry, generation=generation)
     # The key id matched; the algorithm, key version or nonce size may not.

@@ -1,0 +1,499 @@
+"""Key lifecycle: version policy, usage limits and auto-rotation, version states, deletion.
+
+Everything here is one service function called by the CLI (``qimem keys policy|disable|
+enable|destroy|schedule-deletion|cancel-deletion|purge``) and the HTTP API
+(``/v1/security/keys/{key_id}/...``); docs/keys.md describes the behaviour.
+
+**Usage counting.** Each version counts the messages it encrypted, durably. Counting every
+message in the store would cost a write per encryption, so a process *reserves* blocks of
+counts (``keys.usage_reserve_block``, default 1024) from the store before it uses them: the
+stored count is always at least the number of messages really encrypted (a crash or an
+evicted cache entry only wastes the unused rest of a block, never under-counts), and a
+reservation never passes the version's limit, so no version ever encrypts more than
+``usage_limit`` messages, across all processes and servers. When a reservation finds the
+version at its limit, the version is rotated (compare-and-swap: concurrent exhaustion in
+many servers yields one new version) and encryption continues with the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from qimem.app import AppContext
+from qimem.errors import (
+    ConfigError,
+    ConflictError,
+    DecryptionError,
+    KeyNotActiveError,
+    NotFoundError,
+    QimemError,
+    ValidationError,
+)
+from qimem.keys import (
+    DEFAULT_REALM,
+    DEFAULT_USAGE_LIMIT,
+    KeyState,
+    KeyVersion,
+    LineagePolicy,
+    validate_realm,
+)
+from qimem.services.keys import resolve, rotate_key
+
+log = logging.getLogger(__name__)
+
+_SETTINGS_ATTR = "_qimem_lifecycle_settings"
+_UNSET: Any = object()
+
+#: AWS KMS's bounds on the deletion waiting period, in days.
+MIN_DELETION_DAYS = 7
+MAX_DELETION_DAYS = 30
+DEFAULT_DELETION_DAYS = 30
+#: The largest block of usage counts one cache entry reserves at once.
+MAX_RESERVE_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """Deployment-wide lifecycle settings (the config file's ``[keys]`` table).
+
+    ``usage_limit``: messages per version before automatic rotation, when a lineage sets
+    none (default 2^31, half NIST SP 800-38D's 2^32 bound for random 96-bit nonces).
+    ``usage_reserve_block``: counts a process reserves from the store at once.
+    ``min_deletion_days``: the shortest deletion waiting period accepted.
+    """
+
+    usage_limit: int = DEFAULT_USAGE_LIMIT
+    usage_reserve_block: int = 1024
+    min_deletion_days: int = MIN_DELETION_DAYS
+
+    def __post_init__(self) -> None:
+        if self.usage_limit < 1 or self.usage_reserve_block < 1 or self.min_deletion_days < 0:
+            raise ConfigError("[keys] usage_limit and usage_reserve_block must be at least 1")
+
+
+def load_settings(path: Path | None) -> LifecycleSettings:
+    """The ``[keys]`` table of the config file at ``path`` (defaults when absent)."""
+    doc: dict[str, Any] = {}
+    if path is not None and path.exists():
+        try:
+            doc = tomllib.loads(path.read_text("utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            doc = {}  # load_config reports a broken file
+    table = doc.get("keys", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [keys] must be a table")
+    known = {"usage_limit", "usage_reserve_block", "min_deletion_days"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown [keys] setting {sorted(unknown)[0]!r}")
+    try:
+        return LifecycleSettings(**{k: int(v) for k, v in table.items()})
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: [keys] values must be integers") from None
+
+
+def configure(app: AppContext, settings: LifecycleSettings) -> None:
+    """Use ``settings`` for ``app`` instead of the config file's ``[keys]`` table."""
+    app.__dict__[_SETTINGS_ATTR] = settings
+
+
+def settings(app: AppContext) -> LifecycleSettings:
+    """The lifecycle settings of ``app`` (read once from its config file)."""
+    found = app.__dict__.get(_SETTINGS_ATTR)
+    if found is None:
+        found = load_settings(app.config.path)
+        app.__dict__[_SETTINGS_ATTR] = found
+    return found
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+def _audit(
+    app: AppContext, realm: str, actor: str | None, action: str, target: str, **detail: Any
+) -> None:
+    """Record a lifecycle operation when the caller names an actor (the CLI and HTTP do)."""
+    if actor is None:
+        return
+    from qimem.services.identity import audit_key_operation
+
+    try:
+        audit_key_operation(app, realm, actor, action, target, buffered=False, **detail)
+    except QimemError:
+        log.warning("could not record the audit event %s", action)
+
+
+# -- lookups -----------------------------------------------------------------------------
+
+
+def _lineage(app: AppContext, ref: str, realm: str) -> str:
+    validate_realm(realm)
+    lineage_id, _ = resolve(app, ref, realm)
+    return lineage_id
+
+
+def _version(app: AppContext, ref: str, version: int | None, realm: str) -> KeyVersion:
+    """The version a ``(ref, version)`` pair names: a key_id alone, or any ref and a number."""
+    validate_realm(realm)
+    lineage_id, exact = resolve(app, ref, realm)
+    if version is None:
+        if exact is None:
+            raise ValidationError("name a version: give a key_id, or a key and --version N")
+        return exact
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValidationError("version must be a positive integer")
+    if exact is not None and exact.version != version:
+        raise ValidationError(f"key {exact.key_id} is version {exact.version}, not {version}")
+    for candidate in app.store.versions(realm, lineage_id):
+        if candidate.version == version:
+            return candidate
+    raise NotFoundError(f"key {ref!r} has no version {version}")
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+def get_policy(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> LineagePolicy:
+    """The lifecycle policy of the lineage ``ref`` names."""
+    return app.store.policy(realm, _lineage(app, ref, realm))
+
+
+def _positive(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(f"{what} must be a positive integer")
+    return value
+
+
+def set_policy(
+    app: AppContext,
+    ref: str,
+    *,
+    min_decryption_version: int | None = None,
+    min_encryption_version: int | None = None,
+    usage_limit: int | None = _UNSET,
+    auto_rotate_seconds: int | None = _UNSET,
+    deletion_protection: bool | None = None,
+    realm: str = DEFAULT_REALM,
+    actor: str | None = None,
+) -> LineagePolicy:
+    """Change a lineage's policy; arguments left out keep their value.
+
+    ``usage_limit`` / ``auto_rotate_seconds`` of ``None`` clear them (deployment default /
+    no age-based rotation). Both minimum versions must be between 1 and the active version
+    (encryption always uses the active version, and it must stay decryptable).
+
+    :raises ValidationError: a value out of range (``invalid_policy``).
+    """
+    lineage_id = _lineage(app, ref, realm)
+    current = app.store.policy(realm, lineage_id)
+    active = app.store.active_version(realm, lineage_id)
+    changes: dict[str, Any] = {}
+    for name, value in (
+        ("min_decryption_version", min_decryption_version),
+        ("min_encryption_version", min_encryption_version),
+    ):
+        if value is None:
+            continue
+        _positive(value, name)
+        if value > active.version:
+            raise ValidationError(
+                f"{name} {value} is above the active version {active.version}; rotate first",
+                code="invalid_policy",
+            )
+        changes[name] = value
+    if usage_limit is not _UNSET:
+        changes["usage_limit"] = _positive(usage_limit, "usage_limit", allow_none=True)
+    if auto_rotate_seconds is not _UNSET:
+        changes["auto_rotate_seconds"] = _positive(
+            auto_rotate_seconds, "auto_rotate_seconds", allow_none=True
+        )
+    if deletion_protection is not None:
+        if not isinstance(deletion_protection, bool):
+            raise ValidationError("deletion_protection must be true or false")
+        changes["deletion_protection"] = deletion_protection
+    if deletion_protection and current.deletion_date is not None:
+        raise ConflictError(
+            "the key is scheduled for deletion; cancel the deletion first",
+            code="key_pending_deletion",
+        )
+    policy = replace(current, **changes)
+    if changes:
+        app.store.set_policy(realm, lineage_id, policy)
+        app.cache.invalidate_lineage(lineage_id)
+    _audit(app, realm, actor, "keys.policy", lineage_id, **_json_safe(changes))
+    return policy
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, int | bool | str) or v is None}
+
+
+# -- version states ----------------------------------------------------------------------
+
+
+def _set_state(
+    app: AppContext,
+    ref: str,
+    version: int | None,
+    state: KeyState,
+    action: str,
+    realm: str,
+    actor: str | None,
+) -> KeyVersion:
+    target = _version(app, ref, version, realm)
+    if state is KeyState.DESTROYED:
+        policy = app.store.policy(realm, target.lineage_id)
+        if policy.deletion_protection:
+            raise ConflictError(
+                f"key {target.lineage_id} has deletion protection; turn it off first",
+                code="deletion_protected",
+            )
+    try:
+        changed = app.store.set_state(realm, target.key_id, state)
+    finally:
+        app.cache.invalidate_lineage(target.lineage_id)
+    _audit(app, realm, actor, action, target.key_id, version=target.version)
+    return changed
+
+
+def disable_version(
+    app: AppContext,
+    ref: str,
+    *,
+    version: int | None = None,
+    realm: str = DEFAULT_REALM,
+    actor: str | None = None,
+) -> KeyVersion:
+    """Disable one version: it refuses to decrypt until enabled again.
+
+    :raises ConflictError: ``key_active`` for the active version (rotate first),
+        ``key_destroyed`` for a destroyed one.
+    """
+    return _set_state(app, ref, version, KeyState.DISABLED, "keys.disable", realm, actor)
+
+
+def enable_version(
+    app: AppContext,
+    ref: str,
+    *,
+    version: int | None = None,
+    realm: str = DEFAULT_REALM,
+    actor: str | None = None,
+) -> KeyVersion:
+    """Enable a disabled version again (it becomes decrypt-only)."""
+    target = _version(app, ref, version, realm)
+    if target.state is KeyState.ACTIVE:
+        return target
+    return _set_state(app, target.key_id, None, KeyState.DECRYPT_ONLY, "keys.enable", realm, actor)
+
+
+def destroy_version(
+    app: AppContext,
+    ref: str,
+    *,
+    version: int | None = None,
+    realm: str = DEFAULT_REALM,
+    actor: str | None = None,
+) -> KeyVersion:
+    """Destroy one version: its material is overwritten and removed, for good.
+
+    What it encrypted fails to decrypt with ``key_destroyed``.
+
+    :raises ConflictError: ``deletion_protected``, ``key_active`` (rotate first).
+    """
+    return _set_state(app, ref, version, KeyState.DESTROYED, "keys.destroy", realm, actor)
+
+
+# -- deletion ----------------------------------------------------------------------------
+
+
+def schedule_deletion(
+    app: AppContext,
+    ref: str,
+    *,
+    days: int = DEFAULT_DELETION_DAYS,
+    realm: str = DEFAULT_REALM,
+    actor: str | None = None,
+    now: datetime | None = None,
+) -> LineagePolicy:
+    """Schedule a whole lineage for deletion in ``days`` days (AWS KMS style).
+
+    Until then the key refuses every operation (``key_pending_deletion``) and the deletion
+    can be cancelled; on that date it is deleted with all its versions (by the next
+    :func:`purge_due_deletions`, or the next use of the key).
+
+    :raises ConflictError: ``deletion_protected``, or already scheduled.
+    """
+    minimum = settings(app).min_deletion_days
+    if not isinstance(days, int) or isinstance(days, bool) or not minimum <= days <= 3650:
+        raise ValidationError(f"the deletion waiting period must be {minimum}..3650 days")
+    lineage_id = _lineage(app, ref, realm)
+    policy = app.store.policy(realm, lineage_id)
+    if policy.deletion_protection:
+        raise ConflictError(
+            f"key {lineage_id} has deletion protection; turn it off first",
+            code="deletion_protected",
+        )
+    if policy.deletion_date is not None:
+        raise ConflictError(
+            f"key {lineage_id} is already scheduled for deletion on "
+            f"{policy.deletion_date.isoformat()}",
+            code="key_pending_deletion",
+        )
+    when = (now or datetime.now(UTC)) + timedelta(days=days)
+    policy = replace(policy, deletion_date=when)
+    app.store.set_policy(realm, lineage_id, policy)
+    app.cache.invalidate_lineage(lineage_id)
+    _audit(app, realm, actor, "keys.schedule_deletion", lineage_id, deletion_date=when.isoformat())
+    return policy
+
+
+def cancel_deletion(
+    app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, actor: str | None = None
+) -> LineagePolicy:
+    """Cancel a scheduled deletion; the key works again.
+
+    :raises ConflictError: ``not_pending_deletion``.
+    """
+    lineage_id = _lineage(app, ref, realm)
+    policy = app.store.policy(realm, lineage_id)
+    if policy.deletion_date is None:
+        raise ConflictError(
+            f"key {lineage_id} is not scheduled for deletion", code="not_pending_deletion"
+        )
+    policy = replace(policy, deletion_date=None)
+    app.store.set_policy(realm, lineage_id, policy)
+    app.cache.invalidate_lineage(lineage_id)
+    _audit(app, realm, actor, "keys.cancel_deletion", lineage_id)
+    return policy
+
+
+def purge_due_deletions(
+    app: AppContext, *, now: datetime | None = None, actor: str | None = "qimem"
+) -> list[str]:
+    """Delete every lineage whose deletion date has passed; return their lineage ids."""
+    now = now or datetime.now(UTC)
+    purged: list[str] = []
+    for realm, lineage_id in app.store.lineages():
+        try:
+            policy = app.store.policy(realm, lineage_id)
+            if policy.deletion_date is None or policy.deletion_date > now:
+                continue
+            app.store.delete_lineage(realm, lineage_id)
+        except NotFoundError:
+            continue  # another process purged it first
+        app.cache.invalidate_lineage(lineage_id)
+        purged.append(lineage_id)
+        _audit(app, realm, actor, "keys.delete", lineage_id)
+    return purged
+
+
+def _check_pending(app: AppContext, realm: str, lineage_id: str, policy: LineagePolicy) -> None:
+    if policy.deletion_date is None:
+        return
+    if policy.deletion_date <= datetime.now(UTC):
+        try:
+            app.store.delete_lineage(realm, lineage_id)
+            _audit(app, realm, "qimem", "keys.delete", lineage_id)
+        except NotFoundError:
+            pass
+        app.cache.invalidate_lineage(lineage_id)
+        raise NotFoundError(f"key {lineage_id} was deleted")
+    raise ConflictError(
+        f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
+        "and refuses every operation until the deletion is cancelled",
+        code="key_pending_deletion",
+    )
+
+
+# -- checks on the encrypt and decrypt paths (cache misses only) -------------------------
+
+
+def check_encryption(app: AppContext, version: KeyVersion) -> tuple[KeyVersion, int]:
+    """Apply the lineage policy to the version about to encrypt: pending deletion, the
+    minimum encryption version, age-based rotation. Returns the version to use (a new one
+    after an automatic rotation) and its usage limit."""
+    realm, lineage_id = version.realm, version.lineage_id
+    policy = app.store.policy(realm, lineage_id)
+    _check_pending(app, realm, lineage_id, policy)
+    if version.version < policy.min_encryption_version:
+        raise KeyNotActiveError(
+            f"key {version.key_id} (version {version.version}) is below the lineage's "
+            f"minimum encryption version {policy.min_encryption_version}"
+        )
+    period = policy.auto_rotate_seconds
+    if period and datetime.now(UTC) - version.created_at >= timedelta(seconds=period):
+        version = auto_rotate(app, version, "age")
+    return version, policy.usage_limit or settings(app).usage_limit
+
+
+def check_decryption(app: AppContext, version: KeyVersion) -> None:
+    """Refuse a version the policy or its state keeps from decrypting, with a clear code.
+
+    :raises DecryptionError: ``key_disabled``, ``key_destroyed`` or
+        ``below_min_decryption_version`` (422).
+    :raises ConflictError: ``key_pending_deletion``.
+    """
+    label = f"key {version.key_id} (version {version.version})"
+    if version.state is KeyState.DISABLED:
+        raise DecryptionError(f"{label} is disabled", code="key_disabled")
+    if version.state is KeyState.DESTROYED:
+        raise DecryptionError(
+            f"{label} was destroyed; what it encrypted can no longer be decrypted",
+            code="key_destroyed",
+        )
+    policy = app.store.policy(version.realm, version.lineage_id)
+    _check_pending(app, version.realm, version.lineage_id, policy)
+    if version.version < policy.min_decryption_version:
+        raise DecryptionError(
+            f"{label} is below the lineage's minimum decryption version "
+            f"{policy.min_decryption_version}",
+            code="below_min_decryption_version",
+        )
+
+
+def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion:
+    """Rotate ``version`` away (usage limit or age); if another process already did, the
+    lineage's active version. Never loses decryptability: the old version stays
+    decrypt-only."""
+    try:
+        rotated = rotate_key(app, version.key_id, realm=version.realm)
+    except KeyNotActiveError:
+        return app.store.active_version(version.realm, version.lineage_id)
+    _audit(app, version.realm, "qimem", "keys.auto_rotate", rotated.key_id, reason=reason)
+    return rotated
+
+
+def reserve(app: AppContext, key: Any) -> bool:
+    """Take one usage count for an encryption with the cache entry ``key``, reserving a
+    block from the store when the entry has none left.
+
+    Returns False when the version is at its usage limit (after rotating it away): the
+    caller then loads the lineage's new active version.
+    """
+    with key.lock:
+        if next(key.tickets, None) is not None:  # another thread reserved meanwhile
+            return True
+        block = settings(app).usage_reserve_block if app.cache.ttl > 0 else 1
+        # Doubling: a busy entry reserves rarely, and what an entry can waste (the unused
+        # rest of its last block) stays below what it used, plus one block.
+        block = max(block, min(key.reserved, MAX_RESERVE_BLOCK))
+        granted = app.store.reserve_usage(key.realm, key.key_id, block, key.limit)
+        if granted == 0:
+            auto_rotate(app, key.meta, "usage_limit")
+            return False
+        key.reserved += granted
+        key.tickets = iter(range(granted - 1))  # one is this call's
+    return True
+
+
+def key_usage(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> dict[str, int]:
+    """``{key_id: encryptions counted}`` (reserved counts: an upper bound) per version."""
+    return app.store.usage(realm, _lineage(app, ref, realm))
