@@ -221,10 +221,10 @@ def plan(
             if out_dir is not None:
                 name = arg.name
             else:
-                err = ValidationError(
+                refusal = ValidationError(
                     f"{arg} does not end in {SUFFIX}; name the output with -o or --out-dir"
                 )
-                pairs.append((arg, None, err))
+                pairs.append((arg, None, refusal))
                 continue
         pairs.append((arg, (Path(out_dir) if out_dir else arg.parent) / name, None))
     if output is not None and len(pairs) > 1:

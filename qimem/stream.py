@@ -346,7 +346,7 @@ class SegmentCipher:
     def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
         if index >= MAX_SEGMENTS:
             raise ValidationError("stream is too long for its segment size")
-        return self._cipher.encrypt(nonce(self.prefix, index, last), plaintext, None)
+        return self._cipher.encrypt(nonce(self.prefix, index, last), plaintext, None)  # type: ignore[arg-type]
 
     def seal_into(
         self, index: int, plaintext: memoryview, last: bool, out: memoryview
@@ -364,7 +364,7 @@ class SegmentCipher:
 
     def open(self, index: int, sealed: bytes | memoryview, last: bool) -> bytes:
         try:
-            return self._cipher.decrypt(nonce(self.prefix, index, last), sealed, None)
+            return self._cipher.decrypt(nonce(self.prefix, index, last), sealed, None)  # type: ignore[arg-type]
         except Exception:  # the algorithm's integrity error (InvalidTag, DecryptionError)
             raise DecryptionError(f"stream segment {index} failed authentication") from None
 
