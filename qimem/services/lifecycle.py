@@ -31,7 +31,6 @@ from qimem.errors import (
     DecryptionError,
     KeyNotActiveError,
     NotFoundError,
-    QimemError,
     ValidationError,
 )
 from qimem.keys import (
@@ -114,7 +113,7 @@ def settings(app: AppContext) -> LifecycleSettings:
 # -- audit -------------------------------------------------------------------------------
 
 
-def _audit(
+def audit(
     app: AppContext, realm: str, actor: str | None, action: str, target: str, **detail: Any
 ) -> None:
     """Record a lifecycle operation when the caller names an actor (the CLI and HTTP do)."""
@@ -124,8 +123,8 @@ def _audit(
 
     try:
         audit_key_operation(app, realm, actor, action, target, buffered=False, **detail)
-    except QimemError:
-        log.warning("could not record the audit event %s", action)
+    except Exception:  # auditing never turns a committed change into an error
+        log.warning("could not record the audit event %s", action, exc_info=True)
 
 
 # -- lookups -----------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def set_policy(
     if changes:
         app.store.set_policy(realm, lineage_id, policy)
         app.cache.invalidate_lineage(lineage_id)
-    _audit(app, realm, actor, "keys.policy", lineage_id, **_json_safe(changes))
+    audit(app, realm, actor, "keys.policy", lineage_id, **_json_safe(changes))
     return policy
 
 
@@ -259,7 +258,7 @@ def _set_state(
         changed = app.store.set_state(realm, target.key_id, state)
     finally:
         app.cache.invalidate_lineage(target.lineage_id)
-    _audit(app, realm, actor, action, target.key_id, version=target.version)
+    audit(app, realm, actor, action, target.key_id, version=target.version)
     return changed
 
 
@@ -351,7 +350,7 @@ def schedule_deletion(
     policy = replace(policy, deletion_date=when)
     app.store.set_policy(realm, lineage_id, policy)
     app.cache.invalidate_lineage(lineage_id)
-    _audit(app, realm, actor, "keys.schedule_deletion", lineage_id, deletion_date=when.isoformat())
+    audit(app, realm, actor, "keys.schedule_deletion", lineage_id, deletion_date=when.isoformat())
     return policy
 
 
@@ -371,7 +370,7 @@ def cancel_deletion(
     policy = replace(policy, deletion_date=None)
     app.store.set_policy(realm, lineage_id, policy)
     app.cache.invalidate_lineage(lineage_id)
-    _audit(app, realm, actor, "keys.cancel_deletion", lineage_id)
+    audit(app, realm, actor, "keys.cancel_deletion", lineage_id)
     return policy
 
 
@@ -391,7 +390,7 @@ def purge_due_deletions(
             continue  # another process purged it first
         app.cache.invalidate_lineage(lineage_id)
         purged.append(lineage_id)
-        _audit(app, realm, actor, "keys.delete", lineage_id)
+        audit(app, realm, actor, "keys.delete", lineage_id)
     return purged
 
 
@@ -401,7 +400,7 @@ def _check_pending(app: AppContext, realm: str, lineage_id: str, policy: Lineage
     if policy.deletion_date <= datetime.now(UTC):
         try:
             app.store.delete_lineage(realm, lineage_id)
-            _audit(app, realm, "qimem", "keys.delete", lineage_id)
+            audit(app, realm, "qimem", "keys.delete", lineage_id)
         except NotFoundError:
             pass
         app.cache.invalidate_lineage(lineage_id)
@@ -467,7 +466,7 @@ def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion
         rotated = rotate_key(app, version.key_id, realm=version.realm)
     except KeyNotActiveError:
         return app.store.active_version(version.realm, version.lineage_id)
-    _audit(app, version.realm, "qimem", "keys.auto_rotate", rotated.key_id, reason=reason)
+    audit(app, version.realm, "qimem", "keys.auto_rotate", rotated.key_id, reason=reason)
     return rotated
 
 
