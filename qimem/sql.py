@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def create_engine(url: str) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous=FULL")  # a key must survive a power cut
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -64,6 +65,23 @@ def create_engine(url: str) -> Engine:
                 "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"
             ) from None
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a SQLite database to WAL. The switch needs an exclusive lock that SQLite does
+    not wait for (no busy handler), so processes opening a fresh file at once retry."""
+    import sqlite3
+
+    deadline = time.monotonic() + _SQLITE_TIMEOUT
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager
