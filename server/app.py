@@ -20,6 +20,7 @@ from qimem.server.auth_api import add_auth_routes
 from qimem.server.auth_middleware import IdentityAuthMiddleware
 from qimem.server.crypto import crypto_resources
 from qimem.server.keys import KEYS_PATH, CreateKeyResource, KeysResource, RotateResource
+from qimem.server.lifecycle import add_lifecycle_routes
 from qimem.server.metrics import Metrics
 from qimem.server.middleware import (
     AccessLogMiddleware,
@@ -79,6 +80,7 @@ def create_app(
     app.add_route(KEYS_PATH, keys)
     app.add_route(KEYS_PATH + "/{key_id}", keys, suffix="item")
     app.add_route("/v1/security/rotate", rotate)
+    add_lifecycle_routes(app, app_ctx, max_body_bytes)
     for name, resource in crypto.items():
         app.add_route(f"/v1/security/{name}", resource)
 

@@ -129,6 +129,20 @@ def _security_rules(prefix: str) -> dict[tuple[str, str], Rule]:
     }
 
 
+def _lifecycle_rules(prefix: str) -> dict[tuple[str, str], Rule]:
+    # Key lifecycle (issue 7): managing a key is keys:rotate; a backup holds key material,
+    # so export and import are for realm administrators. The services audit these.
+    key = f"{prefix}/keys/{{key_id}}"
+    manage = Rule("keys:rotate", key_names=_param_key)
+    rules = {("GET", f"{key}/policy"): Rule("keys:read", key_names=_param_key)}
+    for operation in ("policy", "disable", "enable", "destroy", "schedule-deletion"):
+        rules[("POST", f"{key}/{operation}")] = manage
+    rules[("POST", f"{key}/cancel-deletion")] = manage
+    rules[("POST", f"{key}/export")] = Rule("realms:admin")
+    rules[("POST", f"{prefix}/import")] = Rule("realms:admin")
+    return rules
+
+
 def _auth_rules() -> dict[tuple[str, str], Rule]:
     p = AUTH_PREFIX
     admin = Rule("users:admin", realm_param=True)
@@ -164,6 +178,7 @@ def default_rules() -> dict[tuple[str, str], Rule]:
         ("POST", "/rotate"),
     ):
         rules[(method, path)] = short[(method, path)]
+    rules.update(_lifecycle_rules("/v1/security"))
     rules[("GET", "/v1/plugins")] = Rule("plugins:read")
     rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")
     rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True)

@@ -203,12 +203,15 @@ def test_schedule_cancel_and_purge(any_app: AppContext) -> None:
     assert policy.deletion_date - datetime.now(UTC) > timedelta(days=6)
     for call in (
         lambda: services.encrypt(any_app, "leaving", b"y"),
-        lambda: services.decrypt(any_app, sealed.envelope),
+        lambda: services.rotate_key(any_app, "leaving"),
         lambda: lifecycle.schedule_deletion(any_app, "leaving", days=8),
     ):
         with pytest.raises(ConflictError) as info:
             call()
         assert info.value.code == "key_pending_deletion"
+    with pytest.raises(DecryptionError) as refused:
+        services.decrypt(any_app, sealed.envelope)
+    assert refused.value.code == "key_pending_deletion"
     assert lifecycle.purge_due_deletions(any_app) == []  # not due yet
     lifecycle.cancel_deletion(any_app, "leaving")
     assert services.decrypt(any_app, sealed.envelope).plaintext == b"x"

@@ -104,9 +104,13 @@ def rotate_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyV
     decrypt-only and a new active version is created, atomically.
 
     :raises KeyNotActiveError: ``ref`` is a key_id that is no longer active.
+    :raises ConflictError: ``key_pending_deletion``.
     """
     validate_realm(realm)
     lineage_id, exact = resolve(app, ref, realm)
+    from qimem.services import lifecycle  # (it imports this module)
+
+    lifecycle.check_rotation(app, realm, lineage_id)
     current = exact or app.store.active_version(realm, lineage_id)
     algo = app.registry.algorithm(current.algorithm)
     material = algo.generate_key()

@@ -162,11 +162,18 @@ def get_policy(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> Line
     return app.store.policy(realm, _lineage(app, ref, realm))
 
 
-def _positive(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+#: Upper bounds: a usage limit JSON clients can hold exactly, an age of 100 years.
+MAX_USAGE_LIMIT = 2**53 - 1
+MAX_ROTATE_SECONDS = 100 * 365 * 86400
+
+
+def _positive(
+    value: Any, what: str, *, allow_none: bool = False, maximum: int = 2**31 - 1
+) -> int | None:
     if value is None and allow_none:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValidationError(f"{what} must be a positive integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise ValidationError(f"{what} must be an integer from 1 to {maximum}")
     return value
 
 
@@ -208,10 +215,12 @@ def set_policy(
             )
         changes[name] = value
     if usage_limit is not _UNSET:
-        changes["usage_limit"] = _positive(usage_limit, "usage_limit", allow_none=True)
+        changes["usage_limit"] = _positive(
+            usage_limit, "usage_limit", allow_none=True, maximum=MAX_USAGE_LIMIT
+        )
     if auto_rotate_seconds is not _UNSET:
         changes["auto_rotate_seconds"] = _positive(
-            auto_rotate_seconds, "auto_rotate_seconds", allow_none=True
+            auto_rotate_seconds, "auto_rotate_seconds", allow_none=True, maximum=MAX_ROTATE_SECONDS
         )
     if deletion_protection is not None:
         if not isinstance(deletion_protection, bool):
@@ -394,7 +403,13 @@ def purge_due_deletions(
     return purged
 
 
-def _check_pending(app: AppContext, realm: str, lineage_id: str, policy: LineagePolicy) -> None:
+def _check_pending(
+    app: AppContext,
+    realm: str,
+    lineage_id: str,
+    policy: LineagePolicy,
+    error: type[ConflictError] | type[DecryptionError] = ConflictError,
+) -> None:
     if policy.deletion_date is None:
         return
     if policy.deletion_date <= datetime.now(UTC):
@@ -405,11 +420,16 @@ def _check_pending(app: AppContext, realm: str, lineage_id: str, policy: Lineage
             pass
         app.cache.invalidate_lineage(lineage_id)
         raise NotFoundError(f"key {lineage_id} was deleted")
-    raise ConflictError(
+    raise error(
         f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
         "and refuses every operation until the deletion is cancelled",
         code="key_pending_deletion",
     )
+
+
+def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
+    """Refuse rotating a lineage that is scheduled for deletion (409)."""
+    _check_pending(app, realm, lineage_id, app.store.policy(realm, lineage_id))
 
 
 # -- checks on the encrypt and decrypt paths (cache misses only) -------------------------
@@ -438,7 +458,7 @@ def check_decryption(app: AppContext, version: KeyVersion) -> None:
 
     :raises DecryptionError: ``key_disabled``, ``key_destroyed`` or
         ``below_min_decryption_version`` (422).
-    :raises ConflictError: ``key_pending_deletion``.
+        ``key_pending_deletion`` (a lineage scheduled for deletion).
     """
     label = f"key {version.key_id} (version {version.version})"
     if version.state is KeyState.DISABLED:
@@ -449,7 +469,7 @@ def check_decryption(app: AppContext, version: KeyVersion) -> None:
             code="key_destroyed",
         )
     policy = app.store.policy(version.realm, version.lineage_id)
-    _check_pending(app, version.realm, version.lineage_id, policy)
+    _check_pending(app, version.realm, version.lineage_id, policy, DecryptionError)
     if version.version < policy.min_decryption_version:
         raise DecryptionError(
             f"{label} is below the lineage's minimum decryption version "
