@@ -6,13 +6,14 @@ enable|destroy|schedule-deletion|cancel-deletion|purge``) and the HTTP API
 
 **Usage counting.** Each version counts the messages it encrypted, durably. Counting every
 message in the store would cost a write per encryption, so a process *reserves* blocks of
-counts (``keys.usage_reserve_block``, default 1024) from the store before it uses them: the
-stored count is always at least the number of messages really encrypted (a crash or an
-evicted cache entry only wastes the unused rest of a block, never under-counts), and a
-reservation never passes the version's limit, so no version ever encrypts more than
-``usage_limit`` messages, across all processes and servers. When a reservation finds the
-version at its limit, the version is rotated (compare-and-swap: concurrent exhaustion in
-many servers yields one new version) and encryption continues with the new one.
+counts (``keys.usage_reserve_block``, default 64, doubling while a cache entry stays busy)
+from the store before it uses them: the stored count is always at least the number of
+messages really encrypted (a crash or an evicted cache entry only wastes the unused rest of
+a block, never under-counts), and a reservation never passes the version's limit, so no
+version ever encrypts more than ``usage_limit`` messages, across all processes and servers.
+When a reservation finds the version at its limit, the version is rotated
+(compare-and-swap: concurrent exhaustion in many servers yields one new version) and
+encryption continues with the new one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class LifecycleSettings:
     """
 
     usage_limit: int = DEFAULT_USAGE_LIMIT
-    usage_reserve_block: int = 1024
+    usage_reserve_block: int = 64
     min_deletion_days: int = MIN_DELETION_DAYS
 
     def __post_init__(self) -> None:
