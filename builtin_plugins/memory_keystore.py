@@ -6,6 +6,7 @@ Key bytes are held in ``bytearray``s and zeroed when a store is closed or garbag
 
 from __future__ import annotations
 
+import builtins
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -221,7 +222,7 @@ class InMemoryKeyStore(KeyStore):
                 self._names[(record.realm, record.name)] = record.lineage_id
             self._state_changes += 1
 
-    def lineages(self) -> list[tuple[str, str]]:
+    def lineages(self) -> builtins.list[tuple[str, str]]:
         with self._lock:
             return [
                 (self._versions[ids[0]].realm, lineage_id)

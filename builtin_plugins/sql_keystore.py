@@ -9,6 +9,7 @@ still active. The unique (lineage_id, version) constraint is the backstop.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -515,7 +516,7 @@ class SqlKeyStore(KeyStore):
         with translate_errors(), self.engine.connect() as conn:
             return conn.execute(query).first() is not None
 
-    def lineages(self) -> list[tuple[str, str]]:
+    def lineages(self) -> builtins.list[tuple[str, str]]:
         query = sa.select(lineages.c.realm, lineages.c.lineage_id).order_by(
             lineages.c.created_at, lineages.c.lineage_id
         )

@@ -7,6 +7,7 @@ material (persistent stores wrapped under the root key) and hand it out only thr
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 
 from qimem.errors import ConflictError, DecryptionError, ValidationError
@@ -172,7 +173,7 @@ class KeyStore(ABC):
         """
         raise _unsupported(self, "restoring keys")
 
-    def lineages(self) -> list[tuple[str, str]]:
+    def lineages(self) -> builtins.list[tuple[str, str]]:
         """``(realm, lineage_id)`` of every lineage in every realm (whole-store backup)."""
         raise _unsupported(self, "listing all realms")
 
