@@ -10,7 +10,9 @@ from qimem.keys import KeyVersion
 
 @dataclass(frozen=True)
 class KeyEvent:
-    """A committed change to a key: ``kind`` is ``created`` or ``rotated``.
+    """A committed change to a key: ``kind`` is ``created``, ``rotated``, ``disabled``,
+    ``enabled``, ``destroyed`` (one version) or ``deleted`` (the whole lineage; ``key`` is
+    its newest version).
 
     ``key`` is the version the event is about (for ``rotated``, the new version) and
     ``previous`` the version it replaced. Metadata only: no key material.

@@ -274,3 +274,33 @@ def test_cache_keeps_serving_when_the_marker_check_fails(memory_app: AppContext)
     memory_app.cache._valid_until = 0.0  # force the next check
     memory_app.cache.revalidate(unreachable)
     assert memory_app.cache.for_encrypt("master", "k") is entry
+
+
+def test_lifecycle_events_reach_plugins(memory_app: AppContext) -> None:
+    from qimem.events import KeyEvent
+    from qimem.hooks import hookimpl
+
+    seen: list[tuple[str, int]] = []
+
+    class Sink:
+        @hookimpl
+        def qimem_key_event(self, event: KeyEvent) -> None:
+            seen.append((event.kind, event.key.version))
+
+    memory_app.registry.pm.register(Sink(), name="test-sink")
+    services.create_key(memory_app, name="observed")
+    services.rotate_key(memory_app, "observed")
+    lifecycle.disable_version(memory_app, "observed", version=1)
+    lifecycle.disable_version(memory_app, "observed", version=1)  # no change, no event
+    lifecycle.enable_version(memory_app, "observed", version=1)
+    lifecycle.destroy_version(memory_app, "observed", version=1)
+    lifecycle.schedule_deletion(memory_app, "observed", days=7)
+    lifecycle.purge_due_deletions(memory_app, now=datetime.now(UTC) + timedelta(days=8))
+    assert seen == [
+        ("created", 1),
+        ("rotated", 2),
+        ("disabled", 1),
+        ("enabled", 1),
+        ("destroyed", 1),
+        ("deleted", 2),
+    ]

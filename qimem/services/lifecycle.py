@@ -34,6 +34,7 @@ from qimem.errors import (
     NotFoundError,
     ValidationError,
 )
+from qimem.events import KeyEvent
 from qimem.keys import (
     DEFAULT_REALM,
     DEFAULT_USAGE_LIMIT,
@@ -269,6 +270,9 @@ def _set_state(
     finally:
         app.cache.invalidate_lineage(target.lineage_id)
     audit(app, realm, actor, action, target.key_id, version=target.version)
+    if changed.state is not target.state:
+        kind = {"keys.disable": "disabled", "keys.enable": "enabled"}.get(action, "destroyed")
+        app.registry.notify_key_event(KeyEvent(kind, realm, changed, previous=target))
     return changed
 
 
@@ -384,6 +388,15 @@ def cancel_deletion(
     return policy
 
 
+def _delete(app: AppContext, realm: str, lineage_id: str, actor: str | None) -> None:
+    """Delete a lineage whose deletion is due; audit it and tell plugins (``deleted``)."""
+    newest = app.store.versions(realm, lineage_id)[-1]
+    app.store.delete_lineage(realm, lineage_id)
+    app.cache.invalidate_lineage(lineage_id)
+    audit(app, realm, actor, "keys.delete", lineage_id)
+    app.registry.notify_key_event(KeyEvent("deleted", realm, newest))
+
+
 def purge_due_deletions(
     app: AppContext, *, now: datetime | None = None, actor: str | None = "qimem"
 ) -> list[str]:
@@ -395,12 +408,10 @@ def purge_due_deletions(
             policy = app.store.policy(realm, lineage_id)
             if policy.deletion_date is None or policy.deletion_date > now:
                 continue
-            app.store.delete_lineage(realm, lineage_id)
+            _delete(app, realm, lineage_id, actor)
         except NotFoundError:
             continue  # another process purged it first
-        app.cache.invalidate_lineage(lineage_id)
         purged.append(lineage_id)
-        audit(app, realm, actor, "keys.delete", lineage_id)
     return purged
 
 
@@ -415,11 +426,9 @@ def _check_pending(
         return
     if policy.deletion_date <= datetime.now(UTC):
         try:
-            app.store.delete_lineage(realm, lineage_id)
-            audit(app, realm, "qimem", "keys.delete", lineage_id)
+            _delete(app, realm, lineage_id, "qimem")
         except NotFoundError:
             pass
-        app.cache.invalidate_lineage(lineage_id)
         raise NotFoundError(f"key {lineage_id} was deleted")
     raise error(
         f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
