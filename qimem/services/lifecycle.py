@@ -466,9 +466,9 @@ def check_encryption(app: AppContext, version: KeyVersion) -> tuple[KeyVersion, 
 def check_decryption(app: AppContext, version: KeyVersion) -> None:
     """Refuse a version the policy or its state keeps from decrypting, with a clear code.
 
-    :raises DecryptionError: ``key_disabled``, ``key_destroyed`` or
-        ``below_min_decryption_version`` (422).
-        ``key_pending_deletion`` (a lineage scheduled for deletion).
+    :raises DecryptionError: ``key_disabled``, ``key_destroyed``,
+        ``below_min_decryption_version`` or ``key_pending_deletion`` (422).
+    :raises NotFoundError: the lineage's deletion date has passed (it is deleted now).
     """
     label = f"key {version.key_id} (version {version.version})"
     if version.state is KeyState.DISABLED:
