@@ -117,20 +117,37 @@ def migrate(engine: Engine) -> bool:
     with translate_errors(), engine.connect() as connection:
         if current_revision(connection) == HEAD:
             return False
-    with _MIGRATION_THREAD_LOCK, translate_errors(), engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
-        elif engine.dialect.name == "sqlite":
-            # Take the write lock before reading the revision; Alembic's DDL then runs in
-            # this one transaction (pysqlite does not commit on DDL).
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        if current_revision(connection) == HEAD:
-            return False
-        from alembic import command
-        from alembic.config import Config
+    sqlite = engine.dialect.name == "sqlite"
+    with _MIGRATION_THREAD_LOCK, translate_errors(), engine.connect() as connection:
+        if sqlite:
+            # Alembic's batch mode recreates SQLite tables (copy, drop, rename); with foreign
+            # keys enforced, dropping a referenced table fails. The pragma is a no-op inside a
+            # transaction, so it is set before, and the keys are checked before commit.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                if sqlite:
+                    # Take the write lock before reading the revision; Alembic's DDL then
+                    # runs in this one transaction (pysqlite does not commit on DDL).
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    connection.execute(
+                        sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+                    )
+                if current_revision(connection) == HEAD:
+                    return False
+                from alembic import command
+                from alembic.config import Config
 
-        config = Config()
-        config.set_main_option("script_location", "qimem:migrations")
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-        return True
+                config = Config()
+                config.set_main_option("script_location", "qimem:migrations")
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise ConfigError("a migration left rows violating foreign keys")
+                return True
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
