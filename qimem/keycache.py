@@ -14,8 +14,10 @@ slice and one dict lookup per message, no parsing first.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,6 +25,22 @@ from qimem.crypto import Cipher
 from qimem.keys import KeyVersion
 
 _UNKNOWN = object()
+_CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with empty caches: entries hold nonces and reserved usage
+    counts that belong to the parent (sharing them would reuse nonces and under-count)."""
+    for cache in list(_CACHES):
+        cache._lock = threading.Lock()
+        cache._check_lock = threading.Lock()
+        cache.generation += 1
+        cache._drop_all()
+        cache._valid_until = 0.0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(slots=True, repr=False)
@@ -49,13 +67,17 @@ class CachedKey:
     realm: str
     expires: float
     # Lifecycle (qimem.services.lifecycle): the TTL expiry (``expires`` is also cut short
-    # at the next marker check), the version's usage limit, the usage counts reserved for
-    # this entry so far, and the unused ones as an iterator: an encryption draws one with
-    # ``next(tickets, None)`` (atomic under the GIL, unlike ``+= 1``; None: reserve more).
+    # at the next marker check) and the version's usage limit. Usage counting and nonces
+    # go together: ``nonces`` yields fresh random nonces (os.urandom, drawn 256 at a time),
+    # one per usage count already reserved in the store, so an encryption takes both with
+    # one ``next(nonces, None)`` (thread-safe: a list iterator; None: reserve more).
+    # ``reserved``: counts reserved for this entry in all; ``unissued``: reserved counts
+    # not yet turned into nonces.
     hard_expires: float = 0.0
     limit: int = 0
     reserved: int = 0
-    tickets: Iterator[int] = field(default_factory=lambda: iter(()))
+    unissued: int = 0
+    nonces: Iterator[bytes] = field(default_factory=lambda: iter(()))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __repr__(self) -> str:
@@ -77,6 +99,7 @@ class KeyCache:
         self._marker: object = _UNKNOWN
         self._valid_until = 0.0  # entries' ``expires`` never pass this without a check
         self._check_lock = threading.Lock()
+        _CACHES.add(self)
         # The tables: realm -> ref -> entry (nested: a (realm, ref) tuple key costs more to
         # build and hash than a second lookup) and prefix -> entry (the prefix holds the key
         # id). Writes take the lock and change the dicts in place; reads are plain dict

@@ -304,3 +304,29 @@ def test_lifecycle_events_reach_plugins(memory_app: AppContext) -> None:
         ("destroyed", 1),
         ("deleted", 2),
     ]
+
+
+def test_forked_child_never_reuses_the_parents_nonces(memory_app: AppContext) -> None:
+    """Cache entries hold a pool of nonces (and reserved usage counts); a forked child must
+    not inherit them, or parent and child would seal with the same nonces."""
+    import os
+
+    from qimem import envelope
+
+    services.create_key(memory_app, name="forked")
+    services.encrypt(memory_app, "forked", b"warm")  # the parent's entry has a nonce pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one encryption, its nonce to the parent, and out
+        try:
+            nonce = envelope.parse(services.encrypt(memory_app, "forked", b"x").envelope).nonce
+            os.write(write, nonce)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    parent = envelope.parse(services.encrypt(memory_app, "forked", b"x").envelope).nonce
+    assert len(child) == len(parent) == 12
+    assert child != parent

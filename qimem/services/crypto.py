@@ -1,7 +1,11 @@
 """Message operations: encrypt, decrypt, rewrap and data keys, in envelope v1.
 
-The hot path is a dict lookup in the key cache, one ``os.urandom`` and one AEAD call; the
-header prefix of each key version is computed once when the key is loaded. ``bench/core.py``
+The hot path is a dict lookup in the key cache, one nonce from the entry's pool and one
+AEAD call; the header prefix of each key version is computed once when the key is loaded.
+Nonces are random (``os.urandom``), drawn 256 at a time, and each comes with one usage
+count already reserved in the store (:func:`qimem.services.lifecycle.reserve`): counting
+messages per version costs the hot path nothing, and one ``getrandom`` call per 256
+messages costs less than one per message. ``bench/core.py``
 measures encrypt and decrypt against a bare ``AESGCM`` call (issue 2's target: half its
 speed at 1 KiB). At that size every attribute lookup and allocation shows, so the per-call
 code is lean on purpose: the cache lookups are inlined, nothing the cache already vouches
@@ -130,13 +134,14 @@ def _encryption_key(app: AppContext, ref: str, realm: str) -> CachedKey:
     return entry
 
 
-def _reserved(app: AppContext, key: CachedKey, ref: str, realm: str) -> CachedKey:
-    """Usage accounting's slow path: reserve more counts, or move on after auto-rotation."""
-    while not lifecycle.reserve(app, key):
+def _reserved(app: AppContext, key: CachedKey, ref: str, realm: str) -> tuple[CachedKey, bytes]:
+    """Usage accounting's slow path: reserve more counts (and draw nonces for them), or
+    move on to the new version after an automatic rotation."""
+    nonce = lifecycle.reserve(app, key)
+    while nonce is None:  # the version reached its usage limit and was rotated
         key = _encryption_key(app, ref, realm)
-        if next(key.tickets, None) is not None:
-            break
-    return key
+        nonce = lifecycle.reserve(app, key)
+    return key, nonce
 
 
 def _check_bytes(value: Any, what: str) -> bytes:
@@ -172,9 +177,10 @@ def encrypt(
     key = refs.get(ref) if refs is not None else None
     if key is None or key.expires <= _monotonic():
         key = _encryption_key(app, ref, realm)
-    if next(key.tickets, None) is None:  # usage counting: one reserved count per message
-        key = _reserved(app, key, ref, realm)
-    nonce = os.urandom(key.nonce_size)
+    # A fresh random nonce, and with it one usage count reserved in the store.
+    nonce = next(key.nonces, None)
+    if nonce is None:
+        key, nonce = _reserved(app, key, ref, realm)
     head = key.pack_header(key.prefix, nonce, len(plaintext) + key.tag_size)  # env.header
     sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
     return EncryptResult(head + sealed, key.key_id, key.version)

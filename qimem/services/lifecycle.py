@@ -19,6 +19,7 @@ encryption continues with the new one.
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,8 @@ MAX_DELETION_DAYS = 30
 DEFAULT_DELETION_DAYS = 30
 #: The largest block of usage counts one cache entry reserves at once.
 MAX_RESERVE_BLOCK = 1 << 20
+#: Nonces drawn from os.urandom per call (one getrandom for many messages).
+NONCE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -500,27 +503,36 @@ def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion
     return rotated
 
 
-def reserve(app: AppContext, key: Any) -> bool:
-    """Take one usage count for an encryption with the cache entry ``key``, reserving a
-    block from the store when the entry has none left.
+def reserve(app: AppContext, key: Any) -> bytes | None:
+    """A nonce for one more encryption with the cache entry ``key``, with its usage count
+    reserved in the store first (a block of counts at a time, nonces drawn from
+    ``os.urandom`` 256 at a time).
 
-    Returns False when the version is at its usage limit (after rotating it away): the
+    Returns None when the version is at its usage limit (after rotating it away): the
     caller then loads the lineage's new active version.
     """
     with key.lock:
-        if next(key.tickets, None) is not None:  # another thread reserved meanwhile
-            return True
-        block = settings(app).usage_reserve_block if app.cache.ttl > 0 else 1
-        # Doubling: a busy entry reserves rarely, and what an entry can waste (the unused
-        # rest of its last block) stays below what it used, plus one block.
-        block = max(block, min(key.reserved, MAX_RESERVE_BLOCK))
-        granted = app.store.reserve_usage(key.realm, key.key_id, block, key.limit)
-        if granted == 0:
-            auto_rotate(app, key.meta, "usage_limit")
-            return False
-        key.reserved += granted
-        key.tickets = iter(range(granted - 1))  # one is this call's
-    return True
+        nonce: bytes | None = next(key.nonces, None)
+        if nonce is not None:  # another thread refilled meanwhile
+            return nonce
+        if key.unissued == 0:
+            block = settings(app).usage_reserve_block if app.cache.ttl > 0 else 1
+            # Doubling: a busy entry reserves rarely, and what an entry can waste (the
+            # unused rest of its last block) stays below what it used, plus one block.
+            block = max(block, min(key.reserved, MAX_RESERVE_BLOCK))
+            granted = app.store.reserve_usage(key.realm, key.key_id, block, key.limit)
+            if granted == 0:
+                auto_rotate(app, key.meta, "usage_limit")
+                return None
+            key.reserved += granted
+            key.unissued += granted
+        count = min(key.unissued, NONCE_BATCH)
+        size = key.nonce_size
+        pool = os.urandom(size * count)
+        nonces = [pool[i : i + size] for i in range(0, size * count, size)]
+        key.unissued -= count
+        key.nonces = iter(nonces[1:])
+        return nonces[0]
 
 
 def key_usage(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> dict[str, int]:
