@@ -39,6 +39,7 @@ from qimem.app import AppContext
 from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
+from qimem.services.files import KeySource
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -374,17 +375,20 @@ def _set_pdeathsig() -> None:
             os._exit(1)
 
 
-def _worker_app(app: AppContext) -> AppContext:
-    """A forked worker's own AppContext: never reuse the parent's database connections.
+def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
+    """A forked worker's own AppContext: never reuse the parent's database connections
+    (or a server client's connection: each worker gets its own).
 
     An in-memory store has no connections and exists only in the parent's memory, so the
     inherited copy is used as is."""
+    if not isinstance(app, AppContext):
+        return app.for_worker()
     if app.config.store_url.startswith("memory:"):
         return app
     return AppContext(app.config, pm=app.registry.pm)
 
 
-def _init_worker(app: AppContext, key_ref: str | None, realm: str) -> None:
+def _init_worker(app: AppContext | KeySource, key_ref: str | None, realm: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _set_pdeathsig()
     import multiprocessing.util
@@ -392,7 +396,7 @@ def _init_worker(app: AppContext, key_ref: str | None, realm: str) -> None:
     worker_app = _worker_app(app)
     if worker_app is not app:  # close its connections when the worker exits normally
         multiprocessing.util.Finalize(None, worker_app.close, exitpriority=10)
-    _WORKER["keyring"] = file_services.StoreKeyring(worker_app, key_ref, realm)
+    _WORKER["keyring"] = file_services.keyring_for(worker_app, key_ref, realm)
 
 
 def _worker_group(tasks: list[Task], opts: _Options) -> list[FileResult]:
@@ -551,7 +555,7 @@ def _groups(tasks: Iterable[Task]) -> list[list[Task]]:
 
 
 def run(
-    app: AppContext,
+    app: AppContext | KeySource,
     tasks: list[Task],
     operation: str,
     *,
@@ -577,7 +581,7 @@ def run(
     todo = [t for t in tasks if t.result.error is None]
     directories = _prepare_directories(todo)
     report = progress or (lambda _b, _f: None)
-    keyring = file_services.StoreKeyring(app, key_ref, realm)
+    keyring = file_services.keyring_for(app, key_ref, realm)
     if operation == ENCRYPT and todo:
         check_key(keyring)
     try:
@@ -614,7 +618,7 @@ def _prepare_directories(todo: list[Task]) -> set[Path]:
 
 
 def _run_parallel(
-    app: AppContext,
+    app: AppContext | KeySource,
     keyring: stream.Keyring,
     todo: list[Task],
     opts: _Options,
@@ -716,7 +720,7 @@ def _collect_range(future: Future[Any], split: _Split, opts: _Options, report: P
 
 
 def run_stream(
-    app: AppContext,
+    app: AppContext | KeySource,
     operation: str,
     src: BinaryIO,
     dst: BinaryIO | Path,
@@ -730,7 +734,7 @@ def run_stream(
 
     A path is written atomically (temp file, fsync, rename), like batch outputs.
     """
-    keyring = file_services.StoreKeyring(app, key_ref, realm)
+    keyring = file_services.keyring_for(app, key_ref, realm)
 
     def work(out: BinaryIO) -> stream.StreamInfo:
         if operation == ENCRYPT:
@@ -746,7 +750,7 @@ def run_stream(
 
 
 def rewrap(
-    app: AppContext,
+    app: AppContext | KeySource,
     tasks: list[Task],
     *,
     realm: str = DEFAULT_REALM,

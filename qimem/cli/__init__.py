@@ -79,6 +79,14 @@ class QimemGroup(click.Group):
     help="Enable an installed third-party plugin for this run (repeatable).",
 )
 @click.option("--realm", default="master", show_default=True, help="Realm the keys belong to.")
+@click.option(
+    "--server",
+    envvar="QIMEM_SERVER",
+    help="Get keys from this qimem server (https://host:port) instead of the local store.",
+)
+@click.option(
+    "--token", envvar="QIMEM_TOKEN", help="Bearer access token for --server (env QIMEM_TOKEN)."
+)
 @click.version_option(package_name="qimem")
 @click.pass_context
 def cli(
@@ -87,13 +95,25 @@ def cli(
     store_url: str | None,
     plugins: tuple[str, ...],
     realm: str,
+    server: str | None,
+    token: str | None,
 ) -> None:
     """qimem: versioned, rotatable encryption keys and batch encryption.
 
     Start with 'qimem init', then 'qimem keys create --name NAME' and
     'qimem encrypt --key NAME FILE'.
     """
-    ctx.obj = CliState(config_path, store_url, list(plugins), realm)
+    realm_given = ctx.get_parameter_source("realm") is not click.core.ParameterSource.DEFAULT
+    ctx.obj = CliState(
+        config_path,
+        store_url,
+        list(plugins),
+        realm,
+        server=server,
+        token=token,
+        realm_given=realm_given,
+    )
+    ctx.obj.local_ok = ctx.invoked_subcommand in ("serve", "init", "plugins")
     ctx.call_on_close(ctx.obj.close)
 
 

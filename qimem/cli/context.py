@@ -10,19 +10,61 @@ import click
 
 from qimem.app import AppContext
 from qimem.config import Config, load_config
+from qimem.errors import ValidationError
+from qimem.remote import RemoteKeys, check_url, insecure_warning
 
 
 class CliState:
     """Global options, and an AppContext opened on first use (so --help never opens a store)."""
 
     def __init__(
-        self, config_path: str | None, store_url: str | None, plugins: list[str], realm: str
+        self,
+        config_path: str | None,
+        store_url: str | None,
+        plugins: list[str],
+        realm: str,
+        *,
+        server: str | None = None,
+        token: str | None = None,
+        realm_given: bool = False,
     ) -> None:
         self.config_path = Path(config_path) if config_path else None
         self.store_url = store_url
         self.plugins = plugins
         self.realm = realm
+        self.server = server or None
+        self._token = token or None
+        self.realm_given = realm_given
+        #: commands that are local by nature (serve, init, plugins) ignore --server
+        self.local_ok = False
         self._app: AppContext | None = None
+        self._remote: RemoteKeys | None = None
+
+    def __repr__(self) -> str:
+        return f"<CliState server={self.server!r} realm={self.realm!r}>"
+
+    @property
+    def remote(self) -> RemoteKeys:
+        """The --server client (keys and data keys over HTTP); warns once about plain http."""
+        if self._remote is None:
+            assert self.server is not None
+            check_url(self.server)
+            warning = insecure_warning(self.server)
+            if warning:
+                click.echo(warning, err=True)
+            config = self.config(required=False)
+            self._remote = RemoteKeys(
+                self.server,
+                self._token,
+                realm=self.realm if self.realm_given else None,
+                plugins=config.plugins_enabled,
+            )
+        return self._remote
+
+    @property
+    def backend(self) -> AppContext | RemoteKeys:
+        """Where the file commands get their keys: the server with --server, else the store."""
+        return self.remote if self.server else self.app
 
     def config(self, *, required: bool = True) -> Config:
         config = load_config(self.config_path, store_url=self.store_url, required=required)
@@ -31,6 +73,11 @@ class CliState:
 
     @property
     def app(self) -> AppContext:
+        if self.server and not self.local_ok:
+            raise ValidationError(
+                "this command works on the local store only, not with --server "
+                "(with --server: encrypt, decrypt, rewrap, keys create|list|show|rotate)"
+            )
         if self._app is None:
             self._app = AppContext(self.config())
         return self._app
@@ -38,6 +85,8 @@ class CliState:
     def close(self) -> None:
         if self._app is not None:
             self._app.close()
+        if self._remote is not None:
+            self._remote.close()
 
 
 pass_state = click.make_pass_decorator(CliState)

@@ -107,7 +107,7 @@ def _stdio(
     json_: bool,
 ) -> None:
     """Standard input to standard output (or to -o OUT, atomically)."""
-    app = state.app
+    app = state.backend
     to_stdout = output is None or output == "-"
     if to_stdout and operation == batch.ENCRYPT and sys.stdout.isatty():
         raise ValidationError("refusing to write ciphertext to a terminal; use -o or a pipe")
@@ -162,7 +162,7 @@ def _files(
     if output == "-":
         raise ValidationError("-o - (standard output) works only with standard input")
     tasks = batch.plan(files, operation, output=output, out_dir=out_dir)
-    app = state.app
+    app = state.backend
     with _progress(quiet, tasks) as progress:
         result = batch.run(
             app,
@@ -249,5 +249,5 @@ def rewrap(state: CliState, files: tuple[str, ...], quiet: bool, json_: bool) ->
     """
     tasks = batch.plan(files, batch.REWRAP)
     with _progress(quiet, tasks) as progress:
-        result = batch.rewrap(state.app, tasks, realm=state.realm, progress=progress)
+        result = batch.rewrap(state.backend, tasks, realm=state.realm, progress=progress)
     _finish(result, json_)

@@ -46,7 +46,10 @@ _HEADERS = ["NAME", "LINEAGE_ID", "VERSION", "KEY_ID", "ALGORITHM", "STATE", "CR
 @pass_state
 def keys_create(state: CliState, algorithm: str, name: str | None, json_: bool) -> None:
     """Create a key (version 1, active) and print its key_id."""
-    key = services.create_key(state.app, algorithm=algorithm, name=name, realm=state.realm)
+    if state.server:
+        key = state.remote.create_key(algorithm=algorithm, name=name)
+    else:
+        key = services.create_key(state.app, algorithm=algorithm, name=name, realm=state.realm)
     if json_:
         echo_json(key.to_dict())
     else:
@@ -58,7 +61,10 @@ def keys_create(state: CliState, algorithm: str, name: str | None, json_: bool) 
 @pass_state
 def keys_list(state: CliState, json_: bool) -> None:
     """List the keys of the realm, newest version of each."""
-    found = services.list_keys(state.app, realm=state.realm)
+    if state.server:
+        found = state.remote.list_keys()
+    else:
+        found = services.list_keys(state.app, realm=state.realm)
     if json_:
         echo_json([k.to_dict() for k in found])
     elif found:
@@ -71,7 +77,10 @@ def keys_list(state: CliState, json_: bool) -> None:
 @pass_state
 def keys_show(state: CliState, key: str, json_: bool) -> None:
     """Show a key and all its versions. KEY is a key_id, lineage_id or name."""
-    details = services.show_key(state.app, key, realm=state.realm)
+    if state.server:
+        details = state.remote.show_key(key)
+    else:
+        details = services.show_key(state.app, key, realm=state.realm)
     if json_:
         echo_json(details.to_dict())
         return
@@ -93,7 +102,10 @@ def keys_rotate(state: CliState, key: str, json_: bool) -> None:
     KEY is a key_id (which must be the active version) or a lineage_id or name (whose
     active version is rotated). Prints the new key_id.
     """
-    rotated = services.rotate_key(state.app, key, realm=state.realm)
+    if state.server:
+        rotated = state.remote.rotate_key(key)
+    else:
+        rotated = services.rotate_key(state.app, key, realm=state.realm)
     if json_:
         echo_json(rotated.to_dict())
     else:

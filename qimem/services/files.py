@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from qimem import envelope as env
 from qimem import stream
@@ -51,6 +51,10 @@ class StoreKeyring:
     def unwrap(self, wrapped_key: bytes) -> bytearray:
         return bytearray(crypto.decrypt(self.app, wrapped_key, realm=self.realm).plaintext)
 
+    def rewrap(self, wrapped_key: bytes) -> bytes:
+        """``wrapped_key`` re-sealed under the active version of its key's lineage."""
+        return crypto.rewrap(self.app, wrapped_key, realm=self.realm).envelope
+
     def algorithm(self, algorithm_id: int) -> Algorithm:
         try:
             return self.app.registry.algorithm_by_id(algorithm_id)
@@ -59,6 +63,28 @@ class StoreKeyring:
 
     def __repr__(self) -> str:
         return f"<StoreKeyring ref={self.ref!r} realm={self.realm!r}>"
+
+
+@runtime_checkable
+class KeySource(Protocol):
+    """Where keyrings come from other than a local store: a qimem server
+    (:class:`qimem.remote.RemoteKeys`). :mod:`qimem.batch` accepts one in place of an
+    :class:`~qimem.app.AppContext`."""
+
+    def keyring(self, ref: str | None = None, realm: str | None = None) -> stream.Keyring: ...
+
+    def for_worker(self) -> KeySource: ...
+
+    def close(self) -> None: ...
+
+
+def keyring_for(
+    app: AppContext | KeySource, ref: str | None = None, realm: str = DEFAULT_REALM
+) -> stream.Keyring:
+    """The keyring of a local store (:class:`StoreKeyring`) or of a :class:`KeySource`."""
+    if isinstance(app, AppContext):
+        return StoreKeyring(app, ref, realm)
+    return app.keyring(ref, realm)
 
 
 def _aad(aad: bytes | str | None) -> bytes | None:
@@ -113,22 +139,23 @@ def decrypt_stream(
 
 
 def rewrap_header(
-    app: AppContext, header: stream.Header, *, realm: str = DEFAULT_REALM
+    app: AppContext | KeySource, header: stream.Header, *, realm: str = DEFAULT_REALM
 ) -> tuple[stream.Header, bool]:
     """The header re-sealed under the active version of its key's lineage.
 
     Returns ``(header, changed)``; ``changed`` is false when the data key already is under
     the newest version (the header is returned as is). The data key never leaves here.
     """
-    keyring = StoreKeyring(app, None, realm)
+    keyring = keyring_for(app, None, realm)
     data_key = keyring.unwrap(header.wrapped_key)
     try:
         stream.verify_header(header, data_key)
         old = env.parse(header.wrapped_key)
-        resealed = crypto.rewrap(app, header.wrapped_key, realm=realm)
-        if resealed.key_id == old.key_id_str and resealed.version == old.key_version:
+        envelope = keyring.rewrap(header.wrapped_key)  # type: ignore[attr-defined]
+        new = env.parse(envelope)
+        if new.key_id_str == old.key_id_str and new.key_version == old.key_version:
             return header, False
-        return stream.rewrap_header(header, data_key, resealed.envelope), True
+        return stream.rewrap_header(header, data_key, envelope), True
     finally:
         zero(data_key)
 
@@ -155,7 +182,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
 
 
 def rewrap_file(
-    app: AppContext, path: str | os.PathLike[str], *, realm: str = DEFAULT_REALM
+    app: AppContext | KeySource, path: str | os.PathLike[str], *, realm: str = DEFAULT_REALM
 ) -> tuple[stream.StreamInfo, bool]:
     """Re-seal a stream file's data key under the newest version of its key, in place.
 
@@ -170,7 +197,7 @@ def rewrap_file(
         size = os.fstat(fh.fileno()).st_size
         body = size - header.size
         new_env = env.parse(new_header.wrapped_key)
-        algorithm = app.registry.algorithm_by_id(header.algorithm_id)
+        algorithm = keyring_for(app, None, realm).algorithm(header.algorithm_id)
         plain = stream.plaintext_size(body, header.segment_size, algorithm.tag_size)
         info = stream.StreamInfo(
             new_env.key_id_str,
