@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import make_app
@@ -330,3 +331,37 @@ def test_forked_child_never_reuses_the_parents_nonces(memory_app: AppContext) ->
     parent = envelope.parse(services.encrypt(memory_app, "forked", b"x").envelope).nonce
     assert len(child) == len(parent) == 12
     assert child != parent
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_concurrent_encryptions_respect_the_limit_and_never_repeat_a_nonce(
+    store: str, tmp_path: Path, root_key_b64: str
+) -> None:
+    from qimem import envelope
+    from qimem.testing import run_concurrently
+
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path / 'k.db'}"
+    app = make_app(url, root_key_b64 if store == "sqlite" else None)
+    try:
+        lifecycle.configure(app, lifecycle.LifecycleSettings(usage_reserve_block=4))
+        services.create_key(app, name="busy")
+        lifecycle.set_policy(app, "busy", usage_limit=25)
+
+        def work(_: int) -> list[tuple[str, bytes]]:
+            sealed = [services.encrypt(app, "busy", b"m") for _ in range(20)]
+            return [(s.key_id, envelope.parse(s.envelope).nonce) for s in sealed]
+
+        results = run_concurrently(6, work)
+        assert all(isinstance(r, list) for r in results), results
+        messages = [m for r in results for m in r]
+        assert len(messages) == 120
+        assert len({nonce for _, nonce in messages}) == 120  # no nonce twice
+        per_version: dict[str, int] = {}
+        for key_id, _ in messages:
+            per_version[key_id] = per_version.get(key_id, 0) + 1
+        assert max(per_version.values()) <= 25, per_version
+        counted = lifecycle.key_usage(app, "busy")
+        assert all(per_version[k] <= counted[k] <= 25 for k in per_version)
+        assert len(per_version) >= 5  # 120 messages at <= 25 each
+    finally:
+        app.close()
