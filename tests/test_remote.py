@@ -282,6 +282,12 @@ def test_errors_map_to_local_exit_codes(env: Live, tmp_path: Path) -> None:
     missing = run(env, "decrypt", str(tmp_path / "foreign.qimem"))
     assert missing.exit_code == 5 and not (tmp_path / "foreign").exists()
 
+    # --realm goes to the server (X-Qimem-Realm): another realm's keys are not found.
+    own = run(env, "--realm", "acme", "keys", "show", "remote-errors")
+    assert own.exit_code == 0 and "remote-errors" in own.stdout
+    other = run(env, "--realm", "master", "keys", "show", "remote-errors")
+    assert other.exit_code == 5, other.stderr
+
     # Commands that only exist locally refuse --server instead of touching the store.
     lifecycle = run(env, "keys", "disable", "remote-errors", "--version", "1")
     assert lifecycle.exit_code == 3 and "not with --server" in lifecycle.stderr
