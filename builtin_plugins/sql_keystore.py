@@ -53,6 +53,7 @@ lineages = sa.Table(
     sa.Column("auto_rotate_seconds", sa.BigInteger),
     sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("deletion_date", sa.DateTime(timezone=True)),
+    sa.Column("derived", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 versions = sa.Table(
     "qimem_key_versions",
@@ -103,6 +104,7 @@ _POLICY_COLUMNS = (
     "auto_rotate_seconds",
     "deletion_protection",
     "deletion_date",
+    "derived",
 )
 
 
@@ -380,6 +382,7 @@ class SqlKeyStore(KeyStore):
             auto_rotate_seconds=row.auto_rotate_seconds,
             deletion_protection=bool(row.deletion_protection),
             deletion_date=_utc(row.deletion_date),
+            derived=bool(row.derived),
         )
 
     def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:

@@ -109,6 +109,9 @@ class KeyCache:
         # (``entry.realm``), exactly as for_encrypt / for_decrypt check.
         self.by_ref: dict[str, dict[str, CachedKey]] = {}
         self.by_prefix: dict[bytes, CachedKey] = {}
+        # Derived keys' per-context entries, (realm, ref or prefix, context) -> entry; never
+        # in the tables above, so the hot paths cannot use one without its context.
+        self.derived: dict[tuple[str, object, bytes], CachedKey] = {}
         self._lock = threading.Lock()
         # Bumped by every invalidation: an entry loaded from the store before a rotation
         # committed must not be cached after that rotation's invalidation (see put).
@@ -185,8 +188,31 @@ class KeyCache:
                     entry.expires = min(entry.hard_expires, until)
             self._valid_until = until
 
+    def for_derived(self, slot: tuple[str, object, bytes]) -> CachedKey | None:
+        """The unexpired per-context entry of a derived key, if any."""
+        entry = self.derived.get(slot)
+        if entry is not None and entry.expires > time.monotonic():
+            return entry
+        return None
+
+    def put_derived(
+        self, slot: tuple[str, object, bytes], entry: CachedKey, *, generation: int
+    ) -> None:
+        """Cache a derived key's per-context entry (see :meth:`put`)."""
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self.derived) >= self.max_entries:
+                self.derived.clear()
+            entry.hard_expires = entry.expires
+            if entry.expires > self._valid_until:
+                entry.expires = self._valid_until
+            self.derived[slot] = entry
+
     def _entries(self) -> list[CachedKey]:
-        found = list(self.by_prefix.values())
+        found = list(self.by_prefix.values()) + list(self.derived.values())
         for refs in self.by_ref.values():
             found.extend(refs.values())
         return found
@@ -195,7 +221,8 @@ class KeyCache:
         """Drop every entry of a lineage (after a rotation or state change)."""
         with self._lock:
             self.generation += 1
-            for table in (*self.by_ref.values(), self.by_prefix):
+            tables: list[dict] = [*self.by_ref.values(), self.by_prefix, self.derived]  # type: ignore[type-arg]
+            for table in tables:
                 for k in [k for k, v in table.items() if v.meta.lineage_id == lineage_id]:
                     del table[k]
 
@@ -209,3 +236,4 @@ class KeyCache:
         for refs in self.by_ref.values():
             refs.clear()
         self.by_prefix.clear()
+        self.derived.clear()

@@ -122,6 +122,8 @@ class LineagePolicy:
     (``None``: the deployment default). ``auto_rotate_seconds``: rotate the active version
     once it is this old (``None``: never). ``deletion_protection``: refuse destroying
     versions and scheduling deletion. ``deletion_date``: when a scheduled deletion happens.
+    ``derived``: set at creation, never changed: every encryption and decryption needs a
+    context, and uses a per-context subkey derived with HKDF (Vault's ``derived``).
     """
 
     min_decryption_version: int = 1
@@ -130,6 +132,7 @@ class LineagePolicy:
     auto_rotate_seconds: int | None = None
     deletion_protection: bool = False
     deletion_date: datetime | None = None
+    derived: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +142,7 @@ class LineagePolicy:
             "auto_rotate_seconds": self.auto_rotate_seconds,
             "deletion_protection": self.deletion_protection,
             "deletion_date": self.deletion_date.isoformat() if self.deletion_date else None,
+            "derived": self.derived,
         }
 
     @classmethod
@@ -156,6 +160,7 @@ class LineagePolicy:
             ),
             deletion_protection=bool(data.get("deletion_protection", False)),
             deletion_date=datetime.fromisoformat(date) if date else None,
+            derived=bool(data.get("derived", False)),
         )
 
 

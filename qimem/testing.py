@@ -380,6 +380,7 @@ class KeyStoreContract:
             auto_rotate_seconds=86400,
             deletion_protection=True,
             deletion_date=when,
+            derived=True,
         )
         assert store.set_policy(self.realm, key.lineage_id, policy) == policy
         assert store.policy(self.realm, key.lineage_id) == policy

@@ -365,3 +365,55 @@ def test_concurrent_encryptions_respect_the_limit_and_never_repeat_a_nonce(
         assert len(per_version) >= 5  # 120 messages at <= 25 each
     finally:
         app.close()
+
+
+def test_derived_keys(any_app: AppContext) -> None:
+    from qimem.errors import DecryptionError as Tampered
+
+    services.create_key(any_app, name="tenants", derived=True)
+    assert lifecycle.get_policy(any_app, "tenants").derived
+    a = services.encrypt(any_app, "tenants", b"for a", context=b"tenant-a")
+    b = services.encrypt(any_app, "tenants", b"for b", context=b"tenant-b")
+    assert services.decrypt(any_app, a.envelope, context=b"tenant-a").plaintext == b"for a"
+    assert services.decrypt(any_app, b.envelope, context=b"tenant-b").plaintext == b"for b"
+    with pytest.raises(Tampered) as wrong:  # another tenant's context opens nothing
+        services.decrypt(any_app, a.envelope, context=b"tenant-b")
+    assert wrong.value.code == "decryption_failed"
+    for call in (
+        lambda: services.encrypt(any_app, "tenants", b"x"),
+        lambda: services.decrypt(any_app, a.envelope),
+    ):
+        with pytest.raises(ValidationError) as missing:
+            call()
+        assert missing.value.code == "context_required"
+    services.create_key(any_app, name="plain")
+    with pytest.raises(ValidationError) as refused:
+        services.encrypt(any_app, "plain", b"x", context=b"tenant-a")
+    assert refused.value.code == "context_not_allowed"
+    with pytest.raises(ValidationError):
+        services.encrypt(any_app, "tenants", b"x", context=b"")
+    # Rotation, rewrap and data keys keep working per context.
+    services.rotate_key(any_app, "tenants")
+    rewrapped = services.rewrap(any_app, a.envelope, context=b"tenant-a")
+    assert rewrapped.version == 2
+    opened = services.decrypt(any_app, rewrapped.envelope, context=b"tenant-a")
+    assert opened.plaintext == b"for a"
+    made = services.datakey(any_app, "tenants", context=b"tenant-c")
+    unwrapped = services.decrypt(any_app, made.wrapped_key, context=b"tenant-c")
+    assert unwrapped.plaintext == made.plaintext_key
+    # The subkey is the documented HKDF: a third party can recompute it.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from qimem import envelope
+
+    material = bytes(any_app.store.material("master", a.key_id))
+    subkey = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"qimem-derived-v1\x00tenant-a",
+    ).derive(material)
+    parsed = envelope.parse(a.envelope)
+    assert AESGCM(subkey).decrypt(parsed.nonce, parsed.ciphertext, parsed.header) == b"for a"

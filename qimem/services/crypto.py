@@ -86,11 +86,16 @@ class DataKey:
         }
 
 
-def _load(app: AppContext, version: KeyVersion) -> CachedKey:
-    """Unwrap a version's material once and prepare its cipher and header prefix."""
+def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) -> CachedKey:
+    """Unwrap a version's material once and prepare its cipher and header prefix; with a
+    ``context`` (derived keys), the cipher of the per-context subkey."""
     algorithm = app.registry.algorithm(version.algorithm)
     material = app.store.material(version.realm, version.key_id)
     try:
+        if context is not None:
+            subkey = bytearray(lifecycle.derive_subkey(material, context))
+            zero(material)
+            material = subkey
         cipher = algorithm.cipher(material)
     finally:
         zero(material)
@@ -113,10 +118,13 @@ def _load(app: AppContext, version: KeyVersion) -> CachedKey:
     )
 
 
-def _encryption_key(app: AppContext, ref: str, realm: str) -> CachedKey:
+def _encryption_key(
+    app: AppContext, ref: str, realm: str, context: bytes | None = None
+) -> CachedKey:
     """Resolve, check and load the key for ``ref`` from the store (on a cache miss)."""
     app.cache.revalidate(app.store.rotation_marker)  # other servers' rotations
-    cached = app.cache.for_encrypt(realm, ref)
+    slot = (realm, ref, context) if context is not None else None
+    cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
     if cached is not None:
         return cached
     generation = app.cache.generation  # before reading the store: see KeyCache.put
@@ -125,23 +133,44 @@ def _encryption_key(app: AppContext, ref: str, realm: str) -> CachedKey:
         versions = app.store.versions(realm, lineage_id)
         raise not_active_error(exact, next((v for v in versions if v.active), None))
     version = exact or app.store.active_version(realm, lineage_id)
-    checked, limit = lifecycle.check_encryption(app, version)
+    checked, limit = lifecycle.check_encryption(app, version, context)
     if checked is not version and exact is not None:  # rotated away by age just now
         raise not_active_error(exact, checked)
-    entry = _load(app, checked)
+    entry = _load(app, checked, context)
     entry.limit = limit
-    app.cache.put(realm, entry, ref=ref, generation=generation)
+    if slot is None:
+        app.cache.put(realm, entry, ref=ref, generation=generation)
+    else:
+        app.cache.put_derived(slot, entry, generation=generation)
     return entry
 
 
-def _reserved(app: AppContext, key: CachedKey, ref: str, realm: str) -> tuple[CachedKey, bytes]:
+def _reserved(
+    app: AppContext, key: CachedKey, ref: str, realm: str, context: bytes | None = None
+) -> tuple[CachedKey, bytes]:
     """Usage accounting's slow path: reserve more counts (and draw nonces for them), or
     move on to the new version after an automatic rotation."""
     nonce = lifecycle.reserve(app, key)
     while nonce is None:  # the version reached its usage limit and was rotated
-        key = _encryption_key(app, ref, realm)
+        key = _encryption_key(app, ref, realm, context)
         nonce = lifecycle.reserve(app, key)
     return key, nonce
+
+
+def _encrypt_derived(
+    app: AppContext, ref: str, plaintext: bytes, aad: bytes | None, realm: str, context: Any
+) -> EncryptResult:
+    """encrypt() with a derived key's context: the per-context subkey seals."""
+    context = lifecycle.check_context(context)
+    key = app.cache.for_derived((realm, ref, context))
+    if key is None:
+        key = _encryption_key(app, ref, realm, context)
+    nonce = next(key.nonces, None)
+    if nonce is None:
+        key, nonce = _reserved(app, key, ref, realm, context)
+    head = key.pack_header(key.prefix, nonce, len(plaintext) + key.tag_size)
+    sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
+    return EncryptResult(head + sealed, key.key_id, key.version)
 
 
 def _check_bytes(value: Any, what: str) -> bytes:
@@ -157,11 +186,14 @@ def encrypt(
     *,
     aad: bytes | None = None,
     realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> EncryptResult:
     """Seal ``plaintext`` in an envelope under the active version of ``ref``.
 
     :param ref: a key_id (must be active), lineage_id or name.
     :param aad: caller associated data; the same bytes are needed to decrypt.
+    :param context: for a derived key (required there, refused elsewhere): the per-context
+        subkey seals, and the same context is needed to decrypt.
     :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away (the message names
         the active one).
     :raises PayloadTooLargeError: ``plaintext`` is over ``limits.max_envelope_bytes``.
@@ -173,6 +205,8 @@ def encrypt(
             f"plaintext is over the envelope limit of {app.config.max_envelope_bytes} bytes; "
             "use the stream format for large data"
         )
+    if context is not None:
+        return _encrypt_derived(app, ref, plaintext, aad, realm, context)
     refs = app.cache.by_ref.get(realm)  # KeyCache.for_encrypt, inlined
     key = refs.get(ref) if refs is not None else None
     if key is None or key.expires <= _monotonic():
@@ -186,13 +220,24 @@ def encrypt(
     return EncryptResult(head + sealed, key.key_id, key.version)
 
 
-def _decryption_key(app: AppContext, parsed: env.Envelope, realm: str) -> CachedKey:
+def _cached_for_decrypt(
+    app: AppContext, realm: str, prefix: bytes, slot: tuple[str, object, bytes] | None
+) -> CachedKey | None:
+    if slot is None:
+        return app.cache.for_decrypt(realm, prefix)
+    return app.cache.for_derived(slot)
+
+
+def _decryption_key(
+    app: AppContext, parsed: env.Envelope, realm: str, context: bytes | None = None
+) -> CachedKey:
     """The key that sealed a parsed envelope, from the cache or the store."""
     prefix = parsed.header[: env.PREFIX_SIZE]
-    entry = app.cache.for_decrypt(realm, prefix)
+    slot = (realm, prefix, context) if context is not None else None
+    entry = _cached_for_decrypt(app, realm, prefix, slot)
     if entry is None:
         app.cache.revalidate(app.store.rotation_marker)  # other servers' state changes
-        entry = app.cache.for_decrypt(realm, prefix)
+        entry = _cached_for_decrypt(app, realm, prefix, slot)
     if entry is None:
         generation = app.cache.generation  # before reading the store: see KeyCache.put
         try:
@@ -201,19 +246,24 @@ def _decryption_key(app: AppContext, parsed: env.Envelope, realm: str) -> Cached
             raise NotFoundError(
                 f"the key {parsed.key_id_str} that sealed this envelope does not exist"
             ) from None
-        lifecycle.check_decryption(app, version)  # state, minimum version, deletion
-        entry = _load(app, version)
-        app.cache.put(realm, entry, generation=generation)
+        lifecycle.check_decryption(app, version, context)  # state, minimum version ...
+        entry = _load(app, version, context)
+        if slot is None:
+            app.cache.put(realm, entry, generation=generation)
+        else:
+            app.cache.put_derived(slot, entry, generation=generation)
     # The key id matched; the algorithm, key version or nonce size may not.
     if entry.prefix != prefix or len(parsed.ciphertext) < entry.tag_size:
         raise DecryptionError("ciphertext failed authentication")
     return entry
 
 
-def _open(app: AppContext, blob: bytes, aad: bytes | None, realm: str) -> tuple[bytes, CachedKey]:
+def _open(
+    app: AppContext, blob: bytes, aad: bytes | None, realm: str, context: bytes | None = None
+) -> tuple[bytes, CachedKey]:
     """Parse strictly, find the key in the cache or the store, open (decrypt's slow path)."""
     parsed = env.parse(blob)
-    key = _decryption_key(app, parsed, realm)
+    key = _decryption_key(app, parsed, realm, context)
     head = parsed.header
     try:
         plaintext = key.cipher.decrypt(parsed.nonce, parsed.ciphertext, head + aad if aad else head)
@@ -228,8 +278,12 @@ def decrypt(
     *,
     aad: bytes | None = None,
     realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> DecryptResult:
     """Open an envelope; any version of the key that is not disabled or destroyed works.
+
+    ``context``: the one the envelope was sealed with, for a derived key (required there,
+    refused elsewhere).
 
     :raises EnvelopeFormatError: the bytes are not a well-formed envelope.
     :raises NotFoundError: the key that sealed it does not exist in ``realm``.
@@ -237,6 +291,9 @@ def decrypt(
     """
     if not isinstance(envelope, bytes):
         envelope = _check_bytes(envelope, "envelope")
+    if context is not None:
+        plaintext, key = _open(app, envelope, aad, realm, lifecycle.check_context(context))
+        return DecryptResult(plaintext, key.key_id, key.version)
     # Fast path. The first PREFIX_SIZE bytes (magic, format version, algorithm, key id, key
     # version, nonce size) are constant for a key version, and a cached key's prefix passed
     # the parser's checks when it was built, so a cache hit on them stands for those checks.
@@ -267,25 +324,34 @@ def rewrap(
     *,
     aad: bytes | None = None,
     realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> EncryptResult:
     """Re-seal an envelope under the active version of its own lineage (after rotation).
 
-    The plaintext never leaves this function.
+    The plaintext never leaves this function. A derived key's envelope needs its context.
     """
-    plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm)
-    return encrypt(app, key.meta.lineage_id, plaintext, aad=aad, realm=realm)
+    if context is not None:
+        context = lifecycle.check_context(context)
+    plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm, context)
+    return encrypt(app, key.meta.lineage_id, plaintext, aad=aad, realm=realm, context=context)
 
 
 def datakey(
-    app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, size: int = DATA_KEY_SIZE
+    app: AppContext,
+    ref: str,
+    *,
+    realm: str = DEFAULT_REALM,
+    size: int = DATA_KEY_SIZE,
+    context: bytes | None = None,
 ) -> DataKey:
     """A fresh random data key and the same key sealed in an envelope under ``ref``.
 
     Encrypt bulk data locally with ``plaintext_key``, keep ``wrapped_key`` beside it, and
-    forget the plaintext key; :func:`decrypt` of ``wrapped_key`` gives it back.
+    forget the plaintext key; :func:`decrypt` of ``wrapped_key`` gives it back (with the
+    same ``context``, for a derived key).
     """
     if not 16 <= size <= 64:
         raise ValidationError("data key size must be 16..64 bytes")
     plaintext_key = os.urandom(size)
-    sealed = encrypt(app, ref, plaintext_key, realm=realm)
+    sealed = encrypt(app, ref, plaintext_key, realm=realm, context=context)
     return DataKey(plaintext_key, sealed.envelope, sealed.key_id, sealed.version)

@@ -53,12 +53,19 @@ def create_key(
     algorithm: str = DEFAULT_ALGORITHM,
     name: str | None = None,
     realm: str = DEFAULT_REALM,
+    derived: bool = False,
 ) -> KeyVersion:
     """Create a key lineage with one active version of ``algorithm``.
+
+    ``derived``: every encryption and decryption with this key needs a ``context`` and uses
+    a per-context subkey (HKDF-SHA256 of the version's key and the context), so one key
+    serves many tenants without them sharing a data key (docs/keys.md).
 
     :raises UnsupportedAlgorithmError: no plugin provides ``algorithm``.
     :raises ConflictError: ``name`` is taken in ``realm``.
     """
+    if not isinstance(derived, bool):
+        raise ValidationError("derived must be true or false")
     validate_realm(realm)
     if name is not None:
         validate_name(name)
@@ -68,6 +75,10 @@ def create_key(
         key = app.store.create(realm, algo.name, material, name=name)
     finally:
         zero(material)
+    if derived:  # before the key_id is handed out: nobody can use it underived
+        from qimem.keys import LineagePolicy
+
+        app.store.set_policy(realm, key.lineage_id, LineagePolicy(derived=True))
     app.registry.notify_key_event(KeyEvent("created", realm, key))
     return key
 

@@ -448,13 +448,16 @@ def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
 # -- checks on the encrypt and decrypt paths (cache misses only) -------------------------
 
 
-def check_encryption(app: AppContext, version: KeyVersion) -> tuple[KeyVersion, int]:
-    """Apply the lineage policy to the version about to encrypt: pending deletion, the
-    minimum encryption version, age-based rotation. Returns the version to use (a new one
-    after an automatic rotation) and its usage limit."""
+def check_encryption(
+    app: AppContext, version: KeyVersion, context: bytes | None = None
+) -> tuple[KeyVersion, int]:
+    """Apply the lineage policy to the version about to encrypt: pending deletion, derived
+    keys and their context, the minimum encryption version, age-based rotation. Returns
+    the version to use (a new one after an automatic rotation) and its usage limit."""
     realm, lineage_id = version.realm, version.lineage_id
     policy = app.store.policy(realm, lineage_id)
     _check_pending(app, realm, lineage_id, policy)
+    _check_derived(version, policy, context)
     if version.version < policy.min_encryption_version:
         raise KeyNotActiveError(
             f"key {version.key_id} (version {version.version}) is below the lineage's "
@@ -466,7 +469,7 @@ def check_encryption(app: AppContext, version: KeyVersion) -> tuple[KeyVersion, 
     return version, policy.usage_limit or settings(app).usage_limit
 
 
-def check_decryption(app: AppContext, version: KeyVersion) -> None:
+def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None = None) -> None:
     """Refuse a version the policy or its state keeps from decrypting, with a clear code.
 
     :raises DecryptionError: ``key_disabled``, ``key_destroyed``,
@@ -483,11 +486,58 @@ def check_decryption(app: AppContext, version: KeyVersion) -> None:
         )
     policy = app.store.policy(version.realm, version.lineage_id)
     _check_pending(app, version.realm, version.lineage_id, policy, DecryptionError)
+    _check_derived(version, policy, context)
     if version.version < policy.min_decryption_version:
         raise DecryptionError(
             f"{label} is below the lineage's minimum decryption version "
             f"{policy.min_decryption_version}",
             code="below_min_decryption_version",
+        )
+
+
+# -- derived keys ------------------------------------------------------------------------
+
+MAX_CONTEXT = 4096
+_DERIVE_INFO = b"qimem-derived-v1\x00"
+
+
+def check_context(context: Any) -> bytes:
+    """A derivation context: 1 to 4096 bytes.
+
+    :raises ValidationError: ``invalid_context``.
+    """
+    if (
+        not isinstance(context, bytes | bytearray | memoryview)
+        or not 1 <= len(context) <= MAX_CONTEXT
+    ):
+        raise ValidationError(f"a context must be 1 to {MAX_CONTEXT} bytes", code="invalid_context")
+    return bytes(context)
+
+
+def derive_subkey(material: bytes | bytearray, context: bytes) -> bytes:
+    """The per-context subkey of a derived key version: HKDF-SHA256 (RFC 5869) with the
+    version's key as input keying material, no salt, and ``"qimem-derived-v1" 0x00
+    context`` as info, as long as the key itself."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(), length=len(material), salt=None, info=_DERIVE_INFO + context
+    )
+    return hkdf.derive(bytes(material))
+
+
+def _check_derived(version: KeyVersion, policy: LineagePolicy, context: bytes | None) -> None:
+    label = f"key {version.name or version.lineage_id}"
+    if policy.derived and context is None:
+        raise ValidationError(
+            f"{label} is a derived key: give the context (the same one to decrypt)",
+            code="context_required",
+        )
+    if context is not None and not policy.derived:
+        raise ValidationError(
+            f"{label} is not a derived key; a context applies only to derived keys",
+            code="context_not_allowed",
         )
 
 

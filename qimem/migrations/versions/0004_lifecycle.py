@@ -1,4 +1,5 @@
-"""Key lifecycle: per-lineage policy and deletion schedule, per-version usage counters.
+"""Key lifecycle: per-lineage policy, deletion schedule and derived flag; per-version usage
+counters.
 
 Revision ID: 0004
 Revises: 0003
@@ -30,6 +31,9 @@ def upgrade() -> None:
             )
         )
         batch.add_column(sa.Column("deletion_date", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(
+            sa.Column("derived", sa.Boolean, nullable=False, server_default=sa.false())
+        )
     with op.batch_alter_table("qimem_key_versions") as batch:
         batch.add_column(
             sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0")
@@ -41,6 +45,7 @@ def downgrade() -> None:
         batch.drop_column("encryptions")
     with op.batch_alter_table("qimem_lineages") as batch:
         for column in (
+            "derived",
             "deletion_date",
             "deletion_protection",
             "auto_rotate_seconds",
