@@ -28,16 +28,20 @@ from qimem.server.media import (
 from qimem.server.metrics import Metrics
 
 _KEY_FIELDS = (Field("key_id", key_id_string), Field("key", ref_string))
+_CONTEXT = Field("context", base64_bytes, nullable=True)  # derived keys (docs/keys.md)
 ENCRYPT_SPEC = Spec(
     *_KEY_FIELDS,
     Field("plaintext", base64_bytes, required=True),
     Field("aad", base64_bytes, nullable=True),
+    _CONTEXT,
     one_of=("key_id", "key"),
 )
 DECRYPT_SPEC = Spec(
-    Field("envelope", base64_bytes, required=True), Field("aad", base64_bytes, nullable=True)
+    Field("envelope", base64_bytes, required=True),
+    Field("aad", base64_bytes, nullable=True),
+    _CONTEXT,
 )
-DATAKEY_SPEC = Spec(*_KEY_FIELDS, one_of=("key_id", "key"))
+DATAKEY_SPEC = Spec(*_KEY_FIELDS, _CONTEXT, one_of=("key_id", "key"))
 
 Operation = Callable[[AppContext, str, Any], dict[str, Any]]
 
@@ -45,23 +49,29 @@ Operation = Callable[[AppContext, str, Any], dict[str, Any]]
 def _encrypt(app: AppContext, realm: str, item: Any) -> dict[str, Any]:
     body = ENCRYPT_SPEC.parse(item)
     ref = body.get("key_id") or body["key"]
-    return services.encrypt(app, ref, body["plaintext"], aad=body.get("aad"), realm=realm).to_dict()
+    return services.encrypt(
+        app, ref, body["plaintext"], aad=body.get("aad"), realm=realm, context=body.get("context")
+    ).to_dict()
 
 
 def _decrypt(app: AppContext, realm: str, item: Any) -> dict[str, Any]:
     body = DECRYPT_SPEC.parse(item)
-    return services.decrypt(app, body["envelope"], aad=body.get("aad"), realm=realm).to_dict()
+    return services.decrypt(
+        app, body["envelope"], aad=body.get("aad"), realm=realm, context=body.get("context")
+    ).to_dict()
 
 
 def _rewrap(app: AppContext, realm: str, item: Any) -> dict[str, Any]:
     body = DECRYPT_SPEC.parse(item)
-    return services.rewrap(app, body["envelope"], aad=body.get("aad"), realm=realm).to_dict()
+    return services.rewrap(
+        app, body["envelope"], aad=body.get("aad"), realm=realm, context=body.get("context")
+    ).to_dict()
 
 
 def _datakey(app: AppContext, realm: str, item: Any) -> dict[str, Any]:
     body = DATAKEY_SPEC.parse(item)
     ref = body.get("key_id") or body["key"]
-    return services.datakey(app, ref, realm=realm).to_dict()
+    return services.datakey(app, ref, realm=realm, context=body.get("context")).to_dict()
 
 
 class CryptoResource:

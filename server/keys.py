@@ -6,11 +6,20 @@ import falcon
 
 from qimem import services
 from qimem.app import AppContext
+from qimem.errors import ValidationError
 from qimem.server.media import Field, Spec, key_id_string, plain_string, read_json, ref_string
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"'{name}' must be true or false", code="invalid_type")
+    return value
+
 
 CREATE_SPEC = Spec(
     Field("algorithm", plain_string, nullable=True),
     Field("name", plain_string, nullable=True),
+    Field("derived", _bool, nullable=True),
 )
 ROTATE_SPEC = Spec(
     Field("key_id", key_id_string), Field("key", ref_string), one_of=("key_id", "key")
@@ -33,6 +42,7 @@ class CreateKeyResource:
             algorithm=body.get("algorithm") or services.keys.DEFAULT_ALGORITHM,
             name=body.get("name"),
             realm=req.context.realm,
+            derived=body.get("derived", False),
         )
         resp.status = falcon.HTTP_201
         resp.location = f"{KEYS_PATH}/{key.key_id}"

@@ -178,3 +178,33 @@ def test_export_and_import_between_servers(app: AppContext) -> None:
         assert (again.status_code, again.json["error"]["code"]) == (409, "key_exists")
     finally:
         fresh.close()
+
+
+def test_derived_key_over_http(app: AppContext) -> None:
+    admin = Api(app, "admin", "admin-password")
+    created = admin.post("/v1/security/keys", {"name": "tenants", "derived": True})
+    assert created.status_code == 201, created.text
+    ctx = base64.b64encode(b"tenant-a").decode()
+    text = base64.b64encode(b"secret").decode()
+    sealed = admin.post(
+        "/v1/security/encrypt", {"key": "tenants", "plaintext": text, "context": ctx}
+    )
+    assert sealed.status_code == 200, sealed.text
+    envelope = sealed.json["envelope"]
+    missing = admin.post("/v1/security/decrypt", {"envelope": envelope})
+    assert (missing.status_code, missing.json["error"]["code"]) == (400, "context_required")
+    other = base64.b64encode(b"tenant-b").decode()
+    wrong = admin.post("/v1/security/decrypt", {"envelope": envelope, "context": other})
+    assert (wrong.status_code, wrong.json["error"]["code"]) == (422, "decryption_failed")
+    batch = admin.post("/v1/security/decrypt", {"items": [{"envelope": envelope, "context": ctx}]})
+    assert base64.b64decode(batch.json["items"][0]["plaintext"]) == b"secret"
+    made = admin.post("/v1/security/datakey", {"key": "tenants", "context": ctx})
+    assert made.status_code == 200, made.text
+    policy = admin.get("/v1/security/keys/tenants/policy")
+    assert policy.json["policy"]["derived"] is True
+    plain = admin.post("/v1/security/keys", {"name": "plain"})
+    assert plain.status_code == 201
+    refused = admin.post(
+        "/v1/security/encrypt", {"key": "plain", "plaintext": text, "context": ctx}
+    )
+    assert (refused.status_code, refused.json["error"]["code"]) == (400, "context_not_allowed")
