@@ -42,14 +42,25 @@ _HEADERS = ["NAME", "LINEAGE_ID", "VERSION", "KEY_ID", "ALGORITHM", "STATE", "CR
 @keys.command("create")
 @click.option("--algorithm", default="aes-256-gcm", show_default=True, help="AEAD algorithm.")
 @click.option("--name", help="Unique name of the key in its realm.")
+@click.option(
+    "--derived",
+    is_flag=True,
+    help="A derived key: encryption needs a context, each context gets its own subkey.",
+)
 @json_option
 @pass_state
-def keys_create(state: CliState, algorithm: str, name: str | None, json_: bool) -> None:
+def keys_create(
+    state: CliState, algorithm: str, name: str | None, derived: bool, json_: bool
+) -> None:
     """Create a key (version 1, active) and print its key_id."""
+    if state.server and derived:
+        raise ValidationError("--derived is not available with --server yet")
     if state.server:
         key = state.remote.create_key(algorithm=algorithm, name=name)
     else:
-        key = services.create_key(state.app, algorithm=algorithm, name=name, realm=state.realm)
+        key = services.create_key(
+            state.app, algorithm=algorithm, name=name, realm=state.realm, derived=derived
+        )
     if json_:
         echo_json(key.to_dict())
     else:
