@@ -26,9 +26,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("usage_limit", sa.BigInteger, nullable=True))
         batch.add_column(sa.Column("auto_rotate_seconds", sa.BigInteger, nullable=True))
         batch.add_column(
-            sa.Column(
-                "deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()
-            )
+            sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false())
         )
         batch.add_column(sa.Column("deletion_date", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(
