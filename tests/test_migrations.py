@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -197,6 +198,8 @@ def test_concurrent_migrations_in_processes(
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, job],
+            # Not the repo root: its qimem/ folder would shadow the installed package.
+            cwd=tempfile.gettempdir(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

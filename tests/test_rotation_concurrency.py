@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -136,6 +137,8 @@ def _rotate_in_processes(root_key_b64: str, targets: list[dict[str, str]]) -> li
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, job],
+            # Not the repo root: its qimem/ folder would shadow the installed package.
+            cwd=tempfile.gettempdir(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
