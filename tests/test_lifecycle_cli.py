@@ -113,3 +113,20 @@ def test_lifecycle_commands_refuse_server_mode(home: Path) -> None:
     ):
         result = run("--server", "http://127.0.0.1:9", *args)
         one_line_error(result, 3, "not with --server")
+
+
+def test_cli_create_and_rotate_are_audited(home: Path) -> None:
+    """Key operations made with the local CLI land in the audit log, naming the OS user."""
+    from qimem.cli.qauth import qauth
+
+    created = json.loads(ok("keys", "create", "--name", "audited", "--json").stdout)
+    rotated = json.loads(ok("keys", "rotate", "audited", "--json").stdout)
+    result = CliRunner().invoke(qauth, ["audit", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    records = json.loads(result.stdout)
+    by_action = {r["action"]: r for r in records}
+    assert by_action["keys.create"]["target"] == created["key_id"]
+    assert by_action["keys.rotate"]["target"] == rotated["key_id"]
+    for action in ("keys.create", "keys.rotate"):
+        assert by_action[action]["actor"].endswith("@cli")
+        assert by_action[action]["outcome"] == "success"

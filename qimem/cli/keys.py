@@ -59,7 +59,12 @@ def keys_create(
         key = state.remote.create_key(algorithm=algorithm, name=name)
     else:
         key = services.create_key(
-            state.app, algorithm=algorithm, name=name, realm=state.realm, derived=derived
+            state.app,
+            algorithm=algorithm,
+            name=name,
+            realm=state.realm,
+            derived=derived,
+            actor=_actor(),
         )
     if json_:
         echo_json(key.to_dict())
@@ -116,7 +121,7 @@ def keys_rotate(state: CliState, key: str, json_: bool) -> None:
     if state.server:
         rotated = state.remote.rotate_key(key)
     else:
-        rotated = services.rotate_key(state.app, key, realm=state.realm)
+        rotated = services.rotate_key(state.app, key, realm=state.realm, actor=_actor())
     if json_:
         echo_json(rotated.to_dict())
     else:

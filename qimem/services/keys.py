@@ -54,8 +54,12 @@ def create_key(
     name: str | None = None,
     realm: str = DEFAULT_REALM,
     derived: bool = False,
+    actor: str | None = None,
 ) -> KeyVersion:
     """Create a key lineage with one active version of ``algorithm``.
+
+    ``actor``: who asked, for the audit log (the CLI names the OS user; the HTTP server
+    audits in its middleware and passes none).
 
     ``derived``: every encryption and decryption with this key needs a ``context`` and uses
     a per-context subkey (HKDF-SHA256 of the version's key and the context), so one key
@@ -80,6 +84,9 @@ def create_key(
 
         app.store.set_policy(realm, key.lineage_id, LineagePolicy(derived=True))
     app.registry.notify_key_event(KeyEvent("created", realm, key))
+    from qimem.services import lifecycle  # (it imports this module)
+
+    lifecycle.audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
     return key
 
 
@@ -110,9 +117,13 @@ def show_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyDet
     return KeyDetails(lineage_id, first.name, realm, first.algorithm, versions)
 
 
-def rotate_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyVersion:
+def rotate_key(
+    app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, actor: str | None = None
+) -> KeyVersion:
     """Rotate: the given key_id (or the active version of a name/lineage) becomes
     decrypt-only and a new active version is created, atomically.
+
+    ``actor``: who asked, for the audit log (as for :func:`create_key`).
 
     :raises KeyNotActiveError: ``ref`` is a key_id that is no longer active.
     :raises ConflictError: ``key_pending_deletion``.
@@ -131,4 +142,13 @@ def rotate_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyV
         zero(material)
         app.cache.invalidate_lineage(lineage_id)
     app.registry.notify_key_event(KeyEvent("rotated", realm, rotated, previous=current))
+    lifecycle.audit(
+        app,
+        realm,
+        actor,
+        "keys.rotate",
+        rotated.key_id,
+        previous=current.key_id,
+        version=rotated.version,
+    )
     return rotated
