@@ -94,6 +94,7 @@ class AuditLog:
     def __init__(self, database: Database, *, flush_interval: float = 0.5) -> None:
         self._db = database
         self._buffer: list[dict[str, Any]] = []
+        self.dropped = 0  # records lost because the buffer was full (store unreachable)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._interval = flush_interval
@@ -121,6 +122,8 @@ class AuditLog:
             with self._lock:
                 if len(self._buffer) < _MAX_BUFFER:
                     self._buffer.append(row)
+                else:
+                    self.dropped += 1
                 self._ensure_thread()
             return
         with self._db.begin() as c:
@@ -144,13 +147,18 @@ class AuditLog:
         """Write buffered records now."""
         with self._lock:
             rows, self._buffer = self._buffer, []
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            log.warning("audit buffer was full: %d audit records were dropped", dropped)
         if rows:
             try:
                 with self._db.begin() as c:
                     c.execute(sa.insert(tables.audit), rows)
             except Exception:
                 with self._lock:
-                    self._buffer[:0] = rows[: _MAX_BUFFER - len(self._buffer)]
+                    keep = max(0, _MAX_BUFFER - len(self._buffer))
+                    self._buffer[:0] = rows[:keep]
+                    self.dropped += len(rows) - min(len(rows), keep)
                 raise
 
     def close(self) -> None:
