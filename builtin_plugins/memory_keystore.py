@@ -201,16 +201,7 @@ class InMemoryKeyStore(KeyStore):
                     f"a key named {record.name!r} already exists", code="name_taken"
                 )
             for item in sorted(record.versions, key=lambda v: v.version):
-                version = KeyVersion(
-                    key_id=item.key_id,
-                    lineage_id=record.lineage_id,
-                    name=record.name,
-                    realm=record.realm,
-                    version=item.version,
-                    algorithm=record.algorithm,
-                    state=item.state,
-                    created_at=item.created_at,
-                )
+                version = record.key_version(item)
                 self._versions[item.key_id] = version
                 if item.material is not None:
                     self._material[item.key_id] = bytearray(item.material)

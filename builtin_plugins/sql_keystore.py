@@ -478,16 +478,7 @@ class SqlKeyStore(KeyStore):
                     )
                 )
                 for item in record.versions:
-                    version = KeyVersion(
-                        key_id=item.key_id,
-                        lineage_id=record.lineage_id,
-                        name=record.name,
-                        realm=record.realm,
-                        version=item.version,
-                        algorithm=record.algorithm,
-                        state=item.state,
-                        created_at=item.created_at,
-                    )
+                    version = record.key_version(item)
                     self._insert_version(conn, version, item.material or b"")
                     if item.material is None:
                         conn.execute(

@@ -187,3 +187,16 @@ class LineageRecord:
     created_at: datetime
     policy: LineagePolicy
     versions: list[VersionRecord]
+
+    def key_version(self, item: VersionRecord) -> KeyVersion:
+        """The metadata of one of this lineage's versions, as a store returns it."""
+        return KeyVersion(
+            key_id=item.key_id,
+            lineage_id=self.lineage_id,
+            name=self.name,
+            realm=self.realm,
+            version=item.version,
+            algorithm=self.algorithm,
+            state=item.state,
+            created_at=item.created_at,
+        )
