@@ -127,6 +127,9 @@ def test_whole_store_backup_and_restore(
     qimem_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ok("init")
+    from qimem.cli.qauth import qauth
+
+    assert CliRunner().invoke(qauth, ["realm", "create", "acme"]).exit_code == 0
     ok("keys", "create", "--name", "alpha")
     ok("--realm", "acme", "keys", "create", "--name", "beta")
     ok("--realm", "acme", "keys", "create")

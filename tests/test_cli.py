@@ -382,7 +382,17 @@ def test_help_needs_no_store(qimem_home: Path) -> None:
     assert list(qimem_home.iterdir()) == []
 
 
+def test_keys_create_refuses_an_unknown_realm(home: Path) -> None:
+    assert_one_line_error(
+        run("--realm", "nosuch", "keys", "create", "--name", "k"), 5, "realm 'nosuch'"
+    )
+
+
 def test_realms_are_separate(home: Path) -> None:
+    from qimem.cli.qauth import qauth
+
+    created = CliRunner().invoke(qauth, ["realm", "create", "other"], catch_exceptions=False)
+    assert created.exit_code == 0, created.stderr
     create("shared-name")
     other = as_json(ok("--realm", "other", "keys", "create", "--name", "shared-name", "--json"))
     assert other["realm"] == "other"
