@@ -385,6 +385,14 @@ def test_full_session_leaks_no_secret(
                 lambda: crypto_services.decrypt(app, sealed_http.envelope, aad=b"z", realm="acme"),
             ),
             (
+                "locked user",  # mallory's right password, refused while she is locked out
+                lambda: ids.token(
+                    app,
+                    "acme",
+                    {"grant_type": "password", "username": "mallory", "password": MALLORY_PASSWORD},
+                ),
+            ),
+            (
                 "unknown key",
                 lambda: crypto_services.encrypt(app, "nope", stdin_plain, realm="acme"),
             ),
@@ -441,7 +449,8 @@ def test_full_session_leaks_no_secret(
         timeout=60,
         check=False,
     )
-    assert proc.returncode != 0 and b"Traceback" not in proc.stderr
+    assert proc.returncode == ConfigError.exit_code, proc.returncode
+    assert b"root key does not match" in proc.stderr and b"Traceback" not in proc.stderr
     s.hay.append(Haystack("subprocess wrong root key stdout", proc.stdout))
     s.hay.append(Haystack("subprocess wrong root key stderr", proc.stderr))
 
@@ -548,24 +557,52 @@ def _http_session(s: Session, url: str, key_ids: list[tuple[str, str]]) -> None:
     raw = bytearray(base64.b64decode(envelope))
     raw[-1] ^= 0x01
     other_plain = _plain("http_error_plaintext", s)
-    errors: list[tuple[str, dict[str, Any]]] = [
-        ("decrypt", {"json": {"envelope": b64(bytes(raw)), "aad": b64(b"a1")}}),
-        ("decrypt", {"json": {"envelope": envelope, "aad": b64(b"wrong")}}),
-        ("encrypt", {"json": {"key": "h1", "plaintext": other_plain.decode() + "!!"}}),
-        ("encrypt", {"json": {"key": "no-such-key", "plaintext": b64(other_plain)}}),
+    errors: list[tuple[str, int, str, dict[str, Any]]] = [
+        (
+            "decrypt",
+            422,
+            "decryption_failed",
+            {"json": {"envelope": b64(bytes(raw)), "aad": b64(b"a1")}},
+        ),
+        (
+            "decrypt",
+            422,
+            "decryption_failed",
+            {"json": {"envelope": envelope, "aad": b64(b"wrong")}},
+        ),
         (
             "encrypt",
+            400,
+            "invalid_base64",
+            {"json": {"key": "h1", "plaintext": other_plain.decode() + "!!"}},
+        ),
+        (
+            "encrypt",
+            404,
+            "not_found",
+            {"json": {"key": "no-such-key", "plaintext": b64(other_plain)}},
+        ),
+        (
+            "encrypt",
+            400,
+            "invalid_json",
             {
                 "data": b'{"key": "h1", "plaintext": "' + base64.b64encode(other_plain) + b'",',
                 "headers": {"Content-Type": "application/json"},
             },
         ),
-        ("encrypt", {"json": {"key": "h1", "plaintext": b64(other_plain * 3000)}}),
+        (
+            "encrypt",
+            413,
+            "payload_too_large",
+            {"json": {"key": "h1", "plaintext": b64(other_plain * 3000)}},
+        ),
     ]
-    for path, kwargs in errors:
+    for path, status, code, kwargs in errors:
         headers = {**bearer, **kwargs.pop("headers", {})}
         answer = s.http("POST", f"{sec}/{path}", headers=headers, **kwargs)
-        assert 400 <= answer.status_code < 500, (path, answer.status_code)
+        assert answer.status_code == status, (path, answer.status_code)
+        assert answer.json()["error"]["code"] == code, (path, code)
     forged = {
         "forged.expired": tampered(refreshed["access_token"], exp=1),
         "forged.wrong_key": wrong_key(refreshed["access_token"]),
