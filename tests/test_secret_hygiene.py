@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from forge import tampered, wrong_key
 from identity_helpers import serving
 
@@ -369,6 +370,12 @@ def test_full_session_leaks_no_secret(
         with serving(app, max_body_bytes=64 * 1024) as url:
             debug_everything(saved)  # the server quiets waitress.queue when it starts
             _http_session(s, url, key_ids)
+        # The realms' token signing keys (Ed25519 private bytes) are key bytes too.
+        for realm in ("acme", "master"):
+            kid, private = ids.identity(app).tokens._signing_key(realm)
+            s.secrets[f"signing key {realm}/{kid}"] = private.private_bytes(
+                Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+            )
         for realm, key_id in key_ids:
             material = app.store.material(realm, key_id)
             s.secrets[f"material {realm}/{key_id}"] = bytes(material)
