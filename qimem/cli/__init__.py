@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from qimem.cli.context import CliState
+from qimem.cli.context import CliState, config_option, store_option
 from qimem.errors import QimemError
 
 log = logging.getLogger("qimem.cli")
@@ -62,16 +62,8 @@ class QimemGroup(click.Group):
 
 
 @click.group(cls=QimemGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="QIMEM_CONFIG",
-    help="Config file (default: the user config dir, or $QIMEM_HOME).",
-)
-@click.option(
-    "--store", "store_url", envvar="QIMEM_STORE", help="Key store URL (overrides config)."
-)
+@config_option
+@store_option
 @click.option(
     "--plugin",
     "plugins",

@@ -93,6 +93,18 @@ pass_state = click.make_pass_decorator(CliState)
 
 json_option = click.option("json_", "--json", is_flag=True, help="Output as JSON.")
 
+# Global options shared by qimem, qauth, qimem-api and qauth-api.
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="QIMEM_CONFIG",
+    help="Config file (default: the user config dir, or $QIMEM_HOME).",
+)
+store_option = click.option(
+    "--store", "store_url", envvar="QIMEM_STORE", help="Key store URL (overrides config)."
+)
+
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))

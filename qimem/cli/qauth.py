@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from qimem.cli import QimemGroup
-from qimem.cli.context import CliState, echo_json, echo_table, json_option
+from qimem.cli.context import (
+    CliState,
+    config_option,
+    echo_json,
+    echo_table,
+    json_option,
+    store_option,
+)
 from qimem.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -28,14 +35,8 @@ class QauthGroup(QimemGroup):
 
 
 @click.group(cls=QauthGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="QIMEM_CONFIG",
-    help="Config file (default: the user config dir, or $QIMEM_HOME).",
-)
-@click.option("--store", "store_url", envvar="QIMEM_STORE", help="Store URL (overrides config).")
+@config_option
+@store_option
 @click.option(
     "--server",
     envvar="QIMEM_SERVER",

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from qimem.cli.context import CliState, pass_state
+from qimem.cli.context import CliState, config_option, pass_state, store_option
 from qimem.errors import ConfigError, QimemError
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -148,16 +148,8 @@ def serve(state: CliState, **options: Any) -> None:
 
 def _standalone(prog: str, short_paths: bool, doc: str) -> click.Command:
     @click.command(name=prog, help=doc, context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        envvar="QIMEM_CONFIG",
-        help="Config file (default: the user config dir, or $QIMEM_HOME).",
-    )
-    @click.option(
-        "--store", "store_url", envvar="QIMEM_STORE", help="Key store URL (overrides config)."
-    )
+    @config_option
+    @store_option
     @click.option(
         "--plugin", "plugins", multiple=True, help="Enable an installed plugin (repeatable)."
     )
