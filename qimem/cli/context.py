@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qimem.app import AppContext
 from qimem.config import Config, load_config
 from qimem.errors import ValidationError
-from qimem.remote import RemoteKeys, check_url, insecure_warning
+
+if TYPE_CHECKING:
+    from qimem.remote import RemoteKeys
 
 
 class CliState:
@@ -47,6 +49,9 @@ class CliState:
     def remote(self) -> RemoteKeys:
         """The --server client (keys and data keys over HTTP); warns once about plain http."""
         if self._remote is None:
+            # Imported here: http.client and ssl cost ~10 ms of every local command's start-up.
+            from qimem.remote import RemoteKeys, check_url, insecure_warning
+
             assert self.server is not None
             check_url(self.server)
             warning = insecure_warning(self.server)
