@@ -1,7 +1,8 @@
 """``python -m bench [SUITE ...] [--quick]``: run benchmark suites, print ratios, save results.
 
 Each suite is a module ``bench.<suite>`` with ``run(quick: bool) -> list[dict]``; a suite
-whose module does not exist yet is skipped. Results go to ``bench/results/latest.json``
+whose module does not exist yet is skipped. ``load`` (a mixed-traffic reliability run on
+PostgreSQL, ``--duration S``) runs only when named. Results go to ``bench/results/latest.json``
 (merged with earlier runs of the other suites) plus a timestamped copy of this run, and the
 figures table in ``docs/performance.md`` between ``<!-- bench:begin -->`` and
 ``<!-- bench:end -->`` is rewritten from ``latest.json``.
@@ -13,6 +14,7 @@ import argparse
 import fcntl
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 SUITES = ["core", "files", "http", "auth"]
+# Run only when named: ``load`` needs a PostgreSQL server and is a reliability run.
+OPTIONAL = ["load"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -163,7 +167,7 @@ def _merge(rows: list[dict[str, Any]], ran: dict[str, dict[str, Any]]) -> Path:
             raise ValueError
     except (OSError, ValueError):
         latest = {"suites": {}, "rows": []}
-    order = {name: i for i, name in enumerate(SUITES)}
+    order = {name: i for i, name in enumerate(SUITES + OPTIONAL)}
     latest["suites"].update(ran)
     latest["suites"] = dict(sorted(latest["suites"].items(), key=lambda kv: order.get(kv[0], 99)))
     kept = [r for r in latest["rows"] if r.get("suite") not in ran]
@@ -188,19 +192,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description="Run qimem's benchmark suites against their peers; print and save ratios.",
     )
-    parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)}")
+    parser.add_argument(
+        "suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES + OPTIONAL)}"
+    )
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument(
         "--no-save", action="store_true", help="print only; leave results/ and docs alone"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--duration", type=float, help="seconds of load (suites that take it: load)"
+    )
     args = parser.parse_args(argv)
-    unknown = [s for s in args.suites if s not in SUITES]
+    unknown = [s for s in args.suites if s not in SUITES + OPTIONAL]
     if unknown:
-        parser.error(f"unknown suite {', '.join(unknown)} (known: {', '.join(SUITES)})")
+        known = ", ".join(SUITES + OPTIONAL)
+        parser.error(f"unknown suite {', '.join(unknown)} (known: {known})")
     wanted = args.suites or SUITES
 
-    command = "python -m bench " + " ".join([*args.suites, *(["--quick"] if args.quick else [])])
+    extra = ["--quick"] if args.quick else []
+    extra += [f"--duration {args.duration:g}"] if args.duration else []
+    command = "python -m bench " + " ".join([*args.suites, *extra])
     rows: list[dict[str, Any]] = []
     ran: dict[str, dict[str, Any]] = {}
     failed = []
@@ -215,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         info = machine()
         try:
             module = importlib.import_module(f"bench.{name}")
-            suite_rows = [check_row(name, r) for r in module.run(args.quick)]
+            kwargs = {}
+            if args.duration and "duration" in inspect.signature(module.run).parameters:
+                kwargs["duration"] = args.duration
+            suite_rows = [check_row(name, r) for r in module.run(args.quick, **kwargs)]
         except Exception:
             traceback.print_exc()
             print(f"[{name}] FAILED", file=sys.stderr)
