@@ -220,7 +220,7 @@ def open_backup(data: bytes, passphrase: bytes | str) -> dict[str, Any]:
             raise ValueError("nonce")
     except ValidationError:
         raise
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise ValidationError("the file is not a qimem key backup", code="invalid_backup") from None
     header = {k: v for k, v in document.items() if k != "ciphertext"}
     key = _derive(secret, salt, params)
@@ -235,7 +235,7 @@ def open_backup(data: bytes, passphrase: bytes | str) -> dict[str, Any]:
         zero(key)
     try:
         payload = json.loads(plaintext)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValidationError("the backup's content is malformed", code="invalid_backup") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("lineages"), list):
         raise ValidationError("the backup's content is malformed", code="invalid_backup")

@@ -287,6 +287,8 @@ def parse_toml(text: str, *, source: str | None = None) -> Manifest:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([f"not valid TOML ({exc})"], source=source) from None
+    except RecursionError:
+        raise ManifestError(["not valid TOML (nested too deeply)"], source=source) from None
     return validate(data, source=source)
 
 
@@ -299,6 +301,8 @@ def parse_json(text: str | bytes, *, source: str | None = None) -> Manifest:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError([f"not valid JSON ({exc})"], source=source) from None
+    except RecursionError:
+        raise ManifestError(["not valid JSON (nested too deeply)"], source=source) from None
     return validate(data, source=source)
 
 

@@ -165,3 +165,21 @@ def test_weak_passphrase_is_refused_before_anything_is_written(
     one_line_error(result, 3, "passphrase")
     assert not out.exists()
     assert list(tmp_path.glob(".k.qkb*")) == []  # no temp file left behind
+
+
+def test_deeply_nested_backup_file_is_invalid_not_internal(
+    qimem_home: Path, tmp_path: Path
+) -> None:
+    """Found writing the fuzz targets: deeply nested JSON made ``json.loads`` raise
+    RecursionError, an internal error (exit 1, and a 500 from ``POST /v1/security/import``)."""
+    from qimem import backup
+    from qimem.errors import ValidationError
+
+    ok("init")
+    deep = tmp_path / "deep.qkb"
+    deep.write_bytes(b"[" * 100_000)
+    one_line_error(
+        run("keys", "import", str(deep), "--passphrase-stdin", input=PASSPHRASE), 3, "not a qimem"
+    )
+    with pytest.raises(ValidationError, match="not a qimem key backup"):
+        backup.open_backup(b'{"a": ' * 5_000, "passphrase")

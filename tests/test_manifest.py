@@ -240,3 +240,32 @@ def test_event_hooks_are_the_observing_hooks_of_the_specs() -> None:
         h for h in hooks if not h.startswith("qimem_register_") and h != "qimem_plugin_manifest"
     }
     assert set(manifest.EVENT_HOOKS) == observing
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (manifest.parse_json, "[" * 100_000),
+        (manifest.parse_json, '{"provides": ' * 5_000),
+        (manifest.parse_toml, "name = " + "[" * 100_000),
+    ],
+)
+def test_deeply_nested_documents_are_a_manifest_error(parse: Any, text: str) -> None:
+    """Found writing fuzz/fuzz_manifest.py: the parsers' RecursionError escaped, and
+    ``qimem plugins register deep.json`` failed as an internal error."""
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        parse(text)
+
+
+def test_cli_register_deeply_nested_json_is_one_clear_error(
+    qimem_home: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from qimem.cli import cli
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    result = CliRunner().invoke(cli, ["plugins", "register", str(path)])
+    assert result.exit_code == 3, (result.exit_code, result.output)
+    assert "nested too deeply" in result.output and "Traceback" not in result.output
