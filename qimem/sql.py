@@ -22,6 +22,11 @@ from qimem.errors import ConfigError, StoreUnavailableError
 from qimem.migrations import HEAD
 
 _SQLITE_TIMEOUT = 30.0
+#: Seconds to wait for a PostgreSQL connection (TCP, TLS and authentication) before the
+#: request fails with "store unavailable"; ``?connect_timeout=N`` in the store URL overrides
+#: it (libpq counts at least 2). Without it psycopg waits 130 s for a server that accepts
+#: connections but never answers (a black-holed network or a hung proxy).
+PG_CONNECT_TIMEOUT = 5
 _PG_MIGRATION_LOCK = 0x71696D656D  # "qimem": serializes concurrent migrations on PostgreSQL
 _MIGRATION_THREAD_LOCK = threading.Lock()  # Alembic's context is process-global
 
@@ -58,8 +63,17 @@ def create_engine(url: str) -> Engine:
 
         return engine
     if parsed.get_backend_name() == "postgresql":
+        connect_args = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
         try:
-            return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            return sa.create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=10,
+                max_overflow=20,
+                connect_args=connect_args,
+            )
         except ModuleNotFoundError:
             raise ConfigError(
                 "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"

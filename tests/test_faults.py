@@ -1,0 +1,560 @@
+"""Faults: the database restarted or cut off under load, a full disk, a bad root key.
+
+* PostgreSQL (a private instance, tests/pg_instance.py) restarted with ``-m fast`` and
+  ``-m immediate``, stopped for a while, and cut off behind a black-holing TCP proxy, while
+  client threads keep a real authenticated ``qimem serve`` busy with logins, encryptions,
+  decryptions and rotations: every answer is 2xx or 503 ``store_unavailable`` (never 500,
+  never a dropped connection), ``/readyz`` follows the store, and the server recovers by
+  itself once the database is back. Every ciphertext it returned still decrypts, and the
+  rotations it acknowledged form contiguous versions.
+* A genuinely full filesystem (a 1 MiB tmpfs mounted for the test) under ``qimem encrypt``
+  / ``decrypt`` outputs and under the SQLite store: one clear error naming the file and
+  "No space left on device", no partial or temp files, inputs untouched, the store consistent
+  once space is freed.
+* A root key file with group/other permissions, empty, of the wrong length, not base64, or a
+  different valid key than the store's: ``qimem encrypt`` and ``qimem serve`` refuse to start
+  with one line and exit code 9, and ``serve`` refuses before it binds its port.
+
+The measured figures (recovery time, failure latency) are printed with ``-s`` and recorded
+as junit properties: ``pytest tests/test_faults.py -s -k postgres``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pg_instance import PgInstance, TcpProxy, require_pg_bin
+
+from qimem.rootkey import encode_root_key, generate_root_key
+from qimem.sql import PG_CONNECT_TIMEOUT, create_engine
+
+ADMIN_PASSWORD = "fault-injection-admin-pw"
+FAST_IDENTITY = "\n[identity]\nargon2_memory_kib = 1024\nargon2_time_cost = 1\n"
+STARTUP_TIMEOUT = 30.0
+RECOVERY_DEADLINE = 30.0  # liveness bound only: the figures are reported, not asserted
+CLIENT_TIMEOUT = 30.0  # a request that takes longer counts as a hang
+TEMPLATE_DB = "faults_template"
+
+
+def qimem_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from qimem.cli import main; main()", *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env.update(extra)
+    return env
+
+
+def run_qimem(
+    *args: str, env: dict[str, str], cwd: Path, input: bytes | None = None, **kw: Any
+) -> subprocess.CompletedProcess[bytes]:
+    """A real ``qimem`` process, started outside the repo root."""
+    return subprocess.run(
+        qimem_cmd(*args), env=env, cwd=cwd, input=input, capture_output=True, timeout=120, **kw
+    )
+
+
+def report(record_property: Callable[[str, object], None], name: str, value: object) -> None:
+    """A measured figure: printed (``-s``) and kept in the junit XML."""
+    print(f"\nFAULTS {name} = {value}")
+    record_property(name, value)
+
+
+# ---- a real qimem serve ------------------------------------------------------------------
+
+
+class Serve:
+    """``qimem serve --port 0`` as a subprocess; stderr goes to a log file."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], *extra: str) -> None:
+        self.log_path = workdir / f"serve-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            qimem_cmd("serve", "--port", "0", "--threads", "4", "--no-access-log", *extra),
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        self.url = ""
+
+    def wait_ready(self) -> Serve:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.log())
+            if found:
+                self.url = found.group(1)
+                return self
+            if self.proc.poll() is not None:
+                pytest.fail(f"qimem serve exited {self.proc.returncode}: {self.log()}")
+            time.sleep(0.05)
+        pytest.fail(f"qimem serve did not start: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+# ---- PostgreSQL faults under load ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgInstance]:
+    """A private PostgreSQL server for this module; stopped and removed afterwards."""
+    instance = PgInstance(require_pg_bin())
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.destroy()
+
+
+@pytest.fixture(scope="module")
+def pg_home(pg: PgInstance, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A QIMEM_HOME (config, root key, fast password hashing) whose store, the database
+    ``faults_template``, ``qimem init`` set up once: realm master, user admin."""
+    home = tmp_path_factory.mktemp("faults") / "home"
+    url = pg.create_database(TEMPLATE_DB)
+    env = clean_env(QIMEM_HOME=str(home), QIMEM_STORE=url)
+    init = run_qimem("init", "--admin-password-stdin", env=env, cwd=home.parent,
+                     input=ADMIN_PASSWORD.encode() + b"\n")  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    with (home / "config.toml").open("a") as fh:
+        fh.write(FAST_IDENTITY)
+    return home
+
+
+@pytest.fixture
+def pg_db(pg: PgInstance, pg_home: Path) -> str:
+    """A fresh copy of the initialized template database (the server is started again if a
+    test left it stopped); its name."""
+    if not pg.running():
+        pg.start()
+    name = f"faults_{uuid.uuid4().hex[:10]}"
+    pg.create_database(name, template=TEMPLATE_DB)
+    return name
+
+
+@dataclass
+class Outcome:
+    op: str
+    start: float  # time.time()
+    end: float
+    status: int | None  # None: no HTTP answer (connection dropped, timeout)
+    code: str | None = None  # the error code of a JSON error body
+    problem: str | None = None  # what was wrong with the answer, if anything
+
+
+@dataclass
+class Load:
+    """Client threads against one server: encrypt/decrypt workers, one rotator (with a
+    password login every few rotations) and a ``/readyz`` prober."""
+
+    url: str
+    token: str
+    key: str = "faulty"
+    workers: int = 2
+    outcomes: list[Outcome] = field(default_factory=list)
+    sealed: list[tuple[str, bytes]] = field(default_factory=list)
+    rotated: list[int] = field(default_factory=list)  # versions of acknowledged rotations
+    stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _call(
+        self, http: requests.Session, op: str, method: str, path: str, body: Any = None
+    ) -> tuple[Outcome, Any]:
+        start = time.time()
+        try:
+            resp = http.request(
+                method,
+                self.url + path,
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=CLIENT_TIMEOUT,
+            )
+        except requests.RequestException as exc:
+            outcome = Outcome(op, start, time.time(), None, problem=type(exc).__name__)
+            with self._lock:
+                self.outcomes.append(outcome)
+            return outcome, None
+        outcome = Outcome(op, start, time.time(), resp.status_code)
+        data: Any = None
+        try:
+            data = resp.json()
+        except ValueError:
+            outcome.problem = f"not JSON: {resp.text[:80]!r}"
+        if resp.status_code >= 300 and outcome.problem is None:
+            try:
+                outcome.code = data["error"]["code"]
+            except (KeyError, TypeError):
+                outcome.problem = f"not an error body: {resp.text[:80]!r}"
+        with self._lock:
+            self.outcomes.append(outcome)
+        return outcome, data
+
+    def _worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with requests.Session() as http:
+            while not self.stop.is_set():
+                if self.sealed and rng.random() < 0.4:
+                    envelope, plaintext = rng.choice(self.sealed)
+                    out, data = self._call(
+                        http, "decrypt", "POST", "/v1/security/decrypt", {"envelope": envelope}
+                    )
+                    if out.status == 200 and base64.b64decode(data["plaintext"]) != plaintext:
+                        out.problem = "decrypted to other bytes"
+                    continue
+                plaintext = rng.randbytes(rng.randint(0, 64))
+                body = {"key": self.key, "plaintext": base64.b64encode(plaintext).decode()}
+                out, data = self._call(http, "encrypt", "POST", "/v1/security/encrypt", body)
+                if out.status == 200:
+                    with self._lock:
+                        self.sealed.append((data["envelope"], plaintext))
+
+    def _rotator(self) -> None:
+        with requests.Session() as http:
+            count = 0
+            while not self.stop.is_set():
+                count += 1
+                if count % 4 == 0:
+                    out, data = self._call(
+                        http,
+                        "login",
+                        "POST",
+                        "/v1/auth/realms/master/token",
+                        {"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
+                    )
+                    if out.status == 200:
+                        self.token = data["access_token"]
+                else:
+                    out, data = self._call(http, "rotate", "POST", "/v1/security/rotate",
+                                           {"key": self.key})  # fmt: skip
+                    if out.status == 200:
+                        with self._lock:
+                            self.rotated.append(data["version"])
+                self.stop.wait(0.02)
+
+    def _prober(self) -> None:
+        with requests.Session() as http:
+            while not self.stop.is_set():
+                self._call(http, "readyz", "GET", "/readyz")
+                self.stop.wait(0.01)
+
+    def start(self) -> Load:
+        targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (self._worker, (i,)) for i in range(self.workers)
+        ]
+        targets += [(self._rotator, ()), (self._prober, ())]
+        for target, args in targets:
+            thread = threading.Thread(target=target, args=args, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(CLIENT_TIMEOUT + 5)
+        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
+
+    def first_success_after(self, ops: tuple[str, ...], since: float) -> float | None:
+        """End time of the first 200 of one of ``ops`` that started at/after ``since``."""
+        with self._lock:
+            ends = [
+                o.end for o in self.outcomes if o.op in ops and o.status == 200 and o.start >= since
+            ]
+        return min(ends) if ends else None
+
+    def wait_success_after(self, ops: tuple[str, ...], since: float) -> float:
+        deadline = time.monotonic() + RECOVERY_DEADLINE
+        while time.monotonic() < deadline:
+            found = self.first_success_after(ops, since)
+            if found is not None:
+                return found
+            time.sleep(0.01)
+        pytest.fail(f"no successful {ops} within {RECOVERY_DEADLINE} s of the database's return")
+
+    def wait_for(self, predicate: Callable[[Outcome], bool], since: float) -> Outcome:
+        deadline = time.monotonic() + RECOVERY_DEADLINE
+        while time.monotonic() < deadline:
+            with self._lock:
+                hits = [o for o in self.outcomes if o.start >= since and predicate(o)]
+            if hits:
+                return hits[0]
+            time.sleep(0.01)
+        pytest.fail("the expected answer never came")
+
+
+def assert_clean_answers(load: Load) -> None:
+    """Every answer was a 2xx or a JSON 503 store_unavailable: no 500, no dropped
+    connection, no hang, no wrong plaintext."""
+    bad = [
+        o
+        for o in load.outcomes
+        if o.problem is not None
+        or o.status is None
+        or not (200 <= o.status < 300 or (o.status == 503 and o.code == "store_unavailable"))
+    ]
+    # A login that found the store down answers 503 store_unavailable too.
+    assert not bad, bad[:10]
+
+
+def assert_consistent_after(load: Load, serve: Serve) -> None:
+    """After recovery: every ciphertext decrypts to its plaintext, and the key's versions
+    are contiguous with every acknowledged rotation among them, the newest one active."""
+    headers = {"Authorization": f"Bearer {load.token}"}
+    with requests.Session() as http:
+        for at in range(0, len(load.sealed), 500):
+            chunk = load.sealed[at : at + 500]
+            resp = http.post(
+                f"{serve.url}/v1/security/decrypt",
+                json={"items": [{"envelope": envelope} for envelope, _ in chunk]},
+                headers=headers,
+                timeout=CLIENT_TIMEOUT,
+            )
+            assert resp.status_code == 200, resp.text
+            opened = [base64.b64decode(item["plaintext"]) for item in resp.json()["items"]]
+            assert opened == [plaintext for _, plaintext in chunk]
+        shown = http.get(
+            f"{serve.url}/v1/security/keys/{load.key}", headers=headers, timeout=CLIENT_TIMEOUT
+        ).json()
+    versions = [v["version"] for v in shown["versions"]]
+    assert sorted(versions) == list(range(1, len(versions) + 1))
+    assert len(set(load.rotated)) == len(load.rotated)  # no version acknowledged twice
+    assert set(load.rotated) <= set(versions)
+    states = {v["version"]: v["state"] for v in shown["versions"]}
+    assert [n for n, s in states.items() if s == "active"] == [max(versions)]
+    assert load.rotated, "no rotation succeeded at all"
+
+
+def pg_ready_time(pg: PgInstance) -> float:
+    """When the server last logged "ready to accept connections" (epoch seconds; the log
+    line prefix is PostgreSQL's default ``%m``, milliseconds in UTC)."""
+    lines = [
+        line
+        for line in pg.log.read_text(errors="replace").splitlines()
+        if "ready to accept connections" in line
+    ]
+    stamp = " ".join(lines[-1].split()[:2])  # 2026-11-30 01:40:04.411 UTC
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
+
+
+def start_authenticated_server(tmp_path: Path, home: Path, store_url: str) -> tuple[Serve, str]:
+    """``qimem serve`` (auth on) on ``store_url``; returns the server and an admin access
+    token. The key ``faulty`` exists."""
+    serve = Serve(tmp_path, clean_env(QIMEM_HOME=str(home), QIMEM_STORE=store_url))
+    serve.wait_ready()
+    token = requests.post(
+        f"{serve.url}/v1/auth/realms/master/token",
+        json={"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
+        timeout=CLIENT_TIMEOUT,
+    ).json()["access_token"]
+    created = requests.post(
+        f"{serve.url}/v1/security/keys",
+        json={"name": "faulty"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=CLIENT_TIMEOUT,
+    )
+    assert created.status_code == 201, created.text
+    return serve, token
+
+
+def finish_and_check(load: Load, serve: Serve) -> None:
+    load.finish()
+    assert_clean_answers(load)
+    assert serve.proc.poll() is None, "qimem serve died"
+    assert_consistent_after(load, serve)
+    assert serve.stop() == 0
+    log = serve.log()
+    assert "Traceback" not in log and "unexpected" not in log, log[-3000:]
+
+
+def outage_summary(load: Load, since: float, until: float) -> dict[str, dict[int, int]]:
+    """Per operation, how many answers of each status came for requests made in
+    ``[since, until]``."""
+    summary: dict[str, dict[int, int]] = {}
+    for o in load.outcomes:
+        if since <= o.start <= until and o.status is not None:
+            counts = summary.setdefault(o.op, {})
+            counts[o.status] = counts.get(o.status, 0) + 1
+    return summary
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgres_restarts_under_load(
+    tmp_path: Path,
+    pg: PgInstance,
+    pg_home: Path,
+    pg_db: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """``pg_ctl restart -m fast``, then ``-m immediate`` (a crash: recovery from WAL), under
+    one running server that is never restarted."""
+    serve, token = start_authenticated_server(tmp_path, pg_home, pg.url(pg_db))
+    try:
+        load = Load(serve.url, token).start()
+        load.wait_for(lambda o: o.op == "rotate" and o.status == 200, 0)
+        figures = []
+        for mode in ("fast", "immediate"):
+            time.sleep(0.3)
+            before = time.time()
+            pg.restart(mode)
+            ready = pg_ready_time(pg)
+            recovered = load.wait_success_after(("rotate", "login"), ready)
+            readyz = load.wait_success_after(("readyz",), ready)
+            figures.append((mode, before, ready, recovered, readyz))
+        time.sleep(0.3)  # more load after the last recovery
+        finish_and_check(load, serve)
+    finally:
+        serve.stop()
+    for mode, before, ready, recovered, readyz in figures:
+        report(record_property, f"restart_{mode}_pg_down_s", round(ready - before, 3))
+        report(record_property, f"restart_{mode}_answers", outage_summary(load, before, ready))
+        report(record_property, f"restart_{mode}_recovery_store_op_s", round(recovered - ready, 3))
+        report(record_property, f"restart_{mode}_recovery_readyz_s", round(readyz - ready, 3))
+    report(record_property, "restart_requests", len(load.outcomes))
+
+
+def _failure_latencies(load: Load, since: float, until: float) -> list[float]:
+    return sorted(
+        o.end - o.start
+        for o in load.outcomes
+        if o.status == 503 and since <= o.start and o.end <= until and o.op != "readyz"
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgres_stopped_for_a_while(
+    tmp_path: Path,
+    pg: PgInstance,
+    pg_home: Path,
+    pg_db: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    serve, token = start_authenticated_server(tmp_path, pg_home, pg.url(pg_db))
+    try:
+        load = Load(serve.url, token).start()
+        load.wait_for(lambda o: o.op == "rotate" and o.status == 200, 0)
+        stopped = time.time()
+        pg.stop("fast")
+        down = load.wait_for(lambda o: o.op == "readyz" and o.status == 503, stopped)
+        load.wait_for(lambda o: o.op == "rotate" and o.status == 503, stopped)
+        load.wait_for(lambda o: o.op == "login" and o.status == 503, stopped)
+        time.sleep(0.5)
+        back = time.time()
+        pg.start()
+        ready = pg_ready_time(pg)
+        recovered = load.wait_success_after(("rotate", "login"), ready)
+        readyz = load.wait_success_after(("readyz",), ready)
+        time.sleep(0.3)
+        finish_and_check(load, serve)
+    finally:
+        serve.stop()
+    assert down.code == "store_unavailable"
+    latencies = _failure_latencies(load, stopped, back)
+    assert latencies
+    report(record_property, "stopped_answers", outage_summary(load, stopped, back))
+    report(
+        record_property, "stopped_failure_latency_median_s", round(statistics.median(latencies), 4)
+    )
+    report(record_property, "stopped_failure_latency_max_s", round(latencies[-1], 4))
+    report(record_property, "stopped_recovery_store_op_s", round(recovered - ready, 3))
+    report(record_property, "stopped_recovery_readyz_s", round(readyz - ready, 3))
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgres_black_holed(
+    tmp_path: Path,
+    pg: PgInstance,
+    pg_home: Path,
+    pg_db: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The link to the database is cut by a proxy that drops open connections and holds new
+    ones without answering: requests fail after qimem's default connect timeout
+    (qimem.sql.PG_CONNECT_TIMEOUT), instead of psycopg's 130 s."""
+    proxy = TcpProxy(pg.port)
+    try:
+        through_proxy = pg.url(pg_db, port=proxy.port)
+        serve, token = start_authenticated_server(tmp_path, pg_home, through_proxy)
+        try:
+            load = Load(serve.url, token).start()
+            load.wait_for(lambda o: o.op == "rotate" and o.status == 200, 0)
+            cut = time.time()
+            proxy.blackhole()
+            load.wait_for(lambda o: o.op == "readyz" and o.status == 503, cut)
+            load.wait_for(lambda o: o.op == "rotate" and o.status == 503, cut)
+            restored = time.time()
+            proxy.restore()
+            recovered = load.wait_success_after(("rotate", "login"), restored)
+            readyz = load.wait_success_after(("readyz",), restored)
+            time.sleep(0.3)
+            finish_and_check(load, serve)
+        finally:
+            serve.stop()
+    finally:
+        proxy.close()
+    latencies = _failure_latencies(load, cut, restored)
+    assert latencies
+    report(record_property, "blackhole_answers", outage_summary(load, cut, restored))
+    report(
+        record_property,
+        "blackhole_failure_latency_median_s",
+        round(statistics.median(latencies), 3),
+    )
+    report(record_property, "blackhole_failure_latency_max_s", round(latencies[-1], 3))
+    report(record_property, "blackhole_recovery_store_op_s", round(recovered - restored, 3))
+    report(record_property, "blackhole_recovery_readyz_s", round(readyz - restored, 3))
+
+
+@pytest.mark.parametrize("query, expected", [("", PG_CONNECT_TIMEOUT), ("?connect_timeout=2", "2")])
+def test_postgres_connect_timeout_default_and_url_override(query: str, expected: object) -> None:
+    """The engine hands psycopg a connect timeout: qimem's default, or the URL's own."""
+    import sqlalchemy as sa
+
+    engine = create_engine(f"postgresql+psycopg://qimem@127.0.0.1:9/qimem{query}")
+    seen: dict[str, Any] = {}
+
+    @sa.event.listens_for(engine, "do_connect")
+    def capture(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.update(cparams)
+        raise ConnectionAbortedError("captured")  # connect nowhere
+
+    with pytest.raises(ConnectionAbortedError):
+        engine.connect()
+    engine.dispose()
+    assert seen["connect_timeout"] == expected
