@@ -78,7 +78,7 @@ class QauthState(CliState):
     _backend: Backend | None = None
 
     @property
-    def backend(self) -> Backend:
+    def auth_backend(self) -> Backend:
         if self._backend is None:
             if self.server:
                 from qimem.identity.remote import AuthClient
@@ -323,7 +323,7 @@ def realm() -> None:
 @pass_qauth
 def realm_create(state: QauthState, name: str, json_: bool) -> None:
     """Create realm NAME with the built-in roles and its own signing key."""
-    created = state.backend.create_realm(name)
+    created = state.auth_backend.create_realm(name)
     if json_:
         echo_json(created)
     else:
@@ -335,7 +335,7 @@ def realm_create(state: QauthState, name: str, json_: bool) -> None:
 @pass_qauth
 def realm_list(state: QauthState, json_: bool) -> None:
     """List realms."""
-    found = state.backend.list_realms()
+    found = state.auth_backend.list_realms()
     if json_:
         echo_json(found)
     else:
@@ -351,7 +351,7 @@ def realm_delete(state: QauthState, name: str, yes: bool, json_: bool) -> None:
     """Delete realm NAME and its users, roles and tokens (refused while it holds keys)."""
     if not yes and sys.stdin.isatty():
         click.confirm(f"delete realm {name} and all its users?", abort=True)
-    state.backend.delete_realm(name)
+    state.auth_backend.delete_realm(name)
     if json_:
         echo_json({"deleted": name})
     else:
@@ -394,7 +394,7 @@ def user_add(
         password = _read_secret_stdin("password")
     else:
         password = generated = generate_password()
-    created = state.backend.add_user(realm, username, password, list(roles))
+    created = state.auth_backend.add_user(realm, username, password, list(roles))
     if json_:
         body = dict(created)
         if generated:
@@ -412,7 +412,7 @@ def user_add(
 @pass_qauth
 def user_list(state: QauthState, realm: str, json_: bool) -> None:
     """List the users and service accounts of the realm."""
-    found = state.backend.list_users(realm)
+    found = state.auth_backend.list_users(realm)
     if json_:
         echo_json(found)
         return
@@ -445,7 +445,7 @@ def user_passwd(
         password = _read_secret_stdin("password")
     else:
         password = click.prompt("new password", hide_input=True, confirmation_prompt=True)
-    state.backend.set_password(realm, username, password)
+    state.auth_backend.set_password(realm, username, password)
     if json_:
         echo_json({"username": username, "realm": realm, "password_changed": True})
     else:
@@ -453,7 +453,7 @@ def user_passwd(
 
 
 def _set_enabled(state: QauthState, realm: str, username: str, enabled: bool, json_: bool) -> None:
-    state.backend.set_enabled(realm, username, enabled)
+    state.auth_backend.set_enabled(realm, username, enabled)
     if json_:
         echo_json({"username": username, "realm": realm, "enabled": enabled})
     else:
@@ -512,7 +512,7 @@ def role_create(
 ) -> None:
     """Create a custom role NAME bundling permissions."""
     perms = [p for item in permissions for p in item.replace(",", " ").split()]
-    created = state.backend.create_role(realm, name, perms, description)
+    created = state.auth_backend.create_role(realm, name, perms, description)
     if json_:
         echo_json(created)
     else:
@@ -525,7 +525,7 @@ def role_create(
 @pass_qauth
 def role_list(state: QauthState, realm: str, json_: bool) -> None:
     """List the realm's roles and their permissions."""
-    found = state.backend.list_roles(realm)
+    found = state.auth_backend.list_roles(realm)
     if json_:
         echo_json(found)
     else:
@@ -554,7 +554,7 @@ def role_grant(
     state: QauthState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
 ) -> None:
     """Grant ROLE to USERNAME (a user or service account)."""
-    added = state.backend.grant(realm, username, role_name, scope)
+    added = state.auth_backend.grant(realm, username, role_name, scope)
     if json_:
         echo_json({"username": username, "role": role_name, "scope": scope or "*", "added": added})
     else:
@@ -575,7 +575,7 @@ def role_revoke(
     state: QauthState, realm: str, username: str, role_name: str, scope: str | None, json_: bool
 ) -> None:
     """Revoke ROLE from USERNAME (every scope unless --scope is given)."""
-    state.backend.revoke(realm, username, role_name, scope)
+    state.auth_backend.revoke(realm, username, role_name, scope)
     if json_:
         echo_json({"username": username, "role": role_name, "revoked": True})
     else:
@@ -600,7 +600,7 @@ def client_create(
     state: QauthState, realm: str, client_id: str, roles: tuple[str, ...], json_: bool
 ) -> None:
     """Create service account CLIENT_ID; its secret is printed once and never stored."""
-    made = state.backend.create_client(realm, client_id, list(roles))
+    made = state.auth_backend.create_client(realm, client_id, list(roles))
     if json_:
         echo_json(made)
     else:
@@ -624,7 +624,7 @@ def token_cmd(
 ) -> None:
     """Print an access token for USER (for scripts: QIMEM_TOKEN=$(qauth token ...))."""
     password = _read_secret_stdin("password") if password_stdin else None
-    issued = state.backend.token(realm, username, password)
+    issued = state.auth_backend.token(realm, username, password)
     if json_:
         echo_json(issued)
     else:
@@ -637,7 +637,7 @@ def token_cmd(
 @pass_qauth
 def rotate_signing_key(state: QauthState, realm: str, json_: bool) -> None:
     """Start signing with a new key; the old one stays in the JWKS until its tokens expire."""
-    kid = state.backend.rotate_signing_key(realm)
+    kid = state.auth_backend.rotate_signing_key(realm)
     if json_:
         echo_json({"realm": realm, "kid": kid})
     else:
@@ -660,7 +660,7 @@ def audit_cmd(
     json_: bool,
 ) -> None:
     """Show the realm's audit log, newest first."""
-    found = state.backend.audit(realm, limit, action, actor)
+    found = state.auth_backend.audit(realm, limit, action, actor)
     if json_:
         echo_json(found)
         return

@@ -102,7 +102,7 @@ class PasswordHashing:
         target = stored if stored is not None else self.dummy_hash
         with self._gate():
             try:
-                ok = self._hasher.verify(target, password)
+                ok: bool = self._hasher.verify(target, password)
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 ok = False
         return ok and stored is not None

@@ -292,8 +292,8 @@ def decrypt(
     if not isinstance(envelope, bytes):
         envelope = _check_bytes(envelope, "envelope")
     if context is not None:
-        plaintext, key = _open(app, envelope, aad, realm, lifecycle.check_context(context))
-        return DecryptResult(plaintext, key.key_id, key.version)
+        plaintext, opened = _open(app, envelope, aad, realm, lifecycle.check_context(context))
+        return DecryptResult(plaintext, opened.key_id, opened.version)
     # Fast path. The first PREFIX_SIZE bytes (magic, format version, algorithm, key id, key
     # version, nonce size) are constant for a key version, and a cached key's prefix passed
     # the parser's checks when it was built, so a cache hit on them stands for those checks.
