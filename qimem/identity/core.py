@@ -53,7 +53,7 @@ class TokenResponse:
     subject: str
     refresh_token: str | None = field(default=None, repr=False)
     refresh_expires_in: int | None = None
-    token_type: str = "Bearer"  # noqa: S105
+    token_type: str = "Bearer"  # noqa: S105 (the OAuth token type name, not a secret)
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {

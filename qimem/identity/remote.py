@@ -71,7 +71,7 @@ class AuthClient:
             self.base_url + path, data=data, headers=headers, method=method
         )
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 - same checked URL
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise _error(exc) from None
