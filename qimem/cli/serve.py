@@ -52,6 +52,14 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Larger request bodies get 413.",
         ),
         click.option(
+            "--purge-interval",
+            type=click.FloatRange(0, 86400),
+            default=60,
+            show_default=True,
+            help="Seconds between background purges of keys whose scheduled deletion date "
+            "has passed (0: never; then run 'qimem keys purge' yourself).",
+        ),
+        click.option(
             "--access-log/--no-access-log",
             default=True,
             show_default=True,
@@ -97,8 +105,10 @@ def run_server(
     insecure_no_auth: bool,
     max_body_bytes: int,
     access_log: bool,
+    purge_interval: float,
 ) -> None:
     """Check the options, open the store, bind, serve until SIGTERM/SIGINT."""
+    from qimem.purger import DeletionPurger
     from qimem.server.app import create_app
     from qimem.server.auth import resolve_loopback_bind
     from qimem.server.runner import Server, serve
@@ -128,9 +138,12 @@ def run_server(
     _configure_logging(access_log)
     mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
     click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
+    purger = DeletionPurger(app_ctx, purge_interval).start() if purge_interval else None
     try:
         serve(server)
     finally:
+        if purger is not None:
+            purger.stop()
         _close_logging()  # writes out the access log lines still buffered
     click.echo(f"{prog}: stopped", err=True)
 
