@@ -190,15 +190,22 @@ def test_rotation_killed(store: tuple[str, str], root_key_b64: str) -> None:
     try:
         for index in range(runs(6)):
             rng = run_rng("rotation", name, index)
-            kill_after = rng.randint(1, 240)
-            delay = rng.uniform(0, 0.002)
-            context = describe("rotation", name, index, lines=kill_after, delay=f"{delay:.6f}")
+            # Two thirds: after the n-th line; one third: right at the COMMIT of the k-th
+            # rotation (the first COMMIT after its "R" line).
+            at_commit = rng.random() < 1 / 3
+            kill_after = rng.randint(1, 8) if at_commit else rng.randint(1, 240)
+            delay = rng.uniform(0, 0.001 if at_commit else 0.002)
+            mode = "commit-of-rotation" if at_commit else "lines"
+            context = describe("rotation", name, index, **{mode: kill_after}, delay=f"{delay:.6f}")
             tag = f"run{index}"
             job = json.dumps({"url": url, "root_key": root_key_b64, "tag": tag})
             child = python_child(_ROTATE_CHILD, job)
             try:
                 child.wait_ready()
-                child.read_lines(kill_after)
+                if at_commit:
+                    _read_to_rotation_commit(child, kill_after)
+                else:
+                    child.read_lines(kill_after)
                 sleep_precise(delay)
                 child.kill()
                 rc, err = child.finish()
@@ -210,7 +217,7 @@ def test_rotation_killed(store: tuple[str, str], root_key_b64: str) -> None:
                 expected, outcome = _check_rotation(
                     url, root_key_b64, child.lines, expected, in_flight, tag, sealed, rng
                 )
-            stats.record(index, kill_point=point, outcome=outcome, lines=kill_after)
+            stats.record(index, kill_point=point, outcome=outcome, mode=mode, n=kill_after)
         with reproducible(describe("rotation", name, -1, check="final")):
             app = make_app(url, root_key_b64, cache_ttl=0)
             try:  # every ciphertext of every run, once more
@@ -220,6 +227,15 @@ def test_rotation_killed(store: tuple[str, str], root_key_b64: str) -> None:
                 app.close()
     finally:
         stats.close()
+
+
+def _read_to_rotation_commit(child: Child, rotation: int) -> None:
+    """Read the child's lines up to the COMMIT line of its ``rotation``-th rotation."""
+    started = 0
+    while (line := child.readline()) is not None:
+        started += line.startswith("R ")
+        if started == rotation and line == "C":
+            return
 
 
 def _check_rotation(
@@ -315,10 +331,13 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
         try:
             for index in range(runs(4)):
                 rng = run_rng("batch", name, index)
+                # Half the runs count files started (temp or output), half committed
+                # outputs only (these land inside a group's burst of renames).
+                mode = rng.choice(["files", "outputs"])
                 target = rng.randint(0, total)
                 delay = rng.uniform(0, 0.003)
                 cleanup_check = index == 0 or rng.random() < 0.25
-                context = describe("batch", name, index, files=target, delay=f"{delay:.6f}")
+                context = describe("batch", name, index, **{mode: target}, delay=f"{delay:.6f}")
                 out = tmp_path / f"out{index}"
                 child = Child(
                     [QIMEM, "encrypt", "--key", "b", str(src), "--out-dir", str(out)]
@@ -326,7 +345,9 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
                     env=env,
                 )
                 try:
-                    trigger = functools.partial(_touched_more_than, out, set(), target)
+                    trigger = functools.partial(
+                        _touched_more_than, out, set(), target, outputs_only=mode == "outputs"
+                    )
                     if poll_until(child, trigger):
                         sleep_precise(delay)
                     child.kill()
@@ -337,7 +358,7 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
                     record = _check_batch(app, src, out, digests, rc, err, child.pid)
                     if cleanup_check:
                         record["cleanup"] = _finish_batch(app, src, out, digests, env)
-                stats.record(index, files=target, **record)
+                stats.record(index, mode=mode, n=target, **record)
                 shutil.rmtree(out, ignore_errors=True)
         finally:
             stats.close()
@@ -345,11 +366,14 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
         app.close()
 
 
-def _touched_more_than(out: Path, seen: set[str], target: int) -> bool:
+def _touched_more_than(out: Path, seen: set[str], target: int, *, outputs_only: bool) -> bool:
     """Kill trigger: more than ``target`` steps seen, a step being the output directory's
-    creation or a new file in it (a temp file and the output it becomes are one step)."""
+    creation or a new file in it (a temp file and the output it becomes are one step;
+    with ``outputs_only``, only committed outputs count)."""
     try:
         for entry in os.scandir(out):
+            if outputs_only and fileio.TEMP_MARKER in entry.name:
+                continue
             seen.add(entry.name.split(fileio.TEMP_MARKER)[0].lstrip("."))
     except FileNotFoundError:
         return target < 0
@@ -466,7 +490,7 @@ def test_rewrap_killed(store: tuple[str, str], root_key_b64: str, tmp_path: Path
                     record = _check_rewrap(app, work, originals, plaintexts, rc, err, child.pid)
                     if finish_check:
                         _finish_rewrap(app, work, originals, plaintexts)
-                stats.record(index, files=target, **record)
+                stats.record(index, mode="files", n=target, **record)
                 shutil.rmtree(work, ignore_errors=True)
         finally:
             stats.close()
@@ -719,7 +743,8 @@ def test_migration_killed(databases: _Databases, root_key_b64: str) -> None:
                 calibration[revision] = _calibrate(databases, base, head_schema)
             base, old_schema = bases[revision]
             total, commit_line = calibration[revision]
-            if rng.random() < 1 / 3:
+            mode = "near-commit" if rng.random() < 1 / 3 else "lines"
+            if mode == "near-commit":
                 kill_after = max(1, commit_line + rng.randint(-2, 1))
                 delay = rng.uniform(0, 0.001)
             else:
@@ -743,7 +768,7 @@ def test_migration_killed(databases: _Databases, root_key_b64: str) -> None:
                     url, root_key_b64, revision, old_schema, head_schema, child.lines, rc, err
                 )
                 _upgrade_and_use(url, root_key_b64, sealed)
-            stats.record(index, start=revision, lines=kill_after, **record)
+            stats.record(index, start=revision, mode=mode, n=kill_after, **record)
             databases.drop(url)
     finally:
         stats.close()
