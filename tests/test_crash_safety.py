@@ -855,3 +855,64 @@ def _upgrade_and_use(url: str, root_key_b64: str, sealed: list[tuple[bytes, byte
         assert decrypt(app, encrypt(app, "m1", b"after").envelope).plaintext == b"after"
     finally:
         app.close()
+
+
+# ------------------------------------------------------------------------ the checks have teeth
+
+
+def test_checks_catch_broken_states(tmp_path: Path, root_key_b64: str) -> None:
+    """Each scenario's check fails on the damage it exists to find (so a green campaign
+    means something): a lost rotation, a partial or foreign batch output, changed segment
+    bytes after a rewrap, a half-migrated schema."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    app = make_app(url, root_key_b64, cache_ttl=0)
+    try:
+        key = create_key(app, name="r")
+        # Rotation: the child reported version 2, the store has only version 1.
+        lines = ["R 0", "C", f"V 2 {key.key_id}"]
+        with pytest.raises(AssertionError, match="1 versions"):
+            _check_rotation(url, root_key_b64, lines, 1, False, "t", [], run_rng("t", "t", 0))
+
+        # Batch: a complete output passes; a truncated one, or a temp of another pid, fails.
+        src, out = tmp_path / "src", tmp_path / "out"
+        src.mkdir()
+        out.mkdir()
+        (src / "a").write_bytes(os.urandom(3 * stream.DEFAULT_SEGMENT_SIZE))
+        digests = _file_digests(src)
+        with (out / "a.qimem").open("wb") as fh:
+            file_services.encrypt_stream(app, (src / "a").open("rb"), fh, "r")
+        assert _check_batch(app, src, out, digests, -9, "", 4242)["outputs"] == 1
+        (out / ".a.qimem.qimem-tmp-4243-beef").write_bytes(b"partial")
+        with pytest.raises(AssertionError, match="not of the killed pid"):
+            _check_batch(app, src, out, digests, -9, "", 4242)
+        (out / ".a.qimem.qimem-tmp-4243-beef").unlink()
+        sealed = (out / "a.qimem").read_bytes()
+        (out / "a.qimem").write_bytes(sealed[: -stream.DEFAULT_SEGMENT_SIZE])
+        with pytest.raises(Exception, match="(?i)truncat|integrity|decrypt"):
+            _check_batch(app, src, out, digests, -9, "", 4242)
+
+        # Rewrap: new header over the same segments passes; one flipped segment byte fails.
+        work = tmp_path / "rw"
+        work.mkdir()
+        (work / "a.qimem").write_bytes(sealed)
+        plaintexts = {"a.qimem": (src / "a").read_bytes()}
+        rotate_key(app, "r")
+        file_services.rewrap_file(app, work / "a.qimem")
+        record = _check_rewrap(app, work, {"a.qimem": sealed}, plaintexts, -9, "", 4242)
+        assert record["new"] == 1
+        damaged = bytearray((work / "a.qimem").read_bytes())
+        damaged[-1] ^= 1
+        (work / "a.qimem").write_bytes(bytes(damaged))
+        with pytest.raises(AssertionError, match="segment bytes changed"):
+            _check_rewrap(app, work, {"a.qimem": sealed}, plaintexts, -9, "", 4242)
+    finally:
+        app.close()
+
+    # Migrations: a leftover batch-copy table is a half-migrated schema.
+    head = schema(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE _alembic_tmp_qimem_lineages (x INTEGER)")
+    engine.dispose()
+    with pytest.raises(AssertionError, match="half-migrated"):
+        _check_migration(url, root_key_b64, "0003", head, head, [], -9, "")
