@@ -6,6 +6,7 @@ Usage (from the repository root, with ``pip install -e '.[fuzz]'``)::
     python fuzz/run.py stream --max-time 600           # or after 10 minutes
     python fuzz/run.py http_json --max-time 600 -- -max_len=2048   # extra libFuzzer flags
     python fuzz/run.py manifest --replay               # corpus only, no atheris needed
+    python fuzz/run.py envelope --merge                # keep new coverage in fuzz/corpus
 
 Targets: ``envelope``, ``stream``, ``http_json``, ``manifest`` (``fuzz/fuzz_<target>.py``).
 The fuzzer starts from the committed seeds in ``fuzz/corpus/<target>/`` (read only) and
@@ -18,12 +19,17 @@ it into ``fuzz/corpus/<target>/`` under a name saying what it is.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("envelope", "stream", "http_json", "manifest")
+CHILD = "--libfuzzer-child"
 
 
 def corpus_files(target: str) -> list[Path]:
@@ -45,23 +51,76 @@ def replay(target: str) -> int:
     return 1 if failed else 0
 
 
+def child_command(target: str) -> str:
+    """How libFuzzer starts a child process of ``target`` (merge runs in children, started
+    through the shell from argv[0])."""
+    run = shlex.quote(str(HERE / "run.py"))
+    return f"{shlex.quote(sys.executable)} {run} {target} {CHILD}"
+
+
+def merge(target: str, workdir: Path) -> int:
+    """libFuzzer's ``-merge=1``: the smallest set of committed and work-corpus inputs with
+    the coverage of both; inputs new to the repository are added as ``cov-<sha1>``."""
+    merged = workdir / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir()
+    seeds = HERE / "corpus" / target
+    known = {hashlib.sha1(p.read_bytes()).hexdigest() for p in corpus_files(target)}  # noqa: S324 - a name, not a security use
+    flags = ["-merge=1", str(merged), str(seeds), str(workdir / "corpus")]
+    done = subprocess.run([*shlex.split(child_command(target)), *flags], check=False)  # noqa: S603 - this script, with our own flags
+    if done.returncode:
+        return done.returncode
+    added = 0
+    for path in sorted(merged.iterdir()):
+        data = path.read_bytes()
+        digest = hashlib.sha1(data).hexdigest()  # noqa: S324 - a name, not a security use
+        if digest not in known:
+            (seeds / f"cov-{digest}").write_bytes(data)
+            added += 1
+    print(f"{target}: {added} inputs added to {seeds}")
+    return 0
+
+
+def child(target: str, flags: list[str]) -> int:
+    """A libFuzzer child process (merge): the flags come from libFuzzer itself."""
+    import atheris
+
+    sys.path.insert(0, str(HERE))
+    with atheris.instrument_imports(include=["qimem"]):
+        module = importlib.import_module(f"fuzz_{target}")
+    atheris.Setup([child_command(target), *flags], module.test_one_input)
+    atheris.Fuzz()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[1] == CHILD:
+        return child(argv[0], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--runs", type=int, default=-1, help="executions (-1: no limit)")
     parser.add_argument("--max-time", type=int, default=0, help="seconds (0: no limit)")
     parser.add_argument("--workdir", type=Path, help="default /tmp/qimem-fuzz/<target>")
     parser.add_argument("--replay", action="store_true", help="replay the corpus only")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the inputs of the work corpus that reach new coverage to fuzz/corpus",
+    )
     parser.add_argument("libfuzzer", nargs="*", help="extra libFuzzer flags, after --")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     if args.replay:
         return replay(args.target)
 
-    import atheris
-
     workdir = args.workdir or Path("/tmp/qimem-fuzz") / args.target  # noqa: S108 - a scratch dir the user can override
     (workdir / "corpus").mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args.target, workdir)
+
+    import atheris
+
     with atheris.instrument_imports(include=["qimem"]):
         module = importlib.import_module(f"fuzz_{args.target}")
     flags = [

@@ -187,7 +187,7 @@ manifests = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(doc=manifests)
 def test_any_manifest_structure_is_valid_or_a_manifest_error(doc: dict[str, Any]) -> None:
     fuzz_manifest.test_one_input(json.dumps(doc).encode())
