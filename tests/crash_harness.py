@@ -96,6 +96,8 @@ class Child:
 
     def __init__(self, argv: list[str], *, env: Mapping[str, str] | None = None) -> None:
         self.started = time.monotonic()
+        # stderr to a file: only stdout is read while the child runs, so no pipe can fill.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish()
         self.proc = subprocess.Popen(
             argv,
             # Not the repo root: its qimem/ folder would shadow the installed package.
@@ -103,13 +105,16 @@ class Child:
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr,
             start_new_session=True,
         )
         self.pgid = self.proc.pid
         self.lines: list[str] = []
         self.killed = False
-        self._watchdog = threading.Timer(CHILD_TIMEOUT, self.kill)
+        self.killed_at: float | None = None
+        self.gone_after: float | None = None
+        self.timed_out = False
+        self._watchdog = threading.Timer(CHILD_TIMEOUT, self._time_out)
         self._watchdog.daemon = True
         self._watchdog.start()
 
@@ -143,28 +148,42 @@ class Child:
                 return done
         return count
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the child and any workers it forked)."""
+    def kill(self, *, group: bool = True) -> None:
+        """SIGKILL the whole process group (the child and any workers it forked), or with
+        ``group=False`` the child alone (as the OOM killer or ``kill -9 PID`` would)."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
+            if group:
+                os.killpg(self.pgid, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
             self.killed = True
+            if self.killed_at is None:
+                self.killed_at = time.monotonic()
 
     def finish(self) -> tuple[int, str]:
         """Wait for the child, drain what it wrote before dying; ``(returncode, stderr)``.
 
-        Returns only when no process of the group is left running (zombies cannot write).
+        Returns only when no process of the group is left running (zombies cannot write);
+        :attr:`gone_after` is then the seconds from the kill to that moment.
         """
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        rest = self.proc.stdout.read()
+        assert self.proc.stdout is not None
+        rest = self.proc.stdout.read()  # EOF once every process of the group is gone
         if rest:
             self.lines.extend(rest.decode().splitlines())
-        err = self.proc.stderr.read().decode(errors="replace")
         self.proc.wait(timeout=CHILD_TIMEOUT)
         self._watchdog.cancel()
         wait_group_gone(self.pgid)
+        if self.killed_at is not None:
+            self.gone_after = time.monotonic() - self.killed_at
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self._stderr.seek(0)
+        err = self._stderr.read().decode(errors="replace")
+        self._stderr.close()
         return self.proc.returncode, err
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.kill()
 
     def close(self) -> None:
         """Teardown: kill the group if anything is left, reap, close the pipes."""
@@ -249,3 +268,29 @@ class Stats:
         print(f"crash {self.scenario}/{self.store} seed={base_seed()}: {summary}")
         if self._file is not None:
             self._file.close()
+
+
+def summarize(path: str) -> str:
+    """A markdown table of a ``QIMEM_CRASH_STATS`` file: runs, kill points and outcomes per
+    scenario and store (``python tests/crash_harness.py STATS.jsonl``)."""
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with open(path) as fh:
+        for line in fh:
+            record = json.loads(line)
+            rows.setdefault((record["scenario"], record["store"]), []).append(record)
+    out = ["| scenario | store | runs | kill points | outcomes |", "|---|---|---|---|---|"]
+    for (scenario, store), records in sorted(rows.items()):
+        points = Counter(r.get("kill_point") for r in records)
+        outcomes = Counter(r.get("outcome") for r in records)
+        out.append(
+            f"| {scenario} | {store} | {len(records)} | "
+            + ", ".join(f"{k} {v}" for k, v in points.most_common())
+            + " | "
+            + ", ".join(f"{k} {v}" for k, v in outcomes.most_common())
+            + " |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1]))

@@ -337,7 +337,12 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
                 target = rng.randint(0, total)
                 delay = rng.uniform(0, 0.003)
                 cleanup_check = index == 0 or rng.random() < 0.25
-                context = describe("batch", name, index, **{mode: target}, delay=f"{delay:.6f}")
+                # A quarter of the kills hit the parent alone: its workers must die with it
+                # (PR_SET_PDEATHSIG) instead of writing on as orphans.
+                group = index != 1 and rng.random() >= 0.25
+                context = describe(
+                    "batch", name, index, **{mode: target}, delay=f"{delay:.6f}", group=group
+                )
                 out = tmp_path / f"out{index}"
                 child = Child(
                     [QIMEM, "encrypt", "--key", "b", str(src), "--out-dir", str(out)]
@@ -350,15 +355,19 @@ def test_batch_encrypt_killed(store: tuple[str, str], root_key_b64: str, tmp_pat
                     )
                     if poll_until(child, trigger):
                         sleep_precise(delay)
-                    child.kill()
-                    rc, err = child.finish()
+                    child.kill(group=group)
+                    rc, err = child.finish()  # returns once no process of the group is left
                 finally:
                     child.close()
                 with reproducible(context):
+                    assert not child.timed_out, "the child or an orphaned worker hung"
+                    assert child.gone_after is not None and child.gone_after < 10, (
+                        f"workers outlived the killed parent by {child.gone_after}s"
+                    )
                     record = _check_batch(app, src, out, digests, rc, err, child.pid)
                     if cleanup_check:
                         record["cleanup"] = _finish_batch(app, src, out, digests, env)
-                stats.record(index, mode=mode, n=target, **record)
+                stats.record(index, mode=mode, n=target, group=group, **record)
                 shutil.rmtree(out, ignore_errors=True)
         finally:
             stats.close()
