@@ -169,8 +169,16 @@ class Verification:
 class _Client:
     """One keep-alive connection with its own user, tokens and ciphertexts (one thread)."""
 
-    def __init__(self, target: Target, index: int, pool: list[Record], seed: int) -> None:
+    def __init__(
+        self,
+        target: Target,
+        index: int,
+        pool: list[Record],
+        seed: int,
+        mix: dict[str, float] | None = None,
+    ) -> None:
         self.target = target
+        self.mix = mix or MIX
         self.user = target.users[index % len(target.users)]
         self.rng = random.Random(seed)
         self.pool = list(pool)  # ciphertexts from earlier rounds, for decrypts
@@ -295,7 +303,7 @@ class _Client:
         self.login()
         self.client_login()
         todo = ["encrypt", "decrypt", "rotate", "login"]
-        ops, weights = list(MIX), list(MIX.values())
+        ops, weights = list(self.mix), list(self.mix.values())
         while time.monotonic() < deadline:
             now = time.monotonic()
             if now - self.token_at > TOKEN_MAX_AGE:
@@ -317,13 +325,16 @@ def _process_main(
     first_index: int,
     pool: list[Record],
     seed: int,
+    mix: dict[str, float],
     pipe: Any,
 ) -> None:
     """A client process: ``connections`` threads until the deadline; the merged result
     goes back through ``pipe``."""
     started = time.monotonic()
     deadline = started + duration
-    clients = [_Client(target, first_index + i, pool, seed * 1000 + i) for i in range(connections)]
+    clients = [
+        _Client(target, first_index + i, pool, seed * 1000 + i, mix) for i in range(connections)
+    ]
     results: list[DriveResult] = []
     threads = [
         threading.Thread(target=lambda c=c: results.append(c.run(deadline))) for c in clients
@@ -347,9 +358,10 @@ def drive(
     connections: int,
     pool: list[Record] | None = None,
     seed: int = 0,
+    mix: dict[str, float] | None = None,
 ) -> DriveResult:
     """``processes`` forked client processes × ``connections`` keep-alive connections, for
-    ``duration`` seconds of the mix against ``target``."""
+    ``duration`` seconds of the mix (default ``MIX``) against ``target``."""
     ctx = multiprocessing.get_context("fork")  # the children use only the standard library
     pool = pool or []
     children = []
@@ -358,7 +370,7 @@ def drive(
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_process_main,
-            args=(target, duration, connections, p * connections, pool, seed + p, child_end),
+            args=(target, duration, connections, p * connections, pool, seed + p, mix, child_end),
             daemon=True,
         )
         proc.start()
@@ -672,9 +684,10 @@ def bearer(req, need):
 def seal(name, plaintext, aad):
     versions = keys[name]
     v = len(versions)
+    aead = versions[v - 1]  # not versions[-1]: a rotation may append in between
     nonce = os.urandom(12)
     header = struct.pack(">BI", names.index(name), v) + nonce
-    sealed = versions[-1].encrypt(nonce, plaintext, header + aad)
+    sealed = aead.encrypt(nonce, plaintext, header + aad)
     return {"envelope": base64.b64encode(header + sealed).decode(), "key_id": f"{name}.{v}",
             "version": v}
 
@@ -888,6 +901,7 @@ def run_load(
     rounds: int = 3,
     users: int = 4,
     peer: bool = True,
+    mix: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The whole run against a fresh database at ``store_url``; the report (see
     ``failures``). ``duration`` is the total time of load on qimem (and as much on the
@@ -897,7 +911,7 @@ def run_load(
         "processes": processes,
         "connections": connections,
         "rounds": rounds,
-        "mix": MIX,
+        "mix": mix or MIX,
         "sizes": [s for s, _ in SIZES],
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
@@ -914,7 +928,13 @@ def run_load(
                         results[name].records, min(500, len(results[name].records))
                     )
                     part = drive(
-                        sides[name], duration / rounds, processes, connections, sample, 100 * r
+                        sides[name],
+                        duration / rounds,
+                        processes,
+                        connections,
+                        sample,
+                        100 * r,
+                        mix,
                     )
                     results[name].merge(part)
             report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -938,6 +958,8 @@ def run_load(
             q["exit_code"] = "timeout"
         q["traceback"] = "Traceback" in server.log()
     report["failures"] = failures(report)
+    if report["failures"]:  # the server's side of the story (the access log has no secrets)
+        report["qimem"]["log_tail"] = server.log()[-20000:]
     return report
 
 
@@ -1059,6 +1081,7 @@ def measure(
     rounds: int = 3,
     admin_url: str | None = None,
     peer: bool = True,
+    mix: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """A fresh database and a temporary directory around ``run_load``; prints the table,
     saves the report, raises ``LoadFailure`` when the run failed."""
@@ -1067,7 +1090,7 @@ def measure(
     try:
         with fresh_database(admin_url) as store_url:
             report = run_load(
-                store_url, workdir, duration, processes, connections, rounds, peer=peer
+                store_url, workdir, duration, processes, connections, rounds, peer=peer, mix=mix
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1102,9 +1125,25 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres-url",
         help=f"admin URL of the server (default ${POSTGRES_ENV} or {DEFAULT_ADMIN_URL})",
     )
+    parser.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="OP=WEIGHT",
+        help=f"change one weight of the mix (default {MIX}); repeatable",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
     parser.add_argument("--save", action="store_true", help="merge into results/latest.json")
     args = parser.parse_args(argv)
+    mix = dict(MIX)
+    for item in args.mix:
+        op, _, weight = item.partition("=")
+        if op not in MIX:
+            parser.error(f"--mix: unknown operation {op!r} (known: {', '.join(MIX)})")
+        try:
+            mix[op] = float(weight)
+        except ValueError:
+            parser.error(f"--mix: {item!r} is not OP=NUMBER")
     from bench.__main__ import check_row, machine, save
 
     info = machine()
@@ -1117,6 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
             args.postgres_url,
             peer=not args.no_peer,
+            mix=mix,
         )
     except LoadFailure as exc:
         print(f"load: FAILED: {exc}", file=sys.stderr)
