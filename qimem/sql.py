@@ -8,6 +8,7 @@ and when a store opens a database that is behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def create_engine(url: str) -> Engine:
             raise ConfigError("an SQLite store needs a file path: sqlite:///path/to/qimem.db")
         Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_TIMEOUT})
+        sa.event.listen(engine, "handle_error", _sqlite_error_detail(Path(database)))
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -81,6 +83,36 @@ def create_engine(url: str) -> Engine:
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
 
 
+#: Below this many free bytes on its file system, an SQLite I/O error is reported as a
+#: full disk (SQLite itself often says only "disk I/O error", e.g. creating its -shm file).
+_LOW_SPACE = 1 << 20
+_SPACE_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+
+
+def _sqlite_error_detail(database: Path) -> Any:
+    """A ``handle_error`` listener that notes SQLite's own message (a fixed text, never
+    data) on the exception, and whether the store's file system is full, for
+    :func:`translate_errors`."""
+
+    def listener(context: Any) -> None:
+        orig = context.original_exception
+        detail = str(orig) or type(orig).__name__
+        name = getattr(orig, "sqlite_errorname", "") or ""
+        if name.startswith(_SPACE_ERRORS):
+            try:
+                st = os.statvfs(database.parent)
+            except OSError:
+                st = None
+            if st is not None:
+                free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+                if free < _LOW_SPACE:
+                    detail += f"; no space left on the file system of {database}"
+        with contextlib.suppress(AttributeError, TypeError):
+            orig.qimem_detail = detail
+
+    return listener
+
+
 def _enable_wal(cursor: Any) -> None:
     """Switch a SQLite database to WAL. The switch needs an exclusive lock that SQLite does
     not wait for (no busy handler), so processes opening a fresh file at once retry."""
@@ -104,9 +136,8 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
-        raise StoreUnavailableError(
-            f"the key store is unavailable ({type(exc.orig).__name__})"
-        ) from None
+        detail = getattr(exc.orig, "qimem_detail", None) or type(exc.orig).__name__
+        raise StoreUnavailableError(f"the key store is unavailable ({detail})") from None
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise StoreUnavailableError("the key store connection was lost") from None
