@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import sys
@@ -83,7 +84,7 @@ class FileResult:
     exit_code: int = 0
 
     def fail(self, exc: BaseException) -> FileResult:
-        error = as_qimem_error(exc, self.input)
+        error = as_qimem_error(exc, self.input, output=self.output)
         self.ok = False
         self.error = error.code
         self.message = error.message
@@ -142,10 +143,22 @@ class Task:
     result: FileResult = field(default_factory=lambda: FileResult("-", "-"))
 
 
-def as_qimem_error(exc: BaseException, what: str) -> QimemError:
-    """A QimemError for any per-file failure, with a message that names nothing secret."""
+#: Failures only writing can cause (a full disk, a quota, a file size limit, a read-only
+#: mount): they are reported on the output, not the input.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def as_qimem_error(exc: BaseException, what: str, *, output: str | None = None) -> QimemError:
+    """A QimemError for any per-file failure, with a message that names nothing secret.
+
+    ``what`` names the input; a write failure (:data:`WRITE_ERRNOS`) names ``output``
+    instead of the temp file it happened on.
+    """
     if isinstance(exc, QimemError):
         return exc
+    if isinstance(exc, OSError) and output and exc.errno in WRITE_ERRNOS:
+        reason = exc.strerror or os.strerror(exc.errno)
+        return QimemError(f"cannot write {output}: {reason}", code="write_failed")
     if isinstance(exc, FileNotFoundError):
         return ValidationError(f"{exc.filename or what}: no such file")
     if isinstance(exc, IsADirectoryError):
@@ -741,12 +754,22 @@ def run_stream(
             return stream.encrypt_stream(src, out, keyring, aad=aad)
         return stream.decrypt_stream(src, out, keyring, aad=aad)
 
-    if not isinstance(dst, Path):
-        return work(dst)
-    if operation == ENCRYPT:
-        check_key(keyring)
-    with fileio.atomic_output(dst, force=force) as fh:
-        return work(fh)
+    output = "standard output" if not isinstance(dst, Path) else str(dst)
+    try:
+        if not isinstance(dst, Path):
+            info = work(dst)
+            flush = getattr(dst, "flush", None)
+            if flush is not None:  # a buffered stream: a full disk shows here, not at exit
+                flush()
+            return info
+        if operation == ENCRYPT:
+            check_key(keyring)
+        with fileio.atomic_output(dst, force=force) as fh:
+            return work(fh)
+    except BrokenPipeError:
+        raise  # the reader went away (``| head``): the CLI ends quietly
+    except OSError as exc:
+        raise as_qimem_error(exc, "standard input", output=output) from None
 
 
 def rewrap(
