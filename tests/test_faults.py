@@ -22,11 +22,16 @@ as junit properties: ``pytest tests/test_faults.py -s -k postgres``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import json
 import os
 import random
 import re
+import resource
 import signal
+import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -43,6 +48,7 @@ import pytest
 import requests
 from pg_instance import PgInstance, TcpProxy, require_pg_bin
 
+from qimem.errors import StoreUnavailableError
 from qimem.rootkey import encode_root_key, generate_root_key
 from qimem.sql import PG_CONNECT_TIMEOUT, create_engine
 
@@ -68,9 +74,9 @@ def run_qimem(
     *args: str, env: dict[str, str], cwd: Path, input: bytes | None = None, **kw: Any
 ) -> subprocess.CompletedProcess[bytes]:
     """A real ``qimem`` process, started outside the repo root."""
-    return subprocess.run(
-        qimem_cmd(*args), env=env, cwd=cwd, input=input, capture_output=True, timeout=120, **kw
-    )
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(qimem_cmd(*args), env=env, cwd=cwd, input=input, timeout=120, **kw)
 
 
 def report(record_property: Callable[[str, object], None], name: str, value: object) -> None:
@@ -558,3 +564,355 @@ def test_postgres_connect_timeout_default_and_url_override(query: str, expected:
         engine.connect()
     engine.dispose()
     assert seen["connect_timeout"] == expected
+
+
+# ---- a full disk ------------------------------------------------------------------------
+
+SMALL_FS_BYTES = 1 << 20
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+@dataclass
+class SmallFs:
+    """A directory whose writes run out of room: a 1 MiB tmpfs mounted for the test or,
+    where mounting is not permitted, a per-process file size limit (RLIMIT_FSIZE) applied
+    to the qimem subprocesses (``preexec``), whose writes then fail with EFBIG."""
+
+    path: Path
+    mounted: bool
+
+    @property
+    def reason(self) -> str:
+        return NO_SPACE if self.mounted else os.strerror(errno.EFBIG)
+
+    def preexec(self) -> None:
+        if not self.mounted:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (SMALL_FS_BYTES, SMALL_FS_BYTES))
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    """A 1 MiB file system (tmpfs), unmounted afterwards."""
+    path = tmp_path / "small"
+    path.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES},mode=0755", "tmpfs", path],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    try:
+        yield SmallFs(path, mounted)
+    finally:
+        if mounted and subprocess.run(["umount", path], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", path], capture_output=True)  # still busy
+
+
+@pytest.fixture(scope="module")
+def files_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialized QIMEM_HOME (SQLite store on the normal disk) with the key ``k``."""
+    home = tmp_path_factory.mktemp("files") / "home"
+    env = clean_env(QIMEM_HOME=str(home))
+    for args in (("init",), ("keys", "create", "--name", "k")):
+        result = run_qimem(*args, env=env, cwd=home.parent)
+        assert result.returncode == 0, result.stderr
+    return home
+
+
+def run_in(fs: SmallFs, home: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    """A qimem command under ``fs``'s limit (if it is a limit rather than a mount)."""
+    return run_qimem(*args, env=clean_env(QIMEM_HOME=str(home)), cwd=home.parent,
+                     preexec_fn=fs.preexec, **kw)  # fmt: skip
+
+
+def error_lines(result: subprocess.CompletedProcess[bytes]) -> list[str]:
+    """stderr's lines; each must be a one-line qimem error (no traceback)."""
+    text = result.stderr.decode()
+    assert "Traceback" not in text, text
+    lines = text.strip().splitlines()
+    assert lines and all(line.startswith("qimem: error: ") for line in lines), text
+    return lines
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Every file under ``directory`` (hidden temp files included)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def decrypt_all(home: Path, sealed: Path, workdir: Path) -> dict[str, bytes]:
+    """``qimem decrypt`` of a directory tree (on the normal disk): ``{name: plaintext}``."""
+    out = workdir / "opened"
+    result = run_qimem("decrypt", "--out-dir", str(out), str(sealed),
+                       env=clean_env(QIMEM_HOME=str(home)), cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return snapshot(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_disk_full_one_big_file(
+    tmp_path: Path, small_fs: SmallFs, files_home: Path, jobs: str
+) -> None:
+    """9 MiB into 1 MiB: with --jobs 2 the file is split into ranges sealed by two worker
+    processes (pwrite into one preallocated temp file)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "big").write_bytes(os.urandom(9 << 20))
+    before = snapshot(inputs)
+    result = run_in(small_fs, files_home, "encrypt", "--key", "k", "--jobs", jobs,
+                    "--out-dir", str(small_fs.path), str(inputs / "big"))  # fmt: skip
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert line == (
+        f"qimem: error: {inputs / 'big'}: cannot write {small_fs.path / 'big.qimem'}: "
+        f"{small_fs.reason}"
+    )
+    assert leftovers(small_fs.path) == []  # no output, no temp file
+    assert snapshot(inputs) == before
+
+
+@pytest.mark.slow
+def test_disk_full_many_files(tmp_path: Path, small_fs: SmallFs, files_home: Path) -> None:
+    """40 files of 60 KB and one of 2 MiB into 1 MiB, two worker processes: the files that
+    fit are complete and decrypt, each other one is named with the reason."""
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for i in range(40):
+        (inputs / ("sub" if i % 2 else ".") / f"f{i:02d}").write_bytes(os.urandom(60_000))
+    (inputs / "huge").write_bytes(os.urandom(2 << 20))
+    before = snapshot(inputs)
+    out = small_fs.path / "out"
+    result = run_in(small_fs, files_home, "encrypt", "--key", "k", "--jobs", "2",
+                    "--out-dir", str(out), str(inputs))  # fmt: skip
+    assert result.returncode == 1
+    *lines, summary = error_lines(result)
+    failed = set()
+    for line in lines:
+        found = re.fullmatch(
+            rf"qimem: error: {re.escape(str(inputs))}/(\S+): cannot write "
+            rf"{re.escape(str(out))}/(\S+)\.qimem: {re.escape(small_fs.reason)}",
+            line,
+        )
+        assert found and found.group(1) == found.group(2), line
+        failed.add(found.group(1))
+    assert summary == f"qimem: error: {len(failed)} of 41 files failed"
+    written = {name.removesuffix(".qimem") for name in leftovers(out)}
+    assert all(name.endswith(".qimem") for name in leftovers(out))  # no temp files
+    assert "huge" in failed
+    assert written and written.isdisjoint(failed) and written | failed == set(before)
+    if small_fs.mounted:  # a shared 1 MiB: small files run out of room too
+        assert failed - {"huge"}
+    assert decrypt_all(files_home, out, tmp_path) == {name: before[name] for name in written}
+    assert snapshot(inputs) == before
+
+
+@pytest.mark.slow
+def test_disk_full_single_outputs_and_stdout(
+    tmp_path: Path, small_fs: SmallFs, files_home: Path
+) -> None:
+    """``-o FILE``, ``decrypt --out-dir`` and a shell redirect of standard output into the
+    full file system."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(os.urandom(2 << 20))
+    sealed = tmp_path / "plain.qimem"
+    made = run_qimem("encrypt", "--key", "k", str(plain), env=clean_env(QIMEM_HOME=str(files_home)),
+                     cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    before = snapshot(tmp_path)
+    full = small_fs.path
+    cases = [
+        (("encrypt", "--key", "k", "-o", str(full / "o.qimem")), plain, str(full / "o.qimem")),
+        (("decrypt", "-o", str(full / "o.plain")), sealed, str(full / "o.plain")),
+        (("decrypt", "--out-dir", str(full), str(sealed)), None, str(full / "plain")),
+    ]
+    for args, stdin, target in cases:
+        with stdin.open("rb") if stdin else open(os.devnull, "rb") as fh:
+            result = run_in(small_fs, files_home, *args, stdin=fh)
+        assert result.returncode == 1, args
+        [line] = error_lines(result)
+        assert line.endswith(f"cannot write {target}: {small_fs.reason}"), line
+        assert leftovers(full) == [], args
+    # Standard output redirected by the shell: qimem cannot remove what the shell created,
+    # but it says what happened and fails.
+    for args, stdin in ((("encrypt", "--key", "k"), plain), (("decrypt",), sealed)):
+        with stdin.open("rb") as fin, (full / "redirected").open("wb") as fout:
+            result = run_in(small_fs, files_home, *args, stdin=fin, stdout=fout)
+        assert result.returncode == 1
+        assert error_lines(result) == [
+            f"qimem: error: cannot write standard output: {small_fs.reason}"
+        ]
+        (full / "redirected").unlink()
+    assert snapshot(tmp_path) == before  # inputs untouched (the mount is not in tmp_path's
+    # snapshot: it is empty again)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the file system is full; returns it."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    small = directory / "filler-tail"  # the last partial block
+    with small.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 512)
+    return filler
+
+
+@pytest.mark.slow
+def test_sqlite_store_on_a_full_disk(tmp_path: Path, small_fs: SmallFs) -> None:
+    """The SQLite store's disk fills up under a running process and for new ones: key
+    creation and rotation fail with a store error naming the full disk; once space is
+    freed, the store is intact and rotation goes on from where it was."""
+    if not small_fs.mounted:
+        pytest.skip("needs a mounted small file system (mount not permitted here)")
+    home = small_fs.path / "home"
+    env = clean_env(QIMEM_HOME=str(home))
+    for args in (("init",), ("keys", "create", "--name", "a")):
+        result = run_qimem(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    from conftest import make_app
+
+    from qimem import services
+    from qimem.config import load_config
+
+    config = load_config(home / "config.toml")
+    app = make_app(config.store_url, None, root_key_file=config.root_key_file)
+    try:
+        sealed = services.encrypt(app, "a", b"before the disk filled").envelope
+        filler = fill(small_fs.path)
+        for attempt in (
+            lambda: services.create_key(app, name="b"),
+            lambda: services.rotate_key(app, "a"),
+        ):
+            with pytest.raises(StoreUnavailableError) as info:
+                attempt()
+            assert info.value.message == (
+                "the key store is unavailable (database or disk is full; no space left on "
+                f"the file system of {home / 'qimem.db'})"
+            )
+        for args in (("keys", "create", "--name", "c"), ("keys", "rotate", "a")):
+            result = run_qimem(*args, env=env, cwd=tmp_path)
+            assert result.returncode == 10, result.stderr
+            [line] = error_lines(result)
+            assert line.startswith("qimem: error: the key store is unavailable (")
+            assert f"no space left on the file system of {home / 'qimem.db'}" in line
+        filler.unlink()
+        (small_fs.path / "filler-tail").unlink()
+        assert services.rotate_key(app, "a").version == 2
+        assert services.decrypt(app, sealed).plaintext == b"before the disk filled"
+    finally:
+        app.close()
+    result = run_qimem("keys", "rotate", "a", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = run_qimem("keys", "show", "a", "--json", env=env, cwd=tmp_path)
+    shown = json.loads(listed.stdout)
+    assert [v["version"] for v in shown["versions"]] == [1, 2, 3]
+    assert [v["state"] for v in shown["versions"]] == ["decrypt-only", "decrypt-only", "active"]
+    names = run_qimem("keys", "list", "--json", env=env, cwd=tmp_path)
+    assert {k["name"] for k in json.loads(names.stdout)} == {"a"}  # b and c never appeared
+    with sqlite3.connect(home / "qimem.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+# ---- a bad root key ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rootkey_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """An initialized SQLite store (realm master, key ``k``): its URL and its root key."""
+    home = tmp_path_factory.mktemp("rootkey") / "home"
+    env = clean_env(QIMEM_HOME=str(home))
+    for args in (("init",), ("keys", "create", "--name", "k")):
+        result = run_qimem(*args, env=env, cwd=home.parent)
+        assert result.returncode == 0, result.stderr
+    return f"sqlite:///{home / 'qimem.db'}", (home / "root.key").read_text().strip()
+
+
+def _other_valid_key(right: str) -> str:
+    return encode_root_key(generate_root_key())
+
+
+BAD_ROOT_KEYS: dict[str, tuple[Callable[[str], str], int, str]] = {
+    # case: (file contents from the right key, file mode, what the message says)
+    "mode-0644": (
+        lambda right: right + "\n",
+        0o644,
+        "root key file {path} is accessible by group or others (mode 0644); "
+        "run: chmod 600 {path}",
+    ),
+    "empty": (lambda right: "", 0o600, "root key file {path} must hold a 32-byte root key"),
+    "wrong-length": (lambda right: base64.b64encode(b"k" * 24).decode(), 0o600,
+                     "root key file {path} must hold a 32-byte root key"),
+    "not-base64": (lambda right: "this is not a root key!", 0o600,
+                   "root key file {path} does not hold a base64 root key"),
+    "other-key": (_other_valid_key, 0o600, "the root key does not match this store (wrong "
+                  "root key file or QIMEM_ROOT_KEY)"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_ROOT_KEYS))
+def test_bad_root_key_file_refuses_to_start(
+    tmp_path: Path, rootkey_store: tuple[str, str], case: str
+) -> None:
+    """``qimem encrypt`` and ``qimem serve`` refuse a bad root key file with one line and
+    exit code 9 (configuration), without a traceback or the key; ``serve`` refuses before
+    binding: its port is taken, and the error is still about the root key."""
+    store_url, right = rootkey_store
+    contents, mode, message = BAD_ROOT_KEYS[case]
+    key_file = tmp_path / "root.key"
+    key_file.write_text(contents(right))
+    key_file.chmod(mode)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\nurl = "{store_url}"\n\n[root_key]\nfile = "{key_file}"\n')
+    env = clean_env(QIMEM_CONFIG=str(config))
+    output = tmp_path / "out.qimem"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        procs = {
+            "encrypt": subprocess.Popen(
+                qimem_cmd("encrypt", "--key", "k", "-o", str(output)),
+                env=env, cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ),
+            "serve": subprocess.Popen(
+                qimem_cmd("serve", "--port", port), env=env, cwd=tmp_path,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            ),
+        }  # fmt: skip
+        try:
+            results = {
+                name: proc.communicate(b"secret" if name == "encrypt" else None, timeout=60)
+                for name, proc in procs.items()
+            }
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+    expected = "qimem: error: " + message.format(path=key_file)
+    for name, (stdout, stderr) in results.items():
+        assert procs[name].returncode == 9, (name, stderr)
+        text = stderr.decode()
+        assert text.strip().splitlines() == [expected], (name, text)
+        assert "Traceback" not in text and stdout == b""
+        assert right not in text  # the store's root key ...
+        if key_file.read_text().strip():
+            assert key_file.read_text().strip() not in text  # ... and the file's contents
+    assert not output.exists()
+    assert not list(tmp_path.glob(".out.qimem*"))  # no temp file either
