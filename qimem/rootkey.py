@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from qimem.errors import ConfigError, DecryptionError
+from qimem import fileio
+from qimem.errors import ConfigError, ConflictError, DecryptionError
 
 ROOT_KEY_SIZE = 32
 _WRAP_FORMAT = 1
@@ -88,20 +89,32 @@ def decode_root_key(text: str, source: str) -> bytearray:
 def write_root_key_file(path: Path) -> bytearray:
     """Create ``path`` (mode 0600, never overwriting) holding a fresh root key.
 
+    The key is written to a hidden temp file, fsynced and linked into place without
+    replacing anything (:func:`qimem.fileio.commit`), so a crash never leaves an empty or
+    partial root key file for the next ``qimem init`` to trip over; a dead run's temp file
+    is removed by the next call.
+
     :raises ConfigError: ``path`` already exists (an existing root key is never replaced).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(
-            f"root key file {path} already exists; refusing to overwrite it"
-        ) from None
+    exists = ConfigError(f"root key file {path} already exists; refusing to overwrite it")
+    if path.exists():
+        raise exists
+    fileio.cleanup_stale_temps(path.parent)
     key = generate_root_key()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(encode_root_key(key) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    fd, tmp = fileio.create_temp(path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(encode_root_key(key) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fileio.commit(tmp, path, force=False)
+    except ConflictError:
+        raise exists from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fileio.fsync_dir(path.parent)
     return key
 
 

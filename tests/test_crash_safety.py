@@ -925,3 +925,57 @@ def test_checks_catch_broken_states(tmp_path: Path, root_key_b64: str) -> None:
     engine.dispose()
     with pytest.raises(AssertionError, match="half-migrated"):
         _check_migration(url, root_key_b64, "0003", head, head, [], -9, "")
+
+
+# ------------------------------------------------------------------------ qimem init
+
+# ``qimem init`` SIGKILLed between creating the root key file and filling it: the child
+# kills itself as the fresh key is encoded (a fixed, deterministic kill point).
+_INIT_KILLED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import qimem.rootkey
+
+    def killed(key):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    qimem.rootkey.encode_root_key = killed
+    from qimem.cli import main
+
+    sys.argv = ["qimem", "init"]
+    main()
+    """
+)
+
+
+def test_init_killed_while_writing_the_root_key_reruns(tmp_path: Path) -> None:
+    """A SIGKILL while ``qimem init`` writes the root key leaves no root key file (an empty
+    one used to be left behind, and every later ``qimem init`` failed on it, exit 9); the
+    rerun creates the key, the store works, and the dead run's temp file is gone."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env["QIMEM_HOME"] = str(home)
+    child = python_child(_INIT_KILLED_CHILD, env=env)
+    try:
+        rc, err = child.finish()
+    finally:
+        child.close()
+    assert rc == -9, err[-2000:]
+    root_keys = [p for p in home.rglob("*") if p.name == "root.key"]
+    assert all(p.stat().st_size > 0 for p in root_keys), "an empty root key file was left"
+
+    rerun = Child([QIMEM, "init"], env=env)
+    try:
+        rc, err = rerun.finish()
+    finally:
+        rerun.close()
+    assert rc == 0, err[-2000:]
+    created = Child([QIMEM, "keys", "create", "--name", "after"], env=env)
+    try:
+        rc, err = created.finish()
+    finally:
+        created.close()
+    assert rc == 0, err[-2000:]
+    leftovers = [p.name for p in home.rglob("*") if fileio.temp_owner(p.name) is not None]
+    assert leftovers == [], leftovers
