@@ -355,6 +355,24 @@ def assert_consistent_after(load: Load, serve: Serve) -> None:
         shown = http.get(
             f"{serve.url}/v1/security/keys/{load.key}", headers=headers, timeout=CLIENT_TIMEOUT
         ).json()
+        audited = {
+            action: [
+                e["outcome"]
+                for e in http.get(
+                    f"{serve.url}/v1/auth/realms/master/audit",
+                    params={"action": action, "limit": 1000},
+                    headers=headers,
+                    timeout=CLIENT_TIMEOUT,
+                ).json()["events"]
+            ]
+            for action in ("crypto.encrypt", "keys.rotate")
+        }
+    # Audit records made while the store was down were buffered, not lost: one success per
+    # 200 answer (the failures are there too, as "failure").
+    encrypted = sum(o.op == "encrypt" and o.status == 200 for o in load.outcomes)
+    assert len(audited["crypto.encrypt"]) < 1000  # all of them fit in one page
+    assert audited["crypto.encrypt"].count("success") == encrypted
+    assert audited["keys.rotate"].count("success") == len(load.rotated)
     versions = [v["version"] for v in shown["versions"]]
     assert sorted(versions) == list(range(1, len(versions) + 1))
     assert len(set(load.rotated)) == len(load.rotated)  # no version acknowledged twice
