@@ -46,8 +46,10 @@ from typing import Any
 
 import pytest
 import requests
+from click.testing import CliRunner, Result
 from pg_instance import PgInstance, TcpProxy, require_pg_bin
 
+from qimem.cli import cli as qimem_cli
 from qimem.errors import StoreUnavailableError
 from qimem.rootkey import encode_root_key, generate_root_key
 from qimem.sql import PG_CONNECT_TIMEOUT, create_engine
@@ -77,6 +79,23 @@ def run_qimem(
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
     return subprocess.run(qimem_cmd(*args), env=env, cwd=cwd, input=input, timeout=120, **kw)
+
+
+def cli(*args: str, home: Path | None = None, input: bytes | None = None, **env: str) -> Result:
+    """``qimem ARGS`` in this process (click's runner; the CLI closes its store at exit)."""
+    environ: dict[str, str | None] = {k: None for k in os.environ if k.startswith("QIMEM_")}
+    environ.update(env)
+    if home is not None:
+        environ["QIMEM_HOME"] = str(home)
+    return CliRunner().invoke(qimem_cli, list(args), input=input, env=environ)
+
+
+def init_home(home: Path) -> Path:
+    """``qimem init`` and ``qimem keys create --name k`` in ``home``."""
+    for args in (("init",), ("keys", "create", "--name", "k")):
+        result = cli(*args, home=home)
+        assert result.exit_code == 0, result.output
+    return home
 
 
 def report(record_property: Callable[[str, object], None], name: str, value: object) -> None:
@@ -151,10 +170,9 @@ def pg_home(pg: PgInstance, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``faults_template``, ``qimem init`` set up once: realm master, user admin."""
     home = tmp_path_factory.mktemp("faults") / "home"
     url = pg.create_database(TEMPLATE_DB)
-    env = clean_env(QIMEM_HOME=str(home), QIMEM_STORE=url)
-    init = run_qimem("init", "--admin-password-stdin", env=env, cwd=home.parent,
-                     input=ADMIN_PASSWORD.encode() + b"\n")  # fmt: skip
-    assert init.returncode == 0, init.stderr
+    init = cli("init", "--admin-password-stdin", input=ADMIN_PASSWORD.encode() + b"\n",
+               home=home, QIMEM_STORE=url)  # fmt: skip
+    assert init.exit_code == 0, init.output
     with (home / "config.toml").open("a") as fh:
         fh.write(FAST_IDENTITY)
     return home
@@ -632,12 +650,7 @@ def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
 @pytest.fixture(scope="module")
 def files_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialized QIMEM_HOME (SQLite store on the normal disk) with the key ``k``."""
-    home = tmp_path_factory.mktemp("files") / "home"
-    env = clean_env(QIMEM_HOME=str(home))
-    for args in (("init",), ("keys", "create", "--name", "k")):
-        result = run_qimem(*args, env=env, cwd=home.parent)
-        assert result.returncode == 0, result.stderr
-    return home
+    return init_home(tmp_path_factory.mktemp("files") / "home")
 
 
 def run_in(fs: SmallFs, home: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
@@ -668,9 +681,8 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def decrypt_all(home: Path, sealed: Path, workdir: Path) -> dict[str, bytes]:
     """``qimem decrypt`` of a directory tree (on the normal disk): ``{name: plaintext}``."""
     out = workdir / "opened"
-    result = run_qimem("decrypt", "--out-dir", str(out), str(sealed),
-                       env=clean_env(QIMEM_HOME=str(home)), cwd=workdir)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = cli("decrypt", "--out-dir", str(out), str(sealed), home=home)
+    assert result.exit_code == 0, result.output
     return snapshot(out)
 
 
@@ -743,9 +755,8 @@ def test_disk_full_single_outputs_and_stdout(
     plain = tmp_path / "plain"
     plain.write_bytes(os.urandom(2 << 20))
     sealed = tmp_path / "plain.qimem"
-    made = run_qimem("encrypt", "--key", "k", str(plain), env=clean_env(QIMEM_HOME=str(files_home)),
-                     cwd=tmp_path)  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    made = cli("encrypt", "--key", "k", str(plain), home=files_home)
+    assert made.exit_code == 0, made.output
     before = snapshot(tmp_path)
     full = small_fs.path
     cases = [
@@ -754,11 +765,18 @@ def test_disk_full_single_outputs_and_stdout(
         (("decrypt", "--out-dir", str(full), str(sealed)), None, str(full / "plain")),
     ]
     for args, stdin, target in cases:
-        with stdin.open("rb") if stdin else open(os.devnull, "rb") as fh:
-            result = run_in(small_fs, files_home, *args, stdin=fh)
-        assert result.returncode == 1, args
-        [line] = error_lines(result)
-        assert line.endswith(f"cannot write {target}: {small_fs.reason}"), line
+        if small_fs.mounted:  # the mount is everyone's: the command can run in this process
+            ran = cli(*args, input=stdin.read_bytes() if stdin else b"", home=files_home)
+            exit_code, stderr = ran.exit_code, ran.stderr
+        else:  # the limit must be set in a process of its own
+            with stdin.open("rb") if stdin else open(os.devnull, "rb") as fh:
+                proc = run_in(small_fs, files_home, *args, stdin=fh)
+            exit_code, stderr = proc.returncode, proc.stderr.decode()
+        assert exit_code == 1, args
+        assert stderr.splitlines() == [
+            f"qimem: error: {'' if stdin else f'{sealed}: '}cannot write {target}: "
+            f"{small_fs.reason}"
+        ]
         assert leftovers(full) == [], args
     # Standard output redirected by the shell: qimem cannot remove what the shell created,
     # but it says what happened and fails.
@@ -770,80 +788,71 @@ def test_disk_full_single_outputs_and_stdout(
             f"qimem: error: cannot write standard output: {small_fs.reason}"
         ]
         (full / "redirected").unlink()
-    assert snapshot(tmp_path) == before  # inputs untouched (the mount is not in tmp_path's
-    # snapshot: it is empty again)
+    assert snapshot(tmp_path) == before  # inputs untouched, and the mount empty again
 
 
-def fill(directory: Path) -> Path:
-    """Write a file until the file system is full; returns it."""
-    filler = directory / "filler"
-    chunk = b"\0" * 65536
-    with filler.open("wb", buffering=0) as fh:
-        try:
+def fill(directory: Path) -> None:
+    """Write ``filler*`` files until the file system is full."""
+    for name, size in (("filler", 65536), ("filler-tail", 512)):  # then the last bits
+        with (directory / name).open("wb", buffering=0) as fh, contextlib.suppress(OSError):
             while True:
-                fh.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    small = directory / "filler-tail"  # the last partial block
-    with small.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 512)
-    return filler
+                fh.write(b"\0" * size)
+    with pytest.raises(OSError) as info:
+        (directory / "probe").write_bytes(b"\0" * 4096)
+    assert info.value.errno == errno.ENOSPC
 
 
 @pytest.mark.slow
-def test_sqlite_store_on_a_full_disk(tmp_path: Path, small_fs: SmallFs) -> None:
-    """The SQLite store's disk fills up under a running process and for new ones: key
-    creation and rotation fail with a store error naming the full disk; once space is
-    freed, the store is intact and rotation goes on from where it was."""
+def test_sqlite_store_on_a_full_disk(small_fs: SmallFs) -> None:
+    """The SQLite store's disk fills up under a running process and for new ones (the
+    CLI): key creation and rotation fail with a store error naming the full disk; once
+    space is freed, the store is intact and rotation goes on from where it was."""
     if not small_fs.mounted:
         pytest.skip("needs a mounted small file system (mount not permitted here)")
-    home = small_fs.path / "home"
-    env = clean_env(QIMEM_HOME=str(home))
-    for args in (("init",), ("keys", "create", "--name", "a")):
-        result = run_qimem(*args, env=env, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
+    home = init_home(small_fs.path / "home")
+    db_path = home / "qimem.db"
+    full = f"no space left on the file system of {db_path}"
     from conftest import make_app
 
     from qimem import services
-    from qimem.config import load_config
 
-    config = load_config(home / "config.toml")
-    app = make_app(config.store_url, None, root_key_file=config.root_key_file)
+    app = make_app(f"sqlite:///{db_path}", None, root_key_file=home / "root.key")
     try:
-        sealed = services.encrypt(app, "a", b"before the disk filled").envelope
-        filler = fill(small_fs.path)
+        sealed = services.encrypt(app, "k", b"before the disk filled").envelope
+        fill(small_fs.path)
         for attempt in (
             lambda: services.create_key(app, name="b"),
-            lambda: services.rotate_key(app, "a"),
+            lambda: services.rotate_key(app, "k"),
         ):
             with pytest.raises(StoreUnavailableError) as info:
                 attempt()
             assert info.value.message == (
-                "the key store is unavailable (database or disk is full; no space left on "
-                f"the file system of {home / 'qimem.db'})"
+                f"the key store is unavailable (database or disk is full; {full})"
             )
-        for args in (("keys", "create", "--name", "c"), ("keys", "rotate", "a")):
-            result = run_qimem(*args, env=env, cwd=tmp_path)
-            assert result.returncode == 10, result.stderr
-            [line] = error_lines(result)
-            assert line.startswith("qimem: error: the key store is unavailable (")
-            assert f"no space left on the file system of {home / 'qimem.db'}" in line
-        filler.unlink()
-        (small_fs.path / "filler-tail").unlink()
-        assert services.rotate_key(app, "a").version == 2
+    finally:
+        app.close()
+    # New processes (here: the CLI, each with its own connection) on the full disk.
+    for args in (("keys", "create", "--name", "c"), ("keys", "rotate", "k")):
+        result = cli(*args, home=home)
+        assert result.exit_code == 10, result.output
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("qimem: error: the key store is unavailable (")
+        assert line.endswith(f"; {full})")
+    for path in small_fs.path.glob("filler*"):
+        path.unlink()
+    app = make_app(f"sqlite:///{db_path}", None, root_key_file=home / "root.key")
+    try:
+        assert services.rotate_key(app, "k").version == 2
         assert services.decrypt(app, sealed).plaintext == b"before the disk filled"
     finally:
         app.close()
-    result = run_qimem("keys", "rotate", "a", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    listed = run_qimem("keys", "show", "a", "--json", env=env, cwd=tmp_path)
-    shown = json.loads(listed.stdout)
+    assert cli("keys", "rotate", "k", home=home).exit_code == 0
+    shown = json.loads(cli("keys", "show", "k", "--json", home=home).stdout)
     assert [v["version"] for v in shown["versions"]] == [1, 2, 3]
     assert [v["state"] for v in shown["versions"]] == ["decrypt-only", "decrypt-only", "active"]
-    names = run_qimem("keys", "list", "--json", env=env, cwd=tmp_path)
-    assert {k["name"] for k in json.loads(names.stdout)} == {"a"}  # b and c never appeared
-    with sqlite3.connect(home / "qimem.db") as db:
+    listed = json.loads(cli("keys", "list", "--json", home=home).stdout)
+    assert [k["name"] for k in listed] == ["k"]  # b and c never appeared
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
@@ -851,14 +860,9 @@ def test_sqlite_store_on_a_full_disk(tmp_path: Path, small_fs: SmallFs) -> None:
 
 
 @pytest.fixture(scope="module")
-def rootkey_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def rootkey_store(files_home: Path) -> tuple[str, str]:
     """An initialized SQLite store (realm master, key ``k``): its URL and its root key."""
-    home = tmp_path_factory.mktemp("rootkey") / "home"
-    env = clean_env(QIMEM_HOME=str(home))
-    for args in (("init",), ("keys", "create", "--name", "k")):
-        result = run_qimem(*args, env=env, cwd=home.parent)
-        assert result.returncode == 0, result.stderr
-    return f"sqlite:///{home / 'qimem.db'}", (home / "root.key").read_text().strip()
+    return f"sqlite:///{files_home / 'qimem.db'}", (files_home / "root.key").read_text().strip()
 
 
 def _other_valid_key(right: str) -> str:
@@ -883,56 +887,87 @@ BAD_ROOT_KEYS: dict[str, tuple[Callable[[str], str], int, str]] = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(BAD_ROOT_KEYS))
-def test_bad_root_key_file_refuses_to_start(
-    tmp_path: Path, rootkey_store: tuple[str, str], case: str
-) -> None:
-    """``qimem encrypt`` and ``qimem serve`` refuse a bad root key file with one line and
-    exit code 9 (configuration), without a traceback or the key; ``serve`` refuses before
-    binding: its port is taken, and the error is still about the root key."""
-    store_url, right = rootkey_store
+def bad_root_key(tmp_path: Path, store: tuple[str, str], case: str) -> tuple[Path, Path, str]:
+    """A config naming the store and a root key file damaged as ``case`` says: the config,
+    the key file and the expected error line."""
+    store_url, right = store
     contents, mode, message = BAD_ROOT_KEYS[case]
     key_file = tmp_path / "root.key"
     key_file.write_text(contents(right))
     key_file.chmod(mode)
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\nurl = "{store_url}"\n\n[root_key]\nfile = "{key_file}"\n')
-    env = clean_env(QIMEM_CONFIG=str(config))
-    output = tmp_path / "out.qimem"
+    return config, key_file, "qimem: error: " + message.format(path=key_file)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[str]:
+    """A port something else listens on: a server that got as far as binding would fail
+    with "cannot listen" instead of the root key error."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = str(taken.getsockname()[1])
-        procs = {
-            "encrypt": subprocess.Popen(
-                qimem_cmd("encrypt", "--key", "k", "-o", str(output)),
-                env=env, cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            ),
-            "serve": subprocess.Popen(
-                qimem_cmd("serve", "--port", port), env=env, cwd=tmp_path,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            ),
-        }  # fmt: skip
-        try:
-            results = {
-                name: proc.communicate(b"secret" if name == "encrypt" else None, timeout=60)
-                for name, proc in procs.items()
-            }
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-    expected = "qimem: error: " + message.format(path=key_file)
-    for name, (stdout, stderr) in results.items():
-        assert procs[name].returncode == 9, (name, stderr)
-        text = stderr.decode()
-        assert text.strip().splitlines() == [expected], (name, text)
-        assert "Traceback" not in text and stdout == b""
-        assert right not in text  # the store's root key ...
-        if key_file.read_text().strip():
-            assert key_file.read_text().strip() not in text  # ... and the file's contents
+        yield str(taken.getsockname()[1])
+
+
+def assert_refused(
+    exit_code: int, stdout: str, stderr: str, expected: str, key_file: Path, right: str
+) -> None:
+    """Exit 9, the one expected line, no traceback, no key material."""
+    assert exit_code == 9, stderr
+    assert stderr.strip().splitlines() == [expected]
+    assert "Traceback" not in stderr and stdout == ""
+    assert right not in stderr  # the store's root key ...
+    if key_file.read_text().strip():
+        assert key_file.read_text().strip() not in stderr  # ... and the file's contents
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROOT_KEYS))
+def test_bad_root_key_file_refuses_to_start(
+    tmp_path: Path, rootkey_store: tuple[str, str], case: str, taken_port: str
+) -> None:
+    """``qimem encrypt`` and ``qimem serve`` refuse a bad root key file with one line and
+    exit code 9 (configuration), without a traceback or the key; ``serve`` refuses before
+    binding its port."""
+    config, key_file, expected = bad_root_key(tmp_path, rootkey_store, case)
+    output = tmp_path / "out.qimem"
+    for args, stdin in (
+        (("encrypt", "--key", "k", "-o", str(output)), b"secret"),
+        (("serve", "--port", taken_port), None),
+    ):
+        result = cli(*args, input=stdin, QIMEM_CONFIG=str(config))
+        assert_refused(
+            result.exit_code, result.stdout, result.stderr, expected, key_file, rootkey_store[1]
+        )
     assert not output.exists()
     assert not list(tmp_path.glob(".out.qimem*"))  # no temp file either
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["other-key"])
+def test_bad_root_key_refusal_in_real_processes(
+    tmp_path: Path, rootkey_store: tuple[str, str], case: str, taken_port: str
+) -> None:
+    """The same refusals from real ``qimem encrypt`` and ``qimem serve`` processes."""
+    config, key_file, expected = bad_root_key(tmp_path, rootkey_store, case)
+    env = clean_env(QIMEM_CONFIG=str(config))
+    output = tmp_path / "out.qimem"
+    procs = [
+        subprocess.Popen(
+            qimem_cmd(*args), env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for args in (("encrypt", "--key", "k", "-o", str(output)), ("serve", "--port", taken_port))
+    ]  # fmt: skip
+    try:
+        results = [proc.communicate(b"secret", timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert_refused(
+            proc.returncode, stdout.decode(), stderr.decode(), expected, key_file, rootkey_store[1]
+        )
+    assert not output.exists()
