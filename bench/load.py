@@ -124,6 +124,7 @@ class DriveResult:
     conn_errors: Counter[str] = field(default_factory=Counter)
     mismatches: int = 0  # decrypts during the run that returned other bytes
     rotations: Counter[str] = field(default_factory=Counter)  # successful, per key name
+    rotate_forms: Counter[str] = field(default_factory=Counter)  # "key:200", "key_id:409" ...
     samples: list[str] = field(default_factory=list)  # a few unexpected answers
     records: list[Record] = field(default_factory=list)
 
@@ -136,6 +137,7 @@ class DriveResult:
         self.conn_errors.update(other.conn_errors)
         self.mismatches += other.mismatches
         self.rotations.update(other.rotations)
+        self.rotate_forms.update(other.rotate_forms)
         self.samples.extend(other.samples[: max(0, 20 - len(self.samples))])
         self.records.extend(other.records)
 
@@ -295,6 +297,7 @@ class _Client:
         # connection (or process) may have rotated away since: 409 is the right answer then.
         body = {"key_id": stale} if stale and self.rng.random() < 1 / 3 else {"key": key}
         status, data = self._json("rotate", "/v1/security/rotate", body, self.client_token)
+        self.out.rotate_forms[f"{next(iter(body))}:{status}"] += 1
         if status == 200:
             self.out.rotations[key] += 1
             self.last_key_id[key] = data["key_id"]
@@ -551,10 +554,16 @@ class QimemServer:
 
 @contextmanager
 def qimem_server(
-    store_url: str, workdir: Path, users: int = 4, keys: int = 4, rotated: int = 2
+    store_url: str,
+    workdir: Path,
+    users: int = 4,
+    keys: int = 4,
+    rotated: int = 2,
+    config_extra: str = "",
 ) -> Iterator[QimemServer]:
     """``qimem init`` on ``store_url``, ``qimem serve`` on a free loopback port, and realm
-    ``load`` with ``users`` users, the ``rotator`` client and the keys; stopped on exit."""
+    ``load`` with ``users`` users, the ``rotator`` client and the keys; stopped on exit.
+    ``config_extra`` (TOML) is appended to the config file before the server starts."""
     env = _env(workdir, store_url)
     admin_password = secrets.token_urlsafe(18)
     subprocess.run(
@@ -565,6 +574,9 @@ def qimem_server(
         check=True,
         capture_output=True,
     )
+    if config_extra:
+        with (workdir / "home" / "config.toml").open("a") as config:
+            config.write("\n" + config_extra + "\n")
     log_path = workdir / "qimem-serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -852,6 +864,7 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
         "encrypted": len(result.records),
         "decrypt_mismatches": result.mismatches,
         "rotations": dict(result.rotations),
+        "rotate_forms": dict(sorted(result.rotate_forms.items())),
         "5xx": result.count_5xx(),
         "conn_errors": sum(result.conn_errors.values()),
         "unexpected": {
@@ -1011,6 +1024,8 @@ def render(report: dict[str, Any]) -> str:
             + f"; /metrics {q['server_requests']} requests, {q['server_5xx']} 5xx; "
             f"exit {q['exit_code']} on SIGTERM; traceback in log: {q['traceback']}"
         )
+        forms = " ".join(f"{k}:{v}" for k, v in q["rotate_forms"].items())
+        lines.append(f"  qimem: rotate by form:status {forms}")
     lines.append(
         f"  load average before {report['loadavg_before']}, after "
         f"{report.get('loadavg_after')}; {report['processes']} processes × "
