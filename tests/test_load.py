@@ -81,13 +81,13 @@ def test_the_final_check_catches_tampered_and_wrong_results(
 ) -> None:
     load = _bench_load()
     with load.qimem_server(postgres_url, tmp_path, users=1, keys=1, rotated=1) as server:
-        result = load.drive(server.target, duration=1.0, processes=1, connections=1)
-        good = [r for r in result.records if r.aad is None][:3]
+        result = load.drive(server.target, duration=2.0, processes=1, connections=1)
+        good = result.records[:3]
         assert len(good) == 3, result.samples
         raw = bytearray(base64.b64decode(good[0].envelope))
-        raw[-1] ^= 1
-        tampered = load.Record(base64.b64encode(raw).decode(), None, good[0].digest, 0)
-        wrong = load.Record(good[1].envelope, None, bytes(32), 0)
+        raw[-1] ^= 1  # the last byte of the AEAD tag
+        tampered = load.Record(base64.b64encode(raw).decode(), good[0].aad, good[0].digest, 0)
+        wrong = load.Record(good[1].envelope, good[1].aad, bytes(32), 0)
         checked = load.verify(server.target, [tampered, wrong, good[2]])
     assert (checked.verified, checked.lost, checked.corrupted) == (1, 1, 1)
 
