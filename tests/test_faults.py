@@ -971,3 +971,44 @@ def test_bad_root_key_refusal_in_real_processes(
             proc.returncode, stdout.decode(), stderr.decode(), expected, key_file, rootkey_store[1]
         )
     assert not output.exists()
+
+
+@pytest.mark.postgres
+def test_audit_query_waits_for_the_batch_being_written(postgres_url: str) -> None:
+    """A query flushes the audit buffer first; when the flusher thread has already taken
+    the records and is still writing them (here: blocked by a table lock, as by a slow or
+    recovering database), the query waits for that batch instead of missing it."""
+    import sqlalchemy as sa
+
+    from qimem.identity.audit import AuditLog
+    from qimem.identity.db import Database
+
+    engine = create_engine(postgres_url)
+    audit = AuditLog(Database.for_engine(engine), flush_interval=0.05)
+    blocker = engine.connect()
+    try:
+        blocker.execute(sa.text("LOCK TABLE qimem_audit IN EXCLUSIVE MODE"))  # reads pass
+        for i in range(5):
+            audit.record("master", "tester", "crypto.encrypt", f"key-{i}", buffered=True)
+        waiting = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND starts_with(query, 'INSERT INTO qimem_audit')"
+        )
+        deadline = time.monotonic() + 30
+        while True:  # until the flusher holds the batch (a fresh statistics snapshot each time)
+            with engine.connect() as probe:
+                if probe.execute(waiting).scalar():
+                    break
+            assert time.monotonic() < deadline, "the flusher never tried to write"
+            time.sleep(0.02)
+        release = threading.Timer(0.5, blocker.commit)
+        release.start()
+        try:
+            records = audit.query("master", action="crypto.encrypt")
+        finally:
+            release.join()
+        assert sorted(r.target for r in records) == [f"key-{i}" for i in range(5)]
+    finally:
+        blocker.close()
+        audit.close()
+        engine.dispose()

@@ -96,6 +96,9 @@ class AuditLog:
         self._buffer: list[dict[str, Any]] = []
         self.dropped = 0  # records lost because the buffer was full (store unreachable)
         self._lock = threading.Lock()
+        # One flush at a time: a query's flush waits for a batch the flusher thread has taken
+        # from the buffer but not committed yet, so the query does not miss it.
+        self._flushing = threading.Lock()
         self._wake = threading.Event()
         self._interval = flush_interval
         self._thread: threading.Thread | None = None
@@ -144,7 +147,11 @@ class AuditLog:
                 log.warning("audit flush failed; will retry", exc_info=False)
 
     def flush(self) -> None:
-        """Write buffered records now."""
+        """Write buffered records now (after any flush already in progress)."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             rows, self._buffer = self._buffer, []
             dropped, self.dropped = self.dropped, 0
