@@ -116,8 +116,10 @@ def run_server(
     bind = resolve_loopback_bind(host, port) if insecure_no_auth else host
     app_ctx = state.app.open()
     if not insecure_no_auth:
-        from qimem.services.identity import identity
+        from qimem.identity.settings import bounded_by_threads, load_settings
+        from qimem.services.identity import configure, identity
 
+        configure(app_ctx, bounded_by_threads(load_settings(app_ctx.config.path), threads))
         if not identity(app_ctx).realm_exists("master"):
             raise ConfigError(
                 "this store has no realm 'master', so no one could log in: run 'qimem init' "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,19 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
     if settings.max_concurrent_hashes < 1 or settings.lockout_threshold < 1:
         raise ConfigError(f"{source}: identity limits must be at least 1")
     return settings
+
+
+def bounded_by_threads(settings: IdentitySettings, threads: int) -> IdentitySettings:
+    """``settings`` with the login bounds cut so that logins hashing plus logins waiting
+    for a hashing slot hold at most ``threads - 1`` of a server's worker threads: one thread
+    always serves other requests during a login flood. A waiting login holds its worker
+    thread, so with 4 threads the defaults (16 waiting) would let logins take them all."""
+    budget = threads - 1
+    if budget < 1:  # a single worker thread: there is nothing to keep free
+        return settings
+    concurrent = min(settings.max_concurrent_hashes, budget)
+    waiting = min(settings.max_waiting_hashes, budget - concurrent)
+    return replace(settings, max_concurrent_hashes=concurrent, max_waiting_hashes=waiting)
 
 
 def load_settings(config_path: Path | None) -> IdentitySettings:

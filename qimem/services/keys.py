@@ -125,7 +125,10 @@ def rotate_key(
 
     ``actor``: who asked, for the audit log (as for :func:`create_key`).
 
-    :raises KeyNotActiveError: ``ref`` is a key_id that is no longer active.
+    :raises KeyNotActiveError: ``ref`` is a key_id that is no longer active; or ``ref`` is a
+        name or lineage_id and another rotation of the same key committed between reading
+        its active version and rotating it (the error names that version: concurrent
+        rotations yield one new version, and the others learn that it happened).
     :raises ConflictError: ``key_pending_deletion``.
     """
     validate_realm(realm)
