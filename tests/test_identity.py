@@ -452,3 +452,21 @@ def test_no_secrets_in_reprs_audit_or_database(sqlite_url: str, root_key_b64: st
         assert secret not in text
     # Signing keys are stored wrapped: no PEM or raw private key material.
     assert "PRIVATE KEY" not in text
+
+
+def test_closed_identity_is_not_kept_alive() -> None:
+    """Each Identity registered its audit flush with atexit and never unregistered it, so
+    every closed identity (its database engine and schema: ~0.5 MB) stayed in memory until
+    exit; seen as RSS growth in the fuzz harness, which opens a fresh app every 2000 inputs."""
+    import gc
+    import weakref
+
+    refs = []
+    for _ in range(3):
+        app = with_identity(make_app("memory://", None))
+        refs.append(weakref.ref(ids.identity(app).db))
+        ids.close_identity(app)
+        app.close()
+        del app
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

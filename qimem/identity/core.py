@@ -93,6 +93,7 @@ class Identity:
         atexit.register(self.audit.close)
 
     def close(self) -> None:
+        atexit.unregister(self.audit.close)  # the registration kept a closed identity alive
         self.audit.close()
         self.db.close()
 
