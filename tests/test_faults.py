@@ -385,12 +385,13 @@ def assert_consistent_after(load: Load, serve: Serve) -> None:
             ]
             for action in ("crypto.encrypt", "keys.rotate")
         }
-    # Audit records made while the store was down were buffered, not lost: one success per
-    # 200 answer (the failures are there too, as "failure").
+    # Audit records made while the store was down were buffered, not lost: a success record
+    # per 200 answer (the failures are there too, as "failure"). At least once: a batch whose
+    # commit was lost with the connection is written again, so a crash may duplicate one.
     encrypted = sum(o.op == "encrypt" and o.status == 200 for o in load.outcomes)
     assert len(audited["crypto.encrypt"]) < 1000  # all of them fit in one page
-    assert audited["crypto.encrypt"].count("success") == encrypted
-    assert audited["keys.rotate"].count("success") == len(load.rotated)
+    assert audited["crypto.encrypt"].count("success") >= encrypted
+    assert audited["keys.rotate"].count("success") >= len(load.rotated)
     versions = [v["version"] for v in shown["versions"]]
     assert sorted(versions) == list(range(1, len(versions) + 1))
     assert len(set(load.rotated)) == len(load.rotated)  # no version acknowledged twice
