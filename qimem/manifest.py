@@ -79,7 +79,9 @@ REQUIRED = ("name", "version", "description", "qimem_api", "provides")
 
 # The same patterns are in server/openapi.json (PluginManifest), so both agree exactly.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*([._+-]?[A-Za-z0-9]+)*$"
+# One separator-or-not per character: the same language as ([._+-]?[A-Za-z0-9]+)*, without
+# its exponential backtracking on a near miss (found by fuzz/fuzz_manifest.py).
+VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*([._+-]?[A-Za-z0-9])*$"
 PROVIDED_PATTERN = r"^[a-z0-9][a-z0-9_+.-]{0,63}$"
 EVENT_HOOK_PATTERN = r"^qimem_[a-z0-9_]{1,58}$"
 HOMEPAGE_PATTERN = r"^https?://[^\s\x00-\x1f\x7f]{1,500}$"

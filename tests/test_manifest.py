@@ -269,3 +269,44 @@ def test_cli_register_deeply_nested_json_is_one_clear_error(
     result = CliRunner().invoke(cli, ["plugins", "register", str(path)])
     assert result.exit_code == 3, (result.exit_code, result.output)
     assert "nested too deeply" in result.output and "Traceback" not in result.output
+
+
+def test_version_pattern_has_no_catastrophic_backtracking() -> None:
+    """Found by fuzz/fuzz_manifest.py (a libFuzzer timeout): ``([._+-]?[A-Za-z0-9]+)*``
+    backtracked exponentially on a near-miss version, so validating one manifest (``POST
+    /v1/plugins``, ``qimem plugins register``) never finished. Checked in a subprocess so
+    that the old pattern makes this test fail at the timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    version = "1.0.S" + "K" * 49 + "-25CM-Snk "  # 64 characters, invalid only at the end
+    assert len(version) <= manifest.MAX_VERSION
+    code = f"from qimem import manifest\nprint(manifest.problems({{'version': {version!r}}}))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "field 'version' must be a version" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("version", "valid"),
+    [
+        ("1", True),
+        ("1.0.0", True),
+        ("2.1rc1", True),
+        ("1.0.0-beta.2", True),
+        ("1.0+local.7", True),
+        ("1.0_a-b.c+d", True),
+        ("1.0--a", False),
+        ("1.0-", False),
+        ("1..0", False),
+        ("a1", False),
+        ("1.0 ", False),
+    ],
+)
+def test_version_pattern_language_is_unchanged(version: str, valid: bool) -> None:
+    """The backtracking-free pattern accepts exactly what the old one did."""
+    old = re.compile(r"^[0-9]+(\.[0-9]+)*([._+-]?[A-Za-z0-9]+)*\Z")
+    assert bool(old.match(version)) is valid
+    assert (not manifest.problems(changed(version=version))) is valid
