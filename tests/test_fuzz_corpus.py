@@ -162,6 +162,10 @@ def test_regression_inputs_are_in_the_corpus() -> None:
         "regress-scoped-deeply-nested-body",
         "regress-import-deeply-nested-backup",
     } <= names
-    assert {"regress-deeply-nested.json", "regress-deeply-nested.toml"} <= names
+    assert {
+        "regress-deeply-nested.json",
+        "regress-deeply-nested.toml",
+        "regress-version-backtracking.json",
+    } <= names
     deep = (FUZZ / "corpus" / "http_json" / "regress-import-deeply-nested-backup").read_bytes()
     assert base64.b64decode(deep.split(b'"backup": "')[1].split(b'"')[0]).startswith(b"[[[")
