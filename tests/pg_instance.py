@@ -76,9 +76,13 @@ class PgInstance:
         self.log = self.root / "server.log"
         self.port = free_port()
         self._as_root = os.geteuid() == 0
-        if self._as_root:
-            shutil.chown(self.root, user=PG_USER)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", PG_USER, "--no-sync")
+        try:
+            if self._as_root:
+                shutil.chown(self.root, user=PG_USER)
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", PG_USER, "--no-sync")
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def _run(self, tool: str, *args: str, timeout: float = 60) -> None:
         command = [str(self.pg_bin / tool), *args]
