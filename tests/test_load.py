@@ -52,7 +52,9 @@ def test_mixed_load_has_no_errors_and_loses_nothing(postgres_url: str, tmp_path:
     q = report["qimem"]
     samples = q["samples"]
     assert report["failures"] == [], (report["failures"], samples)
-    assert q["5xx"] == 0 and q["server_5xx"] == 0, samples
+    # 503 login_busy is the login gate's backpressure (a waiting login holds a server thread,
+    # so qimem serve keeps one thread free of logins); the clients retry it and count it apart.
+    assert q["5xx"] == 0 and q["server_5xx"] == q["login_busy"], samples
     assert q["conn_errors"] == 0, samples
     assert q["unexpected"] == {}, samples
     for op in load.OPS:  # every operation ran, and only with the answers it may get
