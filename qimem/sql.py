@@ -28,6 +28,16 @@ _SQLITE_TIMEOUT = 30.0
 #: it (libpq counts at least 2). Without it psycopg waits 130 s for a server that accepts
 #: connections but never answers (a black-holed network or a hung proxy).
 PG_CONNECT_TIMEOUT = 5
+#: TCP keepalives and a send timeout for PostgreSQL connections (each overridable in the
+#: URL's query): a connection whose server vanished mid-query (a crashed host, a dropped
+#: route) fails after ~25 s instead of waiting for the kernel's TCP timeout (minutes).
+PG_TCP_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,  # ms
+}
 _PG_MIGRATION_LOCK = 0x71696D656D  # "qimem": serializes concurrent migrations on PostgreSQL
 _MIGRATION_THREAD_LOCK = threading.Lock()  # Alembic's context is process-global
 
@@ -65,9 +75,8 @@ def create_engine(url: str) -> Engine:
 
         return engine
     if parsed.get_backend_name() == "postgresql":
-        connect_args = {}
-        if "connect_timeout" not in parsed.query:
-            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        defaults = {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_TCP_DEFAULTS}
+        connect_args = {k: v for k, v in defaults.items() if k not in parsed.query}
         try:
             return sa.create_engine(
                 url,

@@ -603,6 +603,22 @@ def test_postgres_connect_timeout_default_and_url_override(query: str, expected:
     assert seen["connect_timeout"] == expected
 
 
+@pytest.mark.postgres
+def test_postgres_connections_carry_tcp_keepalives(postgres_url: str) -> None:
+    """A real connection runs with qimem's keepalive and send-timeout defaults, and a
+    setting in the URL wins over its default."""
+    for query, idle in (("", "10"), ("?keepalives_idle=42", "42")):
+        engine = create_engine(postgres_url + query)
+        try:
+            with engine.connect() as conn:
+                params = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        finally:
+            engine.dispose()
+        assert params["keepalives_idle"] == idle
+        assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "25000"
+        assert params["keepalives_interval"] == "5" and params["keepalives_count"] == "3"
+
+
 # ---- a full disk ------------------------------------------------------------------------
 
 SMALL_FS_BYTES = 1 << 20
