@@ -62,8 +62,8 @@ def handle_qimem_error(
         )
     resp.status = exc.http_status
     resp.media = qimem_error_body(exc)
-    if exc.http_status == 503:
-        resp.set_header("Retry-After", "5")
+    if exc.http_status == 503:  # how long a client should wait: the error's own hint, or 5 s
+        resp.set_header("Retry-After", str(getattr(exc, "retry_after", 5)))
 
 
 def handle_http_error(

@@ -12,10 +12,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import falcon
+import falcon.testing
 import pytest
 import requests
 
+from qimem.errors import QimemError, StoreUnavailableError
+from qimem.identity.passwords import LoginBusyError
 from qimem.identity.settings import IdentitySettings, bounded_by_threads
+from qimem.server.errors import handle_qimem_error
 
 
 @pytest.mark.parametrize(
@@ -78,7 +83,10 @@ def test_a_login_flood_gets_503_instead_of_every_thread(tmp_path: Path) -> None:
 
         def login(_: int) -> tuple[int, str]:
             answer = requests.post(url, data=form, timeout=60)
-            return answer.status_code, answer.json().get("error", {}).get("code", "")
+            code = answer.json().get("error", {}).get("code", "")
+            if code == "login_busy":  # a slot frees within one login: retry soon
+                assert answer.headers["Retry-After"] == "1"
+            return answer.status_code, code
 
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(login, range(6)))
@@ -90,3 +98,15 @@ def test_a_login_flood_gets_503_instead_of_every_thread(tmp_path: Path) -> None:
     assert (200, "") in answers
     assert (503, "login_busy") in answers
     assert set(answers) <= {(200, ""), (503, "login_busy")}
+
+
+@pytest.mark.parametrize(
+    ("error", "retry_after"),
+    [(LoginBusyError("busy"), "1"), (StoreUnavailableError("the key store is unavailable"), "5")],
+)
+def test_503_answers_say_when_to_retry(error: QimemError, retry_after: str) -> None:
+    resp = falcon.Response()
+    handle_qimem_error(falcon.testing.create_req(), resp, error, {})
+    assert resp.status_code == 503
+    assert resp.get_header("Retry-After") == retry_after
+    assert resp.media == {"error": {"code": error.code, "message": error.message}}

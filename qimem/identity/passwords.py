@@ -31,6 +31,7 @@ class LoginBusyError(QimemError):
     exit_code = 10
     code = "login_busy"
     title = "Service unavailable"
+    retry_after = 1  # seconds (HTTP Retry-After): a hashing slot frees within a login's time
 
 
 def validate_password(password: str) -> str:
