@@ -21,6 +21,10 @@ from qimem.rootkey import KeyWrapper, decode_root_key, read_root_key_file
 log = logging.getLogger(__name__)
 
 
+#: Where :mod:`qimem.services.identity` keeps an app's open identity layer (closed with it).
+IDENTITY_ATTR = "_qimem_identity"
+
+
 class AppContext:
     """What the service functions need: config, plugin registry, store, cache.
 
@@ -104,6 +108,9 @@ class AppContext:
         return self
 
     def close(self) -> None:
+        identity = self.__dict__.pop(IDENTITY_ATTR, None)
+        if identity is not None:  # flush its buffered audit records while the store is open
+            identity.close()
         self.cache.clear()
         store = self.__dict__.pop("store", None)
         if store is not None:

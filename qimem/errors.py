@@ -123,6 +123,16 @@ class ConfigError(QimemError):
     title = "Configuration error"
 
 
+class AuditUnavailableError(QimemError):
+    """The audit log cannot be written and auditing is required: the request is refused (or
+    its result withheld) rather than served unaudited."""
+
+    http_status = 503
+    exit_code = 10
+    code = "audit_unavailable"
+    title = "Service unavailable"
+
+
 class StoreUnavailableError(QimemError):
     """The key store cannot be reached right now; retrying later may succeed."""
 

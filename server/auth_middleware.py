@@ -14,6 +14,10 @@ keys are simply not found (404). Grants scoped to key-name patterns are checked 
 the named key of the request (the body is read once here and handed on unchanged). A route
 missing from the table needs ``realms:admin``: new endpoints are closed until mapped.
 ``--insecure-no-auth`` keeps the server's loopback-only development mode.
+
+Audited key operations are recorded in buffered batches, or with ``[identity] audit_mode =
+"required"`` synchronously around the operation: no audit record, no answer (503
+``audit_unavailable``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +35,17 @@ import falcon
 
 from qimem import envelope, services
 from qimem.app import AppContext
-from qimem.errors import AuthError, ForbiddenError, NotFoundError, QimemError
+from qimem.errors import AuditUnavailableError, AuthError, ForbiddenError, NotFoundError, QimemError
 from qimem.identity import Principal
 from qimem.identity.realms import MASTER
 from qimem.keys import DEFAULT_REALM, parse_uuid
 from qimem.server.auth import is_loopback
 from qimem.server.auth_api import AUTH_PREFIX
+from qimem.server.errors import error_body
 from qimem.server.media import read_body
 from qimem.services import identity as ids
+
+log = logging.getLogger("qimem.audit")
 
 REALM_HEADER = "X-Qimem-Realm"
 _CHALLENGE = 'Bearer realm="qimem"'
@@ -237,6 +245,7 @@ class IdentityAuthMiddleware:
             )
             self._public = frozenset(paths)
             self._audit = self._audit and self._identity.settings.audit_key_operations
+        self._required = self._audit and self._identity.settings.audit_mode == "required"  # type: ignore[union-attr]
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
@@ -247,6 +256,22 @@ class IdentityAuthMiddleware:
             )
 
     def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+    ) -> None:
+        self._authorize(req, resp, resource, params)
+        if self._required:  # no audit record, no operation
+            rule = self._rules.get((req.method, req.uri_template or ""))
+            principal = req.context.principal
+            if rule is not None and rule.audit is not None and principal is not None:
+                try:
+                    self._write(req, principal, rule.audit, "-", "requested", buffered=False)
+                except Exception as exc:
+                    log.warning("required audit record not written: %s", type(exc).__name__)
+                    raise AuditUnavailableError(
+                        "the audit log cannot be written, so the request was not run"
+                    ) from None
+
+    def _authorize(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         if self.insecure_no_auth or resource is None:
@@ -328,15 +353,43 @@ class IdentityAuthMiddleware:
         target = media.get("key_id") if isinstance(media, dict) else None
         outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
         detail = {} if status < 400 else {"status": status}
+        target = target if isinstance(target, str) else "-"
+        if not self._required:
+            try:
+                self._write(req, principal, rule.audit, target, outcome, buffered=True, **detail)
+            except QimemError:
+                pass  # buffered auditing never turns a served request into an error
+            return
         try:
-            self._identity.record(  # type: ignore[union-attr]
-                getattr(req.context, "realm", principal.realm),
-                f"{principal.username}@{principal.realm}",
-                rule.audit,
-                target if isinstance(target, str) else "-",
-                outcome,
-                buffered=True,
-                **detail,
+            self._write(req, principal, rule.audit, target, outcome, buffered=False, **detail)
+        except Exception as exc:  # required: the result is withheld
+            log.warning("required audit record not written: %s", type(exc).__name__)
+            error = AuditUnavailableError(
+                "the audit log cannot be written, so the result of this request is withheld"
             )
-        except QimemError:
-            pass  # auditing must never turn a served request into an error
+            resp.status = error.http_status
+            resp.media = error_body(error.code, error.message)
+            resp.data = None
+            resp.text = None
+            resp.set_header("Retry-After", "5")
+
+    def _write(
+        self,
+        req: falcon.Request,
+        principal: Principal,
+        action: str,
+        target: str,
+        outcome: str,
+        *,
+        buffered: bool,
+        **detail: Any,
+    ) -> None:
+        self._identity.record(  # type: ignore[union-attr]
+            getattr(req.context, "realm", principal.realm),
+            f"{principal.username}@{principal.realm}",
+            action,
+            target,
+            outcome,
+            buffered=buffered,
+            **detail,
+        )

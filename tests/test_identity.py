@@ -470,3 +470,17 @@ def test_closed_identity_is_not_kept_alive() -> None:
         del app
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_closing_the_app_writes_buffered_audit_records(sqlite_url: str, root_key_b64: str) -> None:
+    """Buffered audit records are flushed by AppContext.close, not left for process exit."""
+    app = with_identity(make_app(sqlite_url, root_key_b64))
+    ids.audit_key_operation(app, "master", "alice@master", "crypto.encrypt", "k1")
+    app.close()  # well within the flusher's first 0.5 s: only close can have written it
+    reopened = make_app(sqlite_url, root_key_b64)
+    ids.configure(reopened, fast_settings())
+    try:
+        actions = [(r.actor, r.action) for r in ids.audit_events(reopened, "master")]
+    finally:
+        reopened.close()
+    assert ("alice@master", "crypto.encrypt") in actions

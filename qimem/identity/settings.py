@@ -19,6 +19,9 @@ from qimem.errors import ConfigError
 DEFAULT_PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
+AUDIT_MODES = ("buffered", "required")
+
+
 @dataclass
 class IdentitySettings:
     """Tunable identity parameters; see docs/identity.md for each."""
@@ -45,6 +48,12 @@ class IdentitySettings:
     public_paths: tuple[str, ...] = field(default=DEFAULT_PUBLIC_PATHS)
     #: Record every key operation served over HTTP (buffered, batched) in the audit log.
     audit_key_operations: bool = True
+    #: "buffered": key operations are audited in batches (at least once, within 0.5 s).
+    #: "required": no audit, no answer (as Vault's audit devices): each audited HTTP key
+    #: operation writes a "requested" record before it runs and its outcome record before
+    #: the answer, both synchronously; if either write fails the request gets 503
+    #: ``audit_unavailable`` (the operation does not run, or its result is withheld).
+    audit_mode: str = "buffered"
 
     def issuer(self, realm: str) -> str:
         """The ``iss`` claim of tokens from ``realm``."""
@@ -73,6 +82,8 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: identity.{name} has the wrong type") from None
     settings = IdentitySettings(**kwargs)
+    if settings.audit_mode not in AUDIT_MODES:
+        raise ConfigError(f"{source}: identity.audit_mode must be one of {', '.join(AUDIT_MODES)}")
     if settings.argon2_time_cost < 1 or settings.argon2_memory_kib < 8:
         raise ConfigError(f"{source}: Argon2 parameters are too small")
     if settings.max_concurrent_hashes < 1 or settings.lockout_threshold < 1:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from qimem.app import AppContext
+from qimem.app import IDENTITY_ATTR, AppContext
 from qimem.errors import NotFoundError, ValidationError
 from qimem.identity import Identity, IdentitySettings, NewSecret, Principal, TokenResponse
 from qimem.identity.audit import AuditRecord
@@ -24,7 +24,7 @@ from qimem.identity.settings import load_settings
 from qimem.identity.users import User
 from qimem.rootkey import ROOT_KEY_SIZE, KeyWrapper
 
-_ATTR = "_qimem_identity"
+_ATTR = IDENTITY_ATTR
 _SETTINGS_ATTR = "_qimem_identity_settings"
 _open_lock = threading.Lock()
 
