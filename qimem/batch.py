@@ -401,7 +401,9 @@ def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
     return AppContext(app.config, pm=app.registry.pm)
 
 
-def _init_worker(app: AppContext | KeySource, key_ref: str | None, realm: str) -> None:
+def _init_worker(
+    app: AppContext | KeySource, key_ref: str | None, realm: str, context: bytes | None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _set_pdeathsig()
     import multiprocessing.util
@@ -409,7 +411,7 @@ def _init_worker(app: AppContext | KeySource, key_ref: str | None, realm: str) -
     worker_app = _worker_app(app)
     if worker_app is not app:  # close its connections when the worker exits normally
         multiprocessing.util.Finalize(None, worker_app.close, exitpriority=10)
-    _WORKER["keyring"] = file_services.keyring_for(worker_app, key_ref, realm)
+    _WORKER["keyring"] = file_services.keyring_for(worker_app, key_ref, realm, context)
 
 
 def _worker_group(tasks: list[Task], opts: _Options) -> list[FileResult]:
@@ -578,10 +580,13 @@ def run(
     jobs: int = 1,
     realm: str = DEFAULT_REALM,
     progress: Progress | None = None,
+    context: bytes | None = None,
 ) -> BatchResult:
     """Encrypt or decrypt the planned ``tasks`` (see :func:`plan`).
 
     :param jobs: worker processes (1 = in this process).
+    :param context: for a derived key: the per-context subkey wraps each file's data key,
+        and the same context is needed to decrypt.
     :param progress: called with (bytes, files) increments as files complete.
     :raises KeyboardInterrupt: after cleaning up this run's temp files.
     """
@@ -594,7 +599,7 @@ def run(
     todo = [t for t in tasks if t.result.error is None]
     directories = _prepare_directories(todo)
     report = progress or (lambda _b, _f: None)
-    keyring = file_services.keyring_for(app, key_ref, realm)
+    keyring = file_services.keyring_for(app, key_ref, realm, context)
     if operation == ENCRYPT and todo:
         check_key(keyring)
     try:
@@ -603,7 +608,7 @@ def run(
                 run_group(keyring, group, opts)
                 report(sum(t.size for t in group), len(group))
         else:
-            _run_parallel(app, keyring, todo, opts, jobs, key_ref, realm, report)
+            _run_parallel(app, keyring, todo, opts, jobs, (key_ref, realm, context), report)
     except BaseException:
         fileio.cleanup_dirs(directories, owner=opts.owner)
         raise
@@ -636,8 +641,7 @@ def _run_parallel(
     todo: list[Task],
     opts: _Options,
     jobs: int,
-    key_ref: str | None,
-    realm: str,
+    keys: tuple[str | None, str, bytes | None],
     report: Progress,
 ) -> None:
     big = [t for t in todo if t.size >= SPLIT_BYTES and t.result.error is None]
@@ -655,7 +659,7 @@ def _run_parallel(
         max_workers=jobs,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(app, key_ref, realm),
+        initargs=(app, *keys),  # key_ref, realm, context
     )
     futures: dict[Future[Any], tuple[str, Any]] = {}
     splits: list[_Split] = []
@@ -742,12 +746,13 @@ def run_stream(
     aad: bytes | None = None,
     force: bool = False,
     realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> stream.StreamInfo:
     """Encrypt or decrypt one file object (standard input) to a file object or a path.
 
     A path is written atomically (temp file, fsync, rename), like batch outputs.
     """
-    keyring = file_services.keyring_for(app, key_ref, realm)
+    keyring = file_services.keyring_for(app, key_ref, realm, context)
 
     def work(out: BinaryIO) -> stream.StreamInfo:
         if operation == ENCRYPT:
@@ -778,6 +783,7 @@ def rewrap(
     *,
     realm: str = DEFAULT_REALM,
     progress: Progress | None = None,
+    context: bytes | None = None,
 ) -> BatchResult:
     """Rewrap each planned file in place (only the header changes; see
     :func:`qimem.services.files.rewrap_file`)."""
@@ -790,7 +796,7 @@ def rewrap(
             continue
         assert task.src is not None
         try:
-            info, changed = file_services.rewrap_file(app, task.src, realm=realm)
+            info, changed = file_services.rewrap_file(app, task.src, realm=realm, context=context)
         except (QimemError, OSError) as exc:
             task.result.fail(exc)
         else:

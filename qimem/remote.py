@@ -233,15 +233,27 @@ class RemoteKeyring:
         ``None`` for a keyring that only unwraps.
     """
 
-    def __init__(self, client: RemoteClient, registry: Registry, ref: str | None = None) -> None:
+    def __init__(
+        self,
+        client: RemoteClient,
+        registry: Registry,
+        ref: str | None = None,
+        context: bytes | None = None,
+    ) -> None:
         self.client = client
         self.registry = registry
         self.ref = ref
+        self.context = context
+
+    def _body(self, **fields: Any) -> dict[str, Any]:
+        if self.context is not None:  # a derived key's context (base64, as the API takes it)
+            fields["context"] = _b64(self.context)
+        return fields
 
     def new_data_key(self) -> tuple[Algorithm, bytearray, bytes]:
         if self.ref is None:
             raise ValidationError("no key given to encrypt with")
-        made = self.client.request("POST", "/v1/security/datakey", {"key": self.ref})
+        made = self.client.request("POST", "/v1/security/datakey", self._body(key=self.ref))
         data_key = bytearray(_unb64(made.get("plaintext_key"), "data key", self.client.base_url))
         try:
             wrapped = _unb64(made.get("wrapped_key"), "wrapped key", self.client.base_url)
@@ -257,14 +269,14 @@ class RemoteKeyring:
 
     def unwrap(self, wrapped_key: bytes) -> bytearray:
         opened = self.client.request(
-            "POST", "/v1/security/decrypt", {"envelope": _b64(wrapped_key)}
+            "POST", "/v1/security/decrypt", self._body(envelope=_b64(wrapped_key))
         )
         return bytearray(_unb64(opened.get("plaintext"), "data key", self.client.base_url))
 
     def rewrap(self, wrapped_key: bytes) -> bytes:
         """``wrapped_key`` re-sealed under the active version of its key's lineage."""
         resealed = self.client.request(
-            "POST", "/v1/security/rewrap", {"envelope": _b64(wrapped_key)}
+            "POST", "/v1/security/rewrap", self._body(envelope=_b64(wrapped_key))
         )
         return _unb64(resealed.get("envelope"), "envelope", self.client.base_url)
 
@@ -330,9 +342,11 @@ class RemoteKeys:
     def __repr__(self) -> str:
         return f"<RemoteKeys {self.client.base_url}>"
 
-    def keyring(self, ref: str | None = None, realm: str | None = None) -> RemoteKeyring:
+    def keyring(
+        self, ref: str | None = None, realm: str | None = None, context: bytes | None = None
+    ) -> RemoteKeyring:
         """A keyring over this server (``realm`` is the client's; the argument is ignored)."""
-        return RemoteKeyring(self.client, self.registry, ref)
+        return RemoteKeyring(self.client, self.registry, ref, context)
 
     def for_worker(self) -> RemoteKeys:
         """A copy with its own connection, for a forked worker process."""

@@ -323,3 +323,18 @@ def test_commit_never_replaces_an_existing_file(tmp_path: Path) -> None:
     os.close(fd)
     fileio.commit(tmp, target, force=False)
     assert target.exists() and hidden(tmp_path) == []
+
+
+def test_library_streams_with_a_derived_key_context(sqlite_app: AppContext) -> None:
+    from qimem.errors import ValidationError
+
+    services.create_key(sqlite_app, name="tenants", derived=True)
+    sealed = io.BytesIO()
+    files.encrypt_stream(sqlite_app, io.BytesIO(b"per tenant"), sealed, "tenants", context=b"t1")
+    out = io.BytesIO()
+    files.decrypt_stream(sqlite_app, io.BytesIO(sealed.getvalue()), out, context=b"t1")
+    assert out.getvalue() == b"per tenant"
+    with pytest.raises(DecryptionError):
+        files.decrypt_stream(sqlite_app, io.BytesIO(sealed.getvalue()), io.BytesIO(), context=b"t2")
+    with pytest.raises(ValidationError, match="context"):
+        files.decrypt_stream(sqlite_app, io.BytesIO(sealed.getvalue()), io.BytesIO())

@@ -233,3 +233,39 @@ def test_ctrl_c_mid_batch_cleans_up(home: Path, tmp_path: Path) -> None:
     ok("decrypt", str(out), "--out-dir", str(check), "--quiet")
     for path in check.iterdir():
         assert path.read_bytes() == (src / path.name).read_bytes()
+
+
+def test_derived_key_files_need_their_context(home: Path, tmp_path: Path) -> None:
+    """``--context`` on encrypt, decrypt and rewrap: a derived key's per-context subkey wraps
+    each file's data key (split files under --jobs 2 too); no context, or another one, fails."""
+    ok("keys", "create", "--name", "tenants", "--derived")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"tenant a's data")
+    (src / "sub" / "big.bin").write_bytes(os.urandom(9 << 20))  # split across the workers
+    out, back = tmp_path / "out", tmp_path / "back"
+
+    refused = run("encrypt", "--key", "tenants", str(src), "--out-dir", str(out))
+    assert refused.exit_code == 3 and "context" in refused.stderr
+    ok("encrypt", "--key", "tenants", "--context", "tenant-a", "--jobs", "2", str(src),
+       "--out-dir", str(out))  # fmt: skip
+    for args in ((), ("--context", "tenant-b")):
+        wrong = run("decrypt", *args, str(out), "--out-dir", str(back))
+        assert wrong.exit_code != 0 and "Traceback" not in wrong.stderr
+        assert not back.exists() or files_in(back) == {}
+    ok("decrypt", "--context", "tenant-a", "--jobs", "2", str(out), "--out-dir", str(back))
+    assert files_in(back) == files_in(src)
+
+    # standard input and output
+    sealed = ok("encrypt", "--key", "tenants", "--context", "t-9", input=b"piped").stdout_bytes
+    assert ok("decrypt", "--context", "t-9", input=sealed).stdout_bytes == b"piped"
+    assert run("decrypt", input=sealed).exit_code == 3
+
+    # rewrap after a rotation: the header moves to version 2 only with the context
+    ok("keys", "rotate", "tenants")
+    assert run("rewrap", str(out)).exit_code != 0
+    ok("rewrap", "--context", "tenant-a", str(out))
+    with (out / "a.txt.qimem").open("rb") as fh:
+        assert stream.read_header(fh).key_version == 2
+    ok("decrypt", "--context", "tenant-a", str(out), "--out-dir", str(tmp_path / "again"))
+    assert files_in(tmp_path / "again") == files_in(src)

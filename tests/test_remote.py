@@ -366,3 +366,31 @@ def test_wrong_token_from_the_client_api(env: Live) -> None:
     client.close()
     with pytest.raises(StoreUnavailableError):
         RemoteClient("http://127.0.0.1:1", "t").request("GET", "/healthz")
+
+
+def test_derived_key_files_through_the_server(env: Live, tmp_path: Path) -> None:
+    """With --server, ``--context`` travels in the datakey, decrypt and rewrap requests."""
+    from qimem.services.keys import create_key, rotate_key
+
+    create_key(env.app, name="remote-tenants", derived=True, realm="acme")
+    src = tmp_path / "t.bin"
+    src.write_bytes(SECRET)
+    sealed = tmp_path / "t.bin.qimem"
+
+    assert run(env, "encrypt", "--key", "remote-tenants", str(src)).exit_code == 3
+    enc = run(env, "encrypt", "--key", "remote-tenants", "--context", "acme-7", str(src))
+    assert enc.exit_code == 0, enc.stderr
+    assert (
+        run(env, "decrypt", "--context", "acme-8", str(sealed), "-o", str(tmp_path / "x")).exit_code
+        != 0
+    )
+    dec = run(env, "decrypt", "--context", "acme-7", str(sealed), "-o", str(tmp_path / "back"))
+    assert dec.exit_code == 0, dec.stderr
+    assert (tmp_path / "back").read_bytes() == SECRET
+
+    rotate_key(env.app, "remote-tenants", realm="acme")
+    assert run(env, "rewrap", "--context", "acme-7", str(sealed)).exit_code == 0
+    with sealed.open("rb") as fh:
+        assert stream.read_header(fh).key_version == 2
+    again = run(env, "decrypt", "--context", "acme-7", str(sealed), "-o", str(tmp_path / "b2"))
+    assert again.exit_code == 0 and (tmp_path / "b2").read_bytes() == SECRET

@@ -20,6 +20,13 @@ def _aad(text: str | None) -> bytes | None:
     return text.encode("utf-8") if text else None
 
 
+_CONTEXT_HELP = (
+    "Derivation context of a derived key (e.g. a tenant id; UTF-8): the per-context subkey "
+    "wraps each file's data key, and the same context is needed to decrypt and rewrap."
+)
+context_option = click.option("--context", "context", help=_CONTEXT_HELP)
+
+
 def _options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
@@ -43,6 +50,7 @@ def _options(func: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--aad", help="Associated data (encryption context); needed again to decrypt."
             ),
+            context_option,
             click.option("--force", is_flag=True, help="Overwrite existing outputs."),
             click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
             json_option,
@@ -105,6 +113,7 @@ def _stdio(
     aad: str | None,
     force: bool,
     json_: bool,
+    context: str | None,
 ) -> None:
     """Standard input to standard output (or to -o OUT, atomically)."""
     app = state.backend
@@ -123,6 +132,7 @@ def _stdio(
         aad=_aad(aad),
         force=force,
         realm=state.realm,
+        context=_aad(context),
     )
     if to_stdout:
         sys.stdout.buffer.flush()
@@ -158,6 +168,7 @@ def _files(
     force: bool,
     quiet: bool,
     json_: bool,
+    context: str | None,
 ) -> None:
     if output == "-":
         raise ValidationError("-o - (standard output) works only with standard input")
@@ -174,6 +185,7 @@ def _files(
             jobs=jobs,
             realm=state.realm,
             progress=progress,
+            context=_aad(context),
         )
     _finish(result, json_)
 
@@ -190,6 +202,7 @@ def encrypt(
     out_dir: str | None,
     jobs: int,
     aad: str | None,
+    context: str | None,
     force: bool,
     quiet: bool,
     json_: bool,
@@ -203,9 +216,22 @@ def encrypt(
     non-zero. With no FILES, standard input is encrypted to standard output.
     """
     if not files or files == ("-",):
-        _stdio(state, batch.ENCRYPT, output, key_ref, aad, force, json_)
+        _stdio(state, batch.ENCRYPT, output, key_ref, aad, force, json_, context)
         return
-    _files(state, batch.ENCRYPT, files, output, out_dir, jobs, key_ref, aad, force, quiet, json_)
+    _files(
+        state,
+        batch.ENCRYPT,
+        files,
+        output,
+        out_dir,
+        jobs,
+        key_ref,
+        aad,
+        force,
+        quiet,
+        json_,
+        context,
+    )
 
 
 @click.command()
@@ -218,6 +244,7 @@ def decrypt(
     out_dir: str | None,
     jobs: int,
     aad: str | None,
+    context: str | None,
     force: bool,
     quiet: bool,
     json_: bool,
@@ -230,17 +257,22 @@ def decrypt(
     each segment is written once it has authenticated: check the exit status.
     """
     if not files or files == ("-",):
-        _stdio(state, batch.DECRYPT, output, None, aad, force, json_)
+        _stdio(state, batch.DECRYPT, output, None, aad, force, json_, context)
         return
-    _files(state, batch.DECRYPT, files, output, out_dir, jobs, None, aad, force, quiet, json_)
+    _files(
+        state, batch.DECRYPT, files, output, out_dir, jobs, None, aad, force, quiet, json_, context
+    )
 
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@context_option
 @json_option
 @pass_state
-def rewrap(state: CliState, files: tuple[str, ...], quiet: bool, json_: bool) -> None:
+def rewrap(
+    state: CliState, files: tuple[str, ...], quiet: bool, context: str | None, json_: bool
+) -> None:
     """Re-seal the data key of encrypted FILES under the newest version of their key.
 
     Only the header changes (the data itself is not re-encrypted); each file is replaced
@@ -249,5 +281,7 @@ def rewrap(state: CliState, files: tuple[str, ...], quiet: bool, json_: bool) ->
     """
     tasks = batch.plan(files, batch.REWRAP)
     with _progress(quiet, tasks) as progress:
-        result = batch.rewrap(state.backend, tasks, realm=state.realm, progress=progress)
+        result = batch.rewrap(
+            state.backend, tasks, realm=state.realm, progress=progress, context=_aad(context)
+        )
     _finish(result, json_)

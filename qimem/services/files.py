@@ -34,26 +34,38 @@ class StoreKeyring:
 
     :param ref: the key that wraps new data keys (name, lineage_id or active key_id);
         ``None`` for a keyring that only unwraps.
+    :param context: for a derived key (docs/keys.md): the per-context subkey wraps the data
+        keys, and the same context is needed to unwrap them.
     """
 
-    def __init__(self, app: AppContext, ref: str | None = None, realm: str = DEFAULT_REALM) -> None:
+    def __init__(
+        self,
+        app: AppContext,
+        ref: str | None = None,
+        realm: str = DEFAULT_REALM,
+        context: bytes | None = None,
+    ) -> None:
         self.app = app
         self.ref = ref
         self.realm = realm
+        self.context = context
 
     def new_data_key(self) -> tuple[Algorithm, bytearray, bytes]:
         if self.ref is None:
             raise ValidationError("no key given to encrypt with")
-        made = crypto.datakey(self.app, self.ref, realm=self.realm, size=stream.DATA_KEY_SIZE)
+        made = crypto.datakey(
+            self.app, self.ref, realm=self.realm, size=stream.DATA_KEY_SIZE, context=self.context
+        )
         algorithm = self.app.registry.algorithm_by_id(env.parse(made.wrapped_key).algorithm_id)
         return algorithm, bytearray(made.plaintext_key), made.wrapped_key
 
     def unwrap(self, wrapped_key: bytes) -> bytearray:
-        return bytearray(crypto.decrypt(self.app, wrapped_key, realm=self.realm).plaintext)
+        opened = crypto.decrypt(self.app, wrapped_key, realm=self.realm, context=self.context)
+        return bytearray(opened.plaintext)
 
     def rewrap(self, wrapped_key: bytes) -> bytes:
         """``wrapped_key`` re-sealed under the active version of its key's lineage."""
-        return crypto.rewrap(self.app, wrapped_key, realm=self.realm).envelope
+        return crypto.rewrap(self.app, wrapped_key, realm=self.realm, context=self.context).envelope
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
         try:
@@ -71,7 +83,9 @@ class KeySource(Protocol):
     (:class:`qimem.remote.RemoteKeys`). :mod:`qimem.batch` accepts one in place of an
     :class:`~qimem.app.AppContext`."""
 
-    def keyring(self, ref: str | None = None, realm: str | None = None) -> stream.Keyring: ...
+    def keyring(
+        self, ref: str | None = None, realm: str | None = None, context: bytes | None = None
+    ) -> stream.Keyring: ...
 
     def for_worker(self) -> KeySource: ...
 
@@ -79,12 +93,16 @@ class KeySource(Protocol):
 
 
 def keyring_for(
-    app: AppContext | KeySource, ref: str | None = None, realm: str = DEFAULT_REALM
+    app: AppContext | KeySource,
+    ref: str | None = None,
+    realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> stream.Keyring:
-    """The keyring of a local store (:class:`StoreKeyring`) or of a :class:`KeySource`."""
+    """The keyring of a local store (:class:`StoreKeyring`) or of a :class:`KeySource`;
+    ``context`` for a derived key."""
     if isinstance(app, AppContext):
-        return StoreKeyring(app, ref, realm)
-    return app.keyring(ref, realm)
+        return StoreKeyring(app, ref, realm, context)
+    return app.keyring(ref, realm, context)
 
 
 def _aad(aad: bytes | str | None) -> bytes | None:
@@ -106,6 +124,7 @@ def encrypt_stream(
     aad: bytes | str | None = None,
     realm: str = DEFAULT_REALM,
     segment_size: int = stream.DEFAULT_SEGMENT_SIZE,
+    context: bytes | None = None,
 ) -> stream.StreamInfo:
     """Encrypt file object ``src`` into ``dst`` (stream format v1) under ``key_ref``.
 
@@ -114,7 +133,7 @@ def encrypt_stream(
     :raises NotFoundError: no such key in ``realm``.
     :raises KeyNotActiveError: ``key_ref`` is a key_id that was rotated away.
     """
-    keyring = StoreKeyring(app, key_ref, realm)
+    keyring = StoreKeyring(app, key_ref, realm, context)
     return stream.encrypt_stream(src, dst, keyring, aad=_aad(aad), segment_size=segment_size)
 
 
@@ -125,8 +144,10 @@ def decrypt_stream(
     *,
     aad: bytes | str | None = None,
     realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> stream.StreamInfo:
-    """Decrypt a stream from ``src`` into ``dst``; the key is found from the header.
+    """Decrypt a stream from ``src`` into ``dst``; the key is found from the header
+    (``context``: the one it was encrypted with, for a derived key).
 
     Each segment is authenticated before it is written; on an error ``dst`` may hold the
     segments before the damage, so write to a temp file (as :mod:`qimem.batch` does).
@@ -135,18 +156,23 @@ def decrypt_stream(
     :raises DecryptionError: tampering, truncation, a wrong ``aad``, an unusable key.
     :raises NotFoundError: the key in the header does not exist in ``realm``.
     """
-    return stream.decrypt_stream(src, dst, StoreKeyring(app, None, realm), aad=_aad(aad))
+    keyring = StoreKeyring(app, None, realm, context)
+    return stream.decrypt_stream(src, dst, keyring, aad=_aad(aad))
 
 
 def rewrap_header(
-    app: AppContext | KeySource, header: stream.Header, *, realm: str = DEFAULT_REALM
+    app: AppContext | KeySource,
+    header: stream.Header,
+    *,
+    realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> tuple[stream.Header, bool]:
     """The header re-sealed under the active version of its key's lineage.
 
     Returns ``(header, changed)``; ``changed`` is false when the data key already is under
     the newest version (the header is returned as is). The data key never leaves here.
     """
-    keyring = keyring_for(app, None, realm)
+    keyring = keyring_for(app, None, realm, context)
     data_key = keyring.unwrap(header.wrapped_key)
     try:
         stream.verify_header(header, data_key)
@@ -182,7 +208,11 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
 
 
 def rewrap_file(
-    app: AppContext | KeySource, path: str | os.PathLike[str], *, realm: str = DEFAULT_REALM
+    app: AppContext | KeySource,
+    path: str | os.PathLike[str],
+    *,
+    realm: str = DEFAULT_REALM,
+    context: bytes | None = None,
 ) -> tuple[stream.StreamInfo, bool]:
     """Re-seal a stream file's data key under the newest version of its key, in place.
 
@@ -193,7 +223,7 @@ def rewrap_file(
     path = Path(path)
     with path.open("rb") as fh:
         header = stream.read_header(fh)
-        new_header, changed = rewrap_header(app, header, realm=realm)
+        new_header, changed = rewrap_header(app, header, realm=realm, context=context)
         size = os.fstat(fh.fileno()).st_size
         body = size - header.size
         new_env = env.parse(new_header.wrapped_key)
