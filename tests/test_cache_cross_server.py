@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_server_processes import ServeProcess
+from serve_process import ServeProcess
 
 REVALIDATE = 0.2
 #: How long the test waits after a change: the bound plus generous slack for a loaded

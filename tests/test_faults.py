@@ -48,6 +48,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 from pg_instance import PgInstance, TcpProxy, require_pg_bin
+from serve_process import ServeProcess
 
 from qimem.cli import cli as qimem_cli
 from qimem.errors import StoreUnavailableError
@@ -56,7 +57,6 @@ from qimem.sql import PG_CONNECT_TIMEOUT, create_engine
 
 ADMIN_PASSWORD = "fault-injection-admin-pw"
 FAST_IDENTITY = "\n[identity]\nargon2_memory_kib = 1024\nargon2_time_cost = 1\n"
-STARTUP_TIMEOUT = 30.0
 RECOVERY_DEADLINE = 30.0  # liveness bound only: the figures are reported, not asserted
 CLIENT_TIMEOUT = 30.0  # a request that takes longer counts as a hang
 TEMPLATE_DB = "faults_template"
@@ -107,47 +107,12 @@ def report(record_property: Callable[[str, object], None], name: str, value: obj
 # ---- a real qimem serve ------------------------------------------------------------------
 
 
-class Serve:
-    """``qimem serve --port 0`` as a subprocess; stderr goes to a log file."""
-
-    def __init__(self, workdir: Path, env: dict[str, str], *extra: str) -> None:
-        self.log_path = workdir / f"serve-{uuid.uuid4().hex[:6]}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            qimem_cmd("serve", "--port", "0", "--threads", "4", "--no-access-log", *extra),
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        self.url = ""
-
-    def wait_ready(self) -> Serve:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.log())
-            if found:
-                self.url = found.group(1)
-                return self
-            if self.proc.poll() is not None:
-                pytest.fail(f"qimem serve exited {self.proc.returncode}: {self.log()}")
-            time.sleep(0.05)
-        pytest.fail(f"qimem serve did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", errors="replace")
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+def Serve(workdir: Path, env: dict[str, str], *extra: str) -> ServeProcess:  # noqa: N802
+    """An authenticated ``qimem serve`` (4 threads, no access log) for the fault tests."""
+    name = f"serve-{uuid.uuid4().hex[:6]}"
+    return ServeProcess(
+        workdir, env, "--threads", "4", "--no-access-log", *extra, name=name, insecure=False
+    )
 
 
 # ---- PostgreSQL faults under load ----------------------------------------------------------
@@ -354,7 +319,7 @@ def assert_clean_answers(load: Load) -> None:
     assert not bad, bad[:10]
 
 
-def assert_consistent_after(load: Load, serve: Serve) -> None:
+def assert_consistent_after(load: Load, serve: ServeProcess) -> None:
     """After recovery: every ciphertext decrypts to its plaintext, and the key's versions
     are contiguous with every acknowledged rotation among them, the newest one active."""
     headers = {"Authorization": f"Bearer {load.token}"}
@@ -413,7 +378,9 @@ def pg_ready_time(pg: PgInstance) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
 
-def start_authenticated_server(tmp_path: Path, home: Path, store_url: str) -> tuple[Serve, str]:
+def start_authenticated_server(
+    tmp_path: Path, home: Path, store_url: str
+) -> tuple[ServeProcess, str]:
     """``qimem serve`` (auth on) on ``store_url``; returns the server and an admin access
     token. The key ``faulty`` exists."""
     serve = Serve(tmp_path, clean_env(QIMEM_HOME=str(home), QIMEM_STORE=store_url))
@@ -433,7 +400,7 @@ def start_authenticated_server(tmp_path: Path, home: Path, store_url: str) -> tu
     return serve, token
 
 
-def finish_and_check(load: Load, serve: Serve) -> None:
+def finish_and_check(load: Load, serve: ServeProcess) -> None:
     load.finish()
     assert_clean_answers(load)
     assert serve.proc.poll() is None, "qimem serve died"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_app
-from test_server_processes import ServeProcess
+from serve_process import ServeProcess
 
 from qimem.app import AppContext
 from qimem.config import Config

@@ -6,11 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,70 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
+from serve_process import ServeProcess
 
 from qimem.cli import cli
 from qimem.cli.serve import api_command, unified_command
 from qimem.server.auth import resolve_loopback_bind
-
-STARTUP_TIMEOUT = 30.0
-
-
-class ServeProcess:
-    """A ``qimem serve --insecure-no-auth --port 0`` subprocess; stderr goes to a file."""
-
-    def __init__(
-        self, workdir: Path, env: dict[str, str], *extra: str, name: str = "serve"
-    ) -> None:
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from qimem.cli import main; main()",
-                "serve",
-                "--insecure-no-auth",
-                "--port",
-                "0",
-                *extra,
-            ],
-            cwd=workdir,  # not the repo root, whose ./qimem would shadow the installed package
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        self.url = ""
-        self.port = 0
-
-    def wait_ready(self) -> ServeProcess:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))", self.log())
-            if found:
-                self.url, self.port = found.group(1), int(found.group(2))
-                return self
-            if self.proc.poll() is not None:
-                pytest.fail(f"qimem serve exited {self.proc.returncode}: {self.log()}")
-            time.sleep(0.05)
-        pytest.fail(f"qimem serve did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture

@@ -1,0 +1,79 @@
+"""``qimem serve`` as a real subprocess for the tests: started on a free port (``--port 0``),
+its stderr in a log file, the URL read from its "serving on" line, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT = 30.0
+
+
+class ServeProcess:
+    """``qimem serve --port 0 [ARGS]``; ``insecure`` adds ``--insecure-no-auth``.
+
+    Run with a cwd that is not the repo root (whose ./qimem would shadow the installed
+    package): ``workdir`` is the test's own directory.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        *extra: str,
+        name: str = "serve",
+        insecure: bool = True,
+    ) -> None:
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        mode = ["--insecure-no-auth"] if insecure else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from qimem.cli import main; main()", "serve", *mode]
+            + ["--port", "0", *extra],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        self.url = ""
+        self.port = 0
+
+    def wait_ready(self) -> ServeProcess:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))", self.log())
+            if found:
+                self.url, self.port = found.group(1), int(found.group(2))
+                return self
+            if self.proc.poll() is not None:
+                pytest.fail(f"qimem serve exited {self.proc.returncode}: {self.log()}")
+            time.sleep(0.05)
+        pytest.fail(f"qimem serve did not start: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM and wait (killed after 20 s); returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
