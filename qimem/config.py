@@ -71,17 +71,25 @@ class Config:
     def write(self, path: Path) -> None:
         """Write the config atomically (temp file + rename), mode 0600."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                tomli_w.dump(self.to_toml(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_toml(path, self.to_toml(), mode=0o600)
+
+
+def write_toml(path: Path, doc: dict[str, Any], *, mode: int | None = None) -> None:
+    """Write ``doc`` as TOML to ``path`` atomically: a temp file beside it, fsynced, then
+    renamed over it. ``mode`` defaults to the existing file's (0600 for a new file)."""
+    if mode is None:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

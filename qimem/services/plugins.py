@@ -24,7 +24,6 @@ the listing of every other plugin still works.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import tomllib
@@ -35,10 +34,10 @@ from typing import Any
 
 import pluggy
 import sqlalchemy as sa
-import tomli_w
 
 from qimem import manifest as mf
 from qimem.app import AppContext
+from qimem.config import write_toml
 from qimem.errors import ConfigError, ConflictError, NotFoundError, PluginError
 from qimem.registry import (
     ENTRY_POINT_GROUP,
@@ -487,22 +486,6 @@ def _config_file(app: AppContext) -> tuple[Path, dict[str, Any]]:
     return Path(path), doc
 
 
-def _write_config(path: Path, doc: dict[str, Any]) -> None:
-    """Rewrite the config file atomically (temp file, fsync, rename), keeping its mode."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    tmp = path.with_name(f".{path.name}.plugins{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def enable_plugin(app: AppContext, name: str) -> PluginInfo:
     """Add an installed plugin to the config file's ``plugins.enabled``, after checking it
     loads: installed once, compatible, importable, hooks known and working.
@@ -535,7 +518,7 @@ def enable_plugin(app: AppContext, name: str) -> PluginInfo:
     enabled = doc["plugins"]["enabled"]
     if name not in enabled:
         enabled.append(name)
-        _write_config(path, doc)
+        write_toml(path, doc)
     if name not in app.config.plugins_enabled:
         app.config.plugins_enabled.append(name)
     return _lookup(_inspect(_fresh(app)), name)
@@ -555,7 +538,7 @@ def disable_plugin(app: AppContext, name: str) -> PluginInfo | None:
     enabled = doc["plugins"]["enabled"]
     if name in enabled:
         doc["plugins"]["enabled"] = [p for p in enabled if p != name]
-        _write_config(path, doc)
+        write_toml(path, doc)
     app.config.plugins_enabled[:] = [p for p in app.config.plugins_enabled if p != name]
     return _inspect(_fresh(app)).get(name)
 
