@@ -115,6 +115,14 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def echo_result(json_: bool, data: Any, text: str) -> None:
+    """A command's result: ``data`` as JSON with --json, else the one line ``text``."""
+    if json_:
+        echo_json(data)
+    else:
+        click.echo(text)
+
+
 def echo_table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
     for row in [headers, *rows]:

@@ -12,7 +12,14 @@ from typing import Any
 import click
 
 from qimem import services
-from qimem.cli.context import CliState, echo_json, echo_table, json_option, pass_state
+from qimem.cli.context import (
+    CliState,
+    echo_json,
+    echo_result,
+    echo_table,
+    json_option,
+    pass_state,
+)
 from qimem.errors import ValidationError
 from qimem.fileio import atomic_output
 from qimem.keys import KeyVersion, LineagePolicy
@@ -70,10 +77,7 @@ def keys_create(
             derived=derived,
             actor=_actor(),
         )
-    if json_:
-        echo_json(key.to_dict())
-    else:
-        click.echo(key.key_id)
+    echo_result(json_, key.to_dict(), key.key_id)
 
 
 @keys.command("list")
@@ -126,10 +130,7 @@ def keys_rotate(state: CliState, key: str, json_: bool) -> None:
         rotated = state.remote.rotate_key(key)
     else:
         rotated = services.rotate_key(state.app, key, realm=state.realm, actor=_actor())
-    if json_:
-        echo_json(rotated.to_dict())
-    else:
-        click.echo(rotated.key_id)
+    echo_result(json_, rotated.to_dict(), rotated.key_id)
 
 
 # -- lifecycle (issue 7; docs/keys.md) ---------------------------------------------------
@@ -273,10 +274,11 @@ def _state_command(name: str, func: Any, doc: str) -> None:
                 f"Destroy {key}{f' version {version}' if version else ''} for good?", abort=True
             )
         changed = func(state.app, key, version=version, realm=state.realm, actor=_actor())
-        if json_:
-            echo_json(changed.to_dict())
-        else:
-            click.echo(f"{changed.key_id} (version {changed.version}): {changed.state.value}")
+        echo_result(
+            json_,
+            changed.to_dict(),
+            f"{changed.key_id} (version {changed.version}): {changed.state.value}",
+        )
 
 
 _state_command(
@@ -317,10 +319,9 @@ def keys_schedule_deletion(state: CliState, key: str, days: int, json_: bool) ->
         state.app, key, days=days, realm=state.realm, actor=_actor()
     )
     assert policy.deletion_date is not None
-    if json_:
-        echo_json(policy.to_dict())
-    else:
-        click.echo(f"{key} will be deleted on {policy.deletion_date.isoformat()}")
+    echo_result(
+        json_, policy.to_dict(), f"{key} will be deleted on {policy.deletion_date.isoformat()}"
+    )
 
 
 @keys.command("cancel-deletion")
@@ -330,10 +331,7 @@ def keys_schedule_deletion(state: CliState, key: str, days: int, json_: bool) ->
 def keys_cancel_deletion(state: CliState, key: str, json_: bool) -> None:
     """Cancel KEY's scheduled deletion."""
     policy = lifecycle.cancel_deletion(state.app, key, realm=state.realm, actor=_actor())
-    if json_:
-        echo_json(policy.to_dict())
-    else:
-        click.echo(f"{key}: deletion cancelled")
+    echo_result(json_, policy.to_dict(), f"{key}: deletion cancelled")
 
 
 @keys.command("purge")

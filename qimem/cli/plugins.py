@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from qimem import manifest
-from qimem.cli.context import CliState, echo_json, echo_table, json_option, pass_state
+from qimem.cli.context import (
+    CliState,
+    echo_json,
+    echo_result,
+    echo_table,
+    json_option,
+    pass_state,
+)
 
 if TYPE_CHECKING:
     from qimem.services.plugins import PluginInfo
@@ -114,10 +121,7 @@ def plugins_show(state: CliState, name: str, json_: bool) -> None:
 def plugins_enable(state: CliState, name: str, json_: bool) -> None:
     """Enable an installed plugin in the config file, after checking that it loads."""
     info = _service().enable_plugin(state.app, name)
-    if json_:
-        echo_json(info.to_dict())
-    else:
-        click.echo(f"enabled {info.name}")
+    echo_result(json_, info.to_dict(), f"enabled {info.name}")
 
 
 @plugins.command("disable")
@@ -127,10 +131,11 @@ def plugins_enable(state: CliState, name: str, json_: bool) -> None:
 def plugins_disable(state: CliState, name: str, json_: bool) -> None:
     """Remove a plugin from the config file's enabled plugins (no-op when not enabled)."""
     info = _service().disable_plugin(state.app, name)
-    if json_:
-        echo_json(info.to_dict() if info is not None else {"name": name, "enabled": False})
-    else:
-        click.echo(f"disabled {name}")
+    echo_result(
+        json_,
+        info.to_dict() if info is not None else {"name": name, "enabled": False},
+        f"disabled {name}",
+    )
 
 
 @plugins.command("register")
@@ -142,10 +147,7 @@ def plugins_register(state: CliState, manifest_path: str, json_: bool) -> None:
     store."""
     found = manifest.load(manifest_path)
     info = _service().register_manifest(state.app, found)
-    if json_:
-        echo_json(info.to_dict())
-    else:
-        click.echo(f"registered {info.name} {found.version}")
+    echo_result(json_, info.to_dict(), f"registered {info.name} {found.version}")
 
 
 @plugins.command("remove")
@@ -155,7 +157,4 @@ def plugins_register(state: CliState, manifest_path: str, json_: bool) -> None:
 def plugins_remove(state: CliState, name: str, json_: bool) -> None:
     """Delete a registered manifest from the store (the package stays installed)."""
     _service().remove_manifest(state.app, name)
-    if json_:
-        echo_json({"name": name, "removed": True})
-    else:
-        click.echo(f"removed {name}")
+    echo_result(json_, {"name": name, "removed": True}, f"removed {name}")

@@ -19,6 +19,7 @@ from qimem.cli.context import (
     CliState,
     config_option,
     echo_json,
+    echo_result,
     echo_table,
     json_option,
     store_option,
@@ -324,10 +325,7 @@ def realm() -> None:
 def realm_create(state: QauthState, name: str, json_: bool) -> None:
     """Create realm NAME with the built-in roles and its own signing key."""
     created = state.auth_backend.create_realm(name)
-    if json_:
-        echo_json(created)
-    else:
-        click.echo(f"realm {created['name']} created")
+    echo_result(json_, created, f"realm {created['name']} created")
 
 
 @realm.command("list")
@@ -352,10 +350,7 @@ def realm_delete(state: QauthState, name: str, yes: bool, json_: bool) -> None:
     if not yes and sys.stdin.isatty():
         click.confirm(f"delete realm {name} and all its users?", abort=True)
     state.auth_backend.delete_realm(name)
-    if json_:
-        echo_json({"deleted": name})
-    else:
-        click.echo(f"realm {name} deleted")
+    echo_result(json_, {"deleted": name}, f"realm {name} deleted")
 
 
 # -- users ----------------------------------------------------------------------------
@@ -446,18 +441,20 @@ def user_passwd(
     else:
         password = click.prompt("new password", hide_input=True, confirmation_prompt=True)
     state.auth_backend.set_password(realm, username, password)
-    if json_:
-        echo_json({"username": username, "realm": realm, "password_changed": True})
-    else:
-        click.echo(f"password of {username} changed")
+    echo_result(
+        json_,
+        {"username": username, "realm": realm, "password_changed": True},
+        f"password of {username} changed",
+    )
 
 
 def _set_enabled(state: QauthState, realm: str, username: str, enabled: bool, json_: bool) -> None:
     state.auth_backend.set_enabled(realm, username, enabled)
-    if json_:
-        echo_json({"username": username, "realm": realm, "enabled": enabled})
-    else:
-        click.echo(f"user {username} {'enabled' if enabled else 'disabled'}")
+    echo_result(
+        json_,
+        {"username": username, "realm": realm, "enabled": enabled},
+        f"user {username} {'enabled' if enabled else 'disabled'}",
+    )
 
 
 @user.command("disable")
@@ -513,10 +510,7 @@ def role_create(
     """Create a custom role NAME bundling permissions."""
     perms = [p for item in permissions for p in item.replace(",", " ").split()]
     created = state.auth_backend.create_role(realm, name, perms, description)
-    if json_:
-        echo_json(created)
-    else:
-        click.echo(f"role {created['name']} created in realm {realm}")
+    echo_result(json_, created, f"role {created['name']} created in realm {realm}")
 
 
 @role.command("list")
@@ -576,10 +570,11 @@ def role_revoke(
 ) -> None:
     """Revoke ROLE from USERNAME (every scope unless --scope is given)."""
     state.auth_backend.revoke(realm, username, role_name, scope)
-    if json_:
-        echo_json({"username": username, "role": role_name, "revoked": True})
-    else:
-        click.echo(f"{role_name} revoked from {username}")
+    echo_result(
+        json_,
+        {"username": username, "role": role_name, "revoked": True},
+        f"{role_name} revoked from {username}",
+    )
 
 
 # -- service accounts, tokens, audit ---------------------------------------------------
@@ -625,10 +620,7 @@ def token_cmd(
     """Print an access token for USER (for scripts: QIMEM_TOKEN=$(qauth token ...))."""
     password = _read_secret_stdin("password") if password_stdin else None
     issued = state.auth_backend.token(realm, username, password)
-    if json_:
-        echo_json(issued)
-    else:
-        click.echo(issued["access_token"])
+    echo_result(json_, issued, issued["access_token"])
 
 
 @qauth.command("rotate-signing-key")
@@ -638,10 +630,7 @@ def token_cmd(
 def rotate_signing_key(state: QauthState, realm: str, json_: bool) -> None:
     """Start signing with a new key; the old one stays in the JWKS until its tokens expire."""
     kid = state.auth_backend.rotate_signing_key(realm)
-    if json_:
-        echo_json({"realm": realm, "kid": kid})
-    else:
-        click.echo(kid)
+    echo_result(json_, {"realm": realm, "kid": kid}, kid)
 
 
 @qauth.command("audit")
