@@ -41,7 +41,7 @@ from qimem.identity.realms import MASTER
 from qimem.keys import DEFAULT_REALM, parse_uuid
 from qimem.server.auth import is_loopback
 from qimem.server.auth_api import AUTH_PREFIX
-from qimem.server.errors import error_body
+from qimem.server.errors import handle_qimem_error
 from qimem.server.media import read_body
 from qimem.services import identity as ids
 
@@ -364,14 +364,11 @@ class IdentityAuthMiddleware:
             self._write(req, principal, rule.audit, target, outcome, buffered=False, **detail)
         except Exception as exc:  # required: the result is withheld
             log.warning("required audit record not written: %s", type(exc).__name__)
+            resp.data = resp.text = None  # the resource's answer is not sent
             error = AuditUnavailableError(
                 "the audit log cannot be written, so the result of this request is withheld"
             )
-            resp.status = error.http_status
-            resp.media = error_body(error.code, error.message)
-            resp.data = None
-            resp.text = None
-            resp.set_header("Retry-After", "5")
+            handle_qimem_error(req, resp, error, {})
 
     def _write(
         self,
