@@ -21,7 +21,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core import best_of_alternating, make_row, timed
+from bench.servers import free_port, wait_healthy
 
 SUITE = "auth"
 ADMIN_PASSWORD = "bench-admin-password"
@@ -123,28 +123,6 @@ def _login_rows(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 def _load(port: int, token: str | None, body: bytes, seconds: float, clients: int) -> float:
     """Requests per second from ``clients`` keep-alive threads for ``seconds``."""
     headers = {"Content-Type": "application/json"}
@@ -195,7 +173,7 @@ def _http_rows(quick: bool) -> list[dict[str, Any]]:
         subprocess.run(
             [*exe, "keys", "create", "--name", "bench"], env=env, check=True, capture_output=True
         )
-        ports = [_free_port(), _free_port()]
+        ports = [free_port(), free_port()]
         for port, extra in ((ports[0], []), (ports[1], ["--insecure-no-auth"])):
             procs.append(
                 subprocess.Popen(
@@ -215,7 +193,7 @@ def _http_rows(quick: bool) -> list[dict[str, Any]]:
                 )
             )
         for port, proc in zip(ports, procs, strict=True):
-            _wait(port, proc)
+            wait_healthy(port, proc, timeout=30)
         conn = http.client.HTTPConnection("127.0.0.1", ports[0], timeout=10)
         conn.request(
             "POST",

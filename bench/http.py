@@ -22,13 +22,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from bench.servers import free_port, wait_healthy
 
 PLAINTEXT = os.urandom(64)
 THREADS = 4
@@ -69,34 +69,10 @@ wrk.body = '{body}'
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pin(cpu: int) -> list[str]:
     if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         return ["taskset", "-c", str(cpu)]
     return []
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            if ok:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 def _post(port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -215,12 +191,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="qimem-bench-http-") as tmp:
         workdir = Path(tmp)
-        qport, bport = _free_port(), _free_port()
+        qport, bport = free_port(), free_port()
         qimem_proc = _start_qimem(workdir, qport)
         bare_proc = _start_bare(workdir, bport)
         try:
-            _wait_healthy(qport, qimem_proc)
-            _wait_healthy(bport, bare_proc)
+            wait_healthy(qport, qimem_proc)
+            wait_healthy(bport, bare_proc)
             _post(qport, "/v1/security/keys", {"name": "bench"})
             body = json.dumps({"key": "bench", "plaintext": base64.b64encode(PLAINTEXT).decode()})
             script = workdir / "encrypt.lua"

@@ -63,6 +63,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.servers import free_port
+
 SUITE = "load"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 POSTGRES_ENV = "QIMEM_TEST_POSTGRES_URL"
@@ -489,14 +491,6 @@ def verify(target: Target, records: list[Record], connections: int = 2) -> Verif
 # -- qimem under test ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _call(
     url: str, method: str, path: str, body: Any = None, token: str | None = None, form: bool = False
 ) -> tuple[int, Any]:
@@ -826,7 +820,7 @@ waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.arg
 @contextmanager
 def peer_server(like: Target, workdir: Path) -> Iterator[Target]:
     """The bare peer with the same users, client and key names as ``like``."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", _PEER_SERVER, str(port), str(THREADS)],
         cwd=workdir,
