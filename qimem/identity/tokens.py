@@ -78,6 +78,23 @@ class PublicKey:
         }
 
 
+def _public_keys() -> sa.Select[Any]:
+    """The columns of ``qimem_signing_keys`` that make a :class:`PublicKey`."""
+    c = tables.signing_keys.c
+    return sa.select(c.kid, c.realm, c.public_key, c.active, c.retire_at)
+
+
+def _public_key(row: Any) -> PublicKey:
+    return PublicKey(
+        row.kid,
+        row.realm,
+        Ed25519PublicKey.from_public_bytes(_unb64url(row.public_key)),
+        row.public_key,
+        bool(row.active),
+        row.retire_at,
+    )
+
+
 @dataclass(frozen=True)
 class AccessToken:
     """A signed access token; the repr shows only its id and expiry."""
@@ -142,26 +159,8 @@ class TokenService:
         if not force and now - self._public_loaded < self._settings.cache_seconds:
             return self._public
         with self._db.begin() as conn:
-            rows = conn.execute(
-                sa.select(
-                    tables.signing_keys.c.kid,
-                    tables.signing_keys.c.realm,
-                    tables.signing_keys.c.public_key,
-                    tables.signing_keys.c.active,
-                    tables.signing_keys.c.retire_at,
-                )
-            ).all()
-        keys = {
-            r.kid: PublicKey(
-                r.kid,
-                r.realm,
-                Ed25519PublicKey.from_public_bytes(_unb64url(r.public_key)),
-                r.public_key,
-                bool(r.active),
-                r.retire_at,
-            )
-            for r in rows
-        }
+            rows = conn.execute(_public_keys()).all()
+        keys = {r.kid: _public_key(r) for r in rows}
         with self._lock:
             self._public = keys
             self._public_loaded = now
@@ -317,25 +316,10 @@ class TokenService:
         if len(kid) > 64:
             return None
         with self._db.begin() as conn:
-            row = conn.execute(
-                sa.select(
-                    tables.signing_keys.c.kid,
-                    tables.signing_keys.c.realm,
-                    tables.signing_keys.c.public_key,
-                    tables.signing_keys.c.active,
-                    tables.signing_keys.c.retire_at,
-                ).where(tables.signing_keys.c.kid == kid)
-            ).first()
+            row = conn.execute(_public_keys().where(tables.signing_keys.c.kid == kid)).first()
         if row is None:
             return None
-        key = PublicKey(
-            row.kid,
-            row.realm,
-            Ed25519PublicKey.from_public_bytes(_unb64url(row.public_key)),
-            row.public_key,
-            bool(row.active),
-            row.retire_at,
-        )
+        key = _public_key(row)
         with self._lock:
             self._public = {**self._public, kid: key}
         return key
