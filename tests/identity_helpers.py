@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from qimem.app import AppContext
 from qimem.identity import IdentitySettings
@@ -36,9 +37,17 @@ def serving(app: AppContext, **options: object) -> Iterator[str]:
     """A real waitress server for ``app`` (with authentication) on a free loopback port;
     yields its base URL and stops it afterwards."""
     from qimem.server.app import create_app
+
+    with serving_wsgi(create_app(app, **options)) as url:  # type: ignore[arg-type]
+        yield url
+
+
+@contextlib.contextmanager
+def serving_wsgi(wsgi: Any) -> Iterator[str]:
+    """A real waitress server for any WSGI app on a free loopback port; yields its base URL
+    and stops it afterwards."""
     from qimem.server.runner import Server
 
-    wsgi = create_app(app, **options)  # type: ignore[arg-type]
     server = Server(wsgi, host="127.0.0.1", port=0, threads=4, drain_timeout=10)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

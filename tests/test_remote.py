@@ -6,7 +6,6 @@ file data crosses the network."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import make_app
-from identity_helpers import password_login, with_identity
+from identity_helpers import password_login, serving_wsgi, with_identity
 
 from qimem import stream
 from qimem.app import AppContext
@@ -78,21 +77,6 @@ class Live:
     app: AppContext = field(default=None, repr=False)  # type: ignore[assignment]
 
 
-@contextlib.contextmanager
-def _serving(wsgi: Any) -> Iterator[str]:
-    from qimem.server.runner import Server
-
-    server = Server(wsgi, host="127.0.0.1", port=0, threads=4, drain_timeout=10)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
-        thread.join(15)
-        assert not thread.is_alive(), "server did not stop"
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from qimem.server.app import create_app
@@ -104,7 +88,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     ids.add_user(app, "acme", "alice", "alice-password", ["key-manager", "encryptor"])
     token = password_login(app, "acme", "alice", "alice-password").access_token
     recorder = Recorder(create_app(app))
-    with _serving(recorder) as url:
+    with serving_wsgi(recorder) as url:
         yield Live(url, token, store_url, root_key, recorder, app)
     ids.close_identity(app)
     app.close()
