@@ -29,7 +29,13 @@ from qimem.identity.permissions import Principal, permission_map
 from qimem.identity.realms import MASTER, Realm
 from qimem.identity.roles import Role
 from qimem.identity.settings import IdentitySettings
-from qimem.identity.tokens import AccessToken, TokenService, create_signing_key, invalid_token
+from qimem.identity.tokens import (
+    AccessToken,
+    TokenService,
+    create_signing_key,
+    invalid_token,
+    issued_ms,
+)
 from qimem.identity.users import User
 from qimem.rootkey import KeyWrapper
 
@@ -88,7 +94,7 @@ class Identity:
         self.tokens = TokenService(database, wrapper, self.settings)
         self.audit = AuditLog(database)
         self._role_cache: dict[str, tuple[float, dict[str, tuple[str, ...]]]] = {}
-        self._verified: dict[str, tuple[Principal, float]] = {}
+        self._verified: dict[str, tuple[Principal, float, int]] = {}
         self._lock = threading.Lock()
         atexit.register(self.audit.close)
 
@@ -197,6 +203,7 @@ class Identity:
             users.set_secret_hash(conn, user.user_id, hashed)
             lockout.unlock(conn, user.user_id)
             refresh.revoke_user(conn, user.user_id)
+            self.tokens.cut_off(conn, user.user_id)
             self.audit.record(realm, actor, "user.password", username, conn=conn)
 
     def set_enabled(
@@ -208,6 +215,7 @@ class Identity:
             users.set_enabled(conn, user.user_id, enabled)
             if not enabled:
                 refresh.revoke_user(conn, user.user_id)
+                self.tokens.cut_off(conn, user.user_id)
             self.audit.record(
                 realm, actor, "user.enable" if enabled else "user.disable", username, conn=conn
             )
@@ -272,6 +280,9 @@ class Identity:
                 raise NotFoundError(
                     f"{username!r} does not hold role {role!r}", code="grant_not_found"
                 )
+            # Tokens name their roles; the ones naming this grant must stop working. (Refresh
+            # tokens stay: a refreshed access token carries only the grants held then.)
+            self.tokens.cut_off(conn, user.user_id)
             self.audit.record(
                 realm, actor, "role.revoke", username, conn=conn, role=role, scope=scope or "*"
             )
@@ -520,25 +531,28 @@ class Identity:
         """The principal of a valid bearer access token. :raises AuthError: otherwise.
 
         A token seen before (the very same string) is not verified again while it is
-        unexpired and its principal is younger than ``cache_seconds``; expiry and the
-        revocation list are still checked on every call.
+        unexpired and its principal is younger than ``cache_seconds``; expiry, the
+        revocation list and the user's token cut-off are still checked on every call.
         """
         cached = self._verified.get(token) if isinstance(token, str) else None
         if cached is not None:
-            principal, born = cached
+            principal, born, issued = cached
             if (
                 principal.expires_at is not None
                 and principal.expires_at > time.time()
                 and time.monotonic() - born < self.settings.cache_seconds
             ):
-                if principal.token_id is not None and self.tokens.is_revoked(principal.token_id):
+                if (
+                    principal.token_id is not None and self.tokens.is_revoked(principal.token_id)
+                ) or self.tokens.is_cut_off(principal.subject, issued):
                     raise invalid_token()
                 return principal
             self._verified.pop(token, None)
-        principal = self.principal_from_claims(self.tokens.verify(token))
+        claims = self.tokens.verify(token)
+        principal = self.principal_from_claims(claims)
         if len(self._verified) >= _VERIFIED_MAX:
             self._verified.clear()
-        self._verified[token] = (principal, time.monotonic())
+        self._verified[token] = (principal, time.monotonic(), issued_ms(claims))
         return principal
 
     def revoke(self, realm: str, token: str, *, actor: str | None = None) -> bool:

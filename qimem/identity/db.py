@@ -1,4 +1,4 @@
-"""Identity tables (mirroring migration 0002) and the database handle identity runs on.
+"""Identity tables (mirroring migrations 0002 and 0005) and the database handle identity runs on.
 
 Identity lives in the same SQL database as the key store. For a ``memory://`` key store it
 uses a private in-memory SQLite database (one connection, serialized by a lock) that lives
@@ -37,6 +37,9 @@ users = sa.Table(
     sa.Column("failed_logins", sa.Integer, nullable=False),
     sa.Column("locked_until", sa.Float, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Access tokens of this user issued at or before this time are refused (migration 0005).
+    sa.Column("tokens_valid_after", sa.Float, nullable=False, server_default="0"),
+    sa.Column("mac", sa.String(64), nullable=True),
 )
 roles = sa.Table(
     "qimem_roles",
@@ -46,6 +49,7 @@ roles = sa.Table(
     sa.Column("permissions", sa.String(1024), nullable=False),
     sa.Column("builtin", sa.Boolean, nullable=False),
     sa.Column("description", sa.String(256), nullable=False),
+    sa.Column("mac", sa.String(64), nullable=True),
 )
 grants = sa.Table(
     "qimem_grants",
@@ -54,6 +58,7 @@ grants = sa.Table(
     sa.Column("user_id", sa.String(36), primary_key=True),
     sa.Column("role", sa.String(64), primary_key=True),
     sa.Column("scope", sa.String(128), primary_key=True),
+    sa.Column("mac", sa.String(64), nullable=True),
 )
 signing_keys = sa.Table(
     "qimem_signing_keys",

@@ -7,8 +7,14 @@ can never be confused with (or unwrapped as) data-key material.
 
 Verification accepts ``alg: EdDSA`` only, and only with a ``kid`` of a known, unexpired key
 of the realm the token claims; ``none``, HMAC with the public key as secret, another
-realm's key, tampering, expiry, a wrong issuer or audience, and revoked ``jti`` all fail
-with the same 401.
+realm's key, tampering, expiry, a wrong issuer or audience, a revoked ``jti``, and a token
+of a user whose tokens were cut off (disabled, new password, role revoked: see
+:meth:`TokenService.cut_off`) all fail with the same 401.
+
+Revocations reach other servers through the database: every server re-reads the revoked
+``jti`` list and the users' token cut-offs at most every ``revocation_refresh_seconds``
+(2 s by default), so a revocation made on one server is enforced by all within that bound
+(on the server that made it, at once).
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ def _unb64url(text: str) -> bytes:
 
 def _wrap_context(realm: str, kid: str) -> bytes:
     return f"qimem-jwt-signing-key-v1|{realm}|{kid}".encode()
+
+
+def issued_ms(claims: dict[str, Any]) -> int:
+    """When a token was issued, in milliseconds (``iat_ms``; ``iat`` for older tokens)."""
+    precise = claims.get("iat_ms")
+    if isinstance(precise, int) and not isinstance(precise, bool):
+        return precise
+    return int(claims["iat"]) * 1000
 
 
 def invalid_token() -> AuthError:
@@ -149,6 +163,7 @@ class TokenService:
         self._public_loaded = 0.0
         self._private: dict[str, tuple[str, Ed25519PrivateKey, float]] = {}
         self._revoked: dict[str, float] = {}
+        self._cutoffs: dict[str, float] = {}  # user id -> tokens_valid_after (recent ones)
         self._revoked_loaded = 0.0
         self._revoked_purged = time.monotonic()
 
@@ -250,7 +265,8 @@ class TokenService:
     ) -> AccessToken:
         """Sign an access token for ``subject`` in ``realm``."""
         kid, private = self._signing_key(realm)
-        issued = int(now if now is not None else time.time())
+        precise = now if now is not None else time.time()
+        issued = int(precise)
         expires = issued + (ttl if ttl is not None else self._settings.access_token_ttl)
         jti = str(uuid.uuid4())
         claims: dict[str, Any] = {
@@ -259,6 +275,7 @@ class TokenService:
             "aud": self._settings.audience,
             "exp": expires,
             "iat": issued,
+            "iat_ms": int(precise * 1000),
             "nbf": issued,
             "jti": jti,
             "realm": realm,
@@ -307,7 +324,9 @@ class TokenService:
             raise invalid_token() from None
         if claims.get("realm") != key.realm or not isinstance(claims.get("roles"), list):
             raise invalid_token()
-        if self.is_revoked(str(claims["jti"])):
+        if self.is_revoked(str(claims["jti"])) or self.is_cut_off(
+            str(claims["sub"]), issued_ms(claims)
+        ):
             raise invalid_token()
         return claims
 
@@ -346,12 +365,48 @@ class TokenService:
             self._refresh_revoked(now)
         return jti in self._revoked
 
+    def cut_off(self, conn: Connection, user_id: str) -> float:
+        """Refuse every access token of ``user_id`` issued until now (disable, password
+        change, role revoke). Returns the cut-off time.
+
+        The user's row is write-locked first and the time taken after: a login of this user
+        committing concurrently either finishes before (its token is older than the cut-off)
+        or sees this change (see ``lockout.claim_success``)."""
+        c = tables.users.c
+        conn.execute(
+            sa.update(tables.users)
+            .where(c.user_id == user_id)
+            .values(tokens_valid_after=c.tokens_valid_after)
+        )
+        at = time.time()
+        conn.execute(
+            sa.update(tables.users).where(c.user_id == user_id).values(tokens_valid_after=at)
+        )
+        with self._lock:
+            self._cutoffs[user_id] = max(at, self._cutoffs.get(user_id, 0.0))
+        return at
+
+    def is_cut_off(self, user_id: str, issued_at_ms: int) -> bool:
+        """True if tokens of ``user_id`` issued at ``issued_at_ms`` were cut off."""
+        now = time.monotonic()
+        if now - self._revoked_loaded >= self._settings.revocation_refresh_seconds:
+            self._refresh_revoked(now)
+        cutoff = self._cutoffs.get(user_id)
+        return cutoff is not None and issued_at_ms <= int(cutoff * 1000)
+
     def _refresh_revoked(self, now: float) -> None:
         wall = time.time()
         with self._db.begin() as conn:
             rows = conn.execute(
                 sa.select(tables.revoked_tokens.c.jti, tables.revoked_tokens.c.expires_at).where(
                     tables.revoked_tokens.c.expires_at > wall
+                )
+            ).all()
+            # Cut-offs older than any live token's lifetime no longer matter.
+            horizon = wall - max(self._settings.access_token_ttl, 3600) - 60
+            cut = conn.execute(
+                sa.select(tables.users.c.user_id, tables.users.c.tokens_valid_after).where(
+                    tables.users.c.tokens_valid_after > horizon
                 )
             ).all()
             if now - self._revoked_purged > _PURGE_INTERVAL:
@@ -364,6 +419,7 @@ class TokenService:
                 )
         with self._lock:
             self._revoked = {r.jti: r.expires_at for r in rows}
+            self._cutoffs = {r.user_id: float(r.tokens_valid_after) for r in cut}
             self._revoked_loaded = now
 
     def __repr__(self) -> str:
