@@ -426,7 +426,7 @@ def _worker_range(
     header_fd_path = tmp if operation == ENCRYPT else src
     in_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             with open(header_fd_path, "rb") as fh:
                 header = stream.read_header(fh)

@@ -9,6 +9,7 @@ the store URL, ``QIMEM_ROOT_KEY`` (base64) the root key file.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import platformdirs
 import tomli_w
 
+from qimem import fileio
 from qimem.errors import ConfigError
 
 APP_NAME = "qimem"
@@ -69,27 +71,38 @@ class Config:
         return doc
 
     def write(self, path: Path) -> None:
-        """Write the config atomically (temp file + rename), mode 0600."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the config atomically (temp file + rename), mode 0600; a missing
+        directory is created 0700."""
+        fileio.make_private_dirs(path.parent)
         write_toml(path, self.to_toml(), mode=0o600)
 
 
 def write_toml(path: Path, doc: dict[str, Any], *, mode: int | None = None) -> None:
-    """Write ``doc`` as TOML to ``path`` atomically: a temp file beside it, fsynced, then
-    renamed over it. ``mode`` defaults to the existing file's (0600 for a new file)."""
+    """Write ``doc`` as TOML to ``path`` atomically: a random, exclusively created temp
+    file beside it (:func:`qimem.fileio.create_temp`), fsynced, then renamed over it.
+    ``mode`` defaults to the existing file's without group/other write (0600 for a new
+    file)."""
     if mode is None:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        mode = path.stat().st_mode & 0o755 if path.exists() else 0o600
+    with fileio.atomic_output(path, force=True, mode=mode) as fh:
+        tomli_w.dump(doc, fh)
+
+
+def check_config_permissions(path: Path) -> None:
+    """Refuse a config file that group or others may write: whoever can change it can point
+    qimem at another store, root key or plugins.
+
+    :raises ConfigError: naming the file, its mode and the fix.
+    """
     try:
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # reading it reports the problem
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"config file {path} is writable by group or others (mode {mode:04o}); "
+            f"run: chmod go-w {path}"
+        )
 
 
 def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
@@ -112,6 +125,7 @@ def load_config(
     path = path or default_config_path()
     doc: dict[str, Any] = {}
     if path.exists():
+        check_config_permissions(path)
         try:
             doc = tomllib.loads(path.read_text("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -6,6 +6,10 @@ or holds its previous complete content. A crash leaves at most a hidden temp fil
 that writes into the same directory removes temp files whose owner is no longer alive
 (:func:`cleanup_stale_temps`), and a run removes its own on failure or Ctrl-C.
 
+Every temp file qimem writes comes from :func:`create_temp`: a random name (64 bits),
+created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600, so a file or symlink an
+attacker planted at a name he guessed is never opened, followed or truncated.
+
 Without ``force``, the final step is ``renameat2(RENAME_NOREPLACE)`` (Linux), or
 ``link(temp, target)`` + ``unlink(temp)`` where that is not supported; both fail if the
 target appeared in the meantime, so an existing file is never replaced, even by a race
@@ -51,23 +55,36 @@ def conflict(path: Path) -> ConflictError:
     return ConflictError(f"{path} exists (use --force to overwrite)", code="output_exists")
 
 
+#: The longest file name most file systems allow (bytes).
+NAME_MAX = 255
+#: Flags that create a new file and never open an existing one or follow a symlink.
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
 def temp_name(target: Path, owner: int | None = None) -> Path:
-    """A hidden temp path next to ``target`` owned by process ``owner`` (default: us)."""
+    """A hidden temp path next to ``target`` owned by process ``owner`` (default: us), with
+    64 random bits in its name. A long target name is shortened in the temp name, so the
+    temp file can be created whenever the target can."""
     owner = os.getpid() if owner is None else owner
-    token = secrets.token_hex(4)
-    return target.with_name(f".{target.name}{TEMP_MARKER}{owner}-{token}")
+    tail = f"{TEMP_MARKER}{owner}-{secrets.token_hex(8)}"
+    room = NAME_MAX - 1 - len(tail)
+    name = os.fsencode(target.name)
+    if len(name) > room:
+        name = name[:room]
+    return target.with_name(f".{os.fsdecode(name)}{tail}")
 
 
 def create_temp(target: Path, owner: int | None = None, mode: int = 0o600) -> tuple[int, Path]:
-    """Create (O_EXCL) a temp file next to ``target``; returns ``(fd, path)``.
+    """Create a temp file next to ``target`` (random name, ``O_EXCL | O_NOFOLLOW``, ``mode``
+    0600 by default); returns ``(fd, path)``. This is the one way qimem creates temp files.
 
     :raises ValidationError: the target directory does not exist or is not writable.
     """
     for _ in range(16):
         tmp = temp_name(target, owner)
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
-        except FileExistsError:
+            return os.open(tmp, CREATE_FLAGS, mode), tmp
+        except FileExistsError:  # taken (or planted): never reuse it, draw another name
             continue
         except FileNotFoundError:
             raise ValidationError(f"output directory {target.parent} does not exist") from None
@@ -199,20 +216,44 @@ def cleanup_dirs(directories: Iterable[Path], *, owner: int | None = None) -> in
     return sum(cleanup_stale_temps(d, owner=owner) for d in directories)
 
 
+def make_private_dirs(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents with mode 0700 (whatever the umask);
+    existing directories are left as they are. Returns the directories created."""
+    missing: list[Path] = []
+    current = Path(directory)
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # created meanwhile by another process
+        os.chmod(path, 0o700)  # a umask like 0o277 would have taken the owner's bits
+    return list(reversed(missing))
+
+
 @contextlib.contextmanager
-def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: Path, *, force: bool = False, mode: int | None = None
+) -> Iterator[BinaryIO]:
     """Yield a file to write; on success it replaces ``path`` atomically and durably.
+
+    The file is written under a :func:`create_temp` name; ``mode`` (default 0600) is set
+    exactly, whatever the umask.
 
     :raises ConflictError: ``path`` exists and ``force`` is false.
     """
     path = Path(path)
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:
         raise conflict(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValidationError(f"output directory {directory} does not exist")
     fd, tmp = create_temp(path)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

@@ -87,7 +87,8 @@ def decode_root_key(text: str, source: str) -> bytearray:
 
 
 def write_root_key_file(path: Path) -> bytearray:
-    """Create ``path`` (mode 0600, never overwriting) holding a fresh root key.
+    """Create ``path`` (mode 0600, never overwriting; a missing directory 0700) holding a
+    fresh root key.
 
     The key is written to a hidden temp file, fsynced and linked into place without
     replacing anything (:func:`qimem.fileio.commit`), so a crash never leaves an empty or
@@ -96,7 +97,7 @@ def write_root_key_file(path: Path) -> bytearray:
 
     :raises ConfigError: ``path`` already exists (an existing root key is never replaced).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_private_dirs(path.parent)
     exists = ConfigError(f"root key file {path} already exists; refusing to overwrite it")
     if path.exists():
         raise exists
