@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import make_app
-from identity_helpers import with_identity
+from identity_helpers import fast_settings
 
 from qimem.app import AppContext
 from qimem.services import identity as ids
@@ -18,6 +18,13 @@ from qimem.sql import create_engine
 
 #: The two real databases every attack runs against.
 STORES = ["sqlite", "postgres"]
+#: Passwords that pass the default password policy (finding 14).
+ADMIN_PASSWORD = "quartz-lantern-harbor-4417"  # noqa: S105 (a test password)
+
+
+def password_of(username: str) -> str:
+    """A strong test password for ``username`` (not containing it)."""
+    return f"moss-{len(username)}-violet-copper-{sum(map(ord, username)) % 997:03d}"
 
 
 def store_url(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> str:
@@ -28,8 +35,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> str:
 
 
 def identity_app(url: str, root_key_b64: str, **settings: object) -> AppContext:
-    """An app on ``url`` with identity (fast Argon2), realm master + admin/admin-password."""
-    return with_identity(make_app(url, root_key_b64), **settings)
+    """An app on ``url`` with identity (fast Argon2), realm master + admin/ADMIN_PASSWORD."""
+    app = make_app(url, root_key_b64)
+    ids.configure(app, fast_settings(**settings))
+    ids.bootstrap(app, ADMIN_PASSWORD)
+    return app
+
+
+def add_user(app: AppContext, realm: str, username: str, roles: list[str]) -> None:
+    """Add ``username`` with password :func:`password_of` and ``roles``."""
+    ids.add_user(app, realm, username, password_of(username), roles)
 
 
 def close_app(app: AppContext) -> None:

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers_security import STORES, close_app, identity_app, store_url
+from helpers_security import (
+    ADMIN_PASSWORD,
+    STORES,
+    add_user,
+    close_app,
+    identity_app,
+    password_of,
+    store_url,
+)
 from identity_helpers import password_login, serving
 
 from qimem.app import AppContext
@@ -26,20 +34,20 @@ def live(
     url = store_url(request, tmp_path, request.param)
     app = identity_app(url, root_key_b64)
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "alice", "alice-password", ["key-manager"])
+    add_user(app, "acme", "alice", ["key-manager"])
     with serving(app) as base:
         yield base, app, url
     close_app(app)
 
 
 def _token(app: AppContext, user: str = "alice") -> str:
-    return str(password_login(app, "acme", user, f"{user}-password").access_token)
+    return str(password_login(app, "acme", user, password_of(user)).access_token)
 
 
 def _admin(base: str) -> dict[str, str]:
     body = requests.post(
         f"{base}/v1/auth/realms/master/token",
-        data={"grant_type": "password", "username": "admin", "password": "admin-password"},
+        data={"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
         timeout=10,
     ).json()
     return {"Authorization": f"Bearer {body['access_token']}"}
@@ -79,7 +87,7 @@ def test_finding8_user_change_stops_his_access_tokens(
         body: dict[str, object] = {"enabled": False}
         answer = requests.patch(f"{_users(base)}/alice", json=body, headers=admin, timeout=10)
     elif change == "password":
-        body = {"password": "a-new-long-password"}
+        body = {"password": "tundra-falcon-orbit-2208"}
         answer = requests.patch(f"{_users(base)}/alice", json=body, headers=admin, timeout=10)
     else:
         answer = requests.delete(
@@ -89,7 +97,7 @@ def test_finding8_user_change_stops_his_access_tokens(
     assert _keys_status(base, token) == 401
     assert not _active(base, admin, token)
     if change == "password":  # the new password gives a working token at once
-        fresh = password_login(app, "acme", "alice", "a-new-long-password").access_token
+        fresh = password_login(app, "acme", "alice", "tundra-falcon-orbit-2208").access_token
         assert _keys_status(base, fresh) == 200 and _active(base, admin, fresh)
     if change == "role_revoke":  # a new login works, without the role
         fresh = _token(app)

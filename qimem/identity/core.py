@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from qimem.errors import AuthError, NotFoundError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.audit import AuditLog, AuditRecord
@@ -316,7 +318,9 @@ class Identity:
 
     # -- grants (OAuth2) --------------------------------------------------------------
 
-    def _issue(self, realm: str, user: User, grants: list[tuple[str, str]]) -> AccessToken:
+    def _issue(
+        self, realm: str, user: User, grants: list[tuple[str, str]], now: float | None = None
+    ) -> AccessToken:
         unscoped = {r for r, s in grants if s == ""}
         scoped: dict[str, list[str]] = {}
         for r, s in grants:
@@ -329,10 +333,16 @@ class Identity:
             {r for r, _ in grants},
             scoped=scoped,
             kind=user.kind,
+            now=now,
         )
 
     def password_grant(self, realm: str, username: str, password: str) -> TokenResponse:
-        """Log in with a password: access + refresh token, or one uniform 401."""
+        """Log in with a password: access + refresh token, or one uniform 401.
+
+        The outcome is decided atomically with the lock state after the hash is verified
+        (:func:`lockout.claim_success`, :func:`lockout.record_failure`): a login that was
+        hashing while another failure locked the user fails.
+        """
         if not isinstance(username, str) or not isinstance(password, str):
             raise _login_error()
         with self.db.begin() as conn:
@@ -343,65 +353,82 @@ class Identity:
         if user is not None and user.kind != "user":
             user = None
         ok = self.hashing.verify(user.secret_hash if user else None, password)
-        now = time.time()
         reason = None
         if user is None:
             reason = "unknown_user"
-        elif lockout.is_locked(user.locked_until, now):
+        elif lockout.is_locked(user.locked_until):
             reason = "locked"
         elif not ok:
             reason = "bad_password"
         elif not user.enabled:
             reason = "disabled"
+        new_hash = None
+        if reason is None:
+            assert user is not None
+            rehash = self.hashing.needs_rehash(user.secret_hash)
+            new_hash = self.hashing.hash(password) if rehash and len(password) >= 8 else None
+        with self.db.begin() as conn:
+            if reason is None:
+                assert user is not None
+                reason = lockout.claim_success(conn, user.user_id, user.secret_hash)
+            if reason is not None:
+                self._login_failed(conn, realm, known_realm, user, reason)
+            else:
+                assert user is not None
+                issued_at = time.time()  # under the row lock claim_success took
+                if new_hash is not None:
+                    users.set_secret_hash(conn, user.user_id, new_hash)
+                grants = roles.grants_of(conn, realm, user.user_id)
+                rtoken, rexp = refresh.issue(
+                    conn,
+                    realm,
+                    user.user_id,
+                    self.settings.refresh_token_ttl,
+                    session_max=self.settings.session_max_seconds,
+                )
+                self.audit.record(
+                    realm,
+                    user.username,
+                    "login",
+                    user.username,
+                    conn=conn,
+                    grant="password",
+                    rehashed=bool(new_hash) or None,
+                )
         if reason is not None:
-            if known_realm:
-                with self.db.begin() as conn:
-                    locked_now = False
-                    if reason == "bad_password" and user is not None:
-                        locked_now = lockout.record_failure(conn, user.user_id, self.settings)
-                    self.audit.record(
-                        realm,
-                        user.username if user else "(unknown)",
-                        "login",
-                        user.username if user else "-",
-                        "failure",
-                        conn=conn,
-                        reason=reason,
-                        locked=locked_now or None,
-                    )
             raise _login_error()
         assert user is not None
-        rehash = self.hashing.needs_rehash(user.secret_hash)
-        new_hash = self.hashing.hash(password) if rehash and len(password) >= 8 else None
-        with self.db.begin() as conn:
-            lockout.record_success(conn, user.user_id)
-            if new_hash is not None:
-                users.set_secret_hash(conn, user.user_id, new_hash)
-            grants = roles.grants_of(conn, realm, user.user_id)
-            rtoken, rexp = refresh.issue(
-                conn,
-                realm,
-                user.user_id,
-                self.settings.refresh_token_ttl,
-                session_max=self.settings.session_max_seconds,
-            )
-            self.audit.record(
-                realm,
-                user.username,
-                "login",
-                user.username,
-                conn=conn,
-                grant="password",
-                rehashed=bool(new_hash) or None,
-            )
-        access = self._issue(realm, user, grants)
+        access = self._issue(realm, user, grants, issued_at)
         return TokenResponse(
             access.token,
             self.settings.access_token_ttl,
             realm,
             user.user_id,
             rtoken,
-            int(rexp - now),
+            int(rexp - issued_at),
+        )
+
+    def _login_failed(
+        self, conn: Connection, realm: str, known_realm: bool, user: User | None, reason: str
+    ) -> None:
+        """Count (a wrong password) and audit a failed password login."""
+        if not known_realm:
+            return
+        locked_now = False
+        if reason == "bad_password" and user is not None:
+            counted = lockout.record_failure(conn, user.user_id, self.settings)
+            locked_now = counted == "locked_now"
+            if counted == "locked":
+                reason = "locked"
+        self.audit.record(
+            realm,
+            user.username if user else "(unknown)",
+            "login",
+            user.username if user else "-",
+            "failure",
+            conn=conn,
+            reason=reason,
+            locked=locked_now or None,
         )
 
     def refresh_grant(self, realm: str, token: str) -> TokenResponse:

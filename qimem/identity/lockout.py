@@ -1,8 +1,13 @@
 """Per-user lockout after repeated failed logins.
 
-Counting is one atomic ``UPDATE ... SET failed_logins = failed_logins + 1``, so concurrent
-guesses on many servers are all counted. A locked user is still hashed against, and gets
-the same error as a wrong password: nothing tells an attacker a lockout happened.
+Counting is one atomic conditional ``UPDATE ... SET failed_logins = failed_logins + 1``
+(which also sets the lock when the threshold is reached), so concurrent guesses on many
+servers are all counted, and a success is claimed by another conditional ``UPDATE`` that
+re-checks the lock after the password hash was verified: no login succeeds after the failure
+that locked the user was committed (finding 9 of issue 12).
+
+A locked user is still hashed against, and gets the same error as a wrong password: nothing
+tells an attacker a lockout happened.
 """
 
 from __future__ import annotations
@@ -20,32 +25,64 @@ def is_locked(locked_until: float, now: float | None = None) -> bool:
     return locked_until > (now if now is not None else time.time())
 
 
-def record_failure(conn: Connection, user_id: str, settings: IdentitySettings) -> bool:
-    """Count a failed login; True if this failure locked the user."""
-    conn.execute(
+def record_failure(
+    conn: Connection, user_id: str, settings: IdentitySettings, now: float | None = None
+) -> str:
+    """Count a failed login in one atomic statement; the lock check is part of it.
+
+    :returns: ``"counted"``, ``"locked_now"`` (this failure reached the threshold and locked
+        the user) or ``"locked"`` (the user was locked already: not counted, as the
+        outcome of a locked user is a refusal whatever the password).
+    """
+    now = time.time() if now is None else now
+    c = tables.users.c
+    reached = c.failed_logins + 1 >= settings.lockout_threshold
+    row = conn.execute(
         sa.update(tables.users)
-        .where(tables.users.c.user_id == user_id)
-        .values(failed_logins=tables.users.c.failed_logins + 1)
-    )
-    count = conn.execute(
-        sa.select(tables.users.c.failed_logins).where(tables.users.c.user_id == user_id)
-    ).scalar_one()
-    if count >= settings.lockout_threshold:
-        conn.execute(
-            sa.update(tables.users)
-            .where(tables.users.c.user_id == user_id)
-            .values(failed_logins=0, locked_until=time.time() + settings.lockout_seconds)
+        .where(c.user_id == user_id, c.locked_until <= now)
+        .values(
+            failed_logins=sa.case((reached, 0), else_=c.failed_logins + 1),
+            locked_until=sa.case((reached, now + settings.lockout_seconds), else_=c.locked_until),
         )
-        return True
-    return False
+        .returning(c.locked_until)
+    ).first()
+    if row is None:
+        return "locked"
+    return "locked_now" if row.locked_until > now else "counted"
 
 
-def record_success(conn: Connection, user_id: str) -> None:
-    conn.execute(
+def claim_success(
+    conn: Connection, user_id: str, verified_hash: str, now: float | None = None
+) -> str | None:
+    """Turn a verified password into a successful login, atomically with the lock state.
+
+    One conditional ``UPDATE`` (which takes the row's write lock) succeeds only if the user
+    is, at this moment, still unlocked, enabled and has the very hash the password was
+    verified against. A failure that locked the user while the hash was computing is
+    therefore seen, and a password change or disable racing the login wins.
+
+    :returns: None on success, else why not (``locked``, ``disabled``, ``changed``).
+    """
+    now = time.time() if now is None else now
+    c = tables.users.c
+    claimed = conn.execute(
         sa.update(tables.users)
-        .where(tables.users.c.user_id == user_id, tables.users.c.failed_logins != 0)
+        .where(
+            c.user_id == user_id,
+            c.locked_until <= now,
+            c.enabled.is_(True),
+            c.secret_hash == verified_hash,
+        )
         .values(failed_logins=0)
-    )
+    ).rowcount
+    if claimed == 1:
+        return None
+    row = conn.execute(sa.select(c.locked_until, c.enabled).where(c.user_id == user_id)).first()
+    if row is None:
+        return "unknown_user"
+    if row.locked_until > now:
+        return "locked"
+    return "disabled" if not row.enabled else "changed"
 
 
 def unlock(conn: Connection, user_id: str) -> None:
