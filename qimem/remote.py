@@ -7,10 +7,11 @@ with ``POST /v1/security/decrypt``. The file data is sealed and opened here, in 
 format v1, so a file encrypted through a server decrypts locally against the server's
 store, and the other way round.
 
-Standard library only (``http.client``, one keep-alive connection per client; a forked
-worker opens its own). Server errors become the qimem error class of the same local
-operation, with a one-line message naming the server; the bearer token is never part of a
-message or repr.
+The transport is :class:`qimem.http_client.HttpClient` (shared with ``qauth --server``):
+one keep-alive connection per client, no redirects, bounded reads, TLS verified against
+the system store or ``ca_cert``. Server errors become the qimem error class of the same
+local operation, with a one-line message naming the server; the bearer token is never part
+of a message or repr.
 
 >>> from qimem.remote import RemoteKeys
 >>> remote = RemoteKeys("http://127.0.0.1:8080", token)            # doctest: +SKIP
@@ -21,11 +22,8 @@ message or repr.
 from __future__ import annotations
 
 import base64
-import http.client
-import ipaddress
-import json
+import copy
 import os
-import ssl
 import urllib.parse
 from datetime import datetime
 from typing import Any
@@ -33,186 +31,11 @@ from typing import Any
 from qimem import envelope as env
 from qimem import stream
 from qimem.crypto import Algorithm, zero
-from qimem.errors import (
-    AuthError,
-    ConflictError,
-    DecryptionError,
-    EnvelopeFormatError,
-    ForbiddenError,
-    KeyNotActiveError,
-    NotFoundError,
-    PayloadTooLargeError,
-    QimemError,
-    StoreUnavailableError,
-    ValidationError,
-)
+from qimem.errors import DecryptionError, StoreUnavailableError, ValidationError
+from qimem.http_client import HttpClient
 from qimem.keys import KeyState, KeyVersion
 from qimem.registry import Registry, make_plugin_manager
 from qimem.services.keys import KeyDetails
-
-REALM_HEADER = "X-Qimem-Realm"
-
-_BY_STATUS: dict[int, type[QimemError]] = {
-    400: ValidationError,
-    401: AuthError,
-    403: ForbiddenError,
-    404: NotFoundError,
-    409: ConflictError,
-    413: PayloadTooLargeError,
-    422: DecryptionError,
-}
-_BY_CODE: dict[str, type[QimemError]] = {
-    "key_not_active": KeyNotActiveError,
-    "invalid_envelope": EnvelopeFormatError,
-}
-#: Connection failures after which one retry on a fresh connection is safe (the server
-#: closed an idle keep-alive connection).
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-
-
-def check_url(url: str) -> str:
-    """``url`` without a trailing slash, if it is an ``http://`` or ``https://`` URL.
-
-    :raises ValidationError: any other scheme, or no host.
-    """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValidationError("--server must be an http:// or https:// URL")
-    return url.rstrip("/")
-
-
-def insecure_warning(url: str) -> str | None:
-    """A one-line warning when ``url`` is plain http to a host that is not loopback."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme != "http":
-        return None
-    host = parsed.hostname or ""
-    if host == "localhost":
-        return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
-    return (
-        f"qimem: warning: {check_url(url)} is plain http: data keys and the token travel "
-        "unencrypted; use https://"
-    )
-
-
-class RemoteClient:
-    """JSON over HTTP(S) to one qimem server, with an optional bearer token.
-
-    :param realm: sent as ``X-Qimem-Realm`` (default: the token's realm).
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str | None = None,
-        *,
-        realm: str | None = None,
-        timeout: float = 60.0,
-    ) -> None:
-        self.base_url = check_url(base_url)
-        parsed = urllib.parse.urlparse(self.base_url)
-        self._https = parsed.scheme == "https"
-        self._host = parsed.hostname or ""
-        self._port = parsed.port
-        self._prefix = parsed.path.rstrip("/")
-        self._token = token
-        self.realm = realm
-        self._timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
-        self._pid = os.getpid()
-
-    def __repr__(self) -> str:
-        return f"<RemoteClient {self.base_url}>"
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._pid != os.getpid():  # forked: never share the parent's socket
-            self._conn, self._pid = None, os.getpid()
-        if self._conn is None:
-            if self._https:
-                self._conn = http.client.HTTPSConnection(
-                    self._host,
-                    self._port,
-                    timeout=self._timeout,
-                    context=ssl.create_default_context(),
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self._timeout
-                )
-        return self._conn
-
-    def close(self) -> None:
-        """Close the kept-alive connection (a later request opens a new one)."""
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One request; the decoded JSON answer (None for an empty body).
-
-        :raises StoreUnavailableError: the server cannot be reached or answered 5xx.
-        :raises QimemError: the class of the server's error (401/403 → AuthError, ...).
-        """
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        if self.realm:
-            headers[REALM_HEADER] = self.realm
-        for attempt in (1, 2):
-            reused = self._conn is not None and self._pid == os.getpid()
-            conn = self._connection()
-            try:
-                conn.request(method, self._prefix + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except _STALE:
-                self.close()
-                if reused and attempt == 1:
-                    continue
-                raise self._unreachable("the connection was closed") from None
-            except ssl.SSLError as exc:
-                self.close()
-                raise self._unreachable(f"TLS error ({type(exc).__name__})") from None
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise self._unreachable(type(exc).__name__) from None
-            if resp.getheader("Connection", "").lower() == "close":
-                self.close()
-            if resp.status >= 400:
-                raise self._error(resp.status, raw)
-            try:
-                return json.loads(raw) if raw else None
-            except ValueError:
-                raise StoreUnavailableError(
-                    f"server {self.base_url} answered something that is not JSON"
-                ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _unreachable(self, reason: str) -> StoreUnavailableError:
-        return StoreUnavailableError(f"cannot reach server {self.base_url}: {reason}")
-
-    def _error(self, status: int, raw: bytes) -> QimemError:
-        try:
-            detail = json.loads(raw)["error"]
-            code, message = str(detail["code"]), str(detail["message"])
-        except Exception:
-            code, message = "", f"HTTP {status}"
-        if status >= 500:
-            cls: type[QimemError] = StoreUnavailableError
-            message = f"server {self.base_url} failed: {message}"
-        else:
-            cls = _BY_CODE.get(code) or _BY_STATUS.get(status, QimemError)
-            message = f"server {self.base_url}: {message}"
-        return cls(message, code=code) if code else cls(message)
 
 
 def _b64(data: bytes) -> str:
@@ -235,7 +58,7 @@ class RemoteKeyring:
 
     def __init__(
         self,
-        client: RemoteClient,
+        client: HttpClient,
         registry: Registry,
         ref: str | None = None,
         context: bytes | None = None,
@@ -312,6 +135,8 @@ class RemoteKeys:
 
     :param realm: sent as ``X-Qimem-Realm`` (default: the token's realm).
     :param plugins: third-party plugins to enable for local algorithms.
+    :param ca_cert: PEM file of the CA(s) to trust for ``https://`` (default: system store).
+    :param insecure_plain_http: allow ``http://`` to a host that is not loopback.
     """
 
     def __init__(
@@ -322,9 +147,16 @@ class RemoteKeys:
         realm: str | None = None,
         plugins: list[str] | None = None,
         registry: Registry | None = None,
+        ca_cert: str | os.PathLike[str] | None = None,
+        insecure_plain_http: bool = False,
     ) -> None:
-        self.client = RemoteClient(base_url, token, realm=realm)
-        self._token = token
+        self.client = HttpClient(
+            base_url,
+            token,
+            realm=realm,
+            ca_cert=ca_cert,
+            insecure_plain_http=insecure_plain_http,
+        )
         self._plugins = list(plugins or [])
         self._registry = registry
 
@@ -350,13 +182,9 @@ class RemoteKeys:
 
     def for_worker(self) -> RemoteKeys:
         """A copy with its own connection, for a forked worker process."""
-        return RemoteKeys(
-            self.client.base_url,
-            self._token,
-            realm=self.client.realm,
-            plugins=self._plugins,
-            registry=self._registry,
-        )
+        worker = copy.copy(self)
+        worker.client = self.client.clone()
+        return worker
 
     def close(self) -> None:
         self.client.close()

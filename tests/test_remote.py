@@ -27,7 +27,8 @@ from qimem import stream
 from qimem.app import AppContext
 from qimem.cli import cli
 from qimem.errors import AuthError, StoreUnavailableError
-from qimem.remote import RemoteClient, RemoteKeys, insecure_warning
+from qimem.http_client import HttpClient, insecure_warning
+from qimem.remote import RemoteKeys
 from qimem.rootkey import encode_root_key, generate_root_key
 from qimem.services import identity as ids
 
@@ -85,8 +86,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root_key = encode_root_key(generate_root_key())
     app = with_identity(make_app(store_url, root_key))
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "alice", "alice-password", ["key-manager", "encryptor"])
-    token = password_login(app, "acme", "alice", "alice-password").access_token
+    ids.add_user(app, "acme", "alice", "nyvpr-password", ["key-manager", "encryptor"])
+    token = password_login(app, "acme", "alice", "nyvpr-password").access_token
     recorder = Recorder(create_app(app))
     with serving_wsgi(recorder) as url:
         yield Live(url, token, store_url, root_key, recorder, app)
@@ -323,7 +324,7 @@ def test_real_subprocess_with_env_token(env: Live, tmp_path: Path) -> None:
 
 
 def test_no_token_in_reprs_and_plain_http_warning() -> None:
-    client = RemoteClient("https://keys.example.com/", "tok-123-secret")
+    client = HttpClient("https://keys.example.com/", "tok-123-secret")
     keys = RemoteKeys("https://keys.example.com", "tok-123-secret")
     for text in (repr(client), repr(keys), repr(keys.keyring("k")), repr(keys.for_worker())):
         assert "tok-123-secret" not in text
@@ -343,13 +344,13 @@ def test_bad_server_url_is_a_usage_error(qimem_home: Path) -> None:
 
 
 def test_wrong_token_from_the_client_api(env: Live) -> None:
-    client = RemoteClient(env.url, "wrong-token")
+    client = HttpClient(env.url, "wrong-token")
     with pytest.raises(AuthError) as caught:
         client.request("GET", "/v1/security/keys")
     assert "wrong-token" not in str(caught.value) and env.url in str(caught.value)
     client.close()
     with pytest.raises(StoreUnavailableError):
-        RemoteClient("http://127.0.0.1:1", "t").request("GET", "/healthz")
+        HttpClient("http://127.0.0.1:1", "t").request("GET", "/healthz")
 
 
 def test_derived_key_files_through_the_server(env: Live, tmp_path: Path) -> None:

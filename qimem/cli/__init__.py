@@ -13,7 +13,13 @@ from typing import Any
 
 import click
 
-from qimem.cli.context import CliState, config_option, store_option
+from qimem.cli.context import (
+    CliState,
+    ca_cert_option,
+    config_option,
+    insecure_plain_http_option,
+    store_option,
+)
 from qimem.errors import QimemError
 
 log = logging.getLogger("qimem.cli")
@@ -79,6 +85,8 @@ class QimemGroup(click.Group):
 @click.option(
     "--token", envvar="QIMEM_TOKEN", help="Bearer access token for --server (env QIMEM_TOKEN)."
 )
+@ca_cert_option
+@insecure_plain_http_option
 @click.version_option(package_name="qimem")
 @click.pass_context
 def cli(
@@ -89,6 +97,8 @@ def cli(
     realm: str,
     server: str | None,
     token: str | None,
+    ca_cert: str | None,
+    insecure_plain_http: bool,
 ) -> None:
     """qimem: versioned, rotatable encryption keys and batch encryption.
 
@@ -104,6 +114,8 @@ def cli(
         server=server,
         token=token,
         realm_given=realm_given,
+        ca_cert=ca_cert,
+        insecure_plain_http=insecure_plain_http,
     )
     ctx.obj.local_ok = ctx.invoked_subcommand in ("serve", "init", "plugins")
     ctx.call_on_close(ctx.obj.close)

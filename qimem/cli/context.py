@@ -13,6 +13,7 @@ from qimem.config import Config, load_config
 from qimem.errors import ValidationError
 
 if TYPE_CHECKING:
+    from qimem.http_client import HttpClient
     from qimem.remote import RemoteKeys
 
 
@@ -29,6 +30,8 @@ class CliState:
         server: str | None = None,
         token: str | None = None,
         realm_given: bool = False,
+        ca_cert: str | None = None,
+        insecure_plain_http: bool = False,
     ) -> None:
         self.config_path = Path(config_path) if config_path else None
         self.store_url = store_url
@@ -37,6 +40,10 @@ class CliState:
         self.server = server or None
         self._token = token or None
         self.realm_given = realm_given
+        #: --ca-cert and --insecure-plain-http, for every client of --server
+        self.ca_cert = ca_cert or None
+        self.insecure_plain_http = insecure_plain_http
+        self._warned_plain_http = False
         #: commands that are local by nature (serve, init, plugins) ignore --server
         self.local_ok = False
         self._app: AppContext | None = None
@@ -50,21 +57,47 @@ class CliState:
         """The --server client (keys and data keys over HTTP); warns once about plain http."""
         if self._remote is None:
             # Imported here: http.client and ssl cost ~10 ms of every local command's start-up.
-            from qimem.remote import RemoteKeys, check_url, insecure_warning
+            from qimem.remote import RemoteKeys
 
             assert self.server is not None
-            check_url(self.server)
-            warning = insecure_warning(self.server)
-            if warning:
-                click.echo(warning, err=True)
             config = self.config(required=False)
             self._remote = RemoteKeys(
                 self.server,
                 self._token,
                 realm=self.realm if self.realm_given else None,
                 plugins=config.plugins_enabled,
+                ca_cert=self.ca_cert,
+                insecure_plain_http=self.insecure_plain_http,
             )
+            self._warn_plain_http(self._remote.base_url)
         return self._remote
+
+    def http_client(self, token: str | None) -> HttpClient:
+        """A client of --server with ``token``, --ca-cert and --insecure-plain-http (for
+        ``qauth --server``); warns once about plain http beyond loopback.
+
+        :raises ValidationError: a bad URL or CA file, or plain http beyond loopback without
+            --insecure-plain-http.
+        """
+        from qimem.http_client import HttpClient
+
+        assert self.server is not None
+        client = HttpClient(
+            self.server,
+            token,
+            ca_cert=self.ca_cert,
+            insecure_plain_http=self.insecure_plain_http,
+        )
+        self._warn_plain_http(client.base_url)
+        return client
+
+    def _warn_plain_http(self, url: str) -> None:
+        from qimem.http_client import insecure_warning
+
+        warning = insecure_warning(url)
+        if warning and not self._warned_plain_http:
+            self._warned_plain_http = True
+            click.echo(warning, err=True)
 
     @property
     def backend(self) -> AppContext | RemoteKeys:
@@ -108,6 +141,19 @@ config_option = click.option(
 )
 store_option = click.option(
     "--store", "store_url", envvar="QIMEM_STORE", help="Key store URL (overrides config)."
+)
+# Client options next to --server, shared by qimem and qauth (docs/http.md "Clients").
+ca_cert_option = click.option(
+    "--ca-cert",
+    "ca_cert",
+    type=click.Path(dir_okay=False),
+    envvar="QIMEM_CA_CERT",
+    help="PEM file of the CA(s) to trust for an https --server, instead of the system store.",
+)
+insecure_plain_http_option = click.option(
+    "--insecure-plain-http",
+    is_flag=True,
+    help="Allow an http:// --server that is not loopback (token and keys in the clear).",
 )
 
 

@@ -17,10 +17,12 @@ import click
 from qimem.cli import QimemGroup
 from qimem.cli.context import (
     CliState,
+    ca_cert_option,
     config_option,
     echo_json,
     echo_result,
     echo_table,
+    insecure_plain_http_option,
     json_option,
     store_option,
 )
@@ -28,7 +30,7 @@ from qimem.errors import ValidationError
 
 if TYPE_CHECKING:
     from qimem.app import AppContext
-    from qimem.identity.remote import AuthClient
+    from qimem.http_client import HttpClient
 
 
 class QauthGroup(QimemGroup):
@@ -48,6 +50,8 @@ class QauthGroup(QimemGroup):
     envvar="QIMEM_TOKEN",
     help="Bearer access token for --server (env QIMEM_TOKEN).",
 )
+@ca_cert_option
+@insecure_plain_http_option
 @click.version_option(package_name="qimem")
 @click.pass_context
 def qauth(
@@ -56,6 +60,8 @@ def qauth(
     store_url: str | None,
     server: str | None,
     token: str | None,
+    ca_cert: str | None,
+    insecure_plain_http: bool,
 ) -> None:
     """qauth: realms, users, roles and tokens for qimem.
 
@@ -67,6 +73,7 @@ def qauth(
     state = QauthState(config_path, store_url, [], "master")
     state.server = server
     state.token = token
+    state.ca_cert, state.insecure_plain_http = ca_cert or None, insecure_plain_http
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -82,9 +89,7 @@ class QauthState(CliState):
     def auth_backend(self) -> Backend:
         if self._backend is None:
             if self.server:
-                from qimem.identity.remote import AuthClient
-
-                self._backend = RemoteBackend(AuthClient(self.server, self.token))
+                self._backend = RemoteBackend(self.http_client(self.token))
             else:
                 self._backend = LocalBackend(self.app)
         return self._backend
@@ -214,11 +219,11 @@ class LocalBackend(Backend):
 class RemoteBackend(Backend):
     """A qimem server's /v1/auth API, with the caller's bearer token."""
 
-    def __init__(self, client: AuthClient) -> None:
+    def __init__(self, client: HttpClient) -> None:
         self.client = client
 
     def _path(self, realm: str, suffix: str = "") -> str:
-        return self.client.realm_path(realm, suffix)
+        return "/v1/auth/realms/" + urllib.parse.quote(realm, safe="") + suffix
 
     def create_realm(self, name: str) -> dict[str, Any]:
         return self.client.request("POST", "/v1/auth/realms", {"name": name})
