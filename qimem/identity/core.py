@@ -336,8 +336,13 @@ class Identity:
             now=now,
         )
 
-    def password_grant(self, realm: str, username: str, password: str) -> TokenResponse:
+    def password_grant(
+        self, realm: str, username: str, password: str, *, source: str | None = None
+    ) -> TokenResponse:
         """Log in with a password: access + refresh token, or one uniform 401.
+
+        ``source`` is the client's address: one address (and one account) gets at most a
+        fair share of the hashing slots (:class:`PasswordHashing`), else 503 ``login_busy``.
 
         The outcome is decided atomically with the lock state after the hash is verified
         (:func:`lockout.claim_success`, :func:`lockout.record_failure`): a login that was
@@ -352,7 +357,12 @@ class Identity:
             )
         if user is not None and user.kind != "user":
             user = None
-        ok = self.hashing.verify(user.secret_hash if user else None, password)
+        ok = self.hashing.verify(
+            user.secret_hash if user else None,
+            password,
+            source=source,
+            account=f"{realm}/{username}"[:200] if isinstance(realm, str) else None,
+        )
         reason = None
         if user is None:
             reason = "unknown_user"

@@ -2,16 +2,21 @@
 
 At most ``max_concurrent_hashes`` hashes run at once and at most ``max_waiting_hashes``
 callers wait for a slot; beyond that a login is refused at once (503), so a login flood
-cannot occupy every server thread and starve encrypt traffic. Unknown usernames are hashed
-against a dummy hash made with the same parameters, so they cost the same time as real ones.
+cannot occupy every server thread and starve encrypt traffic. One client address and one
+account may each hold at most a fair share of those places (``max_logins_per_source``, by
+default half), so a flood from one source cannot take them all and starve other users'
+logins (finding 13 of issue 12). Unknown usernames are hashed against a dummy hash made
+with the same parameters, so they cost the same time as real ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
 import threading
+from collections.abc import Iterator
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -57,29 +62,55 @@ class PasswordHashing:
             type=Type.ID,
         )
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_hashes)
-        self._waiting = threading.BoundedSemaphore(
-            settings.max_concurrent_hashes + settings.max_waiting_hashes
-        )
+        places = settings.max_concurrent_hashes + settings.max_waiting_hashes
+        self._waiting = threading.BoundedSemaphore(places)
         self._wait = settings.hash_wait_seconds
+        #: Places (hashing or waiting) one source address or one account may hold.
+        self.fair_share = settings.max_logins_per_source or max(1, places // 2)
+        self._held: dict[str, int] = {}
+        self._held_lock = threading.Lock()
         self._dummy: str | None = None
         self._dummy_lock = threading.Lock()
 
-    def _gate(self):  # type: ignore[no-untyped-def]
-        hashing = self
+    def _claim(self, keys: tuple[str, ...]) -> None:
+        """Take a place for each of ``keys``, or refuse if one of them holds its share."""
+        with self._held_lock:
+            if any(self._held.get(k, 0) >= self.fair_share for k in keys):
+                raise LoginBusyError("too many logins in progress; retry shortly")
+            for k in keys:
+                self._held[k] = self._held.get(k, 0) + 1
 
-        class _Gate:
-            def __enter__(self) -> None:
-                if not hashing._waiting.acquire(blocking=False):
+    def _release(self, keys: tuple[str, ...]) -> None:
+        with self._held_lock:
+            for k in keys:
+                left = self._held.get(k, 0) - 1
+                if left > 0:
+                    self._held[k] = left
+                else:
+                    self._held.pop(k, None)
+
+    @contextlib.contextmanager
+    def _gate(self, source: str | None = None, account: str | None = None) -> Iterator[None]:
+        """A hashing slot: at most ``fair_share`` places per source and per account, then
+        a bounded wait for a global slot; :class:`LoginBusyError` otherwise."""
+        keys = tuple(
+            k for k in (f"s:{source}" if source else "", f"a:{account}" if account else "") if k
+        )
+        self._claim(keys)
+        try:
+            if not self._waiting.acquire(blocking=False):
+                raise LoginBusyError("too many logins in progress; retry shortly")
+            try:
+                if not self._slots.acquire(timeout=self._wait):
                     raise LoginBusyError("too many logins in progress; retry shortly")
-                if not hashing._slots.acquire(timeout=hashing._wait):
-                    hashing._waiting.release()
-                    raise LoginBusyError("too many logins in progress; retry shortly")
-
-            def __exit__(self, *exc: object) -> None:
-                hashing._slots.release()
-                hashing._waiting.release()
-
-        return _Gate()
+                try:
+                    yield
+                finally:
+                    self._slots.release()
+            finally:
+                self._waiting.release()
+        finally:
+            self._release(keys)
 
     def hash(self, password: str) -> str:
         """A PHC-encoded Argon2id hash (``$argon2id$v=19$m=...,t=...,p=...$salt$hash``)."""
@@ -95,13 +126,24 @@ class PasswordHashing:
                 self._dummy = self._hasher.hash(secrets.token_urlsafe(24))
             return self._dummy
 
-    def verify(self, stored: str | None, password: str) -> bool:
+    def verify(
+        self,
+        stored: str | None,
+        password: str,
+        *,
+        source: str | None = None,
+        account: str | None = None,
+    ) -> bool:
         """True if ``password`` matches ``stored``; with ``stored=None`` a dummy hash is
-        verified instead, so unknown users take as long as known ones and always fail."""
+        verified instead, so unknown users take as long as known ones and always fail.
+
+        ``source`` (the client address) and ``account`` (realm and username) each get at
+        most :attr:`fair_share` of the hashing and waiting places.
+        """
         if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
             password = ""
         target = stored if stored is not None else self.dummy_hash
-        with self._gate():
+        with self._gate(source, account):
             try:
                 ok: bool = self._hasher.verify(target, password)
             except (VerifyMismatchError, VerificationError, InvalidHashError):
