@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import make_app
 from helpers_tls import make_test_ca, serving_tls
-from identity_helpers import ADMIN_PASSWORD, password_login, serving_wsgi, with_identity
+from identity_helpers import password_login, serving_wsgi, with_identity
 
 from qimem.cli import cli
 from qimem.cli.qauth import qauth
@@ -30,6 +30,7 @@ from qimem.services import identity as ids
 
 TOKEN = "tok-SECRET-bearer-0123456789"
 PASSWORD = "pw-SECRET-hunter2-password"
+OPERATOR_PASSWORD = "quiet-harbor-lantern-7391-qimem"
 MIB = 1024 * 1024
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -285,7 +286,8 @@ def tls_server(tls_dir: Path) -> Iterator[TlsServer]:
 
     ca, cert, key = make_test_ca(tls_dir)
     app = with_identity(make_app("memory://", None))
-    token = password_login(app, "master", "admin", ADMIN_PASSWORD).access_token
+    ids.add_user(app, "master", "operator", OPERATOR_PASSWORD, ["admin"])
+    token = password_login(app, "master", "operator", OPERATOR_PASSWORD).access_token
     try:
         with serving_tls(create_app(app), cert, key) as url:
             yield TlsServer(url, ca, token)
@@ -317,10 +319,10 @@ def test_tls_with_the_right_ca_works_for_both_clis(qimem_home: Path, tls_server:
         *server,
         "token",
         "--user",
-        "admin",
+        "operator",
         "--password-stdin",
         env={},
-        input=ADMIN_PASSWORD + "\n",
+        input=OPERATOR_PASSWORD + "\n",
     )
     assert login.exit_code == 0 and login.stdout.strip(), login.output
     # The environment variable does the same as the option, for both programs.
