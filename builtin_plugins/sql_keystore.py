@@ -30,7 +30,13 @@ from qimem.keys import (
 from qimem.keystore import KeyStore, check_transition, destroyed_error
 from qimem.registry import RegisterKeyStore
 from qimem.rootkey import KeyWrapper
-from qimem.sql import create_engine, migrate, translate_errors
+from qimem.sql import (
+    check_sqlite_permissions,
+    create_engine,
+    migrate,
+    sqlite_database,
+    translate_errors,
+)
 
 metadata = sa.MetaData()
 meta_table = sa.Table(
@@ -134,7 +140,10 @@ class SqlKeyStore(KeyStore):
         if wrapper is None:
             raise ConfigError("an SQL key store needs a root key (run 'qimem init')")
         self._wrapper = wrapper
-        self.engine = create_engine(url)
+        self.engine = create_engine(url)  # a new SQLite file is created 0600
+        database = sqlite_database(url)
+        if database is not None:  # an existing one others can read is refused
+            check_sqlite_permissions(database)
         if auto_migrate:
             migrate(self.engine)
         self._check_root_key()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from qimem import fileio
 from qimem.errors import ConfigError, StoreUnavailableError
 from qimem.migrations import HEAD
 
@@ -61,7 +63,7 @@ def create_engine(url: str) -> Engine:
         database = parsed.database
         if not database or database == ":memory:":
             raise ConfigError("an SQLite store needs a file path: sqlite:///path/to/qimem.db")
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_file(Path(database))
         engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_TIMEOUT})
         sa.event.listen(engine, "handle_error", _sqlite_error_detail(Path(database)))
 
@@ -90,6 +92,91 @@ def create_engine(url: str) -> Engine:
                 "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"
             ) from None
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+#: The files of an SQLite store: the database, its write-ahead log, its shared-memory index
+#: and (outside WAL mode) its rollback journal.
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def sqlite_database(url: str) -> Path | None:
+    """The database file of an ``sqlite:///path`` store URL, else None."""
+    try:
+        parsed = sa.engine.make_url(normalize_url(url))
+    except sa.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def prepare_sqlite_file(database: Path) -> None:
+    """Create a missing store directory (0700) and database file (0600) before SQLite does.
+
+    SQLite would create the database with mode 0644 less the umask (0644 under the usual
+    umask 022), readable by every local user; it creates the ``-wal`` and ``-shm`` files
+    with the database file's mode, so they are 0600 too. ``O_EXCL`` never opens an existing
+    file or a planted symlink; an existing database is left to
+    :func:`check_sqlite_permissions`.
+    """
+    try:
+        fileio.make_private_dirs(database.parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the store directory {database.parent}: {exc.strerror}"
+        ) from None
+    try:
+        fd = os.open(database, fileio.CREATE_FLAGS, 0o600)
+    except OSError:
+        return  # it exists (checked on open), or SQLite reports why it cannot be created
+    try:
+        os.fchmod(fd, 0o600)  # exactly, whatever the umask
+    finally:
+        os.close(fd)
+
+
+def _loose_files(database: Path) -> list[tuple[Path, int]]:
+    loose = []
+    for suffix in SQLITE_SUFFIXES:
+        path = database.with_name(database.name + suffix)
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            loose.append((path, mode))
+    return loose
+
+
+def check_sqlite_permissions(database: Path) -> None:
+    """Refuse a store whose files group or others can access, as the root key file is
+    refused: they hold password hashes, the audit log and the wrapped keys.
+
+    :raises ConfigError: naming each file, its mode and the fix.
+    """
+    loose = _loose_files(database)
+    if not loose:
+        return
+    files = ", ".join(f"{path} (mode {mode:04o})" for path, mode in loose)
+    paths = " ".join(str(path) for path, _ in loose)
+    raise ConfigError(
+        f"store files are accessible by group or others: {files}; "
+        f"run 'qimem init' (which fixes them) or: chmod 600 {paths}",
+        code="store_permissions",
+    )
+
+
+def secure_sqlite_files(database: Path) -> list[tuple[Path, int]]:
+    """Take group and other access away from each existing store file (``qimem init``).
+    Returns ``(path, old mode)`` of each file changed."""
+    fixed = []
+    for path, mode in _loose_files(database):
+        try:
+            os.chmod(path, mode & 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot change the mode of {path}: {exc.strerror}") from None
+        fixed.append((path, mode))
+    return fixed
 
 
 #: Below this many free bytes on its file system, an SQLite I/O error is reported as a

@@ -614,6 +614,7 @@ class _Databases:
             path = self.tmp_path / f"{name}.db"
             if template is not None:
                 src = sqlite3.connect(template.removeprefix("sqlite:///"))
+                path.touch(0o600)  # qimem refuses a store file others can read
                 dst = sqlite3.connect(path)
                 src.backup(dst)
                 src.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,6 +29,8 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
 
     Safe to rerun: an existing config, root key or store is kept and only brought up to date
     (migrations). With --config PATH, the root key and the SQLite store go beside PATH.
+    SQLite store files are created 0600 (a new directory 0700); existing ones that group or
+    others can access are made owner-only, and each change is reported.
     """
     config_path = state.config_path or default_config_path()
     created: list[str] = []
@@ -45,6 +48,10 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
         admin_password = sys.stdin.readline().rstrip("\r\n") or None
         if admin_password is None:
             raise ValidationError("no admin password on standard input")
+        from qimem.identity.settings import load_settings  # refused before anything is made
+
+        policy = load_settings(config_path).password_policy.for_realm("master")
+        policy.check(admin_password, "admin", "master")
     root_file = config.root_key_file
     new_files: list[Path] = []
     try:
@@ -58,7 +65,10 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
             created.append("config")
         # Imported here: the identity layer is heavy, and --help should stay fast.
         from qimem.services import identity as identity_services
+        from qimem.sql import secure_sqlite_files, sqlite_database
 
+        database = sqlite_database(config.store_url)
+        fixed = secure_sqlite_files(database) if database is not None else []
         app = AppContext(config)
         try:
             app.store.ping()  # opening the store applies pending migrations
@@ -73,12 +83,17 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
         for path in new_files:
             path.unlink(missing_ok=True)
         raise
-    result = {
+    result: dict[str, Any] = {
         "config": str(config_path),
         "root_key_file": str(root_file) if root_file else None,
         "store": _display_url(config.store_url),
         "created": created,
     }
+    if fixed:
+        result["fixed_permissions"] = [
+            {"path": str(path), "old_mode": f"{mode:04o}", "mode": f"{mode & 0o700:04o}"}
+            for path, mode in fixed
+        ]
     if generated:
         result["admin_password"] = generated
     if json_:
@@ -89,6 +104,11 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
     click.echo(f"  config:   {result['config']}")
     click.echo(f"  root key: {result['root_key_file']}")
     click.echo(f"  store:    {result['store']}")
+    for path, mode in fixed:
+        click.echo(
+            f"  fixed permissions of {path}: {mode:04o} -> {mode & 0o700:04o} "
+            "(group or others could access it)"
+        )
     if generated:
         click.echo(f"  admin password for realm master (shown once): {generated}")
 
