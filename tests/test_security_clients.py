@@ -95,6 +95,7 @@ class Misbehaving:
     status: int = 302
     headers: list[tuple[str, str]] = field(default_factory=list)
     body_size: int = 2
+    payload: bytes = b"{}"
     stream: bool = False
     produced: int = 0
     requests: list[dict[str, str]] = field(default_factory=list)
@@ -110,7 +111,7 @@ class Misbehaving:
     def _body(self) -> Iterator[bytes]:
         if not self.stream:
             self.produced += self.body_size
-            yield b"{}" + b" " * (self.body_size - 2)
+            yield self.payload + b" " * (self.body_size - len(self.payload))
             return
         chunk = b" " * MIB
         while self.produced < self.body_size:
@@ -406,3 +407,23 @@ def test_plain_http_opt_in_builds_a_client_and_warns() -> None:
     assert warning is not None and "plain http" in warning
     for loopback in ("http://127.0.0.2:1", "http://localhost:1", "http://[::1]:1"):
         assert HttpClient(loopback, TOKEN).base_url == loopback
+
+
+@pytest.mark.parametrize("prog", ["qimem", "qauth"])
+def test_plain_http_opt_in_works_and_warns_once(
+    qimem_home: Path, misbehaving: tuple[Misbehaving, str], prog: str
+) -> None:
+    """0.0.0.0 is not a loopback address (so plain http to it needs the flag), yet Linux
+    delivers a connection to it locally: the opt-in path runs without leaving the host."""
+    app, url = misbehaving
+    app.status, app.payload = 200, b'{"keys": [], "realms": []}'
+    app.body_size = len(app.payload)
+    unspecified = url.replace("127.0.0.1", "0.0.0.0")  # noqa: S104 - a client URL, not a bind
+    refused = run_cli(prog, unspecified, *GETS[prog])
+    assert "--insecure-plain-http" in one_line_error(refused, prog, 3)
+    assert app.requests == []
+    allowed = run_cli(prog, unspecified, "--insecure-plain-http", *GETS[prog])
+    assert allowed.exit_code == 0, allowed.output
+    warnings = allowed.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "plain http" in warnings[0], allowed.stderr
+    assert TOKEN not in allowed.output and len(app.requests) == 1
