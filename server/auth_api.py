@@ -16,6 +16,7 @@ import falcon
 
 from qimem.app import AppContext
 from qimem.errors import ValidationError
+from qimem.identity.permissions import Principal
 from qimem.server.media import Field, Spec, plain_string, read_body, read_json
 from qimem.services import identity as ids
 
@@ -30,6 +31,12 @@ def actor(req: falcon.Request) -> str:
     if principal is None:
         return "(insecure-no-auth)"
     return f"{principal.username}@{principal.realm}"
+
+
+def caller(req: falcon.Request) -> Principal | None:
+    """The acting principal, checked again by the services (no escalation); None only
+    under ``--insecure-no-auth`` (loopback development, full control)."""
+    return getattr(req.context, "principal", None)
 
 
 def read_params(req: falcon.Request, limit: int) -> dict[str, Any]:
@@ -129,15 +136,19 @@ class RealmsResource(_Base):
     """``GET`` list / ``POST {name}`` create realms; ``DELETE /{realm}``."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"realms": [r.to_dict() for r in ids.list_realms(self._app)]}
+        resp.media = {
+            "realms": [r.to_dict() for r in ids.list_realms(self._app, principal=caller(req))]
+        }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = _object(req, self._limit, REALM_SPEC)
         resp.status = falcon.HTTP_201
-        resp.media = ids.create_realm(self._app, body["name"], actor=actor(req)).to_dict()
+        resp.media = ids.create_realm(
+            self._app, body["name"], actor=actor(req), principal=caller(req)
+        ).to_dict()
 
     def on_delete_item(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
-        ids.delete_realm(self._app, realm, actor=actor(req))
+        ids.delete_realm(self._app, realm, actor=actor(req), principal=caller(req))
         resp.status = falcon.HTTP_204
 
 
@@ -146,7 +157,9 @@ class UsersResource(_Base):
     {enabled?, password?}``; ``POST|DELETE /{username}/roles {role, scope?}``."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
-        resp.media = {"users": [u.to_dict() for u in ids.list_users(self._app, realm)]}
+        resp.media = {
+            "users": [u.to_dict() for u in ids.list_users(self._app, realm, principal=caller(req))]
+        }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         body = _object(req, self._limit, USER_SPEC)
@@ -157,6 +170,7 @@ class UsersResource(_Base):
             body["password"],
             body.get("roles", []),
             actor=actor(req),
+            principal=caller(req),
         )
         resp.status = falcon.HTTP_201
         resp.media = user.to_dict()
@@ -167,10 +181,15 @@ class UsersResource(_Base):
         body = _object(req, self._limit, USER_PATCH_SPEC)
         if not body:
             raise ValidationError("PATCH takes 'enabled' and/or 'password'", code="missing_field")
+        who = caller(req)
         if "password" in body:
-            ids.set_password(self._app, realm, username, body["password"], actor=actor(req))
+            ids.set_password(
+                self._app, realm, username, body["password"], actor=actor(req), principal=who
+            )
         if "enabled" in body:
-            ids.set_user_enabled(self._app, realm, username, body["enabled"], actor=actor(req))
+            ids.set_user_enabled(
+                self._app, realm, username, body["enabled"], actor=actor(req), principal=who
+            )
         resp.media = ids.identity(self._app).get_user(realm, username).to_dict()
 
     def on_post_roles(
@@ -178,7 +197,13 @@ class UsersResource(_Base):
     ) -> None:
         body = _object(req, self._limit, GRANT_SPEC)
         added = ids.grant_role(
-            self._app, realm, username, body["role"], body.get("scope"), actor=actor(req)
+            self._app,
+            realm,
+            username,
+            body["role"],
+            body.get("scope"),
+            actor=actor(req),
+            principal=caller(req),
         )
         resp.media = {"username": username, "role": body["role"], "added": added}
 
@@ -187,7 +212,13 @@ class UsersResource(_Base):
     ) -> None:
         body = _object(req, self._limit, GRANT_SPEC)
         ids.revoke_role(
-            self._app, realm, username, body["role"], body.get("scope"), actor=actor(req)
+            self._app,
+            realm,
+            username,
+            body["role"],
+            body.get("scope"),
+            actor=actor(req),
+            principal=caller(req),
         )
         resp.media = {"username": username, "role": body["role"], "revoked": True}
 
@@ -196,7 +227,9 @@ class RolesResource(_Base):
     """``GET`` roles; ``POST {name, permissions, description?}``."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
-        resp.media = {"roles": [r.to_dict() for r in ids.list_roles(self._app, realm)]}
+        resp.media = {
+            "roles": [r.to_dict() for r in ids.list_roles(self._app, realm, principal=caller(req))]
+        }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         body = _object(req, self._limit, ROLE_SPEC)
@@ -207,6 +240,7 @@ class RolesResource(_Base):
             body["permissions"],
             body.get("description", ""),
             actor=actor(req),
+            principal=caller(req),
         )
         resp.status = falcon.HTTP_201
         resp.media = role.to_dict()
@@ -218,7 +252,12 @@ class ClientsResource(_Base):
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         body = _object(req, self._limit, CLIENT_SPEC)
         made = ids.create_client(
-            self._app, realm, body["client_id"], body.get("roles", []), actor=actor(req)
+            self._app,
+            realm,
+            body["client_id"],
+            body.get("roles", []),
+            actor=actor(req),
+            principal=caller(req),
         )
         _no_store(resp)
         resp.status = falcon.HTTP_201
@@ -235,7 +274,8 @@ class TokenResource(_Base):
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         params = read_params(req, self._limit)
         _no_store(resp)
-        resp.media = ids.token(self._app, realm, params).to_dict()
+        source = req.context.get("client_addr") or req.remote_addr
+        resp.media = ids.token(self._app, realm, params, source=source).to_dict()
 
 
 class RevokeResource(_Base):
@@ -282,6 +322,7 @@ class AuditResource(_Base):
             limit=limit,
             action=req.get_param("action"),
             actor=req.get_param("actor"),
+            principal=caller(req),
         )
         resp.media = {"events": [r.to_dict() for r in records]}
 
@@ -290,7 +331,7 @@ class SigningKeyResource(_Base):
     """``POST`` rotates the realm's token signing key."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
-        kid = ids.rotate_signing_key(self._app, realm, actor=actor(req))
+        kid = ids.rotate_signing_key(self._app, realm, actor=actor(req), principal=caller(req))
         resp.media = {"realm": realm, "kid": kid}
 
 
@@ -314,4 +355,4 @@ def add_auth_routes(app: falcon.App, app_ctx: AppContext, body_limit: int) -> No
     app.add_route(p + "/{realm}/signing-key/rotate", SigningKeyResource(app_ctx, body_limit))
 
 
-__all__ = ["AUTH_PREFIX", "add_auth_routes", "read_params"]
+__all__ = ["AUTH_PREFIX", "add_auth_routes", "caller", "read_params"]

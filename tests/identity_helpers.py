@@ -14,15 +14,18 @@ from qimem.services import identity as ids
 #: Argon2 at 1 MiB / t=1 keeps tests fast; production defaults are tested separately.
 FAST = dict(argon2_memory_kib=1024, argon2_time_cost=1, argon2_parallelism=1)
 
+#: The master ``admin`` password of :func:`with_identity` (it passes the password policy).
+ADMIN_PASSWORD = "nqzva-password"
+
 
 def fast_settings(**overrides: object) -> IdentitySettings:
     return IdentitySettings(**{**FAST, **overrides})  # type: ignore[arg-type]
 
 
 def with_identity(app: AppContext, **overrides: object) -> AppContext:
-    """``app`` with fast identity settings, realm master + admin (password 'admin-password')."""
+    """``app`` with fast identity settings, realm master + admin (:data:`ADMIN_PASSWORD`)."""
     ids.configure(app, fast_settings(**overrides))
-    ids.bootstrap(app, "admin-password")
+    ids.bootstrap(app, ADMIN_PASSWORD)
     return app
 
 

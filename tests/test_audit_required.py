@@ -67,7 +67,7 @@ def _session(base: str) -> requests.Session:
     session = requests.Session()
     answer = session.post(
         f"{base}/v1/auth/realms/master/token",
-        data={"grant_type": "password", "username": "admin", "password": "admin-password"},
+        data={"grant_type": "password", "username": "admin", "password": "nqzva-password"},
         timeout=30,
     )
     assert answer.status_code == 200, answer.text

@@ -25,7 +25,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 def live() -> Iterator[tuple[str, AppContext]]:
     app = with_identity(make_app("memory://", None))
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "alice", "alice-password", ["key-manager", "encryptor", "auditor"])
+    ids.add_user(app, "acme", "alice", "nyvpr-password", ["key-manager", "encryptor", "auditor"])
     with serving(app) as url:
         yield url, app
     ids.close_identity(app)
@@ -44,7 +44,7 @@ def test_password_grant_form_and_json_then_refresh(live: tuple[str, AppContext])
     url, _ = live
     form = requests.post(
         token_url(url),
-        data={"grant_type": "password", "username": "alice", "password": "alice-password"},
+        data={"grant_type": "password", "username": "alice", "password": "nyvpr-password"},
         timeout=10,
     )
     assert form.status_code == 200 and form.headers["Cache-Control"] == "no-store"
@@ -52,7 +52,7 @@ def test_password_grant_form_and_json_then_refresh(live: tuple[str, AppContext])
     assert body["token_type"] == "Bearer" and body["expires_in"] == 300
     as_json = requests.post(
         token_url(url),
-        json={"grant_type": "password", "username": "alice", "password": "alice-password"},
+        json={"grant_type": "password", "username": "alice", "password": "nyvpr-password"},
         timeout=10,
     )
     assert as_json.status_code == 200
@@ -81,9 +81,9 @@ def test_bad_logins_are_indistinguishable(live: tuple[str, AppContext]) -> None:
     url, _ = live
     answers = set()
     for username, password, realm in (
-        ("alice", "wrong-password", "acme"),
-        ("nobody", "whatever-pass", "acme"),
-        ("alice", "alice-password", "no-such-realm"),
+        ("alice", "jebat-password", "acme"),
+        ("nobody", "jungrire-pass", "acme"),
+        ("alice", "nyvpr-password", "no-such-realm"),
     ):
         response = requests.post(
             token_url(url, realm),
@@ -93,7 +93,7 @@ def test_bad_logins_are_indistinguishable(live: tuple[str, AppContext]) -> None:
         answers.add((response.status_code, response.text))
     assert len(answers) == 1
     status, text = answers.pop()
-    assert status == 401 and "wrong-password" not in text
+    assert status == 401 and "jebat-password" not in text
     bad = requests.post(token_url(url), data={"grant_type": "implicit"}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported_grant_type"
     garbage = requests.post(token_url(url), data=b"%%%&&&=", headers=FORM, timeout=10)
@@ -104,7 +104,7 @@ def test_tokens_work_on_the_security_api_and_can_be_revoked(live: tuple[str, App
     url, _ = live
     tokens = requests.post(
         token_url(url),
-        data={"grant_type": "password", "username": "alice", "password": "alice-password"},
+        data={"grant_type": "password", "username": "alice", "password": "nyvpr-password"},
         timeout=10,
     ).json()
     access = tokens["access_token"]
@@ -163,7 +163,7 @@ def test_tokens_work_on_the_security_api_and_can_be_revoked(live: tuple[str, App
         ("token.revoke", "success"),
     } <= actions
     text = json.dumps(events)
-    for secret in (access, tokens["refresh_token"], fresh["refresh_token"], "alice-password"):
+    for secret in (access, tokens["refresh_token"], fresh["refresh_token"], "nyvpr-password"):
         assert secret not in text
 
 
@@ -171,7 +171,7 @@ def test_service_account_and_admin_api(live: tuple[str, AppContext]) -> None:
     url, app = live
     admin = requests.post(
         token_url(url, "master"),
-        data={"grant_type": "password", "username": "admin", "password": "admin-password"},
+        data={"grant_type": "password", "username": "admin", "password": "nqzva-password"},
         timeout=10,
     ).json()["access_token"]
     head = {**bearer(admin), "Content-Type": "application/json"}
@@ -199,7 +199,7 @@ def test_service_account_and_admin_api(live: tuple[str, AppContext]) -> None:
     assert (
         requests.post(
             f"{url}/v1/auth/realms/acme/users",
-            json={"username": "pat", "password": "pat-password", "roles": []},
+            json={"username": "pat", "password": "cng-password", "roles": []},
             headers=head,
             timeout=10,
         ).status_code
@@ -220,7 +220,7 @@ def test_service_account_and_admin_api(live: tuple[str, AppContext]) -> None:
         ).raise_for_status()
     pat = requests.post(
         token_url(url),
-        data={"grant_type": "password", "username": "pat", "password": "pat-password"},
+        data={"grant_type": "password", "username": "pat", "password": "cng-password"},
         timeout=10,
     ).json()["access_token"]
 
@@ -262,7 +262,7 @@ def test_service_account_and_admin_api(live: tuple[str, AppContext]) -> None:
     assert (
         requests.post(
             token_url(url),
-            data={"grant_type": "password", "username": "pat", "password": "pat-password"},
+            data={"grant_type": "password", "username": "pat", "password": "cng-password"},
             timeout=10,
         ).status_code
         == 401
@@ -275,7 +275,7 @@ def test_jwks_over_http_verifies_tokens_with_jwcrypto(live: tuple[str, AppContex
     url, _ = live
     access = requests.post(
         token_url(url),
-        data={"grant_type": "password", "username": "alice", "password": "alice-password"},
+        data={"grant_type": "password", "username": "alice", "password": "nyvpr-password"},
         timeout=10,
     ).json()["access_token"]
     jwks = requests.get(f"{url}/v1/auth/realms/acme/jwks", timeout=10)

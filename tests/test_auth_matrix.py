@@ -145,26 +145,26 @@ def world() -> Iterator[World]:
     app = with_identity(make_app("memory://", None))
     ids.create_realm(app, "acme")
     ids.create_realm(app, "beta")
-    ids.add_user(app, "acme", "boss", "boss-password", ["admin"])
+    ids.add_user(app, "acme", "boss", "obff-password", ["admin"])
     ids.create_role(app, "acme", "plugin-viewer", ["plugins:read"])
-    ids.add_user(app, "acme", "reader", "reader-password", ["plugin-viewer"])
-    ids.add_user(app, "acme", "spare", "spare-password", ["auditor"])
-    ids.add_user(app, "beta", "intruder", "intruder-password", ["admin"])
+    ids.add_user(app, "acme", "reader", "ernqre-password", ["plugin-viewer"])
+    ids.add_user(app, "acme", "spare", "fcner-password", ["auditor"])
+    ids.add_user(app, "beta", "intruder", "vagehqre-password", ["admin"])
     key = services.create_key(app, name="k1", realm="acme")
     sealed = services.encrypt(app, "k1", b"secret", realm="acme")
     with serving(app) as url:
         w = World(url, app, key.key_id, base64.b64encode(sealed.envelope).decode())
         login = lambda realm, user, pw: password_login(app, realm, user, pw).access_token  # noqa: E731
-        w.tokens["master_admin"] = login("master", "admin", "admin-password")
-        w.tokens["acme_admin"] = login("acme", "boss", "boss-password")
-        w.tokens["reader"] = login("acme", "reader", "reader-password")
-        w.tokens["intruder"] = login("beta", "intruder", "intruder-password")
+        w.tokens["master_admin"] = login("master", "admin", "nqzva-password")
+        w.tokens["acme_admin"] = login("acme", "boss", "obff-password")
+        w.tokens["reader"] = login("acme", "reader", "ernqre-password")
+        w.tokens["intruder"] = login("beta", "intruder", "vagehqre-password")
         ident = ids.identity(app)
         boss = ident.get_user("acme", "boss")
         w.tokens["expired"] = ident.tokens.issue(
             "acme", boss.user_id, "boss", ["admin"], now=time.time() - 3600
         ).token
-        revoked = login("acme", "boss", "boss-password")
+        revoked = login("acme", "boss", "obff-password")
         ids.revoke(app, "acme", revoked)
         w.tokens["revoked"] = revoked
         good = w.tokens["acme_admin"]

@@ -56,13 +56,13 @@ def test_realms_lifecycle(app: AppContext) -> None:
     with pytest.raises(ConflictError):
         ids.delete_realm(app, "acme")
     ids.create_realm(app, "empty")
-    ids.add_user(app, "empty", "bob", "bob-password", ["admin"])
+    ids.add_user(app, "empty", "bob", "obo-password", ["admin"])
     ids.delete_realm(app, "empty")
     assert "empty" not in [r.name for r in ids.list_realms(app)]
     with pytest.raises(NotFoundError):
         ids.list_users(app, "empty")
     with pytest.raises(NotFoundError):
-        ids.add_user(app, "nope", "bob", "bob-password")
+        ids.add_user(app, "nope", "bob", "obo-password")
 
 
 def test_builtin_roles_and_custom_roles(app: AppContext) -> None:
@@ -82,8 +82,8 @@ def test_builtin_roles_and_custom_roles(app: AppContext) -> None:
 
 def test_password_login_issues_tokens_with_roles(app: AppContext) -> None:
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "alice", "alice-password", ["encryptor", "auditor"])
-    response = password_login(app, "acme", "alice", "alice-password")
+    ids.add_user(app, "acme", "alice", "nyvpr-password", ["encryptor", "auditor"])
+    response = password_login(app, "acme", "alice", "nyvpr-password")
     assert response.refresh_token and response.refresh_token.startswith("qrt_")
     principal = ids.authenticate(app, response.access_token)
     assert principal.realm == "acme" and principal.username == "alice"
@@ -95,10 +95,10 @@ def test_password_login_issues_tokens_with_roles(app: AppContext) -> None:
 
 def test_scoped_grants_cover_matching_key_names_only(app: AppContext) -> None:
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "pat", "pat-password-1")
+    ids.add_user(app, "acme", "pat", "cng-password-1")
     ids.grant_role(app, "acme", "pat", "encryptor", "payroll-*")
     principal = ids.authenticate(
-        app, password_login(app, "acme", "pat", "pat-password-1").access_token
+        app, password_login(app, "acme", "pat", "cng-password-1").access_token
     )
     assert principal.allows("crypto:encrypt", "payroll-2026")
     assert not principal.allows("crypto:encrypt", "hr-2026")
@@ -107,7 +107,7 @@ def test_scoped_grants_cover_matching_key_names_only(app: AppContext) -> None:
     # Revoking the scoped grant removes it.
     ids.revoke_role(app, "acme", "pat", "encryptor")
     principal = ids.authenticate(
-        app, password_login(app, "acme", "pat", "pat-password-1").access_token
+        app, password_login(app, "acme", "pat", "cng-password-1").access_token
     )
     assert not principal.allows_any("crypto:encrypt")
     with pytest.raises(NotFoundError):
@@ -126,20 +126,20 @@ def test_permission_map_unions_grants() -> None:
 
 def test_master_admin_may_act_in_other_realms(app: AppContext) -> None:
     admin = ids.authenticate(
-        app, password_login(app, "master", "admin", "admin-password").access_token
+        app, password_login(app, "master", "admin", "nqzva-password").access_token
     )
     assert admin.can_act_in("acme") and admin.can_act_in("master")
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "root", "root-password", ["admin"])
+    ids.add_user(app, "acme", "root", "ebbg-password", ["admin"])
     acme_admin = ids.authenticate(
-        app, password_login(app, "acme", "root", "root-password").access_token
+        app, password_login(app, "acme", "root", "ebbg-password").access_token
     )
     assert acme_admin.can_act_in("acme") and not acme_admin.can_act_in("master")
 
 
 def test_failed_logins_are_uniform_and_lock_per_user(app: AppContext) -> None:
-    ids.add_user(app, "master", "carol", "carol-password")
-    ids.add_user(app, "master", "dave", "dave-password")
+    ids.add_user(app, "master", "carol", "pneby-password")
+    ids.add_user(app, "master", "dave", "qnir-password")
 
     def attempt(username: str, password: str, realm: str = "master") -> tuple[str, str, int]:
         with pytest.raises(AuthError) as info:
@@ -148,19 +148,19 @@ def test_failed_logins_are_uniform_and_lock_per_user(app: AppContext) -> None:
 
     wrong = attempt("carol", "not-her-password")
     assert wrong == ("invalid_grant", "invalid username or password", 401)
-    assert attempt("nobody", "whatever-pass") == wrong
+    assert attempt("nobody", "jungrire-pass") == wrong
     assert attempt("carol", "x", realm="no-such-realm") == wrong
     attempt("carol", "still-wrong-1")
     attempt("carol", "still-wrong-2")  # third failure: locked
-    # The right password now gets exactly the wrong-password answer.
-    assert attempt("carol", "carol-password") == wrong
+    # The right password now gets exactly the jebat-password answer.
+    assert attempt("carol", "pneby-password") == wrong
     # Lockout is per user: dave is unaffected.
-    assert password_login(app, "master", "dave", "dave-password").access_token
+    assert password_login(app, "master", "dave", "qnir-password").access_token
     # Disabled users get the same answer too; enabling clears the lockout.
     ids.set_user_enabled(app, "master", "dave", False)
-    assert attempt("dave", "dave-password") == wrong
+    assert attempt("dave", "qnir-password") == wrong
     ids.set_user_enabled(app, "master", "carol", True)
-    assert password_login(app, "master", "carol", "carol-password").access_token
+    assert password_login(app, "master", "carol", "pneby-password").access_token
     records = ids.audit_events(app, "master", action="login")
     reasons = [r.detail.get("reason") for r in records if r.outcome == "failure"]
     assert {"bad_password", "locked", "unknown_user", "disabled"} <= set(reasons)
@@ -183,9 +183,9 @@ def test_unknown_user_is_hashed_against_a_dummy(
 
     monkeypatch.setattr(hashing, "_hasher", Spy())
     with pytest.raises(AuthError):
-        password_login(app, "master", "ghost", "some-password")
+        password_login(app, "master", "ghost", "fbzr-password")
     with pytest.raises(AuthError):
-        password_login(app, "master", "admin", "wrong-password")
+        password_login(app, "master", "admin", "jebat-password")
     assert len(seen) == 2
     # Same algorithm and parameters for the unknown user as for the real one.
     assert seen[0].rsplit("$", 2)[0] == seen[1].rsplit("$", 2)[0]
@@ -202,7 +202,7 @@ def test_default_argon2_parameters_are_owasp_and_rehash_on_login(
     )
     assert PasswordHashing(default).hash("a-password").startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     app = with_identity(make_app(sqlite_url, root_key_b64))
-    ids.add_user(app, "master", "erin", "erin-password")
+    ids.add_user(app, "master", "erin", "reva-password")
     ids.close_identity(app)
     app.close()
 
@@ -218,7 +218,7 @@ def test_default_argon2_parameters_are_owasp_and_rehash_on_login(
     assert stored_hash().startswith("$argon2id$v=19$m=1024,t=1,p=1$")
     app = make_app(sqlite_url, root_key_b64)
     ids.configure(app, fast_settings(argon2_memory_kib=2048, argon2_time_cost=2))
-    password_login(app, "master", "erin", "erin-password")
+    password_login(app, "master", "erin", "reva-password")
     ids.close_identity(app)
     app.close()
     assert stored_hash().startswith("$argon2id$v=19$m=2048,t=2,p=1$")
@@ -245,14 +245,14 @@ def test_password_rules_and_changes(app: AppContext) -> None:
         ids.add_user(app, "master", "frank", "short")
     with pytest.raises(ValidationError):
         ids.add_user(app, "master", "bad name!", "long-enough-password")
-    ids.add_user(app, "master", "frank", "frank-password")
+    ids.add_user(app, "master", "frank", "senax-password")
     with pytest.raises(ConflictError):
-        ids.add_user(app, "master", "frank", "frank-password")
-    first = password_login(app, "master", "frank", "frank-password")
-    ids.set_password(app, "master", "frank", "frank-new-password")
+        ids.add_user(app, "master", "frank", "senax-password")
+    first = password_login(app, "master", "frank", "senax-password")
+    ids.set_password(app, "master", "frank", "senax-new-password")
     with pytest.raises(AuthError):
-        password_login(app, "master", "frank", "frank-password")
-    assert password_login(app, "master", "frank", "frank-new-password").access_token
+        password_login(app, "master", "frank", "senax-password")
+    assert password_login(app, "master", "frank", "senax-new-password").access_token
     # A password change ends existing sessions (refresh tokens).
     with pytest.raises(AuthError):
         ids.token(
@@ -261,7 +261,7 @@ def test_password_rules_and_changes(app: AppContext) -> None:
 
 
 def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
-    first = password_login(app, "master", "admin", "admin-password")
+    first = password_login(app, "master", "admin", "nqzva-password")
     second = ids.token(
         app, "master", {"grant_type": "refresh_token", "refresh_token": first.refresh_token}
     )
@@ -280,13 +280,13 @@ def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
             app, "master", {"grant_type": "refresh_token", "refresh_token": third.refresh_token}
         )
     # Another login starts a fresh family that works.
-    fresh = password_login(app, "master", "admin", "admin-password")
+    fresh = password_login(app, "master", "admin", "nqzva-password")
     assert ids.token(
         app, "master", {"grant_type": "refresh_token", "refresh_token": fresh.refresh_token}
     )
     # A refresh token only works in its realm.
     ids.create_realm(app, "acme")
-    other = password_login(app, "master", "admin", "admin-password")
+    other = password_login(app, "master", "admin", "nqzva-password")
     with pytest.raises(AuthError):
         ids.token(
             app, "acme", {"grant_type": "refresh_token", "refresh_token": other.refresh_token}
@@ -298,7 +298,7 @@ def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
 
 
 def test_concurrent_refresh_of_one_token_succeeds_once(sql_app: AppContext) -> None:
-    first = password_login(sql_app, "master", "admin", "admin-password")
+    first = password_login(sql_app, "master", "admin", "nqzva-password")
     results: list[str] = []
     barrier = threading.Barrier(4)
 
@@ -323,7 +323,7 @@ def test_concurrent_refresh_of_one_token_succeeds_once(sql_app: AppContext) -> N
 
 
 def test_revocation_and_introspection(app: AppContext) -> None:
-    tokens = password_login(app, "master", "admin", "admin-password")
+    tokens = password_login(app, "master", "admin", "nqzva-password")
     info = ids.introspect(app, "master", tokens.access_token)
     assert info["active"] and info["username"] == "admin" and info["realm"] == "master"
     assert ids.introspect(app, "master", tokens.refresh_token)["token_type"] == "refresh_token"
@@ -395,9 +395,9 @@ def test_token_endpoint_parameters(app: AppContext) -> None:
 
 def test_identity_on_sql_stores_persists(sql_app: AppContext) -> None:
     ids.create_realm(sql_app, "acme")
-    ids.add_user(sql_app, "acme", "alice", "alice-password", ["key-manager"])
+    ids.add_user(sql_app, "acme", "alice", "nyvpr-password", ["key-manager"])
     ids.grant_role(sql_app, "acme", "alice", "encryptor", "payroll-*")
-    tokens = password_login(sql_app, "acme", "alice", "alice-password")
+    tokens = password_login(sql_app, "acme", "alice", "nyvpr-password")
     principal = ids.authenticate(sql_app, tokens.access_token)
     assert principal.allows("keys:create") and principal.allows("crypto:encrypt", "payroll-1")
     users = {u.username: u for u in ids.list_users(sql_app, "acme")}

@@ -24,14 +24,14 @@ from qimem.services import identity as ids
 def app() -> Iterator[AppContext]:
     ctx = with_identity(make_app("memory://", None))
     ids.create_realm(ctx, "acme")
-    ids.add_user(ctx, "acme", "alice", "alice-password", ["encryptor"])
+    ids.add_user(ctx, "acme", "alice", "nyvpr-password", ["encryptor"])
     yield ctx
     ids.close_identity(ctx)
     ctx.close()
 
 
 def _token(app: AppContext) -> str:
-    return password_login(app, "acme", "alice", "alice-password").access_token
+    return password_login(app, "acme", "alice", "nyvpr-password").access_token
 
 
 def test_claims_and_header(app: AppContext) -> None:
@@ -153,7 +153,7 @@ def test_signing_keys_are_per_realm_and_wrapped(sqlite_url: str, root_key_b64: s
     master_kids = {k["kid"] for k in ids.jwks(app, "master")["keys"]}
     acme_kids = {k["kid"] for k in ids.jwks(app, "acme")["keys"]}
     assert master_kids and acme_kids and not master_kids & acme_kids
-    token = password_login(app, "master", "admin", "admin-password").access_token
+    token = password_login(app, "master", "admin", "nqzva-password").access_token
     ids.close_identity(app)
     app.close()
     # A second process with the same root key verifies the first one's tokens.

@@ -232,7 +232,7 @@ def test_schedule_cancel_and_purge(any_app: AppContext) -> None:
 
 def test_lifecycle_operations_are_audited(sqlite_app: AppContext) -> None:
     ids.configure(sqlite_app, FAST_IDENTITY)
-    ids.bootstrap(sqlite_app, "admin-password")
+    ids.bootstrap(sqlite_app, "nqzva-password")
     services.create_key(sqlite_app, name="audited")
     services.rotate_key(sqlite_app, "audited")
     lifecycle.set_policy(sqlite_app, "audited", min_decryption_version=2, actor="alice@master")

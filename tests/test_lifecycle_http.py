@@ -21,8 +21,8 @@ PASSPHRASE = "a long backup passphrase"
 @pytest.fixture
 def app() -> Iterator[AppContext]:
     ctx = with_identity(make_app("memory://", None))
-    ids.add_user(ctx, "master", "keeper", "keeper-password", ["key-manager"])
-    ids.add_user(ctx, "master", "user", "user-password-1", ["encryptor"])
+    ids.add_user(ctx, "master", "keeper", "xrrcre-password", ["key-manager"])
+    ids.add_user(ctx, "master", "user", "hfre-password-1", ["encryptor"])
     yield ctx
     ctx.close()
 
@@ -49,7 +49,7 @@ def _seal(api: Api, key: str, text: bytes) -> dict[str, object]:
 
 
 def test_policy_states_and_deletion(app: AppContext) -> None:
-    admin = Api(app, "admin", "admin-password")
+    admin = Api(app, "admin", "nqzva-password")
     assert admin.post("/v1/security/keys", {"name": "orders"}).status_code == 201
     old = _seal(admin, "orders", b"old")
     assert admin.post("/v1/security/rotate", {"key": "orders"}).status_code == 200
@@ -106,7 +106,7 @@ def test_policy_states_and_deletion(app: AppContext) -> None:
 
 
 def test_bad_requests(app: AppContext) -> None:
-    admin = Api(app, "admin", "admin-password")
+    admin = Api(app, "admin", "nqzva-password")
     admin.post("/v1/security/keys", {"name": "k"})
     cases = [
         ("/v1/security/keys/k/policy", {"bogus": 1}, 400, "unknown_field"),
@@ -131,9 +131,9 @@ def test_bad_requests(app: AppContext) -> None:
 
 
 def test_permissions(app: AppContext) -> None:
-    Api(app, "admin", "admin-password").post("/v1/security/keys", {"name": "k"})
-    keeper = Api(app, "keeper", "keeper-password")
-    user = Api(app, "user", "user-password-1")
+    Api(app, "admin", "nqzva-password").post("/v1/security/keys", {"name": "k"})
+    keeper = Api(app, "keeper", "xrrcre-password")
+    user = Api(app, "user", "hfre-password-1")
     assert keeper.post("/v1/security/keys/k/policy", {"usage_limit": 10}).status_code == 200
     assert user.get("/v1/security/keys/k/policy").status_code == 200  # keys:read
     assert user.post("/v1/security/keys/k/policy", {"usage_limit": 5}).status_code == 403
@@ -147,7 +147,7 @@ def test_permissions(app: AppContext) -> None:
 
 
 def test_export_and_import_between_servers(app: AppContext) -> None:
-    admin = Api(app, "admin", "admin-password")
+    admin = Api(app, "admin", "nqzva-password")
     admin.post("/v1/security/keys", {"name": "moving"})
     first = _seal(admin, "moving", b"first")
     admin.post("/v1/security/rotate", {"key": "moving"})
@@ -159,7 +159,7 @@ def test_export_and_import_between_servers(app: AppContext) -> None:
 
     fresh = with_identity(make_app("memory://", None))
     try:
-        other = Api(fresh, "admin", "admin-password")
+        other = Api(fresh, "admin", "nqzva-password")
         wrong = other.post(
             "/v1/security/import", {"backup": exported.json["backup"], "passphrase": "x" * 12}
         )
@@ -181,7 +181,7 @@ def test_export_and_import_between_servers(app: AppContext) -> None:
 
 
 def test_derived_key_over_http(app: AppContext) -> None:
-    admin = Api(app, "admin", "admin-password")
+    admin = Api(app, "admin", "nqzva-password")
     created = admin.post("/v1/security/keys", {"name": "tenants", "derived": True})
     assert created.status_code == 201, created.text
     ctx = base64.b64encode(b"tenant-a").decode()

@@ -221,17 +221,17 @@ class Tokens(dict[str, str]):
 def secured() -> Iterator[tuple[str, Tokens]]:
     app = with_identity(make_app("memory://", None))
     ids.create_role(app, "master", "plugin-viewer", ["plugins:read"])
-    ids.add_user(app, "master", "viewer", "viewer-password", ["plugin-viewer"])
-    ids.add_user(app, "master", "sealer", "sealer-password", ["encryptor"])
+    ids.add_user(app, "master", "viewer", "ivrjre-password", ["plugin-viewer"])
+    ids.add_user(app, "master", "sealer", "frnyre-password", ["encryptor"])
     ids.create_realm(app, "acme")
-    ids.add_user(app, "acme", "boss", "boss-password", ["admin"])
+    ids.add_user(app, "acme", "boss", "obff-password", ["admin"])
     tokens = Tokens(
         (user, password_login(app, realm, user, password).access_token)
         for realm, user, password in (
-            ("master", "admin", "admin-password"),
-            ("master", "viewer", "viewer-password"),
-            ("master", "sealer", "sealer-password"),
-            ("acme", "boss", "boss-password"),
+            ("master", "admin", "nqzva-password"),
+            ("master", "viewer", "ivrjre-password"),
+            ("master", "sealer", "frnyre-password"),
+            ("acme", "boss", "obff-password"),
         )
     )
     try:

@@ -42,7 +42,7 @@ def login(home: Path, realm: str, username: str, password: str) -> str:
 
 @pytest.fixture
 def home(qimem_home: Path) -> Path:
-    result = run(cli, "init", "--admin-password-stdin", "--json", input="admin-password-1\n")
+    result = run(cli, "init", "--admin-password-stdin", "--json", input="nqzva-password-1\n")
     assert result.exit_code == 0, result.stderr
     assert "admin_password" not in json.loads(result.stdout)
     # Cheap Argon2 for the rest of the test (the config file's [identity] table).
@@ -52,11 +52,11 @@ def home(qimem_home: Path) -> Path:
 
 
 def test_init_creates_master_admin_and_rerun_keeps_it(home: Path) -> None:
-    assert login(home, "master", "admin", "admin-password-1")
-    again = run(cli, "init", "--admin-password-stdin", input="another-password\n")
+    assert login(home, "master", "admin", "nqzva-password-1")
+    again = run(cli, "init", "--admin-password-stdin", input="nabgure-password\n")
     assert again.exit_code == 0
     # Rerunning init never replaces the admin or its password.
-    assert login(home, "master", "admin", "admin-password-1")
+    assert login(home, "master", "admin", "nqzva-password-1")
     users = js("user", "list")
     assert [(u["username"], u["roles"]) for u in users] == [("admin", ["admin"])]
 
@@ -85,10 +85,10 @@ def test_realm_user_role_client_token_audit(home: Path) -> None:
         "--role",
         "auditor",
         "--password-stdin",
-        input="alice-password\n",
+        input="nyvpr-password\n",
     )
     assert user["roles"] == ["auditor", "encryptor"] and "password" not in json.dumps(user)
-    assert login(home, "acme", "alice", "alice-password")
+    assert login(home, "acme", "alice", "nyvpr-password")
 
     role = js(
         "role",
@@ -108,8 +108,8 @@ def test_realm_user_role_client_token_audit(home: Path) -> None:
     assert set(listed) == {"admin", "auditor", "encryptor", "key-manager", "payroll-enc"}
     js("role", "revoke", "--realm", "acme", "alice", "auditor")
 
-    ok("user", "passwd", "--realm", "acme", "alice", "--password-stdin", input="alice-new-pass\n")
-    assert login(home, "acme", "alice", "alice-new-pass")
+    ok("user", "passwd", "--realm", "acme", "alice", "--password-stdin", input="nyvpr-new-pass\n")
+    assert login(home, "acme", "alice", "nyvpr-new-pass")
     js("user", "disable", "--realm", "acme", "alice")
     users = {u["username"]: u for u in js("user", "list", "--realm", "acme")}
     assert users["alice"]["enabled"] is False
@@ -141,7 +141,7 @@ def test_realm_user_role_client_token_audit(home: Path) -> None:
         "login",
     } <= actions
     dumped = json.dumps(events)
-    for secret in ("alice-password", "alice-new-pass", client["client_secret"], token):
+    for secret in ("nyvpr-password", "nyvpr-new-pass", client["client_secret"], token):
         assert secret not in dumped
     table = ok("audit", "--realm", "acme").stdout
     assert "ACTION" in table and "role.grant" in table
@@ -194,7 +194,7 @@ def test_qauth_against_a_server(tmp_path: Path) -> None:
                     "admin",
                     "--password-stdin",
                     "--json",
-                    input="admin-password\n",
+                    input="nqzva-password\n",
                 ).stdout
             )["access_token"]
             remote += ["--token", token]
@@ -210,7 +210,7 @@ def test_qauth_against_a_server(tmp_path: Path) -> None:
                 "--role",
                 "encryptor",
                 "--password-stdin",
-                input="bob-password\n",
+                input="obo-password\n",
             )
             js(*remote, "role", "create", "--realm", "acme", "viewer", "-p", "keys:read")
             assert js(*remote, "role", "grant", "--realm", "acme", "bob", "viewer")["added"]
@@ -229,7 +229,7 @@ def test_qauth_against_a_server(tmp_path: Path) -> None:
                 "acme",
                 "bob",
                 "--password-stdin",
-                input="bob-new-password\n",
+                input="obo-new-password\n",
             )
             bob = ok(
                 "--server",
@@ -240,7 +240,7 @@ def test_qauth_against_a_server(tmp_path: Path) -> None:
                 "--user",
                 "bob",
                 "--password-stdin",
-                input="bob-new-password\n",
+                input="obo-new-password\n",
             ).stdout.strip()
             assert ids.authenticate(app, bob).username == "bob"
             client = js(*remote, "client", "create", "--realm", "acme", "svc")

@@ -31,6 +31,7 @@ from qimem.errors import ValidationError
 if TYPE_CHECKING:
     from qimem.app import AppContext
     from qimem.http_client import HttpClient
+    from qimem.identity.password_policy import PasswordPolicy
 
 
 class QauthGroup(QimemGroup):
@@ -98,6 +99,12 @@ class QauthState(CliState):
 class Backend:
     """The operations behind the commands, returning JSON-ready data."""
 
+    def password_policy(self, realm: str) -> PasswordPolicy:
+        """The realm's password policy, for generating passwords (a server checks its own)."""
+        from qimem.identity.password_policy import PasswordPolicy
+
+        return PasswordPolicy()
+
     def create_realm(self, name: str) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -158,6 +165,9 @@ class LocalBackend(Backend):
 
         self.app = app
         self.ids = identity
+
+    def password_policy(self, realm: str) -> PasswordPolicy:
+        return self.ids.password_policy(self.app, realm)
 
     def create_realm(self, name: str) -> dict[str, Any]:
         return self.ids.create_realm(self.app, name).to_dict()
@@ -387,13 +397,14 @@ def user_add(
 
     Without --password-stdin a random password is generated and printed once.
     """
-    from qimem.identity.passwords import generate_password
+    from qimem.identity.password_policy import generate_password
 
     generated = None
     if password_stdin:
         password = _read_secret_stdin("password")
     else:
-        password = generated = generate_password()
+        policy = state.auth_backend.password_policy(realm)
+        password = generated = generate_password(policy, username)
     created = state.auth_backend.add_user(realm, username, password, list(roles))
     if json_:
         body = dict(created)

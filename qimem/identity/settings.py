@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qimem.errors import ConfigError
+from qimem.identity.password_policy import PasswordPolicies, policies_from_mapping
 
 #: Paths that never need a token (configurable with ``identity.public_paths``).
 DEFAULT_PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -34,6 +35,9 @@ class IdentitySettings:
     #: Logins allowed to wait for a hashing slot before new ones are refused at once.
     max_waiting_hashes: int = 16
     hash_wait_seconds: float = 10.0
+    #: Hashing + waiting places one client address (or one account) may hold at once, so a
+    #: flood from one source cannot take every slot; 0 = half of all places (at least 1).
+    max_logins_per_source: int = 0
     lockout_threshold: int = 5
     lockout_seconds: float = 300.0
     access_token_ttl: int = 300
@@ -54,6 +58,8 @@ class IdentitySettings:
     #: the answer, both synchronously; if either write fails the request gets 503
     #: ``audit_unavailable`` (the operation does not run, or its result is withheld).
     audit_mode: str = "buffered"
+    #: Password rules (``[identity.password_policy]``, per-realm ``.realms.NAME`` tables).
+    password_policy: PasswordPolicies = field(default_factory=PasswordPolicies)
 
     def issuer(self, realm: str) -> str:
         """The ``iss`` claim of tokens from ``realm``."""
@@ -67,6 +73,9 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
     for name, value in values.items():
         if name not in known:
             raise ConfigError(f"{source}: unknown identity setting {name!r}")
+        if name == "password_policy":
+            kwargs[name] = policies_from_mapping(value, source)
+            continue
         default = getattr(IdentitySettings(), name)
         try:
             if isinstance(default, tuple):

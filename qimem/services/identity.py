@@ -1,5 +1,11 @@
 """Identity operations shared by the ``qauth`` CLI and the ``/v1/auth`` HTTP API.
 
+Administrative functions take the caller as ``principal``: with one, the caller must act
+in his own realm (or be a ``master`` realm admin), hold the operation's permission and
+hand out nothing he lacks (:mod:`qimem.identity.escalation`); ``None`` is the local
+operator, who holds the root key and may do anything. New passwords must pass the realm's
+password policy (:mod:`qimem.identity.password_policy`), whoever sets them.
+
 :func:`identity` opens (once per :class:`~qimem.app.AppContext`) the identity layer on the
 key store's own database: the SQL store's engine for ``sqlite``/``postgresql`` stores, a
 private in-memory SQLite database for ``memory://``. Signing keys are wrapped under the
@@ -18,6 +24,9 @@ from qimem.errors import NotFoundError, ValidationError
 from qimem.identity import Identity, IdentitySettings, NewSecret, Principal, TokenResponse
 from qimem.identity.audit import AuditRecord
 from qimem.identity.db import Database
+from qimem.identity.escalation import Guard
+from qimem.identity.password_policy import PasswordPolicy, generate_password
+from qimem.identity.permissions import validate_scope
 from qimem.identity.realms import MASTER, Realm
 from qimem.identity.roles import Role
 from qimem.identity.settings import load_settings
@@ -70,18 +79,39 @@ def close_identity(app: AppContext) -> None:
 # -- realms ---------------------------------------------------------------------------
 
 
-def create_realm(app: AppContext, name: str, *, actor: str = "local") -> Realm:
-    """Create a realm (with the built-in roles and a signing key)."""
-    return identity(app).create_realm(name, actor=actor)
+def _actor(actor: str, principal: Principal | None) -> str:
+    if principal is not None and actor == "local":
+        return f"{principal.username}@{principal.realm}"
+    return actor
 
 
-def list_realms(app: AppContext) -> list[Realm]:
+def _guard(app: AppContext, principal: Principal | None, realm: str) -> Guard:
+    return Guard(identity(app), principal, realm)
+
+
+def create_realm(
+    app: AppContext, name: str, *, actor: str = "local", principal: Principal | None = None
+) -> Realm:
+    """Create a realm (with the built-in roles and a signing key). Master admins only."""
+    _guard(app, principal, MASTER).master_admin()
+    return identity(app).create_realm(name, actor=_actor(actor, principal))
+
+
+def list_realms(app: AppContext, *, principal: Principal | None = None) -> list[Realm]:
+    """Every realm. Master admins only."""
+    _guard(app, principal, MASTER).master_admin()
     return identity(app).list_realms()
 
 
-def delete_realm(app: AppContext, name: str, *, actor: str = "local") -> None:
-    """Delete a realm. Refused while it still holds keys, and for ``master``."""
+def delete_realm(
+    app: AppContext, name: str, *, actor: str = "local", principal: Principal | None = None
+) -> None:
+    """Delete a realm. Refused while it still holds keys, and for ``master``; master
+    admins only."""
     ident = identity(app)
+    guard = _guard(app, principal, name)
+    guard.in_realm()
+    guard.master_admin()
     ident.require_realm(name)
     if name != MASTER and app.store.list(name):
         from qimem.errors import ConflictError
@@ -89,7 +119,7 @@ def delete_realm(app: AppContext, name: str, *, actor: str = "local") -> None:
         raise ConflictError(
             f"realm {name!r} still holds keys; it cannot be deleted", code="realm_not_empty"
         )
-    ident.delete_realm(name, actor=actor)
+    ident.delete_realm(name, actor=_actor(actor, principal))
 
 
 def require_realm(app: AppContext, name: str) -> None:
@@ -97,9 +127,41 @@ def require_realm(app: AppContext, name: str) -> None:
     identity(app).require_realm(name)
 
 
+def password_policy(app: AppContext, realm: str) -> PasswordPolicy:
+    """The password policy of ``realm`` (identity settings, per-realm overrides)."""
+    return identity(app).settings.password_policy.for_realm(realm)
+
+
+def check_password(app: AppContext, realm: str, username: str, password: str) -> None:
+    """:raises ValidationError: ``weak_password`` naming the rule ``password`` breaks."""
+    password_policy(app, realm).check(password, username, realm)
+
+
 def bootstrap(app: AppContext, admin_password: str | None) -> str | None:
-    """Realm ``master`` and user ``admin`` (idempotent). Returns a generated password."""
-    return identity(app).ensure_master(admin_password)
+    """Realm ``master`` and user ``admin`` (idempotent). Returns a generated password.
+
+    A given password must pass master's password policy; it is ignored (and not checked)
+    when ``admin`` already exists.
+    """
+    ident = identity(app)
+    generated = None
+    if not _has_user(ident, MASTER, "admin"):
+        if admin_password is None:
+            admin_password = generated = generate_password(password_policy(app, MASTER), "admin")
+        else:
+            check_password(app, MASTER, "admin", admin_password)
+    made = ident.ensure_master(admin_password)
+    return generated if made is None else made
+
+
+def _has_user(ident: Identity, realm: str, username: str) -> bool:
+    if not ident.realm_exists(realm):
+        return False
+    try:
+        ident.get_user(realm, username)
+    except NotFoundError:
+        return False
+    return True
 
 
 # -- users and roles ------------------------------------------------------------------
@@ -113,24 +175,56 @@ def add_user(
     roles: Iterable[str] = (),
     *,
     actor: str = "local",
+    principal: Principal | None = None,
 ) -> User:
-    return identity(app).add_user(realm, username, password, roles, actor=actor)
+    """Add a user with ``roles`` (each one the caller could grant) and a password that
+    passes the realm's policy."""
+    roles = list(dict.fromkeys(roles))
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.grants("user.create", username, [(r, "") for r in roles])
+    identity(app).require_realm(realm)
+    check_password(app, realm, username, password)
+    return identity(app).add_user(realm, username, password, roles, actor=_actor(actor, principal))
 
 
-def list_users(app: AppContext, realm: str) -> list[User]:
+def list_users(app: AppContext, realm: str, *, principal: Principal | None = None) -> list[User]:
+    _guard(app, principal, realm).needs("users:admin")
     return identity(app).list_users(realm)
 
 
 def set_password(
-    app: AppContext, realm: str, username: str, password: str, *, actor: str = "local"
+    app: AppContext,
+    realm: str,
+    username: str,
+    password: str,
+    *,
+    actor: str = "local",
+    principal: Principal | None = None,
 ) -> None:
-    identity(app).set_password(realm, username, password, actor=actor)
+    """Set a user's password (policy-checked); not of a user holding more than the caller."""
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.account("user.password", username)
+    identity(app).get_user(realm, username)  # an unknown realm or user: 404 first
+    check_password(app, realm, username, password)
+    identity(app).set_password(realm, username, password, actor=_actor(actor, principal))
 
 
 def set_user_enabled(
-    app: AppContext, realm: str, username: str, enabled: bool, *, actor: str = "local"
+    app: AppContext,
+    realm: str,
+    username: str,
+    enabled: bool,
+    *,
+    actor: str = "local",
+    principal: Principal | None = None,
 ) -> None:
-    identity(app).set_enabled(realm, username, enabled, actor=actor)
+    """Enable or disable an account; not one holding more than the caller."""
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.account("user.enable" if enabled else "user.disable", username)
+    identity(app).set_enabled(realm, username, enabled, actor=_actor(actor, principal))
 
 
 def create_role(
@@ -141,11 +235,20 @@ def create_role(
     description: str = "",
     *,
     actor: str = "local",
+    principal: Principal | None = None,
 ) -> Role:
-    return identity(app).create_role(realm, name, permissions, description, actor=actor)
+    """Create a custom role of permissions the caller holds."""
+    permissions = list(permissions)
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.permissions("role.create", name, permissions)
+    return identity(app).create_role(
+        realm, name, permissions, description, actor=_actor(actor, principal)
+    )
 
 
-def list_roles(app: AppContext, realm: str) -> list[Role]:
+def list_roles(app: AppContext, realm: str, *, principal: Principal | None = None) -> list[Role]:
+    _guard(app, principal, realm).needs("users:admin")
     return identity(app).list_roles(realm)
 
 
@@ -157,8 +260,15 @@ def grant_role(
     scope: str | None = None,
     *,
     actor: str = "local",
+    principal: Principal | None = None,
 ) -> bool:
-    return identity(app).grant(realm, username, role, scope, actor=actor)
+    """Grant ``role`` (on key names matching ``scope``); the caller must hold the role's
+    permissions at least as widely, and everything ``username`` already holds."""
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.account("role.grant", username)
+    guard.grants("role.grant", username, [(role, validate_scope(scope))])
+    return identity(app).grant(realm, username, role, scope, actor=_actor(actor, principal))
 
 
 def revoke_role(
@@ -169,8 +279,14 @@ def revoke_role(
     scope: str | None = None,
     *,
     actor: str = "local",
+    principal: Principal | None = None,
 ) -> bool:
-    return identity(app).revoke_role(realm, username, role, scope, actor=actor)
+    """Revoke ``role`` (every scope, or just ``scope``); not from an account holding more
+    than the caller."""
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.account("role.revoke", username)
+    return identity(app).revoke_role(realm, username, role, scope, actor=_actor(actor, principal))
 
 
 def create_client(
@@ -180,17 +296,26 @@ def create_client(
     roles: Iterable[str] = (),
     *,
     actor: str = "local",
+    principal: Principal | None = None,
 ) -> NewSecret:
-    """A service account for the client_credentials grant; the secret is returned once."""
-    return identity(app).create_client(realm, client_id, roles, actor=actor)
+    """A service account for the client_credentials grant; the secret is returned once.
+    Its roles must be ones the caller could grant."""
+    roles = list(dict.fromkeys(roles))
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.grants("client.create", client_id, [(r, "") for r in roles])
+    return identity(app).create_client(realm, client_id, roles, actor=_actor(actor, principal))
 
 
 # -- tokens ---------------------------------------------------------------------------
 
 
-def token(app: AppContext, realm: str, params: dict[str, Any]) -> TokenResponse:
+def token(
+    app: AppContext, realm: str, params: dict[str, Any], *, source: str | None = None
+) -> TokenResponse:
     """The OAuth2 token endpoint: ``grant_type`` password, refresh_token or
-    client_credentials, with the standard parameter names.
+    client_credentials, with the standard parameter names. ``source`` is the client's
+    address (login fairness: one address gets a fair share of the hashing slots).
 
     :raises ValidationError: a missing or unsupported grant type or parameter.
     :raises AuthError: bad credentials (one uniform answer per grant type).
@@ -209,7 +334,7 @@ def token(app: AppContext, realm: str, params: dict[str, Any]) -> TokenResponse:
 
     ident = identity(app)
     if grant == "password":
-        return ident.password_grant(realm, need("username"), need("password"))
+        return ident.password_grant(realm, need("username"), need("password"), source=source)
     if grant == "refresh_token":
         return ident.refresh_grant(realm, need("refresh_token"))
     return ident.client_credentials_grant(realm, need("client_id"), need("client_secret"))
@@ -238,8 +363,13 @@ def jwks(app: AppContext, realm: str) -> dict[str, Any]:
     return identity(app).jwks(realm)
 
 
-def rotate_signing_key(app: AppContext, realm: str, *, actor: str = "local") -> str:
-    return identity(app).rotate_signing_key(realm, actor=actor)
+def rotate_signing_key(
+    app: AppContext, realm: str, *, actor: str = "local", principal: Principal | None = None
+) -> str:
+    """Sign the realm's new tokens with a new key: ``realms:admin`` of that realm (or a
+    master realm admin)."""
+    _guard(app, principal, realm).needs("realms:admin")
+    return identity(app).rotate_signing_key(realm, actor=_actor(actor, principal))
 
 
 # -- audit ----------------------------------------------------------------------------
@@ -252,7 +382,10 @@ def audit_events(
     limit: int = 100,
     action: str | None = None,
     actor: str | None = None,
+    principal: Principal | None = None,
 ) -> list[AuditRecord]:
+    """Newest-first audit records of ``realm`` (``audit:read``)."""
+    _guard(app, principal, realm).needs("audit:read")
     return identity(app).audit_events(realm, limit=limit, action=action, actor=actor)
 
 
@@ -283,6 +416,7 @@ __all__ = [
     "audit_key_operation",
     "authenticate",
     "bootstrap",
+    "check_password",
     "close_identity",
     "configure",
     "create_client",
@@ -297,6 +431,7 @@ __all__ = [
     "list_roles",
     "list_users",
     "mint_token",
+    "password_policy",
     "require_realm",
     "revoke",
     "revoke_role",
