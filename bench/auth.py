@@ -33,7 +33,7 @@ from bench.core import best_of_alternating, make_row, timed
 from bench.servers import free_port, wait_healthy
 
 SUITE = "auth"
-ADMIN_PASSWORD = "bench-admin-password"
+ADMIN_PASSWORD = "bench-nqzva-password"  # passes the password policy (no "admin")
 
 
 def _login_rows(quick: bool) -> list[dict[str, Any]]:
