@@ -56,6 +56,9 @@ class Config:
     cache_ttl: float = 5.0
     cache_revalidate: float = 0.1
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    #: The ``[serve]`` table as written (``qimem serve`` validates it: connection_limit,
+    #: channel_timeout, request_timeout, cleanup_interval, allowed_hosts, trusted_proxies).
+    serve: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     def to_toml(self) -> dict[str, Any]:
@@ -140,6 +143,7 @@ def load_config(
     plugins = _section(doc, "plugins", path)
     cache = _section(doc, "cache", path)
     limits = _section(doc, "limits", path)
+    serve = _section(doc, "serve", path)
     enabled = plugins.get("enabled", [])
     if not isinstance(enabled, list) or not all(isinstance(p, str) for p in enabled):
         raise ConfigError(f"{path}: plugins.enabled must be a list of plugin names")
@@ -159,6 +163,7 @@ def load_config(
             cache_ttl=float(cache.get("ttl_seconds", 5.0)),
             cache_revalidate=float(cache.get("revalidate_seconds", 0.1)),
             max_envelope_bytes=int(limits.get("max_envelope_bytes", DEFAULT_MAX_ENVELOPE_BYTES)),
+            serve=dict(serve),
             path=path,
         )
     except (TypeError, ValueError):

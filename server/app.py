@@ -11,6 +11,8 @@ function as the CLI, render the result.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import falcon
 import falcon.inspect
 
@@ -19,6 +21,7 @@ from qimem.server import errors
 from qimem.server.auth_api import add_auth_routes
 from qimem.server.auth_middleware import IdentityAuthMiddleware
 from qimem.server.crypto import crypto_resources
+from qimem.server.exposure import ClientMiddleware, Network
 from qimem.server.keys import KEYS_PATH, CreateKeyResource, KeysResource, RotateResource
 from qimem.server.lifecycle import add_lifecycle_routes
 from qimem.server.metrics import Metrics
@@ -48,6 +51,8 @@ def create_app(
     security_only: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: Metrics | None = None,
+    allowed_hosts: Iterable[str] = (),
+    trusted_proxies: Iterable[Network] = (),
 ) -> falcon.App:
     """Build the WSGI app serving ``app_ctx``.
 
@@ -58,12 +63,17 @@ def create_app(
         identity and plugin APIs (``qimem-api``; tokens are still verified).
     :param max_body_bytes: request bodies over this many bytes get 413.
     :param metrics: the metrics to record into (default: a fresh per-app registry).
+    :param allowed_hosts: ``Host`` values answered, others get 421 (empty: any;
+        ``qimem serve --insecure-no-auth`` passes the loopback names).
+    :param trusted_proxies: reverse proxies whose ``X-Forwarded-For``/``-Proto`` give the
+        client's address (``req.context.client_addr``) and scheme.
     """
     auth = IdentityAuthMiddleware(app_ctx, insecure_no_auth=insecure_no_auth)
     metrics = metrics or Metrics()
     app = falcon.App(
         middleware=[
             RequestIdMiddleware(),
+            ClientMiddleware(allowed_hosts=allowed_hosts, trusted_proxies=trusted_proxies),
             MetricsMiddleware(metrics),
             AccessLogMiddleware(),
             BodyLimitMiddleware(max_body_bytes),

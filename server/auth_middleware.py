@@ -388,5 +388,6 @@ class IdentityAuthMiddleware:
             target,
             outcome,
             buffered=buffered,
+            source=getattr(req.context, "client_addr", None) or req.remote_addr,
             **detail,
         )

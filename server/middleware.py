@@ -37,6 +37,13 @@ def route_of(req: falcon.Request) -> str:
     return req.uri_template or UNMATCHED_ROUTE
 
 
+def method_of(req: falcon.Request) -> str:
+    """The request method if it is a standard one, else ``OTHER``: any token is a valid
+    method, so a raw method in a label or log line would let clients mint new series."""
+    method = req.method
+    return method if method in _METHODS else "OTHER"
+
+
 def elapsed(req: falcon.Request) -> float:
     """Seconds since :class:`RequestIdMiddleware` saw the request."""
     return time.perf_counter() - req.context.start
@@ -138,7 +145,7 @@ class AccessLogMiddleware:
         route = self._routes.get(req.uri_template)
         if route is None:
             route = self._routes[req.uri_template] = json.dumps(route_of(req))
-        method = req.method if req.method in _METHODS else "OTHER"
+        method = method_of(req)
         line = (
             f'{{"event":"http_request","method":"{method}","route":{route},'
             f'"status":{resp.status_code},"duration_ms":{elapsed(req) * 1000.0:.3f},'
@@ -152,7 +159,10 @@ class AccessLogMiddleware:
 
 
 class MetricsMiddleware:
-    """Count every request by method, route template and status, and time it."""
+    """Count every request by method, route template and status, and time it.
+
+    Labels are bounded: a standard method or ``OTHER`` (:func:`method_of`), a route template
+    of this app or ``unmatched`` (:func:`route_of`), never a raw method or path."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -160,7 +170,7 @@ class MetricsMiddleware:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
-        self._metrics.observe_request(req.method, route_of(req), resp.status_code, elapsed(req))
+        self._metrics.observe_request(method_of(req), route_of(req), resp.status_code, elapsed(req))
 
 
 class BodyLimitMiddleware:

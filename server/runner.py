@@ -8,6 +8,14 @@ process then exits 0. A deadline (``drain_timeout``) bounds the wait.
 Waitress logs "Task queue depth is N" at WARNING for every request that waits for a worker
 thread once all are busy; under load that logging alone cost ~10% of throughput, so the
 ``waitress.queue`` logger is raised to ERROR here (a full queue shows in latency metrics).
+
+Slow clients: waitress stops accepting connections once ``connection_limit`` are open, and
+closes idle ones after ``channel_timeout``, but a client that sends one byte now and then is
+never idle. So the server also closes a connection whose request (headers and body) has
+not fully arrived ``request_timeout`` seconds after its first byte. Both checks run every
+``cleanup_interval`` seconds. Defaults (:data:`DEFAULT_CONNECTION_LIMIT` ...) keep
+``/healthz`` answering with 500 clients trickling a byte every 5 s; floods larger than
+that need a reverse proxy (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -23,11 +31,17 @@ from typing import Any
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 
 log = logging.getLogger("qimem.server")
 
 DEFAULT_THREADS = 4
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_CONNECTION_LIMIT = 1000
+DEFAULT_CHANNEL_TIMEOUT = 60
+DEFAULT_REQUEST_TIMEOUT = 30
+DEFAULT_CLEANUP_INTERVAL = 5
 _LOOP_TIMEOUT = 1.0
 
 
@@ -42,6 +56,18 @@ def backstop_body_size(max_body_bytes: int) -> int:
     return max(2 * max_body_bytes, max_body_bytes + 1024 * 1024)
 
 
+class _TimedParser(HTTPRequestParser):
+    """waitress's request parser, stamped with when the request's first byte arrived."""
+
+    def __init__(self, adj: Any) -> None:
+        super().__init__(adj)
+        self.started = time.monotonic()
+
+
+class _Channel(HTTPChannel):
+    parser_class = _TimedParser
+
+
 class Server:
     """A waitress server on one address with a graceful stop.
 
@@ -51,6 +77,15 @@ class Server:
     :param threads: waitress worker threads.
     :param max_body_bytes: the app's body limit; waitress gets :func:`backstop_body_size`.
     :param drain_timeout: seconds to wait for in-flight requests on stop.
+    :param connection_limit: open connections at most; beyond it new ones wait in the
+        listen backlog.
+    :param channel_timeout: seconds after which an idle connection is closed.
+    :param request_timeout: seconds a request may take to arrive, from its first byte to
+        the end of its body; the connection is closed after that.
+    :param cleanup_interval: seconds between the two checks above.
+    :param trusted_proxies: when given, waitress leaves ``X-Forwarded-*`` headers in place
+        for :class:`qimem.server.exposure.ClientMiddleware`, which honours them only from
+        these peers (otherwise waitress removes them).
     """
 
     def __init__(
@@ -62,6 +97,11 @@ class Server:
         threads: int = DEFAULT_THREADS,
         max_body_bytes: int = 1024 * 1024,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        connection_limit: int = DEFAULT_CONNECTION_LIMIT,
+        channel_timeout: int = DEFAULT_CHANNEL_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        cleanup_interval: int = DEFAULT_CLEANUP_INTERVAL,
+        trusted_proxies: bool = False,
     ) -> None:
         quiet_waitress_queue_logger()
         self._server = waitress.create_server(
@@ -71,9 +111,16 @@ class Server:
             threads=threads,
             ident="qimem",
             max_request_body_size=backstop_body_size(max_body_bytes),
-            clear_untrusted_proxy_headers=True,
+            clear_untrusted_proxy_headers=not trusted_proxies,
             asyncore_use_poll=True,
+            connection_limit=connection_limit,
+            channel_timeout=channel_timeout,
+            cleanup_interval=cleanup_interval,
         )
+        self.request_timeout = request_timeout
+        self._server.channel_class = _Channel
+        self._waitress_maintenance = self._server.maintenance
+        self._server.maintenance = self._maintenance
         self.host = str(self._server.effective_host)
         self.port = int(self._server.effective_port)
         self.drain_timeout = drain_timeout
@@ -84,6 +131,16 @@ class Server:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    def _maintenance(self, now: float) -> None:
+        """waitress's idle check, then close connections whose request is overdue."""
+        self._waitress_maintenance(now)
+        cutoff = time.monotonic() - self.request_timeout
+        for channel in list(self._server.active_channels.values()):
+            request = channel.request
+            overdue = request is not None and getattr(request, "started", cutoff) < cutoff
+            if overdue and not channel.requests:  # never while a response is on its way
+                channel.will_close = True
 
     def stop(self) -> None:
         """Ask the server to stop (thread-safe and signal-safe); :meth:`serve_forever`

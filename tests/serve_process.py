@@ -3,11 +3,13 @@ its stderr in a log file, the URL read from its "serving on" line, stopped with 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,21 @@ import pytest
 STARTUP_TIMEOUT = 30.0
 
 
+def serve_env_for(workdir: Path, root_key_b64: str) -> dict[str, str]:
+    """This process's environment without ``QIMEM_*``, with ``QIMEM_HOME=workdir/home``,
+    the root key in ``QIMEM_ROOT_KEY`` and a SQLite store ``workdir/qimem.db``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env.update(
+        QIMEM_HOME=str(workdir / "home"),
+        QIMEM_ROOT_KEY=root_key_b64,
+        QIMEM_STORE=f"sqlite:///{workdir / 'qimem.db'}",
+    )
+    return env
+
+
 class ServeProcess:
-    """``qimem serve --port 0 [ARGS]``; ``insecure`` adds ``--insecure-no-auth``.
+    """``qimem serve --port 0 [ARGS]``; ``insecure`` adds ``--insecure-no-auth``;
+    ``preexec_fn`` runs in the child before exec (e.g. to raise its core limit).
 
     Run with a cwd that is not the repo root (whose ./qimem would shadow the installed
     package): ``workdir`` is the test's own directory.
@@ -29,6 +44,7 @@ class ServeProcess:
         *extra: str,
         name: str = "serve",
         insecure: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
@@ -41,6 +57,7 @@ class ServeProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - the tests' own setup (rlimits) only
         )
         self.url = ""
         self.port = 0

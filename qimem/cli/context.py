@@ -11,6 +11,7 @@ import click
 from qimem.app import AppContext
 from qimem.config import Config, load_config
 from qimem.errors import ValidationError
+from qimem.hardening import disable_core_dumps
 
 if TYPE_CHECKING:
     from qimem.http_client import HttpClient
@@ -60,6 +61,7 @@ class CliState:
             from qimem.remote import RemoteKeys
 
             assert self.server is not None
+            disable_core_dumps()  # data keys and tokens pass through this process
             config = self.config(required=False)
             self._remote = RemoteKeys(
                 self.server,
@@ -117,6 +119,7 @@ class CliState:
                 "(with --server: encrypt, decrypt, rewrap, keys create|list|show|rotate)"
             )
         if self._app is None:
+            disable_core_dumps()  # the root key and unwrapped keys live in this process
             self._app = AppContext(self.config())
         return self._app
 

@@ -4,21 +4,36 @@
 API alone, with the short paths ``POST /keys``, ``/encrypt``, ``/decrypt``, ``/rotate``.
 Every endpoint except health, metrics and JWKS needs a bearer token (see docs/identity.md);
 ``--insecure-no-auth`` serves without tokens for local development, loopback binds only.
+A non-loopback bind needs ``--trusted-proxy`` (TLS at a reverse proxy) or
+``--insecure-plain-http``. Connection limits, timeouts, allowed hosts and trusted proxies
+also come from the config file's ``[serve]`` table; options override it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from qimem.cli.context import CliState, config_option, pass_state, store_option
 from qimem.errors import ConfigError, QimemError
+from qimem.hardening import disable_core_dumps, ensure_open_files
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+#: ``[serve]`` numbers: default, minimum, maximum (the defaults match qimem.server.runner).
+_NUMBERS: dict[str, tuple[int, int, int]] = {
+    "connection_limit": (1000, 1, 100_000),
+    "channel_timeout": (60, 1, 86_400),
+    "request_timeout": (30, 1, 86_400),
+    "cleanup_interval": (5, 1, 3_600),
+}
+_LISTS = ("allowed_hosts", "trusted_proxies")
+#: File descriptors beyond the connections: store, logs, listening socket, trigger.
+_SPARE_FILES = 128
 
 
 def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,6 +75,51 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "has passed (0: never; then run 'qimem keys purge' yourself).",
         ),
         click.option(
+            "--connection-limit",
+            type=click.IntRange(1, 100_000),
+            default=None,
+            help="Open connections at most; more wait in the listen backlog "
+            "[default: 1000, or [serve] connection_limit].",
+        ),
+        click.option(
+            "--channel-timeout",
+            type=click.IntRange(1, 86_400),
+            default=None,
+            help="Seconds after which an idle connection is closed [default: 60].",
+        ),
+        click.option(
+            "--request-timeout",
+            type=click.IntRange(1, 86_400),
+            default=None,
+            help="Seconds a request may take to arrive, headers and body, before its "
+            "connection is closed (slow clients) [default: 30].",
+        ),
+        click.option(
+            "--cleanup-interval",
+            type=click.IntRange(1, 3_600),
+            default=None,
+            help="Seconds between the idle and request timeout checks [default: 5].",
+        ),
+        click.option(
+            "--allowed-host",
+            "allowed_hosts",
+            multiple=True,
+            help="Answer only requests whose Host header is this name (optionally with "
+            ":port); repeatable. Default: any (with --insecure-no-auth: loopback names only).",
+        ),
+        click.option(
+            "--trusted-proxy",
+            "trusted_proxies",
+            multiple=True,
+            help="Address or network of a TLS-terminating reverse proxy whose X-Forwarded-For "
+            "and X-Forwarded-Proto are honoured; allows a non-loopback bind. Repeatable.",
+        ),
+        click.option(
+            "--insecure-plain-http",
+            is_flag=True,
+            help="Allow a non-loopback bind without a TLS proxy (tokens travel in clear).",
+        ),
+        click.option(
             "--access-log/--no-access-log",
             default=True,
             show_default=True,
@@ -69,6 +129,45 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Connection limits, timeouts and exposure of ``qimem serve``: options over
+    ``[serve]`` over defaults."""
+
+    connection_limit: int
+    channel_timeout: int
+    request_timeout: int
+    cleanup_interval: int
+    allowed_hosts: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
+
+
+def serve_settings(table: dict[str, Any], options: dict[str, Any]) -> ServeSettings:
+    """Resolve the settings from the ``[serve]`` table and the command-line options.
+
+    :raises ConfigError: an unknown key or a value of the wrong type or range.
+    """
+    unknown = sorted(set(table) - set(_NUMBERS) - set(_LISTS))
+    if unknown:
+        raise ConfigError(f"[serve] has unknown setting(s): {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, (default, low, high) in _NUMBERS.items():
+        value = options.get(name)
+        if value is None:
+            value = table.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"[serve] {name} must be a whole number from {low} to {high}")
+        values[name] = value
+    for name in _LISTS:
+        given: Sequence[str] = options.get(name) or ()
+        if not given:
+            given = table.get(name, [])
+            if not isinstance(given, list) or not all(isinstance(v, str) for v in given):
+                raise ConfigError(f"[serve] {name} must be a list of strings")
+        values[name] = tuple(given)
+    return ServeSettings(**values)
 
 
 def _configure_logging(access_log: bool) -> None:
@@ -106,15 +205,37 @@ def run_server(
     max_body_bytes: int,
     access_log: bool,
     purge_interval: float,
+    insecure_plain_http: bool = False,
+    **limits: Any,
 ) -> None:
-    """Check the options, open the store, bind, serve until SIGTERM/SIGINT."""
+    """Check the options, open the store, bind, serve until SIGTERM/SIGINT.
+
+    ``limits``: the options of :class:`ServeSettings` (None: from ``[serve]`` or default).
+    """
     from qimem.purger import DeletionPurger
     from qimem.server.app import create_app
     from qimem.server.auth import resolve_loopback_bind
+    from qimem.server.exposure import LOOPBACK_HOSTS, check_exposure, parse_trusted_proxies
     from qimem.server.runner import Server, serve
 
-    bind = resolve_loopback_bind(host, port) if insecure_no_auth else host
-    app_ctx = state.app.open()
+    disable_core_dumps()  # before the root key is read
+    app = state.app
+    settings = serve_settings(app.config.serve, limits)
+    proxies = parse_trusted_proxies(settings.trusted_proxies)
+    if insecure_no_auth and proxies:
+        raise ConfigError(
+            "--insecure-no-auth serves loopback clients only and cannot sit behind a proxy "
+            "(--trusted-proxy / [serve] trusted_proxies)"
+        )
+    if insecure_no_auth:
+        bind, warning = resolve_loopback_bind(host, port), None
+    else:
+        bind = host
+        warning = check_exposure(
+            host, port, trusted_proxies=proxies, insecure_plain_http=insecure_plain_http
+        )
+    ensure_open_files(settings.connection_limit + _SPARE_FILES)
+    app_ctx = app.open()
     if not insecure_no_auth:
         from qimem.identity.settings import bounded_by_threads, load_settings
         from qimem.services.identity import configure, identity
@@ -132,13 +253,31 @@ def run_server(
         short_paths=short_paths,
         security_only=short_paths,  # qimem-api: the security API alone
         max_body_bytes=max_body_bytes,
+        # unauthenticated: a browser page whose name was rebound to 127.0.0.1 is refused
+        allowed_hosts=LOOPBACK_HOSTS if insecure_no_auth else settings.allowed_hosts,
+        trusted_proxies=proxies,
     )
     try:
-        server = Server(wsgi, host=bind, port=port, threads=threads, max_body_bytes=max_body_bytes)
+        server = Server(
+            wsgi,
+            host=bind,
+            port=port,
+            threads=threads,
+            max_body_bytes=max_body_bytes,
+            connection_limit=settings.connection_limit,
+            channel_timeout=settings.channel_timeout,
+            request_timeout=settings.request_timeout,
+            cleanup_interval=settings.cleanup_interval,
+            trusted_proxies=bool(proxies),
+        )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     _configure_logging(access_log)
     mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
+    if proxies:
+        mode += f", behind trusted proxies {', '.join(str(p) for p in proxies)}"
+    if warning:
+        click.echo(f"{prog}: {warning}", err=True)
     click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
     purger = DeletionPurger(app_ctx, purge_interval).start() if purge_interval else None
     try:
