@@ -25,18 +25,34 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qimem import fileio, stream
 from qimem.app import AppContext
+from qimem.batch_plan import (
+    DECRYPT,
+    ENCRYPT,
+    REWRAP,
+    SUFFIX,
+    WRITE_ERRNOS,
+    FileResult,
+    Plan,
+    Skipped,
+    Task,
+    as_qimem_error,
+    open_input,
+    output_name,
+    plan,
+    skipped_of,
+    walk,
+)
 from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
@@ -47,10 +63,6 @@ if TYPE_CHECKING:
 
 # multiprocessing and concurrent.futures cost ~50 ms to import: only --jobs > 1 needs them.
 
-SUFFIX = ".qimem"
-ENCRYPT = "encrypt"
-DECRYPT = "decrypt"
-REWRAP = "rewrap"
 #: A group of small files committed together: at most this many files ...
 GROUP_FILES = 128
 #: ... or this many bytes.
@@ -68,44 +80,13 @@ Progress = Callable[[int, int], None]  # (bytes done, files done) increments
 
 
 @dataclass
-class FileResult:
-    """The outcome for one input."""
-
-    input: str
-    output: str | None
-    ok: bool = False
-    bytes_in: int = 0
-    bytes_out: int = 0
-    key_id: str | None = None
-    version: int | None = None
-    changed: bool | None = None
-    error: str | None = None
-    message: str | None = None
-    exit_code: int = 0
-
-    def fail(self, exc: BaseException) -> FileResult:
-        error = as_qimem_error(exc, self.input, output=self.output)
-        self.ok = False
-        self.error = error.code
-        self.message = error.message
-        self.exit_code = error.exit_code
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("exit_code")
-        if self.changed is None:
-            data.pop("changed")
-        return data
-
-
-@dataclass
 class BatchResult:
     """Every file's outcome and the run's totals."""
 
     operation: str
     results: list[FileResult]
     seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def failures(self) -> list[FileResult]:
@@ -129,142 +110,8 @@ class BatchResult:
             "bytes_out": sum(r.bytes_out for r in self.results),
             "seconds": round(self.seconds, 6),
             "results": [r.to_dict() for r in self.results],
+            "skipped": [s.to_dict() for s in self.skipped],
         }
-
-
-@dataclass
-class Task:
-    """One input and where its output goes (``None`` = standard input / output)."""
-
-    src: Path | None
-    dst: Path | None
-    size: int = 0
-    index: int = 0
-    result: FileResult = field(default_factory=lambda: FileResult("-", "-"))
-
-
-#: Failures only writing can cause (a full disk, a quota, a file size limit, a read-only
-#: mount): they are reported on the output, not the input.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-
-
-def as_qimem_error(exc: BaseException, what: str, *, output: str | None = None) -> QimemError:
-    """A QimemError for any per-file failure, with a message that names nothing secret.
-
-    ``what`` names the input; a write failure (:data:`WRITE_ERRNOS`) names ``output``
-    instead of the temp file it happened on.
-    """
-    if isinstance(exc, QimemError):
-        return exc
-    if isinstance(exc, OSError) and output and exc.errno in WRITE_ERRNOS:
-        reason = exc.strerror or os.strerror(exc.errno)
-        return QimemError(f"cannot write {output}: {reason}", code="write_failed")
-    if isinstance(exc, FileNotFoundError):
-        return ValidationError(f"{exc.filename or what}: no such file")
-    if isinstance(exc, IsADirectoryError):
-        return ValidationError(f"{exc.filename or what} is a directory")
-    if isinstance(exc, PermissionError):
-        return ValidationError(f"{exc.filename or what}: permission denied")
-    if isinstance(exc, OSError):
-        return QimemError(f"{exc.filename or what}: {exc.strerror or type(exc).__name__}")
-    return QimemError(f"{what}: internal error ({type(exc).__name__})")
-
-
-# ------------------------------------------------------------------------ planning
-
-
-def _output_name(src: Path, operation: str) -> str | None:
-    if operation == ENCRYPT:
-        return src.name + SUFFIX
-    if src.name.endswith(SUFFIX) and len(src.name) > len(SUFFIX):
-        return src.name[: -len(SUFFIX)]
-    return None
-
-
-def _walk(root: Path, operation: str) -> list[Path]:
-    """Regular files under ``root`` (sorted, symlinked directories not followed), minus our
-    temp files and, when encrypting, files that already end in ``.qimem``."""
-    found: list[Path] = []
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if fileio.temp_owner(name) is not None:
-                continue
-            if operation == ENCRYPT and name.endswith(SUFFIX):
-                continue
-            if operation in (DECRYPT, REWRAP) and not name.endswith(SUFFIX):
-                continue
-            path = Path(directory) / name
-            if path.is_file():
-                found.append(path)
-    return found
-
-
-def plan(
-    inputs: Sequence[str | os.PathLike[str]],
-    operation: str,
-    *,
-    output: str | os.PathLike[str] | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-) -> list[Task]:
-    """Tasks for the given files and directories (directories are walked recursively and
-    their relative paths kept under ``out_dir``). Problems found here (missing input, no
-    output name) become failed tasks, so one bad argument does not stop the rest.
-    """
-    if output is not None and out_dir is not None:
-        raise ValidationError("use either -o or --out-dir, not both")
-    pairs: list[tuple[Path, Path | None, Exception | None]] = []
-    for raw in inputs:
-        arg = Path(raw)
-        if arg.is_dir():
-            if output is not None:
-                raise ValidationError(f"{arg} is a directory: use --out-dir, not -o")
-            for path in _walk(arg, operation):
-                name = _output_name(path, operation) if operation != REWRAP else path.name
-                base = Path(out_dir) / path.parent.relative_to(arg) if out_dir else path.parent
-                pairs.append((path, base / name if name else None, None))
-            continue
-        if output is not None:
-            pairs.append((arg, Path(output), None))
-            continue
-        if operation == REWRAP:
-            pairs.append((arg, arg, None))
-            continue
-        name = _output_name(arg, operation)
-        if name is None:
-            if out_dir is not None:
-                name = arg.name
-            else:
-                refusal = ValidationError(
-                    f"{arg} does not end in {SUFFIX}; name the output with -o or --out-dir"
-                )
-                pairs.append((arg, None, refusal))
-                continue
-        pairs.append((arg, (Path(out_dir) if out_dir else arg.parent) / name, None))
-    if output is not None and len(pairs) > 1:
-        raise ValidationError("-o names one output; use --out-dir for several inputs")
-    tasks: list[Task] = []
-    for index, (src, dst, err) in enumerate(pairs):
-        task = Task(src, dst, 0, index, FileResult(str(src), str(dst) if dst else None))
-        if err is not None:
-            task.result.fail(err)
-        else:
-            try:
-                st = src.stat()
-                if not os.path.isfile(src):
-                    raise ValidationError(f"{src} is not a regular file")
-                task.size = st.st_size
-                if (
-                    dst is not None
-                    and operation != REWRAP
-                    and dst.exists()
-                    and os.path.samefile(src, dst)
-                ):
-                    raise ValidationError(f"{src}: the output would overwrite the input")
-            except (OSError, QimemError) as exc:
-                task.result.fail(exc)
-        tasks.append(task)
-    return tasks
 
 
 # ------------------------------------------------------------------------ one group
@@ -301,7 +148,7 @@ def _process_one(keyring: stream.Keyring, task: Task, opts: _Options) -> tuple[i
         raise fileio.conflict(task.dst)
     fd, tmp = fileio.create_temp(task.dst, opts.owner)
     try:
-        with open(task.src, "rb", buffering=0) as fin:
+        with open(open_input(task), "rb", buffering=0) as fin:
             out = _KickingWriter(fd)
             if opts.operation == ENCRYPT:
                 info = stream.encrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
@@ -419,16 +266,24 @@ def _worker_group(tasks: list[Task], opts: _Options) -> list[FileResult]:
 
 
 def _worker_range(
-    operation: str, src: str, tmp: str, aad: bytes | None, size: int, start: int, stop: int
+    operation: str,
+    src: str,
+    tmp: str,
+    aad: bytes | None,
+    size: int,
+    start: int,
+    stop: int,
+    nofollow: bool = False,
 ) -> int:
     """Seal (or open) segments ``[start, stop)`` of one file into its temp output."""
     keyring = _WORKER["keyring"]
-    header_fd_path = tmp if operation == ENCRYPT else src
-    in_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    in_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
     try:
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        out_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            with open(header_fd_path, "rb") as fh:
+            header_fd = out_fd if operation == ENCRYPT else in_fd
+            with open(os.dup(header_fd), "rb") as fh:
+                fh.seek(0)
                 header = stream.read_header(fh)
             cipher, _ = stream.open_header(header, keyring, aad)
             if operation == ENCRYPT:
@@ -503,7 +358,7 @@ def _prepare_split(
         r.bytes_in, r.bytes_out = size, total
         r.key_id, r.version = header.key_id, header.key_version
     else:
-        with open(task.src, "rb") as fh:
+        with open(open_input(task), "rb") as fh:
             header = stream.read_header(fh)
             cipher, _ = stream.open_header(header, keyring, opts.aad)  # fail early, in one place
         size = task.size - header.size
@@ -614,7 +469,9 @@ def run(
         raise
     if any(not t.result.ok for t in todo):
         fileio.cleanup_dirs(directories, owner=opts.owner)
-    return BatchResult(operation, [t.result for t in tasks], time.perf_counter() - started)
+    return BatchResult(
+        operation, [t.result for t in tasks], time.perf_counter() - started, skipped_of(tasks)
+    )
 
 
 def _prepare_directories(todo: list[Task]) -> set[Path]:
@@ -683,6 +540,7 @@ def _run_parallel(
                     split.size,
                     start,
                     stop,
+                    task.nofollow,
                 )
                 futures[future] = ("range", split)
         for group in groups:
@@ -795,8 +653,11 @@ def rewrap(
         if task.result.error is not None:
             continue
         assert task.src is not None
+        # A symlink (named, or followed with --follow-symlinks): rewrap the file it points
+        # to and keep the link, instead of replacing the link with a copy.
+        target = Path(os.path.realpath(task.src)) if task.src.is_symlink() else task.src
         try:
-            info, changed = file_services.rewrap_file(app, task.src, realm=realm, context=context)
+            info, changed = file_services.rewrap_file(app, target, realm=realm, context=context)
         except (QimemError, OSError) as exc:
             task.result.fail(exc)
         else:
@@ -806,7 +667,9 @@ def rewrap(
             r.key_id, r.version = info.key_id, info.version
         if progress:
             progress(task.size, 1)
-    return BatchResult(REWRAP, [t.result for t in tasks], time.perf_counter() - started)
+    return BatchResult(
+        REWRAP, [t.result for t in tasks], time.perf_counter() - started, skipped_of(tasks)
+    )
 
 
 def error_line(result: FileResult) -> str:
@@ -816,10 +679,20 @@ def error_line(result: FileResult) -> str:
 
 
 __all__ = [
+    "DECRYPT",
+    "ENCRYPT",
+    "REWRAP",
+    "SUFFIX",
+    "WRITE_ERRNOS",
     "BatchResult",
     "ConflictError",
     "FileResult",
+    "Plan",
+    "Skipped",
     "Task",
+    "as_qimem_error",
+    "output_name",
+    "walk",
     "error_line",
     "plan",
     "rewrap",

@@ -25,6 +25,12 @@ _CONTEXT_HELP = (
     "wraps each file's data key, and the same context is needed to decrypt and rewrap."
 )
 context_option = click.option("--context", "context", help=_CONTEXT_HELP)
+follow_option = click.option(
+    "--follow-symlinks",
+    is_flag=True,
+    help="Follow symbolic links found while walking directories (default: skip each one, "
+    "with a line on stderr). Links named on the command line are always followed.",
+)
 
 
 def _options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,6 +58,7 @@ def _options(func: Callable[..., Any]) -> Callable[..., Any]:
             ),
             context_option,
             click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+            follow_option,
             click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
             json_option,
         ]
@@ -86,7 +93,10 @@ def _progress(quiet: bool, tasks: list[batch.Task]) -> Iterator[batch.Progress |
 
 
 def _finish(result: batch.BatchResult, json_: bool) -> None:
-    """Print the --json summary, name each failed file, and fail with the right exit code."""
+    """Print the --json summary, name each skipped and failed file, and fail with the right
+    exit code (skipped entries are not failures)."""
+    for skipped in result.skipped:
+        click.echo(f"qimem: {skipped.message}", err=True)
     if json_:
         echo_json(result.to_dict())
     failures = result.failures
@@ -169,10 +179,13 @@ def _files(
     quiet: bool,
     json_: bool,
     context: str | None,
+    follow_symlinks: bool,
 ) -> None:
     if output == "-":
         raise ValidationError("-o - (standard output) works only with standard input")
-    tasks = batch.plan(files, operation, output=output, out_dir=out_dir)
+    tasks = batch.plan(
+        files, operation, output=output, out_dir=out_dir, follow_symlinks=follow_symlinks
+    )
     app = state.backend
     with _progress(quiet, tasks) as progress:
         result = batch.run(
@@ -204,6 +217,7 @@ def encrypt(
     aad: str | None,
     context: str | None,
     force: bool,
+    follow_symlinks: bool,
     quiet: bool,
     json_: bool,
 ) -> None:
@@ -211,9 +225,10 @@ def encrypt(
 
     Each FILE becomes FILE.qimem beside it (or under --out-dir; -o names the output of a
     single input). Directories are walked recursively, skipping files that already end in
-    .qimem. Outputs are written atomically, never overwrite anything without --force, and
-    a failing file does not stop the others: each is named on stderr and the exit code is
-    non-zero. With no FILES, standard input is encrypted to standard output.
+    .qimem and symbolic links (unless --follow-symlinks). Outputs are written atomically,
+    never overwrite anything without --force, and a failing file does not stop the others:
+    each is named on stderr and the exit code is non-zero. With no FILES, standard input
+    is encrypted to standard output.
     """
     if not files or files == ("-",):
         _stdio(state, batch.ENCRYPT, output, key_ref, aad, force, json_, context)
@@ -231,6 +246,7 @@ def encrypt(
         quiet,
         json_,
         context,
+        follow_symlinks,
     )
 
 
@@ -246,13 +262,16 @@ def decrypt(
     aad: str | None,
     context: str | None,
     force: bool,
+    follow_symlinks: bool,
     quiet: bool,
     json_: bool,
 ) -> None:
     """Decrypt FILES and directories (or standard input); the key is found in each header.
 
     FILE.qimem becomes FILE (or goes under --out-dir; -o names the output of a single
-    input). Directories are walked for *.qimem files. A file is written only if all of it
+    input). Directories are walked for *.qimem files (not following symbolic links unless
+    --follow-symlinks). A file named .qimem, ..qimem or ...qimem has no safe output name:
+    it fails alone. A file is written only if all of it
     authenticates. With no FILES, standard input is decrypted to standard output, where
     each segment is written once it has authenticated: check the exit status.
     """
@@ -260,7 +279,19 @@ def decrypt(
         _stdio(state, batch.DECRYPT, output, None, aad, force, json_, context)
         return
     _files(
-        state, batch.DECRYPT, files, output, out_dir, jobs, None, aad, force, quiet, json_, context
+        state,
+        batch.DECRYPT,
+        files,
+        output,
+        out_dir,
+        jobs,
+        None,
+        aad,
+        force,
+        quiet,
+        json_,
+        context,
+        follow_symlinks,
     )
 
 
@@ -268,18 +299,26 @@ def decrypt(
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @context_option
+@follow_option
 @json_option
 @pass_state
 def rewrap(
-    state: CliState, files: tuple[str, ...], quiet: bool, context: str | None, json_: bool
+    state: CliState,
+    files: tuple[str, ...],
+    quiet: bool,
+    context: str | None,
+    follow_symlinks: bool,
+    json_: bool,
 ) -> None:
     """Re-seal the data key of encrypted FILES under the newest version of their key.
 
     Only the header changes (the data itself is not re-encrypted); each file is replaced
-    atomically. Directories are walked for *.qimem files. Files already under the newest
+    atomically. Directories are walked for *.qimem files (symbolic links are skipped unless
+    --follow-symlinks; a followed link stays a link and the file it points to is
+    rewrapped). Files already under the newest
     version are left alone.
     """
-    tasks = batch.plan(files, batch.REWRAP)
+    tasks = batch.plan(files, batch.REWRAP, follow_symlinks=follow_symlinks)
     with _progress(quiet, tasks) as progress:
         result = batch.rewrap(
             state.backend, tasks, realm=state.realm, progress=progress, context=_aad(context)
