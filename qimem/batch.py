@@ -19,20 +19,21 @@ Guarantees (DESIGN.md §5, docs/files.md):
 * Ctrl-C stops dispatching, lets running groups finish, removes this run's temp files and
   raises ``KeyboardInterrupt``. After a SIGKILL, the next run that writes into the same
   directory removes the dead run's temp files.
+
+Planning (output names, directory walks, symlinks) is in :mod:`qimem.batch_plan`, the
+worker processes of ``jobs > 1`` in :mod:`qimem.batch_parallel`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from qimem import fileio, stream
 from qimem.app import AppContext
@@ -57,9 +58,6 @@ from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
 from qimem.services.files import KeySource
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future
 
 # multiprocessing and concurrent.futures cost ~50 ms to import: only --jobs > 1 needs them.
 
@@ -219,98 +217,6 @@ class _GroupSyncFailed(Exception):
     """Flushing a group failed: its temp files are removed, its files reported failed."""
 
 
-# ------------------------------------------------------------------------ workers
-
-_WORKER: dict[str, Any] = {}
-
-
-def _set_pdeathsig() -> None:
-    """Linux: die with the parent (so a killed run leaves no orphan writing outputs)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent is already gone
-            os._exit(1)
-
-
-def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
-    """A forked worker's own AppContext: never reuse the parent's database connections
-    (or a server client's connection: each worker gets its own).
-
-    An in-memory store has no connections and exists only in the parent's memory, so the
-    inherited copy is used as is."""
-    if not isinstance(app, AppContext):
-        return app.for_worker()
-    if app.config.store_url.startswith("memory:"):
-        return app
-    return AppContext(app.config, pm=app.registry.pm)
-
-
-def _init_worker(
-    app: AppContext | KeySource, key_ref: str | None, realm: str, context: bytes | None
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _set_pdeathsig()
-    import multiprocessing.util
-
-    worker_app = _worker_app(app)
-    if worker_app is not app:  # close its connections when the worker exits normally
-        multiprocessing.util.Finalize(None, worker_app.close, exitpriority=10)
-    _WORKER["keyring"] = file_services.keyring_for(worker_app, key_ref, realm, context)
-
-
-def _worker_group(tasks: list[Task], opts: _Options) -> list[FileResult]:
-    return run_group(_WORKER["keyring"], tasks, opts)
-
-
-def _worker_range(
-    operation: str,
-    src: str,
-    tmp: str,
-    aad: bytes | None,
-    size: int,
-    start: int,
-    stop: int,
-    nofollow: bool = False,
-) -> int:
-    """Seal (or open) segments ``[start, stop)`` of one file into its temp output."""
-    keyring = _WORKER["keyring"]
-    in_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
-    try:
-        out_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            header_fd = out_fd if operation == ENCRYPT else in_fd
-            with open(os.dup(header_fd), "rb") as fh:
-                fh.seek(0)
-                header = stream.read_header(fh)
-            cipher, _ = stream.open_header(header, keyring, aad)
-            if operation == ENCRYPT:
-                return stream.seal_range(
-                    cipher,
-                    in_fd,
-                    out_fd,
-                    header_size=header.size,
-                    size=size,
-                    start=start,
-                    stop=stop,
-                )
-            return stream.open_range(
-                cipher,
-                in_fd,
-                out_fd,
-                header_size=header.size,
-                body_size=size,
-                start=start,
-                stop=stop,
-            )
-        finally:
-            os.close(out_fd)
-    finally:
-        os.close(in_fd)
-
-
 def check_key(keyring: stream.Keyring) -> None:
     """Resolve the encryption key once, so a bad ``--key`` fails before any output."""
     _, data_key, _ = keyring.new_data_key()
@@ -321,89 +227,6 @@ def fork_available() -> bool:
     import multiprocessing
 
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-
-
-# ------------------------------------------------------------------------ split files
-
-
-@dataclass
-class _Split:
-    """A large file being processed as segment ranges by several workers."""
-
-    task: Task
-    fd: int
-    tmp: Path
-    pending: int
-    size: int  # plaintext size (encrypt) or segment bytes (decrypt)
-    error: BaseException | None = None
-
-
-def _prepare_split(
-    keyring: stream.Keyring, task: Task, opts: _Options, jobs: int
-) -> tuple[_Split, list[tuple[int, int]]]:
-    """Create the temp output (with its header when encrypting) and the segment ranges."""
-    assert task.src is not None and task.dst is not None
-    if not opts.force and os.path.lexists(task.dst):
-        raise fileio.conflict(task.dst)
-    r = task.result
-    if opts.operation == ENCRYPT:
-        algorithm, data_key, wrapped = keyring.new_data_key()
-        try:
-            header = stream.build_header(algorithm, data_key, wrapped)
-        finally:
-            data_key[:] = bytes(len(data_key))
-        size = task.size
-        count = stream.segment_count(size, header.segment_size)
-        total = header.size + stream.ciphertext_size(size, header.segment_size, algorithm.tag_size)
-        r.bytes_in, r.bytes_out = size, total
-        r.key_id, r.version = header.key_id, header.key_version
-    else:
-        with open(open_input(task), "rb") as fh:
-            header = stream.read_header(fh)
-            cipher, _ = stream.open_header(header, keyring, opts.aad)  # fail early, in one place
-        size = task.size - header.size
-        plain = stream.plaintext_size(size, header.segment_size, cipher.tag_size)
-        count = -(-size // (header.segment_size + cipher.tag_size))
-        total = plain
-        r.bytes_in, r.bytes_out = task.size, plain
-        r.key_id, r.version = header.key_id, header.key_version
-    fd, tmp = fileio.create_temp(task.dst, opts.owner)
-    try:
-        if opts.operation == ENCRYPT:
-            os.pwrite(fd, header.encode(), 0)
-        os.ftruncate(fd, total)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink()
-        raise
-    # At least one range per worker, and none over RANGE_BYTES: balances the workers and
-    # keeps Ctrl-C quick (running tasks are allowed to finish).
-    pieces = max(1, min(count, max(jobs, -(-task.size // RANGE_BYTES))))
-    bounds = [count * i // pieces for i in range(pieces + 1)]
-    ranges = [(bounds[i], bounds[i + 1]) for i in range(pieces) if bounds[i] < bounds[i + 1]]
-    return _Split(task, fd, tmp, len(ranges), size), ranges
-
-
-def _finish_split(split: _Split, opts: _Options) -> None:
-    task = split.task
-    assert task.dst is not None
-    try:
-        if split.error is not None:
-            raise split.error
-        os.fsync(split.fd)
-        os.close(split.fd)
-        split.fd = -1
-        fileio.commit(split.tmp, task.dst, force=opts.force)
-        fileio.fsync_dir(task.dst.parent)
-        task.result.ok = True
-    except (QimemError, OSError) as exc:
-        task.result.fail(exc)
-    finally:
-        if split.fd >= 0:
-            os.close(split.fd)
-        if not task.result.ok:
-            with contextlib.suppress(FileNotFoundError):
-                split.tmp.unlink()
 
 
 # ------------------------------------------------------------------------ runner
@@ -463,7 +286,9 @@ def run(
                 run_group(keyring, group, opts)
                 report(sum(t.size for t in group), len(group))
         else:
-            _run_parallel(app, keyring, todo, opts, jobs, (key_ref, realm, context), report)
+            from qimem.batch_parallel import run_parallel
+
+            run_parallel(app, keyring, todo, opts, jobs, (key_ref, realm, context), report)
     except BaseException:
         fileio.cleanup_dirs(directories, owner=opts.owner)
         raise
@@ -490,105 +315,6 @@ def _prepare_directories(todo: list[Task]) -> set[Path]:
         directories.add(parent)
         fileio.cleanup_stale_temps(parent)
     return directories
-
-
-def _run_parallel(
-    app: AppContext | KeySource,
-    keyring: stream.Keyring,
-    todo: list[Task],
-    opts: _Options,
-    jobs: int,
-    keys: tuple[str | None, str, bytes | None],
-    report: Progress,
-) -> None:
-    big = [t for t in todo if t.size >= SPLIT_BYTES and t.result.error is None]
-    small = [t for t in todo if t.size < SPLIT_BYTES and t.result.error is None]
-    groups = _groups(small)
-    # Spread small files evenly: no group bigger than an even share of the work.
-    if groups and len(groups) < jobs * 2 and len(small) > 1:
-        per = max(1, -(-len(small) // (jobs * 2)))
-        groups = [small[i : i + per] for i in range(0, len(small), per)]
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(app, *keys),  # key_ref, realm, context
-    )
-    futures: dict[Future[Any], tuple[str, Any]] = {}
-    splits: list[_Split] = []
-    try:
-        for task in big:
-            try:
-                split, ranges = _prepare_split(keyring, task, opts, jobs)
-            except (QimemError, OSError) as exc:
-                task.result.fail(exc)
-                report(task.size, 1)
-                continue
-            splits.append(split)
-            assert task.src is not None
-            for start, stop in ranges:
-                future = pool.submit(
-                    _worker_range,
-                    opts.operation,
-                    str(task.src),
-                    str(split.tmp),
-                    opts.aad,
-                    split.size,
-                    start,
-                    stop,
-                    task.nofollow,
-                )
-                futures[future] = ("range", split)
-        for group in groups:
-            futures[pool.submit(_worker_group, group, opts)] = ("group", group)
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                kind, item = futures[future]
-                if kind == "group":
-                    _collect_group(future, item, report)
-                else:
-                    _collect_range(future, item, opts, report)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for split in splits:
-            if split.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(split.fd)
-                split.fd = -1
-            with contextlib.suppress(FileNotFoundError):
-                split.tmp.unlink()
-        raise
-    pool.shutdown(wait=True)
-
-
-def _collect_group(future: Future[Any], group: list[Task], report: Progress) -> None:
-    try:
-        results = future.result()
-    except Exception as exc:  # a worker died (e.g. killed): the whole group failed
-        for task in group:
-            task.result.fail(exc)
-    else:
-        for task, result in zip(group, results, strict=True):
-            task.result = result
-    report(sum(t.size for t in group), len(group))
-
-
-def _collect_range(future: Future[Any], split: _Split, opts: _Options, report: Progress) -> None:
-    try:
-        future.result()
-    except Exception as exc:
-        if split.error is None:
-            split.error = exc
-    split.pending -= 1
-    if split.pending == 0:
-        _finish_split(split, opts)
-        report(split.task.size, 1)
 
 
 # ------------------------------------------------------------------------ stdin / stdout
