@@ -34,15 +34,21 @@ def _derive(root_key: bytes | bytearray, info: bytes) -> bytes:
 class KeyWrapper:
     """Seals and opens key material under the root key. Its repr shows no key bytes."""
 
-    __slots__ = ("_aead", "check_value")
+    __slots__ = ("_aead", "_derive_base", "check_value")
 
     def __init__(self, root_key: bytes | bytearray) -> None:
         if len(root_key) != ROOT_KEY_SIZE:
             raise ConfigError(f"the root key must be {ROOT_KEY_SIZE} bytes")
         self._aead = AESGCM(_derive(root_key, b"qimem key wrapping v1"))
+        self._derive_base = _derive(root_key, b"qimem derived keys v1")
         # A public fingerprint stores keep, so a wrong root key is refused with a clear
         # message instead of failing on every key.
         self.check_value = _derive(root_key, b"qimem root key check v1")[:16].hex()
+
+    def derive_key(self, label: str) -> bytes:
+        """A 32-byte key for another purpose (HKDF-SHA256 from the root key, ``label`` in
+        the info): distinct labels give independent keys, none of them the wrapping key."""
+        return _derive(self._derive_base, b"qimem derived key v1|" + label.encode("utf-8"))
 
     def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:
         """``material`` sealed under the root key, bound to ``context``."""

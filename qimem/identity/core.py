@@ -15,9 +15,10 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from qimem.errors import AuthError, NotFoundError, ValidationError
+from qimem.errors import AuthError, ConflictError, NotFoundError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.audit import AuditLog, AuditRecord
+from qimem.identity.authz_mac import Reports, Sealer, seal_legacy_rows
 from qimem.identity.db import Database
 from qimem.identity.passwords import (
     PasswordHashing,
@@ -95,10 +96,57 @@ class Identity:
         self.hashing = PasswordHashing(self.settings)
         self.tokens = TokenService(database, wrapper, self.settings)
         self.audit = AuditLog(database)
+        self.sealer = Sealer(wrapper, Reports(self._integrity_violation))
+        with database.begin() as conn:
+            sealed = seal_legacy_rows(conn, self.sealer)
+            if sealed:
+                self.audit.record(
+                    MASTER,
+                    "init",
+                    "integrity.seal",
+                    "-",
+                    conn=conn,
+                    users=sealed["users"],
+                    roles=sealed["roles"],
+                    grants=sealed["grants"],
+                )
         self._role_cache: dict[str, tuple[float, dict[str, tuple[str, ...]]]] = {}
         self._verified: dict[str, tuple[Principal, float, int]] = {}
         self._lock = threading.Lock()
         atexit.register(self.audit.close)
+
+    def _integrity_violation(self, realm: str, table: str, what: str) -> None:
+        self.audit.record(
+            realm[:64],
+            "integrity",
+            "integrity.violation",
+            what[:200],
+            "failure",
+            buffered=True,
+            table=table,
+        )
+
+    def _intact(self, user: User) -> User:
+        """:raises ConflictError: the user's row fails its MAC (nothing is changed)."""
+        if not self.sealer.user_ok(user):
+            raise ConflictError(
+                f"the stored record of {user.username!r} fails its integrity check (written "
+                "without the root key?); it is ignored, see the audit log",
+                code="integrity_violation",
+            )
+        return user
+
+    def _cut_off(self, conn: Connection, user: User, keep: list[tuple[str, str]] | None) -> None:
+        """Cut off the user's tokens (finding 8) and re-seal his row and his grants that
+        were authentic (``keep``, else all that verify now) under the new cut-off."""
+        valid = (
+            keep
+            if keep is not None
+            else roles.grants_of(conn, self.sealer, user.realm, user.user_id)
+        )
+        self.tokens.cut_off(conn, user.user_id)
+        users.reseal(conn, self.sealer, user.user_id)
+        roles.reseal_grants(conn, self.sealer, user.realm, user.user_id, valid)
 
     def close(self) -> None:
         atexit.unregister(self.audit.close)  # the registration kept a closed identity alive
@@ -113,6 +161,7 @@ class Identity:
     def create_realm(self, name: str, *, actor: str = "local") -> Realm:
         with self.db.begin() as conn:
             realm = realms.create(conn, name)
+            roles.seal_builtin(conn, self.sealer, name)
             create_signing_key(conn, self._wrapper, name)
             self.audit.record(MASTER, actor, "realm.create", name, conn=conn)
         return realm
@@ -146,6 +195,7 @@ class Identity:
         with self.db.begin() as conn:
             if not realms.exists(conn, MASTER):
                 realms.create(conn, MASTER)
+                roles.seal_builtin(conn, self.sealer, MASTER)
                 create_signing_key(conn, self._wrapper, MASTER)
                 self.audit.record(MASTER, "init", "realm.create", MASTER, conn=conn)
             has_admin = users.find(conn, MASTER, "admin") is not None
@@ -172,9 +222,9 @@ class Identity:
         hashed = self.hashing.hash(password)
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.create(conn, realm, username, hashed, "user")
+            user = users.create(conn, self.sealer, realm, username, hashed, "user")
             for role in dict.fromkeys(role_names):
-                roles.grant(conn, realm, user.user_id, role, None)
+                roles.grant(conn, self.sealer, realm, user.user_id, role, None)
             self.audit.record(
                 realm, actor, "user.create", username, conn=conn, roles=list(role_names)
             )
@@ -183,13 +233,13 @@ class Identity:
     def list_users(self, realm: str, kind: str | None = None) -> list[User]:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            return users.list_all(conn, realm, kind)
+            return users.list_all(conn, self.sealer, realm, kind)
 
     def get_user(self, realm: str, username: str) -> User:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.get(conn, realm, username)
-            grants = roles.grants_of(conn, realm, user.user_id)
+            user = users.intact(self.sealer, users.get(conn, realm, username))
+            grants = roles.grants_of(conn, self.sealer, realm, user.user_id) if user.enabled else []
         return User(**{**user.__dict__, "grants": tuple(grants)})
 
     def set_password(
@@ -199,13 +249,14 @@ class Identity:
         hashed = self.hashing.hash(password)
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.get(conn, realm, username)
+            user = self._intact(users.get(conn, realm, username, for_update=True))
             if user.kind != "user":
                 raise ValidationError(f"{username!r} is a service account; it has no password")
+            keep = roles.grants_of(conn, self.sealer, realm, user.user_id)
             users.set_secret_hash(conn, user.user_id, hashed)
             lockout.unlock(conn, user.user_id)
             refresh.revoke_user(conn, user.user_id)
-            self.tokens.cut_off(conn, user.user_id)
+            self._cut_off(conn, user, keep)
             self.audit.record(realm, actor, "user.password", username, conn=conn)
 
     def set_enabled(
@@ -213,11 +264,14 @@ class Identity:
     ) -> None:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.get(conn, realm, username)
+            user = self._intact(users.get(conn, realm, username, for_update=True))
+            keep = roles.grants_of(conn, self.sealer, realm, user.user_id)
             users.set_enabled(conn, user.user_id, enabled)
             if not enabled:
                 refresh.revoke_user(conn, user.user_id)
-                self.tokens.cut_off(conn, user.user_id)
+                self._cut_off(conn, user, keep)
+            else:
+                users.reseal(conn, self.sealer, user.user_id)
             self.audit.record(
                 realm, actor, "user.enable" if enabled else "user.disable", username, conn=conn
             )
@@ -235,7 +289,7 @@ class Identity:
     ) -> Role:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            role = roles.create(conn, realm, name, permissions, description)
+            role = roles.create(conn, self.sealer, realm, name, permissions, description)
             self.audit.record(
                 realm, actor, "role.create", name, conn=conn, permissions=list(role.permissions)
             )
@@ -245,7 +299,7 @@ class Identity:
     def list_roles(self, realm: str) -> list[Role]:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            return roles.list_all(conn, realm)
+            return roles.list_all(conn, realm, self.sealer)
 
     def grant(
         self,
@@ -258,8 +312,8 @@ class Identity:
     ) -> bool:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.get(conn, realm, username)
-            added = roles.grant(conn, realm, user.user_id, role, scope)
+            user = self._intact(users.get(conn, realm, username, for_update=True))
+            added = roles.grant(conn, self.sealer, realm, user.user_id, role, scope)
             self.audit.record(
                 realm, actor, "role.grant", username, conn=conn, role=role, scope=scope or "*"
             )
@@ -276,7 +330,8 @@ class Identity:
     ) -> bool:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.get(conn, realm, username)
+            user = self._intact(users.get(conn, realm, username, for_update=True))
+            held = roles.grants_of(conn, self.sealer, realm, user.user_id)
             removed = roles.revoke(conn, realm, user.user_id, role, scope)
             if not removed:
                 raise NotFoundError(
@@ -284,7 +339,8 @@ class Identity:
                 )
             # Tokens name their roles; the ones naming this grant must stop working. (Refresh
             # tokens stay: a refreshed access token carries only the grants held then.)
-            self.tokens.cut_off(conn, user.user_id)
+            left = roles.grants_of_rows(conn, realm, user.user_id)
+            self._cut_off(conn, user, [g for g in held if g in left])
             self.audit.record(
                 realm, actor, "role.revoke", username, conn=conn, role=role, scope=scope or "*"
             )
@@ -296,7 +352,7 @@ class Identity:
         if cached is not None and now - cached[0] < self.settings.cache_seconds:
             return cached[1]
         with self.db.begin() as conn:
-            perms = roles.permissions_by_role(conn, realm)
+            perms = roles.permissions_by_role(conn, realm, self.sealer)
         self._role_cache[realm] = (now, perms)
         return perms
 
@@ -308,9 +364,11 @@ class Identity:
         secret = new_client_secret()
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.create(conn, realm, client_id, hash_client_secret(secret), "client")
+            user = users.create(
+                conn, self.sealer, realm, client_id, hash_client_secret(secret), "client"
+            )
             for role in dict.fromkeys(role_names):
-                roles.grant(conn, realm, user.user_id, role, None)
+                roles.grant(conn, self.sealer, realm, user.user_id, role, None)
             self.audit.record(
                 realm, actor, "client.create", client_id, conn=conn, roles=list(role_names)
             )
@@ -366,6 +424,8 @@ class Identity:
         reason = None
         if user is None:
             reason = "unknown_user"
+        elif not self.sealer.user_ok(user):
+            reason = "integrity"
         elif lockout.is_locked(user.locked_until):
             reason = "locked"
         elif not ok:
@@ -381,6 +441,9 @@ class Identity:
             if reason is None:
                 assert user is not None
                 reason = lockout.claim_success(conn, user.user_id, user.secret_hash)
+                now_row = users.by_id(conn, user.user_id) if reason is None else None
+                if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
+                    reason = "integrity"  # changed without the root key while hashing
             if reason is not None:
                 self._login_failed(conn, realm, known_realm, user, reason)
             else:
@@ -388,7 +451,8 @@ class Identity:
                 issued_at = time.time()  # under the row lock claim_success took
                 if new_hash is not None:
                     users.set_secret_hash(conn, user.user_id, new_hash)
-                grants = roles.grants_of(conn, realm, user.user_id)
+                    users.reseal(conn, self.sealer, user.user_id)
+                grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
                 rtoken, rexp = refresh.issue(
                     conn,
                     realm,
@@ -457,7 +521,7 @@ class Identity:
                 failure = "reuse"
             else:
                 user = users.by_id(conn, record.user_id)
-                if user is None or not user.enabled:
+                if user is None or not user.enabled or not self.sealer.user_ok(user):
                     refresh.revoke_family(conn, record.family_id)
                     failure = "disabled"
             if failure is not None:
@@ -475,7 +539,7 @@ class Identity:
                     )
             else:
                 assert record is not None and user is not None
-                grants = roles.grants_of(conn, realm, user.user_id)
+                grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
                 rtoken, rexp = refresh.issue(
                     conn,
                     realm,
@@ -510,6 +574,7 @@ class Identity:
         if user is not None and user.kind != "client":
             user = None
         ok = verify_client_secret(user.secret_hash if user else None, secret)
+        ok = ok and user is not None and self.sealer.user_ok(user)
         if not ok or user is None or not user.enabled:
             if known_realm:
                 self.audit.record(
@@ -522,7 +587,7 @@ class Identity:
                 )
             raise AuthError(_BAD_CLIENT, code="invalid_client")
         with self.db.begin() as conn:
-            grants = roles.grants_of(conn, realm, user.user_id)
+            grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
             self.audit.record(
                 realm, user.username, "login", user.username, conn=conn, grant="client_credentials"
             )
@@ -644,7 +709,7 @@ class Identity:
                 ):
                     return inactive
                 user = users.by_id(conn, record.user_id)
-            if user is None or not user.enabled:
+            if user is None or not user.enabled or not self.sealer.user_ok(user):
                 return inactive
             return {
                 "active": True,

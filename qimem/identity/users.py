@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from qimem.errors import ConflictError, NotFoundError, ValidationError
 from qimem.identity import db as tables
+from qimem.identity.authz_mac import Sealer
 
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
@@ -42,6 +43,10 @@ class User:
     created_at: float
     secret_hash: str = field(repr=False)
     grants: tuple[tuple[str, str], ...] = ()
+    #: Access tokens issued at or before this time are refused (finding 8 of issue 12).
+    tokens_valid_after: float = 0.0
+    #: The row's integrity MAC (:mod:`qimem.identity.authz_mac`).
+    mac: str | None = field(default=None, repr=False)
 
     @property
     def roles(self) -> list[str]:
@@ -73,10 +78,15 @@ def _user(row: Any, grants: list[tuple[str, str]] | None = None) -> User:
         float(row.created_at),
         row.secret_hash,
         tuple(grants or ()),
+        float(row.tokens_valid_after),
+        row.mac,
     )
 
 
-def create(conn: Connection, realm: str, username: str, secret_hash: str, kind: str) -> User:
+def create(
+    conn: Connection, sealer: Sealer, realm: str, username: str, secret_hash: str, kind: str
+) -> User:
+    """A new, enabled user or service account, its row sealed."""
     validate_username(username, "client id" if kind == "client" else "username")
     if find(conn, realm, username) is not None:
         raise ConflictError(
@@ -105,20 +115,23 @@ def create(conn: Connection, realm: str, username: str, secret_hash: str, kind: 
         raise ConflictError(
             f"{username!r} already exists in realm {realm!r}", code="user_exists"
         ) from None
-    return User(user_id, realm, username, kind, True, 0, 0.0, now, secret_hash)
+    user = User(user_id, realm, username, kind, True, 0, 0.0, now, secret_hash)
+    mac = sealer.user_mac(user)
+    conn.execute(sa.update(tables.users).where(tables.users.c.user_id == user_id).values(mac=mac))
+    return replace(user, mac=mac)
 
 
-def find(conn: Connection, realm: str, username: str) -> User | None:
-    row = conn.execute(
-        sa.select(tables.users).where(
-            tables.users.c.realm == realm, tables.users.c.username == username
-        )
-    ).first()
+def find(conn: Connection, realm: str, username: str, *, for_update: bool = False) -> User | None:
+    """The user ``username`` of ``realm``; ``for_update`` write-locks the row (PostgreSQL)."""
+    stmt = sa.select(tables.users).where(
+        tables.users.c.realm == realm, tables.users.c.username == username
+    )
+    row = conn.execute(stmt.with_for_update() if for_update else stmt).first()
     return _user(row) if row is not None else None
 
 
-def get(conn: Connection, realm: str, username: str) -> User:
-    user = find(conn, realm, username)
+def get(conn: Connection, realm: str, username: str, *, for_update: bool = False) -> User:
+    user = find(conn, realm, username, for_update=for_update)
     if user is None:
         raise NotFoundError(f"no user {username!r} in realm {realm!r}", code="user_not_found")
     return user
@@ -129,20 +142,38 @@ def by_id(conn: Connection, user_id: str) -> User | None:
     return _user(row) if row is not None else None
 
 
-def list_all(conn: Connection, realm: str, kind: str | None = None) -> list[User]:
+def list_all(conn: Connection, sealer: Sealer, realm: str, kind: str | None = None) -> list[User]:
+    """The realm's users with their grants; a user failing his MAC is shown disabled and
+    locked, and grants failing theirs are left out."""
     stmt = sa.select(tables.users).where(tables.users.c.realm == realm)
     if kind:
         stmt = stmt.where(tables.users.c.kind == kind)
     rows = conn.execute(stmt.order_by(tables.users.c.username)).all()
     grant_rows = conn.execute(
-        sa.select(tables.grants.c.user_id, tables.grants.c.role, tables.grants.c.scope)
+        sa.select(
+            tables.grants.c.user_id,
+            tables.grants.c.role,
+            tables.grants.c.scope,
+            tables.grants.c.mac,
+        )
         .where(tables.grants.c.realm == realm)
         .order_by(tables.grants.c.role, tables.grants.c.scope)
     ).all()
+    epochs = {r.user_id: float(r.tokens_valid_after) for r in rows}
     by_user: dict[str, list[tuple[str, str]]] = {}
     for g in grant_rows:
-        by_user.setdefault(g.user_id, []).append((g.role, g.scope))
-    return [_user(r, by_user.get(r.user_id)) for r in rows]
+        epoch = epochs.get(g.user_id, 0.0)
+        if sealer.grant_ok(realm, g.user_id, g.role, g.scope, epoch, g.mac):
+            by_user.setdefault(g.user_id, []).append((g.role, g.scope))
+    return [intact(sealer, _user(r, by_user.get(r.user_id))) for r in rows]
+
+
+def intact(sealer: Sealer, user: User) -> User:
+    """``user`` if his row is authentic; else the same user disabled and locked (and
+    reported), so no login, token or refresh succeeds for him."""
+    if sealer.user_ok(user):
+        return user
+    return replace(user, enabled=False, locked_until=float("inf"), grants=())
 
 
 def set_secret_hash(conn: Connection, user_id: str, secret_hash: str) -> None:
@@ -158,3 +189,15 @@ def set_enabled(conn: Connection, user_id: str, enabled: bool) -> None:
     if enabled:
         values.update(failed_logins=0, locked_until=0.0)
     conn.execute(sa.update(tables.users).where(tables.users.c.user_id == user_id).values(**values))
+
+
+def reseal(conn: Connection, sealer: Sealer, user_id: str) -> None:
+    """Recompute the MAC of a user row after a legitimate change (same transaction, the
+    row already verified and write-locked by the caller)."""
+    row = conn.execute(sa.select(tables.users).where(tables.users.c.user_id == user_id)).first()
+    if row is not None:
+        conn.execute(
+            sa.update(tables.users)
+            .where(tables.users.c.user_id == user_id)
+            .values(mac=sealer.user_mac(row))
+        )

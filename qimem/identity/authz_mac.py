@@ -1,0 +1,227 @@
+"""Integrity of the authorization data: an HMAC-SHA-256 on every row that says who may do
+what, under a key derived from the root key.
+
+A database writer without the root key could otherwise grant himself anything (an
+``INSERT`` into ``qimem_grants``). Each protected row carries a ``mac`` over its identity
+and its protected columns, canonically encoded (length-prefixed UTF-8 fields, a label per
+row kind), so a MAC copied onto another row, another user or another realm does not verify:
+
+* ``qimem_users``: realm, user id, username, kind, secret hash (password or client secret),
+  enabled, tokens_valid_after (the token cut-off of finding 8);
+* ``qimem_roles``: realm, name, permissions, builtin;
+* ``qimem_grants``: realm, user id, role, scope, and the user's ``tokens_valid_after`` when
+  granted (re-sealed at each cut-off), so a grant revoked since cannot be put back.
+
+A row whose MAC is missing or wrong is ignored (a grant not applied, a user treated as
+disabled, a role as having no permissions, a secret as not matching) and reported once per
+process and row version: a log warning (no secrets), an ``integrity.violation`` audit record
+and the Prometheus counter ``qimem_authz_integrity_failures_total{table=...}``.
+
+Not covered (documented in docs/identity.md): the lockout counters (``failed_logins``,
+``locked_until``), which concurrent logins update with atomic SQL counters; rolling a
+user's rows back *together* to an earlier authentic state (e.g. restoring a backup).
+
+Migration 0005 adds the columns without the root key; :func:`seal_legacy_rows` MACs the
+existing rows on the first start of a process holding the root key, once: only while no row
+of those tables carries a MAC yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qimem.identity import db as tables
+from qimem.rootkey import KeyWrapper
+
+log = logging.getLogger("qimem.identity")
+
+_LABEL = "authz-mac-v1"
+_REPORTED_MAX = 10_000
+_counter: Any = None
+_counter_lock = threading.Lock()
+
+
+def failures_counter() -> Any:
+    """``qimem_authz_integrity_failures_total{table}`` in prometheus_client's default
+    registry (created on first use; the server's own registry does not hold it)."""
+    global _counter
+    with _counter_lock:
+        if _counter is None:
+            from prometheus_client import Counter
+
+            _counter = Counter(
+                "qimem_authz_integrity_failures",
+                "Authorization rows (users, roles, grants) ignored because their MAC failed.",
+                ["table"],
+            )
+            for table in ("users", "roles", "grants"):
+                _counter.labels(table)
+        return _counter
+
+
+def _field(value: object) -> bytes:
+    if isinstance(value, bool):
+        text = "1" if value else "0"
+    elif isinstance(value, float):
+        text = repr(value)
+    else:
+        text = str(value)
+    data = text.encode("utf-8")
+    return len(data).to_bytes(4, "big") + data
+
+
+#: Reports a violation: (table, realm, row identity without secrets).
+Reporter = Callable[[str, str, str], None]
+
+
+class Sealer:
+    """Computes and checks row MACs. Its repr shows no key."""
+
+    __slots__ = ("_key", "_report")
+
+    def __init__(self, wrapper: KeyWrapper, report: Reporter | None = None) -> None:
+        self._key = wrapper.derive_key(_LABEL)
+        self._report = report
+
+    def _mac(self, kind: str, fields: tuple[object, ...]) -> str:
+        message = b"qimem authz v1\x00" + _field(kind) + b"".join(_field(f) for f in fields)
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def _check(self, kind: str, fields: tuple[object, ...], mac: str | None, ident: str) -> bool:
+        ok = isinstance(mac, str) and hmac.compare_digest(mac, self._mac(kind, fields))
+        if not ok and self._report is not None:
+            self._report(kind, str(fields[0]), ident + f" mac={mac or '-'}")
+        return ok
+
+    # -- users ------------------------------------------------------------------------
+
+    @staticmethod
+    def _user_fields(row: Any) -> tuple[object, ...]:
+        return (
+            row.realm,
+            row.user_id,
+            row.username,
+            row.kind,
+            row.secret_hash,
+            bool(row.enabled),
+            float(row.tokens_valid_after),
+        )
+
+    def user_mac(self, row: Any) -> str:
+        return self._mac("users", self._user_fields(row))
+
+    def user_ok(self, row: Any) -> bool:
+        """``row`` (a users row or :class:`~qimem.identity.users.User`) is authentic."""
+        return self._check(
+            "users", self._user_fields(row), row.mac, f"user {row.username} ({row.user_id})"
+        )
+
+    # -- roles ------------------------------------------------------------------------
+
+    @staticmethod
+    def _role_fields(row: Any) -> tuple[object, ...]:
+        return (row.realm, row.name, row.permissions, bool(row.builtin))
+
+    def role_mac(self, row: Any) -> str:
+        return self._mac("roles", self._role_fields(row))
+
+    def role_ok(self, row: Any) -> bool:
+        return self._check("roles", self._role_fields(row), row.mac, f"role {row.name}")
+
+    # -- grants -----------------------------------------------------------------------
+
+    def grant_mac(self, realm: str, user_id: str, role: str, scope: str, epoch: float) -> str:
+        return self._mac("grants", (realm, user_id, role, scope, float(epoch)))
+
+    def grant_ok(
+        self, realm: str, user_id: str, role: str, scope: str, epoch: float, mac: str | None
+    ) -> bool:
+        return self._check(
+            "grants",
+            (realm, user_id, role, scope, float(epoch)),
+            mac,
+            f"grant of role {role} on {scope or '*'} to user id {user_id}",
+        )
+
+    def __repr__(self) -> str:
+        return "<Sealer hmac-sha256>"
+
+
+class Reports:
+    """Reports each bad row version once per process: log, audit, counter."""
+
+    def __init__(self, audit: Callable[..., None]) -> None:
+        self._audit = audit
+        self._seen: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        failures_counter()
+
+    def __call__(self, table: str, realm: str, ident: str) -> None:
+        key = (table, realm, ident)
+        with self._lock:
+            if key in self._seen:
+                return
+            if len(self._seen) >= _REPORTED_MAX:
+                self._seen.clear()
+            self._seen.add(key)
+        failures_counter().labels(table).inc()
+        shown = ident.split(" mac=")[0]
+        log.warning(
+            "integrity violation: %s row of realm %r fails its MAC and is ignored: %s",
+            table,
+            realm,
+            shown,
+        )
+        self._audit(realm, table, shown)
+
+
+def seal_legacy_rows(conn: Connection, sealer: Sealer) -> dict[str, int]:
+    """MAC the rows of a database upgraded by migration 0005 (which has no root key).
+
+    Runs only while no row of users, roles and grants has a MAC: afterwards a row without
+    one is a row nobody holding the root key wrote, and stays ignored.
+    :returns: rows sealed per table (empty if nothing was done).
+    """
+    for table in (tables.users, tables.roles, tables.grants):
+        if conn.execute(sa.select(table.c.mac).where(table.c.mac.is_not(None)).limit(1)).first():
+            return {}
+    sealed = {"users": 0, "roles": 0, "grants": 0}
+    u, r, g = tables.users, tables.roles, tables.grants
+    epochs: dict[str, float] = {}
+    for row in conn.execute(sa.select(u)).all():
+        epochs[row.user_id] = float(row.tokens_valid_after)
+        conn.execute(
+            sa.update(u).where(u.c.user_id == row.user_id).values(mac=sealer.user_mac(row))
+        )
+        sealed["users"] += 1
+    for row in conn.execute(sa.select(r)).all():
+        conn.execute(
+            sa.update(r)
+            .where(r.c.realm == row.realm, r.c.name == row.name)
+            .values(mac=sealer.role_mac(row))
+        )
+        sealed["roles"] += 1
+    for row in conn.execute(sa.select(g)).all():
+        mac = sealer.grant_mac(
+            row.realm, row.user_id, row.role, row.scope, epochs.get(row.user_id, 0.0)
+        )
+        conn.execute(
+            sa.update(g)
+            .where(
+                g.c.realm == row.realm,
+                g.c.user_id == row.user_id,
+                g.c.role == row.role,
+                g.c.scope == row.scope,
+            )
+            .values(mac=mac)
+        )
+        sealed["grants"] += 1
+    return sealed if any(sealed.values()) else {}
