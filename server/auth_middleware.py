@@ -17,7 +17,8 @@ missing from the table needs ``realms:admin``: new endpoints are closed until ma
 
 Audited key operations are recorded in buffered batches, or with ``[identity] audit_mode =
 "required"`` synchronously around the operation: no audit record, no answer (503
-``audit_unavailable``).
+``audit_unavailable``). Each record's detail has ``source``: the client's address
+(``req.context.client_addr``, which behind a trusted proxy comes from X-Forwarded-For).
 """
 
 from __future__ import annotations

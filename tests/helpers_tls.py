@@ -159,3 +159,116 @@ def serving_tls(
         server.server_close()
         thread.join(15)
         assert not thread.is_alive(), "TLS server did not stop"
+
+
+# ---- a real nginx terminating TLS in front of qimem serve ----------------------------------
+
+#: The deployment config of docs/operations.md, run as is by the nginx tests.
+NGINX_SITE_TEMPLATE = Path(__file__).resolve().parent.parent / "docs" / "nginx-qimem.conf"
+#: What the tests replace in the template: the values an operator replaces too.
+_SITE_DEFAULTS = {
+    "listen": "listen 443 ssl;",
+    "upstream": "server 127.0.0.1:8080;",
+    "tls_dir": "/etc/qimem/tls/",
+}
+_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable (PATH, then /usr/sbin), or None."""
+    import shutil
+
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def nginx_site(listen: str, upstream: str, tls_dir: Path) -> str:
+    """The template with the listen address, qimem's address and the certificate directory
+    (which must hold ``server-cert.pem`` and ``server-key.pem``) filled in."""
+    text = NGINX_SITE_TEMPLATE.read_text("utf-8")
+    values = {
+        "listen": f"listen {listen} ssl;",
+        "upstream": f"server {upstream};",
+        "tls_dir": f"{tls_dir}/",
+    }
+    for name, default in _SITE_DEFAULTS.items():
+        assert default in text, f"{NGINX_SITE_TEMPLATE} no longer has {default!r}"
+        text = text.replace(default, values[name])
+    return text
+
+
+class Nginx:
+    """nginx in the foreground with its own prefix, config, pid, logs and temp files in
+    ``workdir``; the site config is included in its ``http`` block. ``proxy_bind`` makes it
+    connect upstream from that loopback address (so the proxy's address differs from its
+    clients'). Stop it with :meth:`stop`."""
+
+    def __init__(
+        self, workdir: Path, site: str, listen_port: int, *, proxy_bind: str | None = None
+    ) -> None:
+        import subprocess
+
+        binary = nginx_binary()
+        assert binary is not None, "nginx is not installed"
+        self.workdir = workdir
+        self.port = listen_port
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in _TEMP_DIRS:
+            (workdir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+        (workdir / "qimem.conf").write_text(site, "utf-8")
+        temps = "\n".join(f"    {n}_temp_path {workdir}/tmp/{n};" for n in _TEMP_DIRS)
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers write the temp dirs
+        bind = f"    proxy_bind {proxy_bind};\n" if proxy_bind else ""
+        (workdir / "nginx.conf").write_text(
+            f"{user}worker_processes 1;\npid {workdir}/nginx.pid;\n"
+            f"error_log {workdir}/error.log warn;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{\n    access_log {workdir}/access.log;\n{temps}\n{bind}"
+            f"    include {workdir}/qimem.conf;\n}}\n",
+            "utf-8",
+        )
+        self.error_log = workdir / "error.log"
+        self.proc = subprocess.Popen(
+            [binary, "-p", f"{workdir}/", "-e", str(self.error_log),
+             "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "stderr.log").open("wb"),
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 20.0) -> Nginx:
+        import socket
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited {self.proc.returncode}: {self.logs()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"nginx did not start: {self.logs()}")
+
+    def logs(self) -> str:
+        return "".join(
+            p.read_text("utf-8", errors="replace")
+            for p in (self.workdir / "stderr.log", self.error_log)
+            if p.exists()
+        )
+
+    def stop(self) -> None:
+        """Graceful stop (SIGQUIT), killed after 10 s."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
