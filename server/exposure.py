@@ -188,7 +188,7 @@ class ClientMiddleware:
 
 def _bind_addresses(host: str, port: int) -> list[str]:
     if host in ("", "*", "0.0.0.0", "::"):  # noqa: S104 - every interface
-        return [host or "0.0.0.0"]  # noqa: S104
+        return [host or "0.0.0.0"]  # noqa: S104 - compared, never bound here
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
