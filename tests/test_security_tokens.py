@@ -18,6 +18,7 @@ from helpers_security import (
     close_app,
     identity_app,
     password_of,
+    raw_sql,
     store_url,
 )
 from identity_helpers import password_login, serving
@@ -129,6 +130,29 @@ def test_finding8_other_server_refuses_within_the_refresh_bound(
         assert ident.authenticate(token).username == "alice"  # cached there now
         assert ident.introspect("acme", token)["active"] is True
         ids.set_user_enabled(app, "acme", "alice", False)  # through the first server
+        time.sleep(0.2 + 0.5)
+        with pytest.raises(AuthError):
+            ident.authenticate(token)
+        assert ident.introspect("acme", token) == {"active": False}
+    finally:
+        close_app(other)
+
+
+def test_finding8_a_database_writer_cannot_lift_a_cut_off_a_server_has_seen(
+    live: tuple[str, AppContext, str], root_key_b64: str
+) -> None:
+    """Lowering ``tokens_valid_after`` by SQL does not revive the tokens on a server that
+    has seen the cut-off (and the user's row no longer verifies: finding 15)."""
+    _, app, url = live
+    other = identity_app(url, root_key_b64, revocation_refresh_seconds=0.2)
+    try:
+        token = _token(app)
+        ident = ids.identity(other)
+        ids.set_user_enabled(app, "acme", "alice", False)
+        time.sleep(0.2 + 0.5)
+        with pytest.raises(AuthError):
+            ident.authenticate(token)
+        raw_sql(url, "UPDATE qimem_users SET tokens_valid_after = 0 WHERE username = 'alice'")
         time.sleep(0.2 + 0.5)
         with pytest.raises(AuthError):
             ident.authenticate(token)

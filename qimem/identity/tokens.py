@@ -418,8 +418,15 @@ class TokenService:
                     )
                 )
         with self._lock:
-            self._revoked = {r.jti: r.expires_at for r in rows}
-            self._cutoffs = {r.user_id: float(r.tokens_valid_after) for r in cut}
+            # Merged, never replaced: a revocation or cut-off this server has seen stays in
+            # force even if its row is deleted or lowered later (by a database writer).
+            revoked = {j: e for j, e in self._revoked.items() if e > wall}
+            revoked.update((r.jti, r.expires_at) for r in rows)
+            cutoffs = {u: at for u, at in self._cutoffs.items() if at > horizon}
+            for r in cut:
+                cutoffs[r.user_id] = max(float(r.tokens_valid_after), cutoffs.get(r.user_id, 0.0))
+            self._revoked = revoked
+            self._cutoffs = cutoffs
             self._revoked_loaded = now
 
     def __repr__(self) -> str:
