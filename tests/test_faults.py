@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from identity_helpers import ADMIN_PASSWORD
 from pg_instance import PgInstance, TcpProxy, require_pg_bin
 from serve_process import ServeProcess
 
@@ -55,7 +56,6 @@ from qimem.errors import StoreUnavailableError
 from qimem.rootkey import encode_root_key, generate_root_key
 from qimem.sql import PG_CONNECT_TIMEOUT, create_engine
 
-ADMIN_PASSWORD = "fault-injection-admin-pw"
 FAST_IDENTITY = "\n[identity]\nargon2_memory_kib = 1024\nargon2_time_cost = 1\n"
 RECOVERY_DEADLINE = 30.0  # liveness bound only: the figures are reported, not asserted
 CLIENT_TIMEOUT = 30.0  # a request that takes longer counts as a hang
