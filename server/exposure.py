@@ -129,6 +129,7 @@ class ClientMiddleware:
         trusted_proxies: Iterable[Network] = (),
     ) -> None:
         self._hosts = normalize_allowed_hosts(allowed_hosts) or None
+        self._accepted: set[str] = set()  # Host values seen and accepted (bounded)
         self._proxies = tuple(trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
 
@@ -148,7 +149,9 @@ class ClientMiddleware:
         if self._proxies and self._trusted(peer):
             self._from_proxy(req, peer)
         if self._hosts is not None:
-            self._check_host(req.get_header("Host"))
+            header = req.get_header("Host")
+            if header not in self._accepted:
+                self._check_host(header)
 
     def _check_host(self, header: str | None) -> None:
         hosts = self._hosts
@@ -157,6 +160,8 @@ class ClientMiddleware:
         if parsed is not None:
             host, port = parsed
             if host in hosts or (port is not None and f"{host}:{port}" in hosts):
+                if header is not None and len(self._accepted) < 256:
+                    self._accepted.add(header)
                 return
         if hosts == LOOPBACK_HOSTS:
             what = "loopback names (localhost, 127.0.0.1, [::1])"
