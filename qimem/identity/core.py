@@ -238,8 +238,12 @@ class Identity:
     def get_user(self, realm: str, username: str) -> User:
         with self.db.begin() as conn:
             realms.require(conn, realm)
-            user = users.intact(self.sealer, users.get(conn, realm, username))
-            grants = roles.grants_of(conn, self.sealer, realm, user.user_id) if user.enabled else []
+            stored = users.get(conn, realm, username)
+            user = users.intact(self.sealer, stored)
+            # A disabled user keeps his grants (shown, and weighed by the no-escalation
+            # rule before anyone re-enables him); a row failing its MAC has none.
+            authentic = self.sealer.user_ok(stored)
+            grants = roles.grants_of(conn, self.sealer, realm, user.user_id) if authentic else []
         return User(**{**user.__dict__, "grants": tuple(grants)})
 
     def set_password(
