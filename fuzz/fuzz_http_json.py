@@ -84,9 +84,9 @@ class _Harness:
     def __init__(self) -> None:
         self.app: AppContext = open_app()
         ids.configure(self.app, SETTINGS)
-        ids.bootstrap(self.app, "admin-password")
-        ids.add_user(self.app, REALM, "fuzzer", "fuzzer-password")
-        ids.add_user(self.app, REALM, "scoped", "scoped-password")
+        ids.bootstrap(self.app, "vault-orchid-meadow-71")
+        ids.add_user(self.app, REALM, "fuzzer", "harbor-ember-violet-29")
+        ids.add_user(self.app, REALM, "scoped", "glacier-saffron-pivot-64")
         for role in ("key-manager", "encryptor"):
             ids.grant_role(self.app, REALM, "scoped", role, "fuzz-*")
         self.tokens = {
