@@ -86,7 +86,7 @@ class _Harness:
         ids.configure(self.app, SETTINGS)
         ids.bootstrap(self.app, "vault-orchid-meadow-71")
         ids.add_user(self.app, REALM, "fuzzer", "harbor-ember-violet-29")
-        ids.add_user(self.app, REALM, "scoped", "glacier-saffron-pivot-64")
+        ids.add_user(self.app, REALM, "scoped", "glacier-pivot-64")
         for role in ("key-manager", "encryptor"):
             ids.grant_role(self.app, REALM, "scoped", role, "fuzz-*")
         self.tokens = {

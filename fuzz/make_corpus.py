@@ -231,7 +231,10 @@ def http_seeds() -> dict[str, bytes]:
             f"/v1/auth/realms/{REALM}/users",
             {"username": "bob", "password": "tundra-copper-lantern-52", "roles": []},
         ),
-        (f"/v1/auth/realms/{REALM}/users/fuzzer", {"enabled": False, "password": "meadow-orchid-quartz-83"}),
+        (
+            f"/v1/auth/realms/{REALM}/users/fuzzer",
+            {"enabled": False, "password": "orchid-quartz-83"},
+        ),
         (f"/v1/auth/realms/{REALM}/users/fuzzer/roles", {"role": "encryptor", "scope": "a-*"}),
         (
             f"/v1/auth/realms/{REALM}/roles",
@@ -240,7 +243,7 @@ def http_seeds() -> dict[str, bytes]:
         (f"/v1/auth/realms/{REALM}/clients", {"client_id": "svc", "roles": ["encryptor"]}),
         (
             f"/v1/auth/realms/{REALM}/token",
-            {"grant_type": "password", "username": "scoped", "password": "glacier-saffron-pivot-64"},
+            {"grant_type": "password", "username": "scoped", "password": "glacier-pivot-64"},
         ),
         (f"/v1/auth/realms/{REALM}/revoke", {"token": "abc"}),
         (f"/v1/auth/realms/{REALM}/introspect", {"token": "abc"}),
