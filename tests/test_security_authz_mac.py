@@ -218,6 +218,7 @@ def test_finding15_forged_grant_is_refused_over_http(world: World) -> None:
         u=world.user_id("eve"),
     )
     with serving(world.app) as base:
+        before = _grant_failures(requests.get(f"{base}/metrics", timeout=10).text)
         token = world.login("eve")
         answer = requests.post(
             f"{base}/v1/security/decrypt",
@@ -225,7 +226,18 @@ def test_finding15_forged_grant_is_refused_over_http(world: World) -> None:
             headers={"Authorization": f"Bearer {token}"},
             timeout=10,
         )
+        after = _grant_failures(requests.get(f"{base}/metrics", timeout=10).text)
     assert answer.status_code == 403, answer.text
+    assert after == before + 1  # reported on the server's /metrics, once
+
+
+def _grant_failures(metrics: str) -> float:
+    line = next(
+        x
+        for x in metrics.splitlines()
+        if x.startswith('qimem_authz_integrity_failures_total{table="grants"}')
+    )
+    return float(line.rsplit(" ", 1)[1])
 
 
 def _downgrade_to_0004(url: str) -> None:
