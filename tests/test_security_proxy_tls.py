@@ -146,7 +146,7 @@ def test_exposure_the_clis_work_through_nginx_and_audit_shows_the_client(
     assert secret.read_text() == "through nginx\n"
     records = deployment.audit(token, "keys.create")
     assert [r["target"] for r in records] == [json.loads(made.stdout)["key_id"]]
-    for action in ("keys.create", "crypto.datakey", "crypto.decrypt"):
+    for action in ("login", "keys.create", "crypto.datakey", "crypto.decrypt"):
         records = deployment.audit(token, action)
         assert records, action
         for record in records:

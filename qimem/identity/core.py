@@ -449,7 +449,7 @@ class Identity:
                 if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
                     reason = "integrity"  # changed without the root key while hashing
             if reason is not None:
-                self._login_failed(conn, realm, known_realm, user, reason)
+                self._login_failed(conn, realm, known_realm, user, reason, source)
             else:
                 assert user is not None
                 issued_at = time.time()  # under the row lock claim_success took
@@ -472,6 +472,7 @@ class Identity:
                     conn=conn,
                     grant="password",
                     rehashed=bool(new_hash) or None,
+                    source=source,
                 )
         if reason is not None:
             raise _login_error()
@@ -487,7 +488,13 @@ class Identity:
         )
 
     def _login_failed(
-        self, conn: Connection, realm: str, known_realm: bool, user: User | None, reason: str
+        self,
+        conn: Connection,
+        realm: str,
+        known_realm: bool,
+        user: User | None,
+        reason: str,
+        source: str | None,
     ) -> None:
         """Count (a wrong password) and audit a failed password login."""
         if not known_realm:
@@ -507,6 +514,7 @@ class Identity:
             conn=conn,
             reason=reason,
             locked=locked_now or None,
+            source=source,
         )
 
     def refresh_grant(self, realm: str, token: str) -> TokenResponse:
