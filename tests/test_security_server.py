@@ -358,15 +358,22 @@ def test_finding12_aborted_server_leaves_no_core_file(
     assert cores_in(workdir) == []
 
 
-def cli_core_state(cwd: Path, **env: str) -> tuple[int, int]:
-    """(PR_GET_DUMPABLE, soft RLIMIT_CORE) of a CLI process after it opened its store
-    (the flag is only readable from inside the process, so the child reports it)."""
+STORE = "state = CliState(None, 'memory://', [], 'master')\nstate.app.open()\n"
+CLIENT = (  # what qauth --server builds (nothing is sent)
+    "state = CliState(None, None, [], 'master', server='http://127.0.0.1:9')\n"
+    "state.http_client('a-token')\n"
+)
+
+
+def cli_core_state(cwd: Path, opens: str = STORE, **env: str) -> tuple[int, int]:
+    """(PR_GET_DUMPABLE, soft RLIMIT_CORE) of a CLI process after it opened its store or
+    its --server client (the flag is only readable from inside the process, so the child
+    reports it)."""
     code = (
         "import ctypes, resource\n"
         "from qimem.cli.context import CliState\n"
-        "state = CliState(None, 'memory://', [], 'master')\n"
-        "state.app.open()\n"
-        "flag = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)\n"
+        + opens
+        + "flag = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)\n"
         "print(flag, resource.getrlimit(resource.RLIMIT_CORE)[0])\n"
         "state.close()\n"
     )
@@ -395,3 +402,10 @@ def test_finding12_cli_processes_that_open_the_store_cannot_dump_core(
     # the documented opt-out for debugging
     flag, limit = cli_core_state(tmp_path, QIMEM_ROOT_KEY=root_key_b64, QIMEM_ALLOW_CORE_DUMPS="1")
     assert flag == 1 and limit != 0
+
+
+@needs_linux
+def test_finding12_cli_clients_of_a_server_cannot_dump_core(tmp_path: Path) -> None:
+    """qauth --server holds passwords, tokens and client secrets."""
+    assert cli_core_state(tmp_path, CLIENT) == (0, 0)
+    assert cli_core_state(tmp_path, CLIENT, QIMEM_ALLOW_CORE_DUMPS="1")[0] == 1

@@ -84,6 +84,7 @@ class CliState:
         from qimem.http_client import HttpClient
 
         assert self.server is not None
+        disable_core_dumps()  # passwords, tokens and client secrets pass through this process
         client = HttpClient(
             self.server,
             token,
