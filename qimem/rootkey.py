@@ -125,6 +125,25 @@ def write_root_key_file(path: Path) -> bytearray:
     return key
 
 
+def generate(path: str | os.PathLike[str]) -> Path:
+    """Write a fresh root key to ``path`` (mode 0600) and return the path: the Python
+    equivalent of the root key ``qimem init`` writes.
+
+    >>> from qimem import rootkey
+    >>> rootkey.generate("root.key")  # doctest: +SKIP
+    PosixPath('root.key')
+
+    The file is created with :func:`write_root_key_file` (temp file, fsync, no-replace
+    link; a missing directory is created 0700). Keep it, and back it up apart from the
+    database: key material in persistent stores opens only under it.
+
+    :raises ConfigError: ``path`` already exists (an existing root key is never replaced).
+    """
+    target = Path(path)
+    write_root_key_file(target)
+    return target
+
+
 def read_root_key_file(path: Path) -> bytearray:
     """Read the root key file, refusing one that others can read or write."""
     try:
