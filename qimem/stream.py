@@ -477,6 +477,8 @@ def open_header(
     """Unwrap the data key, verify the header tag and prepare the segment cipher."""
     algorithm = keyring.algorithm(header.algorithm_id)
     wrapped = env.parse(header.wrapped_key)
+    if wrapped.algorithm_id != header.algorithm_id:  # one stream, one algorithm (formats.md)
+        raise DecryptionError("stream header failed authentication")
     data_key = keyring.unwrap(header.wrapped_key)
     try:
         if len(data_key) != DATA_KEY_SIZE:

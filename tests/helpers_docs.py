@@ -155,13 +155,15 @@ def is_qimem_config(doc: dict[str, object]) -> bool:
 
 
 def check_qimem_config(path: Path) -> None:
-    """Load ``path`` with each of qimem's config loaders (the core, key lifecycle and
-    identity tables); a bad value raises ``ConfigError``."""
+    """Load ``path`` with each of qimem's config loaders (the core, ``[serve]``, key
+    lifecycle and identity tables); a bad value raises ``ConfigError``."""
+    from qimem.cli.serve import serve_settings
     from qimem.config import load_config
     from qimem.identity.settings import load_settings as identity_settings
     from qimem.services.lifecycle import load_settings as lifecycle_settings
 
-    load_config(path)
+    config = load_config(path)
+    serve_settings(config.serve, {})
     lifecycle_settings(path)
     identity_settings(path)
 
@@ -276,6 +278,10 @@ class DocSandbox:
 
     def run_block(self, block: Block) -> None:
         for key, value in block.directives:
+            if key == "file":
+                same = (REPO / value).read_text("utf-8") == block.text
+                assert same, f"{block.where}: the block differs from {value}"
+                return
             if key == "serve":
                 self.start_server(value)
             elif key == "before":

@@ -27,6 +27,8 @@ Markers: HTML comment lines directly above the opening fence (invisible when ren
   it for byte layouts, grammar, other machines (``https://keys.example.com``, nginx,
   PostgreSQL URLs), long campaigns and fragments; everything else should run.
 - ``<!-- docs-test: before SHELL -->``: hidden setup run first (e.g. create input files).
+- ``<!-- docs-test: file PATH -->``: the block is exactly the repository file PATH (which
+  another test runs, e.g. docs/nginx-qimem.conf).
 - ``<!-- docs-test: serve ARGS -->``: start the document's server (``qimem serve ARGS``)
   before this block.
 
@@ -60,7 +62,7 @@ from qimem.errors import ConfigError
 
 
 def _unrunnable(block: Block) -> str | None:
-    if block.illustrative:
+    if block.illustrative or any(key == "file" for key, _ in block.directives):
         return None
     if block.lang not in RUNNABLE:
         return f"```{block.lang or '(no language)'}"
