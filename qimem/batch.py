@@ -74,6 +74,9 @@ WRITEBACK_BYTES = 16 << 20
 #: Files from this size on start their writeback as soon as they are written.
 WRITEBACK_MIN = 1 << 20
 
+#: Report progress inside a file every this many input bytes (a large file moves the bar).
+PROGRESS_BYTES = 4 << 20
+
 Progress = Callable[[int, int], None]  # (bytes done, files done) increments
 
 
@@ -131,6 +134,51 @@ class _KickingWriter:
         return n
 
 
+class _CountingReader:
+    """A raw input file that reports the bytes read, every :data:`PROGRESS_BYTES`."""
+
+    def __init__(self, raw: BinaryIO, report: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._report = report
+        self._pending = 0
+
+    def _count(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= PROGRESS_BYTES:
+            self._report(self._pending)
+            self._pending = 0
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer) or 0  # type: ignore[attr-defined]
+        self._count(n)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._count(len(data))
+        return data
+
+
+class _GroupProgress:
+    """Byte reports from inside a group's files, never more than the group's size; the
+    group's completion reports the rest with its file count."""
+
+    def __init__(self, report: Progress, tasks: list[Task]) -> None:
+        self._report = report
+        self._left = sum(t.size for t in tasks)
+        self._files = len(tasks)
+
+    def bytes(self, n: int) -> None:
+        n = min(n, self._left)
+        if n > 0:
+            self._left -= n
+            self._report(n, 0)
+
+    def done(self) -> None:
+        self._report(self._left, self._files)
+        self._left = 0
+
+
 @dataclass
 class _Options:
     operation: str
@@ -139,14 +187,21 @@ class _Options:
     owner: int
 
 
-def _process_one(keyring: stream.Keyring, task: Task, opts: _Options) -> tuple[int, Path]:
-    """Write ``task``'s output to a new temp file; returns ``(fd, temp path)`` (fd open)."""
+def _process_one(
+    keyring: stream.Keyring,
+    task: Task,
+    opts: _Options,
+    read: Callable[[int], None] | None = None,
+) -> tuple[int, Path]:
+    """Write ``task``'s output to a new temp file; returns ``(fd, temp path)`` (fd open).
+    ``read`` is told the input bytes read, as they are read (progress)."""
     assert task.src is not None and task.dst is not None
     if not opts.force and os.path.lexists(task.dst):
         raise fileio.conflict(task.dst)
     fd, tmp = fileio.create_temp(task.dst, opts.owner)
     try:
-        with open(open_input(task), "rb", buffering=0) as fin:
+        with open(open_input(task), "rb", buffering=0) as raw:
+            fin: Any = raw if read is None else _CountingReader(raw, read)
             out = _KickingWriter(fd)
             if opts.operation == ENCRYPT:
                 info = stream.encrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
@@ -166,13 +221,19 @@ def _process_one(keyring: stream.Keyring, task: Task, opts: _Options) -> tuple[i
     return fd, tmp
 
 
-def run_group(keyring: stream.Keyring, tasks: list[Task], opts: _Options) -> list[FileResult]:
-    """Encrypt or decrypt a group of files and commit them together (see module doc)."""
+def run_group(
+    keyring: stream.Keyring,
+    tasks: list[Task],
+    opts: _Options,
+    read: Callable[[int], None] | None = None,
+) -> list[FileResult]:
+    """Encrypt or decrypt a group of files and commit them together (see module doc).
+    ``read`` is told the input bytes read, as they are read (progress)."""
     staged: list[tuple[int, Path, Task]] = []
     try:
         for task in tasks:
             try:
-                fd, tmp = _process_one(keyring, task, opts)
+                fd, tmp = _process_one(keyring, task, opts, read)
             except Exception as exc:  # one bad file never stops the others
                 task.result.fail(exc)
                 continue
@@ -218,7 +279,12 @@ class _GroupSyncFailed(Exception):
 
 
 def check_key(keyring: stream.Keyring) -> None:
-    """Resolve the encryption key once, so a bad ``--key`` fails before any output."""
+    """Resolve the encryption key once, so a bad ``--key`` fails before any output
+    (without wrapping a data key when the keyring can check alone: no usage counted)."""
+    check = getattr(keyring, "check", None)
+    if check is not None:
+        check()
+        return
     _, data_key, _ = keyring.new_data_key()
     data_key[:] = bytes(len(data_key))
 
@@ -265,8 +331,13 @@ def run(
     :param jobs: worker processes (1 = in this process).
     :param context: for a derived key: the per-context subkey wraps each file's data key,
         and the same context is needed to decrypt.
-    :param progress: called with (bytes, files) increments as files complete.
+    :param progress: called with (bytes, files) increments: bytes as they are read (every
+        :data:`PROGRESS_BYTES` inside a large file; per segment range with ``jobs > 1``),
+        files as they complete.
     :raises KeyboardInterrupt: after cleaning up this run's temp files.
+
+    Output directories this run creates (``--out-dir``) are removed again if nothing was
+    written into them (e.g. every input failed).
     """
     if operation not in (ENCRYPT, DECRYPT):
         raise ValidationError(f"unknown batch operation {operation!r}")
@@ -275,46 +346,67 @@ def run(
     started = time.perf_counter()
     opts = _Options(operation, aad, force, os.getpid())
     todo = [t for t in tasks if t.result.error is None]
-    directories = _prepare_directories(todo)
-    report = progress or (lambda _b, _f: None)
-    keyring = file_services.keyring_for(app, key_ref, realm, context)
-    if operation == ENCRYPT and todo:
-        check_key(keyring)
+    created: list[Path] = []
     try:
-        if jobs == 1 or len(todo) == 0 or not fork_available():
-            for group in _groups(todo):
-                run_group(keyring, group, opts)
-                report(sum(t.size for t in group), len(group))
-        else:
-            from qimem.batch_parallel import run_parallel
+        directories = _prepare_directories(todo, created)
+        report = progress or (lambda _b, _f: None)
+        keyring = file_services.keyring_for(app, key_ref, realm, context)
+        if operation == ENCRYPT and todo:
+            check_key(keyring)
+        try:
+            if jobs == 1 or len(todo) == 0 or not fork_available():
+                for group in _groups(todo):
+                    counter = _GroupProgress(report, group)
+                    run_group(keyring, group, opts, counter.bytes if progress else None)
+                    counter.done()
+            else:
+                from qimem.batch_parallel import run_parallel
 
-            run_parallel(app, keyring, todo, opts, jobs, (key_ref, realm, context), report)
-    except BaseException:
-        fileio.cleanup_dirs(directories, owner=opts.owner)
-        raise
-    if any(not t.result.ok for t in todo):
-        fileio.cleanup_dirs(directories, owner=opts.owner)
+                run_parallel(app, keyring, todo, opts, jobs, (key_ref, realm, context), report)
+        except BaseException:
+            fileio.cleanup_dirs(directories, owner=opts.owner)
+            raise
+        if any(not t.result.ok for t in todo):
+            fileio.cleanup_dirs(directories, owner=opts.owner)
+    finally:
+        _remove_empty(created)
     return BatchResult(
         operation, [t.result for t in tasks], time.perf_counter() - started, skipped_of(tasks)
     )
 
 
-def _prepare_directories(todo: list[Task]) -> set[Path]:
-    """Create missing output directories (``--out-dir``) and clear dead runs' temp files."""
+def _prepare_directories(todo: list[Task], created: list[Path]) -> set[Path]:
+    """Create missing output directories (``--out-dir``; appended to ``created``, parents
+    first) and clear dead runs' temp files."""
     directories: set[Path] = set()
     for task in todo:
         assert task.dst is not None
         parent = task.dst.parent
         if parent in directories:
             continue
+        missing: list[Path] = []
+        current = parent
+        while not os.path.lexists(current) and current != current.parent:
+            missing.append(current)
+            current = current.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            for path in reversed(missing):
+                with contextlib.suppress(FileExistsError):  # made meanwhile by someone else
+                    path.mkdir()
+                    created.append(path)
         except OSError as exc:
             task.result.fail(exc)
             continue
         directories.add(parent)
         fileio.cleanup_stale_temps(parent)
     return directories
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories this run created that are still empty (children first)."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):  # not empty (an output, or someone else's file)
+            path.rmdir()
 
 
 # ------------------------------------------------------------------------ stdin / stdout

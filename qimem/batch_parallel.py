@@ -135,7 +135,14 @@ class _Split:
     tmp: Path
     pending: int
     size: int  # plaintext size (encrypt) or segment bytes (decrypt)
+    count: int = 1  # segments
     error: BaseException | None = None
+
+    def share(self, start: int, stop: int) -> int:
+        """The input bytes of segments ``[start, stop)`` for progress (the shares of all
+        ranges add up to the file's size exactly)."""
+        total = self.task.size
+        return total * stop // self.count - total * start // self.count
 
 
 def _prepare_split(
@@ -181,7 +188,7 @@ def _prepare_split(
     pieces = max(1, min(count, max(jobs, -(-task.size // batch.RANGE_BYTES))))
     bounds = [count * i // pieces for i in range(pieces + 1)]
     ranges = [(bounds[i], bounds[i + 1]) for i in range(pieces) if bounds[i] < bounds[i + 1]]
-    return _Split(task, fd, tmp, len(ranges), size), ranges
+    return _Split(task, fd, tmp, len(ranges), size, max(1, count)), ranges
 
 
 def _finish_split(split: _Split, opts: _Options) -> None:
@@ -259,7 +266,7 @@ def run_parallel(
                     stop,
                     task.nofollow,
                 )
-                futures[future] = ("range", split)
+                futures[future] = ("range", (split, start, stop))
         for group in groups:
             futures[pool.submit(_worker_group, group, opts)] = ("group", group)
         pending = set(futures)
@@ -296,13 +303,17 @@ def _collect_group(future: Future[Any], group: list[Task], report: Progress) -> 
     report(sum(t.size for t in group), len(group))
 
 
-def _collect_range(future: Future[Any], split: _Split, opts: _Options, report: Progress) -> None:
+def _collect_range(
+    future: Future[Any], item: tuple[_Split, int, int], opts: _Options, report: Progress
+) -> None:
+    split, start, stop = item
     try:
         future.result()
     except Exception as exc:
         if split.error is None:
             split.error = exc
     split.pending -= 1
+    report(split.share(start, stop), 0)  # a large file's bar moves range by range
     if split.pending == 0:
         _finish_split(split, opts)
-        report(split.task.size, 1)
+        report(0, 1)

@@ -61,6 +61,9 @@ def test_service_stream_round_trip_on_every_store(any_app: AppContext) -> None:
 
 
 def test_decrypt_respects_realms_and_key_states(sqlite_app: AppContext) -> None:
+    from qimem.services import identity as ids
+
+    ids.create_realm(sqlite_app, "tenant-a")  # a store with identity: only its realms
     services.create_key(sqlite_app, name="k", realm="tenant-a")
     sealed = io.BytesIO()
     files.encrypt_stream(sqlite_app, io.BytesIO(b"x"), sealed, "k", realm="tenant-a")

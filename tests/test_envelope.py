@@ -468,6 +468,9 @@ def test_envelope_decrypts_after_rotation(app: AppContext) -> None:
 
 
 def test_envelope_of_another_realm_is_not_found(app: AppContext) -> None:
+    from qimem.services import identity as ids
+
+    ids.create_realm(app, "tenant-a")  # a store with identity takes keys only in its realms
     key = key_svc.create_key(app, realm="tenant-a")
     sealed = svc.encrypt(app, key.key_id, b"secret of a", realm="tenant-a").envelope
     with pytest.raises(NotFoundError, match="does not exist") as info:

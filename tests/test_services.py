@@ -20,6 +20,7 @@ from qimem.errors import (
     ValidationError,
 )
 from qimem.keys import KeyState
+from qimem.services import identity as ids
 
 SECRET = b"the quarterly numbers: 42"
 
@@ -56,6 +57,7 @@ def test_duplicate_name_is_conflict_per_realm(any_app: AppContext) -> None:
     services.create_key(any_app, name="payments")
     with pytest.raises(ConflictError, match="payments"):
         services.create_key(any_app, name="payments")
+    ids.create_realm(any_app, "tenant-b")  # a store with identity takes keys only in its realms
     other = services.create_key(any_app, name="payments", realm="tenant-b")
     assert other.realm == "tenant-b"
 
@@ -96,6 +98,7 @@ def test_invalid_realms_refused(memory_app: AppContext, realm: str) -> None:
 def test_list_newest_version_per_lineage_and_realm(any_app: AppContext) -> None:
     a = services.create_key(any_app, name="alpha")
     b = services.create_key(any_app, name="beta")
+    ids.create_realm(any_app, "elsewhere")
     services.create_key(any_app, name="gamma", realm="elsewhere")
     a2 = services.rotate_key(any_app, "alpha")
     listed = {k.name: k for k in services.list_keys(any_app)}

@@ -3,6 +3,7 @@ standard input/output, single files, many files and directory trees (docs/files.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -115,6 +116,17 @@ def _finish(result: batch.BatchResult, json_: bool) -> None:
     raise error
 
 
+def _refuse_terminal_stdin(operation: str) -> None:
+    """With no FILES and a terminal on standard input, the user most likely forgot the
+    FILES: say so instead of waiting silently for typed input."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        verb = "encrypt" if operation == batch.ENCRYPT else "decrypt"
+        raise ValidationError(
+            f"no FILES given and standard input is a terminal; name the files to {verb}, "
+            f"or pipe data in (e.g. 'qimem {verb} ... < FILE')"
+        )
+
+
 def _stdio(
     state: CliState,
     operation: str,
@@ -124,32 +136,41 @@ def _stdio(
     force: bool,
     json_: bool,
     context: str | None,
+    source: str | None = None,
 ) -> None:
-    """Standard input to standard output (or to -o OUT, atomically)."""
+    """Standard input (or the one file ``source``) to standard output (or to -o OUT,
+    atomically)."""
     app = state.backend
     to_stdout = output is None or output == "-"
     if to_stdout and operation == batch.ENCRYPT and sys.stdout.isatty():
         raise ValidationError("refusing to write ciphertext to a terminal; use -o or a pipe")
-    src = sys.stdin.buffer
-    src_raw = getattr(src, "raw", src)
-    out: Any = sys.stdout.buffer if to_stdout else Path(output)  # type: ignore[arg-type]
-    info = batch.run_stream(
-        app,
-        operation,
-        src_raw,
-        out,
-        key_ref=key_ref,
-        aad=_aad(aad),
-        force=force,
-        realm=state.realm,
-        context=_aad(context),
-    )
+    with contextlib.ExitStack() as stack:
+        if source is None:
+            src = sys.stdin.buffer
+            src_raw = getattr(src, "raw", src)
+        else:
+            try:
+                src_raw = stack.enter_context(open(source, "rb", buffering=0))  # noqa: SIM115
+            except OSError as exc:
+                raise batch.as_qimem_error(exc, source) from None
+        out: Any = sys.stdout.buffer if to_stdout else Path(output)  # type: ignore[arg-type]
+        info = batch.run_stream(
+            app,
+            operation,
+            src_raw,
+            out,
+            key_ref=key_ref,
+            aad=_aad(aad),
+            force=force,
+            realm=state.realm,
+            context=_aad(context),
+        )
     if to_stdout:
         sys.stdout.buffer.flush()
     if json_:
         summary = {
             "operation": operation,
-            "input": "-",
+            "input": "-" if source is None else source,
             "output": "-" if to_stdout else output,
             "key_id": info.key_id,
             "version": info.version,
@@ -182,7 +203,13 @@ def _files(
     follow_symlinks: bool,
 ) -> None:
     if output == "-":
-        raise ValidationError("-o - (standard output) works only with standard input")
+        if out_dir is not None:
+            raise ValidationError("use either -o or --out-dir, not both")
+        if len(files) != 1 or Path(files[0]).is_dir():
+            raise ValidationError("-o - (standard output) takes one input file, not several")
+        key = key_ref if operation == batch.ENCRYPT else None
+        _stdio(state, operation, "-", key, aad, force, json_, context, source=files[0])
+        return
     tasks = batch.plan(
         files, operation, output=output, out_dir=out_dir, follow_symlinks=follow_symlinks
     )
@@ -230,6 +257,8 @@ def encrypt(
     each is named on stderr and the exit code is non-zero. With no FILES, standard input
     is encrypted to standard output.
     """
+    if not files:
+        _refuse_terminal_stdin(batch.ENCRYPT)
     if not files or files == ("-",):
         _stdio(state, batch.ENCRYPT, output, key_ref, aad, force, json_, context)
         return
@@ -275,6 +304,8 @@ def decrypt(
     authenticates. With no FILES, standard input is decrypted to standard output, where
     each segment is written once it has authenticated: check the exit status.
     """
+    if not files:
+        _refuse_terminal_stdin(batch.DECRYPT)
     if not files or files == ("-",):
         _stdio(state, batch.DECRYPT, output, None, aad, force, json_, context)
         return
@@ -297,7 +328,7 @@ def decrypt(
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @context_option
 @follow_option
 @json_option
@@ -316,11 +347,28 @@ def rewrap(
     atomically. Directories are walked for *.qimem files (symbolic links are skipped unless
     --follow-symlinks; a followed link stays a link and the file it points to is
     rewrapped). Files already under the newest
-    version are left alone.
+    version are left alone. Prints one summary line, e.g. "rewrapped 3 files, 1 already
+    current, 0 failed" (not with --quiet or --json).
     """
     tasks = batch.plan(files, batch.REWRAP, follow_symlinks=follow_symlinks)
     with _progress(quiet, tasks) as progress:
         result = batch.rewrap(
             state.backend, tasks, realm=state.realm, progress=progress, context=_aad(context)
         )
+    if not json_ and not quiet:
+        click.echo(rewrap_summary(result))
     _finish(result, json_)
+
+
+def rewrap_summary(result: batch.BatchResult) -> str:
+    """``rewrapped 3 files, 1 already current, 0 failed`` (and the symlinks skipped)."""
+    changed = sum(1 for r in result.results if r.ok and r.changed)
+    current = sum(1 for r in result.results if r.ok and not r.changed)
+    failed = len(result.results) - changed - current
+    line = (
+        f"rewrapped {changed} file{'' if changed == 1 else 's'}, "
+        f"{current} already current, {failed} failed"
+    )
+    if result.skipped:
+        line += f", {len(result.skipped)} skipped"
+    return line

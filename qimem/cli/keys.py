@@ -64,11 +64,7 @@ def keys_create(
         raise ValidationError("--derived is not available with --server yet")
     if state.server:
         key = state.remote.create_key(algorithm=algorithm, name=name)
-    else:
-        if state.realm != "master":  # `qimem init` made master; others come from qauth
-            from qimem.services.identity import require_realm
-
-            require_realm(state.app, state.realm)  # a typo must not start a new tenant
+    else:  # create_key refuses a realm qauth did not create (a typo is no new tenant)
         key = services.create_key(
             state.app,
             algorithm=algorithm,

@@ -23,7 +23,13 @@ from qimem import envelope as env
 from qimem import stream
 from qimem.app import AppContext
 from qimem.crypto import Algorithm, zero
-from qimem.errors import DecryptionError, EnvelopeFormatError, ValidationError
+from qimem.errors import (
+    DecryptionError,
+    EnvelopeFormatError,
+    NotFoundError,
+    UnsupportedAlgorithmError,
+    ValidationError,
+)
 from qimem.fileio import atomic_output
 from qimem.keys import DEFAULT_REALM
 from qimem.services import crypto
@@ -60,21 +66,62 @@ class StoreKeyring:
         return algorithm, bytearray(made.plaintext_key), made.wrapped_key
 
     def unwrap(self, wrapped_key: bytes) -> bytearray:
-        opened = crypto.decrypt(self.app, wrapped_key, realm=self.realm, context=self.context)
+        try:
+            opened = crypto.decrypt(self.app, wrapped_key, realm=self.realm, context=self.context)
+        except NotFoundError as exc:
+            raise self._with_realm_hint(exc, wrapped_key) from None
         return bytearray(opened.plaintext)
 
     def rewrap(self, wrapped_key: bytes) -> bytes:
         """``wrapped_key`` re-sealed under the active version of its key's lineage."""
-        return crypto.rewrap(self.app, wrapped_key, realm=self.realm, context=self.context).envelope
+        try:
+            made = crypto.rewrap(self.app, wrapped_key, realm=self.realm, context=self.context)
+        except NotFoundError as exc:
+            raise self._with_realm_hint(exc, wrapped_key) from None
+        return made.envelope
+
+    def _with_realm_hint(self, exc: NotFoundError, wrapped_key: bytes) -> NotFoundError:
+        """``exc``, naming the realms that do hold the key, if any, and ``--realm``.
+
+        A local store's user sees every realm, so nothing is disclosed; the HTTP server
+        never uses this keyring (its callers see only their own realm's keys)."""
+        realms = realms_holding(self.app, wrapped_key, exclude=self.realm)
+        if not realms:
+            return exc
+        names = ", ".join(repr(r) for r in realms)
+        return NotFoundError(
+            f"{exc.message} in realm {self.realm!r}; it is in realm {names}: "
+            f"try --realm {realms[0]}",
+            code=exc.code,
+        )
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
         try:
             return self.app.registry.algorithm_by_id(algorithm_id)
+        except UnsupportedAlgorithmError:
+            raise  # a plugin that is not enabled: says so (not "tampered")
         except Exception:
             raise DecryptionError(f"stream uses unknown algorithm id {algorithm_id}") from None
 
     def __repr__(self) -> str:
         return f"<StoreKeyring ref={self.ref!r} realm={self.realm!r}>"
+
+
+def realms_holding(app: AppContext, wrapped_key: bytes, *, exclude: str) -> list[str]:
+    """The realms other than ``exclude`` whose store holds the key that sealed
+    ``wrapped_key`` (an error path: it looks at every realm of the store)."""
+    try:
+        key_id = env.parse(wrapped_key).key_id_str
+    except Exception:  # not an envelope: nothing to hint at
+        return []
+    found: list[str] = []
+    for realm in sorted({realm for realm, _ in app.store.lineages()} - {exclude}):
+        try:
+            app.store.get(realm, key_id)
+        except NotFoundError:
+            continue
+        found.append(realm)
+    return found
 
 
 @runtime_checkable

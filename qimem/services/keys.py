@@ -67,10 +67,13 @@ def create_key(
 
     :raises UnsupportedAlgorithmError: no plugin provides ``algorithm``.
     :raises ConflictError: ``name`` is taken in ``realm``.
+    :raises NotFoundError: ``realm_not_found``: the store has an identity layer (see
+        :func:`has_identity`) and ``realm`` is not one of its realms.
     """
     if not isinstance(derived, bool):
         raise ValidationError("derived must be true or false")
     validate_realm(realm)
+    _require_realm(app, realm)
     if name is not None:
         validate_name(name)
     algo = app.registry.algorithm(algorithm)
@@ -88,6 +91,23 @@ def create_key(
 
     lifecycle.audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
     return key
+
+
+def has_identity(app: AppContext) -> bool:
+    """Whether ``app`` keeps realms: its identity layer is open, or its store holds the
+    identity tables (the SQL store). A memory store nobody opened identity on has none."""
+    from qimem.app import IDENTITY_ATTR
+
+    return IDENTITY_ATTR in app.__dict__ or getattr(app.store, "engine", None) is not None
+
+
+def _require_realm(app: AppContext, realm: str) -> None:
+    """A typo in a realm must not start a new tenant: with an identity layer, only its
+    realms take keys (``master`` always exists)."""
+    if realm != DEFAULT_REALM and has_identity(app):
+        from qimem.services.identity import require_realm
+
+        require_realm(app, realm)
 
 
 def list_keys(app: AppContext, *, realm: str = DEFAULT_REALM) -> list[KeyVersion]:
