@@ -39,16 +39,22 @@ it. Byte layouts in docs/formats.md are checked against real output by the tests
 from __future__ import annotations
 
 import base64
-import os
+import io
+import json
+import sqlite3
 import stat
 import struct
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helpers_docs import (
     DOC_FILES,
-    REPO,
     RUNNABLE,
     Block,
     DocSandbox,
@@ -58,7 +64,9 @@ from helpers_docs import (
     parse_blocks,
 )
 
-from qimem.errors import ConfigError
+from qimem import stream
+from qimem.app import AppContext
+from qimem.errors import ConfigError, DecryptionError, EnvelopeFormatError
 
 
 def _unrunnable(block: Block) -> str | None:
@@ -157,22 +165,176 @@ def test_rootkey_generate_writes_a_private_key_once(tmp_path: Path) -> None:
 
 # -- byte layouts stated in docs/formats.md, checked against real output --------------------
 
-_NS = {}
 
-
-def _app(tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[AppContext]:
     import qimem
     from qimem import rootkey
 
     rootkey.generate(tmp_path / "root.key")
-    return qimem.connect(f"sqlite:///{tmp_path / 'k.db'}", root_key_file=tmp_path / "root.key")
+    context = qimem.connect(f"sqlite:///{tmp_path / 'k.db'}", root_key_file=tmp_path / "root.key")
+    yield context
+    context.close()
 
 
-def test_formats_md_names_the_documented_facts() -> None:
-    text = (REPO / "docs" / "formats.md").read_text("utf-8")
-    for fact in ("32 bytes", "key_disabled" if False else "stream v1", "--context"):
-        assert fact in text, fact
+def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
 
 
-def _unused() -> None:  # keep imports used while the layout tests grow
-    _ = (base64, os, struct, uuid)
+def test_cli_encrypt_writes_stream_v1_with_the_documented_offsets(tmp_path: Path) -> None:
+    """formats.md: `qimem encrypt` always writes stream v1, even 3 bytes; the header fields
+    sit at the documented offsets; header = 45 + P + W; total = header + n + T·k."""
+    sandbox = DocSandbox(tmp_path)
+    try:
+        made = sandbox.shell(
+            "qimem init >/dev/null && qimem keys create --name k >/dev/null\n"
+            "printf abc | qimem encrypt --key k > small.qimem && qimem keys show k --json",
+            strict=True,
+        )
+        assert made.returncode == 0, made.stdout
+        data = (sandbox.work / "small.qimem").read_bytes()
+    finally:
+        sandbox.close()
+    shown = json.loads(made.stdout)
+    key_id = shown.get("active_key_id") or shown["versions"][-1]["key_id"]
+    assert data[:4] == b"QMST" and data[4] == 1
+    algorithm_id, segment_size, p = data[5], struct.unpack(">I", data[6:10])[0], data[10]
+    assert (segment_size, p) == (262144, 7)
+    (w,) = struct.unpack(">H", data[11 + p : 13 + p])
+    wrapped = data[13 + p : 13 + p + w]
+    nonce, tag = wrapped[26], 16
+    assert w == 31 + nonce + 32 + tag == 91  # a 32-byte data key, sealed
+    assert wrapped[:4] == b"QMEV" and wrapped[5] == algorithm_id  # the ids agree
+    assert str(uuid.UUID(bytes=data[13 + p + 6 : 13 + p + 22])) == key_id
+    assert struct.unpack(">I", data[13 + p + 22 : 13 + p + 26])[0] == 1
+    header = 45 + p + w
+    assert header == 143 == stream.parse_header(data).size
+    assert len(data) == header + 3 + tag * 1
+
+
+def test_stream_wrapped_key_length_bound_is_32(tmp_path: Path) -> None:
+    """formats.md: W outside 32 ‥ 1024 is refused; 28 ‥ 31 pass the length check but are
+    never a well-formed envelope; 32 (a 1-byte nonce, empty ciphertext) parses."""
+
+    def header(wrapped: bytes) -> bytes:
+        core = b"QMST" + bytes([1, 1]) + struct.pack(">IB", 64, 7) + bytes(7)
+        return core + struct.pack(">H", len(wrapped)) + wrapped + bytes(32)
+
+    minimal = b"QMEV" + bytes([1, 1]) + bytes(16) + struct.pack(">IB", 1, 1) + b"\0" + bytes(4)
+    assert len(minimal) == 32
+    assert stream.parse_header(header(minimal)).wrapped_key == minimal
+    for size in range(20, 32):
+        with pytest.raises(EnvelopeFormatError):
+            stream.parse_header(header(minimal[:size]))
+
+
+def test_stream_refuses_differing_algorithm_ids(app: AppContext) -> None:
+    """formats.md: the stream's algorithm id must equal its wrapped key's. A data-key holder
+    who writes chacha20 segments under an aes-256-gcm wrapped key is refused."""
+    from qimem import services
+    from qimem.services import files
+
+    services.create_key(app, name="k")
+    ring = files.StoreKeyring(app, "k")
+
+    class Mismatched:
+        def new_data_key(self):  # type: ignore[no-untyped-def]
+            _, data_key, wrapped = ring.new_data_key()
+            return app.registry.algorithm_by_id(2), data_key, wrapped
+
+    sealed = io.BytesIO()
+    stream.encrypt_stream(io.BytesIO(b"hello"), sealed, Mismatched())  # type: ignore[arg-type]
+    data = sealed.getvalue()
+    assert data[5] == 2 and stream.parse_header(data).wrapped_key[5] == 1
+    with pytest.raises(DecryptionError):
+        stream.decrypt_stream(io.BytesIO(data), io.BytesIO(), ring)
+
+
+def test_root_key_wrap_layout_and_aad(app: AppContext, tmp_path: Path) -> None:
+    """formats.md, "Key material at rest": 01 ‖ nonce ‖ AES-256-GCM under the HKDF wrapping
+    key, the version's identity string as AAD, opened here with bare cryptography."""
+    from qimem import rootkey, services
+
+    made = services.create_key(app, name="k")
+    root = bytes(rootkey.read_root_key_file(tmp_path / "root.key"))
+    with sqlite3.connect(tmp_path / "k.db") as db:
+        (blob,) = db.execute(
+            "SELECT material FROM qimem_key_versions WHERE key_id = ?", (made.key_id,)
+        ).fetchone()
+    assert blob[0] == 1 and len(blob) == 1 + 12 + 32 + 16
+    aad = f"qimem-key-v1|master|{made.lineage_id}|{made.key_id}|1|aes-256-gcm".encode()
+    wrapping = AESGCM(_hkdf(root, b"qimem key wrapping v1"))
+    material = wrapping.decrypt(blob[1:13], blob[13:], aad)
+    assert material == bytes(app.store.material("master", made.key_id))
+    with pytest.raises(InvalidTag):
+        wrapping.decrypt(blob[1:13], blob[13:], aad.replace(b"|1|", b"|2|"))
+    check = _hkdf(root, b"qimem root key check v1")[:16].hex()
+    assert check == rootkey.KeyWrapper(root).check_value
+
+
+def test_derived_key_envelope_is_sealed_under_the_documented_subkey(app: AppContext) -> None:
+    from qimem import envelope as env
+    from qimem import services
+
+    made = services.create_key(app, name="tenants", derived=True)
+    sealed = services.encrypt(app, "tenants", b"hi", context=b"tenant-a")
+    parsed = env.parse(sealed.envelope)
+    assert parsed.key_id_str == made.key_id and parsed.key_version == 1  # nothing else stored
+    material = bytes(app.store.material("master", made.key_id))
+    subkey = _hkdf(material, b"qimem-derived-v1\x00tenant-a", len(material))
+    assert AESGCM(subkey).decrypt(parsed.nonce, parsed.ciphertext, parsed.header) == b"hi"
+
+
+def test_backup_plaintext_layout(app: AppContext) -> None:
+    """formats.md, "Key backup v1": Argon2id key, compact sorted JSON header as AAD, and
+    the documented plaintext fields, the material in base64."""
+    from argon2.low_level import Type, hash_secret_raw
+
+    from qimem import backup, services
+
+    made = services.create_key(app, name="k")
+    passphrase = "correct horse battery staple"
+    kdf = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
+    document = json.loads(backup.export_keys(app, ["k"], passphrase, kdf=kdf))
+    header = {k: v for k, v in document.items() if k != "ciphertext"}
+    assert header["format"] == "qimem-key-backup" and header["cipher"] == "aes-256-gcm"
+    salt = base64.b64decode(header["kdf"]["salt"])
+    assert len(salt) == 16 and len(base64.b64decode(header["nonce"])) == 12
+    key = hash_secret_raw(
+        passphrase.encode(),
+        salt,
+        time_cost=1,
+        memory_cost=8192,
+        parallelism=1,
+        hash_len=32,
+        type=Type.ID,
+    )
+    aad = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    payload = json.loads(
+        AESGCM(key).decrypt(
+            base64.b64decode(header["nonce"]), base64.b64decode(document["ciphertext"]), aad
+        )
+    )
+    assert set(payload) == {"created_at", "lineages"}
+    (lineage,) = payload["lineages"]
+    assert set(lineage) == {
+        "lineage_id",
+        "realm",
+        "name",
+        "algorithm",
+        "created_at",
+        "policy",
+        "versions",
+    }
+    assert set(lineage["policy"]) == {
+        "min_decryption_version",
+        "min_encryption_version",
+        "usage_limit",
+        "auto_rotate_seconds",
+        "deletion_protection",
+        "deletion_date",
+        "derived",
+    }
+    (version,) = lineage["versions"]
+    assert set(version) == {"key_id", "version", "state", "created_at", "encryptions", "material"}
+    assert base64.b64decode(version["material"]) == bytes(app.store.material("master", made.key_id))
