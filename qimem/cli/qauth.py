@@ -26,7 +26,7 @@ from qimem.cli.context import (
     json_option,
     store_option,
 )
-from qimem.errors import ValidationError
+from qimem.errors import AuthError, ValidationError
 
 if TYPE_CHECKING:
     from qimem.app import AppContext
@@ -214,7 +214,18 @@ class LocalBackend(Backend):
         if password is not None:
             params = {"grant_type": "password", "username": username, "password": password}
             return self.ids.token(self.app, realm, params).to_dict()
-        return self.ids.mint_token(self.app, realm, username).to_dict()
+        try:
+            return self.ids.mint_token(self.app, realm, username).to_dict()
+        except ValidationError:
+            # A disabled user gets no token: an authentication failure (exit 4, like a
+            # password login), not bad input.
+            if self._disabled(realm, username):
+                raise AuthError(f"user {username!r} is disabled", code="user_disabled") from None
+            raise
+
+    def _disabled(self, realm: str, username: str) -> bool:
+        users = self.ids.list_users(self.app, realm)
+        return any(u.username == username and not u.enabled for u in users)
 
     def rotate_signing_key(self, realm: str) -> str:
         return self.ids.rotate_signing_key(self.app, realm)

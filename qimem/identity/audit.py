@@ -194,7 +194,10 @@ class AuditLog:
             stmt = stmt.where(tables.audit.c.actor == actor)
         if since_id:
             stmt = stmt.where(tables.audit.c.id > since_id)
-        stmt = stmt.order_by(tables.audit.c.id.desc()).limit(max(1, min(limit, 1000)))
+        # By time, not id: a buffered record gets its id at the flush, after newer ones
+        # written at once (index ix_audit_realm_at serves this order).
+        order = (tables.audit.c.at.desc(), tables.audit.c.id.desc())
+        stmt = stmt.order_by(*order).limit(max(1, min(limit, 1000)))
         with self._db.begin() as conn:
             rows = conn.execute(stmt).all()
         return [
