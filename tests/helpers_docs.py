@@ -35,6 +35,8 @@ _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 _MARKER = re.compile(r"^\s*<!--\s*(illustrative|docs-test:)\s*(.*?)\s*-->\s*$")
 _PLACEHOLDER = re.compile(r"(\w+\.\.\.|\.\.\.)")
 _SERVE_LINE = re.compile(r"^\s*qimem serve\b(.*?)(?:\s+&)?\s*(?:#.*)?$")
+#: An HTTP error status fails a documented curl call (its body is still shown).
+_CURL_FAILS = 'curl() { command curl --fail-with-body "$@"; }'
 _PIP_LINE = re.compile(r"^\s*pip install [^&;|]*(?:&&\s*)?")
 
 
@@ -247,7 +249,7 @@ class DocSandbox:
         for the next command); stdout and stderr together."""
         opts = "set -euo pipefail" if strict else "set -o pipefail"
         wrapped = (
-            f"set -a\nsource {shlex.quote(str(self.state))}\n"
+            f"{_CURL_FAILS}\nset -a\nsource {shlex.quote(str(self.state))}\n"
             f'cd "$(cat {shlex.quote(str(self.cwd_file))})"\n'
             f"{opts}\n{script}\n"
         )

@@ -18,8 +18,9 @@ shell variables and the current directory carried from block to block, blocks in
 
 In shell blocks, ``pip install ...`` is not run (the test uses the installed qimem), a
 ``qimem serve ...`` line starts the document's one server instead (a free port; ``:8080``
-in later commands becomes that port, ``$URL`` is its address), and ``config.toml`` in
-``QIMEM_HOME`` gets cheap Argon2 settings after ``qimem init``.
+in later commands becomes that port, ``$URL`` is its address), ``curl`` fails on an HTTP
+error status (``--fail-with-body``), and ``config.toml`` in ``QIMEM_HOME`` gets cheap
+Argon2 settings after ``qimem init``.
 
 Markers: HTML comment lines directly above the opening fence (invisible when rendered):
 
