@@ -111,6 +111,41 @@ def not_active_error(current: KeyVersion, active: KeyVersion | None) -> KeyNotAc
 #: chance of any nonce collision is below 2^-35.
 DEFAULT_USAGE_LIMIT = 2**31
 
+#: The most messages one key may encrypt with random 96-bit nonces (NIST SP 800-38D
+#: §8.3: 2^32 invocations); also what an algorithm that declares no bound of its own gets.
+RANDOM_NONCE_MESSAGE_BOUND = 2**32
+
+
+def max_messages_per_key(algorithm: Any) -> int:
+    """The most messages one key version of ``algorithm`` may encrypt: its optional
+    ``max_messages_per_key`` attribute (an algorithm with longer or deterministic nonces
+    may declare more, one with a weaker bound less), else :data:`RANDOM_NONCE_MESSAGE_BOUND`.
+
+    :raises PluginError: the attribute is there but not a positive integer.
+    """
+    value = getattr(algorithm, "max_messages_per_key", None)
+    if value is None:
+        return RANDOM_NONCE_MESSAGE_BOUND
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        from qimem.errors import PluginError
+
+        name = getattr(algorithm, "name", "?")
+        raise PluginError(f"algorithm {name!r}: max_messages_per_key must be a positive integer")
+    return value
+
+
+def message_bound_reason(algorithm: Any) -> str:
+    """Why :func:`max_messages_per_key` is what it is, for error messages."""
+    nonces = (
+        "random 96-bit nonces repeat with non-negligible probability beyond 2^32 "
+        "messages per key (NIST SP 800-38D)"
+    )
+    if getattr(algorithm, "max_messages_per_key", None) is not None:
+        return "the algorithm declares it (max_messages_per_key)"
+    if getattr(algorithm, "nonce_size", None) == 12:
+        return nonces
+    return f"the algorithm declares no max_messages_per_key, so the default applies: {nonces}"
+
 
 @dataclass(frozen=True)
 class LineagePolicy:

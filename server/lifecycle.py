@@ -81,8 +81,9 @@ class PolicyResource(_Resource):
             "lineage_id": details.lineage_id,
             "name": details.name,
             "policy": policy.to_dict(),
-            "effective_usage_limit": policy.usage_limit
-            or lifecycle.settings(self._app).usage_limit,
+            "effective_usage_limit": lifecycle.effective_usage_limit(
+                self._app, details.versions[-1], policy
+            ),
             "usage": {str(v.version): usage.get(v.key_id, 0) for v in details.versions},
         }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,14 +170,17 @@ def _limit(text: str) -> int | None:
 def _print_policy(state: CliState, ref: str, policy: LineagePolicy, json_: bool) -> None:
     details = services.show_key(state.app, ref, realm=state.realm)
     usage = lifecycle.key_usage(state.app, details.lineage_id, realm=state.realm)
-    default_limit = lifecycle.settings(state.app).usage_limit
+    newest = details.versions[-1]
+    default_limit = lifecycle.effective_usage_limit(
+        state.app, newest, replace(policy, usage_limit=None)
+    )
     if json_:
         echo_json(
             {
                 "lineage_id": details.lineage_id,
                 "name": details.name,
                 "policy": policy.to_dict(),
-                "effective_usage_limit": policy.usage_limit or default_limit,
+                "effective_usage_limit": lifecycle.effective_usage_limit(state.app, newest, policy),
                 "usage": {str(v.version): usage.get(v.key_id, 0) for v in details.versions},
             }
         )
@@ -201,7 +205,8 @@ def _print_policy(state: CliState, ref: str, policy: LineagePolicy, json_: bool)
 @click.option(
     "--usage-limit",
     metavar="N|default",
-    help="Messages one version encrypts before automatic rotation.",
+    help="Messages one version encrypts before automatic rotation (at most the "
+    "algorithm's bound: 2^32 for random 96-bit nonces).",
 )
 @click.option(
     "--auto-rotate-period",

@@ -39,9 +39,12 @@ from qimem.events import KeyEvent
 from qimem.keys import (
     DEFAULT_REALM,
     DEFAULT_USAGE_LIMIT,
+    RANDOM_NONCE_MESSAGE_BOUND,
     KeyState,
     KeyVersion,
     LineagePolicy,
+    max_messages_per_key,
+    message_bound_reason,
     validate_realm,
 )
 from qimem.services.keys import resolve, rotate_key
@@ -78,6 +81,12 @@ class LifecycleSettings:
     def __post_init__(self) -> None:
         if self.usage_limit < 1 or self.usage_reserve_block < 1 or self.min_deletion_days < 0:
             raise ConfigError("[keys] usage_limit and usage_reserve_block must be at least 1")
+        if self.usage_limit > RANDOM_NONCE_MESSAGE_BOUND:
+            raise ConfigError(
+                f"[keys] usage_limit {self.usage_limit} is above 2^32 "
+                f"({RANDOM_NONCE_MESSAGE_BOUND}), the most messages per key with random "
+                "96-bit nonces (NIST SP 800-38D); the default is 2^31"
+            )
 
 
 def load_settings(path: Path | None) -> LifecycleSettings:
@@ -223,6 +232,7 @@ def set_policy(
         changes["usage_limit"] = _positive(
             usage_limit, "usage_limit", allow_none=True, maximum=MAX_USAGE_LIMIT
         )
+        _check_message_bound(app, active, changes["usage_limit"])
     if auto_rotate_seconds is not _UNSET:
         changes["auto_rotate_seconds"] = _positive(
             auto_rotate_seconds, "auto_rotate_seconds", allow_none=True, maximum=MAX_ROTATE_SECONDS
@@ -242,6 +252,44 @@ def set_policy(
         app.cache.invalidate_lineage(lineage_id)
     audit(app, realm, actor, "keys.policy", lineage_id, **_json_safe(changes))
     return policy
+
+
+def _algorithm(app: AppContext, version: KeyVersion) -> Any:
+    """``version``'s algorithm object, or None when no enabled plugin provides it."""
+    from qimem.errors import UnsupportedAlgorithmError
+
+    try:
+        return app.registry.algorithm(version.algorithm)
+    except UnsupportedAlgorithmError:
+        return None
+
+
+def message_bound(app: AppContext, version: KeyVersion) -> int:
+    """The most messages one version of ``version``'s algorithm may encrypt (see
+    :func:`qimem.keys.max_messages_per_key`; 2^32 when its plugin is not loaded)."""
+    return max_messages_per_key(_algorithm(app, version))
+
+
+def _check_message_bound(app: AppContext, active: KeyVersion, limit: int | None) -> None:
+    """:raises ValidationError: ``invalid_policy``: ``limit`` above the algorithm's bound."""
+    if limit is None:
+        return
+    algorithm = _algorithm(app, active)
+    bound = max_messages_per_key(algorithm)
+    if limit > bound:
+        power = f" (2^{bound.bit_length() - 1})" if bound & (bound - 1) == 0 else ""
+        raise ValidationError(
+            f"usage_limit {limit} is above {bound}{power}, the most messages one "
+            f"{active.algorithm} key version may encrypt: {message_bound_reason(algorithm)}",
+            code="invalid_policy",
+        )
+
+
+def effective_usage_limit(app: AppContext, version: KeyVersion, policy: LineagePolicy) -> int:
+    """The usage limit that applies to ``version``: the lineage's, else the deployment
+    default, and never above its algorithm's message bound."""
+    limit = policy.usage_limit or settings(app).usage_limit
+    return min(limit, message_bound(app, version))
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
@@ -466,7 +514,7 @@ def check_encryption(
     period = policy.auto_rotate_seconds
     if period and datetime.now(UTC) - version.created_at >= timedelta(seconds=period):
         version = auto_rotate(app, version, "age")
-    return version, policy.usage_limit or settings(app).usage_limit
+    return version, effective_usage_limit(app, version, policy)
 
 
 def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None = None) -> None:
