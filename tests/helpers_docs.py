@@ -49,6 +49,8 @@ class Block:
     lang: str
     text: str
     illustrative: bool = False
+    #: The line of the closing fence.
+    end: int = 0
     #: ``(key, value)`` pairs of the ``<!-- docs-test: KEY VALUE -->`` markers before it.
     directives: list[tuple[str, str]] = field(default_factory=list)
 
@@ -75,7 +77,7 @@ def parse_blocks(path: str) -> list[Block]:
         body = [
             line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end]
         ]
-        block = Block(path, i + 1, lang, "\n".join(body) + "\n")
+        block = Block(path, i + 1, lang, "\n".join(body) + "\n", end=end + 1)
         k = i - 1
         markers = []
         while k >= 0 and (m := _MARKER.match(lines[k])):
@@ -187,6 +189,9 @@ class DocSandbox:
         self.bindings: dict[str, str] = {}
         self.namespace: dict[str, object] = {"__name__": "__docs__"}
         self.server: ServeProcess | None = None
+        #: The block that ran last and its output (a ``json`` block right after a shell
+        #: block is that block's documented answer).
+        self.last: tuple[Block, str] | None = None
         env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
         bindir = str(Path(sys.executable).parent)
         env.update(
@@ -298,6 +303,8 @@ class DocSandbox:
                 "mark it <!-- illustrative --> (see tests/test_docs.py)"
             )
         runner(block)
+        if block.lang != "json":
+            self.last = None
 
     def _run_console(self, block: Block) -> None:
         for command, expected in console_commands(block.text):
@@ -316,7 +323,7 @@ class DocSandbox:
         proc = self.shell(self.prepare(block.text), strict=True)
         if proc.returncode != 0:
             raise AssertionError(f"{block.where}: exit {proc.returncode}:\n{proc.stdout}")
-        self.last_output = proc.stdout
+        self.last = (block, proc.stdout)
 
     _run_sh = _run_bash
 
@@ -349,7 +356,38 @@ class DocSandbox:
             manifest.parse_toml(block.text, source=block.where)
 
     def _run_json(self, block: Block) -> None:
-        json.loads(block.text)
+        documented = json.loads(block.text)
+        last, self.last = self.last, None
+        if last is not None and last[0].end + 1 == block.line:
+            actual = json.loads(last[1])
+            problem = same_shape(documented, actual)
+            assert problem is None, f"{block.where}: the answer above differs: {problem}\n{last[1]}"
+
+
+def same_shape(documented: object, actual: object, where: str = "$") -> str | None:
+    """``None`` if ``actual`` has the documented fields (recursively through objects and
+    the first item of lists), else what differs. A documented ``"...": "..."`` entry means
+    "more fields"; values are not compared (ids, nonces and times differ per run)."""
+    if isinstance(documented, dict):
+        if not isinstance(actual, dict):
+            return f"{where} is not an object"
+        wanted = set(documented) - {"..."}
+        if wanted - set(actual):
+            return f"{where} lacks {sorted(wanted - set(actual))}"
+        if "..." not in documented and set(actual) - wanted:
+            return f"{where} has undocumented {sorted(set(actual) - wanted)}"
+        for key in sorted(wanted):
+            problem = same_shape(documented[key], actual[key], f"{where}.{key}")
+            if problem:
+                return problem
+    elif isinstance(documented, list) and documented:
+        if not isinstance(actual, list) or len(actual) < 1:
+            return f"{where} is not a non-empty list"
+        for index, item in enumerate(documented[: len(actual)]):
+            problem = same_shape(item, actual[index], f"{where}[{index}]")
+            if problem:
+                return problem
+    return None
 
 
 def iter_blocks() -> Iterator[Block]:

@@ -63,6 +63,7 @@ from helpers_docs import (
     iter_blocks,
     output_matches,
     parse_blocks,
+    same_shape,
 )
 
 from qimem import stream
@@ -117,6 +118,15 @@ def test_placeholders_bind_and_must_agree() -> None:
     assert output_matches("key 3f0c... is ... (v2)", "key 1992879b-7c70 is gone now (v2)", bindings)
     assert not output_matches("key 3f0c... is", "key 0000 is", bindings)
     assert not output_matches("exact", "exact but more", bindings)
+
+
+def test_documented_answers_must_have_the_real_fields() -> None:
+    real = {"key_id": "k", "version": 1, "items": [{"a": 1, "b": 2}]}
+    assert same_shape({"key_id": "x", "version": 9, "items": [{"a": 0, "b": 0}]}, real) is None
+    assert same_shape({"key_id": "x", "...": "..."}, real) is None
+    assert "lacks ['kid']" in str(same_shape({"kid": "x", "...": "..."}, real))
+    assert "undocumented" in str(same_shape({"key_id": "x", "version": 1}, real))
+    assert "items[0]" in str(same_shape({"items": [{"a": 1}], "...": "..."}, real))
 
 
 def test_unmarked_unknown_block_fails(tmp_path: Path) -> None:
