@@ -320,10 +320,19 @@ class DocSandbox:
                 raise AssertionError(f"{where}\nexpected:\n{expected}\ngot:\n{proc.stdout}")
 
     def _run_bash(self, block: Block) -> None:
-        proc = self.shell(self.prepare(block.text), strict=True)
-        if proc.returncode != 0:
-            raise AssertionError(f"{block.where}: exit {proc.returncode}:\n{proc.stdout}")
-        self.last = (block, proc.stdout)
+        # Run up to each ``qimem serve`` line, then start the server, then go on.
+        chunks: list[list[str]] = [[]]
+        for line in block.text.splitlines():
+            if _SERVE_LINE.match(line):
+                chunks.append([])
+            chunks[-1].append(line)
+        output = []
+        for chunk in chunks:
+            proc = self.shell(self.prepare("\n".join(chunk)), strict=True)
+            output.append(proc.stdout)
+            if proc.returncode != 0:
+                raise AssertionError(f"{block.where}: exit {proc.returncode}:\n{proc.stdout}")
+        self.last = (block, "".join(output))
 
     _run_sh = _run_bash
 
