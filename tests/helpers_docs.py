@@ -7,6 +7,7 @@ The marking scheme is documented at the top of tests/test_docs.py (and in README
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,9 +200,8 @@ class DocSandbox:
             QIMEM_HOME=str(self.home),
             HOME=str(root),
             PATH=bindir + os.pathsep + env.get("PATH", ""),
-            PYTHONPATH=str(REPO),
         )
-        env.pop("PYTHONSAFEPATH", None)
+        env.pop("PYTHONPATH", None)  # the repository's qimem/ would shadow the installed one
         self.env = env
 
     # -- servers -------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class DocSandbox:
         if "--port" in words:
             at = words.index("--port")
             del words[at : at + 2]
-        env = {k: v for k, v in self.current_env().items() if k != "PYTHONPATH"}
+        env = self.current_env()
         self.server = ServeProcess(self.root, env, *words, insecure=insecure).wait_ready()
         self.bindings["127.0.0.1:8080"] = f"127.0.0.1:{self.server.port}"
         self.bindings["localhost:8080"] = f"localhost:{self.server.port}"
@@ -285,6 +286,10 @@ class DocSandbox:
 
     def run_block(self, block: Block) -> None:
         for key, value in block.directives:
+            if key == "write":
+                target = Path(self.cwd_file.read_text().strip()) / value
+                target.write_text(block.text, "utf-8")
+                continue
             if key == "file":
                 same = (REPO / value).read_text("utf-8") == block.text
                 assert same, f"{block.where}: the block differs from {value}"
@@ -337,20 +342,32 @@ class DocSandbox:
     _run_sh = _run_bash
 
     def _run_python(self, block: Block) -> None:
+        """Exec the block in the document's namespace, in its working directory (also on
+        ``sys.path``, for modules a ``write`` marker put there); then call each ``test_*``
+        function it defined that needs at most the ``tmp_path`` and ``monkeypatch``
+        fixtures."""
         code = compile(block.text, block.where, "exec")
+        work = Path(self.cwd_file.read_text().strip())
         before = os.getcwd()
-        saved = {k: os.environ.get(k) for k in ("QIMEM_HOME",)}
-        os.chdir(Path(self.cwd_file.read_text().strip()))
-        os.environ["QIMEM_HOME"] = str(self.home)
-        try:
+        known = set(self.namespace)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(work)
+            patch.setenv("QIMEM_HOME", str(self.home))
+            patch.syspath_prepend(str(work))
             exec(code, self.namespace)  # noqa: S102 - the docs' own examples
-        finally:
-            os.chdir(before)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            for name in sorted(set(self.namespace) - known):
+                test = self.namespace[name]
+                if not (name.startswith("test_") and callable(test)):
+                    continue
+                wanted = list(inspect.signature(test).parameters)
+                if not set(wanted) <= {"tmp_path", "monkeypatch"}:
+                    continue
+                tmp = self.root / "pytest" / name
+                tmp.mkdir(parents=True)
+                with pytest.MonkeyPatch.context() as inner:
+                    fixtures = {"tmp_path": tmp, "monkeypatch": inner}
+                    test(**{arg: fixtures[arg] for arg in wanted})
+        assert os.getcwd() == before
 
     def _run_toml(self, block: Block) -> None:
         doc = tomllib.loads(block.text)

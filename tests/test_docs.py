@@ -10,7 +10,8 @@ shell variables and the current directory carried from block to block, blocks in
   it, so a later ``3f0c...`` in a command or an output means the same value. A command must
   exit 0 unless its shown output contains ``error:`` (then it must fail).
 - ``bash`` / ``sh``: run as one script with ``set -euo pipefail``.
-- ``python``: exec'd in one namespace per document, in the working directory.
+- ``python``: exec'd in one namespace per document, in the working directory; each
+  ``test_*`` function it defines that needs only ``tmp_path``/``monkeypatch`` is called.
 - ``toml``: parsed; a qimem config file (tables among store, root_key, plugins, cache,
   limits, serve, keys, identity) is loaded by qimem's config loaders; a plugin manifest
   (it has ``qimem_api``) is validated by ``qimem.manifest``.
@@ -28,6 +29,8 @@ Markers: HTML comment lines directly above the opening fence (invisible when ren
   it for byte layouts, grammar, other machines (``https://keys.example.com``, nginx,
   PostgreSQL URLs), long campaigns and fragments; everything else should run.
 - ``<!-- docs-test: before SHELL -->``: hidden setup run first (e.g. create input files).
+- ``<!-- docs-test: write NAME -->``: also save the block as NAME in the working directory
+  (a module a later example imports).
 - ``<!-- docs-test: file PATH -->``: the block is exactly the repository file PATH (which
   another test runs, e.g. docs/nginx-qimem.conf).
 - ``<!-- docs-test: serve ARGS -->``: start the document's server (``qimem serve ARGS``)
