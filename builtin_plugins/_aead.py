@@ -1,10 +1,16 @@
-"""Shared shape of the built-in AEAD plugins over cryptography's hazmat AEAD classes."""
+"""The built-in AEAD algorithms over cryptography's hazmat AEAD classes.
+
+The plugin modules (:mod:`qimem.builtin_plugins.aes_gcm`, :mod:`~.chacha20`) register these
+classes by reference (``"qimem.builtin_plugins._aead:AesGcm"``): this module, and
+cryptography with it, is imported when an algorithm is first used.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from qimem.crypto import Cipher, random_bytes
 from qimem.errors import DecryptionError, ValidationError
@@ -55,3 +61,19 @@ class CryptographyAead:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+class AesGcm(CryptographyAead):
+    """AES-256-GCM (cryptography's ``AESGCM``): 32-byte keys, random 96-bit nonces."""
+
+    name = "aes-256-gcm"
+    algorithm_id = 1
+    aead_class = AESGCM
+
+
+class ChaCha20(CryptographyAead):
+    """ChaCha20-Poly1305 (cryptography's ``ChaCha20Poly1305``): 32-byte keys, 96-bit nonces."""
+
+    name = "chacha20-poly1305"
+    algorithm_id = 2
+    aead_class = ChaCha20Poly1305

@@ -1,21 +1,20 @@
-"""AES-256-GCM over cryptography's ``AESGCM``: 32-byte keys, random 96-bit nonces."""
+"""AES-256-GCM over cryptography's ``AESGCM``: 32-byte keys, random 96-bit nonces.
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+Registered by reference, like a third-party plugin may: the algorithm's code
+(:class:`qimem.builtin_plugins._aead.AesGcm`) is imported on first use.
+"""
 
-from qimem.builtin_plugins._aead import CryptographyAead
+from __future__ import annotations
+
+from typing import Any
+
 from qimem.hooks import hookimpl
 from qimem.registry import RegisterAlgorithm
 
 
-class AesGcm(CryptographyAead):
-    name = "aes-256-gcm"
-    algorithm_id = 1
-    aead_class = AESGCM
-
-
 @hookimpl
 def qimem_register_algorithms(register: RegisterAlgorithm) -> None:
-    register(AesGcm())
+    register("qimem.builtin_plugins._aead:AesGcm", name="aes-256-gcm", algorithm_id=1)
 
 
 @hookimpl
@@ -27,3 +26,11 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "provides": {"algorithms": ["aes-256-gcm"]},
         "qimem_api": ">=1,<2",
     }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AesGcm":  # the class, for code that imported it from here
+        from qimem.builtin_plugins._aead import AesGcm
+
+        return AesGcm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

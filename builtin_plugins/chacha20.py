@@ -1,21 +1,20 @@
-"""ChaCha20-Poly1305 over cryptography's ``ChaCha20Poly1305``: 32-byte keys, 96-bit nonces."""
+"""ChaCha20-Poly1305 over cryptography's ``ChaCha20Poly1305``: 32-byte keys, 96-bit nonces.
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+Registered by reference: :class:`qimem.builtin_plugins._aead.ChaCha20` is imported on
+first use.
+"""
 
-from qimem.builtin_plugins._aead import CryptographyAead
+from __future__ import annotations
+
+from typing import Any
+
 from qimem.hooks import hookimpl
 from qimem.registry import RegisterAlgorithm
 
 
-class ChaCha20(CryptographyAead):
-    name = "chacha20-poly1305"
-    algorithm_id = 2
-    aead_class = ChaCha20Poly1305
-
-
 @hookimpl
 def qimem_register_algorithms(register: RegisterAlgorithm) -> None:
-    register(ChaCha20())
+    register("qimem.builtin_plugins._aead:ChaCha20", name="chacha20-poly1305", algorithm_id=2)
 
 
 @hookimpl
@@ -27,3 +26,11 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "provides": {"algorithms": ["chacha20-poly1305"]},
         "qimem_api": ">=1,<2",
     }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ChaCha20":  # the class, for code that imported it from here
+        from qimem.builtin_plugins._aead import ChaCha20
+
+        return ChaCha20
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

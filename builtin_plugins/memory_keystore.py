@@ -10,6 +10,7 @@ import builtins
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from qimem.crypto import zero
 from qimem.errors import ConflictError, NotFoundError, StoreUnavailableError
@@ -24,7 +25,9 @@ from qimem.keys import (
 )
 from qimem.keystore import KeyStore, check_transition, destroyed_error
 from qimem.registry import RegisterKeyStore
-from qimem.rootkey import KeyWrapper
+
+if TYPE_CHECKING:
+    from qimem.rootkey import KeyWrapper
 
 
 class InMemoryKeyStore(KeyStore):
@@ -166,6 +169,13 @@ class InMemoryKeyStore(KeyStore):
             granted = max(0, min(count, limit - used))
             self._usage[key_id] = used + granted
             return granted
+
+    def release_usage(self, realm: str, key_id: str, count: int) -> None:
+        with self._lock:
+            version = self._versions.get(key_id)
+            if version is None or version.realm != realm or count <= 0:
+                return
+            self._usage[key_id] = max(0, self._usage.get(key_id, 0) - count)
 
     def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
         with self._lock:

@@ -7,16 +7,18 @@ import threading
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import pluggy
+from typing import TYPE_CHECKING, Any
 
 from qimem.config import Config
 from qimem.errors import ConfigError, PluginError, QimemError
 from qimem.keycache import KeyCache
-from qimem.keystore import KeyStore
-from qimem.registry import Registry, make_plugin_manager
-from qimem.rootkey import KeyWrapper, decode_root_key, read_root_key_file
+
+if TYPE_CHECKING:  # imported on first use: a command pays only for what it touches
+    import pluggy
+
+    from qimem.keystore import KeyStore
+    from qimem.registry import Registry
+    from qimem.rootkey import KeyWrapper
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,11 @@ class AppContext:
 
     Built lazily, so ``--help`` and errors in arguments never touch the store. Thread-safe
     once built; the HTTP server builds it eagerly with :meth:`open`.
+
+    ``one_shot``: this process does one job and exits (the CLI). Its usage reservations
+    start at one count and grow only while it keeps encrypting, instead of starting at
+    ``keys.usage_reserve_block`` (see :mod:`qimem.services.lifecycle`); either way
+    :meth:`close` gives the unused rest back to the store.
     """
 
     def __init__(
@@ -38,8 +45,10 @@ class AppContext:
         *,
         pm: pluggy.PluginManager | None = None,
         store: KeyStore | None = None,
+        one_shot: bool = False,
     ) -> None:
         self.config = config
+        self.one_shot = one_shot
         self._pm = pm
         self._lock = threading.RLock()
         if store is not None:
@@ -48,6 +57,8 @@ class AppContext:
 
     @cached_property
     def registry(self) -> Registry:
+        from qimem.registry import Registry, make_plugin_manager
+
         with self._lock:
             pm = self._pm or make_plugin_manager(self.config.plugins_enabled)
             return Registry(pm)
@@ -55,6 +66,8 @@ class AppContext:
     @cached_property
     def wrapper(self) -> KeyWrapper | None:
         """The root key wrapper, from ``QIMEM_ROOT_KEY`` or the root key file, if any."""
+        from qimem.rootkey import KeyWrapper, decode_root_key, read_root_key_file
+
         if self.config.root_key_b64:
             key = decode_root_key(self.config.root_key_b64, "QIMEM_ROOT_KEY")
         elif self.config.root_key_file is not None:
@@ -83,6 +96,8 @@ class AppContext:
         """Call a store plugin's factory; anything but a qimem error or a KeyStore is the
         plugin's fault and is reported under its name (without the exception's text, which
         may quote the URL and its password)."""
+        from qimem.keystore import KeyStore
+
         try:
             store = factory(url, self.wrapper)
         except QimemError:
@@ -111,10 +126,22 @@ class AppContext:
         identity = self.__dict__.pop(IDENTITY_ATTR, None)
         if identity is not None:  # flush its buffered audit records while the store is open
             identity.close()
+        store = self.__dict__.get("store")
+        if store is not None:
+            self._release_unused(store)
         self.cache.clear()
         store = self.__dict__.pop("store", None)
         if store is not None:
             store.close()
+
+    def _release_unused(self, store: KeyStore) -> None:
+        """Give the store back the usage counts this process reserved and never used, so
+        a key's usage shows what was really encrypted (docs/keys.md "Usage limits")."""
+        for (realm, key_id), count in self.cache.take_unused().items():
+            try:
+                store.release_usage(realm, key_id, count)
+            except Exception:  # the store is gone: the counts stay reserved (an over-count)
+                log.warning("could not return %d unused usage counts of %s", count, key_id)
 
     def __enter__(self) -> AppContext:
         return self

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-import tomli_w
-
 from qimem import fileio
 from qimem.errors import ConfigError
 
@@ -28,12 +25,20 @@ DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
 
 def config_dir() -> Path:
     home = os.environ.get("QIMEM_HOME")
-    return Path(home) if home else Path(platformdirs.user_config_dir(APP_NAME))
+    if home:
+        return Path(home)
+    import platformdirs  # only without QIMEM_HOME
+
+    return Path(platformdirs.user_config_dir(APP_NAME))
 
 
 def data_dir() -> Path:
     home = os.environ.get("QIMEM_HOME")
-    return Path(home) if home else Path(platformdirs.user_data_dir(APP_NAME))
+    if home:
+        return Path(home)
+    import platformdirs  # only without QIMEM_HOME
+
+    return Path(platformdirs.user_data_dir(APP_NAME))
 
 
 def default_config_path() -> Path:
@@ -87,6 +92,8 @@ def write_toml(path: Path, doc: dict[str, Any], *, mode: int | None = None) -> N
     file)."""
     if mode is None:
         mode = path.stat().st_mode & 0o755 if path.exists() else 0o600
+    import tomli_w  # writers only (init, plugins enable|disable)
+
     with fileio.atomic_output(path, force=True, mode=mode) as fh:
         tomli_w.dump(doc, fh)
 

@@ -19,32 +19,38 @@ with another process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from qimem.errors import ConflictError, ValidationError
 
 TEMP_MARKER = ".qimem-tmp-"
 
 
-def _libc() -> ctypes.CDLL | None:
+@functools.cache
+def _libc(name: str) -> Any:
+    """The C library's function ``name``, or None; ctypes is loaded on first use (every
+    CLI process imports this module). ``CDLL(None)`` is the process's own symbol table,
+    which holds libc: no ``find_library`` (it runs ``ldconfig`` in a subprocess)."""
+    import ctypes
+
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return getattr(ctypes.CDLL(None, use_errno=True), name, None)
     except OSError:  # pragma: no cover - no C library (non-POSIX)
         return None
 
 
-_LIBC = _libc()
-_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None) if _LIBC is not None else None
+def _get_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 _SYNC_FILE_RANGE_WRITE = 2
-_SYNCFS = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None
-_RENAMEAT2 = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 #: From this many files on, one ``syncfs`` is cheaper than an ``fsync`` per file.
@@ -66,7 +72,7 @@ def temp_name(target: Path, owner: int | None = None) -> Path:
     64 random bits in its name. A long target name is shortened in the temp name, so the
     temp file can be created whenever the target can."""
     owner = os.getpid() if owner is None else owner
-    tail = f"{TEMP_MARKER}{owner}-{secrets.token_hex(8)}"
+    tail = f"{TEMP_MARKER}{owner}-{os.urandom(8).hex()}"
     room = NAME_MAX - 1 - len(tail)
     name = os.fsencode(target.name)
     if len(name) > room:
@@ -98,8 +104,11 @@ def create_temp(target: Path, owner: int | None = None, mode: int = 0o600) -> tu
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing ``fd``'s dirty pages now (Linux ``sync_file_range``),
     so the later fsync of a batch finds most of the work done. Best effort."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
+    sync_file_range = _libc("sync_file_range")
+    if sync_file_range is not None:
+        import ctypes
+
+        sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
 
 
 def sync_files(fds: list[int]) -> None:
@@ -109,13 +118,10 @@ def sync_files(fds: list[int]) -> None:
     once for the whole filesystem instead of once per file and reports writeback errors
     (Linux >= 5.8). Otherwise, or if ``syncfs`` fails, an ``fsync`` per file.
     """
-    if (
-        _SYNCFS is not None
-        and len(fds) >= SYNCFS_MIN_FILES
-        and os.environ.get("QIMEM_SYNC") != "fsync"
-    ):
+    syncfs = _libc("syncfs") if len(fds) >= SYNCFS_MIN_FILES else None
+    if syncfs is not None and os.environ.get("QIMEM_SYNC") != "fsync":
         devices = {os.fstat(fd).st_dev for fd in fds}
-        if len(devices) == 1 and _SYNCFS(fds[0]) == 0:
+        if len(devices) == 1 and syncfs(fds[0]) == 0:
             return
     for fd in fds:
         os.fsync(fd)
@@ -129,13 +135,14 @@ def commit(tmp: Path, target: Path, *, force: bool) -> None:
     if force:
         os.replace(tmp, target)
         return
-    if _RENAMEAT2 is not None:  # Linux: one atomic rename that refuses to replace
-        rc = _RENAMEAT2(
+    renameat2 = _libc("renameat2")
+    if renameat2 is not None:  # Linux: one atomic rename that refuses to replace
+        rc = renameat2(
             _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
         )
         if rc == 0:
             return
-        err = ctypes.get_errno()
+        err = _get_errno()
         if err == errno.EEXIST:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

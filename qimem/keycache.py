@@ -14,6 +14,7 @@ slice and one dict lookup per message, no parsing first.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 from qimem.crypto import Cipher
 from qimem.keys import KeyVersion
+
+log = logging.getLogger(__name__)
 
 _UNKNOWN = object()
 _CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()
@@ -36,6 +39,7 @@ def _after_fork_in_child() -> None:
         cache._check_lock = threading.Lock()
         cache.generation += 1
         cache._drop_all()
+        cache._retired = {}  # the parent's reservations: the parent gives them back
         cache._valid_until = 0.0
 
 
@@ -113,6 +117,11 @@ class KeyCache:
         # in the tables above, so the hot paths cannot use one without its context.
         self.derived: dict[tuple[str, object, bytes], CachedKey] = {}
         self._lock = threading.Lock()
+        # Entries dropped or replaced while still holding reserved, unused usage counts:
+        # returned to the store by flush_retired() (on the next cache miss) and
+        # take_unused() (when the app closes), so dropping an entry never leaves counts
+        # reserved that nothing will use (docs/keys.md "Usage limits").
+        self._retired: dict[int, CachedKey] = {}
         # Bumped by every invalidation: an entry loaded from the store before a rotation
         # committed must not be cached after that rotation's invalidation (see put).
         self.generation = 0
@@ -151,9 +160,12 @@ class KeyCache:
             size = len(self.by_prefix) + sum(len(refs) for refs in self.by_ref.values())
             if size >= self.max_entries:
                 self._drop_all()
+            self._retire(self.by_prefix.get(entry.prefix), entry)
             self.by_prefix[entry.prefix] = entry
             if ref is not None:
-                self.by_ref.setdefault(realm, {})[ref] = entry
+                refs = self.by_ref.setdefault(realm, {})
+                self._retire(refs.get(ref), entry)
+                refs[ref] = entry
 
     def revalidate(self, marker: Callable[[], object]) -> None:
         """Check the store's rotation marker, at most every ``revalidate_seconds``.
@@ -205,10 +217,13 @@ class KeyCache:
             if generation != self.generation:
                 return
             if len(self.derived) >= self.max_entries:
+                for old in self.derived.values():
+                    self._retire(old)
                 self.derived.clear()
             entry.hard_expires = entry.expires
             if entry.expires > self._valid_until:
                 entry.expires = self._valid_until
+            self._retire(self.derived.get(slot), entry)
             self.derived[slot] = entry
 
     def _entries(self) -> list[CachedKey]:
@@ -224,16 +239,62 @@ class KeyCache:
             tables: list[dict] = [*self.by_ref.values(), self.by_prefix, self.derived]  # type: ignore[type-arg]
             for table in tables:
                 for k in [k for k, v in table.items() if v.meta.lineage_id == lineage_id]:
-                    del table[k]
+                    self._retire(table.pop(k))
 
     def clear(self) -> None:
         with self._lock:
             self.generation += 1
             self._drop_all()
 
+    def _retire(self, old: CachedKey | None, new: CachedKey | None = None) -> None:
+        """Keep a dropped entry that reserved usage counts until they are given back
+        (called with ``_lock`` held; entries' own locks are taken later, without it)."""
+        if old is not None and old is not new and old.reserved:
+            self._retired[id(old)] = old
+
+    def flush_retired(self, release: Callable[[str, str, int], None]) -> None:
+        """Give back the unused counts of dropped entries (``release(realm, key_id,
+        count)``: the store's ``release_usage``); a failing store keeps them for later."""
+        if not self._retired:
+            return
+        with self._lock:
+            retired, self._retired = self._retired, {}
+        for realm_key, count in _unused(list(retired.values())).items():
+            try:
+                release(*realm_key, count)
+            except Exception:  # unreachable store: over-counted, never under-counted
+                log.warning("could not return %d unused usage counts of %s", count, realm_key[1])
+
+    def take_unused(self) -> dict[tuple[str, str], int]:
+        """``(realm, key_id) → count`` of every usage count this cache's entries (live
+        and dropped) reserved and never used; the entries keep none. For
+        :meth:`qimem.app.AppContext.close`."""
+        with self._lock:
+            entries = {id(e): e for e in self._entries()}
+            entries.update(self._retired)
+            self._retired = {}
+        return _unused(list(entries.values()))
+
     def _drop_all(self) -> None:
         # In place, so a reader holding an inner dict sees the entries go too.
+        for entry in self._entries():
+            self._retire(entry)
         for refs in self.by_ref.values():
             refs.clear()
         self.by_prefix.clear()
         self.derived.clear()
+
+
+def _unused(entries: list[CachedKey]) -> dict[tuple[str, str], int]:
+    """Take the reserved, unused counts out of ``entries`` (under each entry's lock, so
+    no count is both issued as a nonce and given back), grouped by version."""
+    found: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        with entry.lock:
+            count = entry.unissued + sum(1 for _ in entry.nonces)
+            entry.unissued = 0
+            entry.nonces = iter(())
+        if count:
+            slot = (entry.realm, entry.key_id)
+            found[slot] = found.get(slot, 0) + count
+    return found

@@ -153,6 +153,13 @@ class KeyStore(ABC):
         """
         raise _unsupported(self, "usage counters")
 
+    def release_usage(self, realm: str, key_id: str, count: int) -> None:  # noqa: B027
+        """Give back ``count`` counts reserved with :meth:`reserve_usage` and never used
+        (a process returns the unused rest of its reservations when it closes), so the
+        counter shows what was really encrypted. Never below zero; a version that no longer
+        exists is ignored. The default keeps them counted (an over-count, never an
+        under-count)."""
+
     def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
         """``{key_id: encryptions counted}`` for every version of a lineage."""
         return {v.key_id: 0 for v in self.versions(realm, lineage_id)}

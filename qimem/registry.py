@@ -3,7 +3,12 @@
 Built-in plugins are registered through exactly the hooks third-party packages use.
 Third-party packages are found in the ``qimem`` entry-point group and loaded only when
 enabled (config ``plugins.enabled`` or ``--plugin``): a security tool does not run code just
-because it is installed.
+because it is installed, and a process with no third-party plugin enabled never scans the
+entry points at all (``importlib.metadata`` is imported only then).
+
+What a plugin provides may be registered as a ``"module:attr"`` reference
+(:mod:`qimem.references`): it is imported on first use, so a command imports only the
+algorithm and the key store it uses.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from functools import cached_property
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from qimem import references
 from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError
 from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
@@ -39,17 +44,66 @@ DEFAULT_PLUGINS = (
 )
 
 KeyStoreFactory = Callable[[str, "KeyWrapper"], "KeyStore"]
-RegisterAlgorithm = Callable[["Algorithm"], None]
-RegisterKeyStore = Callable[[str, KeyStoreFactory], None]
+#: ``register(algorithm)``, or ``register("module:attr", name=..., algorithm_id=...)``.
+RegisterAlgorithm = Callable[..., None]
+#: ``register(scheme, factory)``; ``factory`` may be a ``"module:attr"`` reference.
+RegisterKeyStore = Callable[[str, "KeyStoreFactory | str"], None]
 RegisterAuthProvider = Callable[[str, Any], None]
 
 _ALGORITHM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 
 
+def entry_points(group: str) -> Any:
+    """``importlib.metadata.entry_points(group=...)``, imported only when needed."""
+    from importlib.metadata import entry_points as scan
+
+    return scan(group=group)
+
+
 def installed_plugins() -> dict[str, str]:
     """Entry points of the ``qimem`` group: plugin name → ``module:attr`` it names."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def providers_of(algorithm: str | None, loaded: Iterable[str] = ()) -> list[str]:
+    """Installed plugins not in ``loaded`` whose shipped manifest says they provide the
+    algorithm called ``algorithm`` (any algorithm, if None); read from the manifest file:
+    no plugin code runs."""
+    from qimem import manifest
+
+    found = []
+    try:
+        candidates = list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception:  # a broken installation: no hint rather than a second error
+        return []
+    for ep in candidates:
+        if ep.name in loaded:
+            continue
+        try:
+            shipped = manifest.read_installed(ep)
+        except Exception:  # an invalid manifest: 'qimem plugins list' reports it
+            shipped = None
+        provides = shipped.provides if shipped is not None else {}
+        algorithms = provides.get("algorithms") or []
+        if algorithm in algorithms or (algorithm is None and algorithms):
+            found.append(ep.name)
+    return sorted(set(found))
+
+
+def _not_enabled_hint(algorithm: str | None, loaded: Iterable[str]) -> str:
+    """``algorithm`` None: an unknown algorithm id, which manifests do not list; then every
+    installed, not enabled plugin that provides some algorithm is named."""
+    plugins = providers_of(algorithm, loaded)
+    if not plugins:
+        return ""
+    names = " or ".join(repr(p) for p in plugins)
+    first = plugins[0]
+    return (
+        f"; it {'is' if algorithm else 'may be'} provided by the installed plugin {names}, "
+        "which is not enabled "
+        f"(run 'qimem plugins enable {first}' or pass '--plugin {first}')"
+    )
 
 
 def make_plugin_manager(
@@ -179,6 +233,15 @@ def _distribution(ep: Any) -> str:
     return f"{name or '?'} ({ep.value})"
 
 
+def _validate_declared(name: object, algorithm_id: object) -> str | None:
+    """What is wrong with the name and id declared with an algorithm reference, or None."""
+    if not isinstance(name, str) or not _ALGORITHM_NAME.match(name):
+        return f"algorithm name {name!r} is not a lowercase name like 'aes-256-gcm'"
+    if type(algorithm_id) is not int or not 1 <= algorithm_id <= 255:
+        return f"algorithm {name!r}: algorithm_id must be an integer in 1..255"
+    return None
+
+
 def _validate_algorithm(algorithm: Any) -> str | None:
     """What is wrong with an object offered as an algorithm, or None."""
     name = getattr(algorithm, "name", None)
@@ -205,54 +268,109 @@ class Registry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
 
-    @cached_property
-    def algorithms(self) -> dict[str, Algorithm]:
-        """Algorithm name → algorithm, from ``qimem_register_algorithms``."""
-        by_name: dict[str, Algorithm] = {}
-        by_id: dict[int, Algorithm] = {}
+    def _collect_algorithms(self) -> None:
+        """Call every ``qimem_register_algorithms`` once: names and ids, objects or
+        references (imported later, by :meth:`algorithm`)."""
+        if hasattr(self, "_algorithm_slots"):
+            return
+        slots: dict[str, list[Any]] = {}  # name -> [object or None, reference, plugin, id]
+        by_id: dict[int, str] = {}
         current: list[str] = [""]
 
-        def register(algorithm: Algorithm) -> None:
-            problem = _validate_algorithm(algorithm)
-            if problem is None and algorithm.name in by_name:
-                problem = f"algorithm {algorithm.name!r} is already registered"
-            if problem is None and algorithm.algorithm_id in by_id:
-                other = by_id[algorithm.algorithm_id].name
-                problem = f"algorithm id {algorithm.algorithm_id} is already used by {other!r}"
+        def register(
+            algorithm: Any, *, name: str | None = None, algorithm_id: int | None = None
+        ) -> None:
+            plugin = current[0]
+            if references.is_reference(algorithm):
+                problem = _validate_declared(name, algorithm_id)
+                declared_name, declared_id, slot = name, algorithm_id, [None, algorithm]
+            elif name is not None or algorithm_id is not None:
+                problem = "name= and algorithm_id= go with a 'module:attr' reference only"
+                declared_name, declared_id, slot = None, None, []
+            else:
+                problem = _validate_algorithm(algorithm)
+                declared_name = getattr(algorithm, "name", None)
+                declared_id = getattr(algorithm, "algorithm_id", None)
+                slot = [algorithm, None]
+            if problem is None and declared_name in slots:
+                problem = f"algorithm {declared_name!r} is already registered"
+            if problem is None and declared_id in by_id:
+                other = by_id[declared_id]  # type: ignore[index]
+                problem = f"algorithm id {declared_id} is already used by {other!r}"
             if problem is not None:
-                raise PluginError(f"plugin {current[0]!r}: {problem}")
-            by_name[algorithm.name] = algorithm
-            by_id[algorithm.algorithm_id] = algorithm
+                raise PluginError(f"plugin {plugin!r}: {problem}")
+            assert isinstance(declared_name, str) and isinstance(declared_id, int)
+            slots[declared_name] = [*slot, plugin, declared_id]
+            by_id[declared_id] = declared_name
 
         for impl in _impls(self.pm.hook.qimem_register_algorithms):
             current[0] = impl.plugin_name
             _call_one(impl, "qimem_register_algorithms", register=register)
-        self._algorithms_by_id = by_id
-        return by_name
+        self._algorithm_ids = by_id
+        self._algorithm_slots = slots
+
+    def _resolve_algorithm(self, name: str) -> Algorithm:
+        """The object of a collected algorithm, importing its reference on first use."""
+        slot = self._algorithm_slots[name]
+        if slot[0] is None:
+            reference, plugin, algorithm_id = slot[1], slot[2], slot[3]
+            loaded = references.resolve(reference, plugin)
+            if isinstance(loaded, type):
+                loaded = loaded()
+            problem = _validate_algorithm(loaded)
+            if problem is None and (
+                getattr(loaded, "name", None) != name or loaded.algorithm_id != algorithm_id
+            ):
+                problem = f"{reference!r} is not the algorithm {name!r} (id {algorithm_id})"
+            if problem is not None:
+                raise PluginError(f"plugin {plugin!r}: {problem}")
+            slot[0] = loaded
+        return slot[0]  # type: ignore[no-any-return]
+
+    @property
+    def algorithm_names(self) -> list[str]:
+        """The names of every registered algorithm (nothing imported)."""
+        self._collect_algorithms()
+        return sorted(self._algorithm_slots)
+
+    @cached_property
+    def algorithms(self) -> dict[str, Algorithm]:
+        """Algorithm name → algorithm, from ``qimem_register_algorithms`` (imports every
+        referenced algorithm: the hot paths use :meth:`algorithm` instead)."""
+        self._collect_algorithms()
+        return {name: self._resolve_algorithm(name) for name in self._algorithm_slots}
 
     def algorithm(self, name: str) -> Algorithm:
         """The algorithm called ``name``.
 
-        :raises UnsupportedAlgorithmError: no loaded plugin provides it.
+        :raises UnsupportedAlgorithmError: no loaded plugin provides it (the message names
+            an installed plugin that would, and how to enable it).
         """
-        try:
-            return self.algorithms[name]
-        except (KeyError, TypeError):
-            known = ", ".join(sorted(self.algorithms))
-            raise UnsupportedAlgorithmError(
-                f"unknown algorithm {name!r} (available: {known})"
-            ) from None
+        self._collect_algorithms()
+        if isinstance(name, str) and name in self._algorithm_slots:
+            return self._resolve_algorithm(name)
+        known = ", ".join(sorted(self._algorithm_slots))
+        hint = _not_enabled_hint(name, self.plugin_names()) if isinstance(name, str) else ""
+        raise UnsupportedAlgorithmError(f"unknown algorithm {name!r} (available: {known}){hint}")
 
     def algorithm_by_id(self, algorithm_id: int) -> Algorithm:
         """The algorithm with envelope id ``algorithm_id``.
 
         :raises UnsupportedAlgorithmError: no loaded plugin provides it.
         """
-        self.algorithms  # noqa: B018 - collects on first use
-        try:
-            return self._algorithms_by_id[algorithm_id]
-        except KeyError:
-            raise UnsupportedAlgorithmError(f"unknown algorithm id {algorithm_id}") from None
+        self._collect_algorithms()
+        name = self._algorithm_ids.get(algorithm_id)
+        if name is None:
+            hint = _not_enabled_hint(None, self.plugin_names())
+            raise UnsupportedAlgorithmError(
+                f"unknown algorithm id {algorithm_id}"
+                + (hint or " (is the plugin that provides it enabled? see 'qimem plugins list')")
+            )
+        return self._resolve_algorithm(name)
+
+    def plugin_names(self) -> list[str]:
+        """The names of the registered plugins."""
+        return [name for name, _ in self.pm.list_name_plugin()]
 
     @cached_property
     def keystores(self) -> dict[str, KeyStoreFactory]:
@@ -263,7 +381,9 @@ class Registry:
         def register(scheme: str, factory: KeyStoreFactory) -> None:
             if not isinstance(scheme, str) or not _SCHEME.match(scheme):
                 raise PluginError(f"plugin {current[0]!r}: bad key store scheme {scheme!r}")
-            if not callable(factory):
+            if references.is_reference(factory):
+                factory = references.LazyFactory(factory, current[0])  # type: ignore[arg-type]
+            elif not callable(factory):
                 raise PluginError(f"plugin {current[0]!r}: key store factory is not callable")
             if scheme in factories:
                 raise PluginError(

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from qimem.builtin_plugins.sql_keystore import SqlKeyStore
+from qimem.builtin_plugins.sqlite_store import SqliteKeyStore
 from qimem.errors import ConfigError, DecryptionError, StoreUnavailableError
 from qimem.keystore import KeyStore
 from qimem.registry import Registry, make_plugin_manager
@@ -186,7 +187,7 @@ def _copy_material(store: SqlKeyStore, source: str, target: str) -> None:
 
 def test_row_swap_does_not_unwrap(sql_url: str, root_key: bytearray) -> None:
     store = open_store(sql_url, root_key)
-    assert isinstance(store, SqlKeyStore)
+    assert isinstance(store, SqlKeyStore | SqliteKeyStore)  # SQLite: the sqlite3 hot path
     try:
         v1 = store.create("master", "aes-256-gcm", generate_root_key(), name="victim")
         v2 = store.rotate("master", v1.key_id, generate_root_key())
@@ -208,7 +209,7 @@ def test_row_swap_does_not_unwrap(sql_url: str, root_key: bytearray) -> None:
 
 def test_damaged_wrapped_material(tmp_path: Path, root_key: bytearray) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'keys.db'}", root_key)
-    assert isinstance(store, SqlKeyStore)
+    assert isinstance(store, SqlKeyStore | SqliteKeyStore)  # SQLite: the sqlite3 hot path
     try:
         key = store.create("master", "aes-256-gcm", generate_root_key())
         versions = sa.table("qimem_key_versions", sa.column("key_id"), sa.column("material"))
@@ -249,7 +250,7 @@ def test_repr_hides_password(postgres_url: str, root_key: bytearray) -> None:
     store = open_store(url.render_as_string(hide_password=False), root_key)
     try:
         store.create("master", "aes-256-gcm", generate_root_key())
-        assert isinstance(store, SqlKeyStore)
+        assert isinstance(store, SqlKeyStore | SqliteKeyStore)  # SQLite: the sqlite3 hot path
         for text in (repr(store), str(store), repr(store.engine)):
             assert password not in text
         assert "***" in repr(store)
@@ -268,7 +269,7 @@ def sqlite_store(tmp_path: Path, root_key: bytearray) -> Iterator[KeyStore]:
 
 
 def test_sqlite_uses_wal(sqlite_store: KeyStore) -> None:
-    assert isinstance(sqlite_store, SqlKeyStore)
+    assert isinstance(sqlite_store, SqlKeyStore | SqliteKeyStore)
     with sqlite_store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -276,7 +277,7 @@ def test_sqlite_uses_wal(sqlite_store: KeyStore) -> None:
 
 def test_unique_version_constraint(sqlite_store: KeyStore) -> None:
     """The (lineage, version) constraint is the backstop behind the compare-and-swap."""
-    assert isinstance(sqlite_store, SqlKeyStore)
+    assert isinstance(sqlite_store, SqlKeyStore | SqliteKeyStore)
     key = sqlite_store.create("master", "aes-256-gcm", generate_root_key())
     with pytest.raises(sa.exc.IntegrityError), sqlite_store.engine.begin() as conn:
         conn.exec_driver_sql(
@@ -285,3 +286,13 @@ def test_unique_version_constraint(sqlite_store: KeyStore) -> None:
             " algorithm, state, material, created_at FROM qimem_key_versions WHERE key_id = ?",
             (key.key_id,),
         )
+
+
+def test_sqlite_hot_path_connections_use_wal_and_full_sync(sqlite_store: KeyStore) -> None:
+    """The sqlite3 connections of the hot path (not only SQLAlchemy's) run in WAL mode,
+    with synchronous=FULL and foreign keys enforced."""
+    assert isinstance(sqlite_store, SqliteKeyStore)
+    conn = sqlite_store._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1

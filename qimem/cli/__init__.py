@@ -2,6 +2,11 @@
 
 Errors are converted in exactly one place (:class:`QimemGroup`): one line on stderr,
 ``qimem: error: ...``, and the exit code of the error class (see ``qimem.errors``).
+
+Subcommands load lazily (Flask's pattern): :data:`COMMANDS` maps each name to the
+``"module:attr"`` of its click command and its one-line help, so ``qimem --version`` and
+``qimem --help`` import no service code, and ``qimem encrypt`` imports only what encrypt
+uses.
 """
 
 from __future__ import annotations
@@ -13,29 +18,19 @@ from typing import Any
 
 import click
 
+from qimem import __version__
 from qimem.cli.context import (
+    CliError,
     CliState,
     ca_cert_option,
     config_option,
     insecure_plain_http_option,
     store_option,
 )
+from qimem.cli.errors import house_usage_error
 from qimem.errors import QimemError
 
 log = logging.getLogger("qimem.cli")
-
-
-class CliError(click.ClickException):
-    """A QimemError on its way out of click: one line, the error's own exit code."""
-
-    def __init__(self, prog: str, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.prog = prog
-        # click declares exit_code a class variable; this error carries its own.
-        vars(self)["exit_code"] = exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"{self.prog}: error: {self.message}", err=True)
 
 
 class QimemGroup(click.Group):
@@ -43,11 +38,19 @@ class QimemGroup(click.Group):
 
     prog = "qimem"
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:  # the root's own options
+            raise house_usage_error(self.prog, exc) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QimemError as exc:
             raise CliError(self.prog, exc.message, exc.exit_code) from None
+        except click.UsageError as exc:  # a subcommand's arguments
+            raise house_usage_error(self.prog, exc) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -67,7 +70,55 @@ class QimemGroup(click.Group):
             ) from None
 
 
-@click.group(cls=QimemGroup, context_settings={"help_option_names": ["-h", "--help"]})
+#: Subcommand name → (``"module:attr"`` of the click command, its one-line help for
+#: ``qimem --help``; tests/test_cli_imports.py checks it matches the command's own).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "decrypt": ("qimem.cli.crypto:decrypt", "Decrypt FILES and directories (or standard..."),
+    "encrypt": ("qimem.cli.crypto:encrypt", "Encrypt FILES and directories (or standard..."),
+    "init": ("qimem.cli.init:init", "Create the config file, a 0600 root key..."),
+    "keys": ("qimem.cli.keys:keys", "Create, list, show and rotate keys;..."),
+    "plugins": ("qimem.cli.plugins:plugins", "List, inspect, enable, disable, register..."),
+    "rewrap": ("qimem.cli.crypto:rewrap", "Re-seal the data key of encrypted FILES..."),
+    "serve": ("qimem.cli.serve:serve", "Run the HTTP server (security API and..."),
+}
+
+
+class LazyGroup(QimemGroup):
+    """A :class:`QimemGroup` whose subcommands are imported when one is invoked."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, tuple[str, str]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            import importlib
+
+            module_name, _, attr = self.lazy_commands[cmd_name][0].partition(":")
+            self.add_command(getattr(importlib.import_module(module_name), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the table's help lines (importing no command)."""
+        rows = [
+            (name, self.lazy_commands[name][1])
+            if name in self.lazy_commands and name not in self.commands
+            else (name, self.commands[name].get_short_help_str(45))
+            for name in self.list_commands(ctx)
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @config_option
 @store_option
 @click.option(
@@ -87,7 +138,7 @@ class QimemGroup(click.Group):
 )
 @ca_cert_option
 @insecure_plain_http_option
-@click.version_option(package_name="qimem")
+@click.version_option(version=__version__, package_name="qimem")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -119,21 +170,6 @@ def cli(
     )
     ctx.obj.local_ok = ctx.invoked_subcommand in ("serve", "init", "plugins")
     ctx.call_on_close(ctx.obj.close)
-
-
-def _register_commands() -> None:
-    from qimem.cli import crypto, init, keys
-
-    cli.add_command(init.init)
-    cli.add_command(keys.keys)
-    cli.add_command(crypto.encrypt)
-    cli.add_command(crypto.decrypt)
-    cli.add_command(crypto.rewrap)
-    cli.add_command(__import__("qimem.cli.serve", fromlist=["serve"]).serve)
-    cli.add_command(__import__("qimem.cli.plugins", fromlist=["plugins"]).plugins)
-
-
-_register_commands()
 
 
 def main() -> None:

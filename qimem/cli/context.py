@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from qimem.app import AppContext
-from qimem.config import Config, load_config
 from qimem.errors import ValidationError
 from qimem.hardening import disable_core_dumps
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported on use: `qimem --help` loads no service code
+    from qimem.app import AppContext
+    from qimem.config import Config
     from qimem.http_client import HttpClient
     from qimem.remote import RemoteKeys
+
+
+class CliError(click.ClickException):
+    """A QimemError on its way out of click: one line, the error's own exit code."""
+
+    def __init__(self, prog: str, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.prog = prog
+        # click declares exit_code a class variable; this error carries its own.
+        vars(self)["exit_code"] = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"{self.prog}: error: {self.message}", err=True)
 
 
 class CliState:
@@ -47,6 +59,8 @@ class CliState:
         self._warned_plain_http = False
         #: commands that are local by nature (serve, init, plugins) ignore --server
         self.local_ok = False
+        #: the app is for one job (see AppContext's ``one_shot``); ``serve`` clears it
+        self.one_shot = True
         self._app: AppContext | None = None
         self._remote: RemoteKeys | None = None
 
@@ -108,6 +122,8 @@ class CliState:
         return self.remote if self.server else self.app
 
     def config(self, *, required: bool = True) -> Config:
+        from qimem.config import load_config
+
         config = load_config(self.config_path, store_url=self.store_url, required=required)
         config.plugins_enabled = list(dict.fromkeys(config.plugins_enabled + self.plugins))
         return config
@@ -120,8 +136,10 @@ class CliState:
                 "(with --server: encrypt, decrypt, rewrap, keys create|list|show|rotate)"
             )
         if self._app is None:
+            from qimem.app import AppContext
+
             disable_core_dumps()  # the root key and unwrapped keys live in this process
-            self._app = AppContext(self.config())
+            self._app = AppContext(self.config(), one_shot=self.one_shot)
         return self._app
 
     def close(self) -> None:
@@ -162,6 +180,8 @@ insecure_plain_http_option = click.option(
 
 
 def echo_json(data: Any) -> None:
+    import json  # --json output only
+
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from qimem.cli.context import CliState, config_option, pass_state, store_option
+from qimem.cli.context import CliError, CliState, config_option, pass_state, store_option
 from qimem.errors import ConfigError, QimemError
 from qimem.hardening import disable_core_dumps, ensure_open_files
 
@@ -219,6 +219,7 @@ def run_server(
     from qimem.server.runner import Server, serve
 
     disable_core_dumps()  # before the root key is read
+    state.one_shot = False  # a server reserves usage in blocks (docs/keys.md)
     app = state.app
     settings = serve_settings(app.config.serve, limits)
     proxies = parse_trusted_proxies(settings.trusted_proxies)
@@ -311,8 +312,6 @@ def _standalone(prog: str, short_paths: bool, doc: str) -> click.Command:
     def command(
         config_path: str | None, store_url: str | None, plugins: tuple[str, ...], **options: Any
     ) -> None:
-        from qimem.cli import CliError
-
         state = CliState(config_path, store_url, list(plugins), "master")
         try:
             run_server(state, prog=prog, short_paths=short_paths, **options)

@@ -123,6 +123,7 @@ def _encryption_key(
 ) -> CachedKey:
     """Resolve, check and load the key for ``ref`` from the store (on a cache miss)."""
     app.cache.revalidate(app.store.rotation_marker)  # other servers' rotations
+    app.cache.flush_retired(app.store.release_usage)  # dropped entries' unused counts
     slot = (realm, ref, context) if context is not None else None
     cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
     if cached is not None:
@@ -143,6 +144,20 @@ def _encryption_key(
     else:
         app.cache.put_derived(slot, entry, generation=generation)
     return entry
+
+
+def check_encryption_key(
+    app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, context: bytes | None = None
+) -> None:
+    """Resolve and load the key :func:`encrypt` would use for ``ref`` — without encrypting
+    anything or counting a use — so a bad key fails before any output is written.
+
+    :raises NotFoundError: no such key. :raises KeyNotActiveError: ``ref`` is a key_id
+        that was rotated away.
+    """
+    if context is not None:
+        context = lifecycle.check_context(context)
+    _encryption_key(app, ref, realm, context)
 
 
 def _reserved(

@@ -65,6 +65,13 @@ class StoreKeyring:
         algorithm = self.app.registry.algorithm_by_id(env.parse(made.wrapped_key).algorithm_id)
         return algorithm, bytearray(made.plaintext_key), made.wrapped_key
 
+    def check(self) -> None:
+        """Resolve and load the encryption key without wrapping a data key (no usage
+        counted), so a bad ``--key`` fails before any output (:func:`qimem.batch.check_key`)."""
+        if self.ref is None:
+            raise ValidationError("no key given to encrypt with")
+        crypto.check_encryption_key(self.app, self.ref, realm=self.realm, context=self.context)
+
     def unwrap(self, wrapped_key: bytes) -> bytearray:
         try:
             opened = crypto.decrypt(self.app, wrapped_key, realm=self.realm, context=self.context)

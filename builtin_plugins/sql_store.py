@@ -1,0 +1,555 @@
+"""The SQL key store on SQLAlchemy 2.x: PostgreSQL, and SQLite's writes and administration.
+
+Registered by :mod:`qimem.builtin_plugins.sql_keystore`. A ``sqlite:///path`` store opens
+as :class:`qimem.builtin_plugins.sqlite_store.SqliteKeyStore`, whose hot path (reads, usage
+reservations) runs on the standard library's ``sqlite3`` and which hands everything else
+to this class.
+
+One row per key version, material wrapped under the root key. Rotation is one transaction
+whose first statement is the compare-and-swap ``UPDATE ... WHERE key_id = ? AND state =
+'active'``: it takes the write lock (SQLite) or the row lock (PostgreSQL) before anything
+is read, so concurrent rotations of one key_id serialize and exactly one finds the row
+still active. The unique (lineage_id, version) constraint is the backstop.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
+from qimem.keys import (
+    KeyState,
+    KeyVersion,
+    LineagePolicy,
+    LineageRecord,
+    new_id,
+    not_active_error,
+)
+from qimem.keystore import KeyStore, check_transition, destroyed_error
+from qimem.rootkey import KeyWrapper
+from qimem.sql import (
+    check_sqlite_permissions,
+    create_engine,
+    migrate,
+    sqlite_database,
+    translate_errors,
+)
+
+metadata = sa.MetaData()
+meta_table = sa.Table(
+    "qimem_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+lineages = sa.Table(
+    "qimem_lineages",
+    metadata,
+    sa.Column("lineage_id", sa.String(36), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(128)),
+    sa.Column("algorithm", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("min_decryption_version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("min_encryption_version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("usage_limit", sa.BigInteger),
+    sa.Column("auto_rotate_seconds", sa.BigInteger),
+    sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("deletion_date", sa.DateTime(timezone=True)),
+    sa.Column("derived", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+versions = sa.Table(
+    "qimem_key_versions",
+    metadata,
+    sa.Column("key_id", sa.String(36), primary_key=True),
+    sa.Column("lineage_id", sa.String(36), nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("algorithm", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("material", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+_METADATA_COLUMNS = (
+    versions.c.key_id,
+    versions.c.lineage_id,
+    lineages.c.name,
+    versions.c.realm,
+    versions.c.version,
+    versions.c.algorithm,
+    versions.c.state,
+    versions.c.created_at,
+)
+_SELECT_VERSIONS = sa.select(*_METADATA_COLUMNS).join_from(
+    versions, lineages, versions.c.lineage_id == lineages.c.lineage_id
+)
+
+
+_STATE_MARKER = "key_state_marker"  # changes in every transaction that changes a version's state
+
+
+def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algorithm: str) -> bytes:
+    return f"qimem-key-v1|{realm}|{lineage_id}|{key_id}|{version}|{algorithm}".encode()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite drops the offset; all is UTC
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+_POLICY_COLUMNS = (
+    "min_decryption_version",
+    "min_encryption_version",
+    "usage_limit",
+    "auto_rotate_seconds",
+    "deletion_protection",
+    "deletion_date",
+    "derived",
+)
+
+
+def _policy_values(policy: LineagePolicy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in _POLICY_COLUMNS}
+
+
+def _to_version(row: Any) -> KeyVersion:
+    created = _utc(row.created_at)
+    assert created is not None
+    return KeyVersion(
+        key_id=row.key_id,
+        lineage_id=row.lineage_id,
+        name=row.name,
+        realm=row.realm,
+        version=row.version,
+        algorithm=row.algorithm,
+        state=KeyState(row.state),
+        created_at=created,
+    )
+
+
+class SqlKeyStore(KeyStore):
+    """Key versions in SQLite or PostgreSQL, material wrapped under the root key."""
+
+    def __init__(self, url: str, wrapper: KeyWrapper, *, auto_migrate: bool = True) -> None:
+        if wrapper is None:
+            raise ConfigError("an SQL key store needs a root key (run 'qimem init')")
+        self._wrapper = wrapper
+        self.engine = create_engine(url)  # a new SQLite file is created 0600
+        database = sqlite_database(url)
+        if database is not None:  # an existing one others can read is refused
+            check_sqlite_permissions(database)
+        if auto_migrate:
+            migrate(self.engine)
+        self._check_root_key()
+        self._ensure_meta(_STATE_MARKER, new_id())
+
+    def _ensure_meta(self, name: str, value: str) -> None:
+        with translate_errors(), self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(meta_table.c.name).where(meta_table.c.name == name)
+            ).first()
+            if exists is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(meta_table).values(name=name, value=value))
+                except IntegrityError:
+                    pass  # another process inserted it first
+
+    def rotation_marker(self) -> object:
+        query = sa.select(meta_table.c.value).where(meta_table.c.name == _STATE_MARKER)
+        with translate_errors(), self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    def _check_root_key(self) -> None:
+        """Record the root key's check value on first use; refuse a different root key."""
+        check = self._wrapper.check_value
+        with translate_errors(), self.engine.begin() as conn:
+            stored = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
+            ).scalar()
+            if stored is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            sa.insert(meta_table).values(name="root_key_check", value=check)
+                        )
+                except IntegrityError:
+                    stored = conn.execute(
+                        sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
+                    ).scalar()
+        if stored is not None and stored != check:
+            raise ConfigError(
+                "the root key does not match this store (wrong root key file or QIMEM_ROOT_KEY)"
+            )
+
+    def create(
+        self, realm: str, algorithm: str, material: bytes | bytearray, *, name: str | None = None
+    ) -> KeyVersion:
+        now = datetime.now(UTC)
+        version = KeyVersion(
+            key_id=new_id(),
+            lineage_id=new_id(),
+            name=name,
+            realm=realm,
+            version=1,
+            algorithm=algorithm,
+            state=KeyState.ACTIVE,
+            created_at=now,
+        )
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(lineages).values(
+                        lineage_id=version.lineage_id,
+                        realm=realm,
+                        name=name,
+                        algorithm=algorithm,
+                        created_at=now,
+                    )
+                )
+                self._insert_version(conn, version, material)
+        except IntegrityError:
+            raise ConflictError(f"a key named {name!r} already exists", code="name_taken") from None
+        return version
+
+    def _insert_version(
+        self, conn: sa.Connection, version: KeyVersion, material: bytes | bytearray
+    ) -> None:
+        wrapped = self._wrapper.wrap(
+            material,
+            _wrap_context(
+                version.realm,
+                version.lineage_id,
+                version.key_id,
+                version.version,
+                version.algorithm,
+            ),
+        )
+        conn.execute(
+            sa.insert(versions).values(
+                key_id=version.key_id,
+                lineage_id=version.lineage_id,
+                realm=version.realm,
+                version=version.version,
+                algorithm=version.algorithm,
+                state=version.state.value,
+                material=wrapped,
+                created_at=version.created_at,
+            )
+        )
+
+    def get(self, realm: str, key_id: str) -> KeyVersion:
+        with translate_errors(), self.engine.connect() as conn:
+            return self._get(conn, realm, key_id)
+
+    def _get(self, conn: sa.Connection, realm: str, key_id: str) -> KeyVersion:
+        row = conn.execute(
+            _SELECT_VERSIONS.where(versions.c.key_id == key_id, versions.c.realm == realm)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return _to_version(row)
+
+    def find_lineage(self, realm: str, ref: str) -> str:
+        query = sa.select(lineages.c.lineage_id).where(
+            lineages.c.realm == realm,
+            sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            lineage_id = conn.execute(query).scalar()
+        if lineage_id is None:
+            raise NotFoundError(f"no key {ref!r}")
+        return str(lineage_id)
+
+    def versions(self, realm: str, lineage_id: str) -> list[KeyVersion]:
+        query = _SELECT_VERSIONS.where(
+            versions.c.lineage_id == lineage_id, versions.c.realm == realm
+        ).order_by(versions.c.version)
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return [_to_version(row) for row in rows]
+
+    def list(self, realm: str) -> list[KeyVersion]:
+        newest = (
+            sa.select(versions.c.lineage_id, sa.func.max(versions.c.version).label("version"))
+            .where(versions.c.realm == realm)
+            .group_by(versions.c.lineage_id)
+            .subquery()
+        )
+        query = (
+            _SELECT_VERSIONS.join(
+                newest,
+                sa.and_(
+                    versions.c.lineage_id == newest.c.lineage_id,
+                    versions.c.version == newest.c.version,
+                ),
+            )
+            .where(versions.c.realm == realm)
+            .order_by(lineages.c.created_at, lineages.c.lineage_id)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_to_version(row) for row in conn.execute(query)]
+
+    def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                swapped = conn.execute(
+                    sa.update(versions)
+                    .where(
+                        versions.c.key_id == key_id,
+                        versions.c.realm == realm,
+                        versions.c.state == KeyState.ACTIVE.value,
+                    )
+                    .values(state=KeyState.DECRYPT_ONLY.value)
+                ).rowcount
+                current = self._get(conn, realm, key_id)  # NotFoundError rolls back
+                if swapped != 1:
+                    active_row = conn.execute(
+                        _SELECT_VERSIONS.where(
+                            versions.c.lineage_id == current.lineage_id,
+                            versions.c.state == KeyState.ACTIVE.value,
+                        )
+                    ).first()
+                    active = _to_version(active_row) if active_row is not None else None
+                    raise not_active_error(current, active)
+                newest = conn.execute(
+                    sa.select(sa.func.max(versions.c.version)).where(
+                        versions.c.lineage_id == current.lineage_id
+                    )
+                ).scalar_one()
+                rotated = KeyVersion(
+                    key_id=new_id(),
+                    lineage_id=current.lineage_id,
+                    name=current.name,
+                    realm=realm,
+                    version=newest + 1,
+                    algorithm=current.algorithm,
+                    state=KeyState.ACTIVE,
+                    created_at=datetime.now(UTC),
+                )
+                self._insert_version(conn, rotated, material)
+                conn.execute(
+                    sa.update(meta_table)
+                    .where(meta_table.c.name == _STATE_MARKER)
+                    .values(value=new_id())
+                )
+        except IntegrityError:  # the unique (lineage, version) backstop
+            raise KeyNotActiveError(
+                f"key {key_id} was rotated concurrently; retry with the active version"
+            ) from None
+        return rotated
+
+    def material(self, realm: str, key_id: str) -> bytearray:
+        query = sa.select(
+            versions.c.material,
+            versions.c.lineage_id,
+            versions.c.version,
+            versions.c.algorithm,
+            versions.c.state,
+        ).where(versions.c.key_id == key_id, versions.c.realm == realm)
+        with translate_errors(), self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        if row.state == KeyState.DESTROYED.value:
+            raise destroyed_error(self.get(realm, key_id))
+        return self._wrapper.unwrap(
+            row.material,
+            _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
+        )
+
+    def _bump_marker(self, conn: sa.Connection) -> None:
+        conn.execute(
+            sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=new_id())
+        )
+
+    def _lineage_row(self, conn: sa.Connection, realm: str, lineage_id: str) -> Any:
+        row = conn.execute(
+            sa.select(lineages).where(
+                lineages.c.lineage_id == lineage_id, lineages.c.realm == realm
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return row
+
+    def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
+        with translate_errors(), self.engine.connect() as conn:
+            row = self._lineage_row(conn, realm, lineage_id)
+        return LineagePolicy(
+            min_decryption_version=row.min_decryption_version,
+            min_encryption_version=row.min_encryption_version,
+            usage_limit=row.usage_limit,
+            auto_rotate_seconds=row.auto_rotate_seconds,
+            deletion_protection=bool(row.deletion_protection),
+            deletion_date=_utc(row.deletion_date),
+            derived=bool(row.derived),
+        )
+
+    def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:
+        with translate_errors(), self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(lineages)
+                .where(lineages.c.lineage_id == lineage_id, lineages.c.realm == realm)
+                .values(**_policy_values(policy))
+            ).rowcount
+            if updated != 1:
+                raise NotFoundError(f"no key {lineage_id!r}")
+            self._bump_marker(conn)
+        return policy
+
+    def set_state(self, realm: str, key_id: str, state: KeyState) -> KeyVersion:
+        with translate_errors(), self.engine.begin() as conn:
+            current = self._get(conn, realm, key_id)
+            check_transition(current, state)
+            if current.state is state:
+                return current
+            values: dict[str, Any] = {"state": state.value}
+            if state is KeyState.DESTROYED:
+                values["material"] = b""  # the wrapped material is gone from the row
+            changed = conn.execute(
+                sa.update(versions)
+                .where(versions.c.key_id == key_id, versions.c.state == current.state.value)
+                .values(**values)
+            ).rowcount
+            if changed != 1:
+                raise ConflictError(
+                    f"key {key_id} changed state concurrently; retry", code="conflict"
+                )
+            self._bump_marker(conn)
+        return replace(current, state=state)
+
+    def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        with translate_errors(), self.engine.begin() as conn:
+            # The UPDATE takes the row lock first, so concurrent reservations serialize.
+            conn.execute(
+                sa.update(versions)
+                .where(versions.c.key_id == key_id, versions.c.realm == realm)
+                .values(encryptions=versions.c.encryptions + 0)
+            )
+            used = conn.execute(
+                sa.select(versions.c.encryptions).where(
+                    versions.c.key_id == key_id, versions.c.realm == realm
+                )
+            ).scalar()
+            if used is None:
+                raise NotFoundError(f"no key {key_id!r}")
+            granted = max(0, min(count, limit - int(used)))
+            if granted:
+                conn.execute(
+                    sa.update(versions)
+                    .where(versions.c.key_id == key_id)
+                    .values(encryptions=versions.c.encryptions + granted)
+                )
+        return granted
+
+    def release_usage(self, realm: str, key_id: str, count: int) -> None:
+        if count <= 0:
+            return
+        with translate_errors(), self.engine.begin() as conn:
+            conn.execute(
+                sa.update(versions)
+                .where(versions.c.key_id == key_id, versions.c.realm == realm)
+                .values(
+                    encryptions=sa.case(
+                        (versions.c.encryptions > count, versions.c.encryptions - count),
+                        else_=0,
+                    )
+                )
+            )
+
+    def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
+        query = sa.select(versions.c.key_id, versions.c.encryptions).where(
+            versions.c.lineage_id == lineage_id, versions.c.realm == realm
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            raise NotFoundError(f"no key {lineage_id!r}")
+        return {row.key_id: int(row.encryptions) for row in rows}
+
+    def delete_lineage(self, realm: str, lineage_id: str) -> None:
+        with translate_errors(), self.engine.begin() as conn:
+            self._lineage_row(conn, realm, lineage_id)
+            conn.execute(
+                sa.update(versions)
+                .where(versions.c.lineage_id == lineage_id)
+                .values(material=b"", state=KeyState.DESTROYED.value)
+            )
+            conn.execute(sa.delete(versions).where(versions.c.lineage_id == lineage_id))
+            conn.execute(sa.delete(lineages).where(lineages.c.lineage_id == lineage_id))
+            self._bump_marker(conn)
+
+    def restore_lineage(self, record: LineageRecord) -> None:
+        try:
+            with translate_errors(), self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(lineages).values(
+                        lineage_id=record.lineage_id,
+                        realm=record.realm,
+                        name=record.name,
+                        algorithm=record.algorithm,
+                        created_at=record.created_at,
+                        **_policy_values(record.policy),
+                    )
+                )
+                for item in record.versions:
+                    version = record.key_version(item)
+                    self._insert_version(conn, version, item.material or b"")
+                    if item.material is None:
+                        conn.execute(
+                            sa.update(versions)
+                            .where(versions.c.key_id == item.key_id)
+                            .values(material=b"")
+                        )
+                    conn.execute(
+                        sa.update(versions)
+                        .where(versions.c.key_id == item.key_id)
+                        .values(encryptions=item.encryptions)
+                    )
+                self._bump_marker(conn)
+        except IntegrityError:
+            taken = record.name is not None and self._name_taken(record.realm, record.name)
+            if taken:
+                raise ConflictError(
+                    f"a key named {record.name!r} already exists", code="name_taken"
+                ) from None
+            raise ConflictError(
+                f"key {record.lineage_id} (or one of its versions) already exists",
+                code="key_exists",
+            ) from None
+
+    def _name_taken(self, realm: str, name: str) -> bool:
+        query = sa.select(lineages.c.lineage_id).where(
+            lineages.c.realm == realm, lineages.c.name == name
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def lineages(self) -> builtins.list[tuple[str, str]]:
+        query = sa.select(lineages.c.realm, lineages.c.lineage_id).order_by(
+            lineages.c.created_at, lineages.c.lineage_id
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [(row.realm, row.lineage_id) for row in conn.execute(query)]
+
+    def ping(self) -> None:
+        with translate_errors(), self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<SqlKeyStore {self.engine.url.render_as_string(hide_password=True)}>"
