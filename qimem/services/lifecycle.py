@@ -43,13 +43,28 @@ from qimem.keys import (
     KeyState,
     KeyVersion,
     LineagePolicy,
-    max_messages_per_key,
-    message_bound_reason,
-    validate_realm,
 )
-from qimem.services.keys import resolve, rotate_key
+from qimem.services import usage_bound
+from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
+from qimem.services.key_states import destroy_version, disable_version, enable_version
+from qimem.services.keys import rotate_key
+from qimem.services.lifecycle_common import audit
+from qimem.services.lifecycle_common import lineage_of as _lineage
 
 log = logging.getLogger(__name__)
+
+__all__ = [  # parts live in their own modules (derived keys, message bounds, version
+    # states, audit): re-exported here, the lifecycle API stays one module
+    "MAX_CONTEXT",
+    "audit",
+    "check_context",
+    "derive_subkey",
+    "destroy_version",
+    "disable_version",
+    "enable_version",
+    "message_bound",
+]
+message_bound = usage_bound.message_bound
 
 _SETTINGS_ATTR = "_qimem_lifecycle_settings"
 _UNSET: Any = object()
@@ -124,50 +139,6 @@ def settings(app: AppContext) -> LifecycleSettings:
     return found
 
 
-# -- audit -------------------------------------------------------------------------------
-
-
-def audit(
-    app: AppContext, realm: str, actor: str | None, action: str, target: str, **detail: Any
-) -> None:
-    """Record a lifecycle operation when the caller names an actor (the CLI and HTTP do)."""
-    if actor is None:
-        return
-    from qimem.services.identity import audit_key_operation
-
-    try:
-        audit_key_operation(app, realm, actor, action, target, buffered=False, **detail)
-    except Exception:  # auditing never turns a committed change into an error
-        log.warning("could not record the audit event %s", action, exc_info=True)
-
-
-# -- lookups -----------------------------------------------------------------------------
-
-
-def _lineage(app: AppContext, ref: str, realm: str) -> str:
-    validate_realm(realm)
-    lineage_id, _ = resolve(app, ref, realm)
-    return lineage_id
-
-
-def _version(app: AppContext, ref: str, version: int | None, realm: str) -> KeyVersion:
-    """The version a ``(ref, version)`` pair names: a key_id alone, or any ref and a number."""
-    validate_realm(realm)
-    lineage_id, exact = resolve(app, ref, realm)
-    if version is None:
-        if exact is None:
-            raise ValidationError("name a version: give a key_id, or a key and --version N")
-        return exact
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValidationError("version must be a positive integer")
-    if exact is not None and exact.version != version:
-        raise ValidationError(f"key {exact.key_id} is version {exact.version}, not {version}")
-    for candidate in app.store.versions(realm, lineage_id):
-        if candidate.version == version:
-            return candidate
-    raise NotFoundError(f"key {ref!r} has no version {version}")
-
-
 # -- policy ------------------------------------------------------------------------------
 
 
@@ -232,7 +203,7 @@ def set_policy(
         changes["usage_limit"] = _positive(
             usage_limit, "usage_limit", allow_none=True, maximum=MAX_USAGE_LIMIT
         )
-        _check_message_bound(app, active, changes["usage_limit"])
+        usage_bound.check_message_bound(app, active, changes["usage_limit"])
     if auto_rotate_seconds is not _UNSET:
         changes["auto_rotate_seconds"] = _positive(
             auto_rotate_seconds, "auto_rotate_seconds", allow_none=True, maximum=MAX_ROTATE_SECONDS
@@ -254,125 +225,15 @@ def set_policy(
     return policy
 
 
-def _algorithm(app: AppContext, version: KeyVersion) -> Any:
-    """``version``'s algorithm object, or None when no enabled plugin provides it."""
-    from qimem.errors import UnsupportedAlgorithmError
-
-    try:
-        return app.registry.algorithm(version.algorithm)
-    except UnsupportedAlgorithmError:
-        return None
-
-
-def message_bound(app: AppContext, version: KeyVersion) -> int:
-    """The most messages one version of ``version``'s algorithm may encrypt (see
-    :func:`qimem.keys.max_messages_per_key`; 2^32 when its plugin is not loaded)."""
-    return max_messages_per_key(_algorithm(app, version))
-
-
-def _check_message_bound(app: AppContext, active: KeyVersion, limit: int | None) -> None:
-    """:raises ValidationError: ``invalid_policy``: ``limit`` above the algorithm's bound."""
-    if limit is None:
-        return
-    algorithm = _algorithm(app, active)
-    bound = max_messages_per_key(algorithm)
-    if limit > bound:
-        power = f" (2^{bound.bit_length() - 1})" if bound & (bound - 1) == 0 else ""
-        raise ValidationError(
-            f"usage_limit {limit} is above {bound}{power}, the most messages one "
-            f"{active.algorithm} key version may encrypt: {message_bound_reason(algorithm)}",
-            code="invalid_policy",
-        )
-
-
 def effective_usage_limit(app: AppContext, version: KeyVersion, policy: LineagePolicy) -> int:
     """The usage limit that applies to ``version``: the lineage's, else the deployment
     default, and never above its algorithm's message bound."""
     limit = policy.usage_limit or settings(app).usage_limit
-    return min(limit, message_bound(app, version))
+    return min(limit, usage_bound.message_bound(app, version))
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if isinstance(v, int | bool | str) or v is None}
-
-
-# -- version states ----------------------------------------------------------------------
-
-
-def _set_state(
-    app: AppContext,
-    ref: str,
-    version: int | None,
-    state: KeyState,
-    action: str,
-    realm: str,
-    actor: str | None,
-) -> KeyVersion:
-    target = _version(app, ref, version, realm)
-    if state is KeyState.DESTROYED:
-        policy = app.store.policy(realm, target.lineage_id)
-        if policy.deletion_protection:
-            raise ConflictError(
-                f"key {target.lineage_id} has deletion protection; turn it off first",
-                code="deletion_protected",
-            )
-    try:
-        changed = app.store.set_state(realm, target.key_id, state)
-    finally:
-        app.cache.invalidate_lineage(target.lineage_id)
-    audit(app, realm, actor, action, target.key_id, version=target.version)
-    if changed.state is not target.state:
-        kind = {"keys.disable": "disabled", "keys.enable": "enabled"}.get(action, "destroyed")
-        app.registry.notify_key_event(KeyEvent(kind, realm, changed, previous=target))
-    return changed
-
-
-def disable_version(
-    app: AppContext,
-    ref: str,
-    *,
-    version: int | None = None,
-    realm: str = DEFAULT_REALM,
-    actor: str | None = None,
-) -> KeyVersion:
-    """Disable one version: it refuses to decrypt until enabled again.
-
-    :raises ConflictError: ``key_active`` for the active version (rotate first),
-        ``key_destroyed`` for a destroyed one.
-    """
-    return _set_state(app, ref, version, KeyState.DISABLED, "keys.disable", realm, actor)
-
-
-def enable_version(
-    app: AppContext,
-    ref: str,
-    *,
-    version: int | None = None,
-    realm: str = DEFAULT_REALM,
-    actor: str | None = None,
-) -> KeyVersion:
-    """Enable a disabled version again (it becomes decrypt-only)."""
-    target = _version(app, ref, version, realm)
-    if target.state is KeyState.ACTIVE:
-        return target
-    return _set_state(app, target.key_id, None, KeyState.DECRYPT_ONLY, "keys.enable", realm, actor)
-
-
-def destroy_version(
-    app: AppContext,
-    ref: str,
-    *,
-    version: int | None = None,
-    realm: str = DEFAULT_REALM,
-    actor: str | None = None,
-) -> KeyVersion:
-    """Destroy one version: its material is overwritten and removed, for good.
-
-    What it encrypted fails to decrypt with ``key_destroyed``.
-
-    :raises ConflictError: ``deletion_protected``, ``key_active`` (rotate first).
-    """
-    return _set_state(app, ref, version, KeyState.DESTROYED, "keys.destroy", realm, actor)
 
 
 # -- deletion ----------------------------------------------------------------------------
@@ -505,7 +366,7 @@ def check_encryption(
     realm, lineage_id = version.realm, version.lineage_id
     policy = app.store.policy(realm, lineage_id)
     _check_pending(app, realm, lineage_id, policy)
-    _check_derived(version, policy, context)
+    check_derived(version, policy, context)
     if version.version < policy.min_encryption_version:
         raise KeyNotActiveError(
             f"key {version.key_id} (version {version.version}) is below the lineage's "
@@ -534,58 +395,12 @@ def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None
         )
     policy = app.store.policy(version.realm, version.lineage_id)
     _check_pending(app, version.realm, version.lineage_id, policy, DecryptionError)
-    _check_derived(version, policy, context)
+    check_derived(version, policy, context)
     if version.version < policy.min_decryption_version:
         raise DecryptionError(
             f"{label} is below the lineage's minimum decryption version "
             f"{policy.min_decryption_version}",
             code="below_min_decryption_version",
-        )
-
-
-# -- derived keys ------------------------------------------------------------------------
-
-MAX_CONTEXT = 4096
-_DERIVE_INFO = b"qimem-derived-v1\x00"
-
-
-def check_context(context: Any) -> bytes:
-    """A derivation context: 1 to 4096 bytes.
-
-    :raises ValidationError: ``invalid_context``.
-    """
-    if (
-        not isinstance(context, bytes | bytearray | memoryview)
-        or not 1 <= len(context) <= MAX_CONTEXT
-    ):
-        raise ValidationError(f"a context must be 1 to {MAX_CONTEXT} bytes", code="invalid_context")
-    return bytes(context)
-
-
-def derive_subkey(material: bytes | bytearray, context: bytes) -> bytes:
-    """The per-context subkey of a derived key version: HKDF-SHA256 (RFC 5869) with the
-    version's key as input keying material, no salt, and ``"qimem-derived-v1" 0x00
-    context`` as info, as long as the key itself."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    hkdf = HKDF(
-        algorithm=hashes.SHA256(), length=len(material), salt=None, info=_DERIVE_INFO + context
-    )
-    return hkdf.derive(bytes(material))
-
-
-def _check_derived(version: KeyVersion, policy: LineagePolicy, context: bytes | None) -> None:
-    label = f"key {version.name or version.lineage_id}"
-    if policy.derived and context is None:
-        raise ValidationError(
-            f"{label} is a derived key: give the context (the same one to decrypt)",
-            code="context_required",
-        )
-    if context is not None and not policy.derived:
-        raise ValidationError(
-            f"{label} is not a derived key; a context applies only to derived keys",
-            code="context_not_allowed",
         )
 
 
