@@ -54,6 +54,7 @@ from qimem.batch_plan import (
     skipped_of,
     walk,
 )
+from qimem.batch_progress import CountingReader, GroupProgress, Progress
 from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
@@ -73,11 +74,6 @@ RANGE_BYTES = 32 << 20
 WRITEBACK_BYTES = 16 << 20
 #: Files from this size on start their writeback as soon as they are written.
 WRITEBACK_MIN = 1 << 20
-
-#: Report progress inside a file every this many input bytes (a large file moves the bar).
-PROGRESS_BYTES = 4 << 20
-
-Progress = Callable[[int, int], None]  # (bytes done, files done) increments
 
 
 @dataclass
@@ -134,51 +130,6 @@ class _KickingWriter:
         return n
 
 
-class _CountingReader:
-    """A raw input file that reports the bytes read, every :data:`PROGRESS_BYTES`."""
-
-    def __init__(self, raw: BinaryIO, report: Callable[[int], None]) -> None:
-        self._raw = raw
-        self._report = report
-        self._pending = 0
-
-    def _count(self, n: int) -> None:
-        self._pending += n
-        if self._pending >= PROGRESS_BYTES:
-            self._report(self._pending)
-            self._pending = 0
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._raw.readinto(buffer) or 0  # type: ignore[attr-defined]
-        self._count(n)
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self._count(len(data))
-        return data
-
-
-class _GroupProgress:
-    """Byte reports from inside a group's files, never more than the group's size; the
-    group's completion reports the rest with its file count."""
-
-    def __init__(self, report: Progress, tasks: list[Task]) -> None:
-        self._report = report
-        self._left = sum(t.size for t in tasks)
-        self._files = len(tasks)
-
-    def bytes(self, n: int) -> None:
-        n = min(n, self._left)
-        if n > 0:
-            self._left -= n
-            self._report(n, 0)
-
-    def done(self) -> None:
-        self._report(self._left, self._files)
-        self._left = 0
-
-
 @dataclass
 class _Options:
     operation: str
@@ -201,7 +152,7 @@ def _process_one(
     fd, tmp = fileio.create_temp(task.dst, opts.owner)
     try:
         with open(open_input(task), "rb", buffering=0) as raw:
-            fin: Any = raw if read is None else _CountingReader(raw, read)
+            fin: Any = raw if read is None else CountingReader(raw, read)
             out = _KickingWriter(fd)
             if opts.operation == ENCRYPT:
                 info = stream.encrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
@@ -332,7 +283,8 @@ def run(
     :param context: for a derived key: the per-context subkey wraps each file's data key,
         and the same context is needed to decrypt.
     :param progress: called with (bytes, files) increments: bytes as they are read (every
-        :data:`PROGRESS_BYTES` inside a large file; per segment range with ``jobs > 1``),
+        :data:`qimem.batch_progress.PROGRESS_BYTES` inside a large file; per segment range
+        with ``jobs > 1``),
         files as they complete.
     :raises KeyboardInterrupt: after cleaning up this run's temp files.
 
@@ -356,7 +308,7 @@ def run(
         try:
             if jobs == 1 or len(todo) == 0 or not fork_available():
                 for group in _groups(todo):
-                    counter = _GroupProgress(report, group)
+                    counter = GroupProgress(report, group)
                     run_group(keyring, group, opts, counter.bytes if progress else None)
                     counter.done()
             else:

@@ -18,7 +18,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
-from qimem import batch, services
+from qimem import batch, batch_progress, services
 from qimem.app import AppContext
 from qimem.cli import cli
 from qimem.cli.qauth import qauth
@@ -106,7 +106,7 @@ def test_progress_moves_inside_a_large_file(
     sqlite_app: AppContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
 ) -> None:
     size = 4 << 20
-    monkeypatch.setattr(batch, "PROGRESS_BYTES", 256 << 10)
+    monkeypatch.setattr(batch_progress, "PROGRESS_BYTES", 256 << 10)
     monkeypatch.setattr(batch, "SPLIT_BYTES", 1 << 20)
     monkeypatch.setattr(batch, "RANGE_BYTES", 512 << 10)
     services.create_key(sqlite_app, name="k")
