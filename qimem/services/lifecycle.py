@@ -429,7 +429,9 @@ def reserve(app: AppContext, key: Any) -> bytes | None:
         if nonce is not None:  # another thread refilled meanwhile
             return nonce
         if key.unissued == 0:
-            block = settings(app).usage_reserve_block if app.cache.ttl > 0 else 1
+            # A one-shot process (the CLI) starts at one count: it reserves what it uses.
+            one_shot = app.one_shot or app.cache.ttl <= 0
+            block = 1 if one_shot else settings(app).usage_reserve_block
             # Doubling: a busy entry reserves rarely, and what an entry can waste (the
             # unused rest of its last block) stays below what it used, plus one block.
             block = max(block, min(key.reserved, MAX_RESERVE_BLOCK))
