@@ -93,7 +93,8 @@ def test_cli_refuses_a_usage_limit_above_2_to_the_32(home: Path) -> None:
     assert line.startswith("qimem: error: usage_limit 4294967297 is above 4294967296 (2^32)")
     assert "random 96-bit nonces" in line and "\n" not in line
     for huge in (str(2**53 - 1), str(2**64)):
-        assert run("keys", "policy", "k", "--usage-limit", huge).exit_code == 3
+        refused = run("keys", "policy", "k", "--usage-limit", huge)
+        assert refused.exit_code == 3 and "(2^32)" in refused.stderr, refused.stderr
     ok("keys", "policy", "k", "--usage-limit", str(CAP))  # exactly the bound is fine
     assert f'"effective_usage_limit": {CAP}' in ok("keys", "policy", "k", "--json").stdout
 

@@ -200,10 +200,11 @@ def set_policy(
             )
         changes[name] = value
     if usage_limit is not _UNSET:
+        if isinstance(usage_limit, int) and not isinstance(usage_limit, bool):
+            usage_bound.check_message_bound(app, active, usage_limit)  # the reason, first
         changes["usage_limit"] = _positive(
             usage_limit, "usage_limit", allow_none=True, maximum=MAX_USAGE_LIMIT
         )
-        usage_bound.check_message_bound(app, active, changes["usage_limit"])
     if auto_rotate_seconds is not _UNSET:
         changes["auto_rotate_seconds"] = _positive(
             auto_rotate_seconds, "auto_rotate_seconds", allow_none=True, maximum=MAX_ROTATE_SECONDS
