@@ -108,11 +108,18 @@ class SqliteKeyStore(KeyStore):
         if self._revision() != HEAD:
             self._full()  # SQLAlchemy + Alembic migrate, check the root key, add the marker
             return
-        self._check_root_key()
-        with self._errors():
-            self._conn().execute(
-                "INSERT OR IGNORE INTO qimem_meta (name, value) VALUES (?, ?)",
-                (_STATE_MARKER, new_id()),
+        meta = dict(
+            self._query(
+                "SELECT name, value FROM qimem_meta WHERE name IN ('root_key_check', ?)",
+                (_STATE_MARKER,),
+            )
+        )
+        stored = meta.get("root_key_check")
+        if stored is None or _STATE_MARKER not in meta:  # a new store: one write, once
+            stored = self._init_meta()
+        if stored != wrapper.check_value:
+            raise ConfigError(
+                "the root key does not match this store (wrong root key file or QIMEM_ROOT_KEY)"
             )
 
     # -- connections -------------------------------------------------------------------
@@ -197,21 +204,22 @@ class SqliteKeyStore(KeyStore):
         """The SQLAlchemy engine (identity layer, plugin catalog): built on first use."""
         return self._full().engine
 
-    def _check_root_key(self) -> None:
-        """Record the root key's check value on first use; refuse a different root key."""
-        check = self._wrapper.check_value
+    def _init_meta(self) -> str:
+        """Record the root key's check value (on first use) and the rotation marker; return
+        the stored check value (another process's, if it recorded one first)."""
         with self._write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO qimem_meta (name, value) VALUES ('root_key_check', ?)",
-                (check,),
+                (self._wrapper.check_value,),
             )
-            stored = conn.execute(
+            conn.execute(
+                "INSERT OR IGNORE INTO qimem_meta (name, value) VALUES (?, ?)",
+                (_STATE_MARKER, new_id()),
+            )
+            row = conn.execute(
                 "SELECT value FROM qimem_meta WHERE name = 'root_key_check'"
-            ).fetchone()[0]
-        if stored != check:
-            raise ConfigError(
-                "the root key does not match this store (wrong root key file or QIMEM_ROOT_KEY)"
-            )
+            ).fetchone()
+        return str(row[0])
 
     # -- the hot path ------------------------------------------------------------------
 

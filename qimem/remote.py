@@ -31,7 +31,12 @@ from typing import Any
 from qimem import envelope as env
 from qimem import stream
 from qimem.crypto import Algorithm, zero
-from qimem.errors import DecryptionError, StoreUnavailableError, ValidationError
+from qimem.errors import (
+    DecryptionError,
+    StoreUnavailableError,
+    UnsupportedAlgorithmError,
+    ValidationError,
+)
 from qimem.http_client import HttpClient
 from qimem.keys import KeyState, KeyVersion
 from qimem.registry import Registry, make_plugin_manager
@@ -67,13 +72,24 @@ class RemoteKeyring:
         self.registry = registry
         self.ref = ref
         self.context = context
+        self._prefetched: tuple[Algorithm, bytearray, bytes] | None = None
 
     def _body(self, **fields: Any) -> dict[str, Any]:
         if self.context is not None:  # a derived key's context (base64, as the API takes it)
             fields["context"] = _b64(self.context)
         return fields
 
+    def check(self) -> None:
+        """Get the first data key now, so a bad key fails before any output; the next
+        :meth:`new_data_key` hands it out (no data key is wrapped and counted for nothing,
+        :func:`qimem.batch.check_key`)."""
+        if self._prefetched is None:
+            self._prefetched = self.new_data_key()
+
     def new_data_key(self) -> tuple[Algorithm, bytearray, bytes]:
+        if self._prefetched is not None:
+            made_before, self._prefetched = self._prefetched, None
+            return made_before
         if self.ref is None:
             raise ValidationError("no key given to encrypt with")
         made = self.client.request("POST", "/v1/security/datakey", self._body(key=self.ref))
@@ -106,6 +122,8 @@ class RemoteKeyring:
     def algorithm(self, algorithm_id: int) -> Algorithm:
         try:
             return self.registry.algorithm_by_id(algorithm_id)
+        except UnsupportedAlgorithmError:
+            raise  # a plugin that is not enabled here: says so (not "tampered")
         except Exception:
             raise DecryptionError(f"stream uses unknown algorithm id {algorithm_id}") from None
 

@@ -139,3 +139,26 @@ def test_one_shot_app_reserves_what_it_uses(tmp_path: Path) -> None:
         assert _usage(reopened) == 39
     finally:
         reopened.close()
+
+
+def test_server_mode_cli_wraps_one_data_key_per_input(home: Path) -> None:
+    """``qimem --server`` encrypt: the up-front key check fetches the data key the input
+    then uses (none wrapped for nothing); once the server has stopped (giving its unused
+    block back) the usage is exactly the number of inputs."""
+    from serve_process import ServeProcess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env["QIMEM_HOME"] = str(home)
+    server = ServeProcess(home, env).wait_ready()
+    try:
+        client = home / "client"
+        client.mkdir()
+        for i in range(3):
+            (client / f"f{i}.txt").write_bytes(b"x")
+        args = ["--server", server.url, "encrypt", "--key", "k"]
+        _qimem(client, *args, str(client / "f0.txt"))
+        _qimem(client, *args, str(client / "f1.txt"), str(client / "f2.txt"))
+        _qimem(client, *args, "-o", str(client / "in.qimem"), stdin=b"hi")
+    finally:
+        assert server.stop() == 0
+    assert _policy(home)["usage"] == {"1": 4}
