@@ -1,0 +1,292 @@
+"""Logins: the OAuth2 grants (password, refresh_token, client_credentials) and the local
+operator's password-less token.
+
+Database work runs in short transactions; Argon2 and signing run outside them. Every
+refusal of one grant type is the same :class:`~qimem.errors.AuthError` (nothing tells an
+attacker which check failed); the reason is in the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from qimem.errors import AuthError, ValidationError
+from qimem.identity import lockout, realms, refresh, roles, users
+from qimem.identity.base import IdentityBase
+from qimem.identity.passwords import verify_client_secret
+from qimem.identity.users import User
+
+_BAD_LOGIN = "invalid username or password"
+_BAD_CLIENT = "invalid client credentials"
+_BAD_REFRESH = "invalid or expired refresh token"
+
+
+def _login_error() -> AuthError:
+    return AuthError(_BAD_LOGIN, code="invalid_grant")
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """An OAuth2 token response. Its repr shows no token."""
+
+    access_token: str = field(repr=False)
+    expires_in: int
+    realm: str
+    subject: str
+    refresh_token: str | None = field(default=None, repr=False)
+    refresh_expires_in: int | None = None
+    token_type: str = "Bearer"  # noqa: S105 (the OAuth token type name, not a secret)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "access_token": self.access_token,
+            "token_type": self.token_type,
+            "expires_in": self.expires_in,
+        }
+        if self.refresh_token is not None:
+            body["refresh_token"] = self.refresh_token
+            body["refresh_expires_in"] = self.refresh_expires_in
+        return body
+
+
+class Logins(IdentityBase):
+    """The token endpoint's grants."""
+
+    def _respond(
+        self,
+        realm: str,
+        user: User,
+        grants: list[tuple[str, str]],
+        now: float | None = None,
+        refresh_token: tuple[str, int] | None = None,
+    ) -> TokenResponse:
+        """Sign an access token for ``user`` with ``grants``; ``refresh_token`` is a new
+        refresh token and its lifetime, if the grant gives one."""
+        unscoped = {r for r, s in grants if s == ""}
+        scoped: dict[str, list[str]] = {}
+        for r, s in grants:
+            if s and r not in unscoped:
+                scoped.setdefault(r, []).append(s)
+        access = self.tokens.issue(
+            realm,
+            user.user_id,
+            user.username,
+            {r for r, _ in grants},
+            scoped=scoped,
+            kind=user.kind,
+            now=now,
+        )
+        rtoken, rexpires = refresh_token or (None, None)
+        return TokenResponse(
+            access.token, self.settings.access_token_ttl, realm, user.user_id, rtoken, rexpires
+        )
+
+    def _session(
+        self, conn: Connection, realm: str, user: User, **family: Any
+    ) -> tuple[list[tuple[str, str]], str, float]:
+        """The user's grants and a new refresh token (``family``: :func:`refresh.issue`'s
+        family or session arguments), in the login's transaction."""
+        grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
+        rtoken, rexp = refresh.issue(
+            conn, realm, user.user_id, self.settings.refresh_token_ttl, **family
+        )
+        return grants, rtoken, rexp
+
+    def password_grant(
+        self, realm: str, username: str, password: str, *, source: str | None = None
+    ) -> TokenResponse:
+        """Log in with a password: access + refresh token, or one uniform 401.
+
+        ``source`` is the client's address: one address (and one account) gets at most a
+        fair share of the hashing slots (:class:`PasswordHashing`), else 503 ``login_busy``.
+
+        The outcome is decided atomically with the lock state after the hash is verified
+        (:func:`lockout.claim_success`, :func:`lockout.record_failure`): a login that was
+        hashing while another failure locked the user fails.
+        """
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise _login_error()
+        with self.db.begin() as conn:
+            known_realm = realms.exists(conn, realm) if isinstance(realm, str) else False
+            user = (
+                users.find(conn, realm, username) if known_realm and len(username) <= 128 else None
+            )
+        if user is not None and user.kind != "user":
+            user = None
+        ok = self.hashing.verify(
+            user.secret_hash if user else None,
+            password,
+            source=source,
+            account=f"{realm}/{username}"[:200] if isinstance(realm, str) else None,
+        )
+        reason = None
+        if user is None:
+            reason = "unknown_user"
+        elif not self.sealer.user_ok(user):
+            reason = "integrity"
+        elif lockout.is_locked(user.locked_until):
+            reason = "locked"
+        elif not ok:
+            reason = "bad_password"
+        elif not user.enabled:
+            reason = "disabled"
+        new_hash = None
+        if reason is None:
+            assert user is not None
+            rehash = self.hashing.needs_rehash(user.secret_hash)
+            new_hash = self.hashing.hash(password) if rehash and len(password) >= 8 else None
+        with self.db.begin() as conn:
+            if reason is None:
+                assert user is not None
+                reason = lockout.claim_success(conn, user.user_id, user.secret_hash)
+                now_row = users.by_id(conn, user.user_id) if reason is None else None
+                if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
+                    reason = "integrity"  # changed without the root key while hashing
+            if reason is not None:
+                self._login_failed(conn, realm, known_realm, user, reason, source)
+            else:
+                assert user is not None
+                issued_at = time.time()  # under the row lock claim_success took
+                if new_hash is not None:
+                    users.set_secret_hash(conn, user.user_id, new_hash)
+                    users.reseal(conn, self.sealer, user.user_id)
+                grants, rtoken, rexp = self._session(
+                    conn, realm, user, session_max=self.settings.session_max_seconds
+                )
+                self.audit.record(
+                    realm,
+                    user.username,
+                    "login",
+                    user.username,
+                    conn=conn,
+                    grant="password",
+                    rehashed=bool(new_hash) or None,
+                    source=source,
+                )
+        if reason is not None:
+            raise _login_error()
+        assert user is not None
+        return self._respond(realm, user, grants, issued_at, (rtoken, int(rexp - issued_at)))
+
+    def _login_failed(
+        self,
+        conn: Connection,
+        realm: str,
+        known_realm: bool,
+        user: User | None,
+        reason: str,
+        source: str | None,
+    ) -> None:
+        """Count (a wrong password) and audit a failed password login."""
+        if not known_realm:
+            return
+        locked_now = False
+        if reason == "bad_password" and user is not None:
+            counted = lockout.record_failure(conn, user.user_id, self.settings)
+            locked_now = counted == "locked_now"
+            if counted == "locked":
+                reason = "locked"
+        self.audit.record(
+            realm,
+            user.username if user else "(unknown)",
+            "login",
+            user.username if user else "-",
+            "failure",
+            conn=conn,
+            reason=reason,
+            locked=locked_now or None,
+            source=source,
+        )
+
+    def refresh_grant(self, realm: str, token: str) -> TokenResponse:
+        """Trade a refresh token for new tokens; a reused one revokes its family."""
+        now = time.time()
+        failure: str | None = None
+        user: User | None = None
+        with self.db.begin() as conn:
+            record = refresh.find(conn, token)
+            if record is None or record.realm != realm:
+                failure = "unknown"
+            elif record.revoked or record.expires_at < now or record.family_expires_at < now:
+                failure = "revoked" if record.revoked else "expired"
+            elif record.used or not refresh.mark_used(conn, record):
+                refresh.revoke_family(conn, record.family_id)
+                failure = "reuse"
+            else:
+                user = users.by_id(conn, record.user_id)
+                if user is None or not user.enabled or not self.sealer.user_ok(user):
+                    refresh.revoke_family(conn, record.family_id)
+                    failure = "disabled"
+            if failure is not None:
+                if user is None and record is not None:
+                    user = users.by_id(conn, record.user_id)
+                if isinstance(realm, str) and realms.exists(conn, realm):
+                    self.audit.record(
+                        realm,
+                        user.username if user else "(unknown)",
+                        "token.refresh",
+                        "-",
+                        "failure",
+                        conn=conn,
+                        reason=failure,
+                    )
+            else:
+                assert record is not None and user is not None
+                grants, rtoken, rexp = self._session(
+                    conn,
+                    realm,
+                    user,
+                    family_id=record.family_id,
+                    family_expires_at=record.family_expires_at,
+                )
+                self.audit.record(realm, user.username, "token.refresh", user.username, conn=conn)
+        if failure is not None:
+            raise AuthError(_BAD_REFRESH, code="invalid_grant")
+        assert user is not None
+        return self._respond(realm, user, grants, None, (rtoken, int(rexp - now)))
+
+    def client_credentials_grant(self, realm: str, client_id: str, secret: str) -> TokenResponse:
+        """A service account's access token (no refresh token, as OAuth2 recommends)."""
+        with self.db.begin() as conn:
+            known_realm = isinstance(realm, str) and realms.exists(conn, realm)
+            user = (
+                users.find(conn, realm, client_id)
+                if known_realm and isinstance(client_id, str) and len(client_id) <= 128
+                else None
+            )
+        if user is not None and user.kind != "client":
+            user = None
+        ok = verify_client_secret(user.secret_hash if user else None, secret)
+        ok = ok and user is not None and self.sealer.user_ok(user)
+        if not ok or user is None or not user.enabled:
+            if known_realm:
+                self.audit.record(
+                    realm,
+                    user.username if user else "(unknown)",
+                    "login",
+                    "-",
+                    "failure",
+                    grant="client_credentials",
+                )
+            raise AuthError(_BAD_CLIENT, code="invalid_client")
+        with self.db.begin() as conn:
+            grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
+            self.audit.record(
+                realm, user.username, "login", user.username, conn=conn, grant="client_credentials"
+            )
+        return self._respond(realm, user, grants)
+
+    def mint_token(self, realm: str, username: str, *, actor: str = "local") -> TokenResponse:
+        """An access token for ``username`` without a password: for the local operator,
+        who holds the root key and the database anyway (``qauth token``)."""
+        with self.db.begin() as conn:
+            user = self._load_user(conn, realm, username)
+        if not user.enabled:
+            raise ValidationError(f"user {username!r} is disabled")
+        response = self._respond(realm, user, list(user.grants))
+        self.audit.record(realm, actor, "token.issue", username)
+        return response
