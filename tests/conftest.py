@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
 from qimem.app import AppContext
 from qimem.config import Config
@@ -117,6 +118,15 @@ def qimem_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("QIMEM_CONFIG", "QIMEM_STORE", "QIMEM_ROOT_KEY"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServeProcess]]:
+    """``qimem serve`` processes a test starts (append them): killed after the test."""
+    started: list[ServeProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]

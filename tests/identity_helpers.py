@@ -1,21 +1,47 @@
-"""Shared helpers for the identity tests: cheap Argon2 settings and an app with identity."""
+"""Shared helpers for the identity tests: cheap Argon2 settings, an app with identity (in
+memory, on a real SQLite file or a fresh PostgreSQL database), policy-compliant passwords,
+a live server, and raw SQL access for the attacker who can write to the database."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import make_app
 
 from qimem.app import AppContext
 from qimem.identity import IdentitySettings
 from qimem.services import identity as ids
+from qimem.sql import create_engine
 
 #: Argon2 at 1 MiB / t=1 keeps tests fast; production defaults are tested separately.
 FAST = dict(argon2_memory_kib=1024, argon2_time_cost=1, argon2_parallelism=1)
 
-#: The master ``admin`` password of :func:`with_identity` (it passes the password policy).
-ADMIN_PASSWORD = "nqzva-password"
+#: The master ``admin`` password of :func:`with_identity` (it passes the password policy);
+#: the one admin password of the test suite.
+ADMIN_PASSWORD = "nqzva-password"  # noqa: S105 (a test password)
+
+#: The two real databases every attack test runs against (:func:`store_url`).
+STORES = ["sqlite", "postgres"]
+
+_counter = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """``prefix`` and a number not used before in this process (fresh names per test)."""
+    return f"{prefix}{next(_counter)}"
+
+
+def password_of(username: str) -> str:
+    """A strong test password for ``username`` (passes the default policy; not containing
+    the username)."""
+    return f"moss-{len(username)}-violet-copper-{sum(map(ord, username)) % 997:03d}"
 
 
 def fast_settings(**overrides: object) -> IdentitySettings:
@@ -27,6 +53,39 @@ def with_identity(app: AppContext, **overrides: object) -> AppContext:
     ids.configure(app, fast_settings(**overrides))
     ids.bootstrap(app, ADMIN_PASSWORD)
     return app
+
+
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> str:
+    """A URL to an empty real database (``kind`` in :data:`STORES`): an SQLite file, or a
+    new PostgreSQL database."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'qimem.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def identity_app(url: str, root_key_b64: str, **settings: object) -> AppContext:
+    """An app on ``url`` with identity (:func:`with_identity`); close with :func:`close_app`."""
+    return with_identity(make_app(url, root_key_b64), **settings)
+
+
+def add_user(app: AppContext, realm: str, username: str, roles: list[str]) -> None:
+    """Add ``username`` with password :func:`password_of` and ``roles``."""
+    ids.add_user(app, realm, username, password_of(username), roles)
+
+
+def close_app(app: AppContext) -> None:
+    ids.close_identity(app)
+    app.close()
+
+
+def raw_sql(url: str, statement: str, **params: Any) -> int:
+    """Run one SQL statement as a database writer without the root key; its rowcount."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            return int(conn.execute(sa.text(statement), params).rowcount)
+    finally:
+        engine.dispose()
 
 
 def password_login(app: AppContext, realm: str, username: str, password: str):  # type: ignore[no-untyped-def]

@@ -1,5 +1,7 @@
-"""``qimem serve`` as a real subprocess for the tests: started on a free port (``--port 0``),
-its stderr in a log file, the URL read from its "serving on" line, stopped with SIGTERM."""
+"""qimem as a real subprocess for the tests: ``qimem serve`` started on a free port
+(``--port 0``), its stderr in a log file, the URL read from its "serving on" line, stopped
+with SIGTERM (:class:`ServeProcess`); any other command run to completion
+(:func:`qimem_process`)."""
 
 from __future__ import annotations
 
@@ -15,18 +17,42 @@ from pathlib import Path
 import pytest
 
 STARTUP_TIMEOUT = 30.0
+QIMEM_ARGV = [sys.executable, "-c", "from qimem.cli import main; main()"]
+
+
+def home_env(home: Path, **variables: str) -> dict[str, str]:
+    """This process's environment without ``QIMEM_*``, with ``QIMEM_HOME=home`` and
+    ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env.update(QIMEM_HOME=str(home), **variables)
+    return env
+
+
+def qimem_process(
+    home: Path, *args: str, stdin: str = "", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``qimem ARGS`` in its own process (inheriting this one's umask) with
+    ``QIMEM_HOME=home`` and no other ``QIMEM_*`` variable; run from a directory above
+    ``home`` (not the repo root, whose ./qimem would shadow the installed package)."""
+    return subprocess.run(
+        [*QIMEM_ARGV, *args],
+        env=home_env(home),
+        cwd=next(p for p in home.parents if p.is_dir()),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def serve_env_for(workdir: Path, root_key_b64: str) -> dict[str, str]:
     """This process's environment without ``QIMEM_*``, with ``QIMEM_HOME=workdir/home``,
     the root key in ``QIMEM_ROOT_KEY`` and a SQLite store ``workdir/qimem.db``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env.update(
-        QIMEM_HOME=str(workdir / "home"),
+    return home_env(
+        workdir / "home",
         QIMEM_ROOT_KEY=root_key_b64,
         QIMEM_STORE=f"sqlite:///{workdir / 'qimem.db'}",
     )
-    return env
 
 
 class ServeProcess:
@@ -50,8 +76,7 @@ class ServeProcess:
         self._log = self.log_path.open("wb")
         mode = ["--insecure-no-auth"] if insecure else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from qimem.cli import main; main()", "serve", *mode]
-            + ["--port", "0", *extra],
+            [*QIMEM_ARGV, "serve", *mode, "--port", "0", *extra],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,

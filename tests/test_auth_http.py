@@ -12,7 +12,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import make_app
-from identity_helpers import serving, with_identity
+from identity_helpers import ADMIN_PASSWORD, serving, with_identity
 
 from qimem.app import AppContext
 from qimem.cli import cli
@@ -171,7 +171,7 @@ def test_service_account_and_admin_api(live: tuple[str, AppContext]) -> None:
     url, app = live
     admin = requests.post(
         token_url(url, "master"),
-        data={"grant_type": "password", "username": "admin", "password": "nqzva-password"},
+        data={"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
         timeout=10,
     ).json()["access_token"]
     head = {**bearer(admin), "Content-Type": "application/json"}

@@ -9,7 +9,6 @@ with the right token shows each endpoint really serves.
 from __future__ import annotations
 
 import base64
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,17 +18,11 @@ import pytest
 import requests
 from conftest import make_app
 from forge import alg_none, hs256_variants, tampered, wrong_key
-from identity_helpers import password_login, serving, with_identity
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, unique, with_identity
 
 from qimem import services
 from qimem.app import AppContext
 from qimem.services import identity as ids
-
-_counter = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{next(_counter)}"
 
 
 @dataclass
@@ -155,7 +148,7 @@ def world() -> Iterator[World]:
     with serving(app) as url:
         w = World(url, app, key.key_id, base64.b64encode(sealed.envelope).decode())
         login = lambda realm, user, pw: password_login(app, realm, user, pw).access_token  # noqa: E731
-        w.tokens["master_admin"] = login("master", "admin", "nqzva-password")
+        w.tokens["master_admin"] = login("master", "admin", ADMIN_PASSWORD)
         w.tokens["acme_admin"] = login("acme", "boss", "obff-password")
         w.tokens["reader"] = login("acme", "reader", "ernqre-password")
         w.tokens["intruder"] = login("beta", "intruder", "vagehqre-password")

@@ -55,6 +55,7 @@ from crash_harness import (
     runs,
     sleep_precise,
 )
+from migration_helpers import alembic, downgrade
 
 from qimem import batch, fileio, stream
 from qimem.migrations import HEAD
@@ -639,7 +640,7 @@ class _Databases:
         engine = create_engine(url)
         try:
             with engine.begin() as conn:
-                _alembic(conn, "upgrade", revision)
+                alembic(conn, "upgrade", revision)
                 meta = sa.MetaData()
                 meta.reflect(conn)
                 for table in meta.sorted_tables:
@@ -671,16 +672,6 @@ class _Databases:
             self.admin.dispose()
 
 
-def _alembic(conn: sa.Connection, action: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", "qimem:migrations")
-    config.attributes["connection"] = conn
-    getattr(command, action)(config, revision)
-
-
 @pytest.fixture
 def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Databases]:
     pg_url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
@@ -700,19 +691,6 @@ def schema(url: str) -> tuple[str | None, dict[str, list[str]]]:
                 for t in inspector.get_table_names()
             }
             return current_revision(conn), tables
-    finally:
-        engine.dispose()
-
-
-def _downgrade(url: str, revision: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                conn.commit()
-            with conn.begin():
-                _alembic(conn, "downgrade", revision)
     finally:
         engine.dispose()
 
@@ -747,7 +725,7 @@ def test_migration_killed(databases: _Databases, root_key_b64: str) -> None:
             revision = rng.choice(OLDER_REVISIONS)
             if revision not in bases:
                 base = databases.new(head_url)
-                _downgrade(base, revision)
+                downgrade(base, revision)
                 bases[revision] = (base, schema(base))
                 assert bases[revision][1][0] == revision
                 calibration[revision] = _calibrate(databases, base, head_schema)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import make_app
-from identity_helpers import fast_settings, password_login, with_identity
+from identity_helpers import ADMIN_PASSWORD, fast_settings, password_login, with_identity
 
 from qimem import services
 from qimem.app import AppContext
@@ -126,7 +126,7 @@ def test_permission_map_unions_grants() -> None:
 
 def test_master_admin_may_act_in_other_realms(app: AppContext) -> None:
     admin = ids.authenticate(
-        app, password_login(app, "master", "admin", "nqzva-password").access_token
+        app, password_login(app, "master", "admin", ADMIN_PASSWORD).access_token
     )
     assert admin.can_act_in("acme") and admin.can_act_in("master")
     ids.create_realm(app, "acme")
@@ -261,7 +261,7 @@ def test_password_rules_and_changes(app: AppContext) -> None:
 
 
 def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
-    first = password_login(app, "master", "admin", "nqzva-password")
+    first = password_login(app, "master", "admin", ADMIN_PASSWORD)
     second = ids.token(
         app, "master", {"grant_type": "refresh_token", "refresh_token": first.refresh_token}
     )
@@ -280,13 +280,13 @@ def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
             app, "master", {"grant_type": "refresh_token", "refresh_token": third.refresh_token}
         )
     # Another login starts a fresh family that works.
-    fresh = password_login(app, "master", "admin", "nqzva-password")
+    fresh = password_login(app, "master", "admin", ADMIN_PASSWORD)
     assert ids.token(
         app, "master", {"grant_type": "refresh_token", "refresh_token": fresh.refresh_token}
     )
     # A refresh token only works in its realm.
     ids.create_realm(app, "acme")
-    other = password_login(app, "master", "admin", "nqzva-password")
+    other = password_login(app, "master", "admin", ADMIN_PASSWORD)
     with pytest.raises(AuthError):
         ids.token(
             app, "acme", {"grant_type": "refresh_token", "refresh_token": other.refresh_token}
@@ -298,7 +298,7 @@ def test_refresh_rotates_and_reuse_revokes_the_family(app: AppContext) -> None:
 
 
 def test_concurrent_refresh_of_one_token_succeeds_once(sql_app: AppContext) -> None:
-    first = password_login(sql_app, "master", "admin", "nqzva-password")
+    first = password_login(sql_app, "master", "admin", ADMIN_PASSWORD)
     results: list[str] = []
     barrier = threading.Barrier(4)
 
@@ -323,7 +323,7 @@ def test_concurrent_refresh_of_one_token_succeeds_once(sql_app: AppContext) -> N
 
 
 def test_revocation_and_introspection(app: AppContext) -> None:
-    tokens = password_login(app, "master", "admin", "nqzva-password")
+    tokens = password_login(app, "master", "admin", ADMIN_PASSWORD)
     info = ids.introspect(app, "master", tokens.access_token)
     assert info["active"] and info["username"] == "admin" and info["realm"] == "master"
     assert ids.introspect(app, "master", tokens.refresh_token)["token_type"] == "refresh_token"

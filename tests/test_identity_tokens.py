@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import make_app
 from forge import alg_none, hs256_variants, parts, tampered, wrong_key
-from identity_helpers import password_login, with_identity
+from identity_helpers import ADMIN_PASSWORD, password_login, with_identity
 
 from qimem.app import AppContext
 from qimem.errors import AuthError
@@ -153,7 +153,7 @@ def test_signing_keys_are_per_realm_and_wrapped(sqlite_url: str, root_key_b64: s
     master_kids = {k["kid"] for k in ids.jwks(app, "master")["keys"]}
     acme_kids = {k["kid"] for k in ids.jwks(app, "acme")["keys"]}
     assert master_kids and acme_kids and not master_kids & acme_kids
-    token = password_login(app, "master", "admin", "nqzva-password").access_token
+    token = password_login(app, "master", "admin", ADMIN_PASSWORD).access_token
     ids.close_identity(app)
     app.close()
     # A second process with the same root key verifies the first one's tokens.

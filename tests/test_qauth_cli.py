@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from identity_helpers import ADMIN_PASSWORD
 
 from qimem.app import AppContext
 from qimem.cli import cli
@@ -42,7 +43,7 @@ def login(home: Path, realm: str, username: str, password: str) -> str:
 
 @pytest.fixture
 def home(qimem_home: Path) -> Path:
-    result = run(cli, "init", "--admin-password-stdin", "--json", input="nqzva-password-1\n")
+    result = run(cli, "init", "--admin-password-stdin", "--json", input=ADMIN_PASSWORD + "\n")
     assert result.exit_code == 0, result.stderr
     assert "admin_password" not in json.loads(result.stdout)
     # Cheap Argon2 for the rest of the test (the config file's [identity] table).
@@ -52,11 +53,11 @@ def home(qimem_home: Path) -> Path:
 
 
 def test_init_creates_master_admin_and_rerun_keeps_it(home: Path) -> None:
-    assert login(home, "master", "admin", "nqzva-password-1")
+    assert login(home, "master", "admin", ADMIN_PASSWORD)
     again = run(cli, "init", "--admin-password-stdin", input="nabgure-password\n")
     assert again.exit_code == 0
     # Rerunning init never replaces the admin or its password.
-    assert login(home, "master", "admin", "nqzva-password-1")
+    assert login(home, "master", "admin", ADMIN_PASSWORD)
     users = js("user", "list")
     assert [(u["username"], u["roles"]) for u in users] == [("admin", ["admin"])]
 
@@ -194,7 +195,7 @@ def test_qauth_against_a_server(tmp_path: Path) -> None:
                     "admin",
                     "--password-stdin",
                     "--json",
-                    input="nqzva-password\n",
+                    input=ADMIN_PASSWORD + "\n",
                 ).stdout
             )["access_token"]
             remote += ["--token", token]

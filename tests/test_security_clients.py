@@ -153,6 +153,16 @@ def one_line_error(result: Result, prog: str, exit_code: int) -> str:
 # -- finding 10: redirects -------------------------------------------------------------
 
 
+def redirecting(
+    misbehaving: tuple[Misbehaving, str], status: int, location: str
+) -> tuple[Misbehaving, str]:
+    """The misbehaving server, now answering ``status`` with ``Location: location``."""
+    app, _ = misbehaving
+    app.status = status
+    app.headers = [("Location", location)]
+    return misbehaving
+
+
 @pytest.mark.parametrize("status", REDIRECTS)
 @pytest.mark.parametrize("prog", ["qimem", "qauth"])
 def test_finding10_redirect_is_never_followed_with_the_token(
@@ -162,9 +172,7 @@ def test_finding10_redirect_is_never_followed_with_the_token(
     prog: str,
     status: int,
 ) -> None:
-    app, url = misbehaving
-    app.status = status
-    app.headers = [("Location", f"http://{elsewhere.address}/v1/steal?x=1")]
+    app, url = redirecting(misbehaving, status, f"http://{elsewhere.address}/v1/steal?x=1")
     result = run_cli(prog, url, *GETS[prog])
     assert elsewhere.received == []  # not a single connection, let alone the token
     assert app.requests and app.requests[0]["HTTP_AUTHORIZATION"] == f"Bearer {TOKEN}"
@@ -182,9 +190,7 @@ def test_finding10_credentialed_posts_are_not_redirected_either(
     tmp_path: Path,
     status: int,
 ) -> None:
-    app, url = misbehaving
-    app.status = status
-    app.headers = [("Location", f"http://{elsewhere.address}/")]
+    _, url = redirecting(misbehaving, status, f"http://{elsewhere.address}/")
     src = tmp_path / "plain.txt"
     src.write_bytes(b"data")
     encrypted = run_cli("qimem", url, "encrypt", "--key", "k", str(src))

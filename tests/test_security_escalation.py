@@ -12,7 +12,6 @@ exactly which cells are served and which are refused (and how).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import make_app
-from identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, unique, with_identity
 
 from qimem.app import AppContext
 from qimem.cli.qauth import qauth
@@ -29,11 +28,6 @@ from qimem.services import identity as ids
 
 PW = "steady-copper-orchard-7"  # every test user's password (passes the policy)
 CALLERS = ("helpdesk", "key_manager", "realm_admin", "master_admin")
-_n = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{next(_n)}"
 
 
 @dataclass

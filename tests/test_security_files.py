@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from serve_process import qimem_process
 
 from qimem import batch, services
 from qimem.app import AppContext
@@ -40,19 +39,6 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         done = qimem_process(path, *args)
         assert done.returncode == 0, done.stderr
     return path
-
-
-def qimem_process(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env["QIMEM_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-c", "from qimem.cli import main; main()", *args],
-        env=env,
-        cwd=next(p for p in home.parents if p.is_dir()),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run(home: Path, *args: str) -> Result:

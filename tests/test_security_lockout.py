@@ -12,8 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_security import STORES, add_user, close_app, identity_app, password_of, store_url
-from identity_helpers import password_login
+from identity_helpers import (
+    STORES,
+    add_user,
+    close_app,
+    identity_app,
+    password_login,
+    password_of,
+    store_url,
+)
 
 from qimem.app import AppContext
 from qimem.errors import AuthError

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import make_app
-from helpers_security import ADMIN_PASSWORD, close_app
-from identity_helpers import serving
+from identity_helpers import ADMIN_PASSWORD, close_app, serving
 
 from qimem.app import AppContext
 from qimem.identity.settings import IdentitySettings, bounded_by_threads

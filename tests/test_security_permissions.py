@@ -12,14 +12,12 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_process import ServeProcess
+from serve_process import ServeProcess, home_env, qimem_process
 
 from qimem.errors import ConfigError
 
@@ -39,21 +37,6 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def qimem(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """The real CLI in its own process (inheriting umask 022)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env["QIMEM_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-c", "from qimem.cli import main; main()", *args],
-        env=env,
-        cwd=next(p for p in home.parents if p.is_dir()),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def held_open(db: Path) -> sqlite3.Connection:
     """A reader that keeps the database open, so the ``-wal``/``-shm`` files a qimem process
     writes outlive it (SQLite deletes them when the last connection closes)."""
@@ -64,7 +47,7 @@ def held_open(db: Path) -> sqlite3.Connection:
 
 def test_finding4_cli_creates_store_files_0600_and_directory_0700(tmp_path: Path) -> None:
     home = tmp_path / "new" / "home"  # qimem creates both directories
-    done = qimem(home, "init")
+    done = qimem_process(home, "init")
     assert done.returncode == 0, done.stderr
     assert mode(home) == 0o700 and mode(home.parent) == 0o700
     assert mode(home / "qimem.db") == 0o600
@@ -72,7 +55,7 @@ def test_finding4_cli_creates_store_files_0600_and_directory_0700(tmp_path: Path
     reader = held_open(home / "qimem.db")
     try:
         for i in range(3):  # writes that go to the write-ahead log
-            done = qimem(home, "keys", "create", "--name", f"k{i}")
+            done = qimem_process(home, "keys", "create", "--name", f"k{i}")
             assert done.returncode == 0, done.stderr
         assert (home / "qimem.db-wal").stat().st_size > 0
         for name in STORE_FILES:
@@ -84,9 +67,8 @@ def test_finding4_cli_creates_store_files_0600_and_directory_0700(tmp_path: Path
 
 def test_finding4_serve_store_files_are_0600(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert qimem(home, "init").returncode == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env["QIMEM_HOME"] = str(home)
+    assert qimem_process(home, "init").returncode == 0
+    env = home_env(home)
     server = ServeProcess(tmp_path, env)
     try:
         server.wait_ready()
@@ -107,10 +89,9 @@ def test_finding4_serve_store_files_are_0600(tmp_path: Path) -> None:
 
 def test_finding4_serve_refuses_a_store_others_can_read(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert qimem(home, "init").returncode == 0
+    assert qimem_process(home, "init").returncode == 0
     (home / "qimem.db").chmod(0o644)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env["QIMEM_HOME"] = str(home)
+    env = home_env(home)
     server = ServeProcess(tmp_path, env)
     try:
         assert server.proc.wait(60) == ConfigError.exit_code
@@ -125,20 +106,20 @@ def test_finding4_cli_refuses_a_store_others_can_access_and_init_fixes_it(
     tmp_path: Path, loose: int
 ) -> None:
     home = tmp_path / "home"
-    assert qimem(home, "init").returncode == 0
+    assert qimem_process(home, "init").returncode == 0
     db = home / "qimem.db"
     reader = held_open(db)  # leaves -wal and -shm behind to be fixed as well
     try:
-        assert qimem(home, "keys", "create", "--name", "k").returncode == 0
+        assert qimem_process(home, "keys", "create", "--name", "k").returncode == 0
         for name in STORE_FILES:
             (home / name).chmod(loose)
-        refused = qimem(home, "keys", "list")
+        refused = qimem_process(home, "keys", "list")
         assert refused.returncode == ConfigError.exit_code == 9
         for name in STORE_FILES:  # like the root key: each file, its mode and the fix
             assert f"{home / name} (mode {loose:04o})" in refused.stderr
         assert "qimem init" in refused.stderr and "chmod 600" in refused.stderr
         assert "Traceback" not in refused.stderr
-        fixed = qimem(home, "init", "--json")
+        fixed = qimem_process(home, "init", "--json")
         assert fixed.returncode == 0, fixed.stderr
         report = json.loads(fixed.stdout)["fixed_permissions"]
         assert {(r["path"], r["old_mode"], r["mode"]) for r in report} == {
@@ -146,8 +127,8 @@ def test_finding4_cli_refuses_a_store_others_can_access_and_init_fixes_it(
         }
         for name in STORE_FILES:
             assert mode(home / name) == 0o600
-        assert qimem(home, "keys", "list").returncode == 0
-        again = qimem(home, "init")
+        assert qimem_process(home, "keys", "list").returncode == 0
+        again = qimem_process(home, "init")
         assert again.returncode == 0 and "fixed permissions" not in again.stdout
     finally:
         reader.close()
@@ -155,9 +136,9 @@ def test_finding4_cli_refuses_a_store_others_can_access_and_init_fixes_it(
 
 def test_finding4_init_says_which_files_it_fixed(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert qimem(home, "init").returncode == 0
+    assert qimem_process(home, "init").returncode == 0
     (home / "qimem.db").chmod(0o644)
-    done = qimem(home, "init")
+    done = qimem_process(home, "init")
     assert done.returncode == 0, done.stderr
     assert f"fixed permissions of {home / 'qimem.db'}: 0644 -> 0600" in done.stdout
 

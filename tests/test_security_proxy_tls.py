@@ -27,7 +27,7 @@ import requests
 from falcon import testing
 from helpers_tls import NGINX_SITE_TEMPLATE, Nginx, make_test_ca, nginx_binary, nginx_site
 from requests.adapters import HTTPAdapter
-from serve_process import ServeProcess
+from serve_process import ServeProcess, home_env
 
 from qimem.errors import ConfigError
 
@@ -45,8 +45,7 @@ def free_port() -> int:
 
 
 def clean_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env["QIMEM_HOME"] = str(home)
+    env = home_env(home)
     return env
 
 

@@ -14,7 +14,6 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ from serve_process import ServeProcess, serve_env_for
 @pytest.fixture
 def serve_env(tmp_path: Path, root_key_b64: str) -> dict[str, str]:
     return serve_env_for(tmp_path, root_key_b64)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for proc in started:
-        proc.kill()
 
 
 def start(

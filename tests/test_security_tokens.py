@@ -5,27 +5,32 @@ inactive, at once on the server that made the change and within
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from helpers_security import (
+from identity_helpers import (
     ADMIN_PASSWORD,
     STORES,
     add_user,
     close_app,
     identity_app,
+    password_login,
     password_of,
     raw_sql,
+    serving,
     store_url,
 )
-from identity_helpers import password_login, serving
 
 from qimem.app import AppContext
 from qimem.errors import AuthError
+from qimem.identity import Identity
 from qimem.services import identity as ids
+
+REFRESH = 0.2  # revocation_refresh_seconds of the second server
 
 
 @pytest.fixture(params=STORES)
@@ -39,6 +44,21 @@ def live(
     with serving(app) as base:
         yield base, app, url
     close_app(app)
+
+
+@contextlib.contextmanager
+def another_server(url: str, root_key_b64: str) -> Iterator[Identity]:
+    """The identity of a second server on the same database, re-reading revocations and
+    cut-offs every :data:`REFRESH` seconds."""
+    other = identity_app(url, root_key_b64, revocation_refresh_seconds=REFRESH)
+    try:
+        yield ids.identity(other)
+    finally:
+        close_app(other)
+
+
+def _after_a_refresh() -> None:
+    time.sleep(REFRESH + 0.5)
 
 
 def _token(app: AppContext, user: str = "alice") -> str:
@@ -123,19 +143,15 @@ def test_finding8_other_server_refuses_within_the_refresh_bound(
     """A second server (its own identity, caches and connection pool) on the same database
     refuses the token within ``revocation_refresh_seconds`` (0.2 s here)."""
     base, app, url = live
-    other = identity_app(url, root_key_b64, revocation_refresh_seconds=0.2)
-    try:
+    with another_server(url, root_key_b64) as ident:
         token = _token(app)
-        ident = ids.identity(other)
         assert ident.authenticate(token).username == "alice"  # cached there now
         assert ident.introspect("acme", token)["active"] is True
         ids.set_user_enabled(app, "acme", "alice", False)  # through the first server
-        time.sleep(0.2 + 0.5)
+        _after_a_refresh()
         with pytest.raises(AuthError):
             ident.authenticate(token)
         assert ident.introspect("acme", token) == {"active": False}
-    finally:
-        close_app(other)
 
 
 def test_finding8_a_database_writer_cannot_lift_a_cut_off_a_server_has_seen(
@@ -144,18 +160,14 @@ def test_finding8_a_database_writer_cannot_lift_a_cut_off_a_server_has_seen(
     """Lowering ``tokens_valid_after`` by SQL does not revive the tokens on a server that
     has seen the cut-off (and the user's row no longer verifies: finding 15)."""
     _, app, url = live
-    other = identity_app(url, root_key_b64, revocation_refresh_seconds=0.2)
-    try:
+    with another_server(url, root_key_b64) as ident:
         token = _token(app)
-        ident = ids.identity(other)
         ids.set_user_enabled(app, "acme", "alice", False)
-        time.sleep(0.2 + 0.5)
+        _after_a_refresh()
         with pytest.raises(AuthError):
             ident.authenticate(token)
         raw_sql(url, "UPDATE qimem_users SET tokens_valid_after = 0 WHERE username = 'alice'")
-        time.sleep(0.2 + 0.5)
+        _after_a_refresh()
         with pytest.raises(AuthError):
             ident.authenticate(token)
         assert ident.introspect("acme", token) == {"active": False}
-    finally:
-        close_app(other)

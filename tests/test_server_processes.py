@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from serve_process import ServeProcess
+from serve_process import ServeProcess, home_env
 
 from qimem.cli import cli
 from qimem.cli.serve import api_command, unified_command
@@ -25,17 +24,7 @@ from qimem.server.auth import resolve_loopback_bind
 
 @pytest.fixture
 def serve_env(tmp_path: Path, root_key_b64: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
-    env.update(QIMEM_HOME=str(tmp_path / "home"), QIMEM_ROOT_KEY=root_key_b64)
-    return env
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for proc in started:
-        proc.kill()
+    return home_env(tmp_path / "home", QIMEM_ROOT_KEY=root_key_b64)
 
 
 def wait_until_refused(port: int, timeout: float = 10.0) -> None:
