@@ -10,6 +10,7 @@ The token endpoint takes the standard OAuth2 form encoding and JSON alike.
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import falcon
@@ -192,11 +193,17 @@ class UsersResource(_Base):
             )
         resp.media = ids.identity(self._app).get_user(realm, username).to_dict()
 
-    def on_post_roles(
-        self, req: falcon.Request, resp: falcon.Response, realm: str, username: str
-    ) -> None:
+    def _change_grant(
+        self,
+        req: falcon.Request,
+        realm: str,
+        username: str,
+        change: Callable[..., bool],
+    ) -> tuple[str, bool]:
+        """Apply ``change`` (grant or revoke) to the body's ``{role, scope?}``; the role and
+        the change's result."""
         body = _object(req, self._limit, GRANT_SPEC)
-        added = ids.grant_role(
+        done = change(
             self._app,
             realm,
             username,
@@ -205,22 +212,19 @@ class UsersResource(_Base):
             actor=actor(req),
             principal=caller(req),
         )
-        resp.media = {"username": username, "role": body["role"], "added": added}
+        return body["role"], done
+
+    def on_post_roles(
+        self, req: falcon.Request, resp: falcon.Response, realm: str, username: str
+    ) -> None:
+        role, added = self._change_grant(req, realm, username, ids.grant_role)
+        resp.media = {"username": username, "role": role, "added": added}
 
     def on_delete_roles(
         self, req: falcon.Request, resp: falcon.Response, realm: str, username: str
     ) -> None:
-        body = _object(req, self._limit, GRANT_SPEC)
-        ids.revoke_role(
-            self._app,
-            realm,
-            username,
-            body["role"],
-            body.get("scope"),
-            actor=actor(req),
-            principal=caller(req),
-        )
-        resp.media = {"username": username, "role": body["role"], "revoked": True}
+        role, _ = self._change_grant(req, realm, username, ids.revoke_role)
+        resp.media = {"username": username, "role": role, "revoked": True}
 
 
 class RolesResource(_Base):

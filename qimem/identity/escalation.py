@@ -16,15 +16,21 @@ caller lacks, and is recorded in the audit log as ``denied``.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import Connection
+
 from qimem.errors import ForbiddenError, NotFoundError
+from qimem.identity import roles
 from qimem.identity.permissions import Principal
 from qimem.identity.realms import MASTER
+from qimem.identity.users import User
 
 if TYPE_CHECKING:
+    from qimem.identity.base import AccountCheck
     from qimem.identity.core import Identity
 
 _LITERAL = re.compile(r"^[A-Za-z0-9._-]*$")  # no fnmatch metacharacter
@@ -98,6 +104,7 @@ class Guard:
         return "local" if p is None else f"{p.username}@{p.realm}"
 
     def _deny(self, action: str, target: str, message: str, lacking: str) -> EscalationError:
+        """The refusal, recorded in the audit log (in its own transaction)."""
         if self.ident.realm_exists(self.realm):
             self.ident.record(
                 self.realm, self.actor, action, target, "denied", reason="escalation",
@@ -154,18 +161,65 @@ class Guard:
                 message = f"a role with {perm} needs {perm}, which you do not hold"
                 raise self._deny(action, target, message, perm)
 
+    def _outranked_by(
+        self,
+        username: str,
+        grants: Iterable[tuple[str, str]],
+        by_role: Mapping[str, tuple[str, ...]],
+    ) -> tuple[str, str] | None:
+        """``(message, permission)`` if ``grants`` hold a permission the caller lacks."""
+        assert self.principal is not None
+        held = [(perm, scope) for role, scope in grants for perm in by_role.get(role, ())]
+        gap = missing(self.principal.permissions, held)
+        if gap is None:
+            return None
+        perm, scope, mine = gap
+        return f"{username!r} holds {_describe(perm, scope, mine)}", perm
+
     def account(self, action: str, username: str) -> None:
-        """The caller may act on ``username``: it holds nothing the caller lacks."""
+        """The caller may act on ``username``: it holds nothing the caller lacks.
+
+        An early answer (404 for an unknown user, 403 before anything else is checked);
+        the change itself re-checks in its own transaction (:meth:`rechecked`).
+        """
         if self.principal is None:
             return
         user = self.ident.get_user(self.realm, username)
-        by_role = self._role_permissions()
-        held = [(perm, scope) for role, scope in user.grants for perm in by_role.get(role, ())]
-        gap = missing(self.principal.permissions, held)
-        if gap is not None:
-            perm, scope, mine = gap
-            message = f"{username!r} holds {_describe(perm, scope, mine)}"
-            raise self._deny(action, username, message, perm)
+        refused = self._outranked_by(username, user.grants, self._role_permissions())
+        if refused is not None:
+            raise self._deny(action, username, *refused)
+
+    @contextlib.contextmanager
+    def rechecked(self, action: str, username: str) -> Iterator[AccountCheck | None]:
+        """The :meth:`account` check for the change's own transaction.
+
+        Yields the ``check`` to pass to the :class:`~qimem.identity.core.Identity` method
+        (None for the local operator): it runs after the account's row is write-locked and
+        reads the role permissions and the account's grants through the same connection, so
+        a grant committed by someone else between :meth:`account` and the write is weighed
+        (the two are serialized on the row lock). A refusal there rolls the change back
+        and is recorded in the audit log afterwards.
+        """
+        if self.principal is None:
+            yield None
+            return
+        refusals: list[tuple[str, str]] = []
+
+        def check(conn: Connection, user: User) -> None:
+            sealer = self.ident.sealer
+            grants = roles.grants_of(conn, sealer, self.realm, user.user_id)
+            by_role = roles.permissions_by_role(conn, self.realm, sealer)
+            refused = self._outranked_by(user.username, grants, by_role)
+            if refused is not None:
+                refusals.append(refused)
+                raise EscalationError(f"no escalation: {refused[0]}")
+
+        try:
+            yield check
+        except EscalationError:
+            if refusals:
+                self._deny(action, username, *refusals[0])
+            raise
 
 
 __all__ = ["EscalationError", "Guard", "missing", "scope_covered"]

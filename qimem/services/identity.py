@@ -89,6 +89,18 @@ def _guard(app: AppContext, principal: Principal | None, realm: str) -> Guard:
     return Guard(identity(app), principal, realm)
 
 
+def _account_guard(
+    app: AppContext, principal: Principal | None, realm: str, action: str, username: str
+) -> Guard:
+    """The checks of an account change: ``users:admin`` in ``realm``, and ``username``
+    holds nothing the caller lacks (re-checked in the change's transaction by
+    :meth:`Guard.rechecked`)."""
+    guard = _guard(app, principal, realm)
+    guard.needs("users:admin")
+    guard.account(action, username)
+    return guard
+
+
 def create_realm(
     app: AppContext, name: str, *, actor: str = "local", principal: Principal | None = None
 ) -> Realm:
@@ -203,12 +215,13 @@ def set_password(
     principal: Principal | None = None,
 ) -> None:
     """Set a user's password (policy-checked); not of a user holding more than the caller."""
-    guard = _guard(app, principal, realm)
-    guard.needs("users:admin")
-    guard.account("user.password", username)
+    guard = _account_guard(app, principal, realm, "user.password", username)
     identity(app).get_user(realm, username)  # an unknown realm or user: 404 first
     check_password(app, realm, username, password)
-    identity(app).set_password(realm, username, password, actor=_actor(actor, principal))
+    with guard.rechecked("user.password", username) as check:
+        identity(app).set_password(
+            realm, username, password, actor=_actor(actor, principal), check=check
+        )
 
 
 def set_user_enabled(
@@ -221,10 +234,12 @@ def set_user_enabled(
     principal: Principal | None = None,
 ) -> None:
     """Enable or disable an account; not one holding more than the caller."""
-    guard = _guard(app, principal, realm)
-    guard.needs("users:admin")
-    guard.account("user.enable" if enabled else "user.disable", username)
-    identity(app).set_enabled(realm, username, enabled, actor=_actor(actor, principal))
+    action = "user.enable" if enabled else "user.disable"
+    guard = _account_guard(app, principal, realm, action, username)
+    with guard.rechecked(action, username) as check:
+        identity(app).set_enabled(
+            realm, username, enabled, actor=_actor(actor, principal), check=check
+        )
 
 
 def create_role(
@@ -264,11 +279,12 @@ def grant_role(
 ) -> bool:
     """Grant ``role`` (on key names matching ``scope``); the caller must hold the role's
     permissions at least as widely, and everything ``username`` already holds."""
-    guard = _guard(app, principal, realm)
-    guard.needs("users:admin")
-    guard.account("role.grant", username)
+    guard = _account_guard(app, principal, realm, "role.grant", username)
     guard.grants("role.grant", username, [(role, validate_scope(scope))])
-    return identity(app).grant(realm, username, role, scope, actor=_actor(actor, principal))
+    with guard.rechecked("role.grant", username) as check:
+        return identity(app).grant(
+            realm, username, role, scope, actor=_actor(actor, principal), check=check
+        )
 
 
 def revoke_role(
@@ -283,10 +299,11 @@ def revoke_role(
 ) -> bool:
     """Revoke ``role`` (every scope, or just ``scope``); not from an account holding more
     than the caller."""
-    guard = _guard(app, principal, realm)
-    guard.needs("users:admin")
-    guard.account("role.revoke", username)
-    return identity(app).revoke_role(realm, username, role, scope, actor=_actor(actor, principal))
+    guard = _account_guard(app, principal, realm, "role.revoke", username)
+    with guard.rechecked("role.revoke", username) as check:
+        return identity(app).revoke_role(
+            realm, username, role, scope, actor=_actor(actor, principal), check=check
+        )
 
 
 def create_client(
