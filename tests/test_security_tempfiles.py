@@ -3,15 +3,14 @@
 The attacker is a local user who can create entries in a directory qimem writes to (a
 shared data directory, an output directory) and plants a symlink at the temp name qimem
 will use, pointing at a file of the victim's he wants overwritten. He is modelled as one
-who guessed the name: ``qimem.fileio.secrets`` is replaced by a stand-in whose first draw
-is the attacker's guess, so the planted name is exactly the one qimem tries first.
+who guessed the name: the random bytes of ``qimem.fileio``'s next temp name are replaced by
+the attacker's guess for one draw, so the planted name is exactly the one qimem tries first.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import secrets
 import stat
 import types
 from pathlib import Path
@@ -36,17 +35,22 @@ def run(*args: str) -> Result:
 
 @pytest.fixture
 def guessed(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """The attacker guessed qimem's next temp name: ``token_hex`` first returns 'guess'
-    (then random tokens again)."""
+    """The attacker guessed qimem's next temp name: the random bytes of fileio's next temp
+    name are first all zero (then random again). Only fileio's ``os.urandom`` is affected."""
     state = types.SimpleNamespace(first=True)
 
-    def token_hex(nbytes: int | None = None) -> str:
-        if state.first:
-            state.first = False
-            return "0" * (2 * (nbytes or 4))
-        return secrets.token_hex(nbytes)
+    class GuessedOs:
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
 
-    monkeypatch.setattr(fileio, "secrets", types.SimpleNamespace(token_hex=token_hex))
+        @staticmethod
+        def urandom(size: int) -> bytes:
+            if state.first:
+                state.first = False
+                return bytes(size)
+            return os.urandom(size)
+
+    monkeypatch.setattr(fileio, "os", GuessedOs())
     return state
 
 
