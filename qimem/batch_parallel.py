@@ -57,7 +57,7 @@ def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
         return app.for_worker()
     if app.config.store_url.startswith("memory:"):
         return app
-    return AppContext(app.config, pm=app.registry.pm)
+    return AppContext(app.config, pm=app.registry.pm, one_shot=app.one_shot)
 
 
 def _init_worker(

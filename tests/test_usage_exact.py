@@ -162,3 +162,15 @@ def test_server_mode_cli_wraps_one_data_key_per_input(home: Path) -> None:
     finally:
         assert server.stop() == 0
     assert _policy(home)["usage"] == {"1": 4}
+
+
+def test_parallel_cli_encryptions_count_exactly(home: Path) -> None:
+    """``--jobs 2``: the worker processes reserve as one-shot processes and give back what
+    they did not use when they exit."""
+    files = []
+    for i in range(6):
+        path = home / f"p{i}.txt"
+        path.write_bytes(b"x" * 1000)
+        files.append(str(path))
+    _qimem(home, "encrypt", "--key", "k", "--jobs", "2", *files)
+    assert _policy(home)["usage"] == {"1": 6}
