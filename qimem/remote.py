@@ -32,9 +32,7 @@ from qimem import envelope as env
 from qimem import stream
 from qimem.crypto import Algorithm, zero
 from qimem.errors import (
-    DecryptionError,
     StoreUnavailableError,
-    UnsupportedAlgorithmError,
     ValidationError,
 )
 from qimem.http_client import HttpClient
@@ -120,12 +118,7 @@ class RemoteKeyring:
         return _unb64(resealed.get("envelope"), "envelope", self.client.base_url)
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
-        try:
-            return self.registry.algorithm_by_id(algorithm_id)
-        except UnsupportedAlgorithmError:
-            raise  # a plugin that is not enabled here: says so (not "tampered")
-        except Exception:
-            raise DecryptionError(f"stream uses unknown algorithm id {algorithm_id}") from None
+        return self.registry.sealed_algorithm(algorithm_id)
 
     def __repr__(self) -> str:
         return f"<RemoteKeyring {self.client.base_url} ref={self.ref!r}>"

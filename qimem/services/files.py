@@ -24,10 +24,8 @@ from qimem import stream
 from qimem.app import AppContext
 from qimem.crypto import Algorithm, zero
 from qimem.errors import (
-    DecryptionError,
     EnvelopeFormatError,
     NotFoundError,
-    UnsupportedAlgorithmError,
     ValidationError,
 )
 from qimem.fileio import atomic_output
@@ -103,12 +101,7 @@ class StoreKeyring:
         )
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
-        try:
-            return self.app.registry.algorithm_by_id(algorithm_id)
-        except UnsupportedAlgorithmError:
-            raise  # a plugin that is not enabled: says so (not "tampered")
-        except Exception:
-            raise DecryptionError(f"stream uses unknown algorithm id {algorithm_id}") from None
+        return self.app.registry.sealed_algorithm(algorithm_id)
 
     def __repr__(self) -> str:
         return f"<StoreKeyring ref={self.ref!r} realm={self.realm!r}>"
