@@ -148,7 +148,9 @@ class SqlKeyStore(KeyStore):
         if database is not None:  # an existing one others can read is refused
             check_sqlite_permissions(database)
         if auto_migrate:
-            migrate(self.engine)
+            from qimem.identity.authz_mac import sealing_after_upgrade
+
+            migrate(self.engine, after_upgrade=sealing_after_upgrade(wrapper))
         self._check_root_key()
         self._ensure_meta(_STATE_MARKER, new_id())
 

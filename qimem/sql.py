@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,14 @@ def current_revision(connection: Connection) -> str | None:
     return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
 
-def migrate(engine: Engine) -> bool:
+def migrate(
+    engine: Engine, *, after_upgrade: Callable[[Connection, str | None], None] | None = None
+) -> bool:
     """Bring the schema to the newest revision; True if anything ran.
+
+    ``after_upgrade(connection, from_revision)`` runs inside the migration's transaction,
+    after the upgrade, only in the process that ran it (the key store passes the one that
+    seals authorization rows which predate their MAC column, holding the root key).
 
     Safe to call from many threads and processes at once on a fresh database: exactly one
     runs the migrations, the others wait for it and return False. Alembic's context is
@@ -185,7 +191,8 @@ def migrate(engine: Engine) -> bool:
                     connection.execute(
                         sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
                     )
-                if current_revision(connection) == HEAD:
+                from_revision = current_revision(connection)
+                if from_revision == HEAD:
                     return False
                 from alembic import command
                 from alembic.config import Config
@@ -194,6 +201,8 @@ def migrate(engine: Engine) -> bool:
                 config.set_main_option("script_location", "qimem:migrations")
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
+                if after_upgrade is not None:
+                    after_upgrade(connection, from_revision)
                 if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
                     raise ConfigError("a migration left rows violating foreign keys")
                 return True

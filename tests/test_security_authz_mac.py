@@ -34,7 +34,7 @@ from prometheus_client import REGISTRY
 
 from qimem import services
 from qimem.app import AppContext
-from qimem.errors import AuthError
+from qimem.errors import AuthError, QimemError
 from qimem.services import identity as ids
 
 
@@ -246,9 +246,9 @@ def _grant_failures(metrics: str) -> float:
 def test_finding15_existing_rows_are_sealed_once_on_first_start(
     request: pytest.FixtureRequest, tmp_path: Path, root_key_b64: str, kind: str
 ) -> None:
-    """A store from before migration 0005: its rows are sealed by the first process that
-    opens identity with the root key, and only then; a row added without a MAC after that
-    stays ignored across restarts."""
+    """A store from before migration 0005: its rows are sealed by the process that upgrades
+    it (it opened the key store, so it holds the root key), and only then; a row added
+    without a MAC after that stays ignored across restarts."""
     url = store_url(request, tmp_path, kind)
     app = identity_app(url, root_key_b64)
     ids.create_realm(app, "acme")
@@ -280,11 +280,6 @@ def test_finding15_existing_rows_are_sealed_once_on_first_start(
         close_app(app)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (found in review, not fixed): first-use sealing is re-entered by a database "
-    "writer who nulls every MAC; sealing would need an explicit operator step",
-)
 def test_finding15_nulling_every_mac_does_not_reopen_first_use_sealing(
     tmp_path: Path, root_key_b64: str
 ) -> None:
@@ -305,6 +300,46 @@ def test_finding15_nulling_every_mac_does_not_reopen_first_use_sealing(
     )
     app = identity_app(url, root_key_b64)  # any later start: qimem serve, qauth, qimem init
     try:
-        assert not World(app, url).can("eve", "crypto:decrypt")
+        _assert_nothing_sealed(app, url)
+    finally:
+        close_app(app)
+
+
+def _assert_nothing_sealed(app: AppContext, url: str) -> None:
+    """No row got a MAC back, so eve (whose own row is now unsealed) cannot even log in."""
+    for table in ("qimem_users", "qimem_roles", "qimem_grants"):
+        sealed = raw_sql(url, f"UPDATE {table} SET mac = mac WHERE mac IS NOT NULL")  # noqa: S608
+        assert sealed == 0, table
+    with pytest.raises(AuthError):
+        World(app, url).login("eve")
+    assert not ids.identity(app).audit_events("master", action="integrity.seal")
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_finding15_rewinding_the_schema_version_does_not_reopen_sealing(
+    request: pytest.FixtureRequest, tmp_path: Path, root_key_b64: str, kind: str
+) -> None:
+    """The writer also sets ``alembic_version`` back to 0004 so the next start "upgrades"
+    again: that upgrade fails (the MAC columns exist) and nothing is sealed."""
+    url = store_url(request, tmp_path, kind)
+    app = identity_app(url, root_key_b64)
+    ids.create_realm(app, "acme")
+    add_user(app, "acme", "eve", ["auditor"])
+    eve_id = ids.identity(app).get_user("acme", "eve").user_id
+    close_app(app)
+    for table in ("qimem_users", "qimem_roles", "qimem_grants"):
+        raw_sql(url, f"UPDATE {table} SET mac = NULL")  # noqa: S608 (fixed table names)
+    raw_sql(
+        url,
+        "INSERT INTO qimem_grants (realm, user_id, role, scope) VALUES ('acme', :u, 'admin', '')",
+        u=eve_id,
+    )
+    raw_sql(url, "UPDATE alembic_version SET version_num = '0004'")
+    with pytest.raises(QimemError):
+        identity_app(url, root_key_b64)
+    raw_sql(url, "UPDATE alembic_version SET version_num = '0005'")  # the operator repairs it
+    app = identity_app(url, root_key_b64)
+    try:
+        _assert_nothing_sealed(app, url)
     finally:
         close_app(app)

@@ -73,7 +73,11 @@ def clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _row(realm: str, actor: str, action: str, target: str, outcome: str, detail: dict) -> dict:
+def audit_row(
+    realm: str, actor: str, action: str, target: str, outcome: str, detail: dict
+) -> dict:
+    """One ``qimem_audit`` row (detail cleaned of secrets), for writers that hold a
+    connection but no :class:`AuditLog` (the migration hook)."""
     text = json.dumps(clean_detail(detail), sort_keys=True) if detail else "{}"
     if len(text) > 1024:
         text = "{}"
@@ -117,7 +121,7 @@ class AuditLog:
         **detail: Any,
     ) -> None:
         """Record one event. ``conn`` writes in that transaction; ``buffered`` batches it."""
-        row = _row(realm, actor, action, target, outcome, detail)
+        row = audit_row(realm, actor, action, target, outcome, detail)
         if conn is not None:
             conn.execute(sa.insert(tables.audit), [row])
             return

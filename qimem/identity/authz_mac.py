@@ -21,9 +21,12 @@ Not covered (documented in docs/identity.md): the lockout counters (``failed_log
 ``locked_until``), which concurrent logins update with atomic SQL counters; rolling a
 user's rows back *together* to an earlier authentic state (e.g. restoring a backup).
 
-Migration 0005 adds the columns without the root key; :func:`seal_legacy_rows` MACs the
-existing rows on the first start of a process holding the root key, once: only while no row
-of those tables carries a MAC yet.
+Migration 0005 adds the columns without the root key. The rows that existed before it are
+sealed in the migration's own transaction by the process that ran it, which opened the key
+store and so holds the root key (:func:`sealing_after_upgrade`, the hook the store passes to
+:func:`qimem.sql.migrate`). Never later: a database writer who sets every ``mac`` back to
+NULL gets his rows ignored, not sealed; one who rewinds ``alembic_version`` makes the next
+upgrade fail (the columns exist), so nothing is sealed either.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from qimem.identity import db as tables
+from qimem.identity.audit import audit_row
 from qimem.rootkey import KeyWrapper
 
 log = logging.getLogger("qimem.identity")
@@ -183,11 +187,28 @@ class Reports:
         self._audit(realm, table, shown)
 
 
-def seal_legacy_rows(conn: Connection, sealer: Sealer) -> dict[str, int]:
-    """MAC the rows of a database upgraded by migration 0005 (which has no root key).
+def sealing_after_upgrade(wrapper: KeyWrapper) -> Callable[[Connection, str | None], None]:
+    """The hook :func:`qimem.sql.migrate` runs in the migration's transaction: when this
+    upgrade crossed revision 0005 (which added the MAC columns without the root key), seal
+    the rows that existed before it and audit ``integrity.seal`` with the counts. It is the
+    only moment rows without a MAC are ever sealed."""
 
-    Runs only while no row of users, roles and grants has a MAC: afterwards a row without
-    one is a row nobody holding the root key wrote, and stays ignored.
+    def after_upgrade(conn: Connection, from_revision: str | None) -> None:
+        if from_revision is None or from_revision >= "0005":
+            return  # a new database has no rows; a newer one was sealed when it crossed
+        sealed = seal_legacy_rows(conn, Sealer(wrapper))
+        if sealed:
+            row = audit_row("master", "init", "integrity.seal", "-", "success", sealed)
+            conn.execute(sa.insert(tables.audit), [row])
+
+    return after_upgrade
+
+
+def seal_legacy_rows(conn: Connection, sealer: Sealer) -> dict[str, int]:
+    """MAC the rows of a database being upgraded across migration 0005 (called by
+    :func:`sealing_after_upgrade` only).
+
+    Does nothing if any row of users, roles and grants already has a MAC.
     :returns: rows sealed per table (empty if nothing was done).
     """
     for table in (tables.users, tables.roles, tables.grants):

@@ -18,11 +18,10 @@ from sqlalchemy.engine import Connection
 from qimem.errors import ConflictError
 from qimem.identity import realms, roles, users
 from qimem.identity.audit import AuditLog
-from qimem.identity.authz_mac import Reports, Sealer, seal_legacy_rows
+from qimem.identity.authz_mac import Reports, Sealer
 from qimem.identity.db import Database
 from qimem.identity.passwords import PasswordHashing
 from qimem.identity.permissions import Principal
-from qimem.identity.realms import MASTER
 from qimem.identity.settings import IdentitySettings
 from qimem.identity.tokens import TokenService
 from qimem.identity.users import User
@@ -47,19 +46,6 @@ class IdentityBase:
         self.tokens = TokenService(database, wrapper, self.settings)
         self.audit = AuditLog(database)
         self.sealer = Sealer(wrapper, Reports(self._integrity_violation))
-        with database.begin() as conn:
-            sealed = seal_legacy_rows(conn, self.sealer)
-            if sealed:
-                self.audit.record(
-                    MASTER,
-                    "init",
-                    "integrity.seal",
-                    "-",
-                    conn=conn,
-                    users=sealed["users"],
-                    roles=sealed["roles"],
-                    grants=sealed["grants"],
-                )
         self._role_cache: dict[str, tuple[float, dict[str, tuple[str, ...]]]] = {}
         self._verified: dict[str, tuple[Principal, float, int]] = {}
         atexit.register(self.audit.close)

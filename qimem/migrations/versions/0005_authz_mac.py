@@ -5,8 +5,9 @@ that say who may do what (users, roles, grants).
 before it are refused (set when the user is disabled, changes password or loses a role).
 ``mac`` (HMAC-SHA-256, hex) authenticates a row under a key derived from the root key. The
 migration cannot compute MACs (migrations run without the root key), so existing rows are
-left NULL and sealed by the first process that opens identity with the root key
-(qimem.identity.authz_mac.seal_legacy_rows; see docs/identity.md, "Integrity").
+left NULL here and sealed in the same transaction by the hook of the process running the
+upgrade, which holds the root key (qimem.identity.authz_mac.sealing_after_upgrade; see
+docs/identity.md, "Integrity").
 
 Revision ID: 0005
 Revises: 0004
