@@ -73,9 +73,7 @@ def clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def audit_row(
-    realm: str, actor: str, action: str, target: str, outcome: str, detail: dict
-) -> dict:
+def audit_row(realm: str, actor: str, action: str, target: str, outcome: str, detail: dict) -> dict:
     """One ``qimem_audit`` row (detail cleaned of secrets), for writers that hold a
     connection but no :class:`AuditLog` (the migration hook)."""
     text = json.dumps(clean_detail(detail), sort_keys=True) if detail else "{}"
