@@ -17,7 +17,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 from conftest import make_app
-from identity_helpers import serving, with_identity
+from identity_helpers import ADMIN_PASSWORD, serving, with_identity
 
 from qimem.app import AppContext
 from qimem.services.keys import show_key
@@ -67,7 +67,7 @@ def _session(base: str) -> requests.Session:
     session = requests.Session()
     answer = session.post(
         f"{base}/v1/auth/realms/master/token",
-        data={"grant_type": "password", "username": "admin", "password": "nqzva-password"},
+        data={"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
         timeout=30,
     )
     assert answer.status_code == 200, answer.text

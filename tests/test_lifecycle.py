@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_app
+from identity_helpers import ADMIN_PASSWORD
 
 from qimem import services
 from qimem.app import AppContext
@@ -232,7 +233,7 @@ def test_schedule_cancel_and_purge(any_app: AppContext) -> None:
 
 def test_lifecycle_operations_are_audited(sqlite_app: AppContext) -> None:
     ids.configure(sqlite_app, FAST_IDENTITY)
-    ids.bootstrap(sqlite_app, "nqzva-password")
+    ids.bootstrap(sqlite_app, ADMIN_PASSWORD)
     services.create_key(sqlite_app, name="audited")
     services.rotate_key(sqlite_app, "audited")
     lifecycle.set_policy(sqlite_app, "audited", min_decryption_version=2, actor="alice@master")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import make_app
 from falcon import testing
-from identity_helpers import password_login, with_identity
+from identity_helpers import ADMIN_PASSWORD, password_login, with_identity
 
 from qimem.app import AppContext
 from qimem.server.app import create_app
@@ -49,7 +49,7 @@ def _seal(api: Api, key: str, text: bytes) -> dict[str, object]:
 
 
 def test_policy_states_and_deletion(app: AppContext) -> None:
-    admin = Api(app, "admin", "nqzva-password")
+    admin = Api(app, "admin", ADMIN_PASSWORD)
     assert admin.post("/v1/security/keys", {"name": "orders"}).status_code == 201
     old = _seal(admin, "orders", b"old")
     assert admin.post("/v1/security/rotate", {"key": "orders"}).status_code == 200
@@ -106,7 +106,7 @@ def test_policy_states_and_deletion(app: AppContext) -> None:
 
 
 def test_bad_requests(app: AppContext) -> None:
-    admin = Api(app, "admin", "nqzva-password")
+    admin = Api(app, "admin", ADMIN_PASSWORD)
     admin.post("/v1/security/keys", {"name": "k"})
     cases = [
         ("/v1/security/keys/k/policy", {"bogus": 1}, 400, "unknown_field"),
@@ -131,7 +131,7 @@ def test_bad_requests(app: AppContext) -> None:
 
 
 def test_permissions(app: AppContext) -> None:
-    Api(app, "admin", "nqzva-password").post("/v1/security/keys", {"name": "k"})
+    Api(app, "admin", ADMIN_PASSWORD).post("/v1/security/keys", {"name": "k"})
     keeper = Api(app, "keeper", "xrrcre-password")
     user = Api(app, "user", "hfre-password-1")
     assert keeper.post("/v1/security/keys/k/policy", {"usage_limit": 10}).status_code == 200
@@ -147,7 +147,7 @@ def test_permissions(app: AppContext) -> None:
 
 
 def test_export_and_import_between_servers(app: AppContext) -> None:
-    admin = Api(app, "admin", "nqzva-password")
+    admin = Api(app, "admin", ADMIN_PASSWORD)
     admin.post("/v1/security/keys", {"name": "moving"})
     first = _seal(admin, "moving", b"first")
     admin.post("/v1/security/rotate", {"key": "moving"})
@@ -159,7 +159,7 @@ def test_export_and_import_between_servers(app: AppContext) -> None:
 
     fresh = with_identity(make_app("memory://", None))
     try:
-        other = Api(fresh, "admin", "nqzva-password")
+        other = Api(fresh, "admin", ADMIN_PASSWORD)
         wrong = other.post(
             "/v1/security/import", {"backup": exported.json["backup"], "passphrase": "x" * 12}
         )
@@ -181,7 +181,7 @@ def test_export_and_import_between_servers(app: AppContext) -> None:
 
 
 def test_derived_key_over_http(app: AppContext) -> None:
-    admin = Api(app, "admin", "nqzva-password")
+    admin = Api(app, "admin", ADMIN_PASSWORD)
     created = admin.post("/v1/security/keys", {"name": "tenants", "derived": True})
     assert created.status_code == 201, created.text
     ctx = base64.b64encode(b"tenant-a").decode()

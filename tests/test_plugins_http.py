@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import make_app
 from falcon import testing
-from identity_helpers import password_login, serving, with_identity
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 from qimem.app import AppContext
 from qimem.manifest import PLUGIN_API
@@ -228,7 +228,7 @@ def secured() -> Iterator[tuple[str, Tokens]]:
     tokens = Tokens(
         (user, password_login(app, realm, user, password).access_token)
         for realm, user, password in (
-            ("master", "admin", "nqzva-password"),
+            ("master", "admin", ADMIN_PASSWORD),
             ("master", "viewer", "ivrjre-password"),
             ("master", "sealer", "frnyre-password"),
             ("acme", "boss", "obff-password"),

@@ -16,6 +16,7 @@ import falcon
 import falcon.testing
 import pytest
 import requests
+from identity_helpers import ADMIN_PASSWORD
 
 from qimem.errors import QimemError, StoreUnavailableError
 from qimem.identity.passwords import LoginBusyError
@@ -61,7 +62,7 @@ def _run(env: dict[str, str], cwd: Path, *args: str, stdin: str = "") -> str:
 def test_a_login_flood_gets_503_instead_of_every_thread(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
     env["QIMEM_HOME"] = str(tmp_path / "home")
-    _run(env, tmp_path, "init", "--admin-password-stdin", stdin="nqzva-password-1\n")
+    _run(env, tmp_path, "init", "--admin-password-stdin", stdin=ADMIN_PASSWORD + "\n")
     with (tmp_path / "home" / "config.toml").open("a") as fh:
         # Slow hashes (~0.1-0.3 s each) so that the logins below overlap for certain.
         fh.write("\n[identity]\nargon2_memory_kib = 65536\nargon2_time_cost = 4\n")
@@ -79,7 +80,7 @@ def test_a_login_flood_gets_503_instead_of_every_thread(tmp_path: Path) -> None:
         found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", serve.stderr.readline())
         assert found, "qimem serve did not start"
         url = found.group(1) + "/v1/auth/realms/master/token"
-        form = {"grant_type": "password", "username": "admin", "password": "nqzva-password-1"}
+        form = {"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD}
 
         def login(_: int) -> tuple[int, str]:
             answer = requests.post(url, data=form, timeout=60)
