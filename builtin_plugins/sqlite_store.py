@@ -51,7 +51,7 @@ _VERSION_COLUMNS = (
     "v.key_id, v.lineage_id, l.name, v.realm, v.version, v.algorithm, v.state, v.created_at"
 )
 _SELECT_VERSIONS = (  # constant text: every value is a ? parameter
-    f"SELECT {_VERSION_COLUMNS} FROM qimem_key_versions v "  # noqa: S608
+    f"SELECT {_VERSION_COLUMNS} FROM qimem_key_versions v "  # noqa: S608 (constant columns)
     "JOIN qimem_lineages l ON v.lineage_id = l.lineage_id"
 )
 
@@ -256,7 +256,7 @@ class SqliteKeyStore(KeyStore):
 
     def list(self, realm: str) -> list[KeyVersion]:
         rows = self._query(
-            f"{_SELECT_VERSIONS} JOIN (SELECT lineage_id, max(version) AS newest "  # noqa: S608
+            f"{_SELECT_VERSIONS} JOIN (SELECT lineage_id, max(version) AS newest "  # noqa: S608 (constant)
             "FROM qimem_key_versions WHERE realm = ? GROUP BY lineage_id) n "
             "ON v.lineage_id = n.lineage_id AND v.version = n.newest "
             "WHERE v.realm = ? ORDER BY l.created_at, l.lineage_id",

@@ -474,13 +474,18 @@ def encrypt_stream(
 def open_header(
     header: Header, keyring: Keyring, aad: bytes | None
 ) -> tuple[SegmentCipher, env.Envelope]:
-    """Unwrap the data key, verify the header tag and prepare the segment cipher."""
-    algorithm = keyring.algorithm(header.algorithm_id)
+    """Unwrap the data key, verify the header tag and prepare the segment cipher.
+
+    The data key is unwrapped before the algorithm is looked up by id: the store knows the
+    key's algorithm by name, so a key whose plugin is not enabled is reported as such
+    (exit 3, naming the plugin), while an id changed in the header is tampering (exit 7).
+    """
     wrapped = env.parse(header.wrapped_key)
     if wrapped.algorithm_id != header.algorithm_id:  # one stream, one algorithm (formats.md)
         raise DecryptionError("stream header failed authentication")
     data_key = keyring.unwrap(header.wrapped_key)
     try:
+        algorithm = keyring.algorithm(header.algorithm_id)
         if len(data_key) != DATA_KEY_SIZE:
             raise DecryptionError("stream header failed authentication")
         verify_header(header, data_key)

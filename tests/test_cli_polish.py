@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 from qimem import batch, batch_progress, services
 from qimem.app import AppContext
@@ -24,7 +25,6 @@ from qimem.cli import cli
 from qimem.cli.qauth import qauth
 from qimem.errors import NotFoundError
 from qimem.services import identity as ids
-from tests.identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 QIMEM = Path(sys.executable).with_name("qimem")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 from qimem.app import AppContext
 from qimem.cli import cli
 from qimem.cli.qauth import qauth
 from qimem.services import identity as ids
-from tests.identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 PASSWORD = "Str0ng-passphrase-4-qauth"
 

@@ -16,6 +16,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 from qimem import services
 from qimem.app import AppContext
@@ -25,7 +26,6 @@ from qimem.hooks import hookimpl
 from qimem.keys import DEFAULT_USAGE_LIMIT, RANDOM_NONCE_MESSAGE_BOUND, max_messages_per_key
 from qimem.registry import make_plugin_manager
 from qimem.services import lifecycle
-from tests.identity_helpers import ADMIN_PASSWORD, password_login, serving, with_identity
 
 CAP = 2**32
 
