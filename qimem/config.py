@@ -98,21 +98,81 @@ def write_toml(path: Path, doc: dict[str, Any], *, mode: int | None = None) -> N
         tomli_w.dump(doc, fh)
 
 
-def check_config_permissions(path: Path) -> None:
-    """Refuse a config file that group or others may write: whoever can change it can point
-    qimem at another store, root key or plugins.
+def _trusted_owner(uid: int) -> bool:
+    return uid in (os.geteuid(), 0)
 
-    :raises ConfigError: naming the file, its mode and the fix.
-    """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return  # reading it reports the problem
+
+def _check_file(path: Path, shown: Path, info: os.stat_result, *, owners: bool = True) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if owners and not _trusted_owner(info.st_uid):
+        raise ConfigError(
+            f"config file {shown} belongs to uid {info.st_uid}, not to you (uid "
+            f"{os.geteuid()}) or root: its owner could rewrite it; run: "
+            f"chown {os.geteuid()} {path} (as root), or write a config of your own"
+        )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(
-            f"config file {path} is writable by group or others (mode {mode:04o}); "
+            f"config file {shown} is writable by group or others (mode {mode:04o}); "
             f"run: chmod go-w {path}"
         )
+
+
+def _check_directory(directory: Path, shown: Path) -> None:
+    try:
+        info = directory.stat()
+    except OSError:
+        return  # reading the file reports the problem
+    mode = stat.S_IMODE(info.st_mode)
+    if not _trusted_owner(info.st_uid):
+        raise ConfigError(
+            f"config file {shown} is in {directory}, which belongs to uid {info.st_uid}, not "
+            f"to you (uid {os.geteuid()}) or root: its owner could replace the file; move the "
+            "config to a directory of your own"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"config file {shown} is in {directory}, which group or others may write (mode "
+            f"{mode:04o}, no sticky bit): they could replace the file; run: chmod go-w "
+            f"{directory}, or move the config to a private directory"
+        )
+
+
+def check_config_permissions(path: Path) -> None:
+    """Refuse a config file that someone else could change: whoever can can point qimem at
+    another store, root key or plugins.
+
+    The file (a symlink's target; the link itself too) must belong to the current user or
+    root and not be group/other-writable; the directory holding it (the link's and the
+    target's) must belong to the current user or root and not be group/other-writable
+    unless sticky (like /tmp).
+
+    :raises ConfigError: naming the file, what is wrong and the fix.
+    """
+    if not hasattr(os, "geteuid"):  # no POSIX owners or directory modes (Windows)
+        try:
+            _check_file(path, path, path.stat(), owners=False)
+        except OSError:
+            pass  # reading it reports the problem
+        return
+    try:
+        link = path.lstat()
+        target = path.stat()
+    except OSError:
+        return  # reading it reports the problem
+    absolute = Path(os.path.abspath(path))
+    _check_directory(absolute.parent, path)
+    if stat.S_ISLNK(link.st_mode):
+        if not _trusted_owner(link.st_uid):
+            raise ConfigError(
+                f"config file {path} is a symlink belonging to uid {link.st_uid}, not to you "
+                f"(uid {os.geteuid()}) or root: its owner could point it elsewhere; replace it "
+                "with a link or file of your own"
+            )
+        real = Path(os.path.realpath(path))
+        _check_directory(real.parent, path)
+        _check_file(real, path, target)
+    else:
+        _check_file(path, path, target)
 
 
 def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

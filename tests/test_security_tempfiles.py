@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import types
 from pathlib import Path
@@ -184,3 +185,107 @@ def test_finding11_group_or_world_writable_config_is_refused(qimem_home: Path, m
         load_config(path)
     path.chmod(0o644)  # readable by others is fine: it holds no secret
     assert run("keys", "list").exit_code == 0
+
+
+# ---- the config's owner and directory (red-team RT-7) ------------------------------------
+
+CONFIG_TEXT = '[store]\nurl = "sqlite:////tmp/attacker-store.db"\n'
+NOBODY = 65534
+
+
+@pytest.fixture
+def as_root() -> None:
+    """The test gives files to another uid: only root can."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+
+
+def private_config(directory: Path) -> Path:
+    """``directory/config.toml``, mode 0600, in a directory made 0700."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    path = directory / "config.toml"
+    path.write_text(CONFIG_TEXT)
+    path.chmod(0o600)
+    return path
+
+
+def test_finding11_config_owned_by_another_user_is_refused(qimem_home: Path, as_root: None) -> None:
+    assert run("init").exit_code == 0
+    path = qimem_home / "config.toml"
+    path.chmod(0o644)
+    os.chown(path, NOBODY, NOBODY)  # its owner may rewrite it at will
+    result = run("keys", "list")
+    assert result.exit_code == ConfigError.exit_code == 9
+    assert str(path) in result.stderr and f"uid {NOBODY}" in result.stderr
+    assert "chown" in result.stderr and "Traceback" not in result.output
+    os.chown(path, 0, 0)  # root's (or your own) file is fine
+    assert run("keys", "list").exit_code == 0
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o707, 0o730], ids=lambda m: f"{m:04o}")
+def test_finding11_config_in_a_directory_others_may_write_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    path = private_config(tmp_path / "shared")
+    path.parent.chmod(mode)  # no sticky bit: anyone may rename a file of his over it
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert str(path) in message and f"{mode:04o}" in message
+    assert f"chmod go-w {path.parent}" in message
+    path.parent.chmod(mode | stat.S_ISVTX)  # sticky (like /tmp): only the owner may replace
+    assert load_config(path).store_url.endswith("attacker-store.db")
+    path.parent.chmod(0o755)
+    load_config(path)
+
+
+def test_finding11_config_in_a_directory_of_another_user_is_refused(
+    tmp_path: Path, as_root: None
+) -> None:
+    path = private_config(tmp_path / "theirs")
+    os.chown(path.parent, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
+        load_config(path)
+
+
+def test_finding11_symlinked_config_is_accepted_only_if_its_target_passes(
+    tmp_path: Path,
+) -> None:
+    target = private_config(tmp_path / "private")
+    link = tmp_path / "links" / "config.toml"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(target)
+    load_config(link)  # a private target through a private link: fine
+    target.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        load_config(link)
+    target.chmod(0o600)
+    target.parent.chmod(0o777)  # the target's directory: anyone may replace the target
+    with pytest.raises(ConfigError, match=re.escape(str(target.parent))):
+        load_config(link)
+    target.parent.chmod(0o700)
+    link.parent.chmod(0o777)  # the link's directory: anyone may replace the link
+    with pytest.raises(ConfigError, match=re.escape(str(link.parent))):
+        load_config(link)
+    link.parent.chmod(0o700)
+    load_config(link)
+
+
+def test_finding11_symlinked_config_owned_by_another_user_is_refused(
+    tmp_path: Path, as_root: None
+) -> None:
+    target = private_config(tmp_path / "private")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "config.toml"
+    link.symlink_to(target)
+    load_config(link)
+    os.lchown(link, NOBODY, NOBODY)  # in a sticky directory its owner may still replace it
+    with pytest.raises(ConfigError, match=f"symlink belonging to uid {NOBODY}"):
+        load_config(link)
+    os.chown(target, NOBODY, NOBODY)  # follows the link: the target is another's
+    os.lchown(link, 0, 0)
+    with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
+        load_config(link)
