@@ -43,12 +43,14 @@ from qimem.batch_plan import (
     REWRAP,
     SUFFIX,
     WRITE_ERRNOS,
+    DirFds,
     FileResult,
     Plan,
     Skipped,
     Task,
     as_qimem_error,
     open_input,
+    output_exists,
     output_name,
     plan,
     skipped_of,
@@ -143,13 +145,15 @@ def _process_one(
     task: Task,
     opts: _Options,
     read: Callable[[int], None] | None = None,
+    dir_fd: int | None = None,
 ) -> tuple[int, Path]:
     """Write ``task``'s output to a new temp file; returns ``(fd, temp path)`` (fd open).
-    ``read`` is told the input bytes read, as they are read (progress)."""
+    ``read`` is told the input bytes read, as they are read (progress); ``dir_fd``: the
+    output directory's descriptor (:func:`qimem.batch_plan.output_dir_fd`)."""
     assert task.src is not None and task.dst is not None
-    if not opts.force and os.path.lexists(task.dst):
+    if not opts.force and output_exists(task, dir_fd):
         raise fileio.conflict(task.dst)
-    fd, tmp = fileio.create_temp(task.dst, opts.owner)
+    fd, tmp = fileio.create_temp(task.dst, opts.owner, dir_fd=dir_fd)
     try:
         with open(open_input(task), "rb", buffering=0) as raw:
             fin: Any = raw if read is None else CountingReader(raw, read)
@@ -162,8 +166,7 @@ def _process_one(
             fileio.start_writeback(fd)
     except BaseException:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        fileio.remove_temp(tmp, dir_fd)
         raise
     r = task.result
     r.bytes_in = info.plaintext_bytes if opts.operation == ENCRYPT else info.ciphertext_bytes
@@ -181,15 +184,16 @@ def run_group(
     """Encrypt or decrypt a group of files and commit them together (see module doc).
     ``read`` is told the input bytes read, as they are read (progress)."""
     staged: list[tuple[int, Path, Task]] = []
+    dirs = DirFds()
     try:
         for task in tasks:
             try:
-                fd, tmp = _process_one(keyring, task, opts, read)
+                fd, tmp = _process_one(keyring, task, opts, read, dirs.get(task))
             except Exception as exc:  # one bad file never stops the others
                 task.result.fail(exc)
                 continue
             staged.append((fd, tmp, task))
-        directories: set[Path] = set()
+        directories: dict[Path, int | None] = {}
         try:
             fileio.sync_files([fd for fd, _, _ in staged])
         except OSError as exc:  # a failed flush: nothing of this group may appear
@@ -202,26 +206,32 @@ def run_group(
             try:
                 os.close(fd)
                 fd = -1
-                fileio.commit(tmp, task.dst, force=opts.force)
+                dir_fd = dirs.fds.get(task.dst.parent)
+                fileio.commit(tmp, task.dst, force=opts.force, dir_fd=dir_fd)
                 task.result.ok = True
-                directories.add(task.dst.parent)
+                directories[task.dst.parent] = dir_fd
             except (QimemError, OSError) as exc:
                 if fd >= 0:
                     os.close(fd)
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                fileio.remove_temp(tmp, dirs.fds.get(task.dst.parent))
                 task.result.fail(exc)
             staged.pop(0)
-        for directory in directories:
-            fileio.fsync_dir(directory)
+        for directory, dir_fd in directories.items():
+            if dir_fd is None:
+                fileio.fsync_dir(directory)
+            else:
+                with contextlib.suppress(OSError):
+                    os.fsync(dir_fd)
     except BaseException as exc:
-        for fd, tmp, _ in staged:
+        for fd, tmp, task in staged:
             with contextlib.suppress(OSError):
                 os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            assert task.dst is not None
+            fileio.remove_temp(tmp, dirs.fds.get(task.dst.parent))
         if not isinstance(exc, _GroupSyncFailed):
             raise
+    finally:
+        dirs.close()
     return [t.result for t in tasks]
 
 
@@ -329,28 +339,48 @@ def run(
 
 def _prepare_directories(todo: list[Task], created: list[Path]) -> set[Path]:
     """Create missing output directories (``--out-dir``; appended to ``created``, parents
-    first) and clear dead runs' temp files."""
+    first) and clear dead runs' temp files. Below a task's output root, directories are
+    created and checked without following links (:func:`qimem.fileio.open_dir_below`): a
+    component that is a link or not a directory fails that task alone."""
     directories: set[Path] = set()
+    refused: dict[Path, QimemError] = {}
     for task in todo:
         assert task.dst is not None
         parent = task.dst.parent
         if parent in directories:
             continue
+        if parent in refused:
+            task.result.fail(refused[parent])
+            continue
+        root = task.out_root if task.out_root is not None else parent
         missing: list[Path] = []
-        current = parent
+        current = root
         while not os.path.lexists(current) and current != current.parent:
             missing.append(current)
             current = current.parent
         try:
-            for path in reversed(missing):
+            for path in reversed(missing):  # the root and its parents: named by the user
                 with contextlib.suppress(FileExistsError):  # made meanwhile by someone else
                     path.mkdir()
                     created.append(path)
+            fd = None
+            if parent != root:
+                fd = fileio.open_dir_below(root, parent, create=True, created=created)
+        except QimemError as exc:
+            refused[parent] = exc
+            task.result.fail(exc)
+            continue
         except OSError as exc:
             task.result.fail(exc)
             continue
         directories.add(parent)
-        fileio.cleanup_stale_temps(parent)
+        if fd is None:
+            fileio.cleanup_stale_temps(parent)
+        else:  # through the descriptor: never scan or unlink through a link
+            try:
+                fileio.cleanup_stale_temps(fd)
+            finally:
+                os.close(fd)
     return directories
 
 

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 from qimem import batch, fileio, stream
 from qimem.app import AppContext
 from qimem.batch import Progress, _groups, _Options, run_group
-from qimem.batch_plan import ENCRYPT, FileResult, Task, open_input
+from qimem.batch_plan import (
+    ENCRYPT,
+    FileResult,
+    Task,
+    check_identity,
+    open_input,
+    output_dir_fd,
+    output_exists,
+)
 from qimem.errors import QimemError
 from qimem.services import files as file_services
 from qimem.services.files import KeySource
@@ -86,12 +94,18 @@ def _worker_range(
     start: int,
     stop: int,
     nofollow: bool = False,
+    src_ident: tuple[int, int] | None = None,
+    tmp_ident: tuple[int, int] | None = None,
 ) -> int:
-    """Seal (or open) segments ``[start, stop)`` of one file into its temp output."""
+    """Seal (or open) segments ``[start, stop)`` of one file into its temp output.
+    ``src_ident`` / ``tmp_ident``: the (device, inode) the input and the temp output must
+    have (a directory on either path swapped for a link is refused)."""
     keyring = _WORKER["keyring"]
     in_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
+    check_identity(in_fd, src_ident, src)
     try:
         out_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        check_identity(out_fd, tmp_ident, tmp)
         try:
             header_fd = out_fd if operation == ENCRYPT else in_fd
             with open(os.dup(header_fd), "rb") as fh:
@@ -137,6 +151,23 @@ class _Split:
     size: int  # plaintext size (encrypt) or segment bytes (decrypt)
     count: int = 1  # segments
     error: BaseException | None = None
+    dir_fd: int | None = None  # the output directory (see batch_plan.output_dir_fd)
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
+    def close(self) -> None:
+        """Close the temp file's and the directory's descriptors (idempotent)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if self.dir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.dir_fd)
+            self.dir_fd = None
 
     def share(self, start: int, stop: int) -> int:
         """The input bytes of segments ``[start, stop)`` for progress (the shares of all
@@ -150,7 +181,20 @@ def _prepare_split(
 ) -> tuple[_Split, list[tuple[int, int]]]:
     """Create the temp output (with its header when encrypting) and the segment ranges."""
     assert task.src is not None and task.dst is not None
-    if not opts.force and os.path.lexists(task.dst):
+    dir_fd = output_dir_fd(task)
+    try:
+        return _prepare_split_in(keyring, task, opts, jobs, dir_fd)
+    except BaseException:
+        if dir_fd is not None:
+            os.close(dir_fd)
+        raise
+
+
+def _prepare_split_in(
+    keyring: stream.Keyring, task: Task, opts: _Options, jobs: int, dir_fd: int | None
+) -> tuple[_Split, list[tuple[int, int]]]:
+    assert task.src is not None and task.dst is not None
+    if not opts.force and output_exists(task, dir_fd):
         raise fileio.conflict(task.dst)
     r = task.result
     if opts.operation == ENCRYPT:
@@ -174,21 +218,21 @@ def _prepare_split(
         total = plain
         r.bytes_in, r.bytes_out = task.size, plain
         r.key_id, r.version = header.key_id, header.key_version
-    fd, tmp = fileio.create_temp(task.dst, opts.owner)
+    fd, tmp = fileio.create_temp(task.dst, opts.owner, dir_fd=dir_fd)
     try:
         if opts.operation == ENCRYPT:
             os.pwrite(fd, header.encode(), 0)
         os.ftruncate(fd, total)
     except BaseException:
         os.close(fd)
-        tmp.unlink()
+        fileio.remove_temp(tmp, dir_fd)
         raise
     # At least one range per worker, and none over batch.RANGE_BYTES: balances the workers and
     # keeps Ctrl-C quick (running tasks are allowed to finish).
     pieces = max(1, min(count, max(jobs, -(-task.size // batch.RANGE_BYTES))))
     bounds = [count * i // pieces for i in range(pieces + 1)]
     ranges = [(bounds[i], bounds[i + 1]) for i in range(pieces) if bounds[i] < bounds[i + 1]]
-    return _Split(task, fd, tmp, len(ranges), size, max(1, count)), ranges
+    return _Split(task, fd, tmp, len(ranges), size, max(1, count), dir_fd=dir_fd), ranges
 
 
 def _finish_split(split: _Split, opts: _Options) -> None:
@@ -200,17 +244,19 @@ def _finish_split(split: _Split, opts: _Options) -> None:
         os.fsync(split.fd)
         os.close(split.fd)
         split.fd = -1
-        fileio.commit(split.tmp, task.dst, force=opts.force)
-        fileio.fsync_dir(task.dst.parent)
+        fileio.commit(split.tmp, task.dst, force=opts.force, dir_fd=split.dir_fd)
+        if split.dir_fd is None:
+            fileio.fsync_dir(task.dst.parent)
+        else:
+            with contextlib.suppress(OSError):
+                os.fsync(split.dir_fd)
         task.result.ok = True
     except (QimemError, OSError) as exc:
         task.result.fail(exc)
     finally:
-        if split.fd >= 0:
-            os.close(split.fd)
         if not task.result.ok:
-            with contextlib.suppress(FileNotFoundError):
-                split.tmp.unlink()
+            fileio.remove_temp(split.tmp, split.dir_fd)
+        split.close()
 
 
 # ------------------------------------------------------------------------ runner
@@ -265,6 +311,8 @@ def run_parallel(
                     start,
                     stop,
                     task.nofollow,
+                    task.ident,
+                    split.ident,
                 )
                 futures[future] = ("range", (split, start, stop))
         for group in groups:
@@ -281,12 +329,9 @@ def run_parallel(
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         for split in splits:
-            if split.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(split.fd)
-                split.fd = -1
-            with contextlib.suppress(FileNotFoundError):
-                split.tmp.unlink()
+            if split.fd >= 0 or split.dir_fd is not None:  # not finished yet
+                fileio.remove_temp(split.tmp, split.dir_fd)
+            split.close()
         raise
     pool.shutdown(wait=True)
 

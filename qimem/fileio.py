@@ -80,16 +80,22 @@ def temp_name(target: Path, owner: int | None = None) -> Path:
     return target.with_name(f".{os.fsdecode(name)}{tail}")
 
 
-def create_temp(target: Path, owner: int | None = None, mode: int = 0o600) -> tuple[int, Path]:
+def create_temp(
+    target: Path, owner: int | None = None, mode: int = 0o600, *, dir_fd: int | None = None
+) -> tuple[int, Path]:
     """Create a temp file next to ``target`` (random name, ``O_EXCL | O_NOFOLLOW``, ``mode``
     0600 by default); returns ``(fd, path)``. This is the one way qimem creates temp files.
+    With ``dir_fd`` (an open descriptor of ``target``'s directory, see
+    :func:`open_dir_below`), the file is created in that very directory, whatever its
+    path now resolves to.
 
     :raises ValidationError: the target directory does not exist or is not writable.
     """
     for _ in range(16):
         tmp = temp_name(target, owner)
         try:
-            return os.open(tmp, CREATE_FLAGS, mode), tmp
+            where = tmp.name if dir_fd is not None else tmp
+            return os.open(where, CREATE_FLAGS, mode, dir_fd=dir_fd), tmp
         except FileExistsError:  # taken (or planted): never reuse it, draw another name
             continue
         except FileNotFoundError:
@@ -127,44 +133,114 @@ def sync_files(fds: list[int]) -> None:
         os.fsync(fd)
 
 
-def commit(tmp: Path, target: Path, *, force: bool) -> None:
-    """Move a complete, synced temp file to ``target``.
+def remove_temp(tmp: Path, dir_fd: int | None = None) -> None:
+    """Remove temp file ``tmp`` (relative to ``dir_fd`` when given); gone already is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp.name if dir_fd is not None else tmp, dir_fd=dir_fd)
+
+
+def commit(tmp: Path, target: Path, *, force: bool, dir_fd: int | None = None) -> None:
+    """Move a complete, synced temp file to ``target``. With ``dir_fd`` (the directory
+    ``tmp`` was created in, see :func:`create_temp`), both names are relative to it.
 
     :raises ConflictError: ``target`` exists and ``force`` is false (the temp is removed).
     """
+    src: str | Path = tmp.name if dir_fd is not None else tmp
+    dst: str | Path = target.name if dir_fd is not None else target
     if force:
-        os.replace(tmp, target)
+        os.replace(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
     renameat2 = _libc("renameat2")
     if renameat2 is not None:  # Linux: one atomic rename that refuses to replace
-        rc = renameat2(
-            _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-        )
+        at = _AT_FDCWD if dir_fd is None else dir_fd
+        rc = renameat2(at, os.fsencode(src), at, os.fsencode(dst), _RENAME_NOREPLACE)
         if rc == 0:
             return
         err = _get_errno()
         if err == errno.EEXIST:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            remove_temp(tmp, dir_fd)
             raise conflict(target)
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), str(target))
     try:
-        os.link(tmp, target)
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        remove_temp(tmp, dir_fd)
         raise conflict(target) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         # A filesystem without hard links: check, then rename (a tiny race remains).
-        if target.exists():
-            tmp.unlink()
+        if os.path.lexists(target) if dir_fd is None else _exists_at(str(dst), dir_fd):
+            remove_temp(tmp, dir_fd)
             raise conflict(target) from None
-        os.replace(tmp, target)
+        os.replace(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
-    tmp.unlink()
+    remove_temp(tmp, dir_fd)
+
+
+def _exists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+#: Open a directory, never through a symbolic link (in the last component).
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def unsafe_output_dir(path: Path) -> ValidationError:
+    """The per-file error for an output directory that is a link or not a directory."""
+    what = "a symbolic link" if os.path.islink(path) else "not a directory"
+    return ValidationError(
+        f"{path} is {what}: nothing is written through it (outputs stay inside the "
+        "output directory)",
+        code="unsafe_output_path",
+    )
+
+
+def open_dir_below(
+    root: Path, directory: Path, *, create: bool = False, created: list[Path] | None = None
+) -> int:
+    """An open descriptor of ``directory``, reached from ``root`` one component at a time
+    with ``O_DIRECTORY | O_NOFOLLOW`` (``root`` itself is opened normally: the user named
+    it). With ``create``, missing components are made (``mkdir`` relative to their
+    parent's descriptor) and appended to ``created``. Files created and renamed relative
+    to the result (:func:`create_temp`, :func:`commit` with ``dir_fd``) land in
+    ``directory`` itself, even if a component is swapped for a link meanwhile.
+
+    :raises ValidationError: a component below ``root`` is a symbolic link or not a
+        directory (code ``unsafe_output_path``).
+    """
+    parts = directory.relative_to(root).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    current = root
+    try:
+        for part in parts:
+            current = current / part
+            if create:
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                else:
+                    if created is not None:
+                        created.append(current)
+            try:
+                below = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise unsafe_output_dir(current) from None
+                exc.filename = str(current)
+                raise
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(directory: Path) -> None:
@@ -200,12 +276,15 @@ def temp_owner(name: str) -> int | None:
     return int(pid)
 
 
-def cleanup_stale_temps(directory: Path, *, owner: int | None = None) -> int:
-    """Remove our temp files in ``directory``: those of ``owner`` if given, else those
-    whose owner process is gone. Returns how many were removed."""
+def cleanup_stale_temps(directory: Path | int, *, owner: int | None = None) -> int:
+    """Remove our temp files in ``directory`` (a path, or an open directory descriptor):
+    those of ``owner`` if given, else those whose owner process is gone. Returns how many
+    were removed."""
     removed = 0
+    dir_fd = directory if isinstance(directory, int) else None
     try:
-        entries = list(os.scandir(directory))
+        with os.scandir(directory) as it:
+            entries = list(it)
     except OSError:
         return 0
     for entry in entries:
@@ -214,7 +293,7 @@ def cleanup_stale_temps(directory: Path, *, owner: int | None = None) -> int:
             continue
         if (owner is not None and pid == owner) or (owner is None and not _alive(pid)):
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                os.unlink(entry.name if dir_fd is not None else entry.path, dir_fd=dir_fd)
                 removed += 1
     return removed
 

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -343,3 +344,184 @@ def test_finding7_a_link_named_on_the_command_line_is_followed(home: Path, plant
     result = run(home, "encrypt", "--key", "k", str(planted / "link"))
     assert result.exit_code == 0, result.output
     assert (planted / "link.qimem").is_file()
+
+
+# ------------------------------------------------------------------------ red team on 6 and 7
+# RT-5: an output directory below --out-dir that is (or becomes) a symbolic link must not be
+# written through. RT-6: O_NOFOLLOW covers only the last path component, so a walked
+# directory swapped for a link after the walk must not let a file be read through it.
+
+
+def _sealed_tree(home: Path, tmp_path: Path, files: dict[str, bytes]) -> Path:
+    plain = tmp_path / "plain"
+    for rel, data in files.items():
+        (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+        (plain / rel).write_bytes(data)
+    out = tmp_path / "sealed"
+    result = run(home, "encrypt", "--key", "k", str(plain), "--out-dir", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_finding6_decrypt_never_writes_through_a_symlinked_subdir_of_out_dir(
+    home: Path, tmp_path: Path
+) -> None:
+    sealed_dir = _sealed_tree(
+        home, tmp_path, {"sub/payroll.csv": SECRET, "a/b/deep.txt": SECRET, "top.txt": b"top"}
+    )
+    out = tmp_path / "out"  # a shared, pre-created output directory
+    (out / "a").mkdir(parents=True)
+    outside = tmp_path / "attacker-readable"
+    outside.mkdir()
+    (out / "sub").symlink_to(outside)  # planted: out/sub -> outside
+    (out / "a" / "b").symlink_to(outside)  # and one level deeper
+    result = run(home, "decrypt", str(sealed_dir), "--out-dir", str(out))
+    assert sorted(os.listdir(outside)) == []  # nothing written outside --out-dir
+    assert result.exit_code == 3, result.output  # validation: the two inputs fail alone
+    assert "Traceback" not in result.output
+    assert "symbolic link" in result.output and str(out / "sub") in result.output
+    assert (out / "top.txt").read_bytes() == b"top"  # the others proceed
+
+
+def test_finding6_json_names_the_unsafe_output_directory(home: Path, tmp_path: Path) -> None:
+    sealed_dir = _sealed_tree(home, tmp_path, {"sub/x.txt": b"x"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(tmp_path)
+    result = run(home, "decrypt", str(sealed_dir), "--out-dir", str(out), "--json")
+    data = json.loads(result.stdout)
+    (failure,) = [r for r in data["results"] if not r["ok"]]
+    assert failure["error"] == "unsafe_output_path"
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_finding6_a_file_in_place_of_an_output_subdir_fails_alone(
+    home: Path, tmp_path: Path
+) -> None:
+    sealed_dir = _sealed_tree(home, tmp_path, {"sub/x.txt": b"x", "y.txt": b"y"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_bytes(b"not a directory")
+    result = run(home, "decrypt", str(sealed_dir), "--out-dir", str(out))
+    assert result.exit_code == 3 and "Traceback" not in result.output, result.output
+    assert (out / "y.txt").read_bytes() == b"y"
+
+
+def test_finding6_out_dir_itself_may_be_a_symlink_the_user_named(
+    home: Path, tmp_path: Path
+) -> None:
+    sealed_dir = _sealed_tree(home, tmp_path, {"sub/x.txt": b"x"})
+    real = tmp_path / "real-out"
+    real.mkdir()
+    (tmp_path / "out").symlink_to(real)
+    result = run(home, "decrypt", str(sealed_dir), "--out-dir", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert (real / "sub" / "x.txt").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_finding6_subdir_swapped_for_a_link_after_it_was_prepared(
+    keyed: tuple[AppContext, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    jobs: int,
+) -> None:
+    """The race: out/sub is a real directory when the run creates it, and a link by the time
+    the output is written (small files and, with jobs > 1, a file split across workers)."""
+    app, _ = keyed
+    monkeypatch.setattr(batch, "SPLIT_BYTES", 1 << 16)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "small.txt").write_bytes(SECRET)
+    (src / "sub" / "big.bin").write_bytes(os.urandom(1 << 18))
+    out = tmp_path / "out"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tasks = batch.plan([src], batch.ENCRYPT, out_dir=out)
+    real_prepare = batch._prepare_directories
+
+    def prepare_then_swap(todo: list[batch.Task], created: list[Path]) -> set[Path]:
+        directories = real_prepare(todo, created)
+        os.rename(out / "sub", tmp_path / "moved")
+        (out / "sub").symlink_to(outside)  # swapped after it was made and checked
+        return directories
+
+    monkeypatch.setattr(batch, "_prepare_directories", prepare_then_swap)
+    result = batch.run(app, tasks, batch.ENCRYPT, key_ref="p", jobs=jobs)
+    assert sorted(os.listdir(outside)) == []
+    assert len(result.failures) == 2
+    for failure in result.failures:
+        assert failure.error == "unsafe_output_path", failure
+    assert sorted(os.listdir(tmp_path / "moved")) == []  # no temp file left behind
+
+
+def test_finding7_walked_file_read_through_a_parent_swapped_for_a_link_is_refused(
+    keyed: tuple[AppContext, bytes], tmp_path: Path
+) -> None:
+    app, _ = keyed
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "notes.txt").write_bytes(b"harmless")
+    (src / "keep.txt").write_bytes(b"keep")
+    victim = tmp_path / "victim"  # e.g. the victim's ~/.ssh, not meant to be encrypted
+    victim.mkdir()
+    (victim / "notes.txt").write_bytes(SECRET)
+    tasks = batch.plan([src], batch.ENCRYPT, out_dir=tmp_path / "o")
+    os.rename(src / "sub", tmp_path / "moved")  # the walked directory is swapped ...
+    (src / "sub").symlink_to(victim)  # ... for a link between the walk and the read
+    [task] = [t for t in tasks if t.src is not None and t.src.name == "notes.txt"]
+    with pytest.raises(OSError):
+        os.close(batch.open_input(task))
+    result = batch.run(app, tasks, batch.ENCRYPT, key_ref="p")
+    (failure,) = result.failures
+    assert failure.error == "input_changed", failure
+    assert failure.message and "changed since" in failure.message
+    assert not (tmp_path / "o" / "sub" / "notes.txt.qimem").exists()
+    assert (tmp_path / "o" / "keep.txt.qimem").is_file()
+
+
+def test_finding7_split_file_read_through_a_swapped_parent_is_refused(
+    keyed: tuple[AppContext, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = keyed
+    monkeypatch.setattr(batch, "SPLIT_BYTES", 1 << 16)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "big.bin").write_bytes(os.urandom(1 << 18))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "big.bin").write_bytes(SECRET * 5000)
+    tasks = batch.plan([src], batch.ENCRYPT, out_dir=tmp_path / "o")
+    os.rename(src / "sub", tmp_path / "moved")
+    (src / "sub").symlink_to(victim)
+    result = batch.run(app, tasks, batch.ENCRYPT, key_ref="p", jobs=2)
+    (failure,) = result.failures
+    assert failure.error == "input_changed", failure
+    assert not list((tmp_path / "o").rglob("big.bin*"))
+
+
+def test_finding7_the_walk_does_not_descend_into_a_directory_swapped_for_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between listing in/ and reading in/sub, sub becomes a link: the walk refuses it."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "mine.txt").write_bytes(b"mine")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "id_rsa").write_bytes(SECRET)
+    real_scandir = os.scandir
+    swapped: list[bool] = []
+
+    def scandir_then_swap(path: Any) -> Any:
+        it = real_scandir(path)
+        if not swapped:  # right after the top directory was listed
+            swapped.append(True)
+            os.rename(src / "sub", tmp_path / "moved")
+            (src / "sub").symlink_to(victim)
+        return it
+
+    monkeypatch.setattr(os, "scandir", scandir_then_swap)
+    tasks = batch.plan([src], batch.ENCRYPT)
+    assert [t.src for t in tasks] == []
+    assert [s.reason for s in tasks.skipped] == ["symlink"]  # type: ignore[attr-defined]
