@@ -53,6 +53,7 @@ def create_app(
     metrics: Metrics | None = None,
     allowed_hosts: Iterable[str] = (),
     trusted_proxies: Iterable[Network] = (),
+    require_tls_proxy: bool | None = None,
 ) -> falcon.App:
     """Build the WSGI app serving ``app_ctx``.
 
@@ -67,13 +68,24 @@ def create_app(
         ``qimem serve --insecure-no-auth`` passes the loopback names).
     :param trusted_proxies: reverse proxies whose ``X-Forwarded-For``/``-Proto`` give the
         client's address (``req.context.client_addr``) and scheme.
+    :param require_tls_proxy: refuse with 403 ``direct_access_refused`` a request whose peer
+        is neither a trusted proxy nor loopback, or that a proxy forwards with an
+        ``X-Forwarded-Proto`` other than ``https``; default: when ``trusted_proxies`` are
+        given (``qimem serve --insecure-plain-http`` passes False).
     """
+    trusted_proxies = tuple(trusted_proxies)
+    if require_tls_proxy is None:
+        require_tls_proxy = bool(trusted_proxies)
     auth = IdentityAuthMiddleware(app_ctx, insecure_no_auth=insecure_no_auth)
     metrics = metrics or Metrics()
     app = falcon.App(
         middleware=[
             RequestIdMiddleware(),
-            ClientMiddleware(allowed_hosts=allowed_hosts, trusted_proxies=trusted_proxies),
+            ClientMiddleware(
+                allowed_hosts=allowed_hosts,
+                trusted_proxies=trusted_proxies,
+                require_tls_proxy=require_tls_proxy,
+            ),
             MetricsMiddleware(metrics),
             AccessLogMiddleware(),
             BodyLimitMiddleware(max_body_bytes),

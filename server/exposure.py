@@ -12,6 +12,14 @@
     the right-most address in ``X-Forwarded-For`` that is not a trusted proxy (addresses
     left of it were written by the client and prove nothing). ``req.context.client_scheme``
     is ``X-Forwarded-Proto`` from a trusted proxy, else the connection's scheme.
+  - With ``require_tls_proxy`` (``qimem serve --trusted-proxy`` without
+    ``--insecure-plain-http``), the server is meant to be reached through its TLS proxy
+    only: a request whose peer is neither a trusted proxy nor loopback, or that a trusted
+    proxy forwards with ``X-Forwarded-Proto`` other than ``https`` (it reached the proxy
+    over plain HTTP), gets 403 ``direct_access_refused`` before authentication, its body
+    unread. Loopback peers are served: their traffic never leaves the host (health
+    checks, an operator on the machine). A proxy that sends no ``X-Forwarded-Proto`` is
+    believed (the documented nginx config always sends it).
 
 * :func:`check_exposure` refuses a non-loopback bind unless the operator said how TLS is
   provided: ``--trusted-proxy`` (TLS ends at a reverse proxy) or ``--insecure-plain-http``.
@@ -41,6 +49,14 @@ class HostNotAllowedError(ValidationError):
     http_status = 421
     code = "host_not_allowed"
     title = "Misdirected request"
+
+
+class DirectAccessRefusedError(ValidationError):
+    """The request did not come through the TLS-terminating proxy this server sits behind."""
+
+    http_status = 403
+    code = "direct_access_refused"
+    title = "Forbidden"
 
 
 def split_host(value: str) -> tuple[str, str | None] | None:
@@ -120,6 +136,9 @@ class ClientMiddleware:
     :param allowed_hosts: accepted ``Host`` values (see :func:`normalize_allowed_hosts`);
         empty: any. ``qimem serve --insecure-no-auth`` passes :data:`LOOPBACK_HOSTS`.
     :param trusted_proxies: peers whose ``X-Forwarded-For``/``-Proto`` are honoured.
+    :param require_tls_proxy: refuse (403 ``direct_access_refused``) a request whose peer is
+        neither a trusted proxy nor loopback, and one a trusted proxy forwards with an
+        ``X-Forwarded-Proto`` other than ``https``.
     """
 
     def __init__(
@@ -127,11 +146,13 @@ class ClientMiddleware:
         *,
         allowed_hosts: Iterable[str] = (),
         trusted_proxies: Iterable[Network] = (),
+        require_tls_proxy: bool = False,
     ) -> None:
         self._hosts = normalize_allowed_hosts(allowed_hosts) or None
         self._accepted: set[str] = set()  # Host values seen and accepted (bounded)
         self._proxies = tuple(trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
+        self._require_tls_proxy = require_tls_proxy
 
     def _trusted(self, address: str) -> bool:
         known = self._trusted_cache.get(address)
@@ -148,6 +169,11 @@ class ClientMiddleware:
         req.context.client_scheme = req.scheme
         if self._proxies and self._trusted(peer):
             self._from_proxy(req, peer)
+        elif self._require_tls_proxy and not is_loopback(peer):
+            raise DirectAccessRefusedError(
+                "this server is served through its TLS proxy; connect there (direct "
+                "connections are refused)"
+            )
         if self._hosts is not None:
             header = req.get_header("Host")
             if header not in self._accepted:
@@ -189,6 +215,11 @@ class ClientMiddleware:
             proto = proto.split(",")[-1].strip().lower()
             if proto in ("http", "https"):
                 req.context.client_scheme = proto
+            if self._require_tls_proxy and proto != "https":
+                raise DirectAccessRefusedError(
+                    "this server is served through its TLS proxy over HTTPS only; the proxy "
+                    "forwarded a request that did not arrive over HTTPS: connect with https://"
+                )
 
 
 def _bind_addresses(host: str, port: int) -> list[str]:
@@ -206,7 +237,10 @@ def check_exposure(
 ) -> str | None:
     """Refuse a non-loopback bind unless TLS is provided by a proxy or plain HTTP is chosen.
 
-    Returns a warning to print (plain HTTP on a network), or None.
+    Returns a warning to print (plain HTTP on a network), or None. With trusted proxies
+    and without ``insecure_plain_http``, the app refuses peers that are neither a proxy nor
+    loopback (``ClientMiddleware(require_tls_proxy=True)``); ``insecure_plain_http`` lets
+    them in, with the warning.
 
     :raises ConfigError: a non-loopback bind without ``--trusted-proxy`` or
         ``--insecure-plain-http``.
@@ -214,13 +248,13 @@ def check_exposure(
     addresses = _bind_addresses(host, port)
     if addresses and all(is_loopback(a) for a in addresses):
         return None
-    if tuple(trusted_proxies):
-        return None
     if insecure_plain_http:
         return (
             f"warning: serving plain HTTP on {host!r}, which is not a loopback address: bearer "
             "tokens and key material cross the network unencrypted"
         )
+    if tuple(trusted_proxies):
+        return None
     raise ConfigError(
         f"refusing to bind {host!r}, which is not a loopback address, without TLS: put a "
         "TLS-terminating reverse proxy in front and name it with --trusted-proxy ADDR "

@@ -90,7 +90,7 @@ class ServeProcess:
     def wait_ready(self) -> ServeProcess:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
-            found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))", self.log())
+            found = re.search(r"serving on (http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+))", self.log())
             if found:
                 self.url, self.port = found.group(1), int(found.group(2))
                 return self

@@ -244,13 +244,23 @@ class Echo:
         resp.media = {"client": req.context.client_addr, "scheme": req.context.client_scheme}
 
 
-def client_of(peer: str, headers: dict[str, str], proxies: list[str]) -> dict[str, str]:
+def echo_as(peer: str, headers: dict[str, str], proxies: list[str], *,
+            require_tls_proxy: bool = False) -> testing.Result:  # fmt: skip
+    """GET / from ``peer`` on an app that echoes what :class:`ClientMiddleware` worked out
+    (qimem's error handlers installed)."""
+    from qimem.server import errors
     from qimem.server.exposure import ClientMiddleware, parse_trusted_proxies
 
-    app = falcon.App(middleware=[ClientMiddleware(trusted_proxies=parse_trusted_proxies(proxies))])
+    middleware = ClientMiddleware(trusted_proxies=parse_trusted_proxies(proxies),
+                                  require_tls_proxy=require_tls_proxy)  # fmt: skip
+    app = falcon.App(middleware=[middleware])
+    errors.install(app)
     app.add_route("/", Echo())
-    result = testing.TestClient(app).simulate_get("/", headers=headers, remote_addr=peer)
-    return dict(result.json)
+    return testing.TestClient(app).simulate_get("/", headers=headers, remote_addr=peer)
+
+
+def client_of(peer: str, headers: dict[str, str], proxies: list[str]) -> dict[str, str]:
+    return dict(echo_as(peer, headers, proxies).json)
 
 
 @pytest.mark.parametrize(
@@ -288,3 +298,168 @@ def test_exposure_operations_doc_shows_exactly_the_tested_nginx_config() -> None
     doc = (REPO / "docs" / "operations.md").read_text("utf-8")
     blocks = re.findall(r"```nginx\n(.*?)```", doc, flags=re.S)
     assert blocks == [NGINX_SITE_TEMPLATE.read_text("utf-8")]
+
+
+# ---- behind a proxy, whoever bypasses it is refused (red-team RT-4) -----------------------
+
+PROXY_NET = ["10.0.0.0/29"]
+NETWORK_CLIENT = "203.0.113.7"  # a documentation address: only ever a simulated peer
+HTTPS, HTTP = {"X-Forwarded-Proto": "https"}, {"X-Forwarded-Proto": "http"}
+
+
+def assert_direct_access_refused(status: int, body: Any) -> None:
+    assert status == 403, body
+    assert body["error"]["code"] == "direct_access_refused"
+    assert "TLS proxy" in body["error"]["message"]
+    assert "access_token" not in json.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "served"),
+    [
+        (NETWORK_CLIENT, {}, False),  # straight to waitress, plain HTTP
+        (f"::ffff:{NETWORK_CLIENT}", {}, False),
+        ("2001:db8::7", {}, False),
+        (NETWORK_CLIENT, {"X-Forwarded-For": "10.0.0.5", **HTTPS}, False),  # claims prove nothing
+        ("127.0.0.1", {}, True),  # loopback: never leaves the host (health checks)
+        ("::1", {}, True),
+        ("127.0.0.3", HTTP, True),  # not a proxy: its header means nothing
+        ("10.0.0.5", HTTPS, True),
+        ("10.0.0.5", {"X-Forwarded-Proto": "HTTPS"}, True),
+        ("10.0.0.5", {}, True),  # a proxy that says nothing is believed
+        ("10.0.0.5", HTTP, False),  # the client reached the proxy over plain HTTP
+        ("10.0.0.5", {"X-Forwarded-Proto": "https, http"}, False),  # the nearest hop decides
+        ("10.0.0.5", {"X-Forwarded-Proto": "ws"}, False),
+    ],
+)
+def test_exposure_peers_that_bypass_the_tls_proxy_are_refused(
+    peer: str, headers: dict[str, str], served: bool
+) -> None:
+    result = echo_as(peer, headers, PROXY_NET, require_tls_proxy=True)
+    if served:
+        assert result.status_code == 200, result.text
+    else:
+        assert_direct_access_refused(result.status_code, result.json)
+    # --insecure-plain-http (require_tls_proxy=False): everyone is served, as before
+    assert echo_as(peer, headers, PROXY_NET).status_code == 200
+
+
+class UnreadableBody:
+    """A request body that must not be read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, *args: Any) -> bytes:
+        self.reads += 1
+        raise AssertionError("the body was read")
+
+    readline = read
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        self.reads += 1
+        raise AssertionError("the body was read")
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.reads += 1
+        raise AssertionError("the body was read")
+
+
+@pytest.fixture
+def master_app(tmp_path: Path) -> Iterator[Any]:
+    """An identity app with realm master and its admin (``identity_helpers``)."""
+    from identity_helpers import close_app, identity_app
+
+    from qimem.rootkey import encode_root_key, generate_root_key
+
+    app = identity_app(f"sqlite:///{tmp_path / 'qimem.db'}", encode_root_key(generate_root_key()))
+    yield app
+    close_app(app)
+
+
+def test_exposure_the_app_behind_a_proxy_refuses_a_direct_peer_before_authentication(
+    master_app: Any,
+) -> None:
+    from identity_helpers import ADMIN_PASSWORD as MASTER_PASSWORD
+
+    from qimem.server.app import create_app
+    from qimem.server.exposure import check_exposure, parse_trusted_proxies
+
+    proxies = parse_trusted_proxies(PROXY_NET)
+    assert check_exposure("0.0.0.0", 8080, trusted_proxies=proxies,  # noqa: S104
+                          insecure_plain_http=False) is None  # fmt: skip
+    client = testing.TestClient(create_app(master_app, trusted_proxies=proxies))
+    login = {"grant_type": "password", "username": "admin", "password": MASTER_PASSWORD}
+    token_path = "/v1/auth/realms/master/token"
+    direct = client.simulate_post(token_path, json=login, remote_addr=NETWORK_CLIENT)
+    assert_direct_access_refused(direct.status_code, direct.json)
+    # before authentication (403, not 401) and before the body is read
+    body = UnreadableBody()
+    keys = client.simulate_post("/v1/security/keys", remote_addr=NETWORK_CLIENT,
+                                headers={"Content-Length": "100"},
+                                extras={"wsgi.input": body})  # fmt: skip
+    assert_direct_access_refused(keys.status_code, keys.json)
+    assert body.reads == 0
+    assert client.simulate_get("/healthz", remote_addr="127.0.0.1").status_code == 200
+    via_proxy = client.simulate_post(token_path, json=login, remote_addr="10.0.0.5",
+                                     headers=HTTPS)  # fmt: skip
+    assert via_proxy.status_code == 200 and via_proxy.json["access_token"]
+    plain = client.simulate_post(token_path, json=login, remote_addr="10.0.0.5", headers=HTTP)
+    assert_direct_access_refused(plain.status_code, plain.json)
+    # create_app without proxies: nothing changes for a plain server
+    open_client = testing.TestClient(create_app(master_app))
+    assert open_client.simulate_get("/healthz", remote_addr=NETWORK_CLIENT).status_code == 200
+
+
+def fetch(port: int, path: str, *, source: str, headers: dict[str, str],
+          login: bool = False) -> tuple[int, Any]:  # fmt: skip
+    """GET ``path`` (or POST the master admin's password login) to 127.0.0.1:``port`` from
+    the loopback address ``source``; (status, JSON body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        if login:
+            body = json.dumps({"grant_type": "password", "username": "admin",
+                               "password": ADMIN_PASSWORD})  # fmt: skip
+            conn.request("POST", path, body=body,
+                         headers={**headers, "Content-Type": "application/json"})  # fmt: skip
+        else:
+            conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_exposure_a_real_server_on_every_interface_refuses_plain_http_via_its_proxy(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(tmp_path / "home")
+    init = run("qimem", "init", "--admin-password-stdin", env=env, cwd=tmp_path,
+               stdin=ADMIN_PASSWORD + "\n")  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    with (tmp_path / "home" / "config.toml").open("a") as fh:
+        fh.write(FAST_IDENTITY)
+    token = "/v1/auth/realms/master/token"
+    every = ("--host", "0.0.0.0", "--trusted-proxy", PROXY_ADDR)  # noqa: S104
+    strict = ServeProcess(tmp_path, env, *every, insecure=False, name="strict")
+    try:
+        port = strict.wait_ready().port
+        assert "warning" not in strict.log()
+        status, body = fetch(port, token, source=PROXY_ADDR, headers=HTTP, login=True)
+        assert_direct_access_refused(status, body)
+        status, body = fetch(port, token, source=PROXY_ADDR, headers=HTTPS, login=True)
+        assert status == 200 and body["access_token"]
+        assert fetch(port, "/healthz", source="127.0.0.1", headers={})[0] == 200
+    finally:
+        assert strict.stop() == 0
+    assert "Traceback" not in strict.log()
+    plain = ServeProcess(tmp_path, env, *every, "--insecure-plain-http", insecure=False,
+                         name="plain")  # fmt: skip
+    try:
+        port = plain.wait_ready().port
+        assert "warning: serving plain HTTP on '0.0.0.0'" in plain.log()
+        assert fetch(port, "/healthz", source=PROXY_ADDR, headers=HTTP)[0] == 200
+    finally:
+        assert plain.stop() == 0

@@ -5,8 +5,9 @@ API alone, with the short paths ``POST /keys``, ``/encrypt``, ``/decrypt``, ``/r
 Every endpoint except health, metrics and JWKS needs a bearer token (see docs/identity.md);
 ``--insecure-no-auth`` serves without tokens for local development, loopback binds only.
 A non-loopback bind needs ``--trusted-proxy`` (TLS at a reverse proxy) or
-``--insecure-plain-http``. Connection limits, timeouts, allowed hosts and trusted proxies
-also come from the config file's ``[serve]`` table; options override it.
+``--insecure-plain-http``; behind a proxy, peers that bypass it get 403 unless
+``--insecure-plain-http`` is also given. Connection limits, timeouts, allowed hosts and
+trusted proxies also come from the config file's ``[serve]`` table; options override it.
 """
 
 from __future__ import annotations
@@ -112,12 +113,14 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "trusted_proxies",
             multiple=True,
             help="Address or network of a TLS-terminating reverse proxy whose X-Forwarded-For "
-            "and X-Forwarded-Proto are honoured; allows a non-loopback bind. Repeatable.",
+            "and X-Forwarded-Proto are honoured; allows a non-loopback bind, and peers that "
+            "bypass it (neither a proxy nor loopback) are then refused. Repeatable.",
         ),
         click.option(
             "--insecure-plain-http",
             is_flag=True,
-            help="Allow a non-loopback bind without a TLS proxy (tokens travel in clear).",
+            help="Allow a non-loopback bind without a TLS proxy, or (with --trusted-proxy) "
+            "direct peers that bypass it (tokens travel in clear).",
         ),
         click.option(
             "--access-log/--no-access-log",
@@ -257,6 +260,8 @@ def run_server(
         # unauthenticated: a browser page whose name was rebound to 127.0.0.1 is refused
         allowed_hosts=LOOPBACK_HOSTS if insecure_no_auth else settings.allowed_hosts,
         trusted_proxies=proxies,
+        # behind a TLS proxy, peers that bypass it get 403 unless plain HTTP was chosen
+        require_tls_proxy=bool(proxies) and not insecure_plain_http,
     )
     try:
         server = Server(
