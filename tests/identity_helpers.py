@@ -88,6 +88,58 @@ def raw_sql(url: str, statement: str, **params: Any) -> int:
         engine.dispose()
 
 
+def integrity_failures(table: str) -> float:
+    """``qimem_authz_integrity_failures_total{table=...}`` so far (finding 15's counter)."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("qimem_authz_integrity_failures_total", {"table": table})
+    return value or 0.0
+
+
+def insert_signing_key(url: str, realm: str, *, active: bool = False) -> tuple[str, Any]:
+    """As a database writer without the root key: INSERT an Ed25519 signing key of one's
+    own into ``realm`` (junk in place of the wrapped private key). Its kid and private key."""
+    import base64
+    import uuid
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = Ed25519PrivateKey.generate()
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    kid = f"attacker-{uuid.uuid4().hex[:8]}"
+    raw_sql(
+        url,
+        "INSERT INTO qimem_signing_keys (kid, realm, public_key, private_wrapped, active, "
+        "created_at, retire_at) VALUES (:kid, :realm, :pub, :junk, :active, :at, NULL)",
+        kid=kid,
+        realm=realm,
+        pub=base64.urlsafe_b64encode(public).rstrip(b"=").decode(),
+        junk=b"\x01" + bytes(40),
+        active=active,
+        at=9e9 if active else 0.0,
+    )
+    return kid, private
+
+
+def during_signing(app: AppContext, action: Any) -> None:
+    """Run ``action()`` once, just before ``app``'s identity signs its next access token
+    (after the grant's transaction committed): the window of a race with that grant."""
+    tokens = ids.identity(app).tokens
+    original = tokens.issue
+    fired: list[int] = []
+
+    def issue(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(1)
+            action()
+        return original(*args, **kwargs)
+
+    tokens.issue = issue  # type: ignore[method-assign]  # this identity only
+
+
 def password_login(app: AppContext, realm: str, username: str, password: str):  # type: ignore[no-untyped-def]
     return ids.token(
         app, realm, {"grant_type": "password", "username": username, "password": password}

@@ -23,6 +23,7 @@ from identity_helpers import (
     add_user,
     close_app,
     identity_app,
+    integrity_failures,
     password_login,
     password_of,
     raw_sql,
@@ -30,7 +31,6 @@ from identity_helpers import (
     store_url,
 )
 from migration_helpers import downgrade
-from prometheus_client import REGISTRY
 
 from qimem import services
 from qimem.app import AppContext
@@ -68,8 +68,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path, root_key_b64: str) -> 
     close_app(app)
 
 
-def failures(table: str) -> float:
-    return REGISTRY.get_sample_value("qimem_authz_integrity_failures_total", {"table": table}) or 0
+failures = integrity_failures
 
 
 def assert_reported(

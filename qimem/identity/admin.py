@@ -241,8 +241,8 @@ class Administration(IdentityBase):
                 raise NotFoundError(
                     f"{username!r} does not hold role {role!r}", code="grant_not_found"
                 )
-            # Tokens name their roles; the ones naming this grant must stop working. (Refresh
-            # tokens stay: a refreshed access token carries only the grants held then.)
+            # Tokens name their roles; the ones naming this grant must stop working. So do
+            # his refresh tokens (issued before the cut-off): he logs in again.
             left = roles.grants_of_rows(conn, realm, user.user_id)
             self._cut_off(conn, user, [g for g in held if g in left])
             self.audit.record(

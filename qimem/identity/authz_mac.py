@@ -20,6 +20,9 @@ and the Prometheus counter ``qimem_authz_integrity_failures_total{table=...}``.
 Not covered (documented in docs/identity.md): the lockout counters (``failed_logins``,
 ``locked_until``), which concurrent logins update with atomic SQL counters; rolling a
 user's rows back *together* to an earlier authentic state (e.g. restoring a backup).
+Signing keys (:meth:`qimem.identity.tokens.TokenService._authentic`) and refresh tokens
+(:class:`qimem.identity.refresh.TokenHasher`) are authenticated by their own modules and
+report through the same :class:`Reports`.
 
 Migration 0005 adds the columns without the root key. The rows that existed before it are
 sealed in the migration's own transaction by the process that ran it, which opened the key
@@ -63,15 +66,17 @@ def failures_counter() -> Any:
 
             _counter = Counter(
                 "qimem_authz_integrity_failures",
-                "Authorization rows (users, roles, grants) ignored because their MAC failed.",
+                "Authorization rows (users, roles, grants, signing keys) ignored because "
+                "they fail their integrity check.",
                 ["table"],
             )
-            for table in ("users", "roles", "grants"):
+            for table in ("users", "roles", "grants", "signing_keys"):
                 _counter.labels(table)
         return _counter
 
 
-def _field(value: object) -> bytes:
+def encode_field(value: object) -> bytes:
+    """One field of a MAC'd message: length-prefixed UTF-8 (bools 0/1, floats by repr)."""
     if isinstance(value, bool):
         text = "1" if value else "0"
     elif isinstance(value, float):
@@ -96,7 +101,9 @@ class Sealer:
         self._report = report
 
     def _mac(self, kind: str, fields: tuple[object, ...]) -> str:
-        message = b"qimem authz v1\x00" + _field(kind) + b"".join(_field(f) for f in fields)
+        message = (
+            b"qimem authz v1\x00" + encode_field(kind) + b"".join(encode_field(f) for f in fields)
+        )
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def _check(self, kind: str, fields: tuple[object, ...], mac: str | None, ident: str) -> bool:

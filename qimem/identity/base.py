@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from qimem.errors import ConflictError
-from qimem.identity import realms, roles, users
+from qimem.identity import realms, refresh, roles, users
 from qimem.identity.audit import AuditLog
 from qimem.identity.authz_mac import Reports, Sealer
 from qimem.identity.db import Database
@@ -43,9 +43,11 @@ class IdentityBase:
         self.db = database
         self._wrapper = wrapper
         self.hashing = PasswordHashing(self.settings)
-        self.tokens = TokenService(database, wrapper, self.settings)
         self.audit = AuditLog(database)
-        self.sealer = Sealer(wrapper, Reports(self._integrity_violation))
+        reports = Reports(self._integrity_violation)
+        self.tokens = TokenService(database, wrapper, self.settings, reports)
+        self.sealer = Sealer(wrapper, reports)
+        self.refresh_hasher = refresh.TokenHasher(wrapper)
         self._role_cache: dict[str, tuple[float, dict[str, tuple[str, ...]]]] = {}
         self._verified: dict[str, tuple[Principal, float, int]] = {}
         atexit.register(self.audit.close)

@@ -18,6 +18,7 @@ from qimem.errors import AuthError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.base import IdentityBase
 from qimem.identity.passwords import verify_client_secret
+from qimem.identity.tokens import lock_user_row
 from qimem.identity.users import User
 
 _BAD_LOGIN = "invalid username or password"
@@ -86,13 +87,19 @@ class Logins(IdentityBase):
         )
 
     def _session(
-        self, conn: Connection, realm: str, user: User, **family: Any
+        self, conn: Connection, realm: str, user: User, now: float, **family: Any
     ) -> tuple[list[tuple[str, str]], str, float]:
-        """The user's grants and a new refresh token (``family``: :func:`refresh.issue`'s
-        family or session arguments), in the login's transaction."""
+        """The user's grants and a new refresh token issued at ``now`` (``family``:
+        :func:`refresh.issue`'s family or session arguments), in the login's transaction."""
         grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
         rtoken, rexp = refresh.issue(
-            conn, realm, user.user_id, self.settings.refresh_token_ttl, **family
+            conn,
+            self.refresh_hasher,
+            realm,
+            user.user_id,
+            self.settings.refresh_token_ttl,
+            now=now,
+            **family,
         )
         return grants, rtoken, rexp
 
@@ -155,7 +162,7 @@ class Logins(IdentityBase):
                     users.set_secret_hash(conn, user.user_id, new_hash)
                     users.reseal(conn, self.sealer, user.user_id)
                 grants, rtoken, rexp = self._session(
-                    conn, realm, user, session_max=self.settings.session_max_seconds
+                    conn, realm, user, issued_at, session_max=self.settings.session_max_seconds
                 )
                 self.audit.record(
                     realm,
@@ -203,12 +210,20 @@ class Logins(IdentityBase):
         )
 
     def refresh_grant(self, realm: str, token: str) -> TokenResponse:
-        """Trade a refresh token for new tokens; a reused one revokes its family."""
-        now = time.time()
+        """Trade a refresh token for new tokens; a reused one revokes its family.
+
+        The user's row is write-locked before the token, the account and its grants are
+        (re-)read, and the new tokens' issue time is taken under that lock: a disable, a
+        password change or a role revoke committing concurrently either comes first (and is
+        seen) or cuts off the tokens issued here (finding 8, RT-3)."""
         failure: str | None = None
         user: User | None = None
         with self.db.begin() as conn:
-            record = refresh.find(conn, token)
+            record = refresh.find(conn, self.refresh_hasher, token)
+            if record is not None and record.realm == realm:
+                lock_user_row(conn, record.user_id)
+                record = refresh.find(conn, self.refresh_hasher, token)
+            now = time.time()  # under the row lock
             if record is None or record.realm != realm:
                 failure = "unknown"
             elif record.revoked or record.expires_at < now or record.family_expires_at < now:
@@ -221,6 +236,9 @@ class Logins(IdentityBase):
                 if user is None or not user.enabled or not self.sealer.user_ok(user):
                     refresh.revoke_family(conn, record.family_id)
                     failure = "disabled"
+                elif record.cut_off(user.tokens_valid_after):
+                    refresh.revoke_family(conn, record.family_id)
+                    failure = "cut_off"
             if failure is not None:
                 if user is None and record is not None:
                     user = users.by_id(conn, record.user_id)
@@ -240,6 +258,7 @@ class Logins(IdentityBase):
                     conn,
                     realm,
                     user,
+                    now,
                     family_id=record.family_id,
                     family_expires_at=record.family_expires_at,
                 )
@@ -247,10 +266,14 @@ class Logins(IdentityBase):
         if failure is not None:
             raise AuthError(_BAD_REFRESH, code="invalid_grant")
         assert user is not None
-        return self._respond(realm, user, grants, None, (rtoken, int(rexp - now)))
+        return self._respond(realm, user, grants, now, (rtoken, int(rexp - now)))
 
     def client_credentials_grant(self, realm: str, client_id: str, secret: str) -> TokenResponse:
-        """A service account's access token (no refresh token, as OAuth2 recommends)."""
+        """A service account's access token (no refresh token, as OAuth2 recommends).
+
+        After the secret is verified, the account's row is write-locked and re-read, and
+        the token's issue time taken under that lock (as the password grant does): a
+        disable or role revoke committing concurrently is seen or cuts the token off."""
         with self.db.begin() as conn:
             known_realm = isinstance(realm, str) and realms.exists(conn, realm)
             user = (
@@ -262,23 +285,46 @@ class Logins(IdentityBase):
             user = None
         ok = verify_client_secret(user.secret_hash if user else None, secret)
         ok = ok and user is not None and self.sealer.user_ok(user)
-        if not ok or user is None or not user.enabled:
-            if known_realm:
+        grants: list[tuple[str, str]] = []
+        issued_at = 0.0
+        with self.db.begin() as conn:
+            if ok and user is not None and user.enabled:
+                lock_user_row(conn, user.user_id)
+                issued_at = time.time()  # under the row lock
+                now_row = users.by_id(conn, user.user_id)
+                ok = (
+                    now_row is not None
+                    and now_row.enabled
+                    and now_row.secret_hash == user.secret_hash
+                    and self.sealer.user_ok(now_row)
+                )
+                if ok:
+                    grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
+            else:
+                ok = False
+            if ok:
+                assert user is not None
+                self.audit.record(
+                    realm,
+                    user.username,
+                    "login",
+                    user.username,
+                    conn=conn,
+                    grant="client_credentials",
+                )
+            elif known_realm:
                 self.audit.record(
                     realm,
                     user.username if user else "(unknown)",
                     "login",
                     "-",
                     "failure",
+                    conn=conn,
                     grant="client_credentials",
                 )
+        if not ok or user is None:
             raise AuthError(_BAD_CLIENT, code="invalid_client")
-        with self.db.begin() as conn:
-            grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
-            self.audit.record(
-                realm, user.username, "login", user.username, conn=conn, grant="client_credentials"
-            )
-        return self._respond(realm, user, grants)
+        return self._respond(realm, user, grants, issued_at)
 
     def mint_token(self, realm: str, username: str, *, actor: str = "local") -> TokenResponse:
         """An access token for ``username`` without a password: for the local operator,

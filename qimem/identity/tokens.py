@@ -20,6 +20,7 @@ Revocations reach other servers through the database: every server re-reads the 
 from __future__ import annotations
 
 import base64
+import hmac
 import threading
 import time
 import uuid
@@ -36,8 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from sqlalchemy.engine import Connection
 
-from qimem.errors import AuthError
+from qimem.errors import AuthError, QimemError
 from qimem.identity import db as tables
+from qimem.identity.authz_mac import Reporter
 from qimem.identity.db import Database
 from qimem.identity.settings import IdentitySettings
 from qimem.rootkey import KeyWrapper
@@ -45,6 +47,7 @@ from qimem.rootkey import KeyWrapper
 ALGORITHM = "EdDSA"
 _REQUIRED = ["iss", "sub", "aud", "exp", "iat", "jti"]
 _PURGE_INTERVAL = 600.0
+_DERIVED_MAX = 10_000
 
 
 def _b64url(data: bytes) -> str:
@@ -95,17 +98,18 @@ class PublicKey:
 def _public_keys() -> sa.Select[Any]:
     """The columns of ``qimem_signing_keys`` that make a :class:`PublicKey`."""
     c = tables.signing_keys.c
-    return sa.select(c.kid, c.realm, c.public_key, c.active, c.retire_at)
+    return sa.select(c.kid, c.realm, c.public_key, c.private_wrapped, c.active, c.retire_at)
 
 
-def _public_key(row: Any) -> PublicKey:
-    return PublicKey(
-        row.kid,
-        row.realm,
-        Ed25519PublicKey.from_public_bytes(_unb64url(row.public_key)),
-        row.public_key,
-        bool(row.active),
-        row.retire_at,
+def lock_user_row(conn: Connection, user_id: str) -> None:
+    """Write-lock ``user_id``'s row until the transaction ends (a no-op ``UPDATE``: a row
+    lock on PostgreSQL, the database's write lock on SQLite). Times taken after it are later
+    than any token cut-off committed before, and earlier than any committed after."""
+    c = tables.users.c
+    conn.execute(
+        sa.update(tables.users)
+        .where(c.user_id == user_id)
+        .values(tokens_valid_after=c.tokens_valid_after)
     )
 
 
@@ -154,11 +158,20 @@ def create_signing_key(conn: Connection, wrapper: KeyWrapper, realm: str) -> str
 class TokenService:
     """Signs and verifies access tokens; caches keys and the revocation list."""
 
-    def __init__(self, database: Database, wrapper: KeyWrapper, settings: IdentitySettings) -> None:
+    def __init__(
+        self,
+        database: Database,
+        wrapper: KeyWrapper,
+        settings: IdentitySettings,
+        report: Reporter | None = None,
+    ) -> None:
         self._db = database
         self._wrapper = wrapper
         self._settings = settings
+        self._report = report
         self._lock = threading.Lock()
+        # (kid, realm, wrapped private key) -> the public key it unwraps to (raw, b64url)
+        self._derived: dict[tuple[str, str, bytes], str] = {}
         self._public: dict[str, PublicKey] = {}
         self._public_loaded = 0.0
         self._private: dict[str, tuple[str, Ed25519PrivateKey, float]] = {}
@@ -175,11 +188,67 @@ class TokenService:
             return self._public
         with self._db.begin() as conn:
             rows = conn.execute(_public_keys()).all()
-        keys = {r.kid: _public_key(r) for r in rows}
+        keys = {r.kid: key for r in rows if (key := self._authentic(r)) is not None}
         with self._lock:
             self._public = keys
             self._public_loaded = now
         return keys
+
+    def _derive_public(self, realm: str, kid: str, wrapped: bytes) -> str | None:
+        """The public key of the private key ``wrapped`` (unwrapped with the context that
+        binds it to ``realm`` and ``kid``), or None if it does not unwrap. Cached: the
+        unwrap runs once per key, not per load."""
+        ident = (kid, realm, bytes(wrapped))
+        derived = self._derived.get(ident)
+        if derived is not None:
+            return derived
+        try:
+            raw = self._wrapper.unwrap(bytes(wrapped), _wrap_context(realm, kid))
+        except QimemError:
+            return None
+        try:
+            private = Ed25519PrivateKey.from_private_bytes(bytes(raw))
+        except ValueError:
+            return None
+        finally:
+            raw[:] = bytes(len(raw))
+        derived = _b64url(
+            private.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+        )
+        with self._lock:
+            if len(self._derived) >= _DERIVED_MAX:
+                self._derived.clear()
+            self._derived[ident] = derived
+        return derived
+
+    def _authentic(self, row: Any) -> PublicKey | None:
+        """The key of a ``qimem_signing_keys`` row, if it is one this root key made.
+
+        The stored public key is never trusted on its own (a database writer could insert
+        his own): it must be the one derived from the row's private key, which unwraps only
+        under the root key and only for this realm and kid. Other rows are ignored and
+        reported (finding 15)."""
+        derived = self._derive_public(row.realm, row.kid, row.private_wrapped)
+        stored = str(row.public_key).encode("utf-8")
+        if derived is None or not hmac.compare_digest(derived.encode(), stored):
+            if self._report is not None:
+                why = "does not unwrap" if derived is None else "is not its private key's"
+                self._report(
+                    "signing_keys",
+                    str(row.realm),
+                    f"signing key {row.kid}: the private key {why} mac={str(row.public_key)[:16]}",
+                )
+            return None
+        return PublicKey(
+            row.kid,
+            row.realm,
+            Ed25519PublicKey.from_public_bytes(_unb64url(derived)),
+            derived,
+            bool(row.active),
+            row.retire_at,
+        )
 
     def invalidate(self) -> None:
         """Forget cached keys (after a rotation or realm deletion)."""
@@ -188,34 +257,38 @@ class TokenService:
             self._private.clear()
 
     def _signing_key(self, realm: str) -> tuple[str, Ed25519PrivateKey]:
+        """The realm's newest active key that unwraps under the root key (made if there is
+        none). An active row that does not unwrap (inserted without the root key) is
+        reported and passed over."""
         cached = self._private.get(realm)
         if cached is not None and time.monotonic() - cached[2] < self._settings.cache_seconds:
             return cached[0], cached[1]
+        c = tables.signing_keys.c
         with self._db.begin() as conn:
-            row = conn.execute(
-                sa.select(tables.signing_keys.c.kid, tables.signing_keys.c.private_wrapped)
-                .where(
-                    tables.signing_keys.c.realm == realm,
-                    tables.signing_keys.c.active.is_(True),
-                )
-                .order_by(tables.signing_keys.c.created_at.desc())
-                .limit(1)
-            ).first()
-            if row is None:
+            rows = conn.execute(
+                _public_keys()
+                .where(c.realm == realm, c.active.is_(True))
+                .order_by(c.created_at.desc())
+            ).all()
+            found = next((k for r in rows if (k := self._unwrap_private(r)) is not None), None)
+            if found is None:
                 kid = create_signing_key(conn, self._wrapper, realm)
-                row = conn.execute(
-                    sa.select(
-                        tables.signing_keys.c.kid, tables.signing_keys.c.private_wrapped
-                    ).where(tables.signing_keys.c.kid == kid)
-                ).one()
-        raw = self._wrapper.unwrap(row.private_wrapped, _wrap_context(realm, row.kid))
+                row = conn.execute(_public_keys().where(c.kid == kid)).one()
+                found = self._unwrap_private(row)
+        assert found is not None  # a key just made with this root key unwraps
+        with self._lock:
+            self._private[realm] = (found[0], found[1], time.monotonic())
+        return found
+
+    def _unwrap_private(self, row: Any) -> tuple[str, Ed25519PrivateKey] | None:
+        """The private key of an authentic signing key row (see :meth:`_authentic`)."""
+        if self._authentic(row) is None:
+            return None
+        raw = self._wrapper.unwrap(bytes(row.private_wrapped), _wrap_context(row.realm, row.kid))
         try:
-            private = Ed25519PrivateKey.from_private_bytes(bytes(raw))
+            return row.kid, Ed25519PrivateKey.from_private_bytes(bytes(raw))
         finally:
             raw[:] = bytes(len(raw))
-        with self._lock:
-            self._private[realm] = (row.kid, private, time.monotonic())
-        return row.kid, private
 
     def rotate(self, conn: Connection, realm: str) -> str:
         """Make a new active key; old ones stay published until their tokens expire."""
@@ -336,9 +409,9 @@ class TokenService:
             return None
         with self._db.begin() as conn:
             row = conn.execute(_public_keys().where(tables.signing_keys.c.kid == kid)).first()
-        if row is None:
+        key = self._authentic(row) if row is not None else None
+        if key is None:
             return None
-        key = _public_key(row)
         with self._lock:
             self._public = {**self._public, kid: key}
         return key
@@ -373,11 +446,7 @@ class TokenService:
         committing concurrently either finishes before (its token is older than the cut-off)
         or sees this change (see ``lockout.claim_success``)."""
         c = tables.users.c
-        conn.execute(
-            sa.update(tables.users)
-            .where(c.user_id == user_id)
-            .values(tokens_valid_after=c.tokens_valid_after)
-        )
+        lock_user_row(conn, user_id)
         at = time.time()
         conn.execute(
             sa.update(tables.users).where(c.user_id == user_id).values(tokens_valid_after=at)

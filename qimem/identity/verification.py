@@ -80,7 +80,7 @@ class Verification(IdentityBase):
             return False
         if token.startswith(refresh.PREFIX):
             with self.db.begin() as conn:
-                record = refresh.find(conn, token)
+                record = refresh.find(conn, self.refresh_hasher, token)
                 if record is None or record.realm != realm:
                     return False
                 refresh.revoke_family(conn, record.family_id)
@@ -110,7 +110,7 @@ class Verification(IdentityBase):
             return inactive
         if token.startswith(refresh.PREFIX):
             with self.db.begin() as conn:
-                record = refresh.find(conn, token)
+                record = refresh.find(conn, self.refresh_hasher, token)
                 if (
                     record is None
                     or record.realm != realm
@@ -120,7 +120,12 @@ class Verification(IdentityBase):
                 ):
                     return inactive
                 user = users.by_id(conn, record.user_id)
-            if user is None or not user.enabled or not self.sealer.user_ok(user):
+            if (
+                user is None
+                or not user.enabled
+                or not self.sealer.user_ok(user)
+                or record.cut_off(user.tokens_valid_after)
+            ):
                 return inactive
             return {
                 "active": True,
