@@ -161,17 +161,18 @@ def test_signing_keys_are_per_realm_and_wrapped(sqlite_url: str, root_key_b64: s
     assert ids.authenticate(again, token).username == "admin"
     ids.close_identity(again)
     again.close()
-    # With another root key the signing key does not unwrap: no token is issued.
+    # With another root key the stored signing keys do not unwrap: they are neither used
+    # to sign nor trusted to verify (finding 15: a public key is only believed when it is
+    # derived from a private key the root key unwraps).
+    from qimem.identity.db import Database
+    from qimem.identity.settings import IdentitySettings
     from qimem.identity.tokens import TokenService
     from qimem.rootkey import KeyWrapper, generate_root_key
 
     engine = sa.create_engine(sqlite_url)
-    from qimem.identity.db import Database
-    from qimem.identity.settings import IdentitySettings
-
     service = TokenService(Database(engine), KeyWrapper(generate_root_key()), IdentitySettings())
-    from qimem.errors import DecryptionError
-
-    with pytest.raises(DecryptionError):
-        service.issue("master", "s", "admin", ["admin"])
+    with pytest.raises(AuthError):
+        service.verify(token)
+    issued = service.issue("master", "s", "admin", ["admin"])
+    assert jwt.get_unverified_header(issued.token)["kid"] not in master_kids
     engine.dispose()
