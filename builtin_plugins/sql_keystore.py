@@ -22,9 +22,9 @@ SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 
 @hookimpl
 def qimem_register_keystores(register: RegisterKeyStore) -> None:
-    register("sqlite", "qimem.builtin_plugins.sqlite_store:open_store")
+    register("sqlite", "qimem.builtin_plugins.sql_backend:open_sqlite")
     for scheme in SCHEMES[1:]:
-        register(scheme, "qimem.builtin_plugins.sql_store:SqlKeyStore")
+        register(scheme, "qimem.builtin_plugins.sql_backend:open_sql")
 
 
 @hookimpl

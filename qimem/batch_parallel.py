@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qimem import batch, fileio, stream
-from qimem.app import AppContext
+from qimem.app import AppContext, build
 from qimem.batch import Progress, _groups, _Options, run_group
 from qimem.batch_plan import ENCRYPT, FileResult, Task, open_input
 from qimem.errors import QimemError
@@ -57,7 +57,12 @@ def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
         return app.for_worker()
     if app.config.store_url.startswith("memory:"):
         return app
-    return AppContext(app.config, pm=app.registry.pm, one_shot=app.one_shot)
+    return build(
+        app.config,
+        pm=app.registry.pm,
+        one_shot=app.one_shot,
+        lifecycle=app.lifecycle,
+    )
 
 
 def _init_worker(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qimem.backend import Backend
 from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
 from qimem.errors import NotFoundError
 from qimem.keys import KeyState, KeyVersion
@@ -20,7 +21,7 @@ from qimem.testing import KeyStoreContract
 def open_store(scheme: str, url: str) -> KeyStore:
     """A store built the way qimem builds it: the registry's factory for ``scheme``."""
     factory = Registry(make_plugin_manager()).keystores[scheme]
-    return factory(url, KeyWrapper(generate_root_key()))
+    return Backend.of(factory(url, KeyWrapper(generate_root_key())), scheme).keys
 
 
 class TestMemoryKeyStore(KeyStoreContract):

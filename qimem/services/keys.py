@@ -96,9 +96,7 @@ def create_key(
 def has_identity(app: AppContext) -> bool:
     """Whether ``app`` keeps realms: its identity layer is open, or its store holds the
     identity tables (the SQL store). A memory store nobody opened identity on has none."""
-    from qimem.app import IDENTITY_ATTR
-
-    return IDENTITY_ATTR in app.__dict__ or getattr(app.store, "engine", None) is not None
+    return app.has_identity
 
 
 def _require_realm(app: AppContext, realm: str) -> None:
