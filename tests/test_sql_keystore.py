@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from qimem.backend import Backend
+from qimem.builtin_plugins.sql.sqlite import SqliteKeyStore
 from qimem.builtin_plugins.sql_keystore import SqlKeyStore
-from qimem.builtin_plugins.sqlite_store import SqliteKeyStore
 from qimem.errors import ConfigError, DecryptionError, StoreUnavailableError
 from qimem.keystore import KeyStore
 from qimem.registry import Registry, make_plugin_manager

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from qimem.backend import Backend
 
 if TYPE_CHECKING:
-    from qimem.builtin_plugins.sql_catalog import SqlCatalog
+    from qimem.builtin_plugins.sql.catalog import SqlCatalog
     from qimem.identity.db import Database
     from qimem.keystore import KeyStore
     from qimem.rootkey import KeyWrapper
@@ -25,7 +25,7 @@ def sql_backend(store: Any, wrapper: KeyWrapper, scheme: str) -> Backend:
         return Database.for_engine(store.engine)
 
     def catalog() -> SqlCatalog:
-        from qimem.builtin_plugins.sql_catalog import SqlCatalog
+        from qimem.builtin_plugins.sql.catalog import SqlCatalog
 
         return SqlCatalog(store.engine)
 
@@ -48,13 +48,13 @@ def sql_backend(store: Any, wrapper: KeyWrapper, scheme: str) -> Backend:
 
 def open_sqlite(url: str, wrapper: KeyWrapper) -> Backend:
     """The backend factory of the ``sqlite`` scheme."""
-    from qimem.builtin_plugins.sqlite_store import open_store
+    from qimem.builtin_plugins.sql.sqlite import open_store
 
     return sql_backend(open_store(url, wrapper), wrapper, "sqlite")
 
 
 def open_sql(url: str, wrapper: KeyWrapper) -> Backend:
     """The backend factory of the PostgreSQL schemes (SQLAlchemy)."""
-    from qimem.builtin_plugins.sql_store import SqlKeyStore
+    from qimem.builtin_plugins.sql.store import SqlKeyStore
 
     return sql_backend(SqlKeyStore(url, wrapper), wrapper, url.split(":", 1)[0])
