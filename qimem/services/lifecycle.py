@@ -34,7 +34,6 @@ from qimem.errors import (
     NotFoundError,
     ValidationError,
 )
-from qimem.events import KeyEvent
 from qimem.keys import (
     DEFAULT_REALM,
     KeyState,
@@ -45,7 +44,12 @@ from qimem.services import usage_bound
 from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
 from qimem.services.key_states import destroy_version, disable_version, enable_version
 from qimem.services.keys import rotate_key
-from qimem.services.lifecycle_common import audit
+from qimem.services.lifecycle_common import (
+    _check_pending,
+    _delete,
+    audit,
+    check_rotation,
+)
 from qimem.services.lifecycle_common import lineage_of as _lineage
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ __all__ = [  # parts live in their own modules (derived keys, message bounds, ve
     "MIN_DELETION_DAYS",
     "LifecycleSettings",
     "audit",
+    "check_rotation",
     "check_context",
     "derive_subkey",
     "destroy_version",
@@ -255,15 +260,6 @@ def cancel_deletion(
     return policy
 
 
-def _delete(app: AppContext, realm: str, lineage_id: str, actor: str | None) -> None:
-    """Delete a lineage whose deletion is due; audit it and tell plugins (``deleted``)."""
-    newest = app.store.versions(realm, lineage_id)[-1]
-    app.store.delete_lineage(realm, lineage_id)
-    app.cache.invalidate_lineage(lineage_id)
-    audit(app, realm, actor, "keys.delete", lineage_id)
-    app.registry.notify_key_event(KeyEvent("deleted", realm, newest))
-
-
 def purge_due_deletions(
     app: AppContext, *, now: datetime | None = None, actor: str | None = "qimem"
 ) -> list[str]:
@@ -280,33 +276,6 @@ def purge_due_deletions(
             continue  # another process purged it first
         purged.append(lineage_id)
     return purged
-
-
-def _check_pending(
-    app: AppContext,
-    realm: str,
-    lineage_id: str,
-    policy: LineagePolicy,
-    error: type[ConflictError] | type[DecryptionError] = ConflictError,
-) -> None:
-    if policy.deletion_date is None:
-        return
-    if policy.deletion_date <= datetime.now(UTC):
-        try:
-            _delete(app, realm, lineage_id, "qimem")
-        except NotFoundError:
-            pass
-        raise NotFoundError(f"key {lineage_id} was deleted")
-    raise error(
-        f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
-        "and refuses every operation until the deletion is cancelled",
-        code="key_pending_deletion",
-    )
-
-
-def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
-    """Refuse rotating a lineage that is scheduled for deletion (409)."""
-    _check_pending(app, realm, lineage_id, app.store.policy(realm, lineage_id))
 
 
 # -- checks on the encrypt and decrypt paths (cache misses only) -------------------------
