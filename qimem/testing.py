@@ -75,8 +75,9 @@ from qimem.keys import (
     new_id,
 )
 from qimem.keystore import KeyStore
+from qimem.testing_catalog import CatalogContract
 
-__all__ = ["KeyStoreContract", "optional_capability", "run_concurrently"]
+__all__ = ["CatalogContract", "KeyStoreContract", "optional_capability", "run_concurrently"]
 
 
 def optional_capability(test: Callable[..., Any]) -> Callable[..., Any]:

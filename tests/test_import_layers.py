@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.backend",
             "qimem.sql",
             "qimem.testing",
+            "qimem.testing_catalog",
             "qimem.http_client",
         ),
     ),
