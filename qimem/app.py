@@ -124,6 +124,14 @@ class AppContext:
         """The lifecycle policy: the config's ``[keys]`` table unless configured."""
         return self._lifecycle or self.config.keys
 
+    def record_enabled_plugins(self, enabled: list[str]) -> None:
+        """Record that the config file now enables ``enabled`` (``qimem plugins enable|
+        disable`` wrote it): listings from this context show it (its registry, if already
+        built, is not rebuilt)."""
+        import dataclasses
+
+        self.config = dataclasses.replace(self.config, plugins_enabled=list(enabled))
+
     def configure_lifecycle(self, settings: LifecycleSettings) -> None:
         """Use ``settings`` instead of the config's ``[keys]`` table."""
         self._lifecycle = settings

@@ -33,7 +33,7 @@ from typing import Any
 import pluggy
 
 from qimem import manifest as mf
-from qimem.app import AppContext
+from qimem.app import AppContext, build
 from qimem.backend import Backend, Catalog
 from qimem.config import write_toml
 from qimem.errors import ConfigError, ConflictError, NotFoundError, PluginError
@@ -106,7 +106,7 @@ def _backend(app: AppContext) -> Backend:
         return app.backend
     except PluginError:
         pm, _ = _healthy_manager(app.config.plugins_enabled)
-        return AppContext(app.config, pm=pm).backend
+        return build(app.config, pm=pm).backend
 
 
 def _healthy_manager(enabled: list[str]) -> tuple[pluggy.PluginManager, dict[str, str]]:
@@ -138,7 +138,7 @@ def _catalog(app: AppContext) -> Catalog:
         return app.catalog
     except PluginError:
         pm, _ = _healthy_manager(app.config.plugins_enabled)
-        return AppContext(app.config, pm=pm).catalog
+        return build(app.config, pm=pm).catalog
 
 
 # ----------------------------------------------------------------- inspection
@@ -429,7 +429,7 @@ def enable_plugin(app: AppContext, name: str) -> PluginInfo:
         enabled.append(name)
         write_toml(path, doc)
     if name not in app.config.plugins_enabled:
-        app.config.plugins_enabled.append(name)
+        app.record_enabled_plugins([*app.config.plugins_enabled, name])
     return _lookup(_inspect(_fresh(app)), name)
 
 
@@ -448,10 +448,10 @@ def disable_plugin(app: AppContext, name: str) -> PluginInfo | None:
     if name in enabled:
         doc["plugins"]["enabled"] = [p for p in enabled if p != name]
         write_toml(path, doc)
-    app.config.plugins_enabled[:] = [p for p in app.config.plugins_enabled if p != name]
+    app.record_enabled_plugins([p for p in app.config.plugins_enabled if p != name])
     return _inspect(_fresh(app)).get(name)
 
 
 def _fresh(app: AppContext) -> AppContext:
     """The same config and store, with a plugin manager built from the current config."""
-    return AppContext(app.config, backend=_backend(app))
+    return build(app.config, backend=_backend(app))
