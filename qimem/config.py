@@ -215,9 +215,13 @@ def parse_keys(doc: dict[str, Any], path: Path | str | None) -> LifecycleSetting
     if unknown:
         raise ConfigError(f"{path}: unknown [keys] setting {sorted(unknown)[0]!r}")
     try:
-        return LifecycleSettings(**{k: int(v) for k, v in table.items()})
+        values = {k: int(v) for k, v in table.items()}
     except (TypeError, ValueError):
         raise ConfigError(f"{path}: [keys] values must be integers") from None
+    try:
+        return LifecycleSettings(**values)
+    except ConfigError as exc:  # its own checks: name the file too
+        raise ConfigError(f"{path}: {exc.message}") from None
 
 
 def load_config(
