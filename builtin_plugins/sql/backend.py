@@ -4,20 +4,21 @@ them needs it (the SQLite hot path uses ``sqlite3``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qimem.backend import Backend
 
 if TYPE_CHECKING:
     from qimem.builtin_plugins.sql.catalog import SqlCatalog
+    from qimem.builtin_plugins.sql.sqlite import SqliteKeyStore
+    from qimem.builtin_plugins.sql.store import SqlKeyStore
     from qimem.identity.db import Database
-    from qimem.keystore import KeyStore
     from qimem.rootkey import KeyWrapper
 
 
-def sql_backend(store: Any, wrapper: KeyWrapper, scheme: str) -> Backend:
-    """The backend of an SQL key store (``SqlKeyStore`` or ``SqliteKeyStore``, whose
-    ``engine`` is the SQLAlchemy engine of the store's database, built on first use)."""
+def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme: str) -> Backend:
+    """The backend of an SQL key store, whose ``engine`` is the SQLAlchemy engine of the
+    store's database (built on first use by the SQLite store)."""
 
     def identity_database() -> Database:
         from qimem.identity.db import Database
@@ -35,9 +36,8 @@ def sql_backend(store: Any, wrapper: KeyWrapper, scheme: str) -> Backend:
 
         migrate(store.engine, after_upgrade=sealing_after_upgrade(wrapper))
 
-    keys: KeyStore = store
     return Backend(
-        keys,
+        store,
         scheme=scheme,
         identity_database=identity_database,
         catalog=catalog,

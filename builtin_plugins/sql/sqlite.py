@@ -56,7 +56,7 @@ _SELECT_VERSIONS = (  # constant text: every value is a ? parameter
 )
 
 
-def open_store(url: str, wrapper: KeyWrapper) -> KeyStore:
+def open_store(url: str, wrapper: KeyWrapper) -> SqlKeyStore | SqliteKeyStore:
     """The key store factory of the ``sqlite`` scheme (see the module docstring)."""
     match = _PLAIN_URL.match(url)
     if match is None or match.group(1) == ":memory:":
