@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from qimem.backend import Backend
 from qimem.crypto import zero
 from qimem.errors import ConflictError, NotFoundError, StoreUnavailableError
 from qimem.hooks import hookimpl
@@ -27,6 +28,7 @@ from qimem.keystore import KeyStore, check_transition, destroyed_error
 from qimem.registry import RegisterKeyStore
 
 if TYPE_CHECKING:
+    from qimem.identity.db import Database
     from qimem.rootkey import KeyWrapper
 
 
@@ -246,10 +248,21 @@ class InMemoryKeyStore(KeyStore):
 
 @hookimpl
 def qimem_register_keystores(register: RegisterKeyStore) -> None:
-    def factory(url: str, wrapper: KeyWrapper | None) -> KeyStore:
-        return InMemoryKeyStore()
+    register("memory", open_backend)
 
-    register("memory", factory)
+
+def open_backend(url: str, wrapper: KeyWrapper | None) -> Backend:
+    """The ``memory`` backend: keys in process memory, an in-memory plugin catalog, and
+    (a documented choice, see docs/plugins.md) an identity layer on a private in-memory
+    SQLite database, made when identity is first used and lost with the process. Realms
+    are checked only once it is open (``identity_with_keys`` is false)."""
+
+    def identity_database() -> Database:
+        from qimem.identity.db import Database
+
+        return Database.in_memory()
+
+    return Backend(InMemoryKeyStore(), scheme="memory", identity_database=identity_database)
 
 
 @hookimpl

@@ -3,11 +3,11 @@
 This module is the plugin (its hooks only, so loading it imports no database code). The
 store's code is registered by reference and imported when a store of its scheme opens:
 
-* ``sqlite`` → :func:`qimem.builtin_plugins.sqlite_store.open_store`: the standard
+* ``sqlite`` → :func:`qimem.builtin_plugins.sql.sqlite.open_store`: the standard
   library's ``sqlite3`` on the hot path (resolving and unwrapping keys, usage
   reservations, listings), SQLAlchemy and Alembic only for writes, migrations and the
   identity layer (see docs/performance.md, "The embedded store's hot path");
-* PostgreSQL → :class:`qimem.builtin_plugins.sql_store.SqlKeyStore` on SQLAlchemy.
+* PostgreSQL → :class:`qimem.builtin_plugins.sql.store.SqlKeyStore` on SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 
 @hookimpl
 def qimem_register_keystores(register: RegisterKeyStore) -> None:
-    register("sqlite", "qimem.builtin_plugins.sqlite_store:open_store")
+    register("sqlite", "qimem.builtin_plugins.sql.backend:open_sqlite")
     for scheme in SCHEMES[1:]:
-        register(scheme, "qimem.builtin_plugins.sql_store:SqlKeyStore")
+        register(scheme, "qimem.builtin_plugins.sql.backend:open_sql")
 
 
 @hookimpl
@@ -41,7 +41,7 @@ def qimem_plugin_manifest() -> dict[str, object]:
 
 def __getattr__(name: str) -> Any:
     if name == "SqlKeyStore":  # the class, for code that imported it from here
-        from qimem.builtin_plugins.sql_store import SqlKeyStore
+        from qimem.builtin_plugins.sql.store import SqlKeyStore
 
         return SqlKeyStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

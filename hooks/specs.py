@@ -36,7 +36,11 @@ def qimem_register_keystores(register: RegisterKeyStore) -> None:
     """Add key store backends, selected by the scheme of the store URL.
 
     Call ``register(scheme, factory)``; ``factory(url, wrapper)`` returns a
-    :class:`qimem.keystore.KeyStore`. ``wrapper`` is the :class:`qimem.rootkey.KeyWrapper`
+    :class:`qimem.backend.Backend` (plugin API 1.1: the key store with its identity database
+    factory, plugin catalog and migrations) or a bare :class:`qimem.keystore.KeyStore`
+    (plugin API 1.0), which qimem wraps in a backend with no identity layer and an in-memory
+    catalog. ``factory`` may be a ``"module:attr"`` reference. ``wrapper`` is the
+    :class:`qimem.rootkey.KeyWrapper`
     a persistent store must use so key material is never stored in the clear. Schemes are
     matched exactly (``memory``, ``sqlite``, ``postgresql+psycopg`` ...); a duplicate scheme
     raises :class:`qimem.errors.PluginError`.

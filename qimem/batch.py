@@ -30,33 +30,38 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from qimem import fileio, stream
 from qimem.app import AppContext
+from qimem.batch_group import (  # noqa: F401 - the group runner's names, re-exported
+    GROUP_BYTES,
+    GROUP_FILES,
+    WRITEBACK_BYTES,
+    WRITEBACK_MIN,
+    _groups,
+    _Options,
+    run_group,
+)
 from qimem.batch_plan import (
     DECRYPT,
     ENCRYPT,
     REWRAP,
     SUFFIX,
     WRITE_ERRNOS,
-    DirFds,
     FileResult,
     Plan,
     Skipped,
     Task,
     as_qimem_error,
-    open_input,
-    output_exists,
     output_name,
     plan,
     skipped_of,
     walk,
 )
-from qimem.batch_progress import CountingReader, GroupProgress, Progress
+from qimem.batch_progress import GroupProgress, Progress
 from qimem.errors import ConflictError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import files as file_services
@@ -64,18 +69,10 @@ from qimem.services.files import KeySource
 
 # multiprocessing and concurrent.futures cost ~50 ms to import: only --jobs > 1 needs them.
 
-#: A group of small files committed together: at most this many files ...
-GROUP_FILES = 128
-#: ... or this many bytes.
-GROUP_BYTES = 16 << 20
 #: With jobs > 1, files at least this big are split into segment ranges across workers.
 SPLIT_BYTES = 8 << 20
 #: The largest segment range one worker task seals or opens.
 RANGE_BYTES = 32 << 20
-#: Start writeback of an output every this many bytes (overlaps disk I/O with crypto).
-WRITEBACK_BYTES = 16 << 20
-#: Files from this size on start their writeback as soon as they are written.
-WRITEBACK_MIN = 1 << 20
 
 
 @dataclass
@@ -113,132 +110,6 @@ class BatchResult:
         }
 
 
-# ------------------------------------------------------------------------ one group
-
-
-class _KickingWriter:
-    """A raw file wrapper that starts writeback every ``WRITEBACK_BYTES`` written."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._since = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        n = os.write(self.fd, data)
-        self._since += n
-        if self._since >= WRITEBACK_BYTES:
-            fileio.start_writeback(self.fd)
-            self._since = 0
-        return n
-
-
-@dataclass
-class _Options:
-    operation: str
-    aad: bytes | None
-    force: bool
-    owner: int
-
-
-def _process_one(
-    keyring: stream.Keyring,
-    task: Task,
-    opts: _Options,
-    read: Callable[[int], None] | None = None,
-    dir_fd: int | None = None,
-) -> tuple[int, Path]:
-    """Write ``task``'s output to a new temp file; returns ``(fd, temp path)`` (fd open).
-    ``read`` is told the input bytes read, as they are read (progress); ``dir_fd``: the
-    output directory's descriptor (:func:`qimem.batch_plan.output_dir_fd`)."""
-    assert task.src is not None and task.dst is not None
-    if not opts.force and output_exists(task, dir_fd):
-        raise fileio.conflict(task.dst)
-    fd, tmp = fileio.create_temp(task.dst, opts.owner, dir_fd=dir_fd)
-    try:
-        with open(open_input(task), "rb", buffering=0) as raw:
-            fin: Any = raw if read is None else CountingReader(raw, read)
-            out = _KickingWriter(fd)
-            if opts.operation == ENCRYPT:
-                info = stream.encrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
-            else:
-                info = stream.decrypt_stream(fin, out, keyring, aad=opts.aad)  # type: ignore[arg-type]
-        if task.size >= WRITEBACK_MIN:  # small files: the group's single sync does it all
-            fileio.start_writeback(fd)
-    except BaseException:
-        os.close(fd)
-        fileio.remove_temp(tmp, dir_fd)
-        raise
-    r = task.result
-    r.bytes_in = info.plaintext_bytes if opts.operation == ENCRYPT else info.ciphertext_bytes
-    r.bytes_out = info.ciphertext_bytes if opts.operation == ENCRYPT else info.plaintext_bytes
-    r.key_id, r.version = info.key_id, info.version
-    return fd, tmp
-
-
-def run_group(
-    keyring: stream.Keyring,
-    tasks: list[Task],
-    opts: _Options,
-    read: Callable[[int], None] | None = None,
-) -> list[FileResult]:
-    """Encrypt or decrypt a group of files and commit them together (see module doc).
-    ``read`` is told the input bytes read, as they are read (progress)."""
-    staged: list[tuple[int, Path, Task]] = []
-    dirs = DirFds()
-    try:
-        for task in tasks:
-            try:
-                fd, tmp = _process_one(keyring, task, opts, read, dirs.get(task))
-            except Exception as exc:  # one bad file never stops the others
-                task.result.fail(exc)
-                continue
-            staged.append((fd, tmp, task))
-        directories: dict[Path, int | None] = {}
-        try:
-            fileio.sync_files([fd for fd, _, _ in staged])
-        except OSError as exc:  # a failed flush: nothing of this group may appear
-            for _, _, task in staged:
-                task.result.fail(exc)
-            raise _GroupSyncFailed from exc
-        while staged:
-            fd, tmp, task = staged[0]
-            assert task.dst is not None
-            try:
-                os.close(fd)
-                fd = -1
-                dir_fd = dirs.fds.get(task.dst.parent)
-                fileio.commit(tmp, task.dst, force=opts.force, dir_fd=dir_fd)
-                task.result.ok = True
-                directories[task.dst.parent] = dir_fd
-            except (QimemError, OSError) as exc:
-                if fd >= 0:
-                    os.close(fd)
-                fileio.remove_temp(tmp, dirs.fds.get(task.dst.parent))
-                task.result.fail(exc)
-            staged.pop(0)
-        for directory, dir_fd in directories.items():
-            if dir_fd is None:
-                fileio.fsync_dir(directory)
-            else:
-                with contextlib.suppress(OSError):
-                    os.fsync(dir_fd)
-    except BaseException as exc:
-        for fd, tmp, task in staged:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            assert task.dst is not None
-            fileio.remove_temp(tmp, dirs.fds.get(task.dst.parent))
-        if not isinstance(exc, _GroupSyncFailed):
-            raise
-    finally:
-        dirs.close()
-    return [t.result for t in tasks]
-
-
-class _GroupSyncFailed(Exception):
-    """Flushing a group failed: its temp files are removed, its files reported failed."""
-
-
 def check_key(keyring: stream.Keyring) -> None:
     """Resolve the encryption key once, so a bad ``--key`` fails before any output
     (without wrapping a data key when the keyring can check alone: no usage counted)."""
@@ -257,21 +128,6 @@ def fork_available() -> bool:
 
 
 # ------------------------------------------------------------------------ runner
-
-
-def _groups(tasks: Iterable[Task]) -> list[list[Task]]:
-    groups: list[list[Task]] = []
-    current: list[Task] = []
-    size = 0
-    for task in tasks:
-        if current and (len(current) >= GROUP_FILES or size + task.size > GROUP_BYTES):
-            groups.append(current)
-            current, size = [], 0
-        current.append(task)
-        size += task.size
-    if current:
-        groups.append(current)
-    return groups
 
 
 def run(
@@ -306,7 +162,7 @@ def run(
     if jobs < 1:
         raise ValidationError("--jobs must be at least 1")
     started = time.perf_counter()
-    opts = _Options(operation, aad, force, os.getpid())
+    opts = _Options(operation, aad, force, os.getpid(), SPLIT_BYTES, RANGE_BYTES)
     todo = [t for t in tasks if t.result.error is None]
     created: list[Path] = []
     try:

@@ -1,7 +1,7 @@
 """Batch runs with ``jobs > 1``: forked worker processes (see :mod:`qimem.batch`).
 
 Small files are spread over the workers in groups (each committed with
-:func:`qimem.batch.run_group`); a file of at least :data:`qimem.batch.SPLIT_BYTES` is cut
+:func:`qimem.batch_group.run_group`); a file of at least :data:`qimem.batch.SPLIT_BYTES` is cut
 into segment ranges that workers seal or open in place at known offsets (``pread`` /
 ``pwrite``) in one temp output, which the parent commits once every range is done. Workers
 open their own store connections; no key material is sent between processes.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qimem import batch, fileio, stream
-from qimem.app import AppContext
-from qimem.batch import Progress, _groups, _Options, run_group
+from qimem import fileio, stream
+from qimem.app import AppContext, build
+from qimem.batch_group import _groups, _Options, run_group
 from qimem.batch_plan import (
     ENCRYPT,
     FileResult,
@@ -30,6 +30,7 @@ from qimem.batch_plan import (
     output_dir_fd,
     output_exists,
 )
+from qimem.batch_progress import Progress
 from qimem.errors import QimemError
 from qimem.services import files as file_services
 from qimem.services.files import KeySource
@@ -65,7 +66,12 @@ def _worker_app(app: AppContext | KeySource) -> AppContext | KeySource:
         return app.for_worker()
     if app.config.store_url.startswith("memory:"):
         return app
-    return AppContext(app.config, pm=app.registry.pm, one_shot=app.one_shot)
+    return build(
+        app.config,
+        pm=app.registry.pm,
+        one_shot=app.one_shot,
+        lifecycle=app.lifecycle,
+    )
 
 
 def _init_worker(
@@ -227,9 +233,9 @@ def _prepare_split_in(
         os.close(fd)
         fileio.remove_temp(tmp, dir_fd)
         raise
-    # At least one range per worker, and none over batch.RANGE_BYTES: balances the workers and
+    # At least one range per worker, and none over opts.range_bytes: balances the workers and
     # keeps Ctrl-C quick (running tasks are allowed to finish).
-    pieces = max(1, min(count, max(jobs, -(-task.size // batch.RANGE_BYTES))))
+    pieces = max(1, min(count, max(jobs, -(-task.size // opts.range_bytes))))
     bounds = [count * i // pieces for i in range(pieces + 1)]
     ranges = [(bounds[i], bounds[i + 1]) for i in range(pieces) if bounds[i] < bounds[i + 1]]
     return _Split(task, fd, tmp, len(ranges), size, max(1, count), dir_fd=dir_fd), ranges
@@ -271,8 +277,8 @@ def run_parallel(
     keys: tuple[str | None, str, bytes | None],
     report: Progress,
 ) -> None:
-    big = [t for t in todo if t.size >= batch.SPLIT_BYTES and t.result.error is None]
-    small = [t for t in todo if t.size < batch.SPLIT_BYTES and t.result.error is None]
+    big = [t for t in todo if t.size >= opts.split_bytes and t.result.error is None]
+    small = [t for t in todo if t.size < opts.split_bytes and t.result.error is None]
     groups = _groups(small)
     # Spread small files evenly: no group bigger than an even share of the work.
     if groups and len(groups) < jobs * 2 and len(small) > 1:

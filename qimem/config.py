@@ -1,5 +1,10 @@
 """Configuration: one TOML file written by ``qimem init``, with environment overrides.
 
+:func:`load_config` is the one parser: it reads the file and the environment once into a
+frozen :class:`Settings` (store and root key, cache, limits, plugins, the ``[keys]``
+lifecycle policy, and the ``[serve]`` and ``[identity]`` tables, which ``qimem serve`` and
+the identity layer validate when they use them, so a command imports only what it needs).
+
 Where things live, by precedence: ``--config`` / ``QIMEM_CONFIG`` for the file;
 ``QIMEM_HOME`` for a self-contained directory (config, root key and SQLite store);
 otherwise the user's config and data directories (platformdirs). ``QIMEM_STORE`` overrides
@@ -11,12 +16,14 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qimem import fileio
 from qimem.errors import ConfigError
+from qimem.keys import DEFAULT_USAGE_LIMIT, RANDOM_NONCE_MESSAGE_BOUND
 
 APP_NAME = "qimem"
 CONFIG_NAME = "config.toml"
@@ -50,9 +57,43 @@ def default_store_url() -> str:
     return f"sqlite:///{data_dir() / 'qimem.db'}"
 
 
-@dataclass
-class Config:
-    """Everything qimem needs to open its store and plugins."""
+#: The shortest deletion waiting period accepted by default (AWS KMS's bound), in days.
+MIN_DELETION_DAYS = 7
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """Deployment-wide lifecycle settings (the config file's ``[keys]`` table).
+
+    ``usage_limit``: messages per version before automatic rotation, when a lineage sets
+    none (default 2^31, half NIST SP 800-38D's 2^32 bound for random 96-bit nonces).
+    ``usage_reserve_block``: counts a process reserves from the store at once.
+    ``min_deletion_days``: the shortest deletion waiting period accepted.
+    """
+
+    usage_limit: int = DEFAULT_USAGE_LIMIT
+    usage_reserve_block: int = 64
+    min_deletion_days: int = MIN_DELETION_DAYS
+
+    def __post_init__(self) -> None:
+        if self.usage_limit < 1 or self.usage_reserve_block < 1 or self.min_deletion_days < 0:
+            raise ConfigError("[keys] usage_limit and usage_reserve_block must be at least 1")
+        if self.usage_limit > RANDOM_NONCE_MESSAGE_BOUND:
+            raise ConfigError(
+                f"[keys] usage_limit {self.usage_limit} is above 2^32 "
+                f"({RANDOM_NONCE_MESSAGE_BOUND}), the most messages per key with random "
+                "96-bit nonces (NIST SP 800-38D); the default is 2^31"
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything qimem is configured with, parsed once (see :func:`load_config`).
+
+    ``keys`` is the parsed ``[keys]`` table; ``serve`` and ``identity`` are the
+    ``[serve]`` and ``[identity]`` tables as written (``qimem serve`` and
+    :func:`qimem.identity.settings.settings_from_mapping` validate them on use).
+    """
 
     store_url: str
     root_key_file: Path | None = None
@@ -65,6 +106,15 @@ class Config:
     #: channel_timeout, request_timeout, cleanup_interval, allowed_hosts, trusted_proxies).
     serve: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: The ``[keys]`` table: usage limits, reservation block, deletion waiting period.
+    keys: LifecycleSettings = field(default_factory=LifecycleSettings)
+    #: The ``[identity]`` table as written (validated when the identity layer opens).
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """How errors name this configuration: its file, or ``[identity]`` without one."""
+        return str(self.path) if self.path is not None else "config"
 
     def to_toml(self) -> dict[str, Any]:
         """The TOML document ``qimem init`` writes (never the root key itself)."""
@@ -175,45 +225,101 @@ def check_config_permissions(path: Path) -> None:
         _check_file(path, path, target)
 
 
-def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+#: Backwards-compatible name of :class:`Settings`.
+Config = Settings
+
+
+def section(doc: dict[str, Any], name: str, path: Path | str | None) -> dict[str, Any]:
+    """The table ``[name]`` of a config document (empty when absent).
+
+    :raises ConfigError: ``[name]`` is not a table (naming the file).
+    """
     value = doc.get(name, {})
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: [{name}] must be a table")
     return value
 
 
+_section = section
+
+
+def read_document(path: Path | None, *, lenient: bool = False) -> dict[str, Any]:
+    """The TOML document at ``path`` (empty when there is none).
+
+    :param lenient: a file that cannot be read or parsed gives an empty document instead
+        of an error (for the section helpers: :func:`load_config` reports a broken file).
+    :raises ConfigError: naming the file, when it is not valid TOML or cannot be read.
+    """
+    if path is None or not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        if lenient:
+            return {}
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        if lenient:
+            return {}
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def parse_keys(doc: dict[str, Any], path: Path | str | None) -> LifecycleSettings:
+    """The ``[keys]`` table of ``doc`` (defaults when absent).
+
+    :raises ConfigError: naming the file and the bad or unknown setting.
+    """
+    table = section(doc, "keys", path)
+    known = {"usage_limit", "usage_reserve_block", "min_deletion_days"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown [keys] setting {sorted(unknown)[0]!r}")
+    try:
+        values = {k: int(v) for k, v in table.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: [keys] values must be integers") from None
+    try:
+        return LifecycleSettings(**values)
+    except ConfigError as exc:  # its own checks: name the file too
+        raise ConfigError(f"{path}: {exc.message}") from None
+
+
 def load_config(
-    path: Path | None = None, *, store_url: str | None = None, required: bool = True
-) -> Config:
+    path: Path | None = None,
+    *,
+    store_url: str | None = None,
+    required: bool = True,
+    plugins: Iterable[str] = (),
+) -> Settings:
     """Read the config file and apply environment and command-line overrides.
 
     :param path: the config file; default :func:`default_config_path`.
     :param store_url: overrides the file and ``QIMEM_STORE`` (the CLI's ``--store``).
     :param required: raise if the file is missing (otherwise use defaults).
-    :raises ConfigError: a missing (when required) or malformed file.
+    :param plugins: plugins enabled for this run on top of the file's (``--plugin``).
+    :raises ConfigError: a missing (when required) or malformed file, naming the file and
+        the setting.
     """
     path = path or default_config_path()
     doc: dict[str, Any] = {}
     if path.exists():
         check_config_permissions(path)
-        try:
-            doc = tomllib.loads(path.read_text("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        doc = read_document(path)
     elif required and not (store_url or os.environ.get("QIMEM_STORE")):
         raise ConfigError(f"no configuration at {path}; run 'qimem init' first")
 
     store = _section(doc, "store", path)
     root = _section(doc, "root_key", path)
-    plugins = _section(doc, "plugins", path)
+    plugins_table = _section(doc, "plugins", path)
     cache = _section(doc, "cache", path)
     limits = _section(doc, "limits", path)
     serve = _section(doc, "serve", path)
-    enabled = plugins.get("enabled", [])
+    identity = _section(doc, "identity", path)
+    keys = parse_keys(doc, path)
+    enabled = plugins_table.get("enabled", [])
     if not isinstance(enabled, list) or not all(isinstance(p, str) for p in enabled):
         raise ConfigError(f"{path}: plugins.enabled must be a list of plugin names")
+    enabled = list(dict.fromkeys([*enabled, *plugins]))
     root_file = root.get("file")
     if root_file is None and not doc:
         candidate = data_dir() / "root.key"
@@ -232,6 +338,8 @@ def load_config(
             max_envelope_bytes=int(limits.get("max_envelope_bytes", DEFAULT_MAX_ENVELOPE_BYTES)),
             serve=dict(serve),
             path=path,
+            keys=keys,
+            identity=dict(identity),
         )
     except (TypeError, ValueError):
         raise ConfigError(f"{path}: a [cache] or [limits] value is not a number") from None

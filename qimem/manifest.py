@@ -43,9 +43,10 @@ from qimem.errors import ValidationError
 
 #: The version of the plugin API this qimem implements (hooks, their arguments, the
 #: :class:`qimem.crypto.Algorithm` and :class:`qimem.keystore.KeyStore` contracts). The
-#: major number changes only when a change can break existing plugins.
-PLUGIN_API_VERSION = (1, 0)
-#: :data:`PLUGIN_API_VERSION` as a string (``"1.0"``).
+#: major number changes only when a change can break existing plugins. 1.1: a key store
+#: factory may return a whole :class:`qimem.backend.Backend` (1.0's bare KeyStore still works).
+PLUGIN_API_VERSION = (1, 1)
+#: :data:`PLUGIN_API_VERSION` as a string (``"1.1"``).
 PLUGIN_API = ".".join(map(str, PLUGIN_API_VERSION))
 
 #: The name of the manifest file inside a plugin package.

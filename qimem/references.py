@@ -1,6 +1,6 @@
 """``"module:attr"`` references: how plugins name what they provide without importing it.
 
-A plugin registers ``"qimem.builtin_plugins.sql_store:open_store"`` instead of the function
+A plugin registers ``"qimem.builtin_plugins.sql.store:open_store"`` instead of the function
 itself, so a process imports the SQL store's code (and SQLAlchemy) only when it opens an
 SQL store, and an algorithm's code only when it encrypts or decrypts with it.
 """

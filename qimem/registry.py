@@ -28,6 +28,7 @@ from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
 
 if TYPE_CHECKING:
+    from qimem.backend import Backend
     from qimem.crypto import Algorithm
     from qimem.events import KeyEvent
     from qimem.keystore import KeyStore
@@ -43,7 +44,9 @@ DEFAULT_PLUGINS = (
     "qimem.builtin_plugins.sql_keystore",
 )
 
-KeyStoreFactory = Callable[[str, "KeyWrapper"], "KeyStore"]
+#: A store plugin's factory: ``factory(url, wrapper)`` returns a :class:`qimem.backend.Backend`
+#: (plugin API 1.1) or a bare :class:`qimem.keystore.KeyStore` (1.0).
+KeyStoreFactory = Callable[[str, "KeyWrapper"], "Backend | KeyStore"]
 #: ``register(algorithm)``, or ``register("module:attr", name=..., algorithm_id=...)``.
 RegisterAlgorithm = Callable[..., None]
 #: ``register(scheme, factory)``; ``factory`` may be a ``"module:attr"`` reference.

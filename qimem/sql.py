@@ -1,8 +1,9 @@
 """SQLAlchemy engines for the SQL store: SQLite (WAL) and PostgreSQL, one schema, Alembic.
 
 The same code serves ``sqlite:///path`` and ``postgresql+psycopg://...``. Schema changes go
-only through the Alembic migrations in :mod:`qimem.migrations`, applied by ``qimem init``
-and when a store opens a database that is behind.
+only through the Alembic migrations in :mod:`qimem.builtin_plugins.sql.migrations` (they live
+with the SQL store), applied by ``qimem init`` and when a store opens a database that is
+behind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from qimem.errors import ConfigError, StoreUnavailableError
-from qimem.migrations import HEAD
 from qimem.sqlite_files import (
     SQLITE_SUFFIXES,
     SQLITE_TIMEOUT,
@@ -28,6 +28,18 @@ from qimem.sqlite_files import (
     secure_sqlite_files,
     space_detail,
 )
+
+#: The Alembic script location of the schema (keys, identity, plugin catalog): the
+#: migrations live with the SQL store, in :mod:`qimem.builtin_plugins.sql.migrations`.
+MIGRATIONS = "qimem.builtin_plugins.sql:migrations"
+
+
+def _head() -> str:
+    """The newest schema revision (from the SQL store's migrations package)."""
+    from qimem.builtin_plugins.sql.migrations import HEAD
+
+    return HEAD
+
 
 __all__ = [
     "SQLITE_SUFFIXES",
@@ -171,7 +183,7 @@ def migrate(
     (an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
     """
     with translate_errors(), engine.connect() as connection:
-        if current_revision(connection) == HEAD:
+        if current_revision(connection) == _head():
             return False
     sqlite = engine.dialect.name == "sqlite"
     with _MIGRATION_THREAD_LOCK, translate_errors(), engine.connect() as connection:
@@ -192,13 +204,13 @@ def migrate(
                         sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
                     )
                 from_revision = current_revision(connection)
-                if from_revision == HEAD:
+                if from_revision == _head():
                     return False
                 from alembic import command
                 from alembic.config import Config
 
                 config = Config()
-                config.set_main_option("script_location", "qimem:migrations")
+                config.set_main_option("script_location", MIGRATIONS)
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
                 if after_upgrade is not None:

@@ -1,7 +1,7 @@
 """The files of an SQLite store, and what its connections need, without SQLAlchemy.
 
 Shared by the SQLAlchemy engine (:mod:`qimem.sql`) and the standard-library ``sqlite3``
-hot path (:mod:`qimem.builtin_plugins.sqlite_store`): both create a store 0600, refuse one
+hot path (:mod:`qimem.builtin_plugins.sql.sqlite`): both create a store 0600, refuse one
 that group or others can read, switch it to WAL and name a full disk the same way.
 """
 

@@ -27,11 +27,13 @@ and :attr:`KeyStoreContract.other_realm` (override those class attributes if you
 reserves these names). Building the store through qimem's plugin registry, as the built-in
 suite does, also checks that your ``qimem_register_keystores`` hook works::
 
+    from qimem.backend import Backend
     from qimem.registry import Registry, make_plugin_manager
     from qimem.rootkey import KeyWrapper, generate_root_key
 
     factory = Registry(make_plugin_manager(["my-plugin"])).keystores["redis"]
-    store = factory("redis://127.0.0.1:6379/0", KeyWrapper(generate_root_key()))
+    opened = factory("redis://127.0.0.1:6379/0", KeyWrapper(generate_root_key()))
+    store = Backend.of(opened, "redis").keys  # a Backend, or a bare KeyStore (plugin API 1.0)
 
 What the contract checks (DESIGN.md §3): lineages with versions numbered from 1, one active
 version per lineage; names unique within a realm but free across realms; strict realm
@@ -73,8 +75,9 @@ from qimem.keys import (
     new_id,
 )
 from qimem.keystore import KeyStore
+from qimem.testing_catalog import CatalogContract
 
-__all__ = ["KeyStoreContract", "optional_capability", "run_concurrently"]
+__all__ = ["CatalogContract", "KeyStoreContract", "optional_capability", "run_concurrently"]
 
 
 def optional_capability(test: Callable[..., Any]) -> Callable[..., Any]:

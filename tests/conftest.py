@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from serve_process import ServeProcess
 
-from qimem.app import AppContext
+from qimem.app import AppContext, build
 from qimem.config import Config
 from qimem.rootkey import encode_root_key, generate_root_key
 
@@ -76,7 +76,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def make_app(store_url: str, root_key_b64: str | None, **config: object) -> AppContext:
-    return AppContext(Config(store_url=store_url, root_key_b64=root_key_b64, **config)).open()  # type: ignore[arg-type]
+    settings = Config(store_url=store_url, root_key_b64=root_key_b64, **config)  # type: ignore[arg-type]
+    return build(settings, open=True)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ def alembic(conn: sa.Connection, action: str, revision: str) -> None:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", "qimem:migrations")
+    config.set_main_option("script_location", "qimem.builtin_plugins.sql:migrations")
     config.attributes["connection"] = conn
     getattr(command, action)(config, revision)
 

@@ -102,8 +102,8 @@ def test_sqlite_hot_path_loads_no_sqlalchemy(tmp_path: Path, home: Path, args: l
     assert not _loaded(modules, *_DATABASE)
     assert "importlib.metadata" not in modules  # no third-party plugin enabled: no scan
     # Only the algorithm and store used were imported: not the SQLAlchemy store.
-    assert "qimem.builtin_plugins.sql_store" not in modules
-    assert "qimem.builtin_plugins.sqlite_store" in modules
+    assert "qimem.builtin_plugins.sql.store" not in modules
+    assert "qimem.builtin_plugins.sql.sqlite" in modules
 
 
 def test_enabled_plugin_scans_entry_points(tmp_path: Path, home: Path) -> None:

@@ -182,3 +182,59 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
         broken.write(path)
     assert path.read_text() == "old = true\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+# -- one parser: every section read once into one frozen Settings -------------------------
+
+
+def test_one_frozen_settings_with_every_section(qimem_home: Path) -> None:
+    import dataclasses
+
+    from qimem.config import LifecycleSettings, Settings
+
+    path = write_config(
+        qimem_home / "config.toml",
+        '[store]\nurl = "memory://"\n[keys]\nusage_reserve_block = 3\n'
+        "[identity]\naccess_token_ttl = 60\n[serve]\nconnection_limit = 10\n",
+    )
+    settings = load_config(path, plugins=["extra"])
+    assert isinstance(settings, Settings) and Config is Settings
+    assert settings.keys == LifecycleSettings(usage_reserve_block=3)
+    assert settings.identity == {"access_token_ttl": 60}
+    assert settings.serve == {"connection_limit": 10}
+    assert settings.plugins_enabled == ["extra"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.store_url = "sqlite:///elsewhere.db"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[keys]\nusage_limit = 0\n", "[keys] usage_limit and usage_reserve_block must be"),
+        ("[keys]\nnope = 1\n", "unknown [keys] setting 'nope'"),
+        ("[keys]\nusage_limit = 'x'\n", "[keys] values must be integers"),
+        ("keys = 3\n", "[keys] must be a table"),
+        ("identity = 3\n", "[identity] must be a table"),
+    ],
+)
+def test_section_errors_name_the_file(qimem_home: Path, text: str, problem: str) -> None:
+    path = write_config(qimem_home / "config.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.exit_code == 9
+    assert problem in info.value.message
+    assert str(path) in info.value.message
+
+
+def test_section_loaders_share_the_parser(qimem_home: Path) -> None:
+    """The lifecycle and identity loaders read the same file through the same parser."""
+    from qimem.identity.settings import load_settings as identity_settings
+    from qimem.services.lifecycle import load_settings as lifecycle_settings
+
+    path = write_config(
+        qimem_home / "config.toml", "[keys]\nmin_deletion_days = 9\n[identity]\naudience = 'x'\n"
+    )
+    assert lifecycle_settings(path) == load_config(path).keys
+    assert identity_settings(path).audience == "x"
+    with pytest.raises(ConfigError, match=r"config.toml: unknown identity setting 'nope'"):
+        identity_settings(write_config(path, "[identity]\nnope = 1\n"))

@@ -58,7 +58,7 @@ from crash_harness import (
 from migration_helpers import alembic, downgrade
 
 from qimem import batch, fileio, stream
-from qimem.migrations import HEAD
+from qimem.builtin_plugins.sql.migrations import HEAD
 from qimem.services import files as file_services
 from qimem.services.crypto import decrypt, encrypt
 from qimem.services.keys import create_key, rotate_key, show_key

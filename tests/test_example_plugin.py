@@ -364,11 +364,12 @@ def test_installed_example_round_trips_through_cli_and_http(
 
 
 def _load(path: Path) -> Config:
+    import dataclasses
+
     from qimem.config import load_config
 
-    config = load_config(path)
-    config.plugins_enabled = []  # the plugin is installed in the venv, not here
-    return config
+    # the plugin is installed in the venv, not here
+    return dataclasses.replace(load_config(path), plugins_enabled=[])
 
 
 def _wait_for_url(server: subprocess.Popen[bytes]) -> str:

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from qimem.backend import Backend, Catalog
 from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
 from qimem.errors import NotFoundError
 from qimem.keys import KeyState, KeyVersion
 from qimem.keystore import KeyStore
 from qimem.registry import Registry, make_plugin_manager
 from qimem.rootkey import KeyWrapper, generate_root_key
-from qimem.testing import KeyStoreContract
+from qimem.testing import CatalogContract, KeyStoreContract
 
 
 def open_store(scheme: str, url: str) -> KeyStore:
     """A store built the way qimem builds it: the registry's factory for ``scheme``."""
     factory = Registry(make_plugin_manager()).keystores[scheme]
-    return factory(url, KeyWrapper(generate_root_key()))
+    return Backend.of(factory(url, KeyWrapper(generate_root_key())), scheme).keys
 
 
 class TestMemoryKeyStore(KeyStoreContract):
@@ -49,6 +50,47 @@ class TestPostgresKeyStore(KeyStoreContract):
         store = open_store(scheme, postgres_url)
         yield store
         store.close()
+
+
+# -- the catalog contract, on each built-in backend's catalog -------------------------------
+
+
+def open_catalog(scheme: str, url: str, root_key: bytes | None = None) -> Iterator[Catalog]:
+    """The catalog of a backend built the way qimem builds it (the registry's factory)."""
+    factory = Registry(make_plugin_manager()).keystores[scheme]
+    wrapper = KeyWrapper(bytearray(root_key) if root_key else generate_root_key())
+    backend = Backend.of(factory(url, wrapper), scheme)
+    yield backend.catalog
+    backend.close()
+
+
+class TestMemoryCatalog(CatalogContract):
+    @pytest.fixture
+    def catalog(self) -> Iterator[Catalog]:
+        yield from open_catalog("memory", "memory://")
+
+
+class TestSqliteCatalog(CatalogContract):
+    @pytest.fixture
+    def catalog(self, tmp_path: Path) -> Iterator[Catalog]:
+        yield from open_catalog("sqlite", f"sqlite:///{tmp_path / 'keys.db'}")
+
+    def test_catalog_lives_in_the_store(self, tmp_path: Path) -> None:
+        from qimem.testing_catalog import sample_manifest
+
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+        root_key = bytes(generate_root_key())
+        for catalog in open_catalog("sqlite", url, root_key):
+            catalog.add(sample_manifest())
+        for catalog in open_catalog("sqlite", url, root_key):
+            assert list(catalog.all()) == ["sample-plugin"]
+
+
+@pytest.mark.postgres
+class TestPostgresCatalog(CatalogContract):
+    @pytest.fixture
+    def catalog(self, postgres_url: str) -> Iterator[Catalog]:
+        yield from open_catalog(postgres_url.split("://", 1)[0], postgres_url)
 
 
 # -- the contract is able to fail: broken stores are caught --------------------------------

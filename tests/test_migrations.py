@@ -16,10 +16,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from qimem.builtin_plugins.sql.migrations import HEAD
 from qimem.builtin_plugins.sql_keystore import SqlKeyStore
 from qimem.errors import ConfigError
 from qimem.keys import KeyState
-from qimem.migrations import HEAD
 from qimem.rootkey import KeyWrapper, decode_root_key, generate_root_key
 from qimem.sql import create_engine, current_revision, migrate
 from qimem.testing import run_concurrently
@@ -29,7 +29,7 @@ KEY_TABLES = {"qimem_meta", "qimem_lineages", "qimem_key_versions", "alembic_ver
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", "qimem:migrations")
+    config.set_main_option("script_location", "qimem.builtin_plugins.sql:migrations")
     if connection is not None:
         config.attributes["connection"] = connection
     return config

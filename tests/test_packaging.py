@@ -34,10 +34,15 @@ REQUIRED_IN_WHEEL = [
     "qimem/builtin_plugins/chacha20.py",
     "qimem/builtin_plugins/memory_keystore.py",
     "qimem/builtin_plugins/sql_keystore.py",
+    "qimem/builtin_plugins/sql/__init__.py",
+    "qimem/builtin_plugins/sql/store.py",
+    "qimem/builtin_plugins/sql/sqlite.py",
+    "qimem/builtin_plugins/sql/backend.py",
+    "qimem/builtin_plugins/sql/catalog.py",
     "qimem/server/__init__.py",
-    "qimem/migrations/script.py.mako",
-    "qimem/migrations/env.py",
-    "qimem/migrations/versions/0001_keys.py",
+    "qimem/builtin_plugins/sql/migrations/script.py.mako",
+    "qimem/builtin_plugins/sql/migrations/env.py",
+    "qimem/builtin_plugins/sql/migrations/versions/0001_keys.py",
     "qimem/cli/__init__.py",
 ]
 
@@ -279,7 +284,7 @@ def test_wheel_imports_on_its_own(wheel: Path, tmp_path: Path) -> None:
         "for mod in (qimem, qimem.hooks, qimem.builtin_plugins, qimem.server):\n"
         "    assert mod.__file__.startswith(root), mod.__file__\n"
         "for info in pkgutil.walk_packages(qimem.__path__, 'qimem.'):\n"
-        "    if info.name == 'qimem.migrations.env':\n"
+        "    if info.name == 'qimem.builtin_plugins.sql.migrations.env':\n"
         "        continue  # an Alembic script, only runs inside Alembic\n"
         "    module = importlib.import_module(info.name)\n"
         "    assert module.__file__.startswith(root), module.__file__\n"

@@ -105,6 +105,7 @@ _CHILD = textwrap.dedent(
     """
     import json, os, sys
     from qimem.errors import QimemError
+    from qimem.backend import Backend
     from qimem.registry import Registry, make_plugin_manager
     from qimem.rootkey import KeyWrapper, decode_root_key
 
@@ -113,7 +114,8 @@ _CHILD = textwrap.dedent(
     registry = Registry(make_plugin_manager())
     stores = []
     for target in job["targets"]:
-        store = registry.keystores[target["url"].split(":", 1)[0]](target["url"], wrapper)
+        scheme = target["url"].split(":", 1)[0]
+        store = Backend.of(registry.keystores[scheme](target["url"], wrapper), scheme).keys
         store.ping()
         stores.append((store, target["key_id"]))
     print("ready", flush=True)

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_process import qimem_process
 
-from qimem import batch, services
+from qimem import batch, batch_plan, services
 from qimem.app import AppContext
 from qimem.cli import cli
 from qimem.errors import ValidationError
@@ -471,7 +471,7 @@ def test_finding7_walked_file_read_through_a_parent_swapped_for_a_link_is_refuse
     (src / "sub").symlink_to(victim)  # ... for a link between the walk and the read
     [task] = [t for t in tasks if t.src is not None and t.src.name == "notes.txt"]
     with pytest.raises(OSError):
-        os.close(batch.open_input(task))
+        os.close(batch_plan.open_input(task))
     result = batch.run(app, tasks, batch.ENCRYPT, key_ref="p")
     (failure,) = result.failures
     assert failure.error == "input_changed", failure

@@ -280,11 +280,17 @@ def test_datakey(any_app: AppContext) -> None:
 
 
 def test_payload_limit(any_app: AppContext) -> None:
+    import dataclasses
+
+    from qimem.app import build
+
     services.create_key(any_app, name="small")
-    any_app.config.max_envelope_bytes = 1000
-    assert services.encrypt(any_app, "small", b"x" * 1000).version == 1
+    small = build(
+        dataclasses.replace(any_app.config, max_envelope_bytes=1000), backend=any_app.backend
+    )
+    assert services.encrypt(small, "small", b"x" * 1000).version == 1
     with pytest.raises(PayloadTooLargeError) as info:
-        services.encrypt(any_app, "small", b"x" * 1001)
+        services.encrypt(small, "small", b"x" * 1001)
     assert info.value.http_status == 413
     assert "1000" in str(info.value)
 

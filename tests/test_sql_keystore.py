@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from qimem.backend import Backend
+from qimem.builtin_plugins.sql.sqlite import SqliteKeyStore
 from qimem.builtin_plugins.sql_keystore import SqlKeyStore
-from qimem.builtin_plugins.sqlite_store import SqliteKeyStore
 from qimem.errors import ConfigError, DecryptionError, StoreUnavailableError
 from qimem.keystore import KeyStore
 from qimem.registry import Registry, make_plugin_manager
@@ -31,8 +32,9 @@ REALMS = ("master", "tenant-b")
 
 def open_store(url: str, root_key: bytes | bytearray) -> KeyStore:
     """A store built the way qimem builds it: the registry's factory for the URL scheme."""
-    factory = Registry(make_plugin_manager()).keystores[url.split(":", 1)[0]]
-    return factory(url, KeyWrapper(root_key))
+    scheme = url.split(":", 1)[0]
+    factory = Registry(make_plugin_manager()).keystores[scheme]
+    return Backend.of(factory(url, KeyWrapper(root_key)), scheme).keys
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

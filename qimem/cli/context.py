@@ -124,9 +124,9 @@ class CliState:
     def config(self, *, required: bool = True) -> Config:
         from qimem.config import load_config
 
-        config = load_config(self.config_path, store_url=self.store_url, required=required)
-        config.plugins_enabled = list(dict.fromkeys(config.plugins_enabled + self.plugins))
-        return config
+        return load_config(
+            self.config_path, store_url=self.store_url, required=required, plugins=self.plugins
+        )
 
     @property
     def app(self) -> AppContext:
@@ -136,10 +136,10 @@ class CliState:
                 "(with --server: encrypt, decrypt, rewrap, keys create|list|show|rotate)"
             )
         if self._app is None:
-            from qimem.app import AppContext
+            from qimem.app import build
 
             disable_core_dumps()  # the root key and unwrapped keys live in this process
-            self._app = AppContext(self.config(), one_shot=self.one_shot)
+            self._app = build(self.config(), one_shot=self.one_shot)
         return self._app
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from qimem.app import AppContext
+from qimem.app import build
 from qimem.cli.context import CliState, echo_json, json_option, pass_state
 from qimem.config import Config, data_dir, default_config_path, load_config
 from qimem.errors import ValidationError
@@ -48,9 +48,11 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
         admin_password = sys.stdin.readline().rstrip("\r\n") or None
         if admin_password is None:
             raise ValidationError("no admin password on standard input")
-        from qimem.identity.settings import load_settings  # refused before anything is made
+        # refused before anything is made
+        from qimem.identity.settings import settings_from_mapping
 
-        policy = load_settings(config_path).password_policy.for_realm("master")
+        identity_settings = settings_from_mapping(config.identity, str(config_path))
+        policy = identity_settings.password_policy.for_realm("master")
         policy.check(admin_password, "admin", "master")
     root_file = config.root_key_file
     new_files: list[Path] = []
@@ -69,7 +71,7 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
 
         database = sqlite_database(config.store_url)
         fixed = secure_sqlite_files(database) if database is not None else []
-        app = AppContext(config)
+        app = build(config)
         try:
             app.store.ping()  # opening the store applies pending migrations
             # Realm 'master' and user 'admin', unless they exist (never touches existing ones).

@@ -5,8 +5,6 @@ in :mod:`qimem.cli.keys_backup` (docs/keys.md)."""
 
 from __future__ import annotations
 
-import getpass
-
 import click
 
 from qimem import services
@@ -18,13 +16,9 @@ from qimem.cli.context import (
     json_option,
     pass_state,
 )
+from qimem.cli.keys_group import cli_actor, keys  # noqa: F401 - re-exported
 from qimem.errors import ValidationError
 from qimem.keys import KeyVersion
-
-
-@click.group()
-def keys() -> None:
-    """Create, list, show and rotate keys; policies, states, deletion, backups."""
 
 
 def _row(key: KeyVersion) -> list[str]:
@@ -123,18 +117,6 @@ def keys_rotate(state: CliState, key: str, json_: bool) -> None:
     else:
         rotated = services.rotate_key(state.app, key, realm=state.realm, actor=cli_actor())
     echo_result(json_, rotated.to_dict(), rotated.key_id)
-
-
-# -- lifecycle (issue 7; docs/keys.md) ---------------------------------------------------
-
-
-def cli_actor() -> str:
-    """Who the audit log names for a CLI operation: the local OS user."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        user = "unknown"
-    return f"{user}@cli"
 
 
 # The other subcommands of the group, by concern (they register on ``keys`` when imported).

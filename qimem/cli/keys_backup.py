@@ -15,7 +15,7 @@ from qimem.cli.context import (
     json_option,
     pass_state,
 )
-from qimem.cli.keys import cli_actor, keys
+from qimem.cli.keys_group import cli_actor, keys
 from qimem.errors import ValidationError
 from qimem.fileio import atomic_output
 

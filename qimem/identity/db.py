@@ -1,8 +1,9 @@
 """Identity tables (mirroring migrations 0002 and 0005) and the database handle identity runs on.
 
-Identity lives in the same SQL database as the key store. For a ``memory://`` key store it
-uses a private in-memory SQLite database (one connection, serialized by a lock) that lives
-and dies with the process, exactly like the keys.
+A store's backend (:class:`qimem.backend.Backend`) says which database identity uses: the
+SQL store's own (:meth:`Database.for_engine`); for ``memory://``, a private in-memory SQLite
+database (:meth:`Database.in_memory`: one connection, serialized by a lock) that lives and
+dies with the process, exactly like the keys.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ cost through the same settings; nothing else changes.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -114,14 +113,13 @@ def bounded_by_threads(settings: IdentitySettings, threads: int) -> IdentitySett
 
 
 def load_settings(config_path: Path | None) -> IdentitySettings:
-    """The ``[identity]`` table of the config file at ``config_path`` (defaults if none)."""
-    if config_path is None or not Path(config_path).exists():
-        return IdentitySettings()
-    try:
-        doc = tomllib.loads(Path(config_path).read_text("utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return IdentitySettings()  # load_config already reported a broken file
-    table = doc.get("identity", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{config_path}: [identity] must be a table")
+    """The ``[identity]`` table of the config file at ``config_path`` (defaults if none).
+
+    The file is read by :func:`qimem.config.read_document` (a broken file is reported by
+    :func:`qimem.config.load_config`, the one parser of the config file).
+    """
+    from qimem.config import read_document, section
+
+    path = Path(config_path) if config_path is not None else None
+    table = section(read_document(path, lenient=True), "identity", config_path)
     return settings_from_mapping(table, f"{config_path}")

@@ -6,74 +6,49 @@ hand out nothing he lacks (:mod:`qimem.identity.escalation`); ``None`` is the lo
 operator, who holds the root key and may do anything. New passwords must pass the realm's
 password policy (:mod:`qimem.identity.password_policy`), whoever sets them.
 
-:func:`identity` opens (once per :class:`~qimem.app.AppContext`) the identity layer on the
-key store's own database: the SQL store's engine for ``sqlite``/``postgresql`` stores, a
-private in-memory SQLite database for ``memory://``. Signing keys are wrapped under the
-root key; a ``memory://`` store without a root key gets a random per-process one.
+:func:`identity` is the identity layer of an :class:`~qimem.app.AppContext`, opened once on
+the database its backend provides (:class:`qimem.backend.Backend`): the SQL store's own
+database for ``sqlite``/``postgresql``, an in-memory SQLite database for ``memory://``
+(documented in docs/plugins.md); a store without an identity layer is refused with a
+``ConfigError``. Signing keys are wrapped under the root key; a ``memory://`` store without
+a root key gets a random per-process one.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable
 from typing import Any
 
-from qimem.app import IDENTITY_ATTR, AppContext
+from qimem.app import AppContext
 from qimem.errors import NotFoundError, ValidationError
 from qimem.identity import Identity, IdentitySettings, NewSecret, Principal, TokenResponse
 from qimem.identity.audit import AuditRecord
-from qimem.identity.db import Database
 from qimem.identity.escalation import Guard
 from qimem.identity.password_policy import PasswordPolicy, generate_password
 from qimem.identity.permissions import validate_scope
 from qimem.identity.realms import MASTER, Realm
 from qimem.identity.roles import Role
-from qimem.identity.settings import load_settings
 from qimem.identity.users import User
-from qimem.rootkey import ROOT_KEY_SIZE, KeyWrapper
-
-_ATTR = IDENTITY_ATTR
-_SETTINGS_ATTR = "_qimem_identity_settings"
-_open_lock = threading.Lock()
 
 GRANT_TYPES = ("password", "refresh_token", "client_credentials")
 
 
 def configure(app: AppContext, settings: IdentitySettings) -> None:
     """Use ``settings`` instead of the config file's ``[identity]`` table (before first use)."""
-    if _ATTR in app.__dict__:
-        raise ValidationError("identity is already open for this application context")
-    app.__dict__[_SETTINGS_ATTR] = settings
+    app.configure_identity(settings)
 
 
 def identity(app: AppContext) -> Identity:
-    """The identity layer of ``app``, opened on first use."""
-    found = app.__dict__.get(_ATTR)
-    if found is not None:
-        return found
-    with _open_lock:
-        found = app.__dict__.get(_ATTR)
-        if found is not None:
-            return found
-        settings = app.__dict__.get(_SETTINGS_ATTR) or load_settings(app.config.path)
-        engine = getattr(app.store, "engine", None)
-        database = Database.for_engine(engine) if engine is not None else Database.in_memory()
-        wrapper = app.wrapper
-        if wrapper is None:
-            key = bytearray(os.urandom(ROOT_KEY_SIZE))
-            wrapper = KeyWrapper(key)
-            key[:] = bytes(ROOT_KEY_SIZE)
-        found = Identity(database, wrapper, settings)
-        app.__dict__[_ATTR] = found
-        return found
+    """The identity layer of ``app``, opened on first use (:attr:`AppContext.identity`).
+
+    :raises ConfigError: the store has no identity layer.
+    """
+    return app.identity
 
 
 def close_identity(app: AppContext) -> None:
     """Flush the audit log and release identity's resources (the app stays open)."""
-    found = app.__dict__.pop(_ATTR, None)
-    if found is not None:
-        found.close()
+    app.close_identity()
 
 
 # -- realms ---------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Key operations: create, list, show, rotate."""
+"""Key operations: create, list, show, rotate.
+
+Below :mod:`qimem.services.lifecycle` (which rotates through :func:`rotate_key`): what both
+need (finding a key, auditing, the pending-deletion check) is in
+:mod:`qimem.services.key_refs` and :mod:`qimem.services.lifecycle_common`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ from typing import Any
 
 from qimem.app import AppContext
 from qimem.crypto import zero
-from qimem.errors import NotFoundError, ValidationError
+from qimem.errors import ValidationError
 from qimem.events import KeyEvent
-from qimem.keys import DEFAULT_REALM, KeyVersion, parse_uuid, validate_name, validate_realm
+from qimem.keys import DEFAULT_REALM, KeyVersion, validate_name, validate_realm
+from qimem.services.key_refs import resolve
+from qimem.services.lifecycle_common import audit, check_rotation
 
 DEFAULT_ALGORITHM = "aes-256-gcm"
 
@@ -39,12 +46,6 @@ class KeyDetails:
             "active_version": active.version if active else None,
             "versions": [v.to_dict() for v in self.versions],
         }
-
-
-def _ref(ref: Any) -> str:
-    if not isinstance(ref, str) or not ref or len(ref) > 128:
-        raise ValidationError("a key reference must be a key_id, lineage_id or name")
-    return ref
 
 
 def create_key(
@@ -87,18 +88,14 @@ def create_key(
 
         app.store.set_policy(realm, key.lineage_id, LineagePolicy(derived=True))
     app.registry.notify_key_event(KeyEvent("created", realm, key))
-    from qimem.services import lifecycle  # (it imports this module)
-
-    lifecycle.audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
+    audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
     return key
 
 
 def has_identity(app: AppContext) -> bool:
     """Whether ``app`` keeps realms: its identity layer is open, or its store holds the
     identity tables (the SQL store). A memory store nobody opened identity on has none."""
-    from qimem.app import IDENTITY_ATTR
-
-    return IDENTITY_ATTR in app.__dict__ or getattr(app.store, "engine", None) is not None
+    return app.has_identity
 
 
 def _require_realm(app: AppContext, realm: str) -> None:
@@ -114,18 +111,6 @@ def list_keys(app: AppContext, *, realm: str = DEFAULT_REALM) -> list[KeyVersion
     """The newest version of every key lineage in ``realm``."""
     validate_realm(realm)
     return app.store.list(realm)
-
-
-def resolve(app: AppContext, ref: str, realm: str) -> tuple[str, KeyVersion | None]:
-    """``(lineage_id, exact version or None)`` for a key_id, lineage_id or name."""
-    _ref(ref)
-    if parse_uuid(ref) is not None:
-        try:
-            version = app.store.get(realm, ref)
-            return version.lineage_id, version
-        except NotFoundError:
-            pass
-    return app.store.find_lineage(realm, ref), None
 
 
 def show_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyDetails:
@@ -153,9 +138,7 @@ def rotate_key(
     """
     validate_realm(realm)
     lineage_id, exact = resolve(app, ref, realm)
-    from qimem.services import lifecycle  # (it imports this module)
-
-    lifecycle.check_rotation(app, realm, lineage_id)
+    check_rotation(app, realm, lineage_id)
     current = exact or app.store.active_version(realm, lineage_id)
     algo = app.registry.algorithm(current.algorithm)
     material = algo.generate_key()
@@ -165,7 +148,7 @@ def rotate_key(
         zero(material)
         app.cache.invalidate_lineage(lineage_id)
     app.registry.notify_key_event(KeyEvent("rotated", realm, rotated, previous=current))
-    lifecycle.audit(
+    audit(
         app,
         realm,
         actor,

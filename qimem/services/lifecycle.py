@@ -20,26 +20,22 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from qimem.app import AppContext
+from qimem.config import MIN_DELETION_DAYS, LifecycleSettings, parse_keys, read_document
 from qimem.errors import (
-    ConfigError,
     ConflictError,
     DecryptionError,
     KeyNotActiveError,
     NotFoundError,
     ValidationError,
 )
-from qimem.events import KeyEvent
 from qimem.keys import (
     DEFAULT_REALM,
-    DEFAULT_USAGE_LIMIT,
-    RANDOM_NONCE_MESSAGE_BOUND,
     KeyState,
     KeyVersion,
     LineagePolicy,
@@ -48,7 +44,12 @@ from qimem.services import usage_bound
 from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
 from qimem.services.key_states import destroy_version, disable_version, enable_version
 from qimem.services.keys import rotate_key
-from qimem.services.lifecycle_common import audit
+from qimem.services.lifecycle_common import (
+    _check_pending,
+    _delete,
+    audit,
+    check_rotation,
+)
 from qimem.services.lifecycle_common import lineage_of as _lineage
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ log = logging.getLogger(__name__)
 __all__ = [  # parts live in their own modules (derived keys, message bounds, version
     # states, audit): re-exported here, the lifecycle API stays one module
     "MAX_CONTEXT",
+    "MIN_DELETION_DAYS",
+    "LifecycleSettings",
     "audit",
+    "check_rotation",
     "check_context",
     "derive_subkey",
     "destroy_version",
@@ -66,11 +70,9 @@ __all__ = [  # parts live in their own modules (derived keys, message bounds, ve
 ]
 message_bound = usage_bound.message_bound
 
-_SETTINGS_ATTR = "_qimem_lifecycle_settings"
 _UNSET: Any = object()
 
 #: AWS KMS's bounds on the deletion waiting period, in days.
-MIN_DELETION_DAYS = 7
 MAX_DELETION_DAYS = 30
 DEFAULT_DELETION_DAYS = 30
 #: The largest block of usage counts one cache entry reserves at once.
@@ -79,64 +81,21 @@ MAX_RESERVE_BLOCK = 1 << 20
 NONCE_BATCH = 256
 
 
-@dataclass(frozen=True)
-class LifecycleSettings:
-    """Deployment-wide lifecycle settings (the config file's ``[keys]`` table).
-
-    ``usage_limit``: messages per version before automatic rotation, when a lineage sets
-    none (default 2^31, half NIST SP 800-38D's 2^32 bound for random 96-bit nonces).
-    ``usage_reserve_block``: counts a process reserves from the store at once.
-    ``min_deletion_days``: the shortest deletion waiting period accepted.
-    """
-
-    usage_limit: int = DEFAULT_USAGE_LIMIT
-    usage_reserve_block: int = 64
-    min_deletion_days: int = MIN_DELETION_DAYS
-
-    def __post_init__(self) -> None:
-        if self.usage_limit < 1 or self.usage_reserve_block < 1 or self.min_deletion_days < 0:
-            raise ConfigError("[keys] usage_limit and usage_reserve_block must be at least 1")
-        if self.usage_limit > RANDOM_NONCE_MESSAGE_BOUND:
-            raise ConfigError(
-                f"[keys] usage_limit {self.usage_limit} is above 2^32 "
-                f"({RANDOM_NONCE_MESSAGE_BOUND}), the most messages per key with random "
-                "96-bit nonces (NIST SP 800-38D); the default is 2^31"
-            )
-
-
 def load_settings(path: Path | None) -> LifecycleSettings:
-    """The ``[keys]`` table of the config file at ``path`` (defaults when absent)."""
-    doc: dict[str, Any] = {}
-    if path is not None and path.exists():
-        try:
-            doc = tomllib.loads(path.read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            doc = {}  # load_config reports a broken file
-    table = doc.get("keys", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [keys] must be a table")
-    known = {"usage_limit", "usage_reserve_block", "min_deletion_days"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown [keys] setting {sorted(unknown)[0]!r}")
-    try:
-        return LifecycleSettings(**{k: int(v) for k, v in table.items()})
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: [keys] values must be integers") from None
+    """The ``[keys]`` table of the config file at ``path`` (defaults when absent); the
+    parser is :func:`qimem.config.parse_keys` (a broken file is reported by
+    :func:`qimem.config.load_config`)."""
+    return parse_keys(read_document(path, lenient=True), path)
 
 
 def configure(app: AppContext, settings: LifecycleSettings) -> None:
     """Use ``settings`` for ``app`` instead of the config file's ``[keys]`` table."""
-    app.__dict__[_SETTINGS_ATTR] = settings
+    app.configure_lifecycle(settings)
 
 
 def settings(app: AppContext) -> LifecycleSettings:
-    """The lifecycle settings of ``app`` (read once from its config file)."""
-    found = app.__dict__.get(_SETTINGS_ATTR)
-    if found is None:
-        found = load_settings(app.config.path)
-        app.__dict__[_SETTINGS_ATTR] = found
-    return found
+    """The lifecycle settings of ``app`` (its parsed config's ``[keys]`` table)."""
+    return app.lifecycle
 
 
 # -- policy ------------------------------------------------------------------------------
@@ -301,15 +260,6 @@ def cancel_deletion(
     return policy
 
 
-def _delete(app: AppContext, realm: str, lineage_id: str, actor: str | None) -> None:
-    """Delete a lineage whose deletion is due; audit it and tell plugins (``deleted``)."""
-    newest = app.store.versions(realm, lineage_id)[-1]
-    app.store.delete_lineage(realm, lineage_id)
-    app.cache.invalidate_lineage(lineage_id)
-    audit(app, realm, actor, "keys.delete", lineage_id)
-    app.registry.notify_key_event(KeyEvent("deleted", realm, newest))
-
-
 def purge_due_deletions(
     app: AppContext, *, now: datetime | None = None, actor: str | None = "qimem"
 ) -> list[str]:
@@ -326,33 +276,6 @@ def purge_due_deletions(
             continue  # another process purged it first
         purged.append(lineage_id)
     return purged
-
-
-def _check_pending(
-    app: AppContext,
-    realm: str,
-    lineage_id: str,
-    policy: LineagePolicy,
-    error: type[ConflictError] | type[DecryptionError] = ConflictError,
-) -> None:
-    if policy.deletion_date is None:
-        return
-    if policy.deletion_date <= datetime.now(UTC):
-        try:
-            _delete(app, realm, lineage_id, "qimem")
-        except NotFoundError:
-            pass
-        raise NotFoundError(f"key {lineage_id} was deleted")
-    raise error(
-        f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
-        "and refuses every operation until the deletion is cancelled",
-        code="key_pending_deletion",
-    )
-
-
-def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
-    """Refuse rotating a lineage that is scheduled for deletion (409)."""
-    _check_pending(app, realm, lineage_id, app.store.policy(realm, lineage_id))
 
 
 # -- checks on the encrypt and decrypt paths (cache misses only) -------------------------

@@ -1,15 +1,18 @@
-"""What the lifecycle services share: auditing an operation and finding the lineage or
-version a reference names."""
+"""What the key and lifecycle services share: auditing an operation, finding the lineage or
+version a reference names, and the pending-deletion check (with the deletion it triggers
+once due). Imports neither :mod:`qimem.services.keys` nor :mod:`qimem.services.lifecycle`."""
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from qimem.app import AppContext
-from qimem.errors import NotFoundError, ValidationError
-from qimem.keys import KeyVersion, validate_realm
-from qimem.services.keys import resolve
+from qimem.errors import ConflictError, DecryptionError, NotFoundError, ValidationError
+from qimem.events import KeyEvent
+from qimem.keys import KeyVersion, LineagePolicy, validate_realm
+from qimem.services.key_refs import resolve
 
 log = logging.getLogger("qimem.services.lifecycle")
 
@@ -57,3 +60,42 @@ def version_of(app: AppContext, ref: str, version: int | None, realm: str) -> Ke
         if candidate.version == version:
             return candidate
     raise NotFoundError(f"key {ref!r} has no version {version}")
+
+
+# -- deletion ----------------------------------------------------------------------------
+
+
+def _delete(app: AppContext, realm: str, lineage_id: str, actor: str | None) -> None:
+    """Delete a lineage whose deletion is due; audit it and tell plugins (``deleted``)."""
+    newest = app.store.versions(realm, lineage_id)[-1]
+    app.store.delete_lineage(realm, lineage_id)
+    app.cache.invalidate_lineage(lineage_id)
+    audit(app, realm, actor, "keys.delete", lineage_id)
+    app.registry.notify_key_event(KeyEvent("deleted", realm, newest))
+
+
+def _check_pending(
+    app: AppContext,
+    realm: str,
+    lineage_id: str,
+    policy: LineagePolicy,
+    error: type[ConflictError] | type[DecryptionError] = ConflictError,
+) -> None:
+    if policy.deletion_date is None:
+        return
+    if policy.deletion_date <= datetime.now(UTC):
+        try:
+            _delete(app, realm, lineage_id, "qimem")
+        except NotFoundError:
+            pass
+        raise NotFoundError(f"key {lineage_id} was deleted")
+    raise error(
+        f"key {lineage_id} is scheduled for deletion on {policy.deletion_date.isoformat()} "
+        "and refuses every operation until the deletion is cancelled",
+        code="key_pending_deletion",
+    )
+
+
+def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
+    """Refuse rotating a lineage that is scheduled for deletion (409)."""
+    _check_pending(app, realm, lineage_id, app.store.policy(realm, lineage_id))

@@ -10,9 +10,10 @@ Two kinds of state, kept where they belong:
   make every server run code it was not configured to trust. :func:`enable_plugin` and
   :func:`disable_plugin` edit that list in the config file.
 * **Registered manifests** are a catalog shared by everything using one store: which
-  plugins (and versions) a deployment expects. They live in the store (table
-  ``qimem_plugins`` on SQLite/PostgreSQL; in process memory for ``memory://`` and for
-  third-party stores without an SQL engine, living and dying with the keys).
+  plugins (and versions) a deployment expects. They live in the backend's catalog
+  (:attr:`qimem.backend.Backend.catalog`: table ``qimem_plugins`` on SQLite/PostgreSQL; in
+  process memory for ``memory://`` and for stores that bring no catalog, living and dying
+  with the process).
 
 A listing merges the built-in plugins, the installed ones (the ``qimem`` entry-point
 group), the enabled ones and the registered manifests, and says for each whether it is
@@ -23,9 +24,6 @@ the listing of every other plugin still works.
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 import tomllib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -33,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
-import sqlalchemy as sa
 
 from qimem import manifest as mf
-from qimem.app import AppContext
+from qimem.app import AppContext, build
+from qimem.backend import Backend, Catalog
 from qimem.config import write_toml
 from qimem.errors import ConfigError, ConflictError, NotFoundError, PluginError
 from qimem.registry import (
@@ -61,15 +59,6 @@ _COLLECTING_HOOKS = (
     "qimem_register_algorithms",
     "qimem_register_keystores",
     "qimem_register_auth_providers",
-)
-
-plugins_table = sa.Table(
-    "qimem_plugins",
-    sa.MetaData(),
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("version", sa.String(64), nullable=False),
-    sa.Column("manifest", sa.Text, nullable=False),
-    sa.Column("registered_at", sa.Float, nullable=False),
 )
 
 
@@ -110,82 +99,14 @@ class PluginInfo:
         }
 
 
-# ----------------------------------------------------------------- the catalog
-
-
-class _MemoryCatalog:
-    """Registered manifests of a store without an SQL engine (process lifetime)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows: dict[str, dict[str, Any]] = {}
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            return {name: dict(row) for name, row in self._rows.items()}
-
-    def add(self, found: mf.Manifest) -> None:
-        with self._lock:
-            if found.name in self._rows:
-                raise _already_registered(found.name)
-            self._rows[found.name] = found.to_dict()
-
-    def remove(self, name: str) -> bool:
-        with self._lock:
-            return self._rows.pop(name, None) is not None
-
-
-class _SqlCatalog:
-    """Registered manifests in the store's database (migration 0003)."""
-
-    def __init__(self, engine: sa.engine.Engine) -> None:
-        from qimem.sql import migrate
-
-        migrate(engine)  # one query when the store is already current
-        self._engine = engine
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        from qimem.sql import translate_errors
-
-        with translate_errors(), self._engine.connect() as conn:
-            rows = conn.execute(sa.select(plugins_table.c.name, plugins_table.c.manifest)).all()
-        return {name: json.loads(text) for name, text in rows}
-
-    def add(self, found: mf.Manifest) -> None:
-        from qimem.sql import translate_errors
-
-        row = {
-            "name": found.name,
-            "version": found.version,
-            "manifest": json.dumps(found.to_dict(), sort_keys=True),
-            "registered_at": time.time(),
-        }
-        try:
-            with translate_errors(), self._engine.begin() as conn:
-                conn.execute(plugins_table.insert().values(**row))
-        except sa.exc.IntegrityError:
-            raise _already_registered(found.name) from None
-
-    def remove(self, name: str) -> bool:
-        from qimem.sql import translate_errors
-
-        with translate_errors(), self._engine.begin() as conn:
-            result = conn.execute(plugins_table.delete().where(plugins_table.c.name == name))
-        return bool(result.rowcount)
-
-
-_CATALOG_ATTR = "_qimem_plugin_catalog"
-_catalog_lock = threading.Lock()
-
-
-def _store(app: AppContext) -> Any:
-    """The app's store; when a broken enabled plugin keeps the app's registry from
-    building, the store opened with the plugins that do load (so listing still works)."""
+def _backend(app: AppContext) -> Backend:
+    """The app's backend; when a broken enabled plugin keeps the app's registry from
+    building, the backend opened with the plugins that do load (so listing still works)."""
     try:
-        return app.store
+        return app.backend
     except PluginError:
         pm, _ = _healthy_manager(app.config.plugins_enabled)
-        return AppContext(app.config, pm=pm).store
+        return build(app.config, pm=pm).backend
 
 
 def _healthy_manager(enabled: list[str]) -> tuple[pluggy.PluginManager, dict[str, str]]:
@@ -210,26 +131,14 @@ def _healthy_manager(enabled: list[str]) -> tuple[pluggy.PluginManager, dict[str
     return pm, failures
 
 
-def _catalog(app: AppContext) -> _MemoryCatalog | _SqlCatalog:
-    found = app.__dict__.get(_CATALOG_ATTR)
-    if found is None:
-        with _catalog_lock:
-            found = app.__dict__.get(_CATALOG_ATTR)
-            if found is None:
-                engine = getattr(_store(app), "engine", None)
-                if isinstance(engine, sa.engine.Engine):
-                    found = _SqlCatalog(engine)
-                else:
-                    found = _MemoryCatalog()
-                app.__dict__[_CATALOG_ATTR] = found
-    return found
-
-
-def _already_registered(name: str) -> ConflictError:
-    return ConflictError(
-        f"a manifest for plugin {name!r} is already registered (remove it first)",
-        code="plugin_registered",
-    )
+def _catalog(app: AppContext) -> Catalog:
+    """The registered manifests: the catalog of the app's backend (when a broken enabled
+    plugin keeps the app's registry from building, of the backend opened without it)."""
+    try:
+        return app.catalog
+    except PluginError:
+        pm, _ = _healthy_manager(app.config.plugins_enabled)
+        return build(app.config, pm=pm).catalog
 
 
 # ----------------------------------------------------------------- inspection
@@ -520,7 +429,7 @@ def enable_plugin(app: AppContext, name: str) -> PluginInfo:
         enabled.append(name)
         write_toml(path, doc)
     if name not in app.config.plugins_enabled:
-        app.config.plugins_enabled.append(name)
+        app.record_enabled_plugins([*app.config.plugins_enabled, name])
     return _lookup(_inspect(_fresh(app)), name)
 
 
@@ -539,13 +448,10 @@ def disable_plugin(app: AppContext, name: str) -> PluginInfo | None:
     if name in enabled:
         doc["plugins"]["enabled"] = [p for p in enabled if p != name]
         write_toml(path, doc)
-    app.config.plugins_enabled[:] = [p for p in app.config.plugins_enabled if p != name]
+    app.record_enabled_plugins([p for p in app.config.plugins_enabled if p != name])
     return _inspect(_fresh(app)).get(name)
 
 
 def _fresh(app: AppContext) -> AppContext:
     """The same config and store, with a plugin manager built from the current config."""
-    fresh = AppContext(app.config, store=_store(app))
-    if _CATALOG_ATTR in app.__dict__:
-        fresh.__dict__[_CATALOG_ATTR] = app.__dict__[_CATALOG_ATTR]
-    return fresh
+    return build(app.config, backend=_backend(app))

@@ -6,7 +6,7 @@ reserve (and give back) usage counts, list keys, read a policy — runs here on 
 reading ``alembic_version``; only a database that is behind (or new) goes through
 SQLAlchemy and Alembic to migrate. Everything that writes key versions or policies
 (create, rotate, state changes, deletion, restore) and the identity layer (``engine``)
-are handed to :class:`qimem.builtin_plugins.sql_store.SqlKeyStore` over the same file,
+are handed to :class:`qimem.builtin_plugins.sql.store.SqlKeyStore` over the same file,
 built on first use: one schema, one set of migrations, one implementation of each write.
 
 Both run on one database, in WAL mode with ``synchronous=FULL``; the same 0600 checks
@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qimem.builtin_plugins.sql.migrations import HEAD
 from qimem.errors import ConfigError, NotFoundError, StoreUnavailableError
 from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord, new_id
 from qimem.keystore import KeyStore, destroyed_error
-from qimem.migrations import HEAD
 from qimem.sqlite_files import (
     SQLITE_TIMEOUT,
     check_sqlite_permissions,
@@ -40,7 +40,7 @@ from qimem.sqlite_files import (
 )
 
 if TYPE_CHECKING:
-    from qimem.builtin_plugins.sql_store import SqlKeyStore
+    from qimem.builtin_plugins.sql.store import SqlKeyStore
     from qimem.rootkey import KeyWrapper
 
 #: ``sqlite:///relative/path`` or ``sqlite:////absolute/path``; anything else (a query
@@ -56,11 +56,11 @@ _SELECT_VERSIONS = (  # constant text: every value is a ? parameter
 )
 
 
-def open_store(url: str, wrapper: KeyWrapper) -> KeyStore:
+def open_store(url: str, wrapper: KeyWrapper) -> SqlKeyStore | SqliteKeyStore:
     """The key store factory of the ``sqlite`` scheme (see the module docstring)."""
     match = _PLAIN_URL.match(url)
     if match is None or match.group(1) == ":memory:":
-        from qimem.builtin_plugins.sql_store import SqlKeyStore
+        from qimem.builtin_plugins.sql.store import SqlKeyStore
 
         return SqlKeyStore(url, wrapper)
     return SqliteKeyStore(url, Path(match.group(1)), wrapper)
@@ -194,7 +194,7 @@ class SqliteKeyStore(KeyStore):
         """The SQLAlchemy store over the same file, for writes and administration."""
         with self._lock:
             if self._sql is None:
-                from qimem.builtin_plugins.sql_store import SqlKeyStore
+                from qimem.builtin_plugins.sql.store import SqlKeyStore
 
                 self._sql = SqlKeyStore(self.url, self._wrapper)
             return self._sql

@@ -1,7 +1,7 @@
 """The SQL key store on SQLAlchemy 2.x: PostgreSQL, and SQLite's writes and administration.
 
 Registered by :mod:`qimem.builtin_plugins.sql_keystore`. A ``sqlite:///path`` store opens
-as :class:`qimem.builtin_plugins.sqlite_store.SqliteKeyStore`, whose hot path (reads, usage
+as :class:`qimem.builtin_plugins.sql.sqlite.SqliteKeyStore`, whose hot path (reads, usage
 reservations) runs on the standard library's ``sqlite3`` and which hands everything else
 to this class.
 
