@@ -18,7 +18,6 @@ encryption continues with the new one.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ from qimem.keys import (
     KeyVersion,
     LineagePolicy,
 )
+from qimem.lazylog import get_logger
 from qimem.services import usage_bound
 from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
 from qimem.services.key_states import destroy_version, disable_version, enable_version
@@ -52,7 +52,7 @@ from qimem.services.lifecycle_common import (
 )
 from qimem.services.lifecycle_common import lineage_of as _lineage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 __all__ = [  # parts live in their own modules (derived keys, message bounds, version
     # states, audit): re-exported here, the lifecycle API stays one module

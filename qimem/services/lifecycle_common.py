@@ -4,7 +4,6 @@ once due). Imports neither :mod:`qimem.services.keys` nor :mod:`qimem.services.l
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,9 +11,10 @@ from qimem.app import AppContext
 from qimem.errors import ConflictError, DecryptionError, NotFoundError, ValidationError
 from qimem.events import KeyEvent
 from qimem.keys import KeyVersion, LineagePolicy, validate_realm
+from qimem.lazylog import get_logger
 from qimem.services.key_refs import resolve
 
-log = logging.getLogger("qimem.services.lifecycle")
+log = get_logger("qimem.services.lifecycle")
 
 
 # -- audit -------------------------------------------------------------------------------
