@@ -108,8 +108,17 @@ def test_sqlite_hot_path_loads_no_sqlalchemy(tmp_path: Path, home: Path, args: l
 
 #: Not needed by a one-shot encrypt or decrypt (issue 13): logging loads on the first log
 #: record (qimem.lazylog), the stream's header MAC is cryptography's HMAC (no hashlib), and
-#: a short option such as -o or -q is matched without click's difflib suggestion detour.
-_NOT_ON_THE_FILE_PATH = ("logging", "hashlib", "hmac", "_hashlib", "difflib")
+#: a short option such as -o or -q is matched without click's difflib suggestion detour;
+#: key events and the key-management services load when a key is created or rotated.
+_NOT_ON_THE_FILE_PATH = (
+    "logging",
+    "hashlib",
+    "hmac",
+    "_hashlib",
+    "difflib",
+    "qimem.events",
+    "qimem.services.keys",
+)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,6 @@ from qimem.lazylog import get_logger
 from qimem.services import usage_bound
 from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
 from qimem.services.key_states import destroy_version, disable_version, enable_version
-from qimem.services.keys import rotate_key
 from qimem.services.lifecycle_common import (
     _check_pending,
     _delete,
@@ -333,6 +332,8 @@ def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion
     lineage's active version. Never loses decryptability: the old version stays
     decrypt-only."""
     try:
+        from qimem.services.keys import rotate_key  # imported when a rotation is due
+
         rotated = rotate_key(app, version.key_id, realm=version.realm)
     except KeyNotActiveError:
         return app.store.active_version(version.realm, version.lineage_id)
