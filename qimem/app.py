@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from functools import cached_property
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from qimem.config import Config, LifecycleSettings, Settings
 from qimem.errors import ConfigError, PluginError, QimemError, ValidationError
 from qimem.keycache import KeyCache
+from qimem.lazylog import get_logger
 
 if TYPE_CHECKING:  # imported on first use: a command pays only for what it touches
     import pluggy
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # imported on first use: a command pays only for what it touc
     from qimem.registry import Registry
     from qimem.rootkey import KeyWrapper
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class AppContext:

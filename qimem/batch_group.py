@@ -43,6 +43,9 @@ class _KickingWriter:
 
 @dataclass
 class _Options:
+    """One run's settings, shared by its groups (a docstring also spares the dataclass an
+    ``inspect.signature`` call at import)."""
+
     operation: str
     aad: bytes | None
     force: bool

@@ -14,11 +14,12 @@ debugging a crash (never on a host with production keys).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-log = logging.getLogger("qimem.hardening")
+from qimem.lazylog import get_logger
+
+log = get_logger("qimem.hardening")
 
 #: Set to 1 to keep core dumps (debugging only).
 ALLOW_ENV = "QIMEM_ALLOW_CORE_DUMPS"

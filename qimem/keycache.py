@@ -14,7 +14,6 @@ slice and one dict lookup per message, no parsing first.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -24,8 +23,9 @@ from dataclasses import dataclass, field
 
 from qimem.crypto import Cipher
 from qimem.keys import KeyVersion
+from qimem.lazylog import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _UNKNOWN = object()
 _CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()

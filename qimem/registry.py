@@ -14,7 +14,6 @@ algorithm and the key store it uses.
 from __future__ import annotations
 
 import importlib
-import logging
 import re
 from collections.abc import Callable, Iterable
 from functools import cached_property
@@ -26,6 +25,7 @@ from qimem import references
 from qimem.errors import DecryptionError, PluginError, QimemError, UnsupportedAlgorithmError
 from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
+from qimem.lazylog import get_logger
 
 if TYPE_CHECKING:
     from qimem.backend import Backend
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from qimem.keystore import KeyStore
     from qimem.rootkey import KeyWrapper
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ENTRY_POINT_GROUP = "qimem"
 DEFAULT_PLUGINS = (

@@ -106,6 +106,75 @@ def test_sqlite_hot_path_loads_no_sqlalchemy(tmp_path: Path, home: Path, args: l
     assert "qimem.builtin_plugins.sql.sqlite" in modules
 
 
+#: Not needed by a one-shot encrypt or decrypt (issue 13): logging loads on the first log
+#: record (qimem.lazylog), the stream's header MAC is cryptography's HMAC (no hashlib), and
+#: a short option such as -o or -q is matched without click's difflib suggestion detour;
+#: key events and the key-management services load when a key is created or rotated.
+_NOT_ON_THE_FILE_PATH = (
+    "logging",
+    "hashlib",
+    "hmac",
+    "_hashlib",
+    "difflib",
+    "qimem.events",
+    "qimem.services.keys",
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["encrypt", "--key", "k", "-q", "-o", "-"],  # stdin
+        ["encrypt", "--key", "k", "plain.txt", "-o", "out.qimem", "--force", "-q"],
+        ["decrypt", "s.qimem", "-o", "out.txt", "--force"],
+        ["decrypt", "-o", "-"],  # stdin
+    ],
+)
+def test_file_path_loads_only_what_it_uses(tmp_path: Path, home: Path, args: list[str]) -> None:
+    for name in ("plain.txt", "s.qimem"):
+        (tmp_path / name).write_bytes((home / name).read_bytes())
+    stdin = (home / "s.qimem").read_bytes() if args[0] == "decrypt" else b"hi\n"
+    modules = modules_of(tmp_path, _env(home), *args, stdin=stdin)
+    assert not set(_NOT_ON_THE_FILE_PATH) & modules
+
+
+def test_short_options_parse_as_before(tmp_path: Path, home: Path) -> None:
+    """The direct short-option match (qimem.cli.context.Command) changes no parse: -o alone,
+    -q and -o combined, -o glued to its value, and an unknown short option still fails."""
+    (tmp_path / "s.qimem").write_bytes((home / "s.qimem").read_bytes())
+    qimem = [sys.executable, "-c", "from qimem.cli import main; main()"]
+    for args, out in (
+        (["-o", "a.txt"], "a.txt"),
+        (["-qo", "b.txt"], "b.txt"),
+        (["-oc.txt"], "c.txt"),
+    ):
+        subprocess.run(
+            [*qimem, "decrypt", "s.qimem", *args], env=_env(home), cwd=tmp_path, check=True
+        )
+        assert (tmp_path / out).read_bytes() == b"hi\n"
+    bad = subprocess.run(
+        [*qimem, "decrypt", "s.qimem", "-x"], env=_env(home), cwd=tmp_path, capture_output=True
+    )
+    assert bad.returncode == 2
+    assert b"no such option '-x'" in bad.stderr
+
+
+def test_lazy_logger_is_the_named_logger(caplog: pytest.LogCaptureFixture) -> None:
+    """A lazy logger's records are the real logger's: levels, handlers and caplog apply."""
+    import logging
+
+    from qimem.lazylog import get_logger
+
+    log = get_logger("qimem.test_lazylog")
+    with caplog.at_level(logging.WARNING, logger="qimem.test_lazylog"):
+        log.warning("could not return %d unused usage counts", 3)
+        log.debug("not shown")
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("qimem.test_lazylog", "WARNING", "could not return 3 unused usage counts")
+    ]
+    assert log.isEnabledFor(logging.WARNING)
+
+
 def test_enabled_plugin_scans_entry_points(tmp_path: Path, home: Path) -> None:
     """The entry points are read when a third-party plugin is enabled (here one that is
     not installed: the run fails naming it, after the scan)."""

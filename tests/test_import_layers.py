@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.stream",
             "qimem.fileio",
             "qimem.hardening",
+            "qimem.lazylog",
             "qimem.references",
             "qimem.sqlite_files",
             "qimem.hooks",

@@ -11,7 +11,6 @@ uses.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any
@@ -29,8 +28,9 @@ from qimem.cli.context import (
 )
 from qimem.cli.errors import house_usage_error
 from qimem.errors import QimemError
+from qimem.lazylog import get_logger
 
-log = logging.getLogger("qimem.cli")
+log = get_logger("qimem.cli")
 
 
 class QimemGroup(click.Group):

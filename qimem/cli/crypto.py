@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from qimem import batch
-from qimem.cli.context import CliState, echo_json, json_option, pass_state
+from qimem.cli.context import CliState, Command, echo_json, json_option, pass_state
 from qimem.errors import QimemError, ValidationError
 
 
@@ -230,7 +230,7 @@ def _files(
     _finish(result, json_)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--key", "key_ref", required=True, help="Key name, lineage_id or active key_id.")
 @_options
 @pass_state
@@ -279,7 +279,7 @@ def encrypt(
     )
 
 
-@click.command()
+@click.command(cls=Command)
 @_options
 @pass_state
 def decrypt(
@@ -326,7 +326,7 @@ def decrypt(
     )
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @context_option

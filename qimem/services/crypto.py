@@ -28,7 +28,7 @@ from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, V
 from qimem.keycache import CachedKey
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
 from qimem.services import lifecycle
-from qimem.services.keys import resolve
+from qimem.services.key_refs import resolve
 
 DATA_KEY_SIZE = 32
 _DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from qimem.app import AppContext
 from qimem.errors import ConflictError
-from qimem.events import KeyEvent
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion
 from qimem.services.lifecycle_common import audit
 from qimem.services.lifecycle_common import version_of as _version
@@ -34,6 +33,8 @@ def _set_state(
     audit(app, realm, actor, action, target.key_id, version=target.version)
     if changed.state is not target.state:
         kind = {"keys.disable": "disabled", "keys.enable": "enabled"}.get(action, "destroyed")
+        from qimem.events import KeyEvent  # imported when an event happens
+
         app.registry.notify_key_event(KeyEvent(kind, realm, changed, previous=target))
     return changed
 

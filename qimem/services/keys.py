@@ -13,7 +13,6 @@ from typing import Any
 from qimem.app import AppContext
 from qimem.crypto import zero
 from qimem.errors import ValidationError
-from qimem.events import KeyEvent
 from qimem.keys import DEFAULT_REALM, KeyVersion, validate_name, validate_realm
 from qimem.services.key_refs import resolve
 from qimem.services.lifecycle_common import audit, check_rotation
@@ -87,6 +86,8 @@ def create_key(
         from qimem.keys import LineagePolicy
 
         app.store.set_policy(realm, key.lineage_id, LineagePolicy(derived=True))
+    from qimem.events import KeyEvent  # imported when an event happens
+
     app.registry.notify_key_event(KeyEvent("created", realm, key))
     audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
     return key
@@ -147,6 +148,8 @@ def rotate_key(
     finally:
         zero(material)
         app.cache.invalidate_lineage(lineage_id)
+    from qimem.events import KeyEvent  # imported when an event happens
+
     app.registry.notify_key_event(KeyEvent("rotated", realm, rotated, previous=current))
     audit(
         app,

@@ -18,7 +18,6 @@ encryption continues with the new one.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -40,10 +39,10 @@ from qimem.keys import (
     KeyVersion,
     LineagePolicy,
 )
+from qimem.lazylog import get_logger
 from qimem.services import usage_bound
 from qimem.services.derived import MAX_CONTEXT, check_context, check_derived, derive_subkey
 from qimem.services.key_states import destroy_version, disable_version, enable_version
-from qimem.services.keys import rotate_key
 from qimem.services.lifecycle_common import (
     _check_pending,
     _delete,
@@ -52,7 +51,7 @@ from qimem.services.lifecycle_common import (
 )
 from qimem.services.lifecycle_common import lineage_of as _lineage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 __all__ = [  # parts live in their own modules (derived keys, message bounds, version
     # states, audit): re-exported here, the lifecycle API stays one module
@@ -333,6 +332,8 @@ def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion
     lineage's active version. Never loses decryptability: the old version stays
     decrypt-only."""
     try:
+        from qimem.services.keys import rotate_key  # imported when a rotation is due
+
         rotated = rotate_key(app, version.key_id, realm=version.realm)
     except KeyNotActiveError:
         return app.store.active_version(version.realm, version.lineage_id)

@@ -4,17 +4,16 @@ once due). Imports neither :mod:`qimem.services.keys` nor :mod:`qimem.services.l
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from qimem.app import AppContext
 from qimem.errors import ConflictError, DecryptionError, NotFoundError, ValidationError
-from qimem.events import KeyEvent
 from qimem.keys import KeyVersion, LineagePolicy, validate_realm
+from qimem.lazylog import get_logger
 from qimem.services.key_refs import resolve
 
-log = logging.getLogger("qimem.services.lifecycle")
+log = get_logger("qimem.services.lifecycle")
 
 
 # -- audit -------------------------------------------------------------------------------
@@ -71,6 +70,8 @@ def _delete(app: AppContext, realm: str, lineage_id: str, actor: str | None) -> 
     app.store.delete_lineage(realm, lineage_id)
     app.cache.invalidate_lineage(lineage_id)
     audit(app, realm, actor, "keys.delete", lineage_id)
+    from qimem.events import KeyEvent  # imported when an event happens
+
     app.registry.notify_key_event(KeyEvent("deleted", realm, newest))
 
 
