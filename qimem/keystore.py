@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from qimem.errors import ConflictError, DecryptionError, ValidationError
-from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord
+from qimem.keys import KeyState, KeyVersion, LineagePolicy
+
+if TYPE_CHECKING:
+    from qimem.keys import LineageRecord
 
 
 def _unsupported(store: KeyStore, what: str) -> ValidationError:
