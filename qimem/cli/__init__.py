@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from qimem import __version__
+from qimem.cli import context
 from qimem.cli.context import (
     CliError,
     CliState,
@@ -181,4 +182,5 @@ def main() -> None:
     # ``qimem encrypt``, issue 13). At worst a few cycles left over by those imports stay in
     # memory until exit; everything the command itself creates is collected as before.
     gc.freeze()
+    context.freeze_gc = True  # and again once the command has imported the service modules
     cli(prog_name="qimem")
