@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qimem.errors import KeyNotActiveError, ValidationError
-
-if TYPE_CHECKING:
-    from qimem.key_records import LineageRecord, VersionRecord  # noqa: F401 - re-exported
-
-
-def __getattr__(name: str) -> Any:
-    """``LineageRecord`` and ``VersionRecord`` (backups and restores only) live in
-    :mod:`qimem.key_records`, off the encrypt/decrypt import path (two dataclasses, ~1 ms)."""
-    if name in ("LineageRecord", "VersionRecord"):
-        from qimem import key_records
-
-        return getattr(key_records, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 DEFAULT_REALM = "master"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
@@ -210,4 +196,42 @@ class LineagePolicy:
             deletion_protection=bool(data.get("deletion_protection", False)),
             deletion_date=datetime.fromisoformat(date) if date else None,
             derived=bool(data.get("derived", False)),
+        )
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version with its material, as a backup holds it (``material`` None: destroyed)."""
+
+    key_id: str
+    version: int
+    state: KeyState
+    created_at: datetime
+    encryptions: int
+    material: bytearray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """A whole lineage with material, for :meth:`qimem.keystore.KeyStore.restore_lineage`."""
+
+    lineage_id: str
+    realm: str
+    name: str | None
+    algorithm: str
+    created_at: datetime
+    policy: LineagePolicy
+    versions: list[VersionRecord]
+
+    def key_version(self, item: VersionRecord) -> KeyVersion:
+        """The metadata of one of this lineage's versions, as a store returns it."""
+        return KeyVersion(
+            key_id=item.key_id,
+            lineage_id=self.lineage_id,
+            name=self.name,
+            realm=self.realm,
+            version=item.version,
+            algorithm=self.algorithm,
+            state=item.state,
+            created_at=item.created_at,
         )

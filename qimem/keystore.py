@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from qimem.errors import ConflictError, DecryptionError, ValidationError
-from qimem.keys import KeyState, KeyVersion, LineagePolicy
-
-if TYPE_CHECKING:
-    from qimem.keys import LineageRecord
+from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord
 
 
 def _unsupported(store: KeyStore, what: str) -> ValidationError:

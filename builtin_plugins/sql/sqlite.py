@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from qimem.builtin_plugins.sql.migrations import HEAD
 from qimem.errors import ConfigError, NotFoundError, StoreUnavailableError
-from qimem.keys import KeyState, KeyVersion, LineagePolicy, new_id
+from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord, new_id
 from qimem.keystore import KeyStore, destroyed_error
 from qimem.sqlite_files import (
     SQLITE_TIMEOUT,
@@ -41,7 +41,6 @@ from qimem.sqlite_files import (
 
 if TYPE_CHECKING:
     from qimem.builtin_plugins.sql.store import SqlKeyStore
-    from qimem.keys import LineageRecord
     from qimem.rootkey import KeyWrapper
 
 #: ``sqlite:///relative/path`` or ``sqlite:////absolute/path``; anything else (a query
