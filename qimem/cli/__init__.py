@@ -11,6 +11,7 @@ uses.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import click
 
 from qimem import __version__
+from qimem.cli import context
 from qimem.cli.context import (
     CliError,
     CliState,
@@ -174,4 +176,11 @@ def cli(
 
 def main() -> None:
     """Console entry point of ``qimem``."""
+    # What is imported so far (click, qimem.cli) lives as long as the process: gc.freeze
+    # moves it out of the cyclic collector's reach, so the collections that the command's
+    # own imports trigger, and the one at exit, don't walk it again (~5-8 ms of a 3-byte
+    # ``qimem encrypt``, issue 13). At worst a few cycles left over by those imports stay in
+    # memory until exit; everything the command itself creates is collected as before.
+    gc.freeze()
+    context.freeze_gc = True  # and again once the command has imported the service modules
     cli(prog_name="qimem")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +168,8 @@ class CliState:
         if self._app is None:
             from qimem.app import build
 
+            if freeze_gc:  # see qimem.cli.main: the app's modules are imported by now
+                gc.freeze()
             disable_core_dumps()  # the root key and unwrapped keys live in this process
             self._app = build(self.config(), one_shot=self.one_shot)
         return self._app
@@ -179,6 +182,10 @@ class CliState:
 
 
 pass_state = click.make_pass_decorator(CliState)
+
+#: Set by :func:`qimem.cli.main` only (a ``qimem`` process, never an in-process CliRunner):
+#: :attr:`CliState.app` calls ``gc.freeze()`` again once the service modules are imported.
+freeze_gc = False
 
 json_option = click.option("json_", "--json", is_flag=True, help="Output as JSON.")
 
