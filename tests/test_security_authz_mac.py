@@ -285,6 +285,17 @@ def test_finding15_nulling_every_mac_does_not_reopen_first_use_sealing(
     """A database writer sets every ``mac`` to NULL (the state right after migration 0005)
     and inserts his grant: the next process with the root key seals it as a legacy row."""
     url = f"sqlite:///{tmp_path / 'qimem.db'}"
+    _null_every_mac_and_forge_an_admin_grant(url, root_key_b64)
+    app = identity_app(url, root_key_b64)  # any later start: qimem serve, qauth, qimem init
+    try:
+        _assert_nothing_sealed(app, url)
+    finally:
+        close_app(app)
+
+
+def _null_every_mac_and_forge_an_admin_grant(url: str, root_key_b64: str) -> None:
+    """Realm acme with auditor eve; then, as a database writer without the root key, every
+    ``mac`` set to NULL (the state right after migration 0005) and an admin grant for eve."""
     app = identity_app(url, root_key_b64)
     ids.create_realm(app, "acme")
     add_user(app, "acme", "eve", ["auditor"])
@@ -297,11 +308,6 @@ def test_finding15_nulling_every_mac_does_not_reopen_first_use_sealing(
         "INSERT INTO qimem_grants (realm, user_id, role, scope) VALUES ('acme', :u, 'admin', '')",
         u=eve_id,
     )
-    app = identity_app(url, root_key_b64)  # any later start: qimem serve, qauth, qimem init
-    try:
-        _assert_nothing_sealed(app, url)
-    finally:
-        close_app(app)
 
 
 def _assert_nothing_sealed(app: AppContext, url: str) -> None:
@@ -321,18 +327,7 @@ def test_finding15_rewinding_the_schema_version_does_not_reopen_sealing(
     """The writer also sets ``alembic_version`` back to 0004 so the next start "upgrades"
     again: that upgrade fails (the MAC columns exist) and nothing is sealed."""
     url = store_url(request, tmp_path, kind)
-    app = identity_app(url, root_key_b64)
-    ids.create_realm(app, "acme")
-    add_user(app, "acme", "eve", ["auditor"])
-    eve_id = ids.identity(app).get_user("acme", "eve").user_id
-    close_app(app)
-    for table in ("qimem_users", "qimem_roles", "qimem_grants"):
-        raw_sql(url, f"UPDATE {table} SET mac = NULL")  # noqa: S608 (fixed table names)
-    raw_sql(
-        url,
-        "INSERT INTO qimem_grants (realm, user_id, role, scope) VALUES ('acme', :u, 'admin', '')",
-        u=eve_id,
-    )
+    _null_every_mac_and_forge_an_admin_grant(url, root_key_b64)
     raw_sql(url, "UPDATE alembic_version SET version_num = '0004'")
     with pytest.raises(QimemError):
         identity_app(url, root_key_b64)
