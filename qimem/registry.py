@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from qimem import references
-from qimem.errors import DecryptionError, PluginError, QimemError, UnsupportedAlgorithmError
+from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError
 from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
 from qimem.lazylog import get_logger
@@ -370,21 +370,6 @@ class Registry:
                 + (hint or " (is the plugin that provides it enabled? see 'qimem plugins list')")
             )
         return self._resolve_algorithm(name)
-
-    def sealed_algorithm(self, algorithm_id: int) -> Algorithm:
-        """The algorithm named by the id in authenticated data about to be opened.
-
-        :raises UnsupportedAlgorithmError: an installed plugin that is not enabled may
-            provide it (the message says how to enable it: not "tampered").
-        :raises DecryptionError: no installed plugin could: the id was changed, which is
-            indistinguishable from any other tampering.
-        """
-        try:
-            return self.algorithm_by_id(algorithm_id)
-        except UnsupportedAlgorithmError:
-            if _not_enabled_hint(None, self.plugin_names()):
-                raise
-        raise DecryptionError("ciphertext failed authentication")
 
     def plugin_names(self) -> list[str]:
         """The names of the registered plugins."""

@@ -118,7 +118,13 @@ class RemoteKeyring:
         return _unb64(resealed.get("envelope"), "envelope", self.client.base_url)
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
-        return self.registry.sealed_algorithm(algorithm_id)
+        """The algorithm with this envelope id (stream decryption asks only after the data
+        key is unwrapped, so the id is authenticated by then).
+
+        :raises UnsupportedAlgorithmError: no enabled plugin provides it (naming an installed
+            one that would, and how to enable it).
+        """
+        return self.registry.algorithm_by_id(algorithm_id)
 
     def __repr__(self) -> str:
         return f"<RemoteKeyring {self.client.base_url} ref={self.ref!r}>"

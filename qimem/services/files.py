@@ -101,7 +101,13 @@ class StoreKeyring:
         )
 
     def algorithm(self, algorithm_id: int) -> Algorithm:
-        return self.app.registry.sealed_algorithm(algorithm_id)
+        """The algorithm with this envelope id (stream decryption asks only after the data
+        key is unwrapped, so the id is authenticated by then).
+
+        :raises UnsupportedAlgorithmError: no enabled plugin provides it (naming an installed
+            one that would, and how to enable it).
+        """
+        return self.app.registry.algorithm_by_id(algorithm_id)
 
     def __repr__(self) -> str:
         return f"<StoreKeyring ref={self.ref!r} realm={self.realm!r}>"
