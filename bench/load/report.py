@@ -1,0 +1,200 @@
+"""The report of a run: per-operation summaries, the failed checks, the table and the bench
+rows.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.load.common import OPS, PEER, RESULTS, DriveResult
+
+# -- one whole run ---------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
+    """Per operation: count, req/s, p50/p99/max latency (ms), statuses; and the totals."""
+    ops: dict[str, Any] = {}
+    for op in OPS:
+        lat = result.latencies.get(op, [])
+        ops[op] = {
+            "count": len(lat),
+            "rps": len(lat) / seconds if seconds else 0.0,
+            "p50_ms": _pct(lat, 0.50),
+            "p99_ms": _pct(lat, 0.99),
+            "max_ms": max(lat) if lat else None,
+            "statuses": {str(s): n for s, n in sorted(result.statuses.get(op, {}).items())},
+            "conn_errors": result.conn_errors.get(op, 0),
+        }
+    total = sum(len(v) for v in result.latencies.values())
+    every = [x for v in result.latencies.values() for x in v]
+    return {
+        "seconds": seconds,
+        "requests": total,
+        "rps": total / seconds if seconds else 0.0,
+        "p99_ms": _pct(every, 0.99),
+        "ops": ops,
+        "encrypted": len(result.records),
+        "decrypt_mismatches": result.mismatches,
+        "rotations": dict(result.rotations),
+        "rotate_forms": dict(sorted(result.rotate_forms.items())),
+        "5xx": result.count_5xx(),
+        "login_busy": result.login_busy,
+        "conn_errors": sum(result.conn_errors.values()),
+        "unexpected": {
+            op: {str(s): n for s, n in c.items()} for op, c in result.unexpected().items()
+        },
+        "samples": result.samples,
+    }
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Every reason the run failed (empty: it passed)."""
+    bad = []
+    for side in ("qimem", "peer"):
+        if side not in report:
+            continue
+        s = report[side]
+        for what in ("5xx", "conn_errors", "decrypt_mismatches"):
+            if s[what]:
+                bad.append(f"{side}: {what} {s[what]}")
+        if s["unexpected"]:
+            bad.append(f"{side}: unexpected statuses {s['unexpected']}")
+        v = s["verification"]
+        if v["lost"] or v["corrupted"] or v["verified"] != s["encrypted"]:
+            bad.append(
+                f"{side}: verification {v['verified']}/{s['encrypted']} verified, "
+                f"{v['lost']} lost, {v['corrupted']} corrupted"
+            )
+    q = report.get("qimem", {})
+    for key, (want, have) in q.get("versions", {}).items():
+        if want != have:
+            bad.append(f"qimem: key {key} has {have} versions, {want} expected from the rotations")
+    # The server counts its login_busy answers among its 5xx; the clients counted them too.
+    if q.get("server_5xx", 0) - q.get("login_busy", 0) > 0:
+        bad.append(
+            f"qimem: /metrics counts {q['server_5xx']} 5xx answers, "
+            f"{q.get('login_busy', 0)} of them login_busy"
+        )
+    if q.get("traceback"):
+        bad.append("qimem: the server logged a traceback")
+    if q.get("exit_code") not in (None, 0):
+        bad.append(f"qimem: serve exited {q['exit_code']} on SIGTERM")
+    return bad
+
+
+# -- reporting and the bench entry point ------------------------------------------------------
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The run as a plain-text table plus the checks."""
+    lines = []
+    head = f"{'side':6} {'op':13} {'count':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+    head += f"{'max ms':>8}  statuses"
+    lines.append(head)
+    for side in ("qimem", "peer"):
+        if side not in report:
+            continue
+        s = report[side]
+        for op, o in s["ops"].items():
+            statuses = " ".join(f"{k}:{v}" for k, v in o["statuses"].items())
+            if o["conn_errors"]:
+                statuses += f" conn-errors:{o['conn_errors']}"
+            lines.append(
+                f"{side:6} {op:13} {o['count']:>8} {o['rps']:>8.1f} {_ms(o['p50_ms']):>8} "
+                f"{_ms(o['p99_ms']):>8} {_ms(o['max_ms']):>8}  {statuses}"
+            )
+        lines.append(
+            f"{side:6} {'all':13} {s['requests']:>8} {s['rps']:>8.1f} {'':>8} {_ms(s['p99_ms']):>8}"
+        )
+        v = s["verification"]
+        lines.append(
+            f"  {side}: {s['encrypted']} ciphertexts, {v['verified']} verified, {v['lost']} lost,"
+            f" {v['corrupted']} corrupted (final pass {v['seconds']:.1f} s); 5xx {s['5xx']}, "
+            f"connection errors {s['conn_errors']}, in-run decrypt mismatches "
+            f"{s['decrypt_mismatches']}, login_busy answers (retried) {s['login_busy']}"
+        )
+    q = report.get("qimem", {})
+    if "versions" in q:
+        lines.append(
+            "  qimem: versions (expected, found) "
+            + ", ".join(f"{k} {w}/{h}" for k, (w, h) in q["versions"].items())
+            + f"; /metrics {q['server_requests']} requests, {q['server_5xx']} 5xx; "
+            f"exit {q['exit_code']} on SIGTERM; traceback in log: {q['traceback']}"
+        )
+        forms = " ".join(f"{k}:{v}" for k, v in q["rotate_forms"].items())
+        lines.append(f"  qimem: rotate by form:status {forms}")
+    lines.append(
+        f"  load average before {report['loadavg_before']}, after "
+        f"{report.get('loadavg_after')}; {report['processes']} processes × "
+        f"{report['connections']} connections, {report['rounds']} round(s)"
+    )
+    for sample in q.get("samples", [])[:10]:
+        lines.append(f"  sample: {sample}")
+    lines.append("  FAILED: " + "; ".join(report["failures"]) if report["failures"] else "  OK")
+    return "\n".join(lines)
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bench rows: per operation and overall req/s against the peer; the correctness row."""
+    q, p = report["qimem"], report.get("peer")
+    out = []
+    for op in [*OPS, "all"]:
+        mine = q if op == "all" else q["ops"][op]
+        theirs = None if p is None else (p if op == "all" else p["ops"][op])
+        ratio = theirs and theirs["rps"] and mine["rps"] / theirs["rps"]
+        note = f"p99 {_ms(mine['p99_ms'])} ms"
+        if op != "all":
+            note = f"p50 {_ms(mine['p50_ms'])} ms, " + note + f", max {_ms(mine['max_ms'])} ms"
+        if theirs is not None:
+            note += f" (peer p99 {_ms(theirs['p99_ms'])} ms)"
+        out.append(
+            {
+                "case": f"mixed load on PostgreSQL: {op}",
+                "metric": "req/s",
+                "qimem": round(mine["rps"], 1),
+                "peer_name": PEER if p else "",
+                "peer": None if theirs is None else round(theirs["rps"], 1),
+                "ratio": ratio or None,
+                "notes": note,
+            }
+        )
+    v = q["verification"]
+    out.append(
+        {
+            "case": "mixed load on PostgreSQL: failed checks",
+            "metric": "count",
+            "qimem": len(report["failures"]),
+            "target": "0",
+            "ok": not report["failures"],
+            "notes": (
+                f"{q['encrypted']} ciphertexts all decrypted again: {v['verified']} verified, "
+                f"{v['lost']} lost, {v['corrupted']} corrupted; 5xx {q['5xx']}, connection "
+                f"errors {q['conn_errors']}; {report['duration']:g} s, {report['processes']} "
+                f"procs × {report['connections']} conns, load avg {report['loadavg_before']}"
+            ),
+            "details": report,
+        }
+    )
+    return out
+
+
+def _save_report(report: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"load-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
