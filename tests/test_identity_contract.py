@@ -1,0 +1,190 @@
+"""The identity contract (qimem.testing_identity) on every built-in backend, built through
+the registry, and on a third-party-style backend made here as an outside plugin would."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from qimem.backend import Backend
+from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
+from qimem.identity.db import Database
+from qimem.registry import Registry, make_plugin_manager
+from qimem.rootkey import KeyWrapper
+from qimem.sql import create_engine
+from qimem.testing_identity import IdentityContract, NoIdentityContract, OpenBackend
+
+
+def registry_opener(scheme: str, url: str) -> OpenBackend:
+    """Opens ``url`` the way qimem does: the registry's factory for ``scheme``."""
+    factory = Registry(make_plugin_manager()).keystores[scheme]
+    return lambda wrapper: Backend.of(factory(url, wrapper), scheme)
+
+
+class TestMemoryIdentity(IdentityContract):
+    """memory://: identity on a private in-memory database, gone with the backend."""
+
+    persistent = False
+
+    @pytest.fixture
+    def open_backend(self) -> OpenBackend:
+        return registry_opener("memory", "memory://")
+
+
+class TestSqliteIdentity(IdentityContract):
+    @pytest.fixture
+    def open_backend(self, tmp_path: Path) -> OpenBackend:
+        return registry_opener("sqlite", f"sqlite:///{tmp_path / 'qimem.db'}")
+
+
+@pytest.mark.postgres
+class TestPostgresIdentity(IdentityContract):
+    @pytest.fixture
+    def open_backend(self, postgres_url: str) -> OpenBackend:
+        return registry_opener(postgres_url.split("://", 1)[0], postgres_url)
+
+
+# -- a third-party store: keys of its own kind, identity on a database it chooses ----------
+
+
+class OutsideKeyStore(InMemoryKeyStore):
+    """Stands for a plugin's own non-SQL key store (a subclass, as a plugin's would be)."""
+
+
+def outside_plugin_factory(database_path: Path) -> OpenBackend:
+    """What an outside plugin's factory does: a Backend of its own key store, with an
+    ``identity_database`` factory on a database file of its choosing (so, persistent)."""
+
+    def identity_database() -> Database:
+        return Database.for_engine(create_engine(f"sqlite:///{database_path}"))
+
+    def factory(wrapper: KeyWrapper) -> Backend:
+        return Backend(OutsideKeyStore(), scheme="outside", identity_database=identity_database)
+
+    return factory
+
+
+class TestOutsidePluginIdentity(IdentityContract):
+    """The contract needs nothing but a Backend: a store qimem does not know passes it."""
+
+    @pytest.fixture
+    def open_backend(self, tmp_path: Path) -> OpenBackend:
+        return outside_plugin_factory(tmp_path / "outside-identity.db")
+
+
+class TestOutsidePluginWithoutIdentity(NoIdentityContract):
+    @pytest.fixture
+    def open_backend(self) -> OpenBackend:
+        return lambda wrapper: Backend(OutsideKeyStore(), scheme="outside")
+
+
+class TestPluginApi10StoreWithoutIdentity(NoIdentityContract):
+    """A plugin API 1.0 factory returns a bare KeyStore: wrapped, no identity layer."""
+
+    @pytest.fixture
+    def open_backend(self) -> OpenBackend:
+        return lambda wrapper: Backend.of(OutsideKeyStore(), "legacy")
+
+
+# -- the contract is able to fail: broken backends are caught --------------------------------
+
+
+def _sqlite_identity(path: Path, prepare: Callable[[Engine], None] | None = None) -> OpenBackend:
+    """An outside plugin's backend whose identity database is the SQLite file ``path``;
+    ``prepare(engine)`` runs on every open (the broken behaviour)."""
+
+    def identity_database() -> Database:
+        engine = create_engine(f"sqlite:///{path}")
+        database = Database.for_engine(engine)
+        if prepare is not None:
+            prepare(engine)
+        return database
+
+    return lambda wrapper: Backend(
+        OutsideKeyStore(), scheme="broken", identity_database=identity_database
+    )
+
+
+def _forgets_revocations(path: Path) -> OpenBackend:
+    """Bug: revocations live in process memory only (lost when the store is re-opened)."""
+
+    def prepare(engine: Engine) -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM qimem_revoked_tokens"))
+
+    return _sqlite_identity(path, prepare)
+
+
+def _ignores_realms(path: Path) -> OpenBackend:
+    """Bug: looking up a user or the audit log ignores the realm (a store emulating SQL
+    on a key-value store that indexes users by name only)."""
+
+    def prepare(engine: Engine) -> None:
+        @sa.event.listens_for(engine, "before_cursor_execute", retval=True)
+        def any_realm(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            for table in ("qimem_users", "qimem_audit"):
+                statement = statement.replace(f"{table}.realm = ?", f"({table}.realm = ? OR 1)")
+            return statement, parameters
+
+    return _sqlite_identity(path, prepare)
+
+
+def _not_persistent(path: Path) -> OpenBackend:
+    """Bug: claims to persist identity but keeps it in process memory."""
+    return lambda wrapper: Backend(
+        OutsideKeyStore(), scheme="broken", identity_database=Database.in_memory
+    )
+
+
+@pytest.mark.parametrize(
+    ("broken", "check"),
+    [
+        (_forgets_revocations, "test_revocations_survive_reopening_the_store"),
+        (_not_persistent, "test_identity_survives_reopening_the_store"),
+        (_not_persistent, "test_revocations_survive_reopening_the_store"),
+        (_not_persistent, "test_reopening_identity_on_one_backend_keeps_its_data"),
+        (_ignores_realms, "test_login_failures_are_uniform"),
+        (_ignores_realms, "test_users_are_realm_scoped"),
+        (_ignores_realms, "test_audit_log_is_realm_scoped"),
+    ],
+)
+def test_contract_catches_broken_backend(
+    broken: Callable[[Path], OpenBackend], check: str, tmp_path: Path
+) -> None:
+    contract = IdentityContract()
+    opener, root_key = broken(tmp_path / "identity.db"), os.urandom(32)
+    app = contract.prepared_app(opener, root_key)
+    try:
+        test = getattr(contract, check)
+        extra = {"open_backend": opener, "root_key": root_key}
+        kwargs = {k: v for k, v in extra.items() if k in inspect.signature(test).parameters}
+        # A failed assertion, or the operation the broken store lost failing (a lost user
+        # cannot log in): either way the check does not pass.
+        with pytest.raises((Exception, pytest.fail.Exception)):
+            test(app, **kwargs)
+    finally:
+        app.close()
+
+
+def test_the_forgetful_backend_fails_only_on_revocations(tmp_path: Path) -> None:
+    """The broken backends above are broken only where claimed: the same backend passes
+    the neighbouring check (so the failures are the contract's doing, not the setup's)."""
+    contract = IdentityContract()
+    opener, root_key = _forgets_revocations(tmp_path / "identity.db"), os.urandom(32)
+    app = contract.prepared_app(opener, root_key)
+    try:
+        contract.test_identity_survives_reopening_the_store(app, opener, root_key)
+    finally:
+        app.close()
+    realms = _ignores_realms(tmp_path / "other.db")
+    app = contract.prepared_app(realms, root_key)
+    try:
+        contract.test_custom_role_and_scoped_grant(app)
+    finally:
+        app.close()
