@@ -34,7 +34,7 @@ from typing import Any
 
 import falcon
 
-from qimem import envelope, services
+from qimem import envelope, invalidation, services
 from qimem.app import AppContext
 from qimem.errors import AuditUnavailableError, AuthError, ForbiddenError, NotFoundError, QimemError
 from qimem.identity import Principal
@@ -65,6 +65,9 @@ class Rule:
     master_only: bool = False  # realm-wide administration of the deployment
     key_names: KeyNames | None = None  # for grants scoped to key-name patterns
     audit: str | None = None  # audit action recorded for this operation
+    #: A management operation the service audits itself; with ``audit_mode = "required"``
+    #: it also gets the "requested" / outcome pair of key operations under this action.
+    pair: str | None = None
 
 
 def _name_of(app: AppContext, realm: str, ref: Any) -> str | None:
@@ -142,37 +145,46 @@ def _lifecycle_rules(prefix: str) -> dict[tuple[str, str], Rule]:
     # Key lifecycle (issue 7): managing a key is keys:rotate; a backup holds key material,
     # so export and import are for realm administrators. The services audit these.
     key = f"{prefix}/keys/{{key_id}}"
-    manage = Rule("keys:rotate", key_names=_param_key)
     rules = {("GET", f"{key}/policy"): Rule("keys:read", key_names=_param_key)}
-    for operation in ("policy", "disable", "enable", "destroy", "schedule-deletion"):
-        rules[("POST", f"{key}/{operation}")] = manage
-    rules[("POST", f"{key}/cancel-deletion")] = manage
-    rules[("POST", f"{key}/export")] = Rule("realms:admin")
-    rules[("POST", f"{prefix}/import")] = Rule("realms:admin")
+    for operation in (
+        "policy", "disable", "enable", "destroy", "schedule-deletion", "cancel-deletion"
+    ):  # fmt: skip
+        pair = "keys." + operation.replace("-", "_")
+        rules[("POST", f"{key}/{operation}")] = Rule("keys:rotate", key_names=_param_key, pair=pair)
+    rules[("POST", f"{key}/export")] = Rule("realms:admin", pair="keys.export")
+    rules[("POST", f"{prefix}/import")] = Rule("realms:admin", pair="keys.import")
     return rules
 
 
 def _auth_rules() -> dict[tuple[str, str], Rule]:
     p = AUTH_PREFIX
     admin = Rule("users:admin", realm_param=True)
+
+    def manage(pair: str) -> Rule:
+        return Rule("users:admin", realm_param=True, pair=pair)
+
     return {
         ("GET", p): Rule("realms:admin", master_only=True),
-        ("POST", p): Rule("realms:admin", master_only=True),
-        ("DELETE", p + "/{realm}"): Rule("realms:admin", realm_param=True, master_only=True),
+        ("POST", p): Rule("realms:admin", master_only=True, pair="realm.create"),
+        ("DELETE", p + "/{realm}"): Rule(
+            "realms:admin", realm_param=True, master_only=True, pair="realm.delete"
+        ),
         ("GET", p + "/{realm}/users"): admin,
-        ("POST", p + "/{realm}/users"): admin,
-        ("PATCH", p + "/{realm}/users/{username}"): admin,
-        ("POST", p + "/{realm}/users/{username}/roles"): admin,
-        ("DELETE", p + "/{realm}/users/{username}/roles"): admin,
+        ("POST", p + "/{realm}/users"): manage("user.create"),
+        ("PATCH", p + "/{realm}/users/{username}"): manage("user.update"),
+        ("POST", p + "/{realm}/users/{username}/roles"): manage("role.grant"),
+        ("DELETE", p + "/{realm}/users/{username}/roles"): manage("role.revoke"),
         ("GET", p + "/{realm}/roles"): admin,
-        ("POST", p + "/{realm}/roles"): admin,
-        ("POST", p + "/{realm}/clients"): admin,
+        ("POST", p + "/{realm}/roles"): manage("role.create"),
+        ("POST", p + "/{realm}/clients"): manage("client.create"),
         ("POST", p + "/{realm}/token"): Rule(public=True),
         ("POST", p + "/{realm}/revoke"): Rule(public=True),
         ("GET", p + "/{realm}/jwks"): Rule(public=True),
         ("POST", p + "/{realm}/introspect"): Rule(realm_param=True),
         ("GET", p + "/{realm}/audit"): Rule("audit:read", realm_param=True),
-        ("POST", p + "/{realm}/signing-key/rotate"): Rule("realms:admin", realm_param=True),
+        ("POST", p + "/{realm}/signing-key/rotate"): Rule(
+            "realms:admin", realm_param=True, pair="signing_key.rotate"
+        ),
     }
 
 
@@ -190,8 +202,10 @@ def default_rules() -> dict[tuple[str, str], Rule]:
     rules.update(_lifecycle_rules("/v1/security"))
     rules[("GET", "/v1/plugins")] = Rule("plugins:read")
     rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")
-    rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True)
-    rules[("DELETE", "/v1/plugins/{name}")] = Rule("plugins:admin", master_only=True)
+    rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True, pair="plugins.enable")
+    rules[("DELETE", "/v1/plugins/{name}")] = Rule(
+        "plugins:admin", master_only=True, pair="plugins.disable"
+    )
     rules[("GET", "/v1/openapi.json")] = Rule()
     rules.update(_auth_rules())
     return rules
@@ -247,8 +261,18 @@ class IdentityAuthMiddleware:
             self._public = frozenset(paths)
             self._audit = self._audit and self._identity.settings.audit_key_operations
         self._required = self._audit and self._identity.settings.audit_mode == "required"  # type: ignore[union-attr]
+        # audit_spill_full = "refuse": no audited operation runs while its record could not
+        # be kept (store down, spill full).
+        self._admit = (
+            self._audit
+            and not self._required
+            and self._identity.settings.audit_spill_full == "refuse"  # type: ignore[union-attr]
+        )
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Other servers' changes pushed into this process's caches (started in the process
+        # that serves: after a pre-fork, in each worker; one lookup once started).
+        invalidation.subscribe(self._app)
         req.context.principal = None
         req.context.realm = DEFAULT_REALM
         if self.insecure_no_auth and not is_loopback(req.remote_addr):
@@ -260,12 +284,17 @@ class IdentityAuthMiddleware:
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         self._authorize(req, resp, resource, params)
+        if self._admit:
+            rule = self._rules.get((req.method, req.uri_template or ""))
+            if rule is not None and rule.audit is not None and req.context.principal is not None:
+                self._identity.audit.admit()  # type: ignore[union-attr]
         if self._required:  # no audit record, no operation
             rule = self._rules.get((req.method, req.uri_template or ""))
             principal = req.context.principal
-            if rule is not None and rule.audit is not None and principal is not None:
+            action = None if rule is None else rule.audit or rule.pair
+            if action is not None and principal is not None:
                 try:
-                    self._write(req, principal, rule.audit, "-", "requested", buffered=False)
+                    self._write(req, principal, action, "-", "requested", buffered=False)
                 except Exception as exc:
                     log.warning("required audit record not written: %s", type(exc).__name__)
                     raise AuditUnavailableError(
@@ -347,7 +376,8 @@ class IdentityAuthMiddleware:
         if principal is None:
             return
         rule = self._rules.get((req.method, req.uri_template or ""))
-        if rule is None or rule.audit is None:
+        action = None if rule is None else rule.audit or (rule.pair if self._required else None)
+        if action is None:
             return
         status = resp.status_code
         media = resp.media if status < 400 else None
@@ -357,12 +387,12 @@ class IdentityAuthMiddleware:
         target = target if isinstance(target, str) else "-"
         if not self._required:
             try:
-                self._write(req, principal, rule.audit, target, outcome, buffered=True, **detail)
+                self._write(req, principal, action, target, outcome, buffered=True, **detail)
             except QimemError:
                 pass  # buffered auditing never turns a served request into an error
             return
         try:
-            self._write(req, principal, rule.audit, target, outcome, buffered=False, **detail)
+            self._write(req, principal, action, target, outcome, buffered=False, **detail)
         except Exception as exc:  # required: the result is withheld
             log.warning("required audit record not written: %s", type(exc).__name__)
             resp.data = resp.text = None  # the resource's answer is not sent

@@ -43,7 +43,7 @@ class IdentityBase:
         self.db = database
         self._wrapper = wrapper
         self.hashing = PasswordHashing(self.settings)
-        self.audit = AuditLog(database)
+        self.audit = AuditLog(database, spill=self.settings.spill_settings())
         reports = Reports(self._integrity_violation)
         self.tokens = TokenService(database, wrapper, self.settings, reports)
         self.sealer = Sealer(wrapper, reports)

@@ -104,6 +104,8 @@ audit = sa.Table(
     sa.Column("target", sa.String(200), nullable=False),
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("detail", sa.String(1024), nullable=False),
+    # Unique per record, given when it is made: replays insert it once (migration 0006).
+    sa.Column("record_id", sa.String(36), nullable=True),  # unique index ux_audit_record_id
 )
 
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qimem.errors import ConfigError
 from qimem.identity.password_policy import PasswordPolicies, policies_from_mapping
+
+if TYPE_CHECKING:
+    from qimem.identity.audit_spill import SpillSettings
 
 #: Paths that never need a token (configurable with ``identity.public_paths``).
 DEFAULT_PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 AUDIT_MODES = ("buffered", "required")
+AUDIT_SPILL_FULL = ("drop", "refuse")
+#: The smallest non-zero ``audit_spill_max_bytes`` (a header and a few records).
+MIN_SPILL_BYTES = 4096
 
 
 @dataclass
@@ -57,8 +63,32 @@ class IdentitySettings:
     #: the answer, both synchronously; if either write fails the request gets 503
     #: ``audit_unavailable`` (the operation does not run, or its result is withheld).
     audit_mode: str = "buffered"
+    #: Where buffered audit records wait while the store is down (one fsynced file per
+    #: process, mode 0600, replayed in order when the store returns); "" = the data
+    #: directory's ``audit-spill``.
+    audit_spill_dir: str = ""
+    #: The most bytes of one process's spill file; 0 turns spilling off (records then wait
+    #: in memory, at most 10,000).
+    audit_spill_max_bytes: int = 64 * 1024 * 1024
+    #: When the spill is full: "drop" (counted in ``qimem_audit_dropped_total``, logged)
+    #: or "refuse" (audited requests get 503 ``audit_unavailable`` until there is room).
+    audit_spill_full: str = "drop"
     #: Password rules (``[identity.password_policy]``, per-realm ``.realms.NAME`` tables).
     password_policy: PasswordPolicies = field(default_factory=PasswordPolicies)
+
+    def spill_settings(self) -> SpillSettings | None:
+        """The audit spill these settings configure (None when turned off)."""
+        if self.audit_spill_max_bytes <= 0:
+            return None
+        from qimem.identity.audit_spill import SpillSettings
+
+        if self.audit_spill_dir:
+            directory = Path(self.audit_spill_dir).expanduser()
+        else:
+            from qimem.config import data_dir
+
+            directory = data_dir() / "audit-spill"
+        return SpillSettings(directory, self.audit_spill_max_bytes, self.audit_spill_full)
 
     def issuer(self, realm: str) -> str:
         """The ``iss`` claim of tokens from ``realm``."""
@@ -92,6 +122,15 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
     settings = IdentitySettings(**kwargs)
     if settings.audit_mode not in AUDIT_MODES:
         raise ConfigError(f"{source}: identity.audit_mode must be one of {', '.join(AUDIT_MODES)}")
+    if settings.audit_spill_full not in AUDIT_SPILL_FULL:
+        raise ConfigError(
+            f"{source}: identity.audit_spill_full must be one of {', '.join(AUDIT_SPILL_FULL)}"
+        )
+    if settings.audit_spill_max_bytes < 0 or 0 < settings.audit_spill_max_bytes < MIN_SPILL_BYTES:
+        raise ConfigError(
+            f"{source}: identity.audit_spill_max_bytes must be 0 (no spill) or at least "
+            f"{MIN_SPILL_BYTES}"
+        )
     if settings.argon2_time_cost < 1 or settings.argon2_memory_kib < 8:
         raise ConfigError(f"{source}: Argon2 parameters are too small")
     if settings.max_concurrent_hashes < 1 or settings.lockout_threshold < 1:
