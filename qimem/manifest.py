@@ -45,8 +45,10 @@ from qimem.errors import ValidationError
 #: :class:`qimem.crypto.Algorithm` and :class:`qimem.keystore.KeyStore` contracts). The
 #: major number changes only when a change can break existing plugins. 1.1: a key store
 #: factory may return a whole :class:`qimem.backend.Backend` (1.0's bare KeyStore still works).
-PLUGIN_API_VERSION = (1, 1)
-#: :data:`PLUGIN_API_VERSION` as a string (``"1.1"``).
+#: 1.2: algorithms may declare a ``purpose`` (``sign``, ``mac``, ``deterministic``; see
+#: :mod:`qimem.crypto_purposes`); one without it is an AEAD, as before.
+PLUGIN_API_VERSION = (1, 2)
+#: :data:`PLUGIN_API_VERSION` as a string (``"1.2"``).
 PLUGIN_API = ".".join(map(str, PLUGIN_API_VERSION))
 
 #: The name of the manifest file inside a plugin package.

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from qimem import references
-from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError
+from qimem.crypto_purposes import DEFAULT_PURPOSE, PURPOSES, REQUIRED, purpose_of
+from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError, ValidationError
 from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
 from qimem.lazylog import get_logger
@@ -40,6 +41,9 @@ ENTRY_POINT_GROUP = "qimem"
 DEFAULT_PLUGINS = (
     "qimem.builtin_plugins.aes_gcm",
     "qimem.builtin_plugins.chacha20",
+    "qimem.builtin_plugins.signing",
+    "qimem.builtin_plugins.mac",
+    "qimem.builtin_plugins.siv",
     "qimem.builtin_plugins.memory_keystore",
     "qimem.builtin_plugins.sql_keystore",
 )
@@ -47,7 +51,8 @@ DEFAULT_PLUGINS = (
 #: A store plugin's factory: ``factory(url, wrapper)`` returns a :class:`qimem.backend.Backend`
 #: (plugin API 1.1) or a bare :class:`qimem.keystore.KeyStore` (1.0).
 KeyStoreFactory = Callable[[str, "KeyWrapper"], "Backend | KeyStore"]
-#: ``register(algorithm)``, or ``register("module:attr", name=..., algorithm_id=...)``.
+#: ``register(algorithm)``, or ``register("module:attr", name=..., algorithm_id=...)``
+#: (plugin API 1.2: ``purpose=...`` too, for a non-AEAD algorithm named by reference).
 RegisterAlgorithm = Callable[..., None]
 #: ``register(scheme, factory)``; ``factory`` may be a ``"module:attr"`` reference.
 RegisterKeyStore = Callable[[str, "KeyStoreFactory | str"], None]
@@ -236,12 +241,14 @@ def _distribution(ep: Any) -> str:
     return f"{name or '?'} ({ep.value})"
 
 
-def _validate_declared(name: object, algorithm_id: object) -> str | None:
-    """What is wrong with the name and id declared with an algorithm reference, or None."""
+def _validate_declared(name: object, algorithm_id: object, purpose: object) -> str | None:
+    """What is wrong with the name, id and purpose declared with an algorithm reference."""
     if not isinstance(name, str) or not _ALGORITHM_NAME.match(name):
         return f"algorithm name {name!r} is not a lowercase name like 'aes-256-gcm'"
     if type(algorithm_id) is not int or not 1 <= algorithm_id <= 255:
         return f"algorithm {name!r}: algorithm_id must be an integer in 1..255"
+    if purpose not in PURPOSES:
+        return f"algorithm {name!r}: purpose {purpose!r} is not one of {', '.join(PURPOSES)}"
     return None
 
 
@@ -250,6 +257,11 @@ def _validate_algorithm(algorithm: Any) -> str | None:
     name = getattr(algorithm, "name", None)
     if not isinstance(name, str) or not _ALGORITHM_NAME.match(name):
         return f"algorithm name {name!r} is not a lowercase name like 'aes-256-gcm'"
+    purpose = purpose_of(algorithm)
+    if purpose not in PURPOSES:
+        return f"algorithm {name!r}: purpose {purpose!r} is not one of {', '.join(PURPOSES)}"
+    if purpose != DEFAULT_PURPOSE:
+        return _validate_purpose(algorithm, name, purpose)
     for attr, low, high in (
         ("algorithm_id", 1, 255),
         ("key_size", 16, 64),
@@ -265,6 +277,20 @@ def _validate_algorithm(algorithm: Any) -> str | None:
     return None
 
 
+def _validate_purpose(algorithm: Any, name: str, purpose: str) -> str | None:
+    """:func:`_validate_algorithm` for a ``sign``, ``mac`` or ``deterministic`` algorithm
+    (the protocols of :mod:`qimem.crypto_purposes`)."""
+    methods, sizes = REQUIRED[purpose]
+    for attr, low, high in (("algorithm_id", 1, 255), *sizes):
+        value = getattr(algorithm, attr, None)
+        if type(value) is not int or not low <= value <= high:
+            return f"algorithm {name!r}: {attr} must be an integer in {low}..{high}"
+    for method in methods:
+        if not callable(getattr(algorithm, method, None)):
+            return f"{purpose} algorithm {name!r} has no {method}() method"
+    return None
+
+
 class Registry:
     """What the loaded plugins provide, collected once and validated."""
 
@@ -276,24 +302,31 @@ class Registry:
         references (imported later, by :meth:`algorithm`)."""
         if hasattr(self, "_algorithm_slots"):
             return
-        slots: dict[str, list[Any]] = {}  # name -> [object or None, reference, plugin, id]
+        # name -> [object or None, reference, plugin, id, purpose]
+        slots: dict[str, list[Any]] = {}
         by_id: dict[int, str] = {}
         current: list[str] = [""]
 
         def register(
-            algorithm: Any, *, name: str | None = None, algorithm_id: int | None = None
+            algorithm: Any,
+            *,
+            name: str | None = None,
+            algorithm_id: int | None = None,
+            purpose: str | None = None,
         ) -> None:
             plugin = current[0]
+            declared_purpose = DEFAULT_PURPOSE if purpose is None else purpose
             if references.is_reference(algorithm):
-                problem = _validate_declared(name, algorithm_id)
+                problem = _validate_declared(name, algorithm_id, declared_purpose)
                 declared_name, declared_id, slot = name, algorithm_id, [None, algorithm]
-            elif name is not None or algorithm_id is not None:
-                problem = "name= and algorithm_id= go with a 'module:attr' reference only"
+            elif name is not None or algorithm_id is not None or purpose is not None:
+                problem = "name=, algorithm_id= and purpose= go with a 'module:attr' reference only"
                 declared_name, declared_id, slot = None, None, []
             else:
                 problem = _validate_algorithm(algorithm)
                 declared_name = getattr(algorithm, "name", None)
                 declared_id = getattr(algorithm, "algorithm_id", None)
+                declared_purpose = purpose_of(algorithm)
                 slot = [algorithm, None]
             if problem is None and declared_name in slots:
                 problem = f"algorithm {declared_name!r} is already registered"
@@ -303,7 +336,7 @@ class Registry:
             if problem is not None:
                 raise PluginError(f"plugin {plugin!r}: {problem}")
             assert isinstance(declared_name, str) and isinstance(declared_id, int)
-            slots[declared_name] = [*slot, plugin, declared_id]
+            slots[declared_name] = [*slot, plugin, declared_id, declared_purpose]
             by_id[declared_id] = declared_name
 
         for impl in _impls(self.pm.hook.qimem_register_algorithms):
@@ -316,15 +349,20 @@ class Registry:
         """The object of a collected algorithm, importing its reference on first use."""
         slot = self._algorithm_slots[name]
         if slot[0] is None:
-            reference, plugin, algorithm_id = slot[1], slot[2], slot[3]
+            reference, plugin, algorithm_id, purpose = slot[1], slot[2], slot[3], slot[4]
             loaded = references.resolve(reference, plugin)
             if isinstance(loaded, type):
                 loaded = loaded()
             problem = _validate_algorithm(loaded)
             if problem is None and (
-                getattr(loaded, "name", None) != name or loaded.algorithm_id != algorithm_id
+                getattr(loaded, "name", None) != name
+                or loaded.algorithm_id != algorithm_id
+                or purpose_of(loaded) != purpose
             ):
-                problem = f"{reference!r} is not the algorithm {name!r} (id {algorithm_id})"
+                problem = (
+                    f"{reference!r} is not the algorithm {name!r} "
+                    f"(id {algorithm_id}, purpose {purpose})"
+                )
             if problem is not None:
                 raise PluginError(f"plugin {plugin!r}: {problem}")
             slot[0] = loaded
@@ -332,34 +370,62 @@ class Registry:
 
     @property
     def algorithm_names(self) -> list[str]:
-        """The names of every registered algorithm (nothing imported)."""
+        """The names of every registered algorithm, of every purpose (nothing imported)."""
         self._collect_algorithms()
         return sorted(self._algorithm_slots)
 
+    @property
+    def algorithm_purposes(self) -> dict[str, str]:
+        """Algorithm name → its purpose (``encrypt``, ``sign`` ...), nothing imported."""
+        self._collect_algorithms()
+        return {name: slot[4] for name, slot in sorted(self._algorithm_slots.items())}
+
     @cached_property
     def algorithms(self) -> dict[str, Algorithm]:
-        """Algorithm name → algorithm, from ``qimem_register_algorithms`` (imports every
-        referenced algorithm: the hot paths use :meth:`algorithm` instead)."""
-        self._collect_algorithms()
-        return {name: self._resolve_algorithm(name) for name in self._algorithm_slots}
+        """AEAD algorithm name → algorithm (purpose ``encrypt``, as before plugin API 1.2),
+        from ``qimem_register_algorithms`` (imports every referenced AEAD: the hot paths use
+        :meth:`algorithm` instead). Other purposes: :meth:`algorithms_for`."""
+        return self.algorithms_for(DEFAULT_PURPOSE)
 
-    def algorithm(self, name: str) -> Algorithm:
-        """The algorithm called ``name``.
+    def algorithms_for(self, purpose: str) -> dict[str, Any]:
+        """Algorithm name → algorithm, for the algorithms of ``purpose`` (imports them)."""
+        self._collect_algorithms()
+        return {
+            name: self._resolve_algorithm(name)
+            for name, slot in sorted(self._algorithm_slots.items())
+            if slot[4] == purpose
+        }
+
+    def _check_purpose(self, name: str, purpose: str) -> None:
+        actual = self._algorithm_slots[name][4]
+        if actual != purpose:
+            raise ValidationError(
+                f"algorithm {name!r} serves purpose {actual!r}, not {purpose!r}",
+                code="wrong_purpose",
+            )
+
+    def algorithm(self, name: str, purpose: str = DEFAULT_PURPOSE) -> Any:
+        """The algorithm called ``name``, which must serve ``purpose`` (default: an AEAD).
 
         :raises UnsupportedAlgorithmError: no loaded plugin provides it (the message names
             an installed plugin that would, and how to enable it).
+        :raises ValidationError: ``wrong_purpose``: it serves another purpose (both named).
         """
         self._collect_algorithms()
         if isinstance(name, str) and name in self._algorithm_slots:
+            self._check_purpose(name, purpose)
             return self._resolve_algorithm(name)
-        known = ", ".join(sorted(self._algorithm_slots))
+        known = ", ".join(
+            sorted(n for n, slot in self._algorithm_slots.items() if slot[4] == purpose)
+        )
         hint = _not_enabled_hint(name, self.plugin_names()) if isinstance(name, str) else ""
         raise UnsupportedAlgorithmError(f"unknown algorithm {name!r} (available: {known}){hint}")
 
-    def algorithm_by_id(self, algorithm_id: int) -> Algorithm:
-        """The algorithm with envelope id ``algorithm_id``.
+    def algorithm_by_id(self, algorithm_id: int, purpose: str = DEFAULT_PURPOSE) -> Any:
+        """The algorithm with envelope id ``algorithm_id``, which must serve ``purpose``.
 
         :raises UnsupportedAlgorithmError: no loaded plugin provides it.
+        :raises ValidationError: ``wrong_purpose``: it serves another purpose (both named).
         """
         self._collect_algorithms()
         name = self._algorithm_ids.get(algorithm_id)
@@ -369,6 +435,7 @@ class Registry:
                 f"unknown algorithm id {algorithm_id}"
                 + (hint or " (is the plugin that provides it enabled? see 'qimem plugins list')")
             )
+        self._check_purpose(name, purpose)
         return self._resolve_algorithm(name)
 
     def plugin_names(self) -> list[str]:
