@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,9 @@ class Server:
     :param trusted_proxies: when given, waitress leaves ``X-Forwarded-*`` headers in place
         for :class:`qimem.server.exposure.ClientMiddleware`, which honours them only from
         these peers (otherwise waitress removes them).
+    :param sock: a listening socket bound elsewhere (a ``--workers`` master's, shared by its
+        workers) instead of binding ``host``/``port``; its copy in this process is closed on
+        stop, the other processes' copies stay open.
     """
 
     def __init__(
@@ -102,12 +106,15 @@ class Server:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         cleanup_interval: int = DEFAULT_CLEANUP_INTERVAL,
         trusted_proxies: bool = False,
+        sock: socket.socket | None = None,
     ) -> None:
         quiet_waitress_queue_logger()
+        where: dict[str, Any] = (
+            {"host": host, "port": port} if sock is None else {"sockets": [sock]}
+        )
         self._server = waitress.create_server(
             app,
-            host=host,
-            port=port,
+            **where,
             threads=threads,
             ident="qimem",
             max_request_body_size=backstop_body_size(max_body_bytes),
@@ -200,7 +207,13 @@ def stop_on_signals(server: Server) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def serve(server: Server) -> None:
-    """Serve in the foreground until SIGTERM/SIGINT, then drain and return."""
+def serve(server: Server, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve in the foreground until SIGTERM/SIGINT, then drain and return.
+
+    ``on_ready`` runs once the signal handlers are in place, just before the first
+    connection is accepted (a ``--workers`` worker tells its master it is ready).
+    """
     with stop_on_signals(server):
+        if on_ready is not None:
+            on_ready()
         server.serve_forever()

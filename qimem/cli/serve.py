@@ -13,16 +13,24 @@ trusted proxies also come from the config file's ``[serve]`` table; options over
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qimem.cli.context import CliError, CliState, config_option, pass_state, store_option
 from qimem.errors import ConfigError, QimemError
 from qimem.hardening import disable_core_dumps, ensure_open_files
+
+if TYPE_CHECKING:
+    import socket
+
+    from qimem.app import AppContext
+    from qimem.purger import DeletionPurger
+    from qimem.server.runner import Server
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 #: ``[serve]`` numbers: default, minimum, maximum (the defaults match qimem.server.runner).
@@ -35,6 +43,35 @@ _NUMBERS: dict[str, tuple[int, int, int]] = {
 _LISTS = ("allowed_hosts", "trusted_proxies")
 #: File descriptors beyond the connections: store, logs, listening socket, trigger.
 _SPARE_FILES = 128
+MAX_WORKERS = 256
+
+
+def auto_workers() -> int:
+    """``--workers auto``: the CPUs this process may run on (its affinity mask)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class WorkersType(click.ParamType):
+    """``--workers``: a whole number from 1 to :data:`MAX_WORKERS`, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif str(value).strip().lower() == "auto":
+            return auto_workers()
+        else:
+            try:
+                number = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number or 'auto'", param, ctx)
+        if not 1 <= number <= MAX_WORKERS:
+            self.fail(f"{number} is not from 1 to {MAX_WORKERS} (or 'auto')", param, ctx)
+        return number
 
 
 def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,6 +91,15 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=4,
             show_default=True,
             help="Worker threads.",
+        ),
+        click.option(
+            "--workers",
+            type=WorkersType(),
+            default=1,
+            show_default=True,
+            help="Worker processes sharing the socket ('auto': one per CPU); above 1, a "
+            "master process restarts workers that die and reloads them one at a time on "
+            "SIGHUP (docs/operations.md, Workers).",
         ),
         click.option(
             "--insecure-no-auth",
@@ -173,7 +219,7 @@ def serve_settings(table: dict[str, Any], options: dict[str, Any]) -> ServeSetti
     return ServeSettings(**values)
 
 
-def _configure_logging(access_log: bool) -> None:
+def configure_logging(access_log: bool) -> None:
     from qimem.server.middleware import AccessLogHandler
 
     access = logging.getLogger("qimem.server.access")
@@ -191,7 +237,7 @@ def _configure_logging(access_log: bool) -> None:
         logger.setLevel(logging.INFO)
 
 
-def _close_logging() -> None:
+def close_logging() -> None:
     for handler in logging.getLogger("qimem.server.access").handlers:
         handler.close()
 
@@ -201,30 +247,57 @@ def run_server(
     *,
     prog: str,
     short_paths: bool,
-    host: str,
-    port: int,
-    threads: int,
-    insecure_no_auth: bool,
-    max_body_bytes: int,
-    access_log: bool,
-    purge_interval: float,
-    insecure_plain_http: bool = False,
-    **limits: Any,
+    workers: int = 1,
+    **options: Any,
 ) -> None:
     """Check the options, open the store, bind, serve until SIGTERM/SIGINT.
 
-    ``limits``: the options of :class:`ServeSettings` (None: from ``[serve]`` or default).
+    ``options``: those of :func:`serve_options` (the limits of :class:`ServeSettings` None:
+    from ``[serve]`` or default). ``workers`` > 1: a pre-fork master
+    (:mod:`qimem.server.prefork`) binds once and runs that many worker processes.
     """
-    from qimem.purger import DeletionPurger
-    from qimem.server.app import create_app
-    from qimem.server.auth import resolve_loopback_bind
-    from qimem.server.exposure import LOOPBACK_HOSTS, check_exposure, parse_trusted_proxies
-    from qimem.server.runner import Server, serve
-
-    disable_core_dumps()  # before the root key is read
+    disable_core_dumps()  # before the root key is read (inherited by --workers workers)
     state.one_shot = False  # a server reserves usage in blocks (docs/keys.md)
-    app = state.app
-    settings = serve_settings(app.config.serve, limits)
+    if workers > 1:
+        from qimem.server.prefork import run_master
+
+        run_master(state, prog=prog, short_paths=short_paths, workers=workers, **options)
+        return
+    from qimem.server.runner import serve
+
+    app_ctx = state.app
+    server, banner = open_server(app_ctx, short_paths=short_paths, **options)
+    configure_logging(options["access_log"])
+    click.echo(f"{prog}: {banner}", err=True)
+    purger = start_purger(app_ctx, options["purge_interval"])
+    try:
+        serve(server)
+    finally:
+        if purger is not None:
+            purger.stop()
+        close_logging()  # writes out the access log lines still buffered
+    click.echo(f"{prog}: stopped", err=True)
+
+
+def check_bind(
+    config: Any,
+    *,
+    host: str,
+    port: int,
+    insecure_no_auth: bool,
+    insecure_plain_http: bool = False,
+    **options: Any,
+) -> tuple[ServeSettings, str, str | None, str]:
+    """Validate the options against ``config``'s ``[serve]`` table: the settings, the
+    address to bind, a warning to print (or None) and how the server is exposed.
+
+    :raises ConfigError: bad settings, or an exposure the options do not allow.
+    """
+    from qimem.server.auth import resolve_loopback_bind
+    from qimem.server.exposure import check_exposure, parse_trusted_proxies
+
+    limits = {k: v for k, v in options.items() if k in _NUMBERS or k in _LISTS}
+    settings = serve_settings(config.serve, limits)
     proxies = parse_trusted_proxies(settings.trusted_proxies)
     if insecure_no_auth and proxies:
         raise ConfigError(
@@ -232,14 +305,51 @@ def run_server(
             "(--trusted-proxy / [serve] trusted_proxies)"
         )
     if insecure_no_auth:
-        bind, warning = resolve_loopback_bind(host, port), None
-    else:
-        bind = host
-        warning = check_exposure(
-            host, port, trusted_proxies=proxies, insecure_plain_http=insecure_plain_http
-        )
+        return settings, resolve_loopback_bind(host, port), None, "no authentication, loopback only"
+    warning = check_exposure(
+        host, port, trusted_proxies=proxies, insecure_plain_http=insecure_plain_http
+    )
+    mode = "bearer tokens required"
+    if proxies:
+        mode += f", behind trusted proxies {', '.join(str(p) for p in proxies)}"
+    return settings, host, warning, mode
+
+
+def open_server(
+    app_ctx: AppContext,
+    *,
+    short_paths: bool,
+    host: str,
+    port: int,
+    threads: int,
+    insecure_no_auth: bool,
+    max_body_bytes: int,
+    insecure_plain_http: bool = False,
+    sock: socket.socket | None = None,
+    **options: Any,
+) -> tuple[Server, str]:
+    """Open the store and identity layer, build the app and its waitress server (bound to
+    ``host:port``, or serving ``sock`` when a ``--workers`` master bound it); return the
+    server and the banner ("serving on URL (mode)"), after a warning line if any.
+
+    :raises ConfigError: bad settings, an exposure the options do not allow, a store
+        without realm 'master', an address that cannot be bound.
+    """
+    from qimem.server.app import create_app
+    from qimem.server.exposure import LOOPBACK_HOSTS, parse_trusted_proxies
+    from qimem.server.runner import Server
+
+    settings, bind, warning, mode = check_bind(
+        app_ctx.config,
+        host=host,
+        port=port,
+        insecure_no_auth=insecure_no_auth,
+        insecure_plain_http=insecure_plain_http,
+        **options,
+    )
+    proxies = parse_trusted_proxies(settings.trusted_proxies)
     ensure_open_files(settings.connection_limit + _SPARE_FILES)
-    app_ctx = app.open()
+    app_ctx.open()
     if not insecure_no_auth:
         from qimem.identity.settings import bounded_by_threads, settings_from_mapping
         from qimem.services.identity import configure, identity
@@ -276,24 +386,30 @@ def run_server(
             request_timeout=settings.request_timeout,
             cleanup_interval=settings.cleanup_interval,
             trusted_proxies=bool(proxies),
+            sock=sock,
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    _configure_logging(access_log)
-    mode = "no authentication, loopback only" if insecure_no_auth else "bearer tokens required"
-    if proxies:
-        mode += f", behind trusted proxies {', '.join(str(p) for p in proxies)}"
-    if warning:
-        click.echo(f"{prog}: {warning}", err=True)
-    click.echo(f"{prog}: serving on {server.url} ({mode})", err=True)
-    purger = DeletionPurger(app_ctx, purge_interval).start() if purge_interval else None
-    try:
-        serve(server)
-    finally:
-        if purger is not None:
-            purger.stop()
-        _close_logging()  # writes out the access log lines still buffered
-    click.echo(f"{prog}: stopped", err=True)
+    banner = f"serving on {server.url} ({mode})"
+    return server, f"{warning}\n{banner}" if warning else banner
+
+
+def start_purger(app_ctx: AppContext, interval: float) -> DeletionPurger | None:
+    """The background purge of due deletions every ``interval`` seconds (0: none), each
+    run counted in ``qimem_background_job_runs_total{job="purge"}``."""
+    if not interval:
+        return None
+    from qimem.purger import DeletionPurger
+    from qimem.server.metrics import job_runs_counter
+
+    runs = job_runs_counter().labels("purge")
+
+    class CountedPurger(DeletionPurger):
+        def run_once(self) -> list[str]:
+            runs.inc()
+            return super().run_once()
+
+    return CountedPurger(app_ctx, interval).start()
 
 
 @click.command()
