@@ -158,3 +158,60 @@ def test_an_unknown_audit_mode_is_a_configuration_error() -> None:
     assert settings_from_mapping({"audit_mode": "required"}).audit_mode == "required"
     with pytest.raises(ConfigError, match="audit_mode must be one of buffered, required"):
         settings_from_mapping({"audit_mode": "sometimes"})
+
+
+def test_required_audit_gives_management_operations_the_same_pair(
+    app_role_url: tuple[str, sa.Engine], root_key_b64: str
+) -> None:
+    """Key lifecycle and identity administration in required mode: a "requested" record
+    before the operation (none written: 503, the operation does not run) and an outcome
+    record after it, as for key operations."""
+    url, admin = app_role_url
+    app = _app(url, root_key_b64, "required")
+    try:
+        with serving(app) as base:
+            s = _session(base)
+            api = f"{base}/v1/security"
+            assert _post(s, f"{api}/keys", {"name": "payroll"}).status_code == 201
+            assert _post(s, f"{api}/rotate", {"key": "payroll"}).status_code == 200
+            users = f"{base}/v1/auth/realms/master/users"
+            new_user = {"username": "pat", "password": "a-long-enough-password-1"}
+
+            _audit_inserts(admin, url, allowed=False)
+            answers = {
+                "disable": _post(s, f"{api}/keys/payroll/disable", {"version": 1}),
+                "user": _post(s, users, new_user),
+                "schedule": _post(s, f"{api}/keys/payroll/schedule-deletion", {"days": 30}),
+            }
+            for name, answer in answers.items():
+                assert answer.status_code == 503, (name, answer.text)
+                assert answer.json()["error"]["code"] == "audit_unavailable", name
+            shown = show_key(app, "payroll")
+            assert [v.state.value for v in shown.versions][0] == "decrypt-only"  # did not run
+            policy = s.get(f"{api}/keys/payroll/policy", timeout=30)
+            assert policy.status_code == 200 and policy.json().get("deletion_date") is None
+            with admin.connect() as conn:
+                found = conn.execute(
+                    sa.text("SELECT count(*) FROM qimem_users WHERE username = 'pat'")
+                )
+                assert found.scalar() == 0
+
+            _audit_inserts(admin, url, allowed=True)
+            assert _post(s, f"{api}/keys/payroll/disable", {"version": 1}).status_code == 200
+            assert _post(s, users, new_user).status_code == 201
+    finally:
+        app.close()
+    with admin.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT action, outcome FROM qimem_audit WHERE action IN "
+                "('keys.disable', 'user.create') AND actor = 'admin@master' ORDER BY id"
+            )
+        ).all()
+    pairs = {
+        action: [o for a, o in rows if a == action] for action in ("keys.disable", "user.create")
+    }
+    # the pair (requested first), plus the record the operation writes with its details
+    for action, outcomes in pairs.items():
+        assert outcomes[0] == "requested", (action, outcomes)
+        assert outcomes.count("requested") == 1 and outcomes.count("success") == 2, outcomes
