@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from qimem.identity import authz_mac
+from qimem.identity import audit_spill, authz_mac
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -98,6 +98,8 @@ class Metrics:
         # process-wide counter; every app's registry exposes it.
         self.registry.register(authz_mac.failures_counter())
         self.registry.register(job_runs_counter())
+        for counter in audit_spill.metrics().values():  # spilled, replayed, dropped audit
+            self.registry.register(counter)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
         self._crypto_children: dict[tuple[str, str], Any] = {}
