@@ -45,6 +45,8 @@ several concurrent rotations win. Lifecycle (issue 7): lineage policies, version
 (disable, enable, destroy: material gone, the active version refused), usage reservations
 that never pass their limit (also concurrently), deleting and restoring whole lineages, and
 :meth:`~qimem.keystore.KeyStore.rotation_marker` changing on state and policy changes.
+
+Identity (a backend's realms, users, tokens): :class:`qimem.testing_identity.IdentityContract`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,3 +191,29 @@ def test_the_forgetful_backend_fails_only_on_revocations(tmp_path: Path) -> None
         contract.test_custom_role_and_scoped_grant(app)
     finally:
         app.close()
+
+
+# -- the guide's example, run as an outside project would run it ---------------------------
+
+
+def test_docs_identity_contract_example_passes(tmp_path: Path) -> None:
+    """docs/plugins.md's identity contract example passes as written, run by pytest in a
+    directory of its own (no qimem test helpers, no conftest): usable from outside."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text("utf-8")
+    blocks = re.findall(r"^```python\n(# test_my_store_identity\.py\n.*?)^```", text, re.S | re.M)
+    assert len(blocks) == 1
+    (tmp_path / "test_my_store_identity.py").write_text(blocks[0])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    checks = [n for n in dir(IdentityContract) if n.startswith("test_")]
+    no_identity = [n for n in dir(NoIdentityContract) if n.startswith("test_")]
+    assert f"{len(checks) + len(no_identity)} passed" in result.stdout, result.stdout[-2000:]
+    assert "skipped" not in result.stdout and "failed" not in result.stdout
