@@ -13,7 +13,9 @@ attributes:
   (:class:`qimem.identity.db.Database`), or ``None``: this store has no identity layer, and
   identity operations fail with a :class:`~qimem.errors.ConfigError` saying so;
 * ``catalog``: the registered plugin manifests (``qimem plugins register``);
-* ``migrate()``: bring the store's schema up to date (a no-op for stores without one).
+* ``migrate()``: bring the store's schema up to date (a no-op for stores without one);
+* ``change_feed()``: optional, a push of other servers' changes
+  (:class:`qimem.invalidation.ChangeFeed`), or ``None``: caches poll the store instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qimem.keystore import KeyStore
 
 if TYPE_CHECKING:
     from qimem.identity.db import Database
+    from qimem.invalidation import ChangeFeed
     from qimem.manifest import Manifest
 
 __all__ = ["Backend", "Catalog", "MemoryCatalog"]
@@ -94,6 +97,8 @@ class Backend:
     :param identity_with_keys: identity data lives with the keys (the SQL store): realms
         exist before anyone opens the identity layer, so key operations check them. False
         for a database made on demand (the memory store's).
+    :param changes: makes a new change feed pushing other servers' changes (optional;
+        see :meth:`change_feed`); default none, and caches poll the store.
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Backend:
         catalog: Callable[[], Catalog] | None = None,
         migrate: Callable[[], None] | None = None,
         identity_with_keys: bool = False,
+        changes: Callable[[], ChangeFeed] | None = None,
     ) -> None:
         if not isinstance(keys, KeyStore):
             raise TypeError(f"keys must be a qimem.keystore.KeyStore, not {type(keys).__name__}")
@@ -116,6 +122,8 @@ class Backend:
         self._migrate = migrate
         self._catalog: Catalog | None = None
         self._lock = threading.Lock()
+        self._changes = changes
+        self._feeds: list[ChangeFeed] = []
 
     @classmethod
     def wrap(cls, keys: KeyStore, scheme: str) -> Backend:
@@ -165,8 +173,33 @@ class Backend:
         if self._migrate is not None:
             self._migrate()
 
+    @property
+    def has_change_feed(self) -> bool:
+        """Whether this store pushes changes (see :meth:`change_feed`)."""
+        return self._changes is not None
+
+    def change_feed(self) -> ChangeFeed | None:
+        """A new feed of the changes committed to this store by any server, or ``None``
+        when the store has none (caches then poll :meth:`KeyStore.rotation_marker
+        <qimem.keystore.KeyStore.rotation_marker>` and the identity tables).
+
+        The caller starts it (:meth:`ChangeFeed.start <qimem.invalidation.ChangeFeed.start>`)
+        in the process that uses it; :meth:`close` stops it. See
+        :mod:`qimem.invalidation` and docs/plugins.md ("Pushing changes").
+        """
+        if self._changes is None:
+            return None
+        feed = self._changes()
+        with self._lock:
+            self._feeds.append(feed)
+        return feed
+
     def close(self) -> None:
-        """Close the key store."""
+        """Stop the change feeds handed out, close the key store."""
+        with self._lock:
+            feeds, self._feeds = self._feeds, []
+        for feed in feeds:
+            feed.stop()
         self.keys.close()
 
     def __repr__(self) -> str:

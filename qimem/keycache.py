@@ -2,8 +2,12 @@
 
 Unwrapping a key costs a store round trip; encrypting 1 KiB costs microseconds. Entries
 live ``ttl`` seconds. A rotation through this process drops the lineage's entries at once,
-so this process never encrypts with a version it rotated away; a rotation by another
-process is seen within ``ttl`` seconds (``cache.ttl_seconds``, 0 disables the cache).
+so this process never encrypts with a version it rotated away. Changes made by other
+processes arrive in one of two ways (:mod:`qimem.invalidation`): pushed by the store's change
+feed (PostgreSQL ``LISTEN/NOTIFY``), which drops exactly the changed lineage's entries, or,
+without one or while it is disconnected, by polling the store's rotation marker at most every
+``revalidate_seconds`` (a change drops every entry). ``cache.ttl_seconds`` bounds every
+entry's life either way (0 disables the cache).
 Entries hold the algorithm's prepared cipher, never raw key bytes: the unwrapped material
 is zeroed as soon as the cipher is built.
 
@@ -40,6 +44,7 @@ def _after_fork_in_child() -> None:
         cache._drop_all()
         cache._retired = {}  # the parent's reservations: the parent gives them back
         cache._valid_until = 0.0
+        cache.pushing = False  # the parent's change feed does not feed the child
 
 
 if hasattr(os, "register_at_fork"):
@@ -180,6 +185,12 @@ class KeyCache:
         self.revalidate_seconds = revalidate_seconds
         self._marker: object = _UNKNOWN
         self._valid_until = 0.0  # entries' ``expires`` never pass this without a check
+        # A change feed is connected (see push_connected): no polling, entries live their
+        # TTL, the feed's notices drop what changed.
+        self.pushing = False
+        # Entries dropped by invalidations, and invalidations (for tests and operators).
+        self.dropped = 0
+        self.invalidations = 0
         self._check_lock = threading.Lock()
         _CACHES.add(self)
         # The tables: realm -> ref -> entry (nested: a (realm, ref) tuple key costs more to
@@ -270,13 +281,52 @@ class KeyCache:
             elif value != self._marker:
                 with self._lock:
                     self.generation += 1
+                    self.invalidations += 1
                     self._drop_all()
                 self._marker = value
-            until = now + self.revalidate_seconds if value is not None else float("inf")
+            pushed = self.pushing or value is None
+            until = float("inf") if pushed else now + self.revalidate_seconds
             with self._lock:
                 for entry in self._entries():
                     entry.expires = min(entry.hard_expires, until)
             self._valid_until = until
+
+    def push_connected(self, marker: object) -> None:
+        """A change feed delivers every change committed from now on; ``marker`` is the
+        store's rotation marker read after it subscribed. If it is not the last one this
+        cache knows, a change was missed (while disconnected): every entry is dropped.
+        Then entries live their TTL without polling."""
+        with self._check_lock:
+            if marker is None or marker != self._marker:
+                with self._lock:
+                    self.generation += 1
+                    self.invalidations += 1
+                    self._drop_all()
+            self._marker = marker
+            with self._lock:
+                for entry in self._entries():
+                    entry.expires = entry.hard_expires
+            self.pushing = True
+            self._valid_until = float("inf")
+
+    def push_lost(self) -> None:
+        """The change feed stopped delivering: poll again, starting at the next use (an
+        unchanged marker keeps every entry)."""
+        with self._check_lock:
+            self.pushing = False
+            self._expire_now()
+
+    def recheck(self) -> None:
+        """Compare the rotation marker at the next use (a notice that did not parse: if
+        the marker is the last one known, nothing is dropped)."""
+        with self._check_lock:
+            self._expire_now()
+
+    def _expire_now(self) -> None:
+        self._valid_until = 0.0
+        with self._lock:
+            for entry in self._entries():
+                entry.expires = 0.0
 
     def for_derived(self, slot: tuple[str, object, bytes]) -> CachedKey | None:
         """The unexpired per-context entry of a derived key, if any."""
@@ -310,14 +360,38 @@ class KeyCache:
             found.extend(refs.values())
         return found
 
-    def invalidate_lineage(self, lineage_id: str) -> None:
-        """Drop every entry of a lineage (after a rotation or state change)."""
+    def invalidate_lineage(self, lineage_id: str, *, marker: object = None) -> None:
+        """Drop every entry of a lineage (after a rotation, state or policy change).
+
+        ``marker``: the store's rotation marker after that change (a change feed's notice
+        carries it), remembered so the next marker comparison does not drop everything.
+        """
+        self._drop_where(lambda entry: entry.meta.lineage_id == lineage_id)
+        if marker is not None:
+            with self._check_lock:
+                self._marker = marker
+
+    def invalidate_realm(self, realm: str) -> None:
+        """Drop every entry of a realm (it was deleted)."""
+        self._drop_where(lambda entry: entry.realm == realm)
+
+    def _drop_where(self, dropped: Callable[[CachedKey], bool]) -> None:
         with self._lock:
             self.generation += 1
+            self.invalidations += 1
             tables: list[dict] = [*self.by_ref.values(), self.by_prefix, self.derived]  # type: ignore[type-arg]
             for table in tables:
-                for k in [k for k, v in table.items() if v.meta.lineage_id == lineage_id]:
+                for k in [k for k, v in table.items() if dropped(v)]:
                     self._retire(table.pop(k))
+                    self.dropped += 1
+
+    def size(self) -> int:
+        """How many entries are cached (by reference, by prefix and derived)."""
+        return (
+            len(self.by_prefix)
+            + len(self.derived)
+            + sum(len(refs) for refs in self.by_ref.values())
+        )
 
     def clear(self) -> None:
         with self._lock:
@@ -357,6 +431,7 @@ class KeyCache:
         # In place, so a reader holding an inner dict sees the entries go too.
         for entry in self._entries():
             self._retire(entry)
+            self.dropped += 1
         for refs in self.by_ref.values():
             refs.clear()
         self.by_prefix.clear()

@@ -10,6 +10,7 @@ from qimem.backend import Backend
 
 if TYPE_CHECKING:
     from qimem.builtin_plugins.sql.catalog import SqlCatalog
+    from qimem.builtin_plugins.sql.notify import PgChangeFeed
     from qimem.builtin_plugins.sql.sqlite import SqliteKeyStore
     from qimem.builtin_plugins.sql.store import SqlKeyStore
     from qimem.identity.db import Database
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 
 def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme: str) -> Backend:
     """The backend of an SQL key store, whose ``engine`` is the SQLAlchemy engine of the
-    store's database (built on first use by the SQLite store)."""
+    store's database (built on first use by the SQLite store). On PostgreSQL it has a
+    change feed (``LISTEN/NOTIFY``, :mod:`~qimem.builtin_plugins.sql.notify`); SQLite's
+    caches poll."""
 
     def identity_database() -> Database:
         from qimem.identity.db import Database
@@ -36,6 +39,12 @@ def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme
 
         migrate(store.engine, after_upgrade=sealing_after_upgrade(wrapper))
 
+    def changes() -> PgChangeFeed:
+        from qimem.builtin_plugins.sql.notify import PgChangeFeed
+        from qimem.builtin_plugins.sql.store import MARKER_SQL
+
+        return PgChangeFeed(store.engine.url, MARKER_SQL)
+
     return Backend(
         store,
         scheme=scheme,
@@ -43,6 +52,7 @@ def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme
         catalog=catalog,
         migrate=migrate,
         identity_with_keys=True,
+        changes=changes if scheme != "sqlite" else None,
     )
 
 

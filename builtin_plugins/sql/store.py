@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
+from qimem.invalidation import LINEAGE, Change, notify
 from qimem.keys import (
     KeyState,
     KeyVersion,
@@ -94,6 +95,8 @@ _SELECT_VERSIONS = sa.select(*_METADATA_COLUMNS).join_from(
 
 
 _STATE_MARKER = "key_state_marker"  # changes in every transaction that changes a version's state
+#: The rotation marker, as plain SQL (the PostgreSQL change feed reads it on connecting).
+MARKER_SQL = "SELECT value FROM qimem_meta WHERE name = 'key_state_marker'"
 
 
 def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algorithm: str) -> bytes:
@@ -341,11 +344,7 @@ class SqlKeyStore(KeyStore):
                     created_at=datetime.now(UTC),
                 )
                 self._insert_version(conn, rotated, material)
-                conn.execute(
-                    sa.update(meta_table)
-                    .where(meta_table.c.name == _STATE_MARKER)
-                    .values(value=new_id())
-                )
+                self._bump_marker(conn, realm, current.lineage_id)
         except IntegrityError:  # the unique (lineage, version) backstop
             raise KeyNotActiveError(
                 f"key {key_id} was rotated concurrently; retry with the active version"
@@ -371,10 +370,15 @@ class SqlKeyStore(KeyStore):
             _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
         )
 
-    def _bump_marker(self, conn: sa.Connection) -> None:
+    def _bump_marker(self, conn: sa.Connection, realm: str, lineage_id: str) -> None:
+        """Change the rotation marker and, on PostgreSQL, notify every server's change feed
+        that ``lineage_id`` changed (both take effect when ``conn``'s transaction commits;
+        the marker row's lock orders concurrent changes, so notices arrive in marker order)."""
+        marker = new_id()
         conn.execute(
-            sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=new_id())
+            sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=marker)
         )
+        notify(conn, Change(LINEAGE, realm, lineage_id, marker))
 
     def _lineage_row(self, conn: sa.Connection, realm: str, lineage_id: str) -> Any:
         row = conn.execute(
@@ -408,7 +412,7 @@ class SqlKeyStore(KeyStore):
             ).rowcount
             if updated != 1:
                 raise NotFoundError(f"no key {lineage_id!r}")
-            self._bump_marker(conn)
+            self._bump_marker(conn, realm, lineage_id)
         return policy
 
     def set_state(self, realm: str, key_id: str, state: KeyState) -> KeyVersion:
@@ -429,7 +433,7 @@ class SqlKeyStore(KeyStore):
                 raise ConflictError(
                     f"key {key_id} changed state concurrently; retry", code="conflict"
                 )
-            self._bump_marker(conn)
+            self._bump_marker(conn, realm, current.lineage_id)
         return replace(current, state=state)
 
     def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
@@ -491,7 +495,7 @@ class SqlKeyStore(KeyStore):
             )
             conn.execute(sa.delete(versions).where(versions.c.lineage_id == lineage_id))
             conn.execute(sa.delete(lineages).where(lineages.c.lineage_id == lineage_id))
-            self._bump_marker(conn)
+            self._bump_marker(conn, realm, lineage_id)
 
     def restore_lineage(self, record: LineageRecord) -> None:
         try:
@@ -520,7 +524,7 @@ class SqlKeyStore(KeyStore):
                         .where(versions.c.key_id == item.key_id)
                         .values(encryptions=item.encryptions)
                     )
-                self._bump_marker(conn)
+                self._bump_marker(conn, record.realm, record.lineage_id)
         except IntegrityError:
             taken = record.name is not None and self._name_taken(record.realm, record.name)
             if taken:

@@ -29,6 +29,7 @@ from qimem.identity.realms import MASTER, Realm
 from qimem.identity.roles import Role
 from qimem.identity.tokens import create_signing_key
 from qimem.identity.users import User
+from qimem.invalidation import REALM, Change, notify
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Administration(IdentityBase):
     def delete_realm(self, name: str, *, actor: str = "local") -> None:
         with self.db.begin() as conn:
             realms.delete(conn, name)
+            notify(conn, Change(REALM, name))  # other servers drop its tokens (on PostgreSQL)
             self.audit.record(MASTER, actor, "realm.delete", name, conn=conn)
         self.tokens.invalidate()
         self._verified.clear()

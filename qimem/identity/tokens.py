@@ -14,7 +14,10 @@ of a user whose tokens were cut off (disabled, new password, role revoked: see
 Revocations reach other servers through the database: every server re-reads the revoked
 ``jti`` list and the users' token cut-offs at most every ``revocation_refresh_seconds``
 (2 s by default), so a revocation made on one server is enforced by all within that bound
-(on the server that made it, at once).
+(on the server that made it, at once). On PostgreSQL the revoking transaction also sends a
+change notice (:mod:`qimem.invalidation`): servers whose change feed is connected re-read
+that one row as soon as it commits (:meth:`TokenService.reload_revocation`,
+:meth:`TokenService.reload_cutoff`), and the polling bound stays as the fallback.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from qimem.identity import db as tables
 from qimem.identity.authz_mac import Reporter
 from qimem.identity.db import Database
 from qimem.identity.settings import IdentitySettings
+from qimem.invalidation import TOKEN, USER, Change, notify
 from qimem.rootkey import KeyWrapper
 
 ALGORITHM = "EdDSA"
@@ -429,6 +433,7 @@ class TokenService:
                     jti=jti, realm=realm, expires_at=expires_at, revoked_at=now
                 )
             )
+        notify(conn, Change(TOKEN, realm, jti))
         with self._lock:
             self._revoked[jti] = expires_at
 
@@ -451,6 +456,7 @@ class TokenService:
         conn.execute(
             sa.update(tables.users).where(c.user_id == user_id).values(tokens_valid_after=at)
         )
+        notify(conn, Change(USER, "", user_id))
         with self._lock:
             self._cutoffs[user_id] = max(at, self._cutoffs.get(user_id, 0.0))
         return at
@@ -462,6 +468,32 @@ class TokenService:
             self._refresh_revoked(now)
         cutoff = self._cutoffs.get(user_id)
         return cutoff is not None and issued_at_ms <= int(cutoff * 1000)
+
+    def reload_revocation(self, jti: str) -> None:
+        """Re-read one revoked token's row (another server revoked it: a change notice)."""
+        c = tables.revoked_tokens.c
+        with self._db.begin() as conn:
+            row = conn.execute(sa.select(c.jti, c.expires_at).where(c.jti == jti)).first()
+        if row is not None:
+            with self._lock:
+                self._revoked[row.jti] = float(row.expires_at)
+
+    def reload_cutoff(self, user_id: str) -> None:
+        """Re-read one user's token cut-off (another server disabled him, changed his
+        password or revoked a role of his: a change notice)."""
+        c = tables.users.c
+        with self._db.begin() as conn:
+            at = conn.execute(sa.select(c.tokens_valid_after).where(c.user_id == user_id)).scalar()
+        if at:
+            with self._lock:
+                self._cutoffs[user_id] = max(float(at), self._cutoffs.get(user_id, 0.0))
+
+    def revalidate_all(self) -> None:
+        """Re-read the revocation list, the cut-offs and the signing keys at next use
+        (changes may have been missed: a change feed reconnected)."""
+        with self._lock:
+            self._revoked_loaded = float("-inf")
+        self.invalidate()
 
     def _refresh_revoked(self, now: float) -> None:
         wall = time.time()

@@ -11,6 +11,7 @@ from qimem.identity import realms, refresh, users
 from qimem.identity.base import IdentityBase
 from qimem.identity.permissions import Principal, permission_map
 from qimem.identity.tokens import invalid_token, issued_ms
+from qimem.invalidation import REALM, TOKEN, USER
 
 _VERIFIED_MAX = 10_000
 
@@ -165,3 +166,28 @@ class Verification(IdentityBase):
         self.tokens.invalidate()
         self._verified.clear()
         return kid
+
+    # -- changes made by other servers (qimem.invalidation) ---------------------------
+
+    def apply_change(self, kind: str, realm: str, ident: str) -> None:
+        """Act on another server's change notice at once: re-read a revoked token's row
+        (``token``, ``ident`` its jti) or a user's token cut-off (``user``); forget a
+        deleted realm's signing keys, verified tokens and roles (``realm``). A notice is
+        only a hint: what it names is re-read from the database, never taken from it."""
+        if kind == TOKEN:
+            self.tokens.reload_revocation(ident)
+        elif kind == USER:
+            self.tokens.reload_cutoff(ident)
+        elif kind == REALM:
+            self.tokens.invalidate()  # its signing keys are gone: re-read them
+            for token, (principal, _born, _issued) in list(self._verified.items()):
+                if principal.realm == realm:
+                    self._verified.pop(token, None)
+            self._role_cache.pop(realm, None)
+
+    def revalidate_all(self) -> None:
+        """Re-read everything another server may have changed, at next use (a change feed
+        (re)connected, or sent a notice that does not parse)."""
+        self.tokens.revalidate_all()
+        self._verified.clear()
+        self._role_cache.clear()
