@@ -14,8 +14,13 @@ opens no store: it only starts, watches and stops workers.
   and exits 1 ("giving up"); while some worker still serves, it keeps trying at the
   backoff's pace. A worker that fails while the server starts stops it at once with the
   worker's exit status (its error is on stderr, as without ``--workers``).
-* **SIGTERM / SIGINT**: each worker gets SIGTERM and drains (requests in flight finish);
-  the master exits 0 once all have exited (SIGKILL after the drain deadline + 10 s).
+* **Start**: the worker of slot 0 starts first and the others once it is ready, so an
+  error every worker would hit (no root key, no realm 'master') is reported once; the
+  "serving on" line comes when all are ready.
+* **SIGTERM / SIGINT**: the master closes its copy of the socket and sends each worker
+  SIGTERM; each drains (requests in flight finish, then it closes its copy, so new
+  connections are refused once all have); the master exits 0 once all have exited
+  (SIGKILL after the drain deadline + 10 s).
 * **SIGHUP**: the configuration is read again (an invalid one is refused, nothing
   changes); then, one slot at a time, a new worker is started with it, the master waits
   until it is ready, and only then sends the old one SIGTERM (it drains). The socket stays
@@ -191,8 +196,9 @@ class Master:
         """Start the workers and supervise them; return the master's exit status."""
         previous = self._install_signals()
         try:
-            for slot in range(self._n):
-                self._slots[slot] = self._spawn(slot)
+            # Slot 0 first, the others once it is ready: an error every worker would hit
+            # (no root key, no realm 'master') is reported once, by one worker.
+            self._slots[0] = self._spawn(0)
             while not (self._stopping and not self._live):
                 self._wait(self._timeout())
                 self._handle_signals()
@@ -320,6 +326,9 @@ class Master:
                 self._retire(old)
             self._say(f"worker {worker.slot} reloaded (pid {worker.pid})")
         elif self._booting:
+            if worker.slot == 0:
+                for slot in range(1, self._n):
+                    self._slots[slot] = self._spawn(slot)
             if all(w is not None and w.ready_at is not None for w in self._slots.values()):
                 self._booting = False
                 pids = " ".join(str(w.pid) for w in self._slots.values() if w is not None)
@@ -449,6 +458,9 @@ class Master:
         self._reload = None
         self._restart_at.clear()
         self._stop_deadline = time.monotonic() + self._drain_timeout + STOP_GRACE
+        # No worker will be started any more: once the draining workers have closed their
+        # copies too, new connections are refused (as by a single-process server).
+        self._sock.close()
         for worker in self._live.values():
             _signal(worker.pid, signal.SIGTERM)
 

@@ -119,3 +119,64 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+# ---- qimem serve --workers N: the master's worker processes, read from /proc ----------
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (itself, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def socket_owners(server_port: int, pids: list[int]) -> dict[int, int]:
+    """For each connection accepted on ``server_port`` (loopback, IPv4) by one of ``pids``:
+    the client's port -> the pid holding the accepted socket."""
+    owner_of_inode: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    owner_of_inode[target[8:-1]] = pid
+        except OSError:
+            continue
+    owners: dict[int, int] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        if local_port == server_port and remote_port and fields[9] in owner_of_inode:
+            owners[remote_port] = owner_of_inode[fields[9]]
+    return owners
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
+    """Poll ``condition`` every 50 ms until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what or condition}")
