@@ -71,6 +71,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.backup",
             "qimem.purger",
             "qimem.remote",
+            "qimem.testing_identity",  # the identity contract drives qimem.services.identity
+            "qimem.testing_identity_tokens",
         ),
     ),
     # Built-in plugins may use all of qimem's core, never the CLI or the server; no core
