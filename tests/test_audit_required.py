@@ -9,8 +9,10 @@ encrypt or a decrypt returns no result. The default buffered mode keeps serving 
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from conftest import make_app
 from identity_helpers import ADMIN_PASSWORD, serving, with_identity
 
 from qimem.app import AppContext
+from qimem.services import identity as ids
 from qimem.services.keys import show_key
 
 pytestmark = pytest.mark.postgres
@@ -81,6 +84,10 @@ def _post(session: requests.Session, url: str, body: dict[str, Any]) -> requests
 
 def _app(url: str, root_key_b64: str, mode: str) -> AppContext:
     return with_identity(make_app(url, root_key_b64), audit_mode=mode)
+
+
+def _app_with(url: str, root_key_b64: str, **settings: object) -> AppContext:
+    return with_identity(make_app(url, root_key_b64), **settings)
 
 
 def test_required_audit_refuses_to_serve_unaudited(
@@ -215,3 +222,33 @@ def test_required_audit_gives_management_operations_the_same_pair(
     for action, outcomes in pairs.items():
         assert outcomes[0] == "requested", (action, outcomes)
         assert outcomes.count("requested") == 1 and outcomes.count("success") == 2, outcomes
+
+
+def test_buffered_management_records_wait_in_the_spill(
+    app_role_url: tuple[str, sa.Engine], root_key_b64: str, tmp_path: Path
+) -> None:
+    """Buffered mode: a key lifecycle change whose audit record cannot be written at once
+    (here: the insert right is gone) is not lost; it waits in the spill and arrives once."""
+    from qimem.services import key_states, keys
+
+    url, admin = app_role_url
+    spill = tmp_path / "spill"
+    app = _app_with(url, root_key_b64, audit_mode="buffered", audit_spill_dir=str(spill))
+    try:
+        keys.create_key(app, name="payroll")
+        keys.rotate_key(app, "payroll")
+        _audit_inserts(admin, url, allowed=False)
+        key_states.disable_version(app, "payroll", version=1, actor="admin@master")
+        deadline = time.monotonic() + 20
+        while not any(p.stat().st_size > 100 for p in spill.glob("spill-*.qas")):
+            assert time.monotonic() < deadline, "the record never reached the spill"
+            time.sleep(0.05)
+        _audit_inserts(admin, url, allowed=True)
+        ids.identity(app).audit.flush()
+    finally:
+        app.close()
+    with admin.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT actor, target FROM qimem_audit WHERE action = 'keys.disable'")
+        ).all()
+    assert len(rows) == 1 and rows[0][0] == "admin@master"

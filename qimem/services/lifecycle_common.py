@@ -30,7 +30,11 @@ def audit(
     try:
         audit_key_operation(app, realm, actor, action, target, buffered=False, **detail)
     except Exception:  # auditing never turns a committed change into an error
-        log.warning("could not record the audit event %s", action, exc_info=True)
+        log.warning("could not record the audit event %s; it is buffered", action)
+        try:  # buffered: written later, through the audit spill while the store is down
+            audit_key_operation(app, realm, actor, action, target, buffered=True, **detail)
+        except Exception:
+            log.warning("could not buffer the audit event %s", action)
 
 
 # -- lookups -----------------------------------------------------------------------------
