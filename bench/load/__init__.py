@@ -35,6 +35,7 @@ save it). The full report of every run, failed or not, is written to
 """
 
 from bench.load.common import (
+    CHECKS,
     DEFAULT_ADMIN_URL,
     EXPECTED,
     MIX,
@@ -43,9 +44,12 @@ from bench.load.common import (
     POSTGRES_ENV,
     REALM,
     RESULTS,
+    REVOCATION_BOUND,
+    ROTATION_BOUND,
     SIZES,
     SUITE,
     THREADS,
+    Bounds,
     DriveResult,
     LoadFailure,
     Record,
@@ -55,11 +59,27 @@ from bench.load.common import (
 from bench.load.driver import drive
 from bench.load.peer import peer_server
 from bench.load.report import failures, render, rows, summarize
-from bench.load.servers import QimemServer, fresh_database, qimem_server
-from bench.load.suite import main, measure, run, run_load
+from bench.load.servers import (
+    QimemServer,
+    QimemServers,
+    fresh_database,
+    qimem_server,
+    qimem_servers,
+    workers_supported,
+)
+from bench.load.session import run_load
+from bench.load.suite import main, measure, private_postgres, run
 from bench.load.verify import verify
 
 __all__ = [
+    "CHECKS",
+    "REVOCATION_BOUND",
+    "ROTATION_BOUND",
+    "Bounds",
+    "QimemServers",
+    "private_postgres",
+    "qimem_servers",
+    "workers_supported",
     "DEFAULT_ADMIN_URL",
     "EXPECTED",
     "MIX",

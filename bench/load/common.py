@@ -19,12 +19,44 @@ REALM = "load"
 # surplus of simultaneous password logins with 503 login_busy: backpressure, which the
 # clients retry and count apart (`login_busy` in the report).
 THREADS = 8
-OPS = ("encrypt", "decrypt", "rotate", "login", "client-login")
+OPS = ("encrypt", "decrypt", "rotate", "login", "client-login", "revoke")
 # Relative weights of the mix; the first round of each connection does one of each.
-MIX = {"encrypt": 50.0, "decrypt": 45.0, "rotate": 1.0, "login": 2.0, "client-login": 0.5}
+MIX = {
+    "encrypt": 50.0,
+    "decrypt": 45.0,
+    "rotate": 1.0,
+    "login": 2.0,
+    "client-login": 0.5,
+    "revoke": 0.5,
+}
+# Requests the checks after a rotation or a revocation send (on every server): reported
+# apart from the mix's own operations.
+CHECKS = ("rotate-check", "revoke-check")
 SIZES = ((32, 6), (1024, 3), (16384, 1))  # plaintext bytes, weight
-# The only right answers; "verify" is the final batch-decrypt pass.
-EXPECTED = {op: {200} for op in (*OPS, "verify")} | {"rotate": {200, 409}}
+# The only right answers; "verify" is the final batch-decrypt pass. A revoke-check is a
+# request with a token just revoked: 200 until the revocation has reached that server
+# (within the bound, or it is counted as a violation), 401 after.
+EXPECTED = {op: {200} for op in (*OPS, *CHECKS, "verify")} | {
+    "rotate": {200, 409},
+    "revoke-check": {200, 401},
+}
+# The 503 answers docs/http.md documents for a store that cannot be reached (or an audit
+# log that cannot be written in required mode): the only non-2xx a run with a PostgreSQL
+# restart may see besides the mix's own (counted apart, as ``unavailable``).
+DOCUMENTED_503 = frozenset({"store_unavailable", "audit_unavailable"})
+# The audited routes (one audit record per request: server/auth_middleware.py).
+AUDITED = {
+    "/v1/security/encrypt": "crypto.encrypt",
+    "/v1/security/decrypt": "crypto.decrypt",
+    "/v1/security/rotate": "keys.rotate",
+}
+# How long a change made through one server may take to reach every other one (seconds,
+# from the answer to the change): ``cache.revalidate_seconds`` (0.1 s) plus one marker
+# query for a rotation, ``revocation_refresh_seconds`` (2 s) for a revocation (docs/
+# operations.md). Pushed invalidation (LISTEN/NOTIFY, issue 14) brings both to ~50 ms;
+# ``--rotation-bound`` / ``--revocation-bound`` set them.
+ROTATION_BOUND = 0.15
+REVOCATION_BOUND = 2.05
 STAGGER_SECONDS = 0.05  # between the first logins of successive connections
 LOGIN_ATTEMPTS = 50  # a login answered 503 login_busy is retried up to this many times
 
@@ -50,19 +82,39 @@ class LoadFailure(RuntimeError):
 
 @dataclass
 class Target:
-    """A server under load and the identities and keys the mix uses on it."""
+    """The servers under load (one URL each, all on one store; each ``workers``
+    processes) and the identities and keys the mix uses on them."""
 
     name: str
-    url: str
+    urls: list[str]
     realm: str
     users: list[tuple[str, str]]
     client: tuple[str, str]
     keys: list[str]
     rotated: list[str]
+    workers: int = 1
+
+    @property
+    def url(self) -> str:
+        """The first server's URL."""
+        return self.urls[0]
 
     @property
     def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
+        return port_of(self.url)
+
+
+def port_of(url: str) -> int:
+    """The port of ``http://127.0.0.1:PORT``."""
+    return int(url.rsplit(":", 1)[1])
+
+
+@dataclass
+class Bounds:
+    """How long a change may take to reach the other servers (seconds)."""
+
+    rotation: float = ROTATION_BOUND
+    revocation: float = REVOCATION_BOUND
 
 
 @dataclass
@@ -92,6 +144,17 @@ class DriveResult:
     # slots full). A client retries shortly, as the answer's Retry-After asks; counted
     # here, not as a status, and reported.
     login_busy: int = 0
+    # Documented 503s (store_unavailable ...) per operation, allowed only in a run with a
+    # PostgreSQL restart, and the wall-clock window in which they came (time.time()).
+    unavailable: Counter[str] = field(default_factory=Counter)
+    unavailable_window: list[float] = field(default_factory=list)
+    # Changes that had not reached a server within the bound, per kind ("revocation",
+    # "rotation", "rotation-decrypt", "rotation-local"); how long they did take (seconds).
+    violations: Counter[str] = field(default_factory=Counter)
+    propagation: dict[str, list[float]] = field(default_factory=dict)
+    audited: Counter[str] = field(default_factory=Counter)  # 200 answers per audit action
+    # Rotations whose outcome is unknown (503 or no answer): they may have committed.
+    rotations_unknown: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: DriveResult) -> None:
         self.elapsed += other.elapsed
@@ -106,6 +169,15 @@ class DriveResult:
         self.samples.extend(other.samples[: max(0, 20 - len(self.samples))])
         self.records.extend(other.records)
         self.login_busy += other.login_busy
+        self.unavailable.update(other.unavailable)
+        if other.unavailable_window:
+            both = self.unavailable_window + other.unavailable_window
+            self.unavailable_window = [min(both), max(both)]
+        self.violations.update(other.violations)
+        for kind, values in other.propagation.items():
+            self.propagation.setdefault(kind, []).extend(values)
+        self.audited.update(other.audited)
+        self.rotations_unknown.update(other.rotations_unknown)
 
     def unexpected(self) -> dict[str, dict[int, int]]:
         return {

@@ -1,5 +1,9 @@
 """The client side: forked client processes, each with keep-alive connections (one thread
 each) sending the weighted mix against a ``Target``.
+
+Connection ``i`` talks to server ``i % len(target.urls)``, so the connections spread evenly
+over the servers. The checks that follow a rotation or a revocation (on every server, within
+the bound) are in ``bench.load.checks``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import urllib.parse
 from collections import Counter
 from typing import Any
 
+from bench.load.checks import Checks
 from bench.load.common import (
+    AUDITED,
+    DOCUMENTED_503,
     EXPECTED,
     LOGIN_ATTEMPTS,
     MIX,
@@ -25,17 +32,17 @@ from bench.load.common import (
     SIZES,
     STAGGER_SECONDS,
     TOKEN_MAX_AGE,
+    Bounds,
     DriveResult,
     LoadFailure,
     Record,
     Target,
     _code,
+    port_of,
 )
 
-# -- the client side -----------------------------------------------------------------------
 
-
-class _Client:
+class _Client(Checks):
     """One keep-alive connection with its own user, tokens and ciphertexts (one thread)."""
 
     def __init__(
@@ -45,11 +52,16 @@ class _Client:
         pool: list[Record],
         seed: int,
         mix: dict[str, float] | None = None,
+        bounds: Bounds | None = None,
+        allow_503: bool = False,
     ) -> None:
         self.target = target
         self.mix = mix or MIX
+        self.bounds = bounds or Bounds()
+        self.allow_503 = allow_503
         self.user = target.users[index % len(target.users)]
         self.index = index
+        self.home = target.urls[index % len(target.urls)]  # this connection's server
         self.rng = random.Random(seed)
         self.pool = list(pool)  # ciphertexts from earlier rounds, for decrypts
         self.out = DriveResult()
@@ -60,30 +72,44 @@ class _Client:
         self.client_token_at = 0.0
         self.last_key_id: dict[str, str] = {}
 
-    def _connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.target.port, timeout=REQUEST_TIMEOUT)
+    def _connect(self, url: str | None = None) -> http.client.HTTPConnection:
+        port = port_of(url or self.home)
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
 
     def request(
-        self, op: str, path: str, body: bytes, content_type: str, token: str | None
+        self,
+        op: str,
+        path: str,
+        body: bytes,
+        content_type: str,
+        token: str | None,
+        url: str | None = None,
     ) -> tuple[int, Any]:
-        """One timed request; the status (0 for a connection error) and the parsed body."""
+        """One timed request; the status (0 for a connection error) and the parsed body.
+        On this connection's keep-alive connection, or (``url`` given) on a new connection
+        to that server, closed afterwards (a new connection may reach any of its workers)."""
         headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        conn = self.conn if url is None else self._connect(url)
         start = time.perf_counter()
         try:
-            self.conn.request("POST", path, body=body, headers=headers)
-            response = self.conn.getresponse()
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self.out.latencies.setdefault(op, []).append((time.perf_counter() - start) * 1000)
             self.out.conn_errors[op] += 1
             if len(self.out.samples) < 20:
                 self.out.samples.append(f"{op}: connection error {type(exc).__name__}")
-            self.conn.close()
-            self.conn = self._connect()
+            conn.close()
+            if url is None:
+                self.conn = self._connect()
             time.sleep(0.05)
             return 0, None
+        finally:
+            if url is not None:
+                conn.close()
         self.out.latencies.setdefault(op, []).append((time.perf_counter() - start) * 1000)
         status = response.status
         try:
@@ -93,17 +119,28 @@ class _Client:
         if status == 503 and op == "login" and _code(data) == "login_busy":
             self.out.login_busy += 1
             return status, data
+        if status == 503 and self.allow_503 and _code(data) in DOCUMENTED_503:
+            self.out.unavailable[op] += 1
+            now = time.time()
+            window = self.out.unavailable_window
+            self.out.unavailable_window = [min([now, *window]), max([now, *window])]
+            return status, data
         self.out.statuses.setdefault(op, Counter())[status] += 1
+        if status == 200 and path in AUDITED:
+            self.out.audited[AUDITED[path]] += 1
         if status not in EXPECTED[op] and len(self.out.samples) < 20:
             self.out.samples.append(f"{op}: {status} {raw[:200]!r}")
         return status, data
 
-    def _json(self, op: str, path: str, body: dict[str, Any], token: str) -> tuple[int, Any]:
-        return self.request(op, path, json.dumps(body).encode(), "application/json", token)
+    def _json(
+        self, op: str, path: str, body: dict[str, Any], token: str, url: str | None = None
+    ) -> tuple[int, Any]:
+        return self.request(op, path, json.dumps(body).encode(), "application/json", token, url)
 
     # operations
 
-    def login(self) -> None:
+    def password_login(self) -> tuple[int, Any]:
+        """A password login as this connection's user (503 login_busy is retried)."""
         username, password = self.user
         form = {"grant_type": "password", "username": username, "password": password}
         for _ in range(LOGIN_ATTEMPTS):
@@ -117,6 +154,10 @@ class _Client:
             if not (status == 503 and _code(data) == "login_busy"):
                 break
             time.sleep(self.rng.uniform(0.05, 0.3))  # backpressure: retry shortly
+        return status, data
+
+    def login(self) -> None:
+        status, data = self.password_login()
         self.token_at = time.monotonic()  # a failed login is not retried in a tight loop
         if status == 200:
             self.token = data["access_token"]
@@ -136,34 +177,56 @@ class _Client:
         if status == 200:
             self.client_token = data["access_token"]
 
-    def encrypt(self) -> None:
-        size = self.rng.choices([s for s, _ in SIZES], [w for _, w in SIZES])[0]
-        plaintext = os.urandom(size)
-        key = self.rng.choice(self.target.keys + self.target.rotated)
+    def seal(
+        self,
+        op: str,
+        key: str,
+        plaintext: bytes,
+        aad: str | None = None,
+        token: str | None = None,
+        url: str | None = None,
+    ) -> tuple[int, Any]:
+        """Encrypt ``plaintext`` under ``key`` (by name); a 200's ciphertext is kept for
+        the decrypts and the final check."""
         body: dict[str, Any] = {"key": key, "plaintext": base64.b64encode(plaintext).decode()}
-        aad = None
-        if self.rng.random() < 0.25:
-            aad = body["aad"] = base64.b64encode(os.urandom(16)).decode()
-        status, data = self._json("encrypt", "/v1/security/encrypt", body, self.token)
+        if aad is not None:
+            body["aad"] = aad
+        status, data = self._json(op, "/v1/security/encrypt", body, token or self.token, url)
         if status == 200:
-            record = Record(data["envelope"], aad, hashlib.sha256(plaintext).digest(), size)
+            digest = hashlib.sha256(plaintext).digest()
+            record = Record(data["envelope"], aad, digest, len(plaintext))
             self.out.records.append(record)
             self.pool.append(record)
             if key in self.target.rotated:
                 self.last_key_id[key] = data["key_id"]
+        return status, data
+
+    def open(self, op: str, record: Record, url: str | None = None) -> tuple[int, bool]:
+        """Decrypt ``record``: the status, and whether a 200 gave the right plaintext
+        (a wrong one is counted as a mismatch)."""
+        body: dict[str, Any] = {"envelope": record.envelope}
+        if record.aad is not None:
+            body["aad"] = record.aad
+        status, data = self._json(op, "/v1/security/decrypt", body, self.token, url)
+        if status != 200:
+            return status, False
+        if hashlib.sha256(base64.b64decode(data["plaintext"])).digest() != record.digest:
+            self.out.mismatches += 1
+            return status, False
+        return status, True
+
+    def encrypt(self) -> None:
+        size = self.rng.choices([s for s, _ in SIZES], [w for _, w in SIZES])[0]
+        key = self.rng.choice(self.target.keys + self.target.rotated)
+        aad = None
+        if self.rng.random() < 0.25:
+            aad = base64.b64encode(os.urandom(16)).decode()
+        self.seal("encrypt", key, os.urandom(size), aad)
 
     def decrypt(self) -> None:
         if not self.pool:
             return self.encrypt()
-        record = self.rng.choice(self.pool)
-        body: dict[str, Any] = {"envelope": record.envelope}
-        if record.aad is not None:
-            body["aad"] = record.aad
-        status, data = self._json("decrypt", "/v1/security/decrypt", body, self.token)
-        if status == 200 and hashlib.sha256(base64.b64decode(data["plaintext"])).digest() != (
-            record.digest
-        ):
-            self.out.mismatches += 1
+        self.open("decrypt", self.rng.choice(self.pool))
 
     def rotate(self) -> None:
         key = self.rng.choice(self.target.rotated)
@@ -172,10 +235,35 @@ class _Client:
         # connection (or process) may have rotated away since: 409 is the right answer then.
         body = {"key_id": stale} if stale and self.rng.random() < 1 / 3 else {"key": key}
         status, data = self._json("rotate", "/v1/security/rotate", body, self.client_token)
-        self.out.rotate_forms[f"{next(iter(body))}:{status}"] += 1
+        form = next(iter(body))
+        self.out.rotate_forms[f"{form}:{status}"] += 1
         if status == 200:
             self.out.rotations[key] += 1
             self.last_key_id[key] = data["key_id"]
+            if form == "key":
+                self.after_rotation(key, int(data["version"]), time.monotonic())
+        elif status == 0 or status >= 500:
+            self.out.rotations_unknown[key] += 1  # it may have committed all the same
+
+    def revoke(self) -> None:
+        """A fresh login's token, used on every server, revoked through this one: from
+        then on every server must refuse it (``Checks.after_revocation``)."""
+        status, data = self.password_login()
+        if status != 200:
+            return
+        token = data["access_token"]
+        for url in self.target.urls:  # in use (and cached as verified) everywhere first
+            self.seal("revoke-check", self.target.keys[0], os.urandom(1), token=token, url=url)
+        form = urllib.parse.urlencode({"token": token}).encode()
+        status, _ = self.request(
+            "revoke",
+            f"/v1/auth/realms/{self.target.realm}/revoke",
+            form,
+            "application/x-www-form-urlencoded",
+            None,
+        )
+        if status == 200:
+            self.after_revocation(token, time.monotonic())
 
     def run(self, deadline: float) -> DriveResult:
         # Clients do not all start in the same millisecond: staggered first logins, so the
@@ -184,6 +272,7 @@ class _Client:
         self.login()
         self.client_login()
         todo = ["encrypt", "decrypt", "rotate", "login"]
+        todo += ["revoke"] if self.mix.get("revoke", 0) > 0 else []
         ops, weights = list(self.mix), list(self.mix.values())
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -207,6 +296,8 @@ def _process_main(
     pool: list[Record],
     seed: int,
     mix: dict[str, float],
+    bounds: Bounds | None,
+    allow_503: bool,
     pipe: Any,
 ) -> None:
     """A client process: ``connections`` threads until the deadline; the merged result
@@ -214,7 +305,8 @@ def _process_main(
     started = time.monotonic()
     deadline = started + duration
     clients = [
-        _Client(target, first_index + i, pool, seed * 1000 + i, mix) for i in range(connections)
+        _Client(target, first_index + i, pool, seed * 1000 + i, mix, bounds, allow_503)
+        for i in range(connections)
     ]
     results: list[DriveResult] = []
     threads = [
@@ -240,19 +332,22 @@ def drive(
     pool: list[Record] | None = None,
     seed: int = 0,
     mix: dict[str, float] | None = None,
+    bounds: Bounds | None = None,
+    allow_503: bool = False,
 ) -> DriveResult:
     """``processes`` forked client processes × ``connections`` keep-alive connections, for
-    ``duration`` seconds of the mix (default ``MIX``) against ``target``."""
+    ``duration`` seconds of the mix (default ``MIX``) against ``target``'s servers (spread
+    evenly). ``allow_503``: documented 503s (store unavailable) are counted apart, not as
+    unexpected answers (a run with a PostgreSQL restart)."""
     ctx = multiprocessing.get_context("fork")  # the children use only the standard library
     pool = pool or []
     children = []
     started = time.monotonic()
     for p in range(processes):
         parent_end, child_end = ctx.Pipe(duplex=False)
+        args = (target, duration, connections, p * connections, pool, seed + p, mix)
         proc = ctx.Process(
-            target=_process_main,
-            args=(target, duration, connections, p * connections, pool, seed + p, mix, child_end),
-            daemon=True,
+            target=_process_main, args=(*args, bounds, allow_503, child_end), daemon=True
         )
         proc.start()
         child_end.close()

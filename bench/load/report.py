@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.load.common import OPS, PEER, RESULTS, DriveResult
+from bench.load.common import CHECKS, OPS, PEER, RESULTS, DriveResult
 
 # -- one whole run ---------------------------------------------------------------------------
 
@@ -22,9 +22,10 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
-    """Per operation: count, req/s, p50/p99/max latency (ms), statuses; and the totals."""
+    """Per operation (and per kind of check): count, req/s, p50/p99/max latency (ms),
+    statuses; the totals; the documented 503s, bound violations and propagation times."""
     ops: dict[str, Any] = {}
-    for op in OPS:
+    for op in (*OPS, *CHECKS):
         lat = result.latencies.get(op, [])
         ops[op] = {
             "count": len(lat),
@@ -34,6 +35,7 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
             "max_ms": max(lat) if lat else None,
             "statuses": {str(s): n for s, n in sorted(result.statuses.get(op, {}).items())},
             "conn_errors": result.conn_errors.get(op, 0),
+            "unavailable": result.unavailable.get(op, 0),
         }
     total = sum(len(v) for v in result.latencies.values())
     every = [x for v in result.latencies.values() for x in v]
@@ -53,8 +55,26 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
         "unexpected": {
             op: {str(s): n for s, n in c.items()} for op, c in result.unexpected().items()
         },
+        "unavailable": sum(result.unavailable.values()),
+        "unavailable_window": result.unavailable_window,
+        "violations": dict(result.violations),
+        "propagation": {
+            kind: {
+                "count": len(values),
+                "p50_ms": _ms_of(_pct(values, 0.5)),
+                "p99_ms": _ms_of(_pct(values, 0.99)),
+                "max_ms": _ms_of(max(values)),
+            }
+            for kind, values in sorted(result.propagation.items())
+        },
+        "audited": dict(result.audited),
+        "rotations_unknown": dict(result.rotations_unknown),
         "samples": result.samples,
     }
+
+
+def _ms_of(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def failures(report: dict[str, Any]) -> list[str]:
@@ -67,6 +87,8 @@ def failures(report: dict[str, Any]) -> list[str]:
         for what in ("5xx", "conn_errors", "decrypt_mismatches"):
             if s[what]:
                 bad.append(f"{side}: {what} {s[what]}")
+        if s.get("violations"):
+            bad.append(f"{side}: changes not seen by every server in time {s['violations']}")
         if s["unexpected"]:
             bad.append(f"{side}: unexpected statuses {s['unexpected']}")
         v = s["verification"]
@@ -77,14 +99,28 @@ def failures(report: dict[str, Any]) -> list[str]:
             )
     q = report.get("qimem", {})
     for key, (want, have) in q.get("versions", {}).items():
-        if want != have:
-            bad.append(f"qimem: key {key} has {have} versions, {want} expected from the rotations")
-    # The server counts its login_busy answers among its 5xx; the clients counted them too.
-    if q.get("server_5xx", 0) - q.get("login_busy", 0) > 0:
+        # A rotation answered 503 (or not at all) may have committed all the same.
+        unknown = q.get("rotations_unknown", {}).get(key, 0)
+        if not want <= have <= want + unknown:
+            extra = f" (+ up to {unknown} answered 503)" if unknown else ""
+            bad.append(
+                f"qimem: key {key} has {have} versions, {want}{extra} expected from the rotations"
+            )
+    # The server counts its login_busy and documented 503 answers among its 5xx; the
+    # clients counted them too.
+    allowed = q.get("login_busy", 0) + q.get("unavailable", 0)
+    if q.get("server_5xx", 0) - allowed > 0:
         bad.append(
             f"qimem: /metrics counts {q['server_5xx']} 5xx answers, "
-            f"{q.get('login_busy', 0)} of them login_busy"
+            f"{q.get('login_busy', 0)} of them login_busy, {q.get('unavailable', 0)} "
+            "documented 503s"
         )
+    audit = q.get("audit", {})
+    for action, (want, have) in audit.get("success", {}).items():
+        if want != have:
+            bad.append(f"qimem: {have} success audit records of {action}, {want} expected")
+    if audit.get("duplicated_record_ids"):
+        bad.append(f"qimem: {audit['duplicated_record_ids']} audit records share a record id")
     if q.get("traceback"):
         bad.append("qimem: the server logged a traceback")
     if q.get("exit_code") not in (None, 0):
@@ -113,6 +149,8 @@ def render(report: dict[str, Any]) -> str:
             statuses = " ".join(f"{k}:{v}" for k, v in o["statuses"].items())
             if o["conn_errors"]:
                 statuses += f" conn-errors:{o['conn_errors']}"
+            if o.get("unavailable"):
+                statuses += f" 503-store-unavailable:{o['unavailable']}"
             lines.append(
                 f"{side:6} {op:13} {o['count']:>8} {o['rps']:>8.1f} {_ms(o['p50_ms']):>8} "
                 f"{_ms(o['p99_ms']):>8} {_ms(o['max_ms']):>8}  {statuses}"
@@ -127,6 +165,15 @@ def render(report: dict[str, Any]) -> str:
             f"connection errors {s['conn_errors']}, in-run decrypt mismatches "
             f"{s['decrypt_mismatches']}, login_busy answers (retried) {s['login_busy']}"
         )
+        spread = ", ".join(
+            f"{kind} n={f['count']} p50 {_ms(f['p50_ms'])} p99 {_ms(f['p99_ms'])} max "
+            f"{_ms(f['max_ms'])} ms"
+            for kind, f in s.get("propagation", {}).items()
+        )
+        lines.append(
+            f"  {side}: changes reaching the other servers/workers: {spread or 'none checked'};"
+            f" bound violations {s.get('violations') or 0}"
+        )
     q = report.get("qimem", {})
     if "versions" in q:
         lines.append(
@@ -137,10 +184,25 @@ def render(report: dict[str, Any]) -> str:
         )
         forms = " ".join(f"{k}:{v}" for k, v in q["rotate_forms"].items())
         lines.append(f"  qimem: rotate by form:status {forms}")
+    if "audit" in q:
+        found = ", ".join(f"{a} {want}/{have}" for a, (want, have) in q["audit"]["success"].items())
+        lines.append(
+            f"  qimem: success audit records (expected, found) {found}; records sharing a "
+            f"record id: {q['audit']['duplicated_record_ids']}; all records "
+            f"{q['audit']['records']}"
+        )
+    if report.get("pg_restart"):
+        r = report["pg_restart"]
+        lines.append(
+            f"  qimem: PostgreSQL stopped {r.get('stop_after_s')} s into the run, down "
+            f"{r.get('down_s')} s; documented 503s {q.get('unavailable')} from "
+            f"{r.get('first_503_s')} s to {r.get('last_503_s')} s after the stop"
+        )
     lines.append(
         f"  load average before {report['loadavg_before']}, after "
         f"{report.get('loadavg_after')}; {report['processes']} processes × "
-        f"{report['connections']} connections, {report['rounds']} round(s)"
+        f"{report['connections']} connections, {report['rounds']} round(s); "
+        f"{shape(report)}; bounds {report.get('bounds')}"
     )
     for sample in q.get("samples", [])[:10]:
         lines.append(f"  sample: {sample}")
@@ -148,9 +210,20 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shape(report: dict[str, Any]) -> str:
+    """ "1 server × 2 workers (peer: 2 processes)"."""
+    s, w = report.get("servers", 1), report.get("workers", 1)
+    text = f"{s} server{'s' if s > 1 else ''} × {w} worker{'s' if w > 1 else ''}"
+    return text + f" (peer: {s * w} process{'es' if s * w > 1 else ''})"
+
+
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Bench rows: per operation and overall req/s against the peer; the correctness row."""
+    """Bench rows: per operation and overall req/s against the peer; the correctness row.
+    A run of another shape than 1 server × 1 worker names it in its cases."""
     q, p = report["qimem"], report.get("peer")
+    s, w = report.get("servers", 1), report.get("workers", 1)
+    where = "" if (s, w) == (1, 1) else f", {s} server{'s' if s > 1 else ''} × {w} workers"
+    peer_name = PEER + (f", {s * w} processes" if s * w > 1 else "")
     out = []
     for op in [*OPS, "all"]:
         mine = q if op == "all" else q["ops"][op]
@@ -163,10 +236,10 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             note += f" (peer p99 {_ms(theirs['p99_ms'])} ms)"
         out.append(
             {
-                "case": f"mixed load on PostgreSQL: {op}",
+                "case": f"mixed load{where} on PostgreSQL: {op}",
                 "metric": "req/s",
                 "qimem": round(mine["rps"], 1),
-                "peer_name": PEER if p else "",
+                "peer_name": peer_name if p else "",
                 "peer": None if theirs is None else round(theirs["rps"], 1),
                 "ratio": ratio or None,
                 "notes": note,
@@ -175,7 +248,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     v = q["verification"]
     out.append(
         {
-            "case": "mixed load on PostgreSQL: failed checks",
+            "case": f"mixed load{where} on PostgreSQL: failed checks",
             "metric": "count",
             "qimem": len(report["failures"]),
             "target": "0",

@@ -1,15 +1,12 @@
-"""One whole run (``run_load``), its fresh database and temporary directory (``measure``),
-and the entry points ``run`` (``python -m bench load``) and ``main`` (``python -m bench.load``).
+"""A run's fresh database (on the shared PostgreSQL, or on a private cluster for a restart)
+and temporary directory (``measure``), and the entry points ``run`` (``python -m bench
+load``) and ``main`` (``python -m bench.load``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,92 +20,15 @@ from bench.load.common import (
     DEFAULT_ADMIN_URL,
     MIX,
     POSTGRES_ENV,
-    SIZES,
+    REVOCATION_BOUND,
+    ROTATION_BOUND,
     SUITE,
-    DriveResult,
+    Bounds,
     LoadFailure,
 )
-from bench.load.driver import drive
-from bench.load.peer import peer_server
-from bench.load.report import _save_report, failures, render, rows, summarize
-from bench.load.servers import fresh_database, qimem_server
-from bench.load.verify import verify
-
-
-def run_load(
-    store_url: str,
-    workdir: Path,
-    duration: float = 30.0,
-    processes: int = 2,
-    connections: int = 4,
-    rounds: int = 3,
-    users: int = 4,
-    peer: bool = True,
-    mix: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """The whole run against a fresh database at ``store_url``; the report (see
-    ``failures``). ``duration`` is the total time of load on qimem (and as much on the
-    peer), split into ``rounds`` alternating rounds."""
-    report: dict[str, Any] = {
-        "duration": duration,
-        "processes": processes,
-        "connections": connections,
-        "rounds": rounds,
-        "mix": mix or MIX,
-        "sizes": [s for s, _ in SIZES],
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    with qimem_server(store_url, workdir, users=users) as server:
-        sides = {"qimem": server.target}
-        with peer_server(server.target, workdir) if peer else _nothing() as peer_target:
-            if peer_target is not None:
-                sides["peer"] = peer_target
-            results = {name: DriveResult() for name in sides}
-            order = list(sides)
-            for r in range(rounds):
-                for name in order if r % 2 == 0 else order[::-1]:
-                    sample = random.Random(r).sample(
-                        results[name].records, min(500, len(results[name].records))
-                    )
-                    part = drive(
-                        sides[name],
-                        duration / rounds,
-                        processes,
-                        connections,
-                        sample,
-                        100 * r,
-                        mix,
-                    )
-                    results[name].merge(part)
-            report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-            for name, target in sides.items():
-                s = summarize(results[name], results[name].elapsed)
-                done = verify(target, results[name].records)
-                checked = {f.name: getattr(done, f.name) for f in dataclasses.fields(done)}
-                checked["statuses"] = {str(k): v for k, v in sorted(done.statuses.items())}
-                s["verification"] = checked
-                report[name] = s
-        q = report["qimem"]
-        q["versions"] = {
-            key: (1 + results["qimem"].rotations.get(key, 0), server.versions(key))
-            for key in server.target.rotated
-        }
-        q["server_requests"], q["server_5xx"] = server.metrics_5xx()
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            q["exit_code"] = server.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            q["exit_code"] = "timeout"
-        q["traceback"] = "Traceback" in server.log()
-    report["failures"] = failures(report)
-    if report["failures"]:  # the server's side of the story (the access log has no secrets)
-        report["qimem"]["log_tail"] = server.log()[-20000:]
-    return report
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
+from bench.load.report import _save_report, render, rows
+from bench.load.servers import fresh_database
+from bench.load.session import run_load
 
 
 def measure(
@@ -119,16 +39,31 @@ def measure(
     admin_url: str | None = None,
     peer: bool = True,
     mix: dict[str, float] | None = None,
+    *,
+    servers: int = 1,
+    workers: int = 1,
+    bounds: Bounds | None = None,
+    pg_restart: bool = False,
+    outage: float | None = None,
 ) -> dict[str, Any]:
     """A fresh database and a temporary directory around ``run_load``; prints the table,
-    saves the report, raises ``LoadFailure`` when the run failed."""
+    saves the report, raises ``LoadFailure`` when the run failed. ``pg_restart``: the
+    database is on a private PostgreSQL cluster (never the shared server), restarted once
+    during the run."""
     admin_url = admin_url or os.environ.get(POSTGRES_ENV) or DEFAULT_ADMIN_URL
     workdir = Path(tempfile.mkdtemp(prefix="qimem-bench-load-"))
+    kwargs: dict[str, Any] = {"servers": servers, "workers": workers, "bounds": bounds}
+    args = (duration, processes, connections, rounds)
     try:
-        with fresh_database(admin_url) as store_url:
-            report = run_load(
-                store_url, workdir, duration, processes, connections, rounds, peer=peer, mix=mix
-            )
+        if pg_restart:
+            with private_postgres() as pg:
+                store_url = pg.create_database("qimem_load")
+                report = run_load(
+                    store_url, workdir, *args, peer=peer, mix=mix, pg=pg, outage=outage, **kwargs
+                )
+        else:
+            with fresh_database(admin_url) as store_url:
+                report = run_load(store_url, workdir, *args, peer=peer, mix=mix, **kwargs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["when"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -138,6 +73,27 @@ def measure(
     if report["failures"]:
         raise LoadFailure("; ".join(report["failures"]))
     return report
+
+
+@contextmanager
+def private_postgres() -> Iterator[Any]:
+    """A private PostgreSQL cluster on a free loopback port (``tests/pg_instance.py``),
+    removed on exit: one the run may stop and start."""
+    tests = str(Path(__file__).resolve().parents[2] / "tests")
+    sys.path.insert(0, tests)
+    try:
+        import pg_instance  # tests/pg_instance.py (and the conftest it imports)
+    finally:
+        sys.path.remove(tests)
+    pg_bin = pg_instance.find_pg_bin()
+    if pg_bin is None or not (pg_bin / "initdb").exists():
+        raise LoadFailure("--pg-restart needs the PostgreSQL server binaries (initdb, pg_ctl)")
+    instance = pg_instance.PgInstance(pg_bin)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.destroy()
 
 
 def run(quick: bool, duration: float | None = None) -> list[dict[str, Any]]:
@@ -169,9 +125,46 @@ def main(argv: list[str] | None = None) -> int:
         metavar="OP=WEIGHT",
         help=f"change one weight of the mix (default {MIX}); repeatable",
     )
+    parser.add_argument(
+        "--servers", type=int, default=1, help="qimem servers on the one database (default 1)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="qimem serve --workers of each server (default 1: the option is not passed); "
+        "the peer gets servers × workers processes",
+    )
+    parser.add_argument(
+        "--rotation-bound",
+        type=float,
+        default=ROTATION_BOUND,
+        metavar="S",
+        help="seconds a rotation may take to reach the other servers/workers "
+        f"(default {ROTATION_BOUND:g})",
+    )
+    parser.add_argument(
+        "--revocation-bound",
+        type=float,
+        default=REVOCATION_BOUND,
+        metavar="S",
+        help="seconds a revoked token may still be accepted elsewhere "
+        f"(default {REVOCATION_BOUND:g})",
+    )
+    parser.add_argument(
+        "--pg-restart",
+        action="store_true",
+        help="run on a private PostgreSQL cluster and restart it once (stopped 2-5 s) during "
+        "qimem's first round; documented 503s are allowed then",
+    )
+    parser.add_argument(
+        "--outage", type=float, metavar="S", help="with --pg-restart: seconds down (default 2-5)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
     parser.add_argument("--save", action="store_true", help="merge into results/latest.json")
     args = parser.parse_args(argv)
+    if args.servers < 1 or args.workers < 1:
+        parser.error("--servers and --workers must be at least 1")
     mix = dict(MIX)
     for item in args.mix:
         op, _, weight = item.partition("=")
@@ -194,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             args.postgres_url,
             peer=not args.no_peer,
             mix=mix,
+            servers=args.servers,
+            workers=args.workers,
+            bounds=Bounds(args.rotation_bound, args.revocation_bound),
+            pg_restart=args.pg_restart,
+            outage=args.outage,
         )
     except LoadFailure as exc:
         print(f"load: FAILED: {exc}", file=sys.stderr)

@@ -11,8 +11,11 @@ from bench.load.common import Record, Target, Verification
 from bench.load.driver import _Client
 
 
-def verify(target: Target, records: list[Record], connections: int = 2) -> Verification:
-    """Decrypt every record once more through the API (batches) and compare the plaintext."""
+def verify(
+    target: Target, records: list[Record], connections: int = 2, server: int = -1
+) -> Verification:
+    """Decrypt every record once more through the API (batches) and compare the plaintext,
+    on ``target``'s last server by default (the one most connections did not use)."""
     result = Verification(checked=len(records))
     batches: list[list[Record]] = []
     batch: list[Record] = []
@@ -30,7 +33,7 @@ def verify(target: Target, records: list[Record], connections: int = 2) -> Verif
     started = time.monotonic()
 
     def worker(mine: list[list[Record]]) -> None:
-        client = _Client(target, 0, [], 0)
+        client = _Client(target, server % len(target.urls), [], 0)
         client.login()
         for items in mine:
             body = {
