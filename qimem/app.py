@@ -188,7 +188,10 @@ class AppContext:
             key = bytearray(os.urandom(ROOT_KEY_SIZE))
             wrapper = KeyWrapper(key)
             key[:] = bytes(ROOT_KEY_SIZE)
-        return Identity(database, wrapper, settings)
+        registry = self.registry
+        return Identity(
+            database, wrapper, settings, auth_providers=lambda: registry.auth_providers
+        )
 
     def close_identity(self) -> None:
         """Flush the identity layer's audit log and release it (the context stays open)."""

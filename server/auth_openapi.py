@@ -194,6 +194,19 @@ SCHEMAS: dict[str, Any] = {
         ["events"],
     ),
     "SigningKey": _obj({"realm": {"type": "string"}, "kid": {"type": "string"}}, ["realm", "kid"]),
+    # Login providers (docs/identity.md, "Login providers"); provider options are open.
+    "RealmProviders": _obj(
+        {
+            "providers": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "mapping": {"type": "object"},
+        },
+        ["providers"],
+        closed=False,
+    ),
+    "ExternalUserRequest": _obj(
+        {"username": {"type": "string"}, "provider": {"type": "string"}},
+        ["username", "provider"],
+    ),
 }
 
 E401 = {
@@ -427,6 +440,46 @@ PATHS: dict[str, Any] = {
             params=[_REALM],
         )
     },
+}
+
+_PROVIDERS_ERRORS = [400, 401, 403, 404, 503]
+PATHS["/v1/auth/realms/{realm}/providers"] = {
+    "get": _op(
+        "getRealmProviders",
+        "The realm's login providers and role mapping (master realm admins).",
+        "200",
+        "RealmProviders",
+        _PROVIDERS_ERRORS,
+        params=[_REALM],
+    ),
+    "put": _op(
+        "setRealmProviders",
+        "Replace the realm's login providers and role mapping (master realm admins).",
+        "200",
+        "RealmProviders",
+        _PROVIDERS_ERRORS,
+        params=[_REALM],
+        body=_json_body("RealmProviders"),
+    ),
+    "delete": _op(
+        "resetRealmProviders",
+        "Back to the password provider alone (master realm admins).",
+        "200",
+        "RealmProviders",
+        _PROVIDERS_ERRORS,
+        params=[_REALM],
+    ),
+}
+PATHS["/v1/auth/realms/{realm}/providers/users"] = {
+    "post": _op(
+        "addExternalUser",
+        "Provision a user for an external login provider (master realm admins).",
+        "201",
+        "User",
+        [*_PROVIDERS_ERRORS, 409],
+        params=[_REALM],
+        body=_json_body("ExternalUserRequest"),
+    )
 }
 
 _PUBLIC = {"/healthz", "/readyz", "/metrics"}

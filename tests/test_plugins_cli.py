@@ -132,7 +132,14 @@ def enabled_in_config(home: Path) -> list[str]:
     return list(tomllib.loads((home / "config.toml").read_text())["plugins"]["enabled"])
 
 
-BUILTINS = {"aes-256-gcm", "chacha20-poly1305", "memory-keystore", "sql-keystore"}
+BUILTINS = {
+    "aes-256-gcm",
+    "chacha20-poly1305",
+    "memory-keystore",
+    "sql-keystore",
+    "password-auth",
+    "ldap-auth",
+}
 
 
 # ---------------------------------------------------------------------- list/show

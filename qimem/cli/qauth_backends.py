@@ -74,6 +74,15 @@ class Backend:
     def rotate_signing_key(self, realm: str) -> str:
         raise NotImplementedError
 
+    def realm_providers(self, realm: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_realm_providers(self, realm: str, document: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def add_external_user(self, realm: str, username: str, provider: str) -> dict[str, Any]:
+        raise NotImplementedError
+
     def audit(
         self, realm: str, limit: int, action: str | None, actor: str | None
     ) -> list[dict[str, Any]]:
@@ -153,6 +162,22 @@ class LocalBackend(Backend):
     def rotate_signing_key(self, realm: str) -> str:
         return self.ids.rotate_signing_key(self.app, realm)
 
+    def realm_providers(self, realm: str) -> dict[str, Any]:
+        from qimem.services import auth_providers
+
+        return auth_providers.realm_providers(self.app, realm).to_dict()
+
+    def set_realm_providers(self, realm: str, document: Any) -> dict[str, Any]:
+        from qimem.services import auth_providers
+
+        return auth_providers.set_realm_providers(self.app, realm, document).to_dict()
+
+    def add_external_user(self, realm: str, username: str, provider: str) -> dict[str, Any]:
+        from qimem.services import auth_providers
+
+        made = auth_providers.add_external_user(self.app, realm, username, provider)
+        return {**made.to_dict(), "provider": provider}
+
     def audit(
         self, realm: str, limit: int, action: str | None, actor: str | None
     ) -> list[dict[str, Any]]:
@@ -228,6 +253,18 @@ class RemoteBackend(Backend):
 
     def rotate_signing_key(self, realm: str) -> str:
         return self.client.request("POST", self._path(realm, "/signing-key/rotate"))["kid"]
+
+    def realm_providers(self, realm: str) -> dict[str, Any]:
+        return self.client.request("GET", self._path(realm, "/providers"))
+
+    def set_realm_providers(self, realm: str, document: Any) -> dict[str, Any]:
+        if document is None:
+            return self.client.request("DELETE", self._path(realm, "/providers"))
+        return self.client.request("PUT", self._path(realm, "/providers"), document)
+
+    def add_external_user(self, realm: str, username: str, provider: str) -> dict[str, Any]:
+        body = {"username": username, "provider": provider}
+        return self.client.request("POST", self._path(realm, "/providers/users"), body)
 
     def audit(
         self, realm: str, limit: int, action: str | None, actor: str | None

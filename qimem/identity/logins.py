@@ -14,10 +14,11 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from qimem.errors import AuthError, ValidationError
+from qimem.errors import AuthError, QimemError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
-from qimem.identity.base import IdentityBase
+from qimem.identity.login_providers import ProviderLogins
 from qimem.identity.passwords import verify_client_secret
+from qimem.identity.providers import RealmAuth, external_marker
 from qimem.identity.tokens import lock_user_row
 from qimem.identity.users import User
 
@@ -54,8 +55,9 @@ class TokenResponse:
         return body
 
 
-class Logins(IdentityBase):
-    """The token endpoint's grants."""
+class Logins(ProviderLogins):
+    """The token endpoint's grants (the password grant through the realm's login
+    providers: :class:`~qimem.identity.login_providers.ProviderLogins`)."""
 
     def _respond(
         self,
@@ -106,14 +108,16 @@ class Logins(IdentityBase):
     def password_grant(
         self, realm: str, username: str, password: str, *, source: str | None = None
     ) -> TokenResponse:
-        """Log in with a password: access + refresh token, or one uniform 401.
+        """Log in with a username and password through the realm's provider chain: access +
+        refresh token, one uniform 401, or 503 when a provider could not decide.
 
         ``source`` is the client's address: one address (and one account) gets at most a
         fair share of the hashing slots (:class:`PasswordHashing`), else 503 ``login_busy``.
 
-        The outcome is decided atomically with the lock state after the hash is verified
+        The outcome is decided atomically with the lock state after the providers answered
         (:func:`lockout.claim_success`, :func:`lockout.record_failure`): a login that was
-        hashing while another failure locked the user fails.
+        checking while another failure locked the user fails. One lockout counter per qimem
+        user, whichever provider refused.
         """
         if not isinstance(username, str) or not isinstance(password, str):
             raise _login_error()
@@ -122,45 +126,80 @@ class Logins(IdentityBase):
             user = (
                 users.find(conn, realm, username) if known_realm and len(username) <= 128 else None
             )
+            config = self.realm_auth(realm, conn) if known_realm else RealmAuth()
         if user is not None and user.kind != "user":
             user = None
-        ok = self.hashing.verify(
-            user.secret_hash if user else None,
-            password,
-            source=source,
-            account=f"{realm}/{username}"[:200] if isinstance(realm, str) else None,
+        locked = user is not None and lockout.is_locked(user.locked_until)
+        found, provider_name, unavailable = self._ask_providers(
+            realm, username, password, source, config, user, locked
         )
-        reason = None
-        if user is None:
-            reason = "unknown_user"
-        elif not self.sealer.user_ok(user):
-            reason = "integrity"
-        elif lockout.is_locked(user.locked_until):
-            reason = "locked"
-        elif not ok:
-            reason = "bad_password"
-        elif not user.enabled:
-            reason = "disabled"
-        new_hash = None
-        if reason is None:
-            assert user is not None
-            rehash = self.hashing.needs_rehash(user.secret_hash)
-            new_hash = self.hashing.hash(password) if rehash and len(password) >= 8 else None
+        reason: str | None = None
+        if found is None:
+            if unavailable is not None and not locked:
+                reason = "provider_unavailable"
+            elif user is None:
+                reason = "unknown_user"
+            elif not self.sealer.user_ok(user):
+                reason = "integrity"
+            elif locked:
+                reason = "locked"
+            else:
+                reason = "bad_password"
+        elif found.username != username:
+            reason = "bad_identity"  # a provider may not log a user in under another name
+        elif found.local:
+            if user is None or user.secret_hash != found.verified_hash:
+                reason = "changed"
+            elif not self.sealer.user_ok(user):
+                reason = "integrity"
+            elif locked:
+                reason = "locked"
+            elif not user.enabled:
+                reason = "disabled"
+        elif user is not None:
+            if user.secret_hash != external_marker(provider_name):
+                reason = "local_account_conflict"  # never take over another owner's account
+            elif not self.sealer.user_ok(user):
+                reason = "integrity"
+            elif locked:
+                reason = "locked"
+            elif not user.enabled:
+                reason = "disabled"
+        elif not config.mapping.jit_users:
+            reason = "not_provisioned"
         with self.db.begin() as conn:
             if reason is None:
-                assert user is not None
-                reason = lockout.claim_success(conn, user.user_id, user.secret_hash)
-                now_row = users.by_id(conn, user.user_id) if reason is None else None
-                if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
-                    reason = "integrity"  # changed without the root key while hashing
+                assert found is not None
+                if user is None:  # just-in-time creation of an external identity's user
+                    try:
+                        user = users.create(
+                            conn,
+                            self.sealer,
+                            realm,
+                            username,
+                            external_marker(provider_name),
+                            "user",
+                        )
+                    except QimemError:
+                        reason = "not_provisioned"
+                if user is not None and reason is None:
+                    verified = found.verified_hash or external_marker(provider_name)
+                    reason = lockout.claim_success(conn, user.user_id, verified)
+                    now_row = users.by_id(conn, user.user_id) if reason is None else None
+                    if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
+                        reason = "integrity"  # changed without the root key while checking
             if reason is not None:
-                self._login_failed(conn, realm, known_realm, user, reason, source)
+                self._login_failed(
+                    conn, realm, known_realm, user, reason, source, provider_name, config
+                )
             else:
-                assert user is not None
+                assert user is not None and found is not None
                 issued_at = time.time()  # under the row lock claim_success took
-                if new_hash is not None:
-                    users.set_secret_hash(conn, user.user_id, new_hash)
+                if found.new_hash is not None:
+                    users.set_secret_hash(conn, user.user_id, found.new_hash)
                     users.reseal(conn, self.sealer, user.user_id)
+                if not found.local:
+                    issued_at = max(issued_at, self._sync_roles(conn, realm, user, found, config))
                 grants, rtoken, rexp = self._session(
                     conn, realm, user, issued_at, session_max=self.settings.session_max_seconds
                 )
@@ -171,9 +210,13 @@ class Logins(IdentityBase):
                     user.username,
                     conn=conn,
                     grant="password",
-                    rehashed=bool(new_hash) or None,
+                    provider=provider_name,
+                    rehashed=bool(found.new_hash) or None,
                     source=source,
                 )
+        if reason == "provider_unavailable":
+            assert unavailable is not None
+            raise unavailable
         if reason is not None:
             raise _login_error()
         assert user is not None
@@ -187,8 +230,10 @@ class Logins(IdentityBase):
         user: User | None,
         reason: str,
         source: str | None,
+        provider: str | None = None,
+        config: RealmAuth | None = None,
     ) -> None:
-        """Count (a wrong password) and audit a failed password login."""
+        """Count (wrong credentials) and audit a failed password login."""
         if not known_realm:
             return
         locked_now = False
@@ -205,6 +250,8 @@ class Logins(IdentityBase):
             "failure",
             conn=conn,
             reason=reason,
+            provider=provider if reason not in ("bad_password", "unknown_user") else None,
+            chain=list(config.providers) if config is not None else None,
             locked=locked_now or None,
             source=source,
         )

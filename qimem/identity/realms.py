@@ -1,4 +1,11 @@
-"""Realms (tenants): rows of ``qimem_realms``, each seeded with the built-in roles."""
+"""Realms (tenants): rows of ``qimem_realms``, each seeded with the built-in roles.
+
+A realm's login configuration (its provider chain, the providers' options and how external
+identities map to qimem users and roles; :mod:`qimem.identity.providers`) is one row of
+``qimem_realm_auth`` (migration 0007), stored sealed under the root key: a database writer
+without it can neither read a directory's service password nor change the role mapping. A
+realm without a row logs in with the built-in ``password`` provider alone.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,15 @@ from qimem.identity.permissions import BUILTIN_DESCRIPTIONS, BUILTIN_ROLES
 from qimem.keys import validate_realm
 
 MASTER = "master"
+
+#: The realm's login configuration: JSON sealed with the root key (migration 0007).
+realm_auth = sa.Table(
+    "qimem_realm_auth",
+    tables.metadata,
+    sa.Column("realm", sa.String(64), primary_key=True),
+    sa.Column("config", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ def delete(conn: Connection, name: str) -> None:
         raise ValidationError("the master realm cannot be deleted", code="realm_protected")
     require(conn, name)
     for table in (
+        realm_auth,
         tables.grants,
         tables.refresh_tokens,
         tables.revoked_tokens,
@@ -86,3 +103,16 @@ def delete(conn: Connection, name: str) -> None:
     ):
         conn.execute(sa.delete(table).where(table.c.realm == name))
     conn.execute(sa.delete(tables.realms).where(tables.realms.c.name == name))
+
+
+def auth_config_blob(conn: Connection, name: str) -> bytes | None:
+    """The sealed login configuration of realm ``name``, or None (password only)."""
+    row = conn.execute(sa.select(realm_auth.c.config).where(realm_auth.c.realm == name)).first()
+    return bytes(row.config) if row is not None else None
+
+
+def set_auth_config_blob(conn: Connection, name: str, blob: bytes | None) -> None:
+    """Store (``None``: remove) the sealed login configuration of realm ``name``."""
+    conn.execute(sa.delete(realm_auth).where(realm_auth.c.realm == name))
+    if blob is not None:
+        conn.execute(sa.insert(realm_auth).values(realm=name, config=blob, updated_at=time.time()))
