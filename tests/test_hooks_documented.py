@@ -154,3 +154,83 @@ def test_hook_has_tests(hook: str) -> None:
         if path != here and re.search(rf"\b{hook}\b", path.read_text("utf-8", "replace"))
     ]
     assert users, f"no test mentions {hook}"
+
+
+# -- every hook has an implementation that the real code path calls ----------------------
+
+
+def _count_calls(pm: Any) -> dict[str, list[str]]:
+    """Wrap every registered implementation of every hook so a call is recorded (hook
+    name → names of the plugins whose implementation ran); the implementations still run."""
+    calls: dict[str, list[str]] = {name: [] for name in HOOKS}
+    for name in HOOKS:
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            original = impl.function
+
+            def wrapper(
+                *args: Any,
+                _f: Any = original,
+                _n: str = name,
+                _p: str = impl.plugin_name,
+                **kw: Any,
+            ) -> Any:  # noqa: E501
+                calls[_n].append(_p)
+                return _f(*args, **kw)
+
+            impl.function = wrapper
+    return calls
+
+
+def _login(app: AppContext) -> None:
+    from identity_helpers import ADMIN_PASSWORD, fast_settings
+
+    services.identity.configure(app, fast_settings())
+    services.identity.bootstrap(app, ADMIN_PASSWORD)
+    services.identity.token(
+        app,
+        "master",
+        {"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD},
+    )
+
+
+#: For each hook: the real operation that must call it, and (for a hook no built-in plugin
+#: implements) the documented example plugin that implements it. A new hook without an
+#: entry fails :func:`test_every_hook_is_called_through_the_real_code_path`.
+REAL_PATHS: dict[str, tuple[Any, str | None]] = {
+    "qimem_register_algorithms": (lambda app: services.create_key(app, name="h"), None),
+    "qimem_register_keystores": (lambda app: app.store.list("master"), None),
+    "qimem_register_auth_providers": (_login, None),
+    "qimem_plugin_manifest": (lambda app: services.plugins.list_plugins(app), None),
+    "qimem_key_event": (lambda app: services.create_key(app, name="e"), "# qimem_example_audit.py"),
+}
+
+
+def test_every_hook_has_a_real_path() -> None:
+    assert sorted(REAL_PATHS) == HOOKS, "give each new hook a REAL_PATHS entry"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_called_through_the_real_code_path(
+    hook: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook has at least one registered implementation (a built-in one, or the
+    documented example), and the real operation calls it: a hook nothing implements, or
+    that qimem never consults (as qimem_register_auth_providers once was), fails here."""
+    operation, example = REAL_PATHS.get(hook, (None, None))
+    assert operation is not None, f"{hook} has no REAL_PATHS entry"
+    pm = make_plugin_manager()
+    if example is not None:
+        module = _module_from(_block_starting(example), f"hooked_{hook}", monkeypatch)
+        monkeypatch.setattr(module, "AUDIT_FILE", str(tmp_path / "audit.jsonl"), raising=False)
+        pm.register(module, name=f"example-{hook}")
+    implementations = getattr(pm.hook, hook).get_hookimpls()
+    assert implementations, f"no plugin implements {hook}"
+    calls = _count_calls(pm)
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    from qimem.rootkey import encode_root_key, generate_root_key
+
+    config = Config(store_url=url, root_key_b64=encode_root_key(generate_root_key()))
+    with AppContext(config, pm=pm) as app:
+        operation(app)
+        services.identity.close_identity(app)
+    assert calls[hook], f"no implementation of {hook} was called by its real code path"
