@@ -51,10 +51,18 @@ def qimem_register_keystores(register: RegisterKeyStore) -> None:
 
 @hookspec
 def qimem_register_auth_providers(register: RegisterAuthProvider) -> None:
-    """Add authentication providers (local passwords, service-account secrets ...).
+    """Add login providers (the built-in ``password`` and ``ldap``, or your own).
 
-    Call ``register(name, provider)`` once per provider. Providers are consulted by the
-    identity layer in registration order; a duplicate name raises
+    Call ``register(name, provider)`` once per provider; ``name`` is lowercase
+    (``[a-z][a-z0-9_-]*``) and ``provider`` the object or a ``"module:attr"`` reference to
+    it (a class is instantiated), imported when a login first asks it. A provider has
+    ``authenticate(attempt) -> Authenticated | None`` (:mod:`qimem.identity.providers`):
+    ``Authenticated(username, groups=..., claims=...)`` for right credentials, ``None``
+    otherwise, or it raises ``ProviderUnavailableError`` when it cannot decide (503). It
+    may have ``check_options(options) -> dict`` to validate a realm's options for it.
+    A realm's password grant asks the providers its configuration names, in that order
+    (``qauth realm set-providers``); qimem does lockout, the uniform refusal, role mapping,
+    just-in-time users and the audit record. A duplicate name raises
     :class:`qimem.errors.PluginError`.
 
     :param register: callback that records one provider.
