@@ -37,7 +37,8 @@ failures); built-in and custom roles and key-name-scoped grants; the no-escalati
 holding, what he lacks); refresh-token rotation and reuse revoking the family (also under
 concurrent use); revocation and introspection; service accounts; audit records; and that
 nothing crosses realms (users, roles, tokens, the audit log). With ``persistent = True``:
-everything, revocations and lockouts included, survives closing and re-opening the store.
+everything, revocations and lockouts included, survives closing and re-opening the store,
+and two backends open on the same store at once see each other's changes at once.
 
 :class:`NoIdentityContract` is the small check for a backend *without* an identity layer
 (``identity_database=None``, or a bare :class:`~qimem.keystore.KeyStore` from a plugin

@@ -74,8 +74,13 @@ class IdentityFixtures:
     lockout_threshold = 3
 
     def identity_settings(self) -> IdentitySettings:
-        """The identity settings of the contract's contexts (fast hashing)."""
-        return IdentitySettings(**FAST_ARGON2, lockout_threshold=self.lockout_threshold)  # type: ignore[arg-type]
+        """The identity settings of the contract's contexts: fast hashing, and revocations
+        by another context on the same store seen at once (not within 2 s)."""
+        return IdentitySettings(
+            **FAST_ARGON2,  # type: ignore[arg-type]
+            lockout_threshold=self.lockout_threshold,
+            revocation_refresh_seconds=0.0,
+        )
 
     @pytest.fixture
     def root_key(self) -> bytes:
@@ -317,6 +322,29 @@ class TokenChecks(IdentityFixtures):
             assert ids.authenticate(again, self.login(again, "cut").access_token).username == "cut"
         finally:
             again.close()
+
+    def test_two_open_backends_share_identity(
+        self, app: AppContext, open_backend: OpenBackend, root_key: bytes
+    ) -> None:
+        """Two contexts on one store at once (two servers): each sees the other's writes
+        at once, not when the other closes (a store that loads a snapshot fails here)."""
+        if not self.persistent:
+            pytest.skip("the store is not persistent (persistent = False)")
+        other = self.open_app(open_backend, root_key)
+        try:
+            self.add_user(app, "both")
+            first = self.login(other, "both")
+            assert ids.authenticate(app, first.access_token).username == "both"
+            second = self.refresh(app, self.realm, first.refresh_token)
+            # Reuse of the used token through the other context revokes the family.
+            self.refused("invalid_grant", self.refresh, other, self.realm, first.refresh_token)
+            self.refused("invalid_grant", self.refresh, app, self.realm, second.refresh_token)
+            assert ids.revoke(other, self.realm, second.access_token)
+            self.refused("invalid_token", ids.authenticate, app, second.access_token)
+            ids.set_user_enabled(app, self.realm, "both", False)
+            self.refused("invalid_grant", self.login, other, "both")
+        finally:
+            other.close()
 
     def test_reopening_identity_on_one_backend_keeps_its_data(self, app: AppContext) -> None:
         if not self.persistent:

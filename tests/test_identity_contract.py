@@ -3,9 +3,11 @@ the registry, and on a third-party-style backend made here as an outside plugin 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,13 +16,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import StaticPool
 
 from qimem.backend import Backend
 from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
 from qimem.identity.db import Database
 from qimem.registry import Registry, make_plugin_manager
 from qimem.rootkey import KeyWrapper
-from qimem.sql import create_engine
+from qimem.sql import create_engine, migrate
 from qimem.testing_identity import IdentityContract, NoIdentityContract, OpenBackend
 
 
@@ -145,6 +148,34 @@ def _not_persistent(path: Path) -> OpenBackend:
     )
 
 
+class _SnapshotDatabase(Database):
+    """Bug: loads the identity file into memory when opened and writes it back when closed,
+    so two stores open at once do not see each other's changes (a revocation made by one
+    server is unknown to the other until a restart)."""
+
+    def __init__(self, path: Path) -> None:
+        engine = sa.create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+        self._path = path
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(path)) as saved:
+                saved.backup(engine.raw_connection().driver_connection)
+        migrate(engine)
+        super().__init__(engine, serialize=True, owned=True)
+
+    def close(self) -> None:
+        with contextlib.closing(sqlite3.connect(self._path)) as saved:
+            self.engine.raw_connection().driver_connection.backup(saved)
+        super().close()
+
+
+def _snapshots(path: Path) -> OpenBackend:
+    return lambda wrapper: Backend(
+        OutsideKeyStore(), scheme="broken", identity_database=lambda: _SnapshotDatabase(path)
+    )
+
+
 @pytest.mark.parametrize(
     ("broken", "check"),
     [
@@ -155,6 +186,7 @@ def _not_persistent(path: Path) -> OpenBackend:
         (_ignores_realms, "test_login_failures_are_uniform"),
         (_ignores_realms, "test_users_are_realm_scoped"),
         (_ignores_realms, "test_audit_log_is_realm_scoped"),
+        (_snapshots, "test_two_open_backends_share_identity"),
     ],
 )
 def test_contract_catches_broken_backend(
@@ -175,7 +207,7 @@ def test_contract_catches_broken_backend(
         app.close()
 
 
-def test_the_forgetful_backend_fails_only_on_revocations(tmp_path: Path) -> None:
+def test_broken_backends_fail_only_where_claimed(tmp_path: Path) -> None:
     """The broken backends above are broken only where claimed: the same backend passes
     the neighbouring check (so the failures are the contract's doing, not the setup's)."""
     contract = IdentityContract()
@@ -183,6 +215,12 @@ def test_the_forgetful_backend_fails_only_on_revocations(tmp_path: Path) -> None
     app = contract.prepared_app(opener, root_key)
     try:
         contract.test_identity_survives_reopening_the_store(app, opener, root_key)
+    finally:
+        app.close()
+    snapshots = _snapshots(tmp_path / "snapshot.db")  # it does persist, at close
+    app = contract.prepared_app(snapshots, root_key)
+    try:
+        contract.test_revocations_survive_reopening_the_store(app, snapshots, root_key)
     finally:
         app.close()
     realms = _ignores_realms(tmp_path / "other.db")
