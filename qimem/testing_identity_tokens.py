@@ -227,7 +227,10 @@ class TokenChecks(IdentityFixtures):
         self.refused("invalid_client", ids.token, app, self.realm, bad)
         good = {**params, "client_secret": made.secret}
         self.refused("invalid_client", ids.token, app, self.other_realm, good)
-        # A service account has no password login.
+        # A user's password is no client secret; a service account has no password login.
+        user = {**params, "client_id": self.add_user(app, "person")}
+        user["client_secret"] = contract_password("person")
+        self.refused("invalid_client", ids.token, app, self.realm, user)
         self.refused("invalid_grant", self.password_grant, app, self.realm, "svc", made.secret)
         ids.set_user_enabled(app, self.realm, "svc", False)
         self.refused("invalid_client", ids.token, app, self.realm, good)
