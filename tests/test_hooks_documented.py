@@ -234,3 +234,52 @@ def test_every_hook_is_called_through_the_real_code_path(
         operation(app)
         services.identity.close_identity(app)
     assert calls[hook], f"no implementation of {hook} was called by its real code path"
+
+
+def test_auth_provider_example_logs_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login provider of docs/plugins.md, registered as written, in a realm's chain."""
+    import hashlib
+
+    from identity_helpers import ADMIN_PASSWORD, fast_settings
+
+    from qimem.errors import AuthError
+    from qimem.identity.providers import ProviderUnavailableError
+    from qimem.services import auth_providers
+
+    module = _module_from(
+        _block_starting("# qimem_example_userfile.py"), "qimem_example_userfile", monkeypatch
+    )
+    users = tmp_path / "users"
+    digest = hashlib.sha256(b"file-Pass-42").hexdigest()
+    users.write_text(f"oscar:{digest}:ops,eng\n")
+    pm = make_plugin_manager()
+    pm.register(module, name="example-userfile")
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    from qimem.rootkey import encode_root_key, generate_root_key
+
+    config = Config(store_url=url, root_key_b64=encode_root_key(generate_root_key()))
+    with AppContext(config, pm=pm) as app:
+        services.identity.configure(app, fast_settings())
+        services.identity.bootstrap(app, ADMIN_PASSWORD)
+        with pytest.raises(services.identity.ValidationError):
+            auth_providers.set_realm_providers(
+                app, "master", {"providers": ["userfile"], "userfile": {}}
+            )
+        auth_providers.set_realm_providers(
+            app,
+            "master",
+            {
+                "providers": ["password", "userfile"],
+                "userfile": {"path": str(users)},
+                "mapping": {"groups": {"ops": "admin"}, "jit_users": True},
+            },
+        )
+        params = {"grant_type": "password", "username": "oscar", "password": "file-Pass-42"}
+        token = services.identity.token(app, "master", params)
+        assert services.identity.authenticate(app, token.access_token).roles == ("admin",)
+        with pytest.raises(AuthError):
+            services.identity.token(app, "master", {**params, "password": "wrong-Pass-1"})
+        users.unlink()
+        with pytest.raises(ProviderUnavailableError):
+            services.identity.token(app, "master", params)
+        services.identity.close_identity(app)
