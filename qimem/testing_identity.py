@@ -93,6 +93,9 @@ class IdentityContract(TokenChecks):
     :attr:`persistent` to False for a store whose data dies with the process.
     """
 
+    #: A realm some checks create and delete (all contract realms start ``contract-``).
+    third_realm = "contract-c"
+
     def principal(self, app: AppContext, username: str, realm: str = "") -> Principal:
         """The principal of a fresh password login of ``username``."""
         return ids.authenticate(app, self.login(app, username, realm).access_token)
@@ -105,11 +108,11 @@ class IdentityContract(TokenChecks):
         with pytest.raises(ConflictError) as taken:
             ids.create_realm(app, self.realm)
         assert taken.value.code == "realm_exists"
-        ids.create_realm(app, "contract-c")
-        ids.delete_realm(app, "contract-c")
-        assert "contract-c" not in {r.name for r in ids.list_realms(app)}
+        ids.create_realm(app, self.third_realm)
+        ids.delete_realm(app, self.third_realm)
+        assert self.third_realm not in {r.name for r in ids.list_realms(app)}
         with pytest.raises(NotFoundError):
-            ids.require_realm(app, "contract-c")
+            ids.require_realm(app, self.third_realm)
         with pytest.raises(ValidationError):
             ids.delete_realm(app, "master")
 
@@ -122,15 +125,17 @@ class IdentityContract(TokenChecks):
             services.create_key(app, realm="contract-no-such-realm")
 
     def test_deleted_realm_leaves_nothing_behind(self, app: AppContext) -> None:
-        ids.create_realm(app, "contract-c")
-        self.add_user(app, "ghost", ["admin"], realm="contract-c")
-        tokens = self.login(app, "ghost", "contract-c")
-        ids.delete_realm(app, "contract-c")
-        ids.create_realm(app, "contract-c")  # the same name again: a new, empty realm
-        assert ids.list_users(app, "contract-c") == []
+        ids.create_realm(app, self.third_realm)
+        ids.create_role(app, self.third_realm, "ghostly", ["keys:read"])
+        self.add_user(app, "ghost", ["admin"], realm=self.third_realm)
+        tokens = self.login(app, "ghost", self.third_realm)
+        ids.delete_realm(app, self.third_realm)
+        ids.create_realm(app, self.third_realm)  # the same name again: a new, empty realm
+        assert ids.list_users(app, self.third_realm) == []
+        assert {r.name for r in ids.list_roles(app, self.third_realm)} == set(BUILTIN_ROLES)
         self.refused("invalid_token", ids.authenticate, app, tokens.access_token)
-        self.refused("invalid_grant", self.refresh, app, "contract-c", tokens.refresh_token)
-        self.refused("invalid_grant", self.login, app, "ghost", "contract-c")
+        self.refused("invalid_grant", self.refresh, app, self.third_realm, tokens.refresh_token)
+        self.refused("invalid_grant", self.login, app, "ghost", self.third_realm)
 
     # -- users ------------------------------------------------------------------------
 

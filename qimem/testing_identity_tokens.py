@@ -58,8 +58,8 @@ class IdentityFixtures:
     A subclass provides the fixture ``open_backend``: a callable taking a
     :class:`~qimem.rootkey.KeyWrapper` and returning a :class:`~qimem.backend.Backend` of
     the store under test (what its plugin's factory returns). The first call of a test
-    must find the store empty (at least of :attr:`realm` and :attr:`other_realm`); later
-    calls of the same test open the same storage again.
+    must find the store empty (at least of realms named ``contract-...``); later calls of
+    the same test open the same storage again.
     """
 
     #: Whether data outlives closing the backend (a database, a server). ``memory://``

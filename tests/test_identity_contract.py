@@ -150,6 +150,13 @@ def _not_persistent(path: Path) -> OpenBackend:
     )
 
 
+def _sqlite3_of(engine: Engine) -> sqlite3.Connection:
+    """The one sqlite3 connection of an in-memory engine (StaticPool)."""
+    found = engine.raw_connection().driver_connection
+    assert isinstance(found, sqlite3.Connection)
+    return found
+
+
 class _SnapshotDatabase(Database):
     """Bug: loads the identity file into memory when opened and writes it back when closed,
     so two stores open at once do not see each other's changes (a revocation made by one
@@ -162,13 +169,13 @@ class _SnapshotDatabase(Database):
         self._path = path
         if path.exists():
             with contextlib.closing(sqlite3.connect(path)) as saved:
-                saved.backup(engine.raw_connection().driver_connection)
+                saved.backup(_sqlite3_of(engine))
         migrate(engine)
         super().__init__(engine, serialize=True, owned=True)
 
     def close(self) -> None:
         with contextlib.closing(sqlite3.connect(self._path)) as saved:
-            self.engine.raw_connection().driver_connection.backup(saved)
+            _sqlite3_of(self.engine).backup(saved)
         super().close()
 
 
