@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -239,8 +240,9 @@ class LdapProvider:
                     for e in self._search(reader, options["user_search_base"], query, ["1.1"], 2)
                     if e.get("type") == "searchResEntry"
                 ]
-                if len(found) != 1:
-                    return None  # unknown, or ambiguous: never guess which one
+                if len(found) != 1:  # unknown, or ambiguous: never guess which one
+                    self._decoy_bind(options, password)
+                    return None
                 user_dn = str(found[0]["dn"])
             conn, ok = self._connect(options, user_dn, password)
             try:
@@ -255,6 +257,13 @@ class LdapProvider:
             if reader is not None:
                 reader.unbind()
         return Authenticated(username, groups=tuple(groups), claims={"dn": user_dn})
+
+    def _decoy_bind(self, options: Mapping[str, Any], password: str) -> None:
+        """A bind as an entry that does not exist, so a name the search did not find costs
+        about what a wrong password does (no timing tells which names exist)."""
+        decoy = f"cn={secrets.token_hex(12)},{options['user_search_base']}"
+        conn, _ = self._connect(options, decoy, password)
+        conn.unbind()
 
     def _same_name(
         self, conn: ldap3.Connection, user_dn: str, options: Mapping[str, Any], username: str
