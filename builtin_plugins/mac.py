@@ -24,5 +24,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "HMAC-SHA-256 and HMAC-SHA-512 keys (cryptography's HMAC)",
         "provides": {"algorithms": ["hmac-sha256", "hmac-sha512"]},
-        "qimem_api": ">=1.2,<2",
+        "qimem_api": ">=1,<2",
     }

@@ -42,5 +42,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "Signing keys: Ed25519, ECDSA, RSA-PSS, RSA PKCS#1 v1.5, ML-DSA-65",
         "provides": {"algorithms": list(ALGORITHMS)},
-        "qimem_api": ">=1.2,<2",
+        "qimem_api": ">=1,<2",
     }

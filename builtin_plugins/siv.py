@@ -27,5 +27,5 @@ def qimem_plugin_manifest() -> dict[str, object]:
         "version": "1.0.0",
         "description": "AES-256-SIV deterministic AEAD (cryptography's AESSIV); leaks equality",
         "provides": {"algorithms": ["aes-256-siv"]},
-        "qimem_api": ">=1.2,<2",
+        "qimem_api": ">=1,<2",
     }

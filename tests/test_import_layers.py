@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem",  # the package itself: errors only, the rest lazily by name
             "qimem.errors",
             "qimem.crypto",
+            "qimem.crypto_purposes",
             "qimem.envelope",
             "qimem.stream",
             "qimem.fileio",

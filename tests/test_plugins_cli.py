@@ -137,6 +137,9 @@ BUILTINS = {
     "chacha20-poly1305",
     "memory-keystore",
     "sql-keystore",
+    "signing",  # the other key purposes (issue 16)
+    "hmac",
+    "aes-256-siv",
     "password-auth",
     "ldap-auth",
 }
