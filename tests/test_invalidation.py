@@ -6,7 +6,7 @@ committed through A must be acted on by B within 50 ms, and drop exactly what it
 Polling is set far out of reach (``revalidate_seconds`` 30 s, revocation refresh and
 identity caches 60 s, key cache TTL 60 s) so only the push can make these pass. The
 attacker is another database user who may ``NOTIFY`` on the channel; two real ``qimem
-serve`` processes repeat the key changes end to end (tests/test_invalidation_servers.py).
+serve`` processes repeat the key changes end to end (tests/test_cache_cross_server.py).
 """
 
 from __future__ import annotations
@@ -302,6 +302,51 @@ def test_a_killed_listener_falls_back_to_polling_then_push_resumes(
         invalidation.unsubscribe(b)
         a.close()
         b.close()
+
+
+class _Recorder:
+    """A change sink that records what a feed reports."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def connected(self, marker: object) -> None:
+        self.events.append("connected")
+
+    def disconnected(self) -> None:
+        self.events.append("disconnected")
+
+    def received(self, payload: str) -> None:
+        self.events.append("received")
+
+
+def test_a_feed_whose_probe_does_not_come_back_reconnects(
+    postgres_url: str, root_key_b64: str
+) -> None:
+    """Delivery itself is probed: a notice on a channel only the listener hears must come
+    back (through a transaction-pooling proxy it would not). Here the probe goes to a
+    channel nobody listens on, as it would through such a proxy."""
+    from qimem.builtin_plugins.sql.notify import PgChangeFeed
+    from qimem.builtin_plugins.sql.store import MARKER_SQL
+
+    make_app(postgres_url, root_key_b64).close()  # the schema, with the marker row
+    url = sa.engine.make_url(postgres_url)
+    feed = PgChangeFeed(url, MARKER_SQL, heartbeat=0.05, probe_timeout=0.3, poll=0.05)
+    sink = _Recorder()
+    feed.start(sink)
+    try:
+        _wait(lambda: sink.events == ["connected"])
+        time.sleep(0.6)  # several probes, each answered
+        assert sink.events == ["connected"] and feed.connects == 1
+
+        feed._probe_channel = "qimem_invalidate_nobody_listens"  # noqa: SLF001
+        _wait(lambda: sink.events[-2:] == ["disconnected", "connected"], timeout=5)
+        assert feed.connects == 2  # and on the new connection the probes come back
+        time.sleep(0.6)
+        assert feed.connects == 2
+    finally:
+        feed.stop()
+    assert sink.events[-1] == "disconnected"
 
 
 def test_a_change_missed_while_disconnected_drops_everything_on_reconnect() -> None:

@@ -8,20 +8,24 @@ session, and never for a rollback.
 :class:`PgChangeFeed` runs one daemon thread on a dedicated psycopg connection (autocommit,
 not from the engine's pool): ``LISTEN``, then read the rotation marker (every change
 committed after it is delivered), report ``connected``, and hand each notice to the sink
-as it arrives. Every ``heartbeat`` seconds without a notice it runs ``SELECT 1``, and the
+as it arrives. Every ``heartbeat`` seconds it sends a probe (below), and the
 connection has TCP keepalives and a send timeout, so a connection that died quietly is
-noticed within seconds. On any error the sink hears ``disconnected`` (its caches poll) and
-the feed reconnects with exponential backoff (50 ms doubling to ``max_backoff``).
+noticed within seconds. That heartbeat is a probe of delivery itself: a ``pg_notify`` on a
+channel only this session listens on, which must come back within ``probe_timeout``
+(through a transaction-pooling proxy it would not, see below). On any error or a lost probe
+the sink hears ``disconnected`` (its caches poll) and the feed reconnects with exponential
+backoff (50 ms doubling to ``max_backoff``).
 
 The connection must be a session of its own: a transaction-pooling proxy (PgBouncer's
-``pool_mode = transaction``) does not carry ``LISTEN``; point the store at PostgreSQL or a
-session-pooling proxy.
+``pool_mode = transaction``) does not carry ``LISTEN`` (the probe notices, and the caches
+keep polling); point the store at PostgreSQL or a session-pooling proxy.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,6 +54,10 @@ def conninfo(url: sa.URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+class ProbeLost(Exception):
+    """The listener's own probe notice did not come back: notices are not delivered."""
+
+
 class PgChangeFeed:
     """Notices from ``LISTEN qimem_invalidate`` on a connection of its own (see module).
 
@@ -63,6 +71,7 @@ class PgChangeFeed:
         marker: str,
         *,
         heartbeat: float = 2.0,
+        probe_timeout: float = 2.0,
         max_backoff: float = 2.0,
         poll: float = 0.25,
     ) -> None:
@@ -70,6 +79,8 @@ class PgChangeFeed:
         self._options: dict[str, Any] = {k: v for k, v in _TCP.items() if k not in url.query}
         self._marker_sql = marker
         self._heartbeat = heartbeat
+        self._probe_timeout = probe_timeout
+        self._probe_channel = f"{CHANNEL}_probe_{uuid.uuid4().hex}"
         self._max_backoff = max_backoff
         self._poll = poll
         self._stop = threading.Event()
@@ -100,6 +111,7 @@ class PgChangeFeed:
             try:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {self._probe_channel}")
                     row = conn.execute(self._marker_sql).fetchone()
                     self.backend_pid = conn.info.backend_pid
                     self.connects += 1
@@ -133,15 +145,20 @@ class PgChangeFeed:
         )
 
     def _listen(self, conn: Any, sink: ChangeSink) -> None:
-        quiet_since = time.monotonic()
+        probed = time.monotonic()  # when the last probe was sent
+        waiting = False  # for it to come back
         while not self._stop.is_set():
             for notice in conn.notifies(timeout=self._poll):
-                quiet_since = time.monotonic()
                 if notice.channel == CHANNEL:
                     sink.received(notice.payload)
-            if time.monotonic() - quiet_since >= self._heartbeat:
-                conn.execute("SELECT 1")
-                quiet_since = time.monotonic()
+                elif notice.channel == self._probe_channel:
+                    waiting = False
+            now = time.monotonic()
+            if waiting and now - probed > self._probe_timeout:
+                raise ProbeLost
+            if not waiting and now - probed >= self._heartbeat:
+                conn.execute("SELECT pg_notify(%s, '')", (self._probe_channel,))
+                probed, waiting = now, True
 
     def __repr__(self) -> str:
         state = "listening" if self.backend_pid is not None else "not connected"
