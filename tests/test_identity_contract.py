@@ -18,9 +18,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
+from qimem.app import build
 from qimem.backend import Backend
 from qimem.builtin_plugins.memory_keystore import InMemoryKeyStore
-from qimem.errors import AuthError
+from qimem.config import Config
+from qimem.errors import AuthError, QimemError
 from qimem.identity.db import Database
 from qimem.registry import Registry, make_plugin_manager
 from qimem.rootkey import KeyWrapper
@@ -271,6 +273,7 @@ def test_docs_identity_contract_example_passes(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="finding: audit records outlive a deleted realm and are served to a new realm of "
     "the same name (another tenant); move this check into IdentityContract once fixed",
 )
@@ -287,3 +290,20 @@ def test_recreated_realm_does_not_see_the_deleted_realms_audit() -> None:
         assert "ceo" not in repr(ids.audit_events(app, "tenant"))
     finally:
         app.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ConnectionError,
+    reason="finding: an exception from a plugin's identity_database factory escapes raw, with "
+    "its text (a key store factory's is a PluginError naming the plugin, without the text)",
+)
+def test_failing_identity_database_factory_is_reported_without_its_text() -> None:
+    def identity_database() -> Database:
+        raise ConnectionError("cannot reach redis://:hunter2@10.0.0.9:6379/0")
+
+    backend = Backend(OutsideKeyStore(), scheme="outside", identity_database=identity_database)
+    with build(Config(store_url="outside://"), backend=backend) as app:
+        with pytest.raises(QimemError) as info:
+            ids.list_realms(app)
+        assert "hunter2" not in str(info.value)
