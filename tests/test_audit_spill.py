@@ -230,6 +230,31 @@ def test_a_damaged_spill_file_is_reported_and_its_intact_records_replayed(
     assert "torn record" in caplog.text
 
 
+def test_spilled_entries_that_are_not_records_are_skipped(
+    store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Intact frames (right CRC) whose payload is not an audit row, e.g. an extra column or
+    a wrong type, are skipped and counted; they do not block the replay of the others."""
+    spill_dir = tmp_path / "spill"
+    writer = Spill(SpillSettings(spill_dir), key_of(store))
+    good = {"at": 1.0, "realm": "master", "actor": "a", "action": "crypto.encrypt",
+            "target": "ok", "outcome": "success", "detail": "{}", "record_id": "r-1"}  # fmt: skip
+    bad = [{**good, "id": 1, "record_id": "r-2"}, {**good, "at": "now", "record_id": "r-3"}, {}]
+    assert writer.append([bad[0], good, *bad[1:]]) == 4
+    path = writer.path
+    writer.close()
+    before = counter("damaged")
+    with caplog.at_level(logging.ERROR, logger="qimem.audit"):
+        log = open_log(store, spill_dir)
+        try:
+            wait_until(lambda: path is not None and not path.exists(), what="adoption")
+        finally:
+            log.close()
+    assert store.rows() == [("r-1", "ok")]
+    assert counter("damaged") == before + 3
+    assert "3 spilled entries are not audit records; skipped" in caplog.text
+
+
 def test_scan_never_fails_on_arbitrary_bytes() -> None:
     rng = random.Random(14)
     good = HEADER + b"".join(encode({"n": i}) for i in range(20))

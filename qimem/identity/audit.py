@@ -108,6 +108,35 @@ def audit_row(realm: str, actor: str, action: str, target: str, outcome: str, de
 
 
 _INSERTS: dict[str, Any] = {}
+_ROW_TYPES: dict[str, type | tuple[type, ...]] = {
+    "at": (int, float),
+    "realm": str,
+    "actor": str,
+    "action": str,
+    "target": str,
+    "outcome": str,
+    "detail": str,
+    "record_id": str,
+}
+
+
+def _rows_of(rows: list[dict[str, Any]], source: object) -> list[dict[str, Any]]:
+    """The spilled rows that have exactly the audit columns, with the right types (a frame
+    can pass its CRC and still not be a record: written by another version, or forged)."""
+    valid = [
+        row
+        for row in rows
+        if row.keys() == _ROW_TYPES.keys()
+        and all(
+            isinstance(row[k], t) and not isinstance(row[k], bool) for k, t in _ROW_TYPES.items()
+        )
+    ]
+    if len(valid) < len(rows):
+        audit_spill.count("damaged", len(rows) - len(valid))
+        log.error(
+            "%s: %d spilled entries are not audit records; skipped", source, len(rows) - len(valid)
+        )
+    return valid
 
 
 def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -341,7 +370,7 @@ class AuditLog:
                 if adopted is None:
                     continue
                 try:
-                    self._insert_batches([row for row, _ in adopted.found.rows])
+                    self._insert_batches(_rows_of([row for row, _ in adopted.found.rows], path))
                 except Exception:
                     adopted.release()
                     raise
@@ -353,7 +382,7 @@ class AuditLog:
                 for at in range(0, len(found), _REPLAY_BATCH):
                     batch = found[at : at + _REPLAY_BATCH]
                     with self._db.begin() as c:
-                        insert_rows(c, [row for row, _ in batch])
+                        insert_rows(c, _rows_of([row for row, _ in batch], spill.path))
                     self._replayed = batch[-1][1]
                     audit_spill.count("replayed", len(batch))
                 self._replayed = size
