@@ -72,7 +72,9 @@ def outside_plugin_factory(database_path: Path) -> OpenBackend:
     ``identity_database`` factory on a database file of its choosing (so, persistent)."""
 
     def identity_database() -> Database:
-        return Database.for_engine(create_engine(f"sqlite:///{database_path}"))
+        engine = create_engine(f"sqlite:///{database_path}")
+        migrate(engine)
+        return Database(engine, owned=True)
 
     def factory(wrapper: KeyWrapper) -> Backend:
         return Backend(OutsideKeyStore(), scheme="outside", identity_database=identity_database)
@@ -111,10 +113,10 @@ def _sqlite_identity(path: Path, prepare: Callable[[Engine], None] | None = None
 
     def identity_database() -> Database:
         engine = create_engine(f"sqlite:///{path}")
-        database = Database.for_engine(engine)
+        migrate(engine)
         if prepare is not None:
             prepare(engine)
-        return database
+        return Database(engine, owned=True)
 
     return lambda wrapper: Backend(
         OutsideKeyStore(), scheme="broken", identity_database=identity_database
