@@ -252,3 +252,57 @@ def test_buffered_management_records_wait_in_the_spill(
             sa.text("SELECT actor, target FROM qimem_audit WHERE action = 'keys.disable'")
         ).all()
     assert len(rows) == 1 and rows[0][0] == "admin@master"
+
+
+def test_a_full_spill_in_refuse_mode_refuses_audited_requests(
+    app_role_url: tuple[str, sa.Engine], root_key_b64: str, tmp_path: Path
+) -> None:
+    """``audit_spill_full = "refuse"``: while the audit cannot be written and the spill is
+    full, audited requests get 503 ``audit_unavailable`` before they run; once it can be
+    written again they are served, and every served request has exactly one record."""
+    url, admin = app_role_url
+    app = _app_with(
+        url,
+        root_key_b64,
+        audit_spill_dir=str(tmp_path / "spill"),
+        audit_spill_max_bytes=4096,
+        audit_spill_full="refuse",
+    )
+    body = {"key": "payroll", "plaintext": base64.b64encode(b"x").decode()}
+    served = 0
+    try:
+        with serving(app) as base:
+            s = _session(base)
+            api = f"{base}/v1/security"
+            assert _post(s, f"{api}/keys", {"name": "payroll"}).status_code == 201
+            _audit_inserts(admin, url, allowed=False)
+            refused = None
+            for _ in range(400):
+                answer = _post(s, f"{api}/encrypt", body)
+                if answer.status_code != 200:
+                    refused = answer
+                    break
+                served += 1
+                time.sleep(0.01)  # the flusher spills every 0.5 s
+            assert refused is not None and served > 0, served
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "audit_unavailable"
+            assert "envelope" not in refused.json()
+
+            _audit_inserts(admin, url, allowed=True)
+            deadline = time.monotonic() + 20
+            while (answer := _post(s, f"{api}/encrypt", body)).status_code != 200:
+                assert answer.json()["error"]["code"] == "audit_unavailable"
+                assert time.monotonic() < deadline, "still refused after the store came back"
+                time.sleep(0.1)
+            served += 1
+    finally:
+        app.close()
+    with admin.connect() as conn:
+        audited = conn.execute(
+            sa.text(
+                "SELECT count(*), count(DISTINCT record_id) FROM qimem_audit "
+                "WHERE action = 'crypto.encrypt' AND outcome = 'success'"
+            )
+        ).one()
+    assert tuple(audited) == (served, served)
