@@ -18,13 +18,20 @@ if TYPE_CHECKING:
 
 @hookspec
 def qimem_register_algorithms(register: RegisterAlgorithm) -> None:
-    """Add AEAD algorithms.
+    """Add algorithms: AEADs, and (plugin API 1.2) signing, MAC and deterministic ones.
 
-    Call ``register(algorithm)`` once per algorithm. The object must satisfy
-    :class:`qimem.crypto.Algorithm`: ``name`` (e.g. ``"aes-256-gcm"``), ``algorithm_id``
-    (1-255, written into envelopes), ``key_size``, ``nonce_size``, ``tag_size``, and
-    ``generate_key()``, ``encrypt(key, nonce, plaintext, aad)``,
-    ``decrypt(key, nonce, ciphertext, aad)`` and ``cipher(key)``. A duplicate name or id raises
+    Call ``register(algorithm)`` once per algorithm. An object without a ``purpose``
+    attribute is an AEAD (purpose ``"encrypt"``, unchanged since plugin API 1.0) and must
+    satisfy :class:`qimem.crypto.Algorithm`: ``name`` (e.g. ``"aes-256-gcm"``),
+    ``algorithm_id`` (1-255, written into envelopes), ``key_size``, ``nonce_size``,
+    ``tag_size``, and ``generate_key()``, ``encrypt(key, nonce, plaintext, aad)``,
+    ``decrypt(key, nonce, ciphertext, aad)`` and ``cipher(key)``. An object whose
+    ``purpose`` is ``"sign"``, ``"mac"`` or ``"deterministic"`` must satisfy
+    :class:`qimem.crypto_purposes.SigningAlgorithm`, :class:`~qimem.crypto_purposes.MacAlgorithm`
+    or :class:`~qimem.crypto_purposes.DeterministicAlgorithm`. Or call
+    ``register("module:attr", name=..., algorithm_id=..., purpose=...)`` to have it imported
+    on first use (``purpose`` defaults to ``"encrypt"``). Names and ids are unique across
+    purposes; a duplicate name or id, an unknown purpose or a missing member raises
     :class:`qimem.errors.PluginError` naming this plugin.
 
     :param register: callback that records one algorithm.
