@@ -197,6 +197,36 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert spill_files(spill_dir) == []
 
 
+def test_each_worker_spills_to_its_own_file_and_adopts_a_stopped_ones(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    """Two audit logs on one store and one spill directory (as the workers of
+    ``qimem serve --workers 2``): each appends to its own file; a worker stopped while the
+    store is down leaves its file, locked by nobody, and the other adopts it."""
+    spill_dir = tmp_path / "spill"
+    first, second = open_log(store, spill_dir), open_log(store, spill_dir)
+    try:
+        store.block()
+        record(first, [f"a-{i}" for i in range(30)])
+        record(second, [f"b-{i}" for i in range(30)])
+        first.flush(replay=False)
+        second.flush(replay=False)
+        paths = {first.spill.path, second.spill.path}  # type: ignore[union-attr]
+        assert len(paths) == 2 and set(spill_files(spill_dir)) == paths
+        first.close()  # stopped (SIGHUP reload, scale down) with its records still spilled
+        assert first.spill.path.exists()  # type: ignore[union-attr]
+    finally:
+        store.release()
+    wait_until(lambda: len(store.rows()) == 60, what="both files in the store")
+    assert spill_files(spill_dir) == [second.spill.path]  # type: ignore[union-attr]
+    second.close()
+    targets = [target for _, target in store.rows()]
+    assert [t for t in targets if t.startswith("a-")] == [f"a-{i}" for i in range(30)]
+    assert [t for t in targets if t.startswith("b-")] == [f"b-{i}" for i in range(30)]
+    assert len({record_id for record_id, _ in store.rows()}) == 60
+    assert spill_files(spill_dir) == []
+
+
 def test_a_damaged_spill_file_is_reported_and_its_intact_records_replayed(
     store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -601,6 +631,7 @@ def test_postgres_stopped_for_30_seconds_under_load_loses_no_audit_record(
     ]
     assert not bad, bad[:10]
     records = [row for data in spilled.values() for row, _ in scan(data).rows]
+    print(f"AUDIT-SPILL records seen in the spill during the outage: {len(records)}")
     assert records, "nothing was spilled while PostgreSQL was down"
     assert any(r["action"] == "crypto.encrypt" for r in records)
     blob = b"".join(spilled.values()) + serve.log().encode()
