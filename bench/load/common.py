@@ -155,6 +155,7 @@ class DriveResult:
     audited: Counter[str] = field(default_factory=Counter)  # 200 answers per audit action
     # Rotations whose outcome is unknown (503 or no answer): they may have committed.
     rotations_unknown: Counter[str] = field(default_factory=Counter)
+    unchecked: int = 0  # follow-up checks still scheduled when the run ended
 
     def merge(self, other: DriveResult) -> None:
         self.elapsed += other.elapsed
@@ -178,6 +179,7 @@ class DriveResult:
             self.propagation.setdefault(kind, []).extend(values)
         self.audited.update(other.audited)
         self.rotations_unknown.update(other.rotations_unknown)
+        self.unchecked += other.unchecked
 
     def unexpected(self) -> dict[str, dict[int, int]]:
         return {

@@ -282,8 +282,10 @@ class _Client(Checks):
             if now - self.client_token_at > TOKEN_MAX_AGE:
                 self.client_login()
                 continue
+            self.run_due()
             op = todo.pop(0) if todo else self.rng.choices(ops, weights)[0]
             getattr(self, op.replace("-", "_"))()
+        self.drop_pending()
         self.conn.close()
         return self.out
 

@@ -69,6 +69,7 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
         },
         "audited": dict(result.audited),
         "rotations_unknown": dict(result.rotations_unknown),
+        "unchecked": result.unchecked,
         "samples": result.samples,
     }
 
@@ -172,7 +173,8 @@ def render(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"  {side}: changes reaching the other servers/workers: {spread or 'none checked'};"
-            f" bound violations {s.get('violations') or 0}"
+            f" bound violations {s.get('violations') or 0}; follow-up checks left at the end "
+            f"{s.get('unchecked', 0)}"
         )
     q = report.get("qimem", {})
     if "versions" in q:

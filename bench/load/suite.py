@@ -27,7 +27,7 @@ from bench.load.common import (
     LoadFailure,
 )
 from bench.load.report import _save_report, render, rows
-from bench.load.servers import fresh_database
+from bench.load.servers import fresh_database, workers_supported
 from bench.load.session import run_load
 
 
@@ -97,10 +97,15 @@ def private_postgres() -> Iterator[Any]:
 
 
 def run(quick: bool, duration: float | None = None) -> list[dict[str, Any]]:
-    """The load suite's rows (``python -m bench load [--quick] [--duration S]``)."""
+    """The load suite's rows (``python -m bench load [--quick] [--duration S]``): one
+    server × one worker against the one-process peer, then, when ``qimem serve`` has
+    ``--workers``, one server × two workers against the peer with two processes."""
     if duration is None:
         duration = 6.0 if quick else 30.0
-    return rows(measure(duration, rounds=1 if quick else 3))
+    out = rows(measure(duration, rounds=1 if quick else 3))
+    if workers_supported():
+        out += rows(measure(duration, rounds=1 if quick else 3, workers=2))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
