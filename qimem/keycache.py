@@ -385,14 +385,6 @@ class KeyCache:
                     self._retire(table.pop(k))
                     self.dropped += 1
 
-    def size(self) -> int:
-        """How many entries are cached (by reference, by prefix and derived)."""
-        return (
-            len(self.by_prefix)
-            + len(self.derived)
-            + sum(len(refs) for refs in self.by_ref.values())
-        )
-
     def clear(self) -> None:
         with self._lock:
             self.generation += 1

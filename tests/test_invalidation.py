@@ -86,33 +86,54 @@ def pair(postgres_url: str, root_key_b64: str) -> Iterator[tuple[AppContext, App
 
 
 def _acted_within(
-    check: Callable[[], bool], change: Callable[[], object], writer: AppContext | None = None
+    check: Callable[[], bool], change: Callable[[], object], writer: AppContext, notice: bool = True
 ) -> float:
-    """Seconds from the commit of ``change()`` on ``writer`` (its last transaction's COMMIT
-    being sent; without ``writer``: from just before ``change()``) until ``check()`` holds
-    on the other server, polled in a tight loop."""
+    """Seconds from the COMMIT of ``writer``'s transaction that sent a change notice in
+    ``change()`` (taken just before the commit is sent, so its round trip counts; with
+    ``notice=False``, from just before ``change()``) until ``check()`` holds on the other
+    server, polled in a tight loop."""
+    engine = writer.store.engine  # type: ignore[attr-defined]
+    notifying: set[int] = set()
     commits: list[float] = []
 
-    def committed(conn: Any) -> None:
-        commits.append(time.perf_counter())
+    def executed(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "pg_notify" in statement:
+            notifying.add(id(conn))
 
-    engine = writer.store.engine if writer is not None else None  # type: ignore[attr-defined]
-    if engine is not None:
-        sa.event.listen(engine, "commit", committed)
+    def committed(conn: Any) -> None:
+        if id(conn) in notifying:
+            notifying.discard(id(conn))
+            commits.append(time.perf_counter())
+
+    sa.event.listen(engine, "before_cursor_execute", executed)
+    sa.event.listen(engine, "commit", committed)
     started = time.perf_counter()
     try:
         change()
     finally:
-        if engine is not None:
-            sa.event.remove(engine, "commit", committed)
-    deadline = started + 5.0
+        sa.event.remove(engine, "before_cursor_execute", executed)
+        sa.event.remove(engine, "commit", committed)
+    assert commits or not notice, "the change sent no notice"
     while not check():
-        assert time.perf_counter() < deadline, "the change never reached the other server"
-        time.sleep(0.001)
+        assert time.perf_counter() - started < 5.0, "the change never reached the other server"
+        time.sleep(0.0005)
     done = time.perf_counter()
-    if commits:
-        print(f"  (the call took {(commits[-1] - started) * 1000:.1f} ms up to its commit)")
-    return done - (commits[-1] if commits else started)
+    if not notice:
+        return done - started
+    print(f"  (the call took {(commits[0] - started) * 1000:.1f} ms up to its commit)")
+    return done - commits[0]
+
+
+def _dropped(app: AppContext, name: str) -> Callable[[], bool]:
+    """Whether ``app`` no longer holds an encryption entry for key ``name``."""
+    return lambda: app.cache.for_encrypt(DEFAULT_REALM, name) is None
+
+
+def _dropped_for(app: AppContext, envelope: bytes) -> Callable[[], bool]:
+    """Whether ``app`` no longer holds the decryption entry of ``envelope``'s version."""
+    from qimem.envelope import PREFIX_SIZE
+
+    return lambda: app.cache.for_decrypt(DEFAULT_REALM, envelope[:PREFIX_SIZE]) is None
 
 
 def _version(app: AppContext, name: str) -> int:
@@ -142,9 +163,10 @@ def test_rotation_reaches_the_other_server_within_50ms_and_drops_only_its_lineag
     assert entry_y is not None
     dropped = b.cache.dropped
 
-    took = _acted_within(lambda: _version(b, "x") == 2, lambda: services.rotate_key(a, "x"), a)
-    print(f"rotation: B encrypts with v2 {took * 1000:.1f} ms after A's commit")
+    took = _acted_within(_dropped(b, "x"), lambda: services.rotate_key(a, "x"), a)
+    print(f"rotation: B dropped v1 {took * 1000:.1f} ms after A's commit")
     assert took < BOUND
+    assert _version(b, "x") == 2
 
     # Targeted: y's entry is the very same object, still valid; only x's went.
     assert b.cache.for_encrypt(DEFAULT_REALM, "y") is entry_y
@@ -165,33 +187,32 @@ def test_disable_destroy_and_policy_reach_the_other_server_within_50ms(
     assert services.decrypt(b, first).plaintext == b"one"  # v1 cached for decryption on B
 
     took = _acted_within(
-        lambda: _refused(lambda: services.decrypt(b, first)),
-        lambda: key_states.disable_version(a, "k", version=1),
-        a,
+        _dropped_for(b, first), lambda: key_states.disable_version(a, "k", version=1), a
     )
-    print(f"disable: B refuses v1 {took * 1000:.1f} ms after A's commit")
+    print(f"disable: B dropped v1 {took * 1000:.1f} ms after A's commit")
     assert took < BOUND
+    assert _refused(lambda: services.decrypt(b, first))
 
     key_states.enable_version(a, "k", version=1)
     _wait(lambda: not _refused(lambda: services.decrypt(b, first)))
+    assert services.decrypt(b, first).plaintext == b"one"  # cached again
     took = _acted_within(
-        lambda: _refused(lambda: services.decrypt(b, first)),
-        lambda: lifecycle.set_policy(a, "k", min_decryption_version=2),
-        a,
+        _dropped_for(b, first), lambda: lifecycle.set_policy(a, "k", min_decryption_version=2), a
     )
-    print(f"policy: B refuses v1 {took * 1000:.1f} ms after A's commit")
+    print(f"policy: B dropped v1 {took * 1000:.1f} ms after A's commit")
     assert took < BOUND
+    assert _refused(lambda: services.decrypt(b, first))
 
     assert services.decrypt(b, second).plaintext == b"two"
     services.rotate_key(a, "k")
     _wait(lambda: _version(b, "k") == 3)
+    assert services.decrypt(b, third).plaintext == b"three"
     took = _acted_within(
-        lambda: _refused(lambda: services.decrypt(b, third)),
-        lambda: key_states.destroy_version(a, "k", version=2),
-        a,
+        _dropped_for(b, third), lambda: key_states.destroy_version(a, "k", version=2), a
     )
-    print(f"destroy: B refuses v2 {took * 1000:.1f} ms after A's commit")
+    print(f"destroy: B dropped v2 {took * 1000:.1f} ms after A's commit")
     assert took < BOUND
+    assert _refused(lambda: services.decrypt(b, third))
 
 
 # -- identity --------------------------------------------------------------------------
@@ -295,9 +316,11 @@ def test_a_killed_listener_falls_back_to_polling_then_push_resumes(
         assert took < 0.2 + 0.5
 
         _wait(lambda: _pushing(b) and feed.connects == connects + 1)
-        took = _acted_within(lambda: _version(b, "k") == 3, lambda: services.rotate_key(a, "k"), a)
-        print(f"rotation after the reconnect: seen after {took * 1000:.1f} ms")
+        assert _version(b, "k") == 2
+        took = _acted_within(_dropped(b, "k"), lambda: services.rotate_key(a, "k"), a)
+        print(f"rotation after the reconnect: dropped after {took * 1000:.1f} ms")
         assert took < BOUND
+        assert _version(b, "k") == 3
     finally:
         invalidation.unsubscribe(b)
         a.close()
@@ -372,7 +395,9 @@ def test_sqlite_has_no_feed_and_keeps_polling(sqlite_url: str, root_key_b64: str
         assert invalidation.subscribe(b) is None and not b.cache.pushing
         services.create_key(a, name="k")
         assert _version(b, "k") == 1
-        took = _acted_within(lambda: _version(b, "k") == 2, lambda: services.rotate_key(a, "k"), a)
+        took = _acted_within(
+            lambda: _version(b, "k") == 2, lambda: services.rotate_key(a, "k"), a, notice=False
+        )
         print(f"sqlite: rotation seen by polling after {took * 1000:.1f} ms")
         assert took < 0.1 + 0.5
     finally:
@@ -453,8 +478,9 @@ def test_forged_notices_neither_crash_the_listener_nor_drop_unrelated_entries(
     assert b.cache.for_encrypt(DEFAULT_REALM, "x") is entry
     assert ids.authenticate(b, token).username == "tess"
     # ... and real changes still arrive at once.
-    took = _acted_within(lambda: _version(b, "x") == 2, lambda: services.rotate_key(a, "x"), a)
+    took = _acted_within(_dropped(b, "x"), lambda: services.rotate_key(a, "x"), a)
     assert took < BOUND
+    assert _version(b, "x") == 2
 
 
 def test_notices_carry_identifiers_only(
