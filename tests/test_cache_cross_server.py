@@ -218,3 +218,40 @@ def test_killed_listeners_reconnect_and_catch_what_they_missed(
     print(f"two servers, after the reconnect: B encrypts with v3 after {took * 1000:.1f} ms")
     assert took < LOOSE
     assert "Traceback" not in a.log() + b.log()
+
+
+def test_each_worker_of_a_prefork_server_listens_for_itself(
+    postgres_url: str, tmp_path: Path, root_key_b64: str
+) -> None:
+    """``qimem serve --workers 2``: the listener starts in each worker on its first request
+    (after the fork), none in the master; a rotation through one worker reaches the other."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[store]\nurl = "{postgres_url}"\n\n'
+        f"[cache]\nttl_seconds = 60.0\nrevalidate_seconds = {NO_POLLING}\n",
+        "utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env.update(QIMEM_HOME=str(home), QIMEM_ROOT_KEY=root_key_b64)
+    server = ServeProcess(tmp_path, env, "--workers", "2", name="prefork").wait_ready()
+    try:
+        _post(server, "/v1/security/keys", {"name": "shared"})
+
+        def both_listen() -> bool:  # new connections land on either worker
+            with requests.Session() as fresh:
+                fresh.get(f"{server.url}/v1/security/keys", timeout=20)
+            return len(_listeners(postgres_url)) == 2
+
+        _until(both_listen, timeout=30)
+        # Both workers cache version 1 (each answers some of these, on new connections) ...
+        for _ in range(20):
+            assert _encrypt(server, "shared")["version"] == 1
+        _post(server, "/v1/security/rotate", {"key": "shared"})
+        # ... and neither serves it after the rotation, whichever did it (polling: 30 s).
+        time.sleep(LOOSE)
+        assert {int(_encrypt(server, "shared")["version"]) for _ in range(20)} == {2}
+        assert len(_listeners(postgres_url)) == 2  # one per worker, none in the master
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
