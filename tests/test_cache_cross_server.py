@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -255,3 +256,98 @@ def test_each_worker_of_a_prefork_server_listens_for_itself(
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def _auth_servers(
+    tmp_path: Path, url: str, processes: list[ServeProcess]
+) -> tuple[ServeProcess, ServeProcess]:
+    """Two authenticating servers on ``url`` (``qimem init`` first), every identity cache
+    and the revocation refresh at 60 s and more: only the push can explain what follows."""
+    import subprocess
+    import sys
+    import tomllib
+
+    import tomli_w
+    from identity_helpers import ADMIN_PASSWORD
+    from serve_process import home_env
+
+    home = tmp_path / "home"
+    env = home_env(home, QIMEM_STORE=url)
+    init = subprocess.run(
+        [sys.executable, "-c", "from qimem.cli import main; main()", "init",
+         "--admin-password-stdin"],
+        input=ADMIN_PASSWORD + "\n", env=env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    config = home / "config.toml"
+    doc = tomllib.loads(config.read_text())
+    doc["identity"] = {
+        "argon2_memory_kib": 1024,
+        "argon2_time_cost": 1,
+        "cache_seconds": 600.0,
+        "revocation_refresh_seconds": 60.0,
+    }
+    doc["cache"] = {"ttl_seconds": 60.0, "revalidate_seconds": NO_POLLING}
+    config.write_text(tomli_w.dumps(doc))
+    config.chmod(0o600)
+    for i in range(2):
+        processes.append(ServeProcess(tmp_path, env, name=f"auth-{i}", insecure=False))
+    return processes[-2].wait_ready(), processes[-1].wait_ready()
+
+
+def test_revocation_disable_and_realm_deletion_reach_the_other_server_by_push(
+    postgres_url: str, tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    from identity_helpers import ADMIN_PASSWORD, password_of
+
+    a, b = _auth_servers(tmp_path, postgres_url, processes)
+    auth = "/v1/auth/realms"
+
+    def login(server: ServeProcess, realm: str, user: str, password: str) -> str:
+        answer = requests.post(
+            f"{server.url}{auth}/{realm}/token",
+            data={"grant_type": "password", "username": user, "password": password},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["access_token"])
+
+    def call(server: ServeProcess, method: str, path: str, token: str, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token}"}
+        return requests.request(method, f"{server.url}{path}", headers=headers, timeout=30, **kw)
+
+    admin = login(a, "master", "admin", ADMIN_PASSWORD)
+    assert call(a, "POST", auth, admin, json={"name": "gone"}).status_code == 201
+    for realm, user in (("master", "rita"), ("master", "dora"), ("gone", "vera")):
+        body = {"username": user, "password": password_of(user), "roles": ["encryptor"]}
+        assert call(a, "POST", f"{auth}/{realm}/users", admin, json=body).status_code == 201
+    tokens = {u: login(a, r, u, password_of(u)) for r, u in
+              (("master", "rita"), ("master", "dora"), ("gone", "vera"))}  # fmt: skip
+    for server in (a, b):  # the first request starts each listener
+        for token in tokens.values():
+            assert call(server, "GET", "/v1/security/keys", token).status_code == 200
+    _until(lambda: len(_listeners(postgres_url)) == 2)
+
+    def refused(token: str) -> Callable[[], bool]:
+        return lambda: call(b, "GET", "/v1/security/keys", token).status_code == 401
+
+    revoke = requests.post(
+        f"{a.url}{auth}/master/revoke", data={"token": tokens["rita"]}, timeout=30
+    )
+    assert revoke.status_code == 200
+    took = _until(refused(tokens["rita"]))
+    print(f"two servers: B refuses a revoked token {took * 1000:.1f} ms after A answered")
+    assert took < LOOSE
+
+    patch = call(a, "PATCH", f"{auth}/master/users/dora", admin, json={"enabled": False})
+    assert patch.status_code == 200, patch.text
+    took = _until(refused(tokens["dora"]))
+    print(f"two servers: B refuses a disabled user's token {took * 1000:.1f} ms after A answered")
+    assert took < LOOSE
+
+    assert call(a, "DELETE", f"{auth}/gone", admin).status_code == 204
+    took = _until(refused(tokens["vera"]))
+    print(f"two servers: B refuses a deleted realm's token {took * 1000:.1f} ms after A answered")
+    assert took < LOOSE
+    assert call(b, "GET", "/v1/security/keys", admin).status_code == 200  # the rest still works
