@@ -61,13 +61,13 @@ def two_servers(
             server.kill()
 
 
-def _post(server: ServeProcess, path: str, body: dict[str, object]) -> dict[str, object]:
+def _post(server: ServeProcess, path: str, body: dict[str, Any]) -> dict[str, Any]:
     response = requests.post(f"{server.url}{path}", json=body, timeout=20)
     assert response.status_code < 300, response.text
     return response.json()  # type: ignore[no-any-return]
 
 
-def _encrypt(server: ServeProcess, key: str) -> dict[str, object]:
+def _encrypt(server: ServeProcess, key: str) -> dict[str, Any]:
     plaintext = base64.b64encode(b"hello").decode()
     return _post(server, "/v1/security/encrypt", {"key": key, "plaintext": plaintext})
 
