@@ -517,3 +517,44 @@ def test_plugins_list_shows_the_providers(memory_app: AppContext) -> None:
     assert listed["password-auth"].manifest["provides"]["auth_providers"] == ["password"]  # type: ignore[index]
     assert listed["ldap-auth"].manifest["provides"]["auth_providers"] == ["ldap"]  # type: ignore[index]
     assert listed["ldap-auth"].loaded and listed["ldap-auth"].builtin
+
+
+def test_qauth_against_a_server(world: tuple[AppContext, TableAuth, str], tmp_path: Path) -> None:
+    """The same commands with --server: GET/PUT/DELETE .../providers, .../providers/users."""
+    from qimem.cli.qauth import qauth
+
+    app, _, _ = world
+    config = tmp_path / "chain.json"
+    config.write_text(json.dumps({"providers": ["table"], "mapping": {"jit_users": False}}))
+    with serving(app) as url:
+        master = password_login(app, "master", "admin", ADMIN_PASSWORD).access_token
+        add_user(app, "acme", "acme-boss", ["admin"])
+        boss = password_login(app, "acme", "acme-boss", password_of("acme-boss")).access_token
+        remote = ["--server", url, "--token", master]
+        runner = CliRunner()
+        done = runner.invoke(
+            qauth, [*remote, "realm", "set-providers", "acme", "--config", str(config), "--json"]
+        )
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.output)["providers"] == ["table"]
+        shown = runner.invoke(qauth, [*remote, "realm", "providers", "acme"])
+        assert "providers table" in shown.output and "just-in-time users: off" in shown.output
+        added = runner.invoke(
+            qauth,
+            [*remote, "user", "add-external", "--realm", "acme", "erin", "--provider", "table"],
+        )
+        assert added.exit_code == 0, added.output
+        login = runner.invoke(
+            qauth,
+            ["--server", url, "login", "--realm", "acme", "--user", "erin", "--password-stdin"],
+            input=TABLE_USERS["erin"][0] + "\n",
+        )
+        assert login.exit_code == 0, login.output
+        # A realm admin of acme (not master) may not change it.
+        refused = runner.invoke(
+            qauth, ["--server", url, "--token", boss, "realm", "set-providers", "acme", "--reset"]
+        )
+        assert refused.exit_code == 4 and "master realm administrators" in refused.output
+        reset = runner.invoke(qauth, [*remote, "realm", "set-providers", "acme", "--reset"])
+        assert reset.exit_code == 0, reset.output
+    assert aps.realm_providers(app, "acme").providers == ("password",)
