@@ -1,6 +1,6 @@
 """The built-in MAC algorithms: HMAC over cryptography's ``hmac.HMAC``.
 
-:mod:`qimem.builtin_plugins.mac` registers these classes by reference: this module is
+:mod:`qimem.builtin_plugins.key_purposes` registers these classes by reference: this module is
 imported when a MAC algorithm is first used. Verification is constant-time: a full-length
 tag through cryptography's ``HMAC.verify``, a truncated one (only when the caller names its
 length, never below ``min_tag_size``) through ``constant_time.bytes_eq``.

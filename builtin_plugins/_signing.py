@@ -1,6 +1,6 @@
 """The built-in signing algorithms over cryptography's asymmetric primitives.
 
-:mod:`qimem.builtin_plugins.signing` registers these classes by reference, so this module
+:mod:`qimem.builtin_plugins.key_purposes` registers these classes by reference, so this module
 (and cryptography's asymmetric code) is imported when a signing algorithm is first used.
 Private keys are PKCS#8 DER, public keys SubjectPublicKeyInfo DER (see
 :class:`qimem.crypto_purposes.SigningAlgorithm`). Nothing here is hand-written crypto: keys,

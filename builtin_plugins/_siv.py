@@ -1,6 +1,6 @@
 """The built-in deterministic AEAD: AES-256-SIV (RFC 5297) over cryptography's ``AESSIV``.
 
-:mod:`qimem.builtin_plugins.siv` registers it by reference: this module is imported when
+:mod:`qimem.builtin_plugins.key_purposes` registers it by reference: this module is imported when
 it is first used. Deterministic by design: the same key, plaintext and associated data
 always give the same output, which therefore reveals when two plaintexts are equal.
 """

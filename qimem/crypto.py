@@ -52,6 +52,20 @@ class Algorithm(Protocol):
         ...
 
 
+#: Every key purpose (plugin API 1.2); the protocols of the others are in
+#: :mod:`qimem.crypto_purposes`. Here, not there, so the registry reads them without
+#: importing the protocols.
+PURPOSES = ("encrypt", "sign", "mac", "deterministic")
+#: The purpose of an algorithm that declares none (every plugin API 1.0/1.1 algorithm).
+DEFAULT_PURPOSE = "encrypt"
+
+
+def purpose_of(algorithm: object) -> str:
+    """The purpose an algorithm object declares (``"encrypt"`` if it declares none)."""
+    purpose = getattr(algorithm, "purpose", DEFAULT_PURPOSE)
+    return purpose if isinstance(purpose, str) else repr(purpose)
+
+
 def random_bytes(size: int) -> bytes:
     """Random bytes from the operating system's CSPRNG (nonces, ids)."""
     return os.urandom(size)

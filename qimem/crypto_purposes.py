@@ -10,17 +10,31 @@ API 1.0/1.1 keep working unchanged. The other purposes have their own protocols 
 * ``"deterministic"`` — :class:`DeterministicAlgorithm` (AES-SIV: the same plaintext and
   associated data always give the same ciphertext, so it leaks equality by design).
 
-This module imports no cryptography library: it is only the contract.
+This module imports no cryptography library: it is only the contract. The registry does
+not import it either (it reads :data:`PURPOSES` from :mod:`qimem.crypto`) until a plugin
+offers an algorithm object of another purpose.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Protocol, runtime_checkable
 
-#: Every key purpose, in the order listings show them.
-PURPOSES = ("encrypt", "sign", "mac", "deterministic")
-#: The purpose of an algorithm that declares none (every plugin API 1.0/1.1 algorithm).
-DEFAULT_PURPOSE = "encrypt"
+from qimem.crypto import DEFAULT_PURPOSE, PURPOSES, purpose_of
+
+__all__ = [
+    "DEFAULT_PURPOSE",
+    "MARSHALINGS",
+    "PRIVATE_JWK_FIELDS",
+    "PURPOSES",
+    "REQUIRED",
+    "DeterministicAlgorithm",
+    "MacAlgorithm",
+    "Marshaling",
+    "Signer",
+    "SigningAlgorithm",
+    "Verifier",
+    "purpose_of",
+]
 #: Signature encodings: ``asn1`` is DER (ECDSA's ``Ecdsa-Sig-Value``), ``jws`` the
 #: fixed-width ``r ‖ s`` of JWS/IEEE P1363. Algorithms with one encoding ignore the choice.
 MARSHALINGS = ("asn1", "jws")
@@ -28,12 +42,6 @@ Marshaling = Literal["asn1", "jws"]
 #: JWK members that carry private material; :meth:`SigningAlgorithm.public_jwk` never
 #: returns any of them.
 PRIVATE_JWK_FIELDS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth", "priv", "seed"})
-
-
-def purpose_of(algorithm: object) -> str:
-    """The purpose an algorithm object declares (``"encrypt"`` if it declares none)."""
-    purpose = getattr(algorithm, "purpose", DEFAULT_PURPOSE)
-    return purpose if isinstance(purpose, str) else repr(purpose)
 
 
 class Signer(Protocol):

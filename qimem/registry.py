@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from qimem import references
-from qimem.crypto_purposes import DEFAULT_PURPOSE, PURPOSES, REQUIRED, purpose_of
+from qimem.crypto import DEFAULT_PURPOSE, PURPOSES, purpose_of
 from qimem.errors import PluginError, QimemError, UnsupportedAlgorithmError, ValidationError
 from qimem.hooks import specs
 from qimem.hooks.markers import PROJECT
@@ -41,9 +41,7 @@ ENTRY_POINT_GROUP = "qimem"
 DEFAULT_PLUGINS = (
     "qimem.builtin_plugins.aes_gcm",
     "qimem.builtin_plugins.chacha20",
-    "qimem.builtin_plugins.signing",
-    "qimem.builtin_plugins.mac",
-    "qimem.builtin_plugins.siv",
+    "qimem.builtin_plugins.key_purposes",
     "qimem.builtin_plugins.memory_keystore",
     "qimem.builtin_plugins.sql_keystore",
     "qimem.builtin_plugins.password_auth",
@@ -281,7 +279,9 @@ def _validate_algorithm(algorithm: Any) -> str | None:
 
 def _validate_purpose(algorithm: Any, name: str, purpose: str) -> str | None:
     """:func:`_validate_algorithm` for a ``sign``, ``mac`` or ``deterministic`` algorithm
-    (the protocols of :mod:`qimem.crypto_purposes`)."""
+    (the protocols of :mod:`qimem.crypto_purposes`, imported only now)."""
+    from qimem.crypto_purposes import REQUIRED
+
     methods, sizes = REQUIRED[purpose]
     for attr, low, high in (("algorithm_id", 1, 255), *sizes):
         value = getattr(algorithm, attr, None)

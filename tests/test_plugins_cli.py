@@ -137,9 +137,7 @@ BUILTINS = {
     "chacha20-poly1305",
     "memory-keystore",
     "sql-keystore",
-    "signing",  # the other key purposes (issue 16)
-    "hmac",
-    "aes-256-siv",
+    "key-purposes",  # signing, MAC and deterministic algorithms (issue 16)
     "password-auth",
     "ldap-auth",
 }

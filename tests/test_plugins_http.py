@@ -21,7 +21,7 @@ from qimem.server.app import create_app
 from qimem.services import identity as ids
 
 BUILTINS = {"aes-256-gcm", "chacha20-poly1305", "memory-keystore", "sql-keystore"}
-BUILTINS |= {"signing", "hmac", "aes-256-siv"}  # the other key purposes (issue 16)
+BUILTINS |= {"key-purposes"}  # signing, MAC and deterministic algorithms (issue 16)
 
 
 def manifest(name: str = "siv", **changes: Any) -> dict[str, Any]:

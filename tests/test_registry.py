@@ -87,9 +87,7 @@ def test_builtins_are_registered_through_hooks() -> None:
     assert sorted(i.plugin_name for i in impls) == [
         "qimem.builtin_plugins.aes_gcm",
         "qimem.builtin_plugins.chacha20",
-        "qimem.builtin_plugins.mac",  # the other purposes (plugin API 1.2)
-        "qimem.builtin_plugins.signing",
-        "qimem.builtin_plugins.siv",
+        "qimem.builtin_plugins.key_purposes",  # the other purposes (plugin API 1.2)
     ]
 
 
