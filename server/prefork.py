@@ -1,59 +1,39 @@
 """``qimem serve --workers N``: a pre-fork master over one listening socket.
 
 The master parses the configuration, checks the options, binds the socket once and forks
-N workers. Each worker opens its own store connections and identity layer (nothing the
-master opened is shared), builds the app and serves the inherited socket with the same
-:class:`qimem.server.runner.Server` as a single-process server (graceful drain, slow
-client timeouts, connection limits per worker). The master never serves a request and
-opens no store: it only starts, watches and stops workers.
+N workers; it never serves a request and opens no store. Each worker opens its own store
+connections and serves the inherited socket with the single-process server's own steps
+(:func:`qimem.server.setup.open_server`, :class:`qimem.server.runner.Server`: graceful drain,
+slow-client timeouts, connection limits). docs/operations.md ("Workers") is the user's
+account; in short:
 
-* **A worker that dies** is started again. A worker that dies before it is ready, or
-  within :data:`STABLE_SECONDS` of being ready, counts as a failure; failures in a row
-  delay the restart (:data:`BACKOFF_FIRST` doubling up to :data:`BACKOFF_MAX` seconds).
-  When :data:`MAX_FAILURES` failures in a row leave no worker serving, the master stops
-  and exits 1 ("giving up"); while some worker still serves, it keeps trying at the
-  backoff's pace. A worker that fails while the server starts stops it at once with the
-  worker's exit status (its error is on stderr, as without ``--workers``).
-* **Start**: the worker of slot 0 starts first and the others once it is ready, so an
-  error every worker would hit (no root key, no realm 'master') is reported once; the
-  "serving on" line comes when all are ready.
-* **SIGTERM / SIGINT**: the master closes its copy of the socket and sends each worker
-  SIGTERM; each drains (requests in flight finish, then it closes its copy, so new
-  connections are refused once all have); the master exits 0 once all have exited
-  (SIGKILL after the drain deadline + 10 s).
-* **SIGHUP**: the configuration is read again (an invalid one is refused, nothing
-  changes); then, one slot at a time, a new worker is started with it, the master waits
-  until it is ready, and only then sends the old one SIGTERM (it drains). The socket stays
-  open throughout, so no connection is refused. A new worker that fails to start stops the
-  reload; the master goes back to the previous configuration for later restarts.
-* **Background jobs**: the purge of due deletions runs in the worker of slot 0 only (once
-  per master; during a reload of slot 0 the old and new worker overlap for a moment,
-  which :class:`qimem.purger.DeletionPurger` tolerates: a lineage deleted first by one is
-  skipped by the other). The buffered audit flush runs in every worker because each
-  flushes the records buffered in its own memory (distinct records; running it N times
-  is the point). Token revocation lists are refreshed lazily per process on the request
-  path (reads only; N workers read N times per ``revocation_refresh_seconds``).
-* **Metrics**: the master points ``PROMETHEUS_MULTIPROC_DIR`` at a private 0700 directory
-  (removed on exit); workers write their counters there and ``/metrics`` sums them all
-  (:func:`qimem.server.metrics.enable_multiprocess`); a dead worker's counts stay in the
-  totals (:func:`prometheus_client.multiprocess.mark_process_dead` clears its live gauges).
-* **Secrets**: workers are forked, never re-executed: they inherit the parsed settings,
-  the environment and the disabled core dumps unchanged; no key goes through argv or a
-  new environment variable. A worker reads the root key (file or ``QIMEM_ROOT_KEY``) when
-  it starts, like a single-process server.
-* A worker whose master dies (SIGKILL) stops by itself: it watches a pipe only the master
-  holds open, and drains when it closes.
+* A worker that dies is restarted; deaths before ready or within :data:`STABLE_SECONDS`
+  are failures, delayed by :func:`backoff`; :data:`MAX_FAILURES` in a row with no worker
+  serving stop the master (exit 1). A failure while the server starts stops it at once
+  with the worker's status (slot 0 starts first, so such an error is printed once).
+* SIGTERM/SIGINT: the master closes its socket copy and SIGTERMs the workers, which
+  drain; exit 0 when all are gone (SIGKILL after the drain deadline + :data:`STOP_GRACE`).
+* SIGHUP: the configuration is read again (invalid: refused, nothing changes); then one
+  slot at a time a new worker starts, the master waits until it is ready, then SIGTERMs
+  the old one. The socket stays open, so no connection is refused.
+* Background jobs: the deletion purge runs in slot 0's worker only (once per master; a
+  reload of slot 0 may overlap two purgers briefly, which DeletionPurger tolerates). The
+  buffered audit flush runs in every worker on purpose (each flushes its own buffer), and
+  revocation lists are refreshed lazily per process (reads only): safe N times.
+* Metrics: ``PROMETHEUS_MULTIPROC_DIR`` is a private 0700 directory the master removes
+  on exit; ``/metrics`` sums every worker's files (dead ones included).
+* Secrets: workers are forked, not re-executed: same argv and environment, core dumps
+  still disabled; each reads the root key as it starts, as a single process does.
+* A worker whose master died (SIGKILL) sees a pipe only the master held close, and drains.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -64,10 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from qimem.errors import ConfigError, QimemError
+from qimem.errors import QimemError
 
 if TYPE_CHECKING:
-    from qimem.cli.context import CliState
     from qimem.config import Settings
 
 BACKOFF_FIRST = 0.5
@@ -218,7 +197,7 @@ class Master:
             self._signals.append(signum)
 
         sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-        previous = {sig: signal.signal(sig, note) for sig in sigs}
+        previous: dict[int, Any] = {sig: signal.signal(sig, note) for sig in sigs}
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         return previous
 
@@ -481,88 +460,3 @@ def _mark_dead(pid: int, path: str) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, path)
-
-
-# ---- qimem serve --workers N --------------------------------------------------------
-
-
-def run_master(
-    state: CliState, *, prog: str, short_paths: bool, workers: int, **options: Any
-) -> None:
-    """``qimem serve --workers N`` (N > 1): bind, fork, supervise; exit with the master's
-    status (0 after a graceful stop).
-
-    :raises ConfigError: bad settings or an address that cannot be bound (before any fork).
-    """
-    from qimem.cli.serve import check_bind
-    from qimem.server.runner import DEFAULT_DRAIN_TIMEOUT
-
-    config = state.config()
-    _, bind, warning, mode = check_bind(config, **options)
-    try:
-        sock = bind_socket(bind, options["port"])
-    except OSError as exc:
-        where = f"{options['host']}:{options['port']}"
-        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    host, port = sock.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    if warning:
-        click.echo(f"{prog}: {warning}", err=True)
-
-    def load_config() -> Settings:
-        fresh = state.config()
-        check_bind(fresh, **options)
-        return fresh
-
-    def worker_main(context: WorkerContext) -> int:
-        return _worker(context, prog=prog, short_paths=short_paths, options=options)
-
-    metrics_dir = tempfile.mkdtemp(prefix="qimem-metrics-")  # 0700
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
-        master = Master(
-            sock=sock,
-            workers=workers,
-            prog=prog,
-            config=config,
-            load_config=load_config,
-            worker_main=worker_main,
-            banner=f"serving on {url} ({mode})",
-            metrics_dir=metrics_dir,
-            drain_timeout=DEFAULT_DRAIN_TIMEOUT,
-        )
-        code = master.run()
-    finally:
-        sock.close()
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    if code:
-        sys.exit(code)
-
-
-def _worker(context: WorkerContext, *, prog: str, short_paths: bool, options: dict) -> int:
-    """One worker: the single-process server's own steps, on the master's socket."""
-    from qimem.app import build
-    from qimem.cli.serve import close_logging, configure_logging, open_server, start_purger
-    from qimem.server.metrics import enable_multiprocess
-    from qimem.server.runner import serve
-
-    enable_multiprocess()
-    app_ctx = build(context.config, one_shot=False)
-    try:
-        server, _ = open_server(app_ctx, short_paths=short_paths, sock=context.sock, **options)
-        configure_logging(options["access_log"])
-        interval = options["purge_interval"]
-        purger = start_purger(app_ctx, interval) if context.runs_jobs else None
-        try:
-            serve(server, on_ready=context.ready)
-        finally:
-            if purger is not None:
-                purger.stop()
-            close_logging()
-    except QimemError as exc:
-        click.echo(f"{prog}: error: {exc.message}", err=True)
-        return exc.exit_code
-    finally:
-        app_ctx.close()
-    return 0
