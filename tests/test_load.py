@@ -23,7 +23,9 @@ from bench_helpers import bench_load
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_mixed_load_has_no_errors_and_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+def test_mixed_load_on_two_servers_has_no_errors_and_loses_nothing(
+    postgres_url: str, tmp_path: Path
+) -> None:
     load = bench_load()
     report = load.run_load(
         postgres_url,
@@ -34,6 +36,7 @@ def test_mixed_load_has_no_errors_and_loses_nothing(postgres_url: str, tmp_path:
         rounds=1,
         users=2,
         peer=False,
+        servers=2,  # on the one database; changes through one checked on the other
     )
     q = report["qimem"]
     samples = q["samples"]
@@ -63,7 +66,15 @@ def test_mixed_load_has_no_errors_and_loses_nothing(postgres_url: str, tmp_path:
         assert found == expected, key
     # The server's own count covers at least every request the clients made.
     assert q["server_requests"] >= q["requests"]
-    assert q["exit_code"] == 0 and q["traceback"] is False
+    assert q["exit_codes"] == [0, 0] and q["traceback"] is False
+    # Rotations and revocations through one server reached the other within the pushed
+    # bound (50 ms; a probe sent later that saw the old state would be a violation).
+    assert report["bounds"] == {"rotation": 0.05, "revocation": 0.05}
+    assert q["violations"] == {}, samples
+    assert q["propagation"]["rotation"]["count"] > 0, samples
+    assert q["propagation"]["revocation"]["count"] > 0, samples
+    for action, (expected, found) in q["audit"]["success"].items():
+        assert found == expected > 0, action
 
 
 def test_the_final_check_catches_tampered_and_wrong_results(

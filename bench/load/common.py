@@ -51,12 +51,17 @@ AUDITED = {
     "/v1/security/rotate": "keys.rotate",
 }
 # How long a change made through one server may take to reach every other one (seconds,
-# from the answer to the change): ``cache.revalidate_seconds`` (0.1 s) plus one marker
-# query for a rotation, ``revocation_refresh_seconds`` (2 s) for a revocation (docs/
-# operations.md). Pushed invalidation (LISTEN/NOTIFY, issue 14) brings both to ~50 ms;
-# ``--rotation-bound`` / ``--revocation-bound`` set them.
-ROTATION_BOUND = 0.15
-REVOCATION_BOUND = 2.05
+# from the answer to the change), as docs/operations.md documents them: pushed by
+# PostgreSQL (LISTEN/NOTIFY, issue 14) the target is 50 ms for rotations and revocations
+# alike; while a server's listener is down (a PostgreSQL restart) it falls back to polling:
+# ``cache.revalidate_seconds`` (0.1 s) plus one marker query for a rotation,
+# ``revocation_refresh_seconds`` (2 s) for a revocation. ``--rotation-bound`` /
+# ``--revocation-bound`` set them.
+PUSH_BOUND = 0.05
+ROTATION_BOUND = PUSH_BOUND
+REVOCATION_BOUND = PUSH_BOUND
+FALLBACK_ROTATION_BOUND = 0.15
+FALLBACK_REVOCATION_BOUND = 2.05
 STAGGER_SECONDS = 0.05  # between the first logins of successive connections
 LOGIN_ATTEMPTS = 50  # a login answered 503 login_busy is retried up to this many times
 
@@ -115,6 +120,11 @@ class Bounds:
 
     rotation: float = ROTATION_BOUND
     revocation: float = REVOCATION_BOUND
+
+    @classmethod
+    def fallback(cls) -> Bounds:
+        """The polling bounds, for a run in which the notification connections drop."""
+        return cls(FALLBACK_ROTATION_BOUND, FALLBACK_REVOCATION_BOUND)
 
 
 @dataclass

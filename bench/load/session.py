@@ -89,9 +89,11 @@ def run_load(
     only when > 1); the peer gets ``servers`` × ``workers`` processes. ``pg``: the
     PostgreSQL server of ``store_url`` (a private one), stopped once during qimem's first
     round and started again ``outage`` seconds later (default: 2-5 s at random); qimem may
-    then answer documented 503s (counted as ``unavailable``), nothing else.
+    then answer documented 503s (counted as ``unavailable``), nothing else. ``bounds``:
+    by default the pushed 50 ms, or the polling fallback in a run with a restart.
     """
-    bounds = bounds or Bounds()
+    # A restart drops every server's notification connection: the polling bounds apply.
+    bounds = bounds or (Bounds.fallback() if pg is not None else Bounds())
     round_seconds = duration / rounds
     down = outage if outage is not None else random.uniform(*OUTAGE)
     after = max(1.0, 0.25 * round_seconds)

@@ -18,6 +18,8 @@ from typing import Any
 
 from bench.load.common import (
     DEFAULT_ADMIN_URL,
+    FALLBACK_REVOCATION_BOUND,
+    FALLBACK_ROTATION_BOUND,
     MIX,
     POSTGRES_ENV,
     REVOCATION_BOUND,
@@ -143,18 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rotation-bound",
         type=float,
-        default=ROTATION_BOUND,
         metavar="S",
-        help="seconds a rotation may take to reach the other servers/workers "
-        f"(default {ROTATION_BOUND:g})",
+        help="seconds a rotation may take to reach the other servers/workers (default "
+        f"{ROTATION_BOUND:g}, pushed; {FALLBACK_ROTATION_BOUND:g} with --pg-restart, polling)",
     )
     parser.add_argument(
         "--revocation-bound",
         type=float,
-        default=REVOCATION_BOUND,
         metavar="S",
-        help="seconds a revoked token may still be accepted elsewhere "
-        f"(default {REVOCATION_BOUND:g})",
+        help="seconds a revoked token may still be accepted elsewhere (default "
+        f"{REVOCATION_BOUND:g}, pushed; {FALLBACK_REVOCATION_BOUND:g} with --pg-restart)",
     )
     parser.add_argument(
         "--pg-restart",
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             mix=mix,
             servers=args.servers,
             workers=args.workers,
-            bounds=Bounds(args.rotation_bound, args.revocation_bound),
+            bounds=_bounds(args.rotation_bound, args.revocation_bound, args.pg_restart),
             pg_restart=args.pg_restart,
             outage=args.outage,
         )
@@ -219,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _bounds(rotation: float | None, revocation: float | None, pg_restart: bool) -> Bounds:
+    """The bounds given, the others by default (polling ones in a run with a restart)."""
+    default = Bounds.fallback() if pg_restart else Bounds()
+    return Bounds(
+        default.rotation if rotation is None else rotation,
+        default.revocation if revocation is None else revocation,
+    )
 
 
 def _package_doc() -> str:
