@@ -18,6 +18,7 @@ import falcon
 from qimem.app import AppContext
 from qimem.errors import ValidationError
 from qimem.identity.permissions import Principal
+from qimem.server.auth_providers_api import add_provider_routes
 from qimem.server.media import Field, Spec, plain_string, read_body, read_json
 from qimem.services import identity as ids
 
@@ -357,8 +358,6 @@ def add_auth_routes(app: falcon.App, app_ctx: AppContext, body_limit: int) -> No
     app.add_route(p + "/{realm}/jwks", JwksResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/audit", AuditResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/signing-key/rotate", SigningKeyResource(app_ctx, body_limit))
-    from qimem.server.auth_providers_api import add_provider_routes
-
     add_provider_routes(app, app_ctx, p, body_limit)
 
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 import falcon
 
 from qimem.app import AppContext
-from qimem.server.auth_api import caller
+from qimem.identity.permissions import Principal
 from qimem.server.media import Field, Spec, plain_string, read_json
 from qimem.services import auth_providers as aps
 
 EXTERNAL_USER_SPEC = Spec(
     Field("username", plain_string, required=True), Field("provider", plain_string, required=True)
 )
+
+
+def caller(req: falcon.Request) -> Principal | None:
+    """The acting principal (None only under ``--insecure-no-auth``)."""
+    return getattr(req.context, "principal", None)
 
 
 def _actor(req: falcon.Request) -> str:
