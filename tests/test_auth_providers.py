@@ -293,8 +293,14 @@ def test_outage_is_503_not_wrong_password(world: tuple[AppContext, TableAuth, st
             password_login(app, "acme", "erin", TABLE_USERS["erin"][0])
         assert info.value.http_status == 503
     assert _last_login(app, "acme").detail["reason"] == "provider_unavailable"
-    # A local user whose password is right is not held up by the table's outage.
+    # A local user whose password is right is not held up by the table's outage, and a
+    # wrong guess at his password is the counted 401, not an uncounted 503 (an oracle).
     password_login(app, "acme", "local-lou", password_of("local-lou"))
+    assert _refused(app, "acme", "local-lou", "guess-guess-guess")
+    assert _last_login(app, "acme").detail["reason"] == "bad_password"
+    # An unknown name during the outage: 503 like any other (the table might know it).
+    with pytest.raises(ProviderUnavailableError):
+        password_login(app, "acme", "nobody-known", "guess-guess-guess")
     table.down = False
     password_login(app, "acme", "erin", TABLE_USERS["erin"][0])  # not locked
 
@@ -503,7 +509,11 @@ def test_qauth_set_providers_and_login(tmp_path: Path, qimem_home: Path) -> None
     bad = runner.invoke(
         qauth, ["login", "--user", "admin", "--password-stdin"], input="wrong-one-1\n"
     )
-    assert bad.exit_code == 10 and "retry" in bad.output  # the directory could not decide
+    assert bad.exit_code == 4 and "invalid username or password" in bad.output
+    unknown = runner.invoke(
+        qauth, ["login", "--user", "somebody", "--password-stdin"], input="wrong-one-1\n"
+    )
+    assert unknown.exit_code == 10 and "retry" in unknown.output  # the directory is down
     missing = runner.invoke(
         qauth, ["realm", "set-providers", "master", "--config", str(tmp_path / "none.json")]
     )

@@ -268,6 +268,13 @@ def test_directory_down_is_503_with_retry_after(own_slapd: Slapd, app: AppContex
             timeout=20,
         )
         assert lou.status_code == 200
+        # ... and a wrong guess at his password is a counted 401, not an uncounted 503.
+        guess = requests.post(
+            f"{url}/v1/auth/realms/acme/token",
+            data={"grant_type": "password", "username": "lou", "password": "guess-Pass-1"},
+            timeout=20,
+        )
+        assert guess.status_code == 401
     own_slapd.start()
     password_login(app, "acme", "alice", dir_password("alice"))  # not locked by the outage
 

@@ -17,6 +17,7 @@ from qimem.identity.base import IdentityBase
 from qimem.identity.db import Database
 from qimem.identity.passwords import LoginBusyError
 from qimem.identity.providers import (
+    EXTERNAL_MARKER,
     PASSWORD,
     Authenticated,
     LoginAttempt,
@@ -53,6 +54,15 @@ def _keep_secrets(document: dict[str, Any], current: RealmAuth) -> dict[str, Any
     return merged
 
 
+def _could_accept(name: str, local: bool, user: User | None) -> bool:
+    """Whether provider ``name`` could log ``user`` (None: no qimem user yet) in."""
+    if user is None:
+        return True
+    if user.secret_hash.startswith(EXTERNAL_MARKER):
+        return user.secret_hash == external_marker(name)
+    return local
+
+
 class ProviderLogins(IdentityBase):
     """Login providers and the realms' login configuration.
 
@@ -87,54 +97,66 @@ class ProviderLogins(IdentityBase):
         locked: bool,
     ) -> tuple[Authenticated | None, str, ProviderUnavailableError | None]:
         """Ask the realm's providers in order; the first yes, its provider's name, and the
-        last "cannot decide" (if any). A locked user's login asks only local providers.
-        A provider that fails otherwise counts as unavailable (logged with its name)."""
+        last "cannot decide" that matters (if any). A locked user's login asks only local
+        providers. A provider that fails otherwise counts as unavailable (logged).
+
+        "Cannot decide" matters only from a provider that could have logged this user in:
+        any, for a name without a qimem user; only local providers for a local password
+        user (an external identity never takes over his account); only the owning provider
+        for an external user. So a directory outage never turns the refusal of a local
+        user's wrong password into an uncounted 503 (an oracle for guessing it)."""
         unavailable: ProviderUnavailableError | None = None
         last = config.providers[-1]
         for name in config.providers:
             last = name
             provider = self._provider(name)
+            local = bool(getattr(provider, "local", False)) or (
+                provider is None and name == PASSWORD
+            )
+            relevant = _could_accept(name, local, user)
+            failure: ProviderUnavailableError | None = None
+            found: Any = None
             if provider is None:
-                unavailable = ProviderUnavailableError(
+                failure = ProviderUnavailableError(
                     f"the login provider {name!r} of this realm is not loaded"
                 )
+            elif locked and not local:
                 continue
-            if locked and not getattr(provider, "local", False):
-                continue
-            attempt = LoginAttempt(
-                realm,
-                username,
-                password,
-                source,
-                config.options.get(name, {}),
-                user.secret_hash if user is not None else None,
-                self.hashing,
-            )
-            try:
-                found = provider.authenticate(attempt)
-            except ProviderUnavailableError as exc:
-                unavailable = exc
-                continue
-            except (AuthError, LoginBusyError, StoreUnavailableError):
-                raise
-            except Exception as exc:
-                log.warning(
-                    "login provider %r failed: %s (treated as unavailable)",
-                    name,
-                    type(exc).__name__,
+            else:
+                attempt = LoginAttempt(
+                    realm,
+                    username,
+                    password,
+                    source,
+                    config.options.get(name, {}),
+                    user.secret_hash if user is not None else None,
+                    self.hashing,
                 )
-                unavailable = ProviderUnavailableError(
-                    f"the login provider {name!r} failed; retry later"
-                )
-                continue
-            if found is not None:
-                if not isinstance(found, Authenticated):
-                    log.warning("login provider %r returned a %s", name, type(found).__name__)
-                    unavailable = ProviderUnavailableError(
+                try:
+                    found = provider.authenticate(attempt)
+                except ProviderUnavailableError as exc:
+                    failure = exc
+                except (AuthError, LoginBusyError, StoreUnavailableError):
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "login provider %r failed: %s (treated as unavailable)",
+                        name,
+                        type(exc).__name__,
+                    )
+                    failure = ProviderUnavailableError(
                         f"the login provider {name!r} failed; retry later"
                     )
-                    continue
+                if found is not None and not isinstance(found, Authenticated):
+                    log.warning("login provider %r returned a %s", name, type(found).__name__)
+                    found = None
+                    failure = ProviderUnavailableError(
+                        f"the login provider {name!r} failed; retry later"
+                    )
+            if found is not None:
                 return found, name, None
+            if failure is not None and relevant:
+                unavailable = failure
         return None, last, unavailable
 
     def _provider(self, name: str) -> Any:
