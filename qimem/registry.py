@@ -17,7 +17,7 @@ import importlib
 import re
 from collections.abc import Callable, Iterable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import pluggy
 
@@ -406,6 +406,11 @@ class Registry:
                 code="wrong_purpose",
             )
 
+    @overload
+    def algorithm(self, name: str) -> Algorithm: ...
+    @overload
+    def algorithm(self, name: str, purpose: str) -> Any: ...
+
     def algorithm(self, name: str, purpose: str = DEFAULT_PURPOSE) -> Any:
         """The algorithm called ``name``, which must serve ``purpose`` (default: an AEAD).
 
@@ -422,6 +427,11 @@ class Registry:
         )
         hint = _not_enabled_hint(name, self.plugin_names()) if isinstance(name, str) else ""
         raise UnsupportedAlgorithmError(f"unknown algorithm {name!r} (available: {known}){hint}")
+
+    @overload
+    def algorithm_by_id(self, algorithm_id: int) -> Algorithm: ...
+    @overload
+    def algorithm_by_id(self, algorithm_id: int, purpose: str) -> Any: ...
 
     def algorithm_by_id(self, algorithm_id: int, purpose: str = DEFAULT_PURPOSE) -> Any:
         """The algorithm with envelope id ``algorithm_id``, which must serve ``purpose``.
