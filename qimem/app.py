@@ -189,9 +189,7 @@ class AppContext:
             wrapper = KeyWrapper(key)
             key[:] = bytes(ROOT_KEY_SIZE)
         registry = self.registry
-        return Identity(
-            database, wrapper, settings, auth_providers=lambda: registry.auth_providers
-        )
+        return Identity(database, wrapper, settings, auth_providers=lambda: registry.auth_providers)
 
     def close_identity(self) -> None:
         """Flush the identity layer's audit log and release it (the context stays open)."""

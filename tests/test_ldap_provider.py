@@ -342,7 +342,7 @@ def test_docs_ldap_example_runs_against_slapd(
     directory) applied as written, with this directory's address, CA and password file."""
     import json
 
-    from qimem.cli.qauth import _provider_document
+    from qimem.cli.qauth_providers import _provider_document
 
     text = DOCS.read_text()
     block = re.search(

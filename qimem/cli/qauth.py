@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import Any
 
 import click
 
-from qimem.cli import QimemGroup
+from qimem.cli import QimemGroup, qauth_providers
 from qimem.cli.context import (
     CliState,
     ca_cert_option,
@@ -152,91 +151,6 @@ def realm_delete(state: QauthState, name: str, yes: bool, json_: bool) -> None:
     echo_result(json_, {"deleted": name}, f"realm {name} deleted")
 
 
-def _provider_document(path: str) -> dict[str, Any]:
-    """A realm's provider configuration from a JSON file (``-``: stdin). A provider's
-    ``bind_password_file`` (or any ``*_password_file``) is read here and sent as
-    ``bind_password``: secrets come from files, never from the command line."""
-    from pathlib import Path
-
-    from qimem.identity.providers import read_config_document
-
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValidationError(
-            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
-    document = read_config_document(text)
-    if not isinstance(document, dict):
-        raise ValidationError("the provider configuration must be a JSON object")
-    for name, options in list(document.items()):
-        if not isinstance(options, dict):
-            continue
-        for key in [k for k in options if k.endswith("_password_file")]:
-            secret_path = options.pop(key)
-            try:
-                secret = Path(str(secret_path)).read_text("utf-8").splitlines()[0]
-            except (OSError, UnicodeDecodeError, IndexError):
-                raise ValidationError(
-                    f"{name}.{key}: cannot read a password from {secret_path!r}"
-                ) from None
-            options[key.removesuffix("_file")] = secret
-    return document
-
-
-def _echo_providers(json_: bool, shown: dict[str, Any], realm: str) -> None:
-    if json_:
-        echo_json(shown)
-        return
-    mapping = shown.get("mapping", {})
-    click.echo(f"realm {realm}: providers {', '.join(shown['providers'])}")
-    for name in shown["providers"]:
-        for key, value in sorted((shown.get(name) or {}).items()):
-            if value is not None:
-                click.echo(f"  {name}.{key} = {value}")
-    for group, roles in sorted(mapping.get("groups", {}).items()):
-        click.echo(f"  group {group} -> {', '.join(roles)}")
-    for claim, values in sorted(mapping.get("claims", {}).items()):
-        for value, roles in sorted(values.items()):
-            click.echo(f"  claim {claim}={value} -> {', '.join(roles)}")
-    click.echo(f"  default roles: {', '.join(mapping.get('default_roles', [])) or '-'}")
-    click.echo(f"  just-in-time users: {'on' if mapping.get('jit_users') else 'off'}")
-
-
-@realm.command("providers")
-@click.argument("name")
-@json_option
-@pass_qauth
-def realm_providers(state: QauthState, name: str, json_: bool) -> None:
-    """Show realm NAME's login providers, their options (secrets as '(set)') and how
-    external identities map to roles."""
-    _echo_providers(json_, state.auth_backend.realm_providers(name), name)
-
-
-@realm.command("set-providers")
-@click.argument("name")
-@click.option(
-    "--config",
-    "config_file",
-    metavar="FILE",
-    help="JSON configuration ('-' for stdin); see docs/identity.md, 'Login providers'.",
-)
-@click.option("--reset", is_flag=True, help="Back to the password provider alone.")
-@json_option
-@pass_qauth
-def realm_set_providers(
-    state: QauthState, name: str, config_file: str | None, reset: bool, json_: bool
-) -> None:
-    """Set realm NAME's login provider chain and role mapping (master admins only).
-
-    A provider's 'bind_password_file' is read here and stored sealed under the root key.
-    """
-    if reset == (config_file is not None):
-        raise ValidationError("give either --config FILE or --reset")
-    document = None if reset else _provider_document(str(config_file))
-    _echo_providers(json_, state.auth_backend.set_realm_providers(name, document), name)
-
-
 # -- users ----------------------------------------------------------------------------
 
 
@@ -360,21 +274,6 @@ def user_disable(state: QauthState, realm: str, username: str, json_: bool) -> N
 def user_enable(state: QauthState, realm: str, username: str, json_: bool) -> None:
     """Enable USERNAME again (also clears a lockout)."""
     _set_enabled(state, realm, username, True, json_)
-
-
-@user.command("add-external")
-@realm_option
-@click.argument("username")
-@click.option("--provider", required=True, help="The external login provider (e.g. ldap).")
-@json_option
-@pass_qauth
-def user_add_external(
-    state: QauthState, realm: str, username: str, provider: str, json_: bool
-) -> None:
-    """Provision USERNAME for an external login provider (no password; roles come from
-    the realm's mapping at each login). Needed when just-in-time users are off."""
-    created = state.auth_backend.add_external_user(realm, username, provider)
-    echo_result(json_, created, f"user {username} added to realm {realm} for {provider}")
 
 
 # -- roles ----------------------------------------------------------------------------
@@ -572,6 +471,11 @@ def audit_cmd(
         [[_when(r["at"]), r["actor"], r["action"], r["target"], r["outcome"]] for r in found],
         ["WHEN", "ACTOR", "ACTION", "TARGET", "OUTCOME"],
     )
+
+
+realm.add_command(qauth_providers.realm_providers)
+realm.add_command(qauth_providers.realm_set_providers)
+user.add_command(qauth_providers.user_add_external)
 
 
 def main() -> None:
