@@ -568,3 +568,15 @@ def test_qauth_against_a_server(world: tuple[AppContext, TableAuth, str], tmp_pa
         reset = runner.invoke(qauth, [*remote, "realm", "set-providers", "acme", "--reset"])
         assert reset.exit_code == 0, reset.output
     assert aps.realm_providers(app, "acme").providers == ("password",)
+
+
+def test_deleting_a_realm_deletes_its_configuration(
+    world: tuple[AppContext, TableAuth, str],
+) -> None:
+    app, _, url = world
+    ids.create_realm(app, "gone")
+    _chain(app, "gone")
+    ids.delete_realm(app, "gone")
+    assert raw_sql(url, "DELETE FROM qimem_realm_auth WHERE realm = 'gone'") == 0
+    ids.create_realm(app, "gone")  # a new tenant of the same name starts with passwords only
+    assert aps.realm_providers(app, "gone").providers == ("password",)
