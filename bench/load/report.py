@@ -33,6 +33,7 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
             "p50_ms": _pct(lat, 0.50),
             "p99_ms": _pct(lat, 0.99),
             "max_ms": max(lat) if lat else None,
+            "time_s": round(sum(lat) / 1000, 2),  # connection time spent waiting for these
             "statuses": {str(s): n for s, n in sorted(result.statuses.get(op, {}).items())},
             "conn_errors": result.conn_errors.get(op, 0),
             "unavailable": result.unavailable.get(op, 0),
@@ -122,6 +123,8 @@ def failures(report: dict[str, Any]) -> list[str]:
             bad.append(f"qimem: {have} success audit records of {action}, {want} expected")
     if audit.get("duplicated_record_ids"):
         bad.append(f"qimem: {audit['duplicated_record_ids']} audit records share a record id")
+    if audit.get("records_without_id"):
+        bad.append(f"qimem: {audit['records_without_id']} audit records have no record id")
     if q.get("traceback"):
         bad.append("qimem: the server logged a traceback")
     if q.get("exit_code") not in (None, 0):
@@ -140,7 +143,7 @@ def render(report: dict[str, Any]) -> str:
     """The run as a plain-text table plus the checks."""
     lines = []
     head = f"{'side':6} {'op':13} {'count':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-    head += f"{'max ms':>8}  statuses"
+    head += f"{'max ms':>8} {'time s':>7}  statuses"
     lines.append(head)
     for side in ("qimem", "peer"):
         if side not in report:
@@ -154,7 +157,8 @@ def render(report: dict[str, Any]) -> str:
                 statuses += f" 503-store-unavailable:{o['unavailable']}"
             lines.append(
                 f"{side:6} {op:13} {o['count']:>8} {o['rps']:>8.1f} {_ms(o['p50_ms']):>8} "
-                f"{_ms(o['p99_ms']):>8} {_ms(o['max_ms']):>8}  {statuses}"
+                f"{_ms(o['p99_ms']):>8} {_ms(o['max_ms']):>8} {o.get('time_s', 0):>7.1f}  "
+                f"{statuses}"
             )
         lines.append(
             f"{side:6} {'all':13} {s['requests']:>8} {s['rps']:>8.1f} {'':>8} {_ms(s['p99_ms']):>8}"
@@ -190,7 +194,8 @@ def render(report: dict[str, Any]) -> str:
         found = ", ".join(f"{a} {want}/{have}" for a, (want, have) in q["audit"]["success"].items())
         lines.append(
             f"  qimem: success audit records (expected, found) {found}; records sharing a "
-            f"record id: {q['audit']['duplicated_record_ids']}; all records "
+            f"record id: {q['audit']['duplicated_record_ids']}, without one: "
+            f"{q['audit'].get('records_without_id')}; all records "
             f"{q['audit']['records']}"
         )
     if report.get("pg_restart"):

@@ -179,7 +179,8 @@ class QimemServers:
 
     def audit_counts(self, actions: list[str]) -> dict[str, Any]:
         """From the store itself: per action of ``actions`` in realm ``load``, the records
-        per outcome, and how many share a record id with another (0 unless duplicated)."""
+        per outcome; of the realm's records, how many share a record id with another and
+        how many have none (both ``None`` before the record id existed)."""
         import sqlalchemy as sa
 
         from qimem.sql import normalize_url
@@ -195,20 +196,25 @@ class QimemServers:
                     ),
                     {"realm": REALM, "actions": actions},
                 ).all()
-                duplicated = None
+                duplicated = without_id = None
                 if "record_id" in columns:
-                    duplicated = conn.execute(
+                    duplicated, without_id = conn.execute(
                         sa.text(
-                            "SELECT count(*) - count(DISTINCT record_id) FROM qimem_audit "
-                            "WHERE record_id IS NOT NULL"
-                        )
-                    ).scalar_one()
+                            "SELECT count(record_id) - count(DISTINCT record_id), "
+                            "count(*) - count(record_id) FROM qimem_audit WHERE realm = :realm"
+                        ),
+                        {"realm": REALM},
+                    ).one()
         finally:
             engine.dispose()
         counts: dict[str, dict[str, int]] = {a: {} for a in actions}
         for action, outcome, n in rows:
             counts[action][outcome] = int(n)
-        return {"records": counts, "duplicated_record_ids": duplicated}
+        return {
+            "records": counts,
+            "duplicated_record_ids": duplicated,
+            "records_without_id": without_id,
+        }
 
 
 def _home(workdir: Path, index: int) -> Path:

@@ -182,6 +182,7 @@ def run_load(
             },
             "records": found["records"],
             "duplicated_record_ids": found["duplicated_record_ids"],
+            "records_without_id": found["records_without_id"],
         }
     report["failures"] = failures(report)
     if report["failures"]:  # the servers' side of the story (the access log has no secrets)
