@@ -457,3 +457,38 @@ def test_a_crash_loop_backs_off_and_the_master_gives_up(
     assert len(delays) <= MAX_FAILURES + 1  # ... a bounded number of tries
     assert elapsed >= sum(backoffs[:-1])
     assert cpu - master_cpu < 0.25 * elapsed  # the master waited; it did not spin
+
+
+def test_a_plugin_enabled_in_the_config_serves_after_sighup(
+    tmp_path: Path, serve_env: dict[str, str], processes: list[ServeProcess]
+) -> None:
+    # The example third-party plugin, installed with real dist-info metadata on PYTHONPATH
+    # (as in test_plugins_disabled.py), enabled only once the server runs.
+    example = Path(__file__).resolve().parent.parent / "examples" / "qimem-plugin-aes-gcm-siv"
+    site = tmp_path / "site"
+    dist = site / "qimem_plugin_aes_gcm_siv-1.0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: qimem-plugin-aes-gcm-siv\nVersion: 1.0.0\n"
+    )
+    (dist / "entry_points.txt").write_text("[qimem]\naes-gcm-siv = qimem_plugin_aes_gcm_siv\n")
+    serve_env["PYTHONPATH"] = os.pathsep.join([str(site), str(example / "src")])
+    server = start(tmp_path, serve_env, processes)
+    create_key(server.port)
+
+    def create(name: str) -> int:
+        body = {"name": name, "algorithm": "aes-256-gcm-siv"}
+        return request(server.port, "POST", "/v1/security/keys", body)[0]
+
+    assert create("siv-before") == 400
+    config = tmp_path / "home" / "config.toml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text('[plugins]\nenabled = ["aes-gcm-siv"]\n')
+    config.chmod(0o600)
+    assert create("siv-not-yet") == 400
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in server.log(), timeout=60, what="the reload")
+    for i in range(6):  # whichever worker answers
+        assert create(f"siv-{i}") == 201
+    assert encrypt(server.port) == 200  # the keys made before still work
+    assert server.stop() == 0
