@@ -19,9 +19,10 @@ must reach the others' caches. Two ways, both always on where the store allows:
 
 A notice names things, never secrets: a kind, a realm, an identifier (a lineage id, a token
 id ``jti``, a user id) and, for key changes, the store's new rotation marker. It is a hint,
-never data: the identity caches re-read the row it names from the database, and a notice
-that does not parse (anyone who may connect to the database can ``NOTIFY``) is answered
-with a safe full revalidation, never trusted.
+never data (anyone who may connect to the database can ``NOTIFY``): it can only make a
+server drop cache entries (reloaded on next use) or refuse a token until the row it names
+is re-read from the database, which decides; it never admits anything. A notice that does
+not parse is answered with a safe full revalidation.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class Invalidator:
         self._app = app
         self.received_count = 0
         self.rejected_count = 0
+        self.handled_count = 0  # notices fully acted on (for tests)
 
     @property
     def pushing(self) -> bool:
@@ -167,6 +169,12 @@ class Invalidator:
 
     def received(self, payload: str) -> None:
         self.received_count += 1
+        try:
+            self._received(payload)
+        finally:
+            self.handled_count += 1
+
+    def _received(self, payload: str) -> None:
         change = parse(payload)
         if change is None:
             self.rejected_count += 1

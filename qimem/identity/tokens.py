@@ -183,6 +183,11 @@ class TokenService:
         self._cutoffs: dict[str, float] = {}  # user id -> tokens_valid_after (recent ones)
         self._revoked_loaded = 0.0
         self._revoked_purged = time.monotonic()
+        # Named by another server's change notice, until the row is re-read (refused
+        # meanwhile: a notice can only delay a token, never admit one): jti -> when, and
+        # user id -> when (his tokens issued until then).
+        self._suspect_jtis: dict[str, float] = {}
+        self._suspect_users: dict[str, float] = {}
 
     # -- keys -------------------------------------------------------------------------
 
@@ -441,7 +446,7 @@ class TokenService:
         now = time.monotonic()
         if now - self._revoked_loaded >= self._settings.revocation_refresh_seconds:
             self._refresh_revoked(now)
-        return jti in self._revoked
+        return jti in self._revoked or (bool(self._suspect_jtis) and jti in self._suspect_jtis)
 
     def cut_off(self, conn: Connection, user_id: str) -> float:
         """Refuse every access token of ``user_id`` issued until now (disable, password
@@ -467,26 +472,49 @@ class TokenService:
         if now - self._revoked_loaded >= self._settings.revocation_refresh_seconds:
             self._refresh_revoked(now)
         cutoff = self._cutoffs.get(user_id)
+        if self._suspect_users:
+            suspect = self._suspect_users.get(user_id)
+            if suspect is not None and (cutoff is None or suspect > cutoff):
+                cutoff = suspect
         return cutoff is not None and issued_at_ms <= int(cutoff * 1000)
 
     def reload_revocation(self, jti: str) -> None:
-        """Re-read one revoked token's row (another server revoked it: a change notice)."""
+        """Another server revoked ``jti`` (a change notice): refuse it at once, and re-read
+        its row, which decides (no row: the notice was wrong, and it is accepted again). If
+        the row cannot be read, it stays refused until the next full refresh."""
+        with self._lock:
+            self._suspect_jtis[jti] = time.time()
         c = tables.revoked_tokens.c
-        with self._db.begin() as conn:
-            row = conn.execute(sa.select(c.jti, c.expires_at).where(c.jti == jti)).first()
-        if row is not None:
-            with self._lock:
+        try:
+            with self._db.begin() as conn:
+                row = conn.execute(sa.select(c.jti, c.expires_at).where(c.jti == jti)).first()
+        except Exception:
+            self._revoked_loaded = float("-inf")
+            raise
+        with self._lock:
+            if row is not None:
                 self._revoked[row.jti] = float(row.expires_at)
+            self._suspect_jtis.pop(jti, None)
 
     def reload_cutoff(self, user_id: str) -> None:
-        """Re-read one user's token cut-off (another server disabled him, changed his
-        password or revoked a role of his: a change notice)."""
+        """Another server cut off ``user_id``'s tokens (disable, new password, role revoked:
+        a change notice): refuse those issued until now at once, and re-read his cut-off,
+        which decides (as :meth:`reload_revocation`)."""
+        with self._lock:
+            self._suspect_users[user_id] = time.time()
         c = tables.users.c
-        with self._db.begin() as conn:
-            at = conn.execute(sa.select(c.tokens_valid_after).where(c.user_id == user_id)).scalar()
-        if at:
-            with self._lock:
+        try:
+            with self._db.begin() as conn:
+                at = conn.execute(
+                    sa.select(c.tokens_valid_after).where(c.user_id == user_id)
+                ).scalar()
+        except Exception:
+            self._revoked_loaded = float("-inf")
+            raise
+        with self._lock:
+            if at:
                 self._cutoffs[user_id] = max(float(at), self._cutoffs.get(user_id, 0.0))
+            self._suspect_users.pop(user_id, None)
 
     def revalidate_all(self) -> None:
         """Re-read the revocation list, the cut-offs and the signing keys at next use
@@ -529,6 +557,9 @@ class TokenService:
             self._revoked = revoked
             self._cutoffs = cutoffs
             self._revoked_loaded = now
+            # What notices named before this read is decided by it (they committed first).
+            self._suspect_jtis = {j: t for j, t in self._suspect_jtis.items() if t > wall}
+            self._suspect_users = {u: t for u, t in self._suspect_users.items() if t > wall}
 
     def __repr__(self) -> str:
         return "<TokenService EdDSA>"

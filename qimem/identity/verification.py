@@ -170,10 +170,11 @@ class Verification(IdentityBase):
     # -- changes made by other servers (qimem.invalidation) ---------------------------
 
     def apply_change(self, kind: str, realm: str, ident: str) -> None:
-        """Act on another server's change notice at once: re-read a revoked token's row
-        (``token``, ``ident`` its jti) or a user's token cut-off (``user``); forget a
-        deleted realm's signing keys, verified tokens and roles (``realm``). A notice is
-        only a hint: what it names is re-read from the database, never taken from it."""
+        """Act on another server's change notice at once: a revoked token (``token``,
+        ``ident`` its jti) or a user's tokens (``user``) are refused until their row is
+        re-read, which decides; a deleted realm's signing keys, verified tokens and roles
+        are forgotten (``realm``). A notice is only a hint: it can delay a token by one
+        query, never admit one."""
         if kind == TOKEN:
             self.tokens.reload_revocation(ident)
         elif kind == USER:
