@@ -179,7 +179,8 @@ def _encrypt_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
             "ratio": q2 / q1 if q1 else None,
             "target": ">= 1.5",
             "ok": bool(q1) and q2 / q1 >= 1.5 and errors("qimem2") == errors("qimem1") == 0,
-            "notes": f"p99 {got['qimem2']['p99_ms']:.1f} ms vs {got['qimem1']['p99_ms']:.1f} ms; "
+            "notes": f"bare peer 2 vs 1 process on the same run: {b2 / b1 if b1 else 0:.2f}x; "
+            f"p99 {got['qimem2']['p99_ms']:.1f} ms vs {got['qimem1']['p99_ms']:.1f} ms; "
             f"errors {errors('qimem2'):.0f}/{errors('qimem1'):.0f}; {how}; wrk on CPU 1, "
             "servers on CPUs 0..N-1",
         }
