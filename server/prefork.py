@@ -295,6 +295,8 @@ class Master:
 
     def _on_ready(self, worker: _Worker) -> None:
         worker.ready_at = time.monotonic()
+        if self._stopping:  # it has its SIGTERM; start nothing more
+            return
         reload = self._reload
         if reload is not None and reload.new is worker:
             old = self._slots[worker.slot]
@@ -371,6 +373,9 @@ class Master:
                 "row and no worker is serving: giving up"
             )
             self._begin_stop(1)
+            return
+        if reload is not None and reload.new is not None and reload.new.slot == worker.slot:
+            self._say(f"worker {worker.slot} (pid {worker.pid}) {how}; its reload replaces it")
             return
         delay = backoff(self._failures)
         if reload is not None and worker.slot in reload.queue:
