@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -150,6 +151,7 @@ class Invalidator:
         self.received_count = 0
         self.rejected_count = 0
         self.handled_count = 0  # notices fully acted on (for tests)
+        self._full_at = float("-inf")  # the last full revalidation for a bad notice
 
     @property
     def pushing(self) -> bool:
@@ -176,24 +178,27 @@ class Invalidator:
 
     def _received(self, payload: str) -> None:
         change = parse(payload)
-        if change is None:
+        if change is None:  # never one of ours: at most one revalidation a second
             self.rejected_count += 1
-            log.warning("cache invalidation: a notice that does not parse; revalidating all")
-            self._app.cache.recheck()
-            identity = self._identity()
-            if identity is not None:
-                identity.revalidate_all()
+            self._revalidate_all("a notice that does not parse")
             return
         try:
             self.apply(change)
         except Exception as exc:  # e.g. the row it names could not be re-read: re-read all
-            log.warning(
-                "cache invalidation: %s applying a notice; revalidating all", type(exc).__name__
-            )
-            self._app.cache.recheck()
-            identity = self._identity()
-            if identity is not None:
-                identity.revalidate_all()
+            self._full_at = float("-inf")
+            self._revalidate_all(f"{type(exc).__name__} applying a notice")
+
+    def _revalidate_all(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self._full_at < 1.0:
+            return
+        self._full_at = now
+        log.warning("cache invalidation: %s; revalidating all (%d rejected so far)", why,
+                    self.rejected_count)  # fmt: skip
+        self._app.cache.recheck()
+        identity = self._identity()
+        if identity is not None:
+            identity.revalidate_all()
 
     def apply(self, change: Change) -> None:
         """Drop what ``change`` affects (and nothing else)."""
