@@ -34,6 +34,7 @@ from migration_helpers import downgrade
 
 from qimem import services
 from qimem.app import AppContext
+from qimem.builtin_plugins.sql.migrations import HEAD
 from qimem.errors import AuthError, QimemError
 from qimem.services import identity as ids
 
@@ -331,7 +332,8 @@ def test_finding15_rewinding_the_schema_version_does_not_reopen_sealing(
     raw_sql(url, "UPDATE alembic_version SET version_num = '0004'")
     with pytest.raises(QimemError):
         identity_app(url, root_key_b64)
-    raw_sql(url, "UPDATE alembic_version SET version_num = '0005'")  # the operator repairs it
+    # The operator repairs it (back to the newest revision, which the schema has).
+    raw_sql(url, "UPDATE alembic_version SET version_num = :head", head=HEAD)
     app = identity_app(url, root_key_b64)
     try:
         _assert_nothing_sealed(app, url)
