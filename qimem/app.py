@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # imported on first use: a command pays only for what it touc
 
     from qimem.backend import Backend, Catalog
     from qimem.identity import Identity
+    from qimem.identity.db import Database
     from qimem.identity.settings import IdentitySettings
     from qimem.keystore import KeyStore
     from qimem.registry import Registry
@@ -182,7 +183,7 @@ class AppContext:
         settings = self._identity_settings or settings_from_mapping(
             self.config.identity, str(self.config.path)
         )
-        database = self.backend.identity_database()
+        database = self._identity_database()
         wrapper = self.wrapper
         if wrapper is None:
             key = bytearray(os.urandom(ROOT_KEY_SIZE))
@@ -190,6 +191,22 @@ class AppContext:
             key[:] = bytes(ROOT_KEY_SIZE)
         registry = self.registry
         return Identity(database, wrapper, settings, auth_providers=lambda: registry.auth_providers)
+
+    def _identity_database(self) -> Database:
+        """The backend's identity database; a plugin factory's own exception is reported
+        under the plugin's name without its text (it may quote a URL and its password)."""
+        try:
+            return self.backend.identity_database()
+        except QimemError:
+            raise
+        except Exception as exc:
+            log.debug("identity database factory failed", exc_info=True)
+            scheme = self.backend.scheme
+            plugin = self.registry.keystore_plugin(scheme)
+            raise PluginError(
+                f"plugin {plugin!r} failed to open the {scheme!r} store's identity database "
+                f"({type(exc).__name__})"
+            ) from None
 
     def close_identity(self) -> None:
         """Flush the identity layer's audit log and release it (the context stays open)."""

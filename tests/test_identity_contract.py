@@ -273,12 +273,6 @@ def test_docs_identity_contract_example_passes(tmp_path: Path) -> None:
 # -- found while writing the contract ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding: audit records outlive a deleted realm and are served to a new realm of "
-    "the same name (another tenant); move this check into IdentityContract once fixed",
-)
 def test_recreated_realm_does_not_see_the_deleted_realms_audit() -> None:
     contract = IdentityContract()
     app = contract.prepared_app(registry_opener("memory", "memory://"), os.urandom(32))
@@ -294,12 +288,6 @@ def test_recreated_realm_does_not_see_the_deleted_realms_audit() -> None:
         app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionError,
-    reason="finding: an exception from a plugin's identity_database factory escapes raw, with "
-    "its text (a key store factory's is a PluginError naming the plugin, without the text)",
-)
 def test_failing_identity_database_factory_is_reported_without_its_text() -> None:
     def identity_database() -> Database:
         raise ConnectionError("cannot reach redis://:hunter2@10.0.0.9:6379/0")

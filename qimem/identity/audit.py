@@ -416,10 +416,14 @@ class AuditLog:
         action: str | None = None,
         actor: str | None = None,
         since_id: int = 0,
+        since_at: float = 0.0,
     ) -> list[AuditRecord]:
-        """Newest-first records of ``realm`` (buffered ones are flushed first)."""
+        """Newest-first records of ``realm`` (buffered ones are flushed first), none written
+        before ``since_at``."""
         self.flush()
         stmt = sa.select(tables.audit).where(tables.audit.c.realm == realm)
+        if since_at:
+            stmt = stmt.where(tables.audit.c.at >= since_at)
         if action:
             stmt = stmt.where(tables.audit.c.action == action)
         if actor:

@@ -59,6 +59,18 @@ def require(conn: Connection, name: str) -> None:
         raise NotFoundError(f"realm {name!r} does not exist", code="realm_not_found")
 
 
+def created_at(conn: Connection, name: str) -> float:
+    """When realm ``name`` was created. :raises NotFoundError: no such realm."""
+    found = None
+    if isinstance(name, str):
+        found = conn.execute(
+            sa.select(tables.realms.c.created_at).where(tables.realms.c.name == name)
+        ).scalar_one_or_none()
+    if found is None:
+        raise NotFoundError(f"realm {name!r} does not exist", code="realm_not_found")
+    return float(found)
+
+
 def create(conn: Connection, name: str) -> Realm:
     """Create a realm with the built-in roles. :raises ConflictError: it exists."""
     validate_realm(name)
