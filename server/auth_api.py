@@ -21,6 +21,7 @@ from qimem.identity.permissions import Principal
 from qimem.server.auth_providers_api import add_provider_routes
 from qimem.server.media import Field, Spec, plain_string, read_body, read_json
 from qimem.services import identity as ids
+from qimem.services import oidc
 
 AUTH_PREFIX = "/v1/auth/realms"
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -274,12 +275,16 @@ class ClientsResource(_Base):
 
 
 class TokenResource(_Base):
-    """The OAuth2 token endpoint (password, refresh_token, client_credentials grants)."""
+    """The OAuth2 token endpoint (password, refresh_token, client_credentials grants; an
+    external JWT with jwt-bearer or token-exchange: :mod:`qimem.services.oidc`)."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         params = read_params(req, self._limit)
         _no_store(resp)
         source = req.context.get("client_addr") or req.remote_addr
+        if params.get("grant_type") in oidc.ASSERTION_GRANTS:  # an external JWT
+            resp.media = oidc.assertion_token(self._app, realm, params, source=source)
+            return
         resp.media = ids.token(self._app, realm, params, source=source).to_dict()
 
 
@@ -314,6 +319,18 @@ class JwksResource(_Base):
     def on_get(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
         resp.set_header("Cache-Control", "public, max-age=60")
         resp.media = ids.jwks(self._app, realm)
+
+
+class DiscoveryResource(_Base):
+    """The realm's OpenID Provider metadata (public, like the JWKS). Its URLs are on the
+    origin of ``identity.issuer_base`` if that is a URL, else the request's (behind a
+    trusted proxy: the forwarded scheme)."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, realm: str) -> None:
+        scheme = req.context.get("client_scheme") or req.scheme
+        resp.set_header("Cache-Control", "public, max-age=60")
+        resp.set_header("Vary", "Host, X-Forwarded-Proto")
+        resp.media = oidc.discovery(self._app, realm, f"{scheme}://{req.netloc}")
 
 
 class AuditResource(_Base):
@@ -351,11 +368,16 @@ def add_auth_routes(app: falcon.App, app_ctx: AppContext, body_limit: int) -> No
     app.add_route(p + "/{realm}/users/{username}", users, suffix="item")
     app.add_route(p + "/{realm}/users/{username}/roles", users, suffix="roles")
     app.add_route(p + "/{realm}/roles", RolesResource(app_ctx, body_limit))
-    app.add_route(p + "/{realm}/clients", ClientsResource(app_ctx, body_limit))
+    from qimem.server.clients_api import add_client_routes  # GET, items: issue 15 item 5
+
+    add_client_routes(app, app_ctx, p, body_limit, ClientsResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/token", TokenResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/revoke", RevokeResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/introspect", IntrospectResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/jwks", JwksResource(app_ctx, body_limit))
+    app.add_route(
+        p + "/{realm}/.well-known/openid-configuration", DiscoveryResource(app_ctx, body_limit)
+    )
     app.add_route(p + "/{realm}/audit", AuditResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/signing-key/rotate", SigningKeyResource(app_ctx, body_limit))
     add_provider_routes(app, app_ctx, p, body_limit)

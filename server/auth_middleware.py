@@ -180,6 +180,7 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
         ("POST", p + "/{realm}/token"): Rule(public=True),
         ("POST", p + "/{realm}/revoke"): Rule(public=True),
         ("GET", p + "/{realm}/jwks"): Rule(public=True),
+        ("GET", p + "/{realm}/.well-known/openid-configuration"): Rule(public=True),
         ("POST", p + "/{realm}/introspect"): Rule(realm_param=True),
         ("GET", p + "/{realm}/audit"): Rule("audit:read", realm_param=True),
         ("POST", p + "/{realm}/signing-key/rotate"): Rule(

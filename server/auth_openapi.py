@@ -482,10 +482,71 @@ PATHS["/v1/auth/realms/{realm}/providers/users"] = {
     )
 }
 
+# External JWT / OIDC identities and OIDC discovery (docs/identity.md).
+_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 (a name)
+SCHEMAS["TokenRequest"]["properties"]["grant_type"]["enum"] += [_JWT_BEARER, _TOKEN_EXCHANGE]
+SCHEMAS["TokenRequest"]["properties"].update(
+    {
+        "assertion": {"type": "string", "description": "jwt-bearer: the external JWT."},
+        "subject_token": {"type": "string", "description": "token-exchange: the external JWT."},
+        "subject_token_type": {
+            "type": "string",
+            "enum": [
+                "urn:ietf:params:oauth:token-type:jwt",
+                "urn:ietf:params:oauth:token-type:id_token",
+            ],
+        },
+        "requested_token_type": {
+            "type": "string",
+            "enum": ["urn:ietf:params:oauth:token-type:access_token"],
+        },
+    }
+)
+SCHEMAS["TokenResponse"]["properties"]["issued_token_type"] = {
+    "type": "string",
+    "description": "token-exchange only: urn:ietf:params:oauth:token-type:access_token.",
+}
+SCHEMAS["OpenIdConfiguration"] = _obj(
+    {
+        "issuer": {"type": "string"},
+        "jwks_uri": {"type": "string"},
+        "token_endpoint": {"type": "string"},
+        "grant_types_supported": {"type": "array", "items": {"type": "string"}},
+        "id_token_signing_alg_values_supported": {"type": "array", "items": {"type": "string"}},
+    },
+    ["issuer", "jwks_uri", "token_endpoint", "grant_types_supported"],
+    closed=False,
+)
+PATHS["/v1/auth/realms/{realm}/token"]["post"]["summary"] = (
+    "OAuth2 token endpoint: grant_type password, refresh_token, client_credentials, or an "
+    "external JWT with urn:ietf:params:oauth:grant-type:jwt-bearer (assertion) or "
+    "urn:ietf:params:oauth:grant-type:token-exchange (subject_token) for a realm whose login "
+    "providers include jwt (form-encoded or JSON). Public."
+)
+PATHS["/v1/auth/realms/{realm}/.well-known/openid-configuration"] = {
+    "get": _op(
+        "openidConfiguration",
+        "OpenID Connect discovery: the realm's issuer (the iss of its tokens), JWKS and token "
+        "endpoint, grants and signing algorithms. Public.",
+        "200",
+        "OpenIdConfiguration",
+        [400, 404, 503],
+        params=[_REALM],
+    )
+}
+
+# Service accounts' lifecycle (issue 15 item 5): qimem.server.clients_api.
+from qimem.server import clients_api as _clients  # noqa: E402
+
+SCHEMAS.update(_clients.OPENAPI_SCHEMAS)
+PATHS["/v1/auth/realms/{realm}/clients"]["get"] = _clients.list_operation(_op, _REALM)
+PATHS.update(_clients.openapi_paths(_op, _REALM, _json_body))
+
 _PUBLIC = {"/healthz", "/readyz", "/metrics"}
 AUTH_NOTE = (
-    " Authentication: every endpoint except /healthz, /readyz, /metrics, the JWKS, token and "
-    "revocation endpoints needs 'Authorization: Bearer <access token>' from "
+    " Authentication: every endpoint except /healthz, /readyz, /metrics, the JWKS, OIDC "
+    "discovery, token and revocation endpoints needs 'Authorization: Bearer <access token>' from "
     "POST /v1/auth/realms/{realm}/token (401 without a valid token, 403 without the "
     "permission, 404 for another realm's keys); servers started with --insecure-no-auth "
     "serve loopback clients without tokens."
