@@ -2,7 +2,8 @@
 
 On SIGTERM or SIGINT (or :meth:`Server.stop` from another thread) the server stops
 accepting connections, lets every request in flight (being received, queued or running)
-finish and its response be sent, closes idle keep-alive connections, and returns; the
+finish and its response be sent, closes idle keep-alive connections (a connection accepted
+but silent so far gets :data:`FRESH_GRACE` seconds to send its request), and returns; the
 process then exits 0. A deadline (``drain_timeout``) bounds the wait.
 
 Waitress logs "Task queue depth is N" at WARNING for every request that waits for a worker
@@ -44,6 +45,8 @@ DEFAULT_CHANNEL_TIMEOUT = 60
 DEFAULT_REQUEST_TIMEOUT = 30
 DEFAULT_CLEANUP_INTERVAL = 5
 _LOOP_TIMEOUT = 1.0
+#: Seconds a connection accepted just before a stop may take to send its first request.
+FRESH_GRACE = 2.0
 
 
 def quiet_waitress_queue_logger() -> None:
@@ -67,6 +70,13 @@ class _TimedParser(HTTPRequestParser):
 
 class _Channel(HTTPChannel):
     parser_class = _TimedParser
+    #: whether the client has sent anything yet (see :meth:`Server._drain`)
+    spoke = False
+
+    def received(self, data: bytes) -> bool:
+        if data:
+            self.spoke = True
+        return bool(super().received(data))
 
 
 class Server:
@@ -180,9 +190,13 @@ class Server:
         wasyncore.dispatcher.close(server)  # stop listening; keep the trigger for wake-ups
         deadline = time.monotonic() + self.drain_timeout
         while server.active_channels and time.monotonic() < deadline:
+            now = time.time()
             for channel in list(server.active_channels.values()):
                 receiving = channel.request is not None  # a request partly received
-                if not (receiving or channel.requests or channel.total_outbufs_len):
+                # Accepted just before the stop, its request not here yet (a --workers
+                # reload retires a worker under traffic): not idle, for FRESH_GRACE.
+                fresh = not channel.spoke and now - channel.creation_time < FRESH_GRACE
+                if not (receiving or fresh or channel.requests or channel.total_outbufs_len):
                     channel.will_close = True  # idle (keep-alive): close it
             wasyncore.loop(timeout=0.05, map=server._map, use_poll=use_poll, count=1)
         if server.active_channels:

@@ -492,3 +492,23 @@ def test_a_plugin_enabled_in_the_config_serves_after_sighup(
         assert create(f"siv-{i}") == 201
     assert encrypt(server.port) == 200  # the keys made before still work
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_connection_accepted_just_before_a_stop_still_gets_its_answer(
+    tmp_path: Path, serve_env: dict[str, str], processes: list[ServeProcess], workers: str
+) -> None:
+    """The race a reload runs into: a worker accepts a connection, then gets SIGTERM before
+    the request's first byte arrives. The drain must not close it as an idle keep-alive."""
+    server = start(tmp_path, serve_env, processes, workers=workers)
+    pids = workers_of(server) if workers == "2" else [server.proc.pid]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        wait_for(lambda: sock.getsockname()[1] in socket_owners(server.port, pids), what="accept")
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the drain has begun; the client has not spoken yet
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert server.proc.wait(40) == 0
