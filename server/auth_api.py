@@ -368,7 +368,9 @@ def add_auth_routes(app: falcon.App, app_ctx: AppContext, body_limit: int) -> No
     app.add_route(p + "/{realm}/users/{username}", users, suffix="item")
     app.add_route(p + "/{realm}/users/{username}/roles", users, suffix="roles")
     app.add_route(p + "/{realm}/roles", RolesResource(app_ctx, body_limit))
-    app.add_route(p + "/{realm}/clients", ClientsResource(app_ctx, body_limit))
+    from qimem.server.clients_api import add_client_routes  # GET, items: issue 15 item 5
+
+    add_client_routes(app, app_ctx, p, body_limit, ClientsResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/token", TokenResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/revoke", RevokeResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/introspect", IntrospectResource(app_ctx, body_limit))

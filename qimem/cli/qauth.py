@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import click
 
-from qimem.cli import QimemGroup, qauth_providers
+from qimem.cli import QimemGroup, qauth_clients, qauth_providers
 from qimem.cli.context import (
     CliState,
     ca_cert_option,
@@ -476,6 +476,8 @@ def audit_cmd(
 realm.add_command(qauth_providers.realm_providers)
 realm.add_command(qauth_providers.realm_set_providers)
 user.add_command(qauth_providers.user_add_external)
+for _command in qauth_clients.COMMANDS:
+    client.add_command(_command)
 
 
 def main() -> None:

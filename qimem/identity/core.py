@@ -12,11 +12,12 @@ on the shared state of :mod:`~qimem.identity.base`.
 from __future__ import annotations
 
 from qimem.identity.admin import Administration, NewSecret
+from qimem.identity.clients import ClientAdministration
 from qimem.identity.logins import Logins, TokenResponse
 from qimem.identity.verification import Verification
 
 
-class Identity(Administration, Logins, Verification):
+class Identity(Administration, ClientAdministration, Logins, Verification):
     """Identity and access for one qimem deployment (one database)."""
 
 

@@ -1,4 +1,4 @@
-"""Identity tables (mirroring migrations 0002 and 0005) and the database handle identity runs on.
+"""Identity tables (mirroring migrations 0002, 0005 and 0008) and the database identity runs on.
 
 A store's backend (:class:`qimem.backend.Backend`) says which database identity uses: the
 SQL store's own (:meth:`Database.for_engine`); for ``memory://``, a private in-memory SQLite
@@ -154,3 +154,42 @@ class Database:
 
     def __repr__(self) -> str:
         return f"<identity Database {self.engine.dialect.name}>"
+
+
+# -- migration 0008: secret rotation overlap, the second factor -------------------------
+
+client_secrets = sa.Table(
+    "qimem_client_secrets",
+    metadata,
+    sa.Column("secret_id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("secret_hash", sa.String(512), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+)
+otp = sa.Table(
+    "qimem_otp",
+    metadata,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("secret_wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("confirmed", sa.Boolean, nullable=False),
+    sa.Column("last_step", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+otp_recovery = sa.Table(
+    "qimem_otp_recovery",
+    metadata,
+    sa.Column("code_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("realm", sa.String(64), nullable=False),
+    sa.Column("used", sa.Boolean, nullable=False),
+)
+realm_policy = sa.Table(
+    "qimem_realm_policy",
+    metadata,
+    sa.Column("realm", sa.String(64), primary_key=True),
+    sa.Column("otp_required", sa.Boolean, nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+)

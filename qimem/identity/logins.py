@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from qimem.errors import AuthError, QimemError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
+from qimem.identity.clients import secret_matches, secret_sealer
 from qimem.identity.login_providers import ProviderLogins
 from qimem.identity.passwords import verify_client_secret
 from qimem.identity.providers import RealmAuth, external_marker
@@ -330,8 +331,11 @@ class Logins(ProviderLogins):
             )
         if user is not None and user.kind != "client":
             user = None
-        ok = verify_client_secret(user.secret_hash if user else None, secret)
-        ok = ok and user is not None and self.sealer.user_ok(user)
+        # The secret is checked under the row lock, against the current secret and the
+        # previous ones still in their rotation overlap (qimem.identity.clients).
+        ok = user is not None and self.sealer.user_ok(user)
+        if user is None:
+            verify_client_secret(None, secret)  # the same work for an unknown client
         grants: list[tuple[str, str]] = []
         issued_at = 0.0
         with self.db.begin() as conn:
@@ -342,8 +346,10 @@ class Logins(ProviderLogins):
                 ok = (
                     now_row is not None
                     and now_row.enabled
-                    and now_row.secret_hash == user.secret_hash
+                    and now_row.kind == "client"
                     and self.sealer.user_ok(now_row)
+                    and secret_matches(conn, secret_sealer(self), now_row, secret, issued_at)
+                    is not None
                 )
                 if ok:
                     grants = roles.grants_of(conn, self.sealer, realm, user.user_id)

@@ -106,6 +106,10 @@ def delete(conn: Connection, name: str) -> None:
     require(conn, name)
     for table in (
         realm_auth,
+        tables.client_secrets,
+        tables.otp,
+        tables.otp_recovery,
+        tables.realm_policy,
         tables.grants,
         tables.refresh_tokens,
         tables.revoked_tokens,

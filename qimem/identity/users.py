@@ -145,7 +145,9 @@ def by_id(conn: Connection, user_id: str) -> User | None:
 def list_all(conn: Connection, sealer: Sealer, realm: str, kind: str | None = None) -> list[User]:
     """The realm's users with their grants; a user failing his MAC is shown disabled and
     locked, and grants failing theirs are left out."""
-    stmt = sa.select(tables.users).where(tables.users.c.realm == realm)
+    stmt = sa.select(tables.users).where(
+        tables.users.c.realm == realm, tables.users.c.kind != "deleted"
+    )  # a deleted service account's tombstone (qimem.identity.clients) is not listed
     if kind:
         stmt = stmt.where(tables.users.c.kind == kind)
     rows = conn.execute(stmt.order_by(tables.users.c.username)).all()
