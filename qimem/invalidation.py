@@ -52,7 +52,10 @@ TOKEN = "token"  # noqa: S105 (a kind's name)  an access token was revoked; iden
 USER = "user"  # a user's tokens were cut off (disable, password, role revoke); ident: user
 # id (user ids are unique across realms: the realm may be "")
 REALM = "realm"  # a realm was deleted (its tokens and keys); ident: ""
-KINDS = frozenset({LINEAGE, TOKEN, USER, REALM})
+# A lineage was rotated: a new active version; the old ones' material, states for
+# decryption and policy are unchanged, so only what encrypts by the lineage is dropped.
+ROTATION = "rotation"
+KINDS = frozenset({LINEAGE, ROTATION, TOKEN, USER, REALM})
 
 _MAX_FIELD = 64
 
@@ -203,8 +206,9 @@ class Invalidator:
     def apply(self, change: Change) -> None:
         """Drop what ``change`` affects (and nothing else)."""
         cache = self._app.cache
-        if change.kind == LINEAGE:
-            cache.invalidate_lineage(change.ident, marker=change.marker or None)
+        if change.kind in (LINEAGE, ROTATION):
+            rotation = change.kind == ROTATION
+            cache.invalidate_lineage(change.ident, marker=change.marker or None, rotation=rotation)
             return
         if change.kind == REALM:
             cache.invalidate_realm(change.realm)
@@ -287,6 +291,7 @@ __all__ = [
     "CHANNEL",
     "KINDS",
     "LINEAGE",
+    "ROTATION",
     "MAX_PAYLOAD",
     "REALM",
     "TOKEN",

@@ -360,13 +360,26 @@ class KeyCache:
             found.extend(refs.values())
         return found
 
-    def invalidate_lineage(self, lineage_id: str, *, marker: object = None) -> None:
-        """Drop every entry of a lineage (after a rotation, state or policy change).
+    def invalidate_lineage(
+        self, lineage_id: str, *, marker: object = None, rotation: bool = False
+    ) -> None:
+        """Drop every entry of a lineage (after a state or policy change).
 
-        ``marker``: the store's rotation marker after that change (a change feed's notice
-        carries it), remembered so the next marker comparison does not drop everything.
+        ``rotation``: the change was a rotation, which only adds a version and makes the
+        previous active one decrypt-only; so only the entries that encrypt (by reference)
+        are dropped, and the versions' decryption entries, whose material, policy and
+        decryptability did not change, stay (a rotation used to make every decryption of
+        the lineage miss). ``marker``: the store's rotation marker after that change (a
+        change feed's notice carries it), remembered so the next marker comparison does
+        not drop everything.
         """
-        self._drop_where(lambda entry: entry.meta.lineage_id == lineage_id)
+        if rotation:
+            self._drop_where(
+                lambda entry: entry.meta.lineage_id == lineage_id,
+                keep_decryption=True,
+            )
+        else:
+            self._drop_where(lambda entry: entry.meta.lineage_id == lineage_id)
         if marker is not None:
             with self._check_lock:
                 self._marker = marker
@@ -375,13 +388,19 @@ class KeyCache:
         """Drop every entry of a realm (it was deleted)."""
         self._drop_where(lambda entry: entry.realm == realm)
 
-    def _drop_where(self, dropped: Callable[[CachedKey], bool]) -> None:
+    def _drop_where(
+        self, dropped: Callable[[CachedKey], bool], *, keep_decryption: bool = False
+    ) -> None:
         with self._lock:
             self.generation += 1
             self.invalidations += 1
-            tables: list[dict] = [*self.by_ref.values(), self.by_prefix, self.derived]  # type: ignore[type-arg]
+            tables: list[dict] = [*self.by_ref.values(), self.derived]  # type: ignore[type-arg]
+            if not keep_decryption:
+                tables.append(self.by_prefix)
             for table in tables:
                 for k in [k for k, v in table.items() if dropped(v)]:
+                    if keep_decryption and table is self.derived and isinstance(k[1], bytes):
+                        continue  # a derived key's decryption entry (slot by prefix)
                     self._retire(table.pop(k))
                     self.dropped += 1
 

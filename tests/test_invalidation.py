@@ -79,7 +79,34 @@ def test_rotation_reaches_the_other_server_within_50ms_and_drops_only_its_lineag
     # Targeted: y's entry is the very same object, still valid; only x's went.
     assert b.cache.for_encrypt(DEFAULT_REALM, "y") is entry_y
     assert services.decrypt(b, sealed_y).plaintext == b"kept"
-    assert b.cache.dropped - dropped <= 2 * len(rotations)  # x's by-ref and by-prefix entries
+    assert b.cache.dropped - dropped <= 2 * len(rotations)  # x's by-ref entries only
+
+
+def test_rotation_keeps_the_old_versions_decryption_entries(
+    pair: tuple[AppContext, AppContext],
+) -> None:
+    """A rotation changes only which version encrypts: on both servers the old version's
+    decryption entry stays (the same object), so decryptions of the lineage do not miss;
+    encryption moves to the new version."""
+    from qimem.envelope import PREFIX_SIZE
+
+    a, b = pair
+    name = fresh("r")
+    services.create_key(a, name=name)
+    sealed = services.encrypt(b, name, b"old").envelope
+    assert services.decrypt(a, sealed).plaintext == b"old"
+    held = {app: app.cache.for_decrypt(DEFAULT_REALM, sealed[:PREFIX_SIZE]) for app in (a, b)}
+    assert all(entry is not None for entry in held.values())
+    services.rotate_key(a, name)
+    wait(entry_gone(b, name))
+    assert key_version(a, name) == 2 and key_version(b, name) == 2
+    for app, entry in held.items():
+        assert app.cache.for_decrypt(DEFAULT_REALM, sealed[:PREFIX_SIZE]) is entry
+        assert services.decrypt(app, sealed).plaintext == b"old"
+    # A state change of that version still drops it everywhere.
+    key_states.disable_version(a, name, version=1)
+    wait(prefix_gone(b, sealed))
+    assert refused(lambda: services.decrypt(b, sealed))
 
 
 def _cached_v1(a: AppContext, b: AppContext) -> tuple[str, bytes]:

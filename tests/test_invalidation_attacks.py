@@ -145,7 +145,8 @@ def test_notices_carry_identifiers_only(
             captured.extend(n.payload for n in listener.notifies(timeout=0.2))
 
     kinds = [json.loads(p)["k"] for p in captured]
-    assert kinds.count("lineage") == 4 and "token" in kinds and "user" in kinds
+    assert kinds.count("lineage") == 3 and kinds.count("rotation") == 1
+    assert "token" in kinds and "user" in kinds
     assert "realm" in kinds
     secrets = [
         login.access_token,

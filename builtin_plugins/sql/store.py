@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
-from qimem.invalidation import LINEAGE, Change, notify
+from qimem.invalidation import LINEAGE, ROTATION, Change, notify
 from qimem.keys import (
     KeyState,
     KeyVersion,
@@ -344,7 +344,7 @@ class SqlKeyStore(KeyStore):
                     created_at=datetime.now(UTC),
                 )
                 self._insert_version(conn, rotated, material)
-                self._bump_marker(conn, realm, current.lineage_id)
+                self._bump_marker(conn, realm, current.lineage_id, kind=ROTATION)
         except IntegrityError:  # the unique (lineage, version) backstop
             raise KeyNotActiveError(
                 f"key {key_id} was rotated concurrently; retry with the active version"
@@ -370,7 +370,9 @@ class SqlKeyStore(KeyStore):
             _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
         )
 
-    def _bump_marker(self, conn: sa.Connection, realm: str, lineage_id: str) -> None:
+    def _bump_marker(
+        self, conn: sa.Connection, realm: str, lineage_id: str, *, kind: str = LINEAGE
+    ) -> None:
         """Change the rotation marker and, on PostgreSQL, notify every server's change feed
         that ``lineage_id`` changed (both take effect when ``conn``'s transaction commits;
         the marker row's lock orders concurrent changes, so notices arrive in marker order)."""
@@ -378,7 +380,7 @@ class SqlKeyStore(KeyStore):
         conn.execute(
             sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=marker)
         )
-        notify(conn, Change(LINEAGE, realm, lineage_id, marker))
+        notify(conn, Change(kind, realm, lineage_id, marker))
 
     def _lineage_row(self, conn: sa.Connection, realm: str, lineage_id: str) -> Any:
         row = conn.execute(

@@ -147,7 +147,7 @@ def rotate_key(
         rotated = app.store.rotate(realm, current.key_id, material)
     finally:
         zero(material)
-        app.cache.invalidate_lineage(lineage_id)
+        app.cache.invalidate_lineage(lineage_id, rotation=True)
     from qimem.events import KeyEvent  # imported when an event happens
 
     app.registry.notify_key_event(KeyEvent("rotated", realm, rotated, previous=current))
