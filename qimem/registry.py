@@ -46,6 +46,7 @@ DEFAULT_PLUGINS = (
     "qimem.builtin_plugins.sql_keystore",
     "qimem.builtin_plugins.password_auth",
     "qimem.builtin_plugins.ldap_auth",
+    "qimem.builtin_plugins.jwt_auth",
 )
 
 #: A store plugin's factory: ``factory(url, wrapper)`` returns a :class:`qimem.backend.Backend`

@@ -140,6 +140,7 @@ BUILTINS = {
     "key-purposes",  # signing, MAC and deterministic algorithms (issue 16)
     "password-auth",
     "ldap-auth",
+    "jwt-auth",
 }
 
 

@@ -22,6 +22,7 @@ from qimem.services import identity as ids
 
 BUILTINS = {"aes-256-gcm", "chacha20-poly1305", "memory-keystore", "sql-keystore"}
 BUILTINS |= {"key-purposes"}  # signing, MAC and deterministic algorithms (issue 16)
+BUILTINS |= {"password-auth", "ldap-auth", "jwt-auth"}  # login providers (issue 15)
 
 
 def manifest(name: str = "siv", **changes: Any) -> dict[str, Any]:
