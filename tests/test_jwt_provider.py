@@ -335,3 +335,43 @@ def test_accounts_and_realms(world: tuple[AppContext, OidcIssuer, str]) -> None:
         f"{url}/v1/auth/realms/ci/token", data={"grant_type": JWT_BEARER}, timeout=10
     )
     assert no_assertion.status_code == 400
+
+
+def test_qauth_login_with_a_jwt_file(
+    world: tuple[AppContext, OidcIssuer, str], tmp_path: Path
+) -> None:
+    """``qauth login --jwt-file FILE`` (never the JWT on the command line), against a
+    server and on the local store; the options are exclusive."""
+    from click.testing import CliRunner
+
+    from qimem.cli.qauth import qauth
+    from qimem.cli.qauth_backends import LocalBackend
+    from qimem.cli.qauth_providers import jwt_login
+
+    app, issuer, url = world
+    token_file = tmp_path / "ci.jwt"
+    token_file.write_text(issuer.sign(**good_claims()) + "\n")
+    runner = CliRunner()
+    done = runner.invoke(
+        qauth, ["--server", url, "login", "--realm", "ci", "--jwt-file", str(token_file)]
+    )
+    assert done.exit_code == 0, done.output
+    assert ids.authenticate(app, done.output.strip()).username == "deploy-bot"
+    from_stdin = runner.invoke(
+        qauth,
+        ["--server", url, "login", "--realm", "ci", "--jwt-file", "-", "--json"],
+        input=issuer.sign(**good_claims()),
+    )
+    assert from_stdin.exit_code == 0 and "access_token" in json.loads(from_stdin.output)
+    refused = runner.invoke(
+        qauth, ["--server", url, "login", "--realm", "ci", "--jwt-file", "-"],
+        input=issuer.sign(**good_claims(aud="other")),
+    )  # fmt: skip
+    assert refused.exit_code == 4 and REFUSED in refused.output
+    both = runner.invoke(
+        qauth, ["--server", url, "login", "--user", "x", "--jwt-file", str(token_file)]
+    )
+    assert both.exit_code == 2
+    assert runner.invoke(qauth, ["--server", url, "login", "--user", "x"]).exit_code == 2
+    local = jwt_login(LocalBackend(app), "ci", str(token_file))
+    assert ids.authenticate(app, local["access_token"]).username == "deploy-bot"

@@ -424,16 +424,34 @@ def token_cmd(
 
 @qauth.command("login")
 @realm_option
-@click.option("--user", "username", required=True, help="Username.")
-@click.option("--password-stdin", is_flag=True, required=True, help="Read the password from stdin.")
+@click.option("--user", "username", help="Username (with --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option(
+    "--jwt-file",
+    metavar="FILE",
+    help="Log in with an external JWT read from FILE ('-': stdin) instead (the realm's "
+    "jwt provider; docs/identity.md).",
+)
 @json_option
 @pass_qauth
 def login_cmd(
-    state: QauthState, realm: str, username: str, password_stdin: bool, json_: bool
+    state: QauthState,
+    realm: str,
+    username: str | None,
+    password_stdin: bool,
+    jwt_file: str | None,
+    json_: bool,
 ) -> None:
-    """Log in through the realm's login providers (password, LDAP ...) and print the
-    access token."""
-    issued = state.auth_backend.token(realm, username, _read_secret_stdin("password"))
+    """Log in through the realm's login providers (password, LDAP, an external JWT ...)
+    and print the access token."""
+    if jwt_file is not None:
+        if username or password_stdin:
+            raise click.UsageError("--jwt-file goes without --user and --password-stdin")
+        issued = qauth_providers.jwt_login(state.auth_backend, realm, jwt_file)
+    elif username is None or not password_stdin:
+        raise click.UsageError("give --user NAME --password-stdin, or --jwt-file FILE")
+    else:
+        issued = state.auth_backend.token(realm, username, _read_secret_stdin("password"))
     echo_result(json_, issued, issued["access_token"])
 
 

@@ -1,7 +1,8 @@
 """``qauth`` commands for a realm's login providers: ``realm providers``, ``realm
 set-providers`` and ``user add-external`` (attached to their groups by
-:mod:`qimem.cli.qauth`). A provider's ``*_password_file`` option is read here, so a
-service password never appears on a command line."""
+:mod:`qimem.cli.qauth`), and ``qauth login --jwt-file`` (:func:`jwt_login`). A provider's
+``*_password_file`` option is read here, so a service password never appears on a command
+line; nor does a JWT."""
 
 from __future__ import annotations
 
@@ -112,3 +113,34 @@ def user_add_external(state: Any, realm: str, username: str, provider: str, json
     the realm's mapping at each login). Needed when just-in-time users are off."""
     created = state.auth_backend.add_external_user(realm, username, provider)
     echo_result(json_, created, f"user {username} added to realm {realm} for {provider}")
+
+
+#: The longest JWT ``qauth login --jwt-file`` sends (the server's own limit is lower).
+MAX_JWT = 64 * 1024
+
+
+def jwt_login(backend: Any, realm: str, path: str) -> dict[str, Any]:
+    """Swap the external JWT in file ``path`` ('-': stdin) for an access token of
+    ``realm`` (the jwt-bearer grant), on a server (``--server``) or the local store."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    try:
+        text = sys.stdin.read(MAX_JWT + 1) if path == "-" else Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationError(
+            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    assertion = text.strip()
+    if not assertion:
+        raise ValidationError(f"no JWT in {path}")
+    if len(assertion) > MAX_JWT:
+        raise ValidationError(f"the JWT in {path} is too long")
+    params = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+    client = getattr(backend, "client", None)
+    if client is not None:  # a server's token endpoint
+        path_ = "/v1/auth/realms/" + quote(realm, safe="") + "/token"
+        return dict(client.request("POST", path_, params, form=True, auth=False))
+    from qimem.services import oidc
+
+    return oidc.assertion_token(backend.app, realm, params)
