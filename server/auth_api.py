@@ -381,6 +381,9 @@ def add_auth_routes(app: falcon.App, app_ctx: AppContext, body_limit: int) -> No
     app.add_route(p + "/{realm}/audit", AuditResource(app_ctx, body_limit))
     app.add_route(p + "/{realm}/signing-key/rotate", SigningKeyResource(app_ctx, body_limit))
     add_provider_routes(app, app_ctx, p, body_limit)
+    from qimem.server.otp_api import add_otp_routes  # the second factor: issue 15 item 6
+
+    add_otp_routes(app, app_ctx, p, body_limit)
 
 
 __all__ = ["AUTH_PREFIX", "add_auth_routes", "caller", "read_params"]

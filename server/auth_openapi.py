@@ -542,6 +542,12 @@ from qimem.server import clients_api as _clients  # noqa: E402
 SCHEMAS.update(_clients.OPENAPI_SCHEMAS)
 PATHS["/v1/auth/realms/{realm}/clients"]["get"] = _clients.list_operation(_op, _REALM)
 PATHS.update(_clients.openapi_paths(_op, _REALM, _json_body))
+# The second factor of password users (issue 15 item 6): qimem.server.otp_api.
+from qimem.server import otp_api as _otp  # noqa: E402
+
+SCHEMAS.update(_otp.OPENAPI_SCHEMAS)
+PATHS.update(_otp.openapi_paths(_op, _REALM, _USERNAME))
+SCHEMAS["TokenRequest"]["properties"]["otp"] = {"type": "string", "maxLength": 64}
 
 _PUBLIC = {"/healthz", "/readyz", "/metrics"}
 AUTH_NOTE = (

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import click
 
-from qimem.cli import QimemGroup, qauth_clients, qauth_providers
+from qimem.cli import QimemGroup, qauth_clients, qauth_otp, qauth_providers
 from qimem.cli.context import (
     CliState,
     ca_cert_option,
@@ -451,7 +451,9 @@ def login_cmd(
     elif username is None or not password_stdin:
         raise click.UsageError("give --user NAME --password-stdin, or --jwt-file FILE")
     else:
-        issued = state.auth_backend.token(realm, username, _read_secret_stdin("password"))
+        password = _read_secret_stdin("password")
+    otp = sys.stdin.readline().strip() or None  # a second line: the second-factor code
+    issued = state.auth_backend.token(realm, username, password, otp)
     echo_result(json_, issued, issued["access_token"])
 
 
@@ -496,6 +498,7 @@ realm.add_command(qauth_providers.realm_set_providers)
 user.add_command(qauth_providers.user_add_external)
 for _command in qauth_clients.COMMANDS:
     client.add_command(_command)
+qauth.add_command(qauth_otp.otp)
 
 
 def main() -> None:

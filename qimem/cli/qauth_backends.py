@@ -68,7 +68,9 @@ class Backend:
     def create_client(self, realm: str, client_id: str, roles: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+    def token(
+        self, realm: str, username: str, password: str | None, otp: str | None = None
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def rotate_signing_key(self, realm: str) -> str:
@@ -142,9 +144,13 @@ class LocalBackend(Backend):
         made = self.ids.create_client(self.app, realm, client_id, roles)
         return {**made.user.to_dict(), "client_id": client_id, "client_secret": made.secret}
 
-    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+    def token(
+        self, realm: str, username: str, password: str | None, otp: str | None = None
+    ) -> dict[str, Any]:
         if password is not None:
             params = {"grant_type": "password", "username": username, "password": password}
+            if otp:
+                params["otp"] = otp
             return self.ids.token(self.app, realm, params).to_dict()
         try:
             return self.ids.mint_token(self.app, realm, username).to_dict()
@@ -243,10 +249,14 @@ class RemoteBackend(Backend):
         body = {"client_id": client_id, "roles": roles}
         return self.client.request("POST", self._path(realm, "/clients"), body)
 
-    def token(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
+    def token(
+        self, realm: str, username: str, password: str | None, otp: str | None = None
+    ) -> dict[str, Any]:
         if password is None:
             raise ValidationError("with --server, qauth token needs --password-stdin")
         params = {"grant_type": "password", "username": username, "password": password}
+        if otp:
+            params["otp"] = otp
         return self.client.request(
             "POST", self._path(realm, "/token"), params, form=True, auth=False
         )

@@ -18,6 +18,7 @@ from qimem.errors import AuthError, QimemError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.clients import secret_matches, secret_sealer
 from qimem.identity.login_providers import ProviderLogins
+from qimem.identity.otp import ENROLLMENT_REQUIRED, OTP_FAILURES, OtpAdministration
 from qimem.identity.passwords import verify_client_secret
 from qimem.identity.providers import RealmAuth, external_marker
 from qimem.identity.tokens import lock_user_row
@@ -56,7 +57,7 @@ class TokenResponse:
         return body
 
 
-class Logins(ProviderLogins):
+class Logins(ProviderLogins, OtpAdministration):
     """The token endpoint's grants (the password grant through the realm's login
     providers: :class:`~qimem.identity.login_providers.ProviderLogins`)."""
 
@@ -107,10 +108,20 @@ class Logins(ProviderLogins):
         return grants, rtoken, rexp
 
     def password_grant(
-        self, realm: str, username: str, password: str, *, source: str | None = None
+        self,
+        realm: str,
+        username: str,
+        password: str,
+        *,
+        source: str | None = None,
+        otp: str | None = None,
     ) -> TokenResponse:
         """Log in with a username and password through the realm's provider chain: access +
         refresh token, one uniform 401, or 503 when a provider could not decide.
+
+        ``otp``: the second factor (a TOTP code or a recovery code) of a user who has one
+        (:mod:`qimem.identity.otp`); checked after the password, before the lockout state
+        is claimed, and a wrong or missing one is the same counted 401 as a wrong password.
 
         ``source`` is the client's address: one address (and one account) gets at most a
         fair share of the hashing slots (:class:`PasswordHashing`), else 503 ``login_busy``.
@@ -184,6 +195,8 @@ class Logins(ProviderLogins):
                     except QimemError:
                         reason = "not_provisioned"
                 if user is not None and reason is None:
+                    reason = self.second_factor(conn, realm, user, otp)
+                if user is not None and reason is None:
                     verified = found.verified_hash or external_marker(provider_name)
                     reason = lockout.claim_success(conn, user.user_id, verified)
                     now_row = users.by_id(conn, user.user_id) if reason is None else None
@@ -218,6 +231,12 @@ class Logins(ProviderLogins):
         if reason == "provider_unavailable":
             assert unavailable is not None
             raise unavailable
+        if reason == ENROLLMENT_REQUIRED:  # only after the password was verified
+            raise AuthError(
+                "this realm requires a second factor (TOTP) and this account has none; "
+                "an administrator must enroll it (qauth otp enroll)",
+                code=ENROLLMENT_REQUIRED,
+            )
         if reason is not None:
             raise _login_error()
         assert user is not None
@@ -238,7 +257,7 @@ class Logins(ProviderLogins):
         if not known_realm:
             return
         locked_now = False
-        if reason == "bad_password" and user is not None:
+        if (reason == "bad_password" or reason in OTP_FAILURES) and user is not None:
             counted = lockout.record_failure(conn, user.user_id, self.settings)
             locked_now = counted == "locked_now"
             if counted == "locked":

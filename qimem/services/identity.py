@@ -326,7 +326,12 @@ def token(
 
     ident = identity(app)
     if grant == "password":
-        return ident.password_grant(realm, need("username"), need("password"), source=source)
+        otp = params.get("otp")  # the second factor, if the user has one
+        if otp is not None and not isinstance(otp, str):
+            raise ValidationError("otp must be a string", code="invalid_request")
+        return ident.password_grant(
+            realm, need("username"), need("password"), source=source, otp=otp
+        )
     if grant == "refresh_token":
         return ident.refresh_grant(realm, need("refresh_token"))
     return ident.client_credentials_grant(realm, need("client_id"), need("client_secret"))
