@@ -20,6 +20,9 @@ if all hold:
   one of its list of values; a list-valued claim matches if one element does);
 * ``user_claim`` (default ``sub``), after ``username_prefix``, is a valid qimem username.
 
+Claim names may be paths into nested objects (``kubernetes.io/namespace``), in
+``user_claim``, ``groups_claim``, ``bound_claims`` and the realm's ``mapping.claims``.
+
 URLs must be ``https://`` (``ca_file`` names a private CA); plain ``http://`` is accepted
 only for a loopback host with ``allow_http_loopback`` (tests). An issuer that cannot be
 reached (or answers nonsense) makes the provider *unavailable* (503), never "invalid".
@@ -305,6 +308,24 @@ class _IssuerKeys:
             raise AssertionRejected("unknown_kid", self._options["issuer"]) from None
 
 
+def _flat(claims: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    """The claims whose values are scalars or lists of scalars, nested objects' included
+    as ``outer/inner`` paths (e.g. ``kubernetes.io/serviceaccount/name``), at most 256."""
+    found: dict[str, Any] = {}
+    for key, value in claims.items():
+        name = prefix + str(key)
+        if isinstance(value, str | int | float | bool) or (
+            isinstance(value, list) and all(isinstance(x, str | int | float | bool) for x in value)
+        ):
+            found.setdefault(name, value)
+        elif isinstance(value, dict) and depth < 3:
+            for inner, got in _flat(value, name + "/", depth + 1).items():
+                found.setdefault(inner, got)
+        if len(found) >= 256:
+            break
+    return found
+
+
 def _claim_matches(got: Any, wanted: list[Any]) -> bool:
     values = got if isinstance(got, list) else [got]
     return any(type(v) is type(w) and v == w for v in values for w in wanted if v is not None)
@@ -397,15 +418,16 @@ class JwtProvider:
     def _identity(
         self, claims: dict[str, Any], issuer: Mapping[str, Any], name: str
     ) -> Authenticated:
+        flat = _flat(claims)  # a top-level claim named "a/b" wins over the path a → b
         now = time.time()
         exp = claims["exp"]
         start = claims.get("iat", now)
         if not isinstance(start, int | float) or exp - start > issuer["max_lifetime"]:
             raise AssertionRejected("lifetime", name)
         for claim, wanted in issuer["bound_claims"].items():
-            if not _claim_matches(claims.get(claim), wanted):
+            if not _claim_matches(flat.get(claim), wanted):
                 raise AssertionRejected("bound_claim", name)
-        subject = claims.get(issuer["user_claim"])
+        subject = flat.get(issuer["user_claim"])
         if not isinstance(subject, str) or not subject:
             raise AssertionRejected("missing_claim", name)
         username = str(issuer["username_prefix"]) + subject
@@ -415,17 +437,11 @@ class JwtProvider:
             raise AssertionRejected("bad_username", name) from None
         groups: list[str] = []
         if issuer["groups_claim"]:
-            raw = claims.get(issuer["groups_claim"], [])
+            raw = flat.get(issuer["groups_claim"], [])
             raw = [raw] if isinstance(raw, str) else raw
             if isinstance(raw, list):
                 groups = [g for g in raw if isinstance(g, str)][:256]
-        mapped = {
-            k: v
-            for k, v in claims.items()
-            if isinstance(v, str | int | bool)
-            or (isinstance(v, list) and all(isinstance(x, str | int | bool) for x in v))
-        }
-        return Authenticated(username, groups=tuple(groups), claims=mapped)
+        return Authenticated(username, groups=tuple(groups), claims=flat)
 
     def __repr__(self) -> str:
         return "<JwtProvider pyjwt>"

@@ -375,3 +375,73 @@ def test_qauth_login_with_a_jwt_file(
     assert runner.invoke(qauth, ["--server", url, "login", "--user", "x"]).exit_code == 2
     local = jwt_login(LocalBackend(app), "ci", str(token_file))
     assert ids.authenticate(app, local["access_token"]).username == "deploy-bot"
+
+
+def test_kubernetes_style_nested_claims(world: tuple[AppContext, OidcIssuer, str]) -> None:
+    """Claim paths into nested objects: a service-account token's namespace bound, its
+    name the username, the namespace mapped to a role."""
+    app, issuer, url = world
+    config = realm_config(
+        issuer,
+        user_claim="kubernetes.io/serviceaccount/name",
+        username_prefix="k8s-payments-",
+        bound_claims={"kubernetes.io/namespace": "payments"},
+    )
+    config["mapping"]["claims"] = {"kubernetes.io/namespace": {"payments": "encryptor"}}
+    config["mapping"]["default_roles"] = []
+    aps.set_realm_providers(app, "ci", config)
+
+    def sa_token(namespace: str, name: str) -> str:
+        return issuer.sign(
+            sub=f"system:serviceaccount:{namespace}:{name}",
+            aud="qimem-ci",
+            **{"kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name}}},
+        )
+
+    answer = exchange(url, sa_token("payments", "batch"))
+    assert answer.status_code == 200, answer.text
+    principal = ids.authenticate(app, answer.json()["access_token"])
+    assert principal.username == "k8s-payments-batch" and set(principal.roles) == {"encryptor"}
+    assert exchange(url, sa_token("other", "batch")).status_code == 401
+    assert last_login(app)["detail"]["reason"] == "bound_claim"
+
+
+def test_docs_jwt_example_runs_against_an_issuer(
+    world: tuple[AppContext, OidcIssuer, str], tmp_path: Path
+) -> None:
+    """docs/identity.md's worked OIDC example, as written (its issuer URLs pointed at the
+    test issuer, plus the test-only allow_http_loopback), through qauth and HTTP."""
+    import re
+
+    from click.testing import CliRunner
+
+    from qimem.cli.qauth import qauth
+
+    app, issuer, url = world
+    text = (Path(__file__).resolve().parent.parent / "docs" / "identity.md").read_text()
+    pattern = r"<!-- jwt-example -->\n<!-- illustrative[^\n]*\n```json\n(.*?)```"
+    block = re.search(pattern, text, re.S)
+    assert block, "docs/identity.md lost its worked OIDC example"
+    document = json.loads(block.group(1).replace("https://ci.example.org", issuer.url))
+    document["jwt"]["issuers"][0]["allow_http_loopback"] = True
+    ids.create_realm(app, "acme")
+    aps.set_realm_providers(app, "acme", document)
+    claims = {
+        "aud": "qimem-acme",
+        "repository_owner": "acme",
+        "ref": "refs/heads/main",
+        "repository_id": "4711",
+        "environment": "production",
+        "sub": "repo:acme/app",
+    }
+    token_file = tmp_path / "ci.jwt"
+    token_file.write_text(issuer.sign(**claims))
+    login = CliRunner().invoke(
+        qauth, ["--server", url, "login", "--realm", "acme", "--jwt-file", str(token_file)]
+    )
+    assert login.exit_code == 0, login.output
+    principal = ids.authenticate(app, login.output.strip())
+    assert principal.username == "ci-4711" and set(principal.roles) == {"encryptor"}
+    for change in ({"ref": "refs/heads/feature"}, {"repository_owner": "evil"}):
+        refused = exchange(url, issuer.sign(**{**claims, **change}), realm="acme")
+        assert refused.status_code == 401
