@@ -163,6 +163,9 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
     def manage(pair: str) -> Rule:
         return Rule("users:admin", realm_param=True, pair=pair)
 
+    client = p + "/{realm}/clients/{client_id}"
+    otp = p + "/{realm}/users/{username}/otp"
+
     return {
         ("GET", p): Rule("realms:admin", master_only=True),
         ("POST", p): Rule("realms:admin", master_only=True, pair="realm.create"),
@@ -177,6 +180,23 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
         ("GET", p + "/{realm}/roles"): admin,
         ("POST", p + "/{realm}/roles"): manage("role.create"),
         ("POST", p + "/{realm}/clients"): manage("client.create"),
+        # service accounts' lifecycle (qimem.server.clients_api)
+        ("GET", p + "/{realm}/clients"): admin,
+        ("GET", client): admin,
+        ("DELETE", client): manage("client.delete"),
+        ("POST", client + "/disable"): manage("client.disable"),
+        ("POST", client + "/enable"): manage("client.enable"),
+        ("POST", client + "/rotate-secret"): manage("client.rotate_secret"),
+        # second factor (qimem.server.otp_api): the user himself or users:admin, decided
+        # by qimem.services.otp
+        ("GET", otp): Rule(realm_param=True),
+        ("POST", otp): Rule(realm_param=True, pair="otp.enroll"),
+        ("POST", otp + "/confirm"): Rule(realm_param=True, pair="otp.confirm"),
+        ("POST", otp + "/disable"): Rule(realm_param=True, pair="otp.disable"),
+        ("GET", p + "/{realm}/otp-policy"): admin,
+        ("PUT", p + "/{realm}/otp-policy"): Rule(
+            "realms:admin", realm_param=True, pair="realm.otp_policy"
+        ),
         ("POST", p + "/{realm}/token"): Rule(public=True),
         ("POST", p + "/{realm}/revoke"): Rule(public=True),
         ("GET", p + "/{realm}/jwks"): Rule(public=True),

@@ -4,8 +4,8 @@
 :mod:`qimem.server.auth_api`); ``GET /{client_id}`` shows; ``POST /{client_id}/disable``,
 ``/enable``, ``/rotate-secret {overlap_seconds?}`` and ``DELETE /{client_id}``. Thin: parse,
 call :mod:`qimem.services.clients`, render. Every route needs ``users:admin`` in the realm
-(the users' rule); the services add the no-escalation check. The route rules are added to
-the middleware's table here (:data:`RULES`), the OpenAPI entries are :data:`OPENAPI_PATHS`.
+(the users' rule, in :mod:`qimem.server.auth_middleware`'s table); the services add the
+no-escalation check. The OpenAPI entries are merged by :mod:`qimem.server.auth_openapi`.
 """
 
 from __future__ import annotations
@@ -118,33 +118,12 @@ class ClientResource:
         resp.media = {**made.user.to_dict(), "client_id": client_id, "client_secret": made.secret}
 
 
-def _rules(prefix: str) -> dict[tuple[str, str], Any]:
-    from qimem.server.auth_middleware import Rule
-
-    def manage(pair: str) -> Any:
-        return Rule("users:admin", realm_param=True, pair=pair)
-
-    item = prefix + "/{realm}/clients/{client_id}"
-    return {
-        ("GET", prefix + "/{realm}/clients"): Rule("users:admin", realm_param=True),
-        ("GET", item): Rule("users:admin", realm_param=True),
-        ("DELETE", item): manage("client.delete"),
-        ("POST", item + "/disable"): manage("client.disable"),
-        ("POST", item + "/enable"): manage("client.enable"),
-        ("POST", item + "/rotate-secret"): manage("client.rotate_secret"),
-    }
-
-
 def add_client_routes(
     app: falcon.App, app_ctx: AppContext, prefix: str, limit: int, create: Any
 ) -> None:
     """Register the service-account routes under ``prefix`` (``/v1/auth/realms``);
-    ``create`` serves ``POST .../clients``. Their rules join the middleware's table (the
-    same ``users:admin`` rule as the users' routes)."""
-    from qimem.server import auth_middleware
-
-    for key, rule in _rules(prefix).items():
-        auth_middleware.RULES.setdefault(key, rule)
+    ``create`` serves ``POST .../clients``. Their rules (the users' ``users:admin``) are in
+    :mod:`qimem.server.auth_middleware`'s table."""
     item = ClientResource(app_ctx, limit)
     app.add_route(prefix + "/{realm}/clients", ClientsCollection(app_ctx, create))
     app.add_route(prefix + "/{realm}/clients/{client_id}", item)

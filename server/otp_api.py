@@ -120,22 +120,8 @@ class OtpPolicyResource:
 
 def add_otp_routes(app: falcon.App, app_ctx: AppContext, prefix: str, limit: int) -> None:
     """Register the second-factor routes under ``prefix`` (``/v1/auth/realms``); their
-    rules join the middleware's table."""
-    from qimem.server import auth_middleware
-
-    Rule = auth_middleware.Rule
+    rules are in :mod:`qimem.server.auth_middleware`'s table."""
     user = prefix + "/{realm}/users/{username}/otp"
-    for key, rule in {
-        ("GET", user): Rule(realm_param=True),
-        ("POST", user): Rule(realm_param=True, pair="otp.enroll"),
-        ("POST", user + "/confirm"): Rule(realm_param=True, pair="otp.confirm"),
-        ("POST", user + "/disable"): Rule(realm_param=True, pair="otp.disable"),
-        ("GET", prefix + "/{realm}/otp-policy"): Rule("users:admin", realm_param=True),
-        ("PUT", prefix + "/{realm}/otp-policy"): Rule(
-            "realms:admin", realm_param=True, pair="realm.otp_policy"
-        ),
-    }.items():
-        auth_middleware.RULES.setdefault(key, rule)
     resource = OtpResource(app_ctx, limit)
     app.add_route(user, resource)
     app.add_route(user + "/confirm", resource, suffix="confirm")
