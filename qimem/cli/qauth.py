@@ -379,29 +379,6 @@ def role_revoke(
 # -- service accounts, tokens, audit ---------------------------------------------------
 
 
-@qauth.group()
-def client() -> None:
-    """Service accounts (OAuth2 client_credentials)."""
-
-
-@client.command("create")
-@realm_option
-@click.argument("client_id")
-@click.option("--role", "roles", multiple=True, help="Role to grant (repeatable).")
-@json_option
-@pass_qauth
-def client_create(
-    state: QauthState, realm: str, client_id: str, roles: tuple[str, ...], json_: bool
-) -> None:
-    """Create service account CLIENT_ID; its secret is printed once and never stored."""
-    made = state.auth_backend.create_client(realm, client_id, list(roles))
-    if json_:
-        echo_json(made)
-    else:
-        click.echo(f"service account {client_id} created in realm {realm}")
-        click.echo(f"client secret (shown once): {made['client_secret']}")
-
-
 @qauth.command("token")
 @realm_option
 @click.option("--user", "username", required=True, help="User or service account.")
@@ -452,8 +429,8 @@ def login_cmd(
         raise click.UsageError("give --user NAME --password-stdin, or --jwt-file FILE")
     else:
         password = _read_secret_stdin("password")
-    otp = sys.stdin.readline().strip() or None  # a second line: the second-factor code
-    issued = state.auth_backend.token(realm, username, password, otp)
+        otp = sys.stdin.readline().strip() or None  # a second line: the second-factor code
+        issued = state.auth_backend.token(realm, username, password, otp)
     echo_result(json_, issued, issued["access_token"])
 
 
@@ -496,8 +473,7 @@ def audit_cmd(
 realm.add_command(qauth_providers.realm_providers)
 realm.add_command(qauth_providers.realm_set_providers)
 user.add_command(qauth_providers.user_add_external)
-for _command in qauth_clients.COMMANDS:
-    client.add_command(_command)
+qauth.add_command(qauth_clients.client)
 qauth.add_command(qauth_otp.otp)
 
 

@@ -1,7 +1,7 @@
-"""``qauth client list|show|disable|enable|rotate-secret|delete`` (attached to the ``client``
-group by :mod:`qimem.cli.qauth`), on the local store or, with ``--server``, through
-``/v1/auth/realms/{realm}/clients``. A new secret is printed once, to stdout or to a new
-0600 file (``--secret-file``), never logged."""
+"""``qauth client create|list|show|disable|enable|rotate-secret|delete`` (the ``client``
+group, attached to ``qauth`` by :mod:`qimem.cli.qauth`), on the local store or, with
+``--server``, through ``/v1/auth/realms/{realm}/clients``. A new secret is printed once, to
+stdout or to a new 0600 file (``--secret-file``), never logged."""
 
 from __future__ import annotations
 
@@ -74,6 +74,29 @@ class _Clients:
         from qimem.services import clients
 
         clients.delete_client(self.app, realm, client_id)  # type: ignore[arg-type]
+
+
+@click.group()
+def client() -> None:
+    """Service accounts (OAuth2 client_credentials)."""
+
+
+@client.command("create")
+@realm_option
+@click.argument("client_id")
+@click.option("--role", "roles", multiple=True, help="Role to grant (repeatable).")
+@json_option
+@click.pass_obj
+def client_create(
+    state: Any, realm: str, client_id: str, roles: tuple[str, ...], json_: bool
+) -> None:
+    """Create service account CLIENT_ID; its secret is printed once and never stored."""
+    made = state.auth_backend.create_client(realm, client_id, list(roles))
+    if json_:
+        echo_json(made)
+    else:
+        click.echo(f"service account {client_id} created in realm {realm}")
+        click.echo(f"client secret (shown once): {made['client_secret']}")
 
 
 def _status(c: dict[str, Any]) -> str:
@@ -209,11 +232,12 @@ def client_delete(state: Any, realm: str, client_id: str, yes: bool, json_: bool
     )
 
 
-COMMANDS = (
+for _command in (
     client_list,
     client_show,
     client_disable,
     client_enable,
     client_rotate_secret,
     client_delete,
-)
+):
+    client.add_command(_command)
