@@ -159,8 +159,9 @@ def assertion_grant(
                     user = users.create(
                         conn, ident.sealer, realm, found.username, external_marker(name), "user"
                     )
-                except QimemError:
-                    reason = "bad_username"
+                except QimemError:  # made meanwhile by a concurrent first login?
+                    user = users.find(conn, realm, found.username)
+                    reason = _check_account(ident, user, name, config) if user else "conflict"
             if user is not None and reason is None:
                 reason = lockout.claim_success(conn, user.user_id, external_marker(name))
                 now_row = users.by_id(conn, user.user_id) if reason is None else None
