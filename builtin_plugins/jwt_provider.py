@@ -85,6 +85,7 @@ ISSUER_DEFAULTS: dict[str, Any] = {
 _SOURCES = ("discovery_url", "jwks_url", "public_key_pem")
 _MAX_DOCUMENT = 256 * 1024
 _MAX_CLIENTS = 64
+_BACKOFF = 2.0  # seconds of 503 without asking, after an issuer could not be reached
 
 
 def _fail(message: str) -> ValidationError:
@@ -265,6 +266,13 @@ class _IssuerKeys:
         self._options = dict(options)
         self._client: jwt.PyJWKClient | None = None
         self._lock = threading.Lock()
+        #: After a failed fetch, logins get 503 at once until then (monotonic): a flood of
+        #: tokens during an outage does not hold a server thread per fetch timeout.
+        self._down_until = 0.0
+
+    def _unavailable(self) -> ProviderUnavailableError:
+        self._down_until = time.monotonic() + _BACKOFF
+        return ProviderUnavailableError("the token issuer is not reachable; retry later")
 
     def _jwks_client(self) -> jwt.PyJWKClient:
         with self._lock:
@@ -272,8 +280,13 @@ class _IssuerKeys:
                 return self._client
             o = self._options
             url = o["jwks_url"]
+            if time.monotonic() < self._down_until:
+                raise ProviderUnavailableError("the token issuer is not reachable; retry later")
             if not url:
-                meta = fetch_json(o["discovery_url"], o["timeout"], o["ca_file"])
+                try:
+                    meta = fetch_json(o["discovery_url"], o["timeout"], o["ca_file"])
+                except ProviderUnavailableError:
+                    raise self._unavailable() from None
                 if meta.get("issuer") != o["issuer"]:
                     log.warning("jwt: the discovery document names another issuer")
                     raise ProviderUnavailableError("the token issuer's discovery is inconsistent")
@@ -297,13 +310,13 @@ class _IssuerKeys:
         """The issuer's key ``kid``. :raises AssertionRejected: no such key (after at most
         one rate-limited refresh). :raises ProviderUnavailableError: issuer unreachable."""
         client = self._jwks_client()
+        if time.monotonic() < self._down_until:
+            raise ProviderUnavailableError("the token issuer is not reachable; retry later")
         try:
             return client.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError:
             log.warning("jwt: the issuer's JWKS is not reachable")
-            raise ProviderUnavailableError(
-                "the token issuer is not reachable; retry later"
-            ) from None
+            raise self._unavailable() from None
         except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError):
             raise AssertionRejected("unknown_kid", self._options["issuer"]) from None
 

@@ -476,3 +476,38 @@ def test_concurrent_first_logins_make_one_user(
         assert len([e for e in logins if e.outcome == "success"]) == 8
     finally:
         close_app(app)
+
+
+def test_a_frozen_issuer_costs_one_timeout_not_one_per_login(
+    world: tuple[AppContext, OidcIssuer, str],
+) -> None:
+    """An issuer that accepts connections and never answers: the first login waits for
+    the timeout and gets 503; the logins right after get 503 at once (no thread held per
+    login), until the back-off passes."""
+    import socket
+
+    app, issuer, url = world
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)
+    try:
+        base = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        config = realm_config(issuer, timeout=1.0)
+        config["jwt"]["issuers"][0].update(
+            issuer=base, discovery_url=base + "/.well-known/openid-configuration"
+        )
+        aps.set_realm_providers(app, "ci", config)
+        now = int(time.time())
+        claims = {**good_claims(), "iss": base, "iat": now, "exp": now + 300}
+        token = jwt.encode(
+            claims, rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            algorithm="RS256", headers={"kid": "k"},
+        )  # fmt: skip
+        started = time.monotonic()
+        assert exchange(url, token).status_code == 503
+        assert time.monotonic() - started >= 0.9  # it did wait for the issuer
+        started = time.monotonic()
+        assert [exchange(url, token).status_code for _ in range(10)] == [503] * 10
+        assert time.monotonic() - started < 1.0
+    finally:
+        frozen.close()
