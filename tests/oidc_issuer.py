@@ -12,6 +12,9 @@ public key.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
@@ -167,6 +170,79 @@ class OidcIssuer:
                 self.proc.wait(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+# ---- the test side: a realm trusting this issuer, tokens, the grant -------------------
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+REFUSED = "invalid or unacceptable assertion"
+
+
+def issuer_options(issuer: OidcIssuer, **overrides: Any) -> dict[str, Any]:
+    return {
+        "issuer": issuer.url,
+        "discovery_url": issuer.discovery_url,
+        "allow_http_loopback": True,  # test only: the issuer is plain http on loopback
+        "audiences": ["qimem-ci"],
+        "bound_claims": {"repository_owner": "acme"},
+        "groups_claim": "groups",
+        "jwks_refresh_min_seconds": 0.5,
+        "max_lifetime": 3600,
+        "leeway": 5,
+        **overrides,
+    }
+
+
+def realm_config(issuer: OidcIssuer, jit: bool = True, **overrides: Any) -> dict[str, Any]:
+    return {
+        "providers": ["jwt"],
+        "jwt": {"issuers": [issuer_options(issuer, **overrides)]},
+        "mapping": {
+            "claims": {"environment": {"prod": "key-manager"}},
+            "groups": {"crypto": "encryptor"},
+            "default_roles": ["auditor"],
+            "jit_users": jit,
+        },
+    }
+
+
+def good_claims(**overrides: Any) -> dict[str, Any]:
+    return {
+        "sub": "deploy-bot",
+        "aud": "qimem-ci",
+        "repository_owner": "acme",
+        "environment": "prod",
+        "groups": ["crypto"],
+        **overrides,
+    }
+
+
+def exchange(url: str, token: str, realm: str = "ci", grant: str = JWT_BEARER) -> Any:
+    if grant == JWT_BEARER:
+        data = {"grant_type": grant, "assertion": token}
+    else:
+        data = {"grant_type": grant, "subject_token": token, "subject_token_type": JWT_TYPE}
+    return requests.post(f"{url}/v1/auth/realms/{realm}/token", data=data, timeout=30)
+
+
+def last_login(app: Any, realm: str = "ci") -> dict[str, Any]:
+    """The newest ``login`` audit record of ``realm``."""
+    from qimem.services import identity as ids
+
+    return ids.audit_events(app, realm, limit=1, action="login")[0].to_dict()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def handmade(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """An attacker's token: unsigned (``secret`` None) or HS256 with ``secret``."""
+    signing = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    mac = b"" if secret is None else hmac.new(secret, signing.encode(), hashlib.sha256).digest()
+    return signing + "." + b64url(mac)
 
 
 if __name__ == "__main__":
