@@ -104,8 +104,9 @@ def test_enrol_confirm_and_login(world: AppContext) -> None:
     assert len(codes) == 10 == len(set(codes))
     assert otps.otp_status(world, "acme", "alice")["confirmed"] is True
     assert refusal(world, "acme", "alice")[0] == "invalid_grant"  # missing code
-    assert login(world, "acme", "alice", otp=code(made.secret)).access_token
-    assert refusal(world, "acme", "alice", otp=code(made.secret))[0] == "invalid_grant"  # replay
+    now = code(made.secret)
+    assert login(world, "acme", "alice", otp=now).access_token
+    assert refusal(world, "acme", "alice", otp=now)[0] == "invalid_grant"  # replayed
     assert login(world, "acme", "alice", otp=code(made.secret, +1)).access_token  # skew +1
     assert refusal(world, "acme", "alice", otp=code(made.secret, -3))[0] == "invalid_grant"
     with pytest.raises(Exception) as again:
