@@ -128,7 +128,9 @@ def test_every_refusal_is_the_same_401_with_its_reason_audited(
     # allow-list before any key is used.
     confusion = handmade({"alg": "HS256", "kid": kid, "typ": "JWT"}, base, public_pem)
     missing_exp = issuer.sign(**good_claims(exp=None))
-    for reason, token in [*cases.items(), ("algorithm", confusion), ("invalid", missing_exp)]:
+    issued_later = issuer.sign(**good_claims(iat=now + 600, exp=now + 900))
+    extra = [("algorithm", confusion), ("invalid", missing_exp), ("not_yet_valid", issued_later)]
+    for reason, token in [*cases.items(), *extra]:
         answer = exchange(url, token)
         assert answer.status_code == 401, (reason, answer.text)
         assert answer.json()["error"] == {"code": "invalid_grant", "message": REFUSED}, reason
