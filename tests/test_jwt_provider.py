@@ -257,6 +257,10 @@ def test_accounts_and_realms(world: tuple[AppContext, OidcIssuer, str]) -> None:
     assert last_login(app)["detail"]["reason"] == "not_provisioned"
     aps.add_external_user(app, "ci", "newcomer", "jwt")
     assert exchange(url, issuer.sign(**good_claims(sub="newcomer"))).status_code == 200
+    ids.set_user_enabled(app, "ci", "newcomer", False)
+    assert exchange(url, issuer.sign(**good_claims(sub="newcomer"))).status_code == 401
+    assert last_login(app)["detail"]["reason"] == "disabled"
+    ids.set_user_enabled(app, "ci", "newcomer", True)
 
     password = requests.post(
         f"{url}/v1/auth/realms/ci/token",
