@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.keys",
             "qimem.keystore",
             "qimem.keycache",
+            "qimem.invalidation",  # change notices: sent by stores, applied to the caches
             "qimem.events",
             "qimem.config",
             "qimem.rootkey",

@@ -197,10 +197,11 @@ def run_server(
     app_ctx = state.app
     server, banner = open_server(app_ctx, short_paths=short_paths, **options)
     configure_logging(options["access_log"])
-    click.echo(f"{prog}: {banner}", err=True)
     purger = start_purger(app_ctx, options["purge_interval"])
     try:
-        serve(server)
+        # The banner says "ready": printed once SIGTERM stops the server gracefully (a
+        # supervisor or test that signals right after it must get the drain, exit 0).
+        serve(server, on_ready=lambda: click.echo(f"{prog}: {banner}", err=True))
     finally:
         if purger is not None:
             purger.stop()
