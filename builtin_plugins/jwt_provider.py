@@ -223,6 +223,15 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     names = [o["issuer"] for o in result["issuers"]]
     if len(set(names)) != len(names):
         raise _fail("an issuer is configured twice")
+    prefixes = [str(o["username_prefix"]) for o in result["issuers"]]
+    for i, mine in enumerate(prefixes):
+        for j, other in enumerate(prefixes):
+            if i != j and other.startswith(mine):
+                raise _fail(
+                    f"issuers[{i}] and issuers[{j}] have overlapping username_prefix values "
+                    f"({mine!r}, {other!r}): one issuer's subject could name another's user; "
+                    "give each issuer a prefix that is not the start of another's"
+                )
     limit = result["max_assertion_bytes"]
     result["max_assertion_bytes"] = int(_number("max_assertion_bytes", limit, 512, 65536))
     return result
@@ -321,21 +330,35 @@ class _IssuerKeys:
             raise AssertionRejected("unknown_kid", self._options["issuer"]) from None
 
 
-def _flat(claims: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
+def _flat(claims: Mapping[str, Any]) -> dict[str, Any]:
     """The claims whose values are scalars or lists of scalars, nested objects' included
-    as ``outer/inner`` paths (e.g. ``kubernetes.io/serviceaccount/name``), at most 256."""
+    as ``outer/inner`` paths (e.g. ``kubernetes.io/serviceaccount/name``), at most 256.
+
+    A name reached twice (a top-level claim literally named ``a/b`` and the path ``a`` →
+    ``b``) is ambiguous and left out: which value a bound claim or the mapping sees must not
+    depend on the order of the token's JSON object, nor let a claim its holder can set stand
+    in for the issuer's nested one."""
     found: dict[str, Any] = {}
-    for key, value in claims.items():
-        name = prefix + str(key)
-        if isinstance(value, str | int | float | bool) or (
-            isinstance(value, list) and all(isinstance(x, str | int | float | bool) for x in value)
-        ):
-            found.setdefault(name, value)
-        elif isinstance(value, dict) and depth < 3:
-            for inner, got in _flat(value, name + "/", depth + 1).items():
-                found.setdefault(inner, got)
-        if len(found) >= 256:
-            break
+    ambiguous: set[str] = set()
+
+    def walk(part: Mapping[str, Any], prefix: str, depth: int) -> None:
+        for key, value in part.items():
+            if len(found) + len(ambiguous) >= 256:
+                return
+            name = prefix + str(key)
+            if isinstance(value, str | int | float | bool) or (
+                isinstance(value, list)
+                and all(isinstance(x, str | int | float | bool) for x in value)
+            ):
+                if name in found or name in ambiguous:
+                    found.pop(name, None)
+                    ambiguous.add(name)
+                else:
+                    found[name] = value
+            elif isinstance(value, dict) and depth < 3:
+                walk(value, name + "/", depth + 1)
+
+    walk(claims, "", 0)
     return found
 
 
@@ -431,7 +454,7 @@ class JwtProvider:
     def _identity(
         self, claims: dict[str, Any], issuer: Mapping[str, Any], name: str
     ) -> Authenticated:
-        flat = _flat(claims)  # a top-level claim named "a/b" wins over the path a → b
+        flat = _flat(claims)  # an ambiguous name ("a/b" and a → b) is absent
         now = time.time()
         exp = claims["exp"]
         start = claims.get("iat", now)
