@@ -149,6 +149,16 @@ def _check_bound(value: Any) -> dict[str, list[Any]]:
     return bound
 
 
+def _is_file(path: Any) -> bool:
+    """``path`` names a regular file (a name too long for the system is not one: no 500)."""
+    if not isinstance(path, str) or not 0 < len(path) <= 4096:
+        return False
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _check_issuer(index: int, options: Any) -> dict[str, Any]:
     where = f"issuers[{index}]"
     if not isinstance(options, dict):
@@ -202,7 +212,7 @@ def _check_issuer(index: int, options: Any) -> dict[str, Any]:
     )
     result["timeout"] = _number(f"{where}.timeout", result["timeout"], 0.1, 60)
     ca_file = result["ca_file"]
-    if ca_file is not None and (not isinstance(ca_file, str) or not Path(ca_file).is_file()):
+    if ca_file is not None and not _is_file(ca_file):
         raise _fail(f"{where}.ca_file is not a readable file")
     return result
 

@@ -138,3 +138,11 @@ def test_an_ambiguous_claim_path_satisfies_no_bound_claim(
         swap(app, idp.sign(claims))
     record = ids.audit_events(app, "ci", limit=1, action="login")[0].to_dict()
     assert record["outcome"] == "failure"
+
+
+@pytest.mark.parametrize("path", ["x" * 5000, "/" + "y" * 300 + "/ca.pem", "a\x00b"])
+def test_a_malformed_ca_file_is_a_validation_error(app: AppContext, idp: Issuer, path: str) -> None:
+    """A path the system cannot even look up (name too long) was an OSError: a 500 over
+    HTTP (PUT .../providers). It is the option's validation error."""
+    with pytest.raises(ValidationError, match="ca_file"):
+        aps.set_realm_providers(app, "ci", config(idp.options(ca_file=path)))
