@@ -75,6 +75,14 @@ def _text(options: Mapping[str, Any], name: str, *, required: bool = False) -> s
     return value
 
 
+def _is_file(path: str) -> bool:
+    """``path`` names a regular file (a name the system cannot look up is not one)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and complete the ``ldap`` options of a realm.
 
@@ -100,7 +108,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             "start_tls (or allow_plain for a loopback directory)"
         )
     ca_file = _text(result, "ca_file")
-    if ca_file is not None and not Path(ca_file).is_file():
+    if ca_file is not None and not _is_file(ca_file):
         raise ValidationError(f"ldap: ca_file {ca_file!r} is not a readable file")
     template = _text(result, "user_dn_template")
     if template is not None:
