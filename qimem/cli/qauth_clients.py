@@ -162,16 +162,21 @@ def client_enable(state: Any, realm: str, client_id: str, json_: bool) -> None:
     _enabled(state, realm, client_id, True, json_)
 
 
-def _write_secret_file(path: str, secret: str) -> None:
-    """``secret`` and a newline to a NEW file, mode 0600 (an existing file or a symlink at
-    ``path`` is refused, never followed or overwritten)."""
+def _new_secret_file(path: str) -> int:
+    """A NEW file at ``path``, mode 0600, opened for writing (an existing file or a symlink
+    at ``path`` is refused, never followed or overwritten). Made before the rotation, so a
+    path that cannot be used never costs the account its secret."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags, 0o600)
+        return os.open(path, flags, 0o600)
     except FileExistsError:
         raise ConflictError(f"{path} exists; the secret file must be new") from None
     except OSError as exc:
         raise ValidationError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _write_secret_file(fd: int, secret: str) -> None:
+    """``secret`` and a newline to the file :func:`_new_secret_file` opened."""
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         os.fchmod(out.fileno(), 0o600)
         out.write(secret + "\n")
@@ -200,10 +205,17 @@ def client_rotate_secret(
     state: Any, realm: str, client_id: str, overlap: str, secret_file: str | None, json_: bool
 ) -> None:
     """Give CLIENT_ID a new secret (printed once); the old one works for --overlap."""
-    made = _Clients(state).rotate(realm, client_id, overlap)
+    fd = _new_secret_file(secret_file) if secret_file else None
+    try:
+        made = _Clients(state).rotate(realm, client_id, overlap)
+    except BaseException:
+        if fd is not None and secret_file:
+            os.close(fd)
+            os.unlink(secret_file)  # ours, still empty: the rotation did not happen
+        raise
     secret = made.pop("client_secret")
-    if secret_file:
-        _write_secret_file(secret_file, secret)
+    if fd is not None:
+        _write_secret_file(fd, secret)
     elif json_:
         made["client_secret"] = secret
     if json_:
