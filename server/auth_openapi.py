@@ -484,7 +484,7 @@ PATHS["/v1/auth/realms/{realm}/providers/users"] = {
 
 # External JWT / OIDC identities and OIDC discovery (docs/identity.md).
 _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 (a name)
+_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a grant type URN, not a password
 SCHEMAS["TokenRequest"]["properties"]["grant_type"]["enum"] += [_JWT_BEARER, _TOKEN_EXCHANGE]
 SCHEMAS["TokenRequest"]["properties"].update(
     {

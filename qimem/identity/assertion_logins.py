@@ -40,7 +40,7 @@ from qimem.identity.users import User
 log = logging.getLogger("qimem.identity")
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 (a name)
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a grant type URN, not a password
 _BAD_ASSERTION = "invalid or unacceptable assertion"
 
 
