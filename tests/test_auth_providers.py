@@ -251,7 +251,8 @@ def test_external_identity_never_takes_over_a_local_account(
     add_user(app, "clash", "erin", ["encryptor"])  # a local password user called erin
     _chain(app, "clash")
     assert _refused(app, "clash", "erin", TABLE_USERS["erin"][0])
-    assert _last_login(app, "clash").detail["reason"] == "local_account_conflict"
+    # the external provider is asked with a decoy, never erin's password: a wrong password
+    assert _last_login(app, "clash").detail["reason"] == "bad_password"
     # ... and an external user has no password the password provider would accept.
     _chain(app)
     password_login(app, "acme", "erin", TABLE_USERS["erin"][0])

@@ -5,6 +5,7 @@ sealed login configuration (:mod:`qimem.identity.providers` defines the interfac
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,6 +64,13 @@ def _could_accept(name: str, local: bool, user: User | None) -> bool:
     return local
 
 
+def _decoy_password() -> str:
+    """What a provider that could not log this user in is asked with instead of his
+    password (the same work, so no timing tells which kind of user a name is; his password
+    never goes to a directory that is not his: a local user's to the LDAP server)."""
+    return "decoy-" + secrets.token_urlsafe(24)
+
+
 class ProviderLogins(IdentityBase):
     """Login providers and the realms' login configuration.
 
@@ -104,7 +112,9 @@ class ProviderLogins(IdentityBase):
         any, for a name without a qimem user; only local providers for a local password
         user (an external identity never takes over his account); only the owning provider
         for an external user. So a directory outage never turns the refusal of a local
-        user's wrong password into an uncounted 503 (an oracle for guessing it)."""
+        user's wrong password into an uncounted 503 (an oracle for guessing it). The other
+        providers are still asked (the same time for every kind of name), but with a decoy
+        password: a local user's password never goes to the directory."""
         unavailable: ProviderUnavailableError | None = None
         last = config.providers[-1]
         for name in config.providers:
@@ -126,7 +136,7 @@ class ProviderLogins(IdentityBase):
                 attempt = LoginAttempt(
                     realm,
                     username,
-                    password,
+                    password if relevant else _decoy_password(),
                     source,
                     config.options.get(name, {}),
                     user.secret_hash if user is not None else None,
