@@ -284,3 +284,25 @@ def test_accounts_and_realms(world: tuple[AppContext, OidcIssuer, str]) -> None:
         f"{url}/v1/auth/realms/ci/token", data={"grant_type": JWT_BEARER}, timeout=10
     )
     assert no_assertion.status_code == 400
+
+
+def test_an_active_second_factor_is_never_skipped_by_an_assertion(
+    world: tuple[AppContext, OidcIssuer, str],
+) -> None:
+    """Red team: a JWT user with a confirmed TOTP logged in by jwt-bearer without a code.
+    An assertion cannot carry one, so such an account is refused (fail closed, audited)."""
+    import pyotp
+
+    from qimem.services import otp
+
+    app, issuer, url = world
+    assert exchange(url, issuer.sign(**good_claims())).status_code == 200  # JIT user made
+    enrolled = otp.otp_enroll(app, "ci", "deploy-bot")
+    otp.otp_confirm(app, "ci", "deploy-bot", pyotp.TOTP(enrolled.secret).now())
+    refused = exchange(url, issuer.sign(**good_claims()))
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_grant"
+    swapped = exchange(url, issuer.sign(**good_claims()), grant=TOKEN_EXCHANGE)
+    assert swapped.status_code == 401
+    record = last_login(app)
+    assert record["outcome"] == "failure"
+    assert record["detail"]["reason"] == "second_factor_required"

@@ -364,7 +364,7 @@ def test_http_and_cli_lifecycle(world: AppContext, tmp_path: Path) -> None:
             helpdesk, "client", "rotate-secret", "--realm", "acme", "svc",
             "--secret-file", str(secret_file),
         )  # fmt: skip
-        assert again.exit_code != 0 and "exists" in again.output  # the rotation ran, though
+        assert again.exit_code != 0 and "exists" in again.output  # and nothing rotated
         denied = qauth(helpdesk, "client", "disable", "--realm", "acme", "strong")
         assert denied.exit_code == 4 and "no escalation" in denied.output
         gone = qauth(admin, "client", "delete", "--realm", "acme", "svc", "--yes", "--json")
