@@ -455,7 +455,9 @@ def test_a_crash_loop_backs_off_and_the_master_gives_up(
     backoffs = [d for d in delays if d > 0]
     assert backoffs == sorted(backoffs) and backoffs[-1] >= 4 * backoffs[0]  # backed off ...
     assert len(delays) <= MAX_FAILURES + 1  # ... a bounded number of tries
-    assert elapsed >= sum(backoffs[:-1])
+    # The two slots back off side by side: the longer chain of waits (at least half of
+    # them all, the last one cut short by giving up) passed before the master gave up.
+    assert elapsed >= sum(backoffs[:-1]) / 2
     assert cpu - master_cpu < 0.25 * elapsed  # the master waited; it did not spin
 
 
