@@ -243,6 +243,28 @@ def test_jit_off_refuses_an_unprovisioned_identity(
     assert _roles(app, "acme", "erin") == ["admin", "encryptor"]
 
 
+def test_a_helpdesk_cannot_provision_an_identity_the_mapping_makes_admin(
+    world: tuple[AppContext, TableAuth, str],
+) -> None:
+    """Red team: with just-in-time users off, provisioning decides who may log in; the
+    mapping gives erin (group ops) admin. A helpdesk (users:admin only) provisioning her
+    would hand out admin: escalation_denied, and nothing created."""
+    app, _, _ = world
+    _chain(app, jit_users=False)
+    ids.create_role(app, "acme", "helpdesk", ["users:admin"])
+    add_user(app, "acme", "hal", ["helpdesk"])
+    hal = ids.authenticate(app, password_login(app, "acme", "hal", password_of("hal")).access_token)
+    with pytest.raises(ForbiddenError, match="admin"):
+        aps.add_external_user(app, "acme", "erin", "table", principal=hal)
+    assert "erin" not in [u.username for u in ids.list_users(app, "acme")]
+    assert _refused(app, "acme", "erin", TABLE_USERS["erin"][0])
+    # An administrator of the realm (who holds every mapped role) may.
+    add_user(app, "acme", "ada", ["admin"])
+    ada = ids.authenticate(app, password_login(app, "acme", "ada", password_of("ada")).access_token)
+    aps.add_external_user(app, "acme", "erin", "table", principal=ada)
+    password_login(app, "acme", "erin", TABLE_USERS["erin"][0])
+
+
 def test_external_identity_never_takes_over_a_local_account(
     world: tuple[AppContext, TableAuth, str],
 ) -> None:
