@@ -17,7 +17,8 @@ import falcon
 
 from qimem.app import AppContext
 from qimem.errors import ValidationError
-from qimem.identity.permissions import Principal
+from qimem.server.acting import actor, caller
+from qimem.server.acting import no_store as _no_store
 from qimem.server.auth_providers_api import add_provider_routes
 from qimem.server.media import Field, Spec, plain_string, read_body, read_json
 from qimem.services import identity as ids
@@ -26,20 +27,6 @@ from qimem.services import oidc
 AUTH_PREFIX = "/v1/auth/realms"
 FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_FIELDS = 16
-
-
-def actor(req: falcon.Request) -> str:
-    """The acting principal's name for audit records."""
-    principal = getattr(req.context, "principal", None)
-    if principal is None:
-        return "(insecure-no-auth)"
-    return f"{principal.username}@{principal.realm}"
-
-
-def caller(req: falcon.Request) -> Principal | None:
-    """The acting principal, checked again by the services (no escalation); None only
-    under ``--insecure-no-auth`` (loopback development, full control)."""
-    return getattr(req.context, "principal", None)
 
 
 def read_params(req: falcon.Request, limit: int) -> dict[str, Any]:
@@ -122,11 +109,6 @@ def _token_param(params: dict[str, Any]) -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError("'token' must be a non-empty string", code="invalid_request")
     return value
-
-
-def _no_store(resp: falcon.Response) -> None:
-    resp.set_header("Cache-Control", "no-store")
-    resp.set_header("Pragma", "no-cache")
 
 
 class _Base:

@@ -11,23 +11,14 @@ from __future__ import annotations
 import falcon
 
 from qimem.app import AppContext
-from qimem.identity.permissions import Principal
+from qimem.server.acting import actor as _actor
+from qimem.server.acting import caller
 from qimem.server.media import Field, Spec, plain_string, read_json
 from qimem.services import auth_providers as aps
 
 EXTERNAL_USER_SPEC = Spec(
     Field("username", plain_string, required=True), Field("provider", plain_string, required=True)
 )
-
-
-def caller(req: falcon.Request) -> Principal | None:
-    """The acting principal (None only under ``--insecure-no-auth``)."""
-    return getattr(req.context, "principal", None)
-
-
-def _actor(req: falcon.Request) -> str:
-    principal = caller(req)
-    return "(insecure-no-auth)" if principal is None else f"{principal.username}@{principal.realm}"
 
 
 class ProvidersResource:

@@ -17,7 +17,9 @@ import falcon
 from qimem.app import AppContext
 from qimem.errors import ValidationError
 from qimem.identity.clients import MAX_OVERLAP
-from qimem.identity.permissions import Principal
+from qimem.server.acting import actor as _actor
+from qimem.server.acting import caller
+from qimem.server.acting import no_store as _no_store
 from qimem.server.media import Field, Spec, read_body, read_json
 from qimem.services import clients as cs
 
@@ -31,21 +33,6 @@ def _overlap(name: str, value: Any) -> int:
 
 
 ROTATE_SPEC = Spec(Field("overlap_seconds", _overlap))
-
-
-def caller(req: falcon.Request) -> Principal | None:
-    """The acting principal (None only under ``--insecure-no-auth``)."""
-    return getattr(req.context, "principal", None)
-
-
-def _actor(req: falcon.Request) -> str:
-    principal = caller(req)
-    return "(insecure-no-auth)" if principal is None else f"{principal.username}@{principal.realm}"
-
-
-def _no_store(resp: falcon.Response) -> None:
-    resp.set_header("Cache-Control", "no-store")
-    resp.set_header("Pragma", "no-cache")
 
 
 class ClientsCollection:

@@ -16,7 +16,9 @@ import falcon
 
 from qimem.app import AppContext
 from qimem.errors import ValidationError
-from qimem.identity.permissions import Principal
+from qimem.server.acting import actor as _actor
+from qimem.server.acting import caller
+from qimem.server.acting import no_store as _no_store
 from qimem.server.media import Field, Spec, read_body, read_json
 from qimem.services import otp as otps
 
@@ -36,21 +38,6 @@ def _boolean(name: str, value: Any) -> bool:
 CONFIRM_SPEC = Spec(Field("code", _code, required=True))
 DISABLE_SPEC = Spec(Field("code", _code))
 POLICY_SPEC = Spec(Field("required", _boolean, required=True))
-
-
-def caller(req: falcon.Request) -> Principal | None:
-    """The acting principal (None only under ``--insecure-no-auth``)."""
-    return getattr(req.context, "principal", None)
-
-
-def _actor(req: falcon.Request) -> str:
-    principal = caller(req)
-    return "(insecure-no-auth)" if principal is None else f"{principal.username}@{principal.realm}"
-
-
-def _no_store(resp: falcon.Response) -> None:
-    resp.set_header("Cache-Control", "no-store")
-    resp.set_header("Pragma", "no-cache")
 
 
 class OtpResource:
