@@ -34,7 +34,9 @@ PLAINTEXT = os.urandom(64)
 THREADS = 4
 PEER = "bare Falcon+waitress AESGCM"
 
-_BARE_SERVER = r"""
+#: The bare peer's Falcon app (``app``): the AESGCM encrypt route and a health check. Its
+#: scripts append how they serve it (one process here, pre-forked in bench/workers.py).
+BARE_APP = r"""
 import base64, json, logging, os, sys
 import falcon, waitress
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -59,9 +61,14 @@ class Health:
 app = falcon.App()
 app.add_route("/v1/security/encrypt", Encrypt())
 app.add_route("/healthz", Health())
+"""
+_BARE_SERVER = (
+    BARE_APP
+    + r"""
 waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.argv[2]),
                ident="bare", asyncore_use_poll=True, _quiet=True)
 """
+)
 
 _WRK_SCRIPT = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -69,7 +76,8 @@ wrk.body = '{body}'
 """
 
 
-def _pin(cpu: int) -> list[str]:
+def pin(cpu: int | str) -> list[str]:
+    """``taskset -c CPU`` (a CPU or a list such as ``"0-1"``) where it can pin, else nothing."""
     if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         return ["taskset", "-c", str(cpu)]
     return []
@@ -100,9 +108,9 @@ def _to_ms(value: str, unit: str) -> float:
 def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
     """Run wrk; return req/s, p99 ms, non-2xx and socket-error counts."""
     cmd = [
-        *_pin(1),
+        *pin(1),
         "wrk",
-        "-t1" if _pin(1) else "-t2",
+        "-t1" if pin(1) else "-t2",
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
         "--latency",
@@ -146,7 +154,7 @@ def _start_qimem(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     env["QIMEM_ROOT_KEY"] = base64.b64encode(os.urandom(32)).decode()
     log = (workdir / "qimem-serve.log").open("wb")
     cmd = [
-        *_pin(0),
+        *pin(0),
         sys.executable,
         "-c",
         "from qimem.cli import main; main()",
@@ -161,7 +169,7 @@ def _start_qimem(workdir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _start_bare(workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    cmd = [*_pin(0), sys.executable, "-c", _BARE_SERVER, str(port), str(THREADS)]
+    cmd = [*pin(0), sys.executable, "-c", _BARE_SERVER, str(port), str(THREADS)]
     return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.http import _WRK_SCRIPT, THREADS, _combine, _post, _wrk
+from bench.http import _WRK_SCRIPT, BARE_APP, THREADS, _combine, _post, _wrk, pin
 from bench.servers import free_port, wait_healthy
 
 SUITE = "workers"
@@ -41,31 +41,10 @@ ADMIN_PASSWORD = "bench-nqzva-password"  # passes the password policy
 PEER = "bare Falcon+waitress AESGCM"
 QIMEM = [sys.executable, "-c", "from qimem.cli import main; main()"]
 
-_BARE_PREFORK = r"""
-import base64, json, logging, os, signal, socket, sys
-import falcon, waitress
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-aead = AESGCM(AESGCM.generate_key(256))
-
-
-class Encrypt:
-    def on_post(self, req, resp):
-        body = json.loads(req.bounded_stream.read())
-        nonce = os.urandom(12)
-        sealed = aead.encrypt(nonce, base64.b64decode(body["plaintext"]), None)
-        resp.media = {"envelope": base64.b64encode(nonce + sealed).decode()}
-
-
-class Health:
-    def on_get(self, req, resp):
-        resp.media = {"status": "ok"}
-
-
-app = falcon.App()
-app.add_route("/v1/security/encrypt", Encrypt())
-app.add_route("/healthz", Health())
+_BARE_PREFORK = (
+    BARE_APP
+    + r"""
+import signal, socket
 sock = socket.socket()
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.bind(("127.0.0.1", int(sys.argv[1])))
@@ -86,12 +65,7 @@ for _ in children:
     except ChildProcessError:
         break
 """
-
-
-def _pin(cpus: str) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", cpus]
-    return []
+)
 
 
 def _cpus(processes: int) -> str:
@@ -105,7 +79,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _serve(env: dict[str, str], port: int, workers: int, log: Path, *extra: str) -> Any:
-    cmd = [*_pin(_cpus(workers)), *QIMEM, "serve", "--port", str(port)]
+    cmd = [*pin(_cpus(workers)), *QIMEM, "serve", "--port", str(port)]
     cmd += ["--threads", str(THREADS), "--workers", str(workers), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
@@ -137,7 +111,7 @@ def _encrypt_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
             procs.append(_serve(env, port, workers, log, "--insecure-no-auth"))
             servers[f"qimem{workers}"] = port
             port = free_port()
-            cmd = [*_pin(_cpus(workers)), sys.executable, "-c", _BARE_PREFORK]
+            cmd = [*pin(_cpus(workers)), sys.executable, "-c", _BARE_PREFORK]
             procs.append(subprocess.Popen([*cmd, str(port), str(THREADS), str(workers)]))
             servers[f"bare{workers}"] = port
         for name, proc in zip(servers, procs, strict=True):
