@@ -25,10 +25,7 @@ import logging
 import time
 from typing import Any
 
-import sqlalchemy as sa
-
 from qimem.errors import AuthError, QimemError, StoreUnavailableError
-from qimem.identity import db as tables
 from qimem.identity import lockout, realms, roles, users
 from qimem.identity.logins import Logins, TokenResponse
 from qimem.identity.providers import (
@@ -165,7 +162,8 @@ def assertion_grant(
                 except QimemError:  # made meanwhile by a concurrent first login?
                     user = users.find(conn, realm, found.username)
                     reason = _check_account(ident, user, name, config) if user else "conflict"
-            if user is not None and reason is None and _has_second_factor(conn, user):
+            second = ident._otp_row(conn, user) if user is not None and reason is None else None
+            if second is not None and second.confirmed:
                 # An assertion cannot carry the code: an account with an active second
                 # factor never logs in without it (fail closed, not a bypass).
                 reason = "second_factor_required"
@@ -191,14 +189,6 @@ def assertion_grant(
         raise _refusal()
     assert user is not None
     return ident._respond(realm, user, grants, issued_at)
-
-
-def _has_second_factor(conn: Any, user: User) -> bool:
-    c = tables.otp.c
-    found = conn.execute(
-        sa.select(c.confirmed).where(c.user_id == user.user_id)
-    ).scalar_one_or_none()
-    return bool(found)
 
 
 def _audit_login(
