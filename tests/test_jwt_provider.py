@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +39,7 @@ from qimem.errors import ValidationError
 from qimem.services import auth_providers as aps
 from qimem.services import identity as ids
 
-
-@pytest.fixture
-def issuer() -> Iterator[OidcIssuer]:
-    started = OidcIssuer()
-    yield started
-    started.stop()
-
-
-@pytest.fixture
-def world(
-    tmp_path: Path, root_key_b64: str, issuer: OidcIssuer
-) -> Iterator[tuple[AppContext, OidcIssuer, str]]:
-    app = identity_app(f"sqlite:///{tmp_path / 'qimem.db'}", root_key_b64)
-    ids.create_realm(app, "ci")
-    aps.set_realm_providers(app, "ci", realm_config(issuer))
-    with serving(app) as url:
-        yield app, issuer, url
-    close_app(app)
+# The fixtures issuer and world: tests/jwt_fixtures.py (a pytest plugin).
 
 
 def test_valid_jwt_logs_in_with_mapped_roles(world: tuple[AppContext, OidcIssuer, str]) -> None:
