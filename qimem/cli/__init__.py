@@ -77,9 +77,11 @@ class QimemGroup(click.Group):
 COMMANDS: dict[str, tuple[str, str]] = {
     "decrypt": ("qimem.cli.crypto:decrypt", "Decrypt FILES and directories (or standard..."),
     "encrypt": ("qimem.cli.crypto:encrypt", "Encrypt FILES and directories (or standard..."),
+    "hash": ("qimem.cli.utility:hash_", "Print the SHA-2 or SHA-3 digest of FILE..."),
     "init": ("qimem.cli.init:init", "Create the config file, a 0600 root key..."),
     "keys": ("qimem.cli.keys:keys", "Create, list, show and rotate keys;..."),
     "plugins": ("qimem.cli.plugins:plugins", "List, inspect, enable, disable, register..."),
+    "random": ("qimem.cli.utility:random_", "Print N random bytes from the operating..."),
     "rewrap": ("qimem.cli.crypto:rewrap", "Re-seal the data key of encrypted FILES..."),
     "serve": ("qimem.cli.serve:serve", "Run the HTTP server (security API and..."),
 }
