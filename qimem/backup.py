@@ -43,6 +43,7 @@ from qimem.keys import (
 )
 from qimem.services import lifecycle
 from qimem.services.keys import resolve
+from qimem.services.lifecycle_common import purpose_of_algorithm
 
 FORMAT = "qimem-key-backup"
 FORMAT_VERSION = 1
@@ -247,13 +248,18 @@ def _record(app: AppContext, item: dict[str, Any], realm: str | None) -> Lineage
     name = item.get("name")
     if name is not None:
         validate_name(name)
-    algorithm = app.registry.algorithm(item["algorithm"]).name
+    purpose = purpose_of_algorithm(app, item["algorithm"])
+    algo = app.registry.algorithm(item["algorithm"], purpose)
+    algorithm = algo.name
     versions = []
     for version in item["versions"]:
         material = version.get("material")
         state = KeyState(version["state"])
         if (material is None) != (state is KeyState.DESTROYED):
             raise ValueError("material")
+        raw = bytearray(_unb64(material)) if material is not None else None
+        if raw is not None:
+            _check_material(algo, purpose, raw)
         versions.append(
             VersionRecord(
                 key_id=str(version["key_id"]),
@@ -261,7 +267,7 @@ def _record(app: AppContext, item: dict[str, Any], realm: str | None) -> Lineage
                 state=state,
                 created_at=datetime.fromisoformat(version["created_at"]),
                 encryptions=int(version.get("encryptions", 0)),
-                material=bytearray(_unb64(material)) if material is not None else None,
+                material=raw,
             )
         )
     if not versions or sum(v.state is KeyState.ACTIVE for v in versions) > 1:
@@ -275,6 +281,31 @@ def _record(app: AppContext, item: dict[str, Any], realm: str | None) -> Lineage
         policy=LineagePolicy.from_dict(item.get("policy") or {}),
         versions=versions,
     )
+
+
+def _check_material(algorithm: Any, purpose: str, material: bytearray) -> None:
+    """Refuse key material its algorithm cannot use (a backup is authenticated, but may
+    come from another qimem, or be crafted by whoever knows the passphrase): a signing key
+    must load as the algorithm's private key (fully checked: RSA's consistency checks
+    run), any other key must have the algorithm's ``key_size``.
+
+    :raises ValidationError: ``invalid_backup``, naming the algorithm.
+    """
+    if purpose == "sign":
+        try:
+            algorithm.signer(material)
+        except ValidationError:
+            raise ValidationError(
+                f"the backup holds a {algorithm.name} key that is not a valid private key",
+                code="invalid_backup",
+            ) from None
+        return
+    size = getattr(algorithm, "key_size", None)
+    if isinstance(size, int) and len(material) != size:
+        raise ValidationError(
+            f"the backup holds a {algorithm.name} key of {len(material)} bytes, not {size}",
+            code="invalid_backup",
+        )
 
 
 def _exists(app: AppContext, record: LineageRecord) -> bool:

@@ -14,6 +14,14 @@ is zeroed as soon as the cipher is built.
 Decryption looks entries up by the envelope's header prefix (magic .. nonce length, see
 :mod:`qimem.envelope`), which is constant for a key version and names it exactly: one
 slice and one dict lookup per message, no parsing first.
+
+Keys of the other purposes (signing and MAC keys, issue 16) live in the same cache, in a
+table of their own (:attr:`KeyCache.handles`, entries are
+:class:`qimem.services.handles.CachedHandle`), so every invalidation above (rotation, state
+and policy changes, the change feed, polling, TTL, a fork) drops them the same way; the
+encrypt and decrypt hot paths never look there. A signing entry holds the loaded signer and
+verifier; a MAC entry holds the key bytes, because the MAC plugin interface
+(:class:`qimem.crypto_purposes.MacAlgorithm`) takes the key on every call.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from qimem.crypto import Cipher
 from qimem.keys import KeyVersion
 from qimem.lazylog import get_logger
+
+if TYPE_CHECKING:
+    from qimem.services.handles import CachedHandle
 
 log = get_logger(__name__)
 
@@ -205,6 +217,9 @@ class KeyCache:
         # Derived keys' per-context entries, (realm, ref or prefix, context) -> entry; never
         # in the tables above, so the hot paths cannot use one without its context.
         self.derived: dict[tuple[str, object, bytes], CachedKey] = {}
+        # Signing and MAC keys: realm -> {ref (str): the active version, for signing; or
+        # signature/tag prefix (bytes): a version, for verifying} (see CachedHandle).
+        self.handles: dict[str, dict[str | bytes, CachedHandle]] = {}
         self._lock = threading.Lock()
         # Entries dropped or replaced while still holding reserved, unused usage counts:
         # returned to the store by flush_retired() (on the next cache miss) and
@@ -354,10 +369,40 @@ class KeyCache:
             self._retire(self.derived.get(slot), entry)
             self.derived[slot] = entry
 
+    def for_handle(self, realm: str, key: str | bytes) -> CachedHandle | None:
+        """The unexpired signing/MAC entry cached under ``key`` (a ref or a prefix)."""
+        entry = self.handles.get(realm, {}).get(key)
+        if entry is not None and entry.expires > time.monotonic():
+            return entry
+        return None
+
+    def put_handle(
+        self, realm: str, entry: CachedHandle, ref: str | None = None, *, generation: int
+    ) -> None:
+        """Cache a signing/MAC entry under its prefix, and under ``ref`` if given (see
+        :meth:`put` for ``generation``). Bounded by ``max_entries`` like the others."""
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            if sum(len(table) for table in self.handles.values()) >= self.max_entries:
+                for table in self.handles.values():
+                    table.clear()
+            entry.hard_expires = entry.expires
+            if entry.expires > self._valid_until:
+                entry.expires = self._valid_until
+            table = self.handles.setdefault(realm, {})
+            table[entry.prefix] = entry
+            if ref is not None:
+                table[ref] = entry
+
     def _entries(self) -> list[CachedKey]:
         found = list(self.by_prefix.values()) + list(self.derived.values())
         for refs in self.by_ref.values():
             found.extend(refs.values())
+        for table in self.handles.values():  # typed loosely: they share expires/meta/realm
+            found.extend(table.values())  # type: ignore[arg-type]
         return found
 
     def invalidate_lineage(
@@ -397,10 +442,14 @@ class KeyCache:
             tables: list[dict] = [*self.by_ref.values(), self.derived]  # type: ignore[type-arg]
             if not keep_decryption:
                 tables.append(self.by_prefix)
+            handles = [id(table) for table in self.handles.values()]
+            tables.extend(self.handles.values())
             for table in tables:
                 for k in [k for k, v in table.items() if dropped(v)]:
                     if keep_decryption and table is self.derived and isinstance(k[1], bytes):
                         continue  # a derived key's decryption entry (slot by prefix)
+                    if keep_decryption and id(table) in handles and isinstance(k, bytes):
+                        continue  # a signing/MAC version's verification entry
                     self._retire(table.pop(k))
                     self.dropped += 1
 
@@ -433,7 +482,7 @@ class KeyCache:
         and dropped) reserved and never used; the entries keep none. For
         :meth:`qimem.app.AppContext.close`."""
         with self._lock:
-            entries = {id(e): e for e in self._entries()}
+            entries = {id(e): e for e in self._entries() if isinstance(e, CachedKey)}
             entries.update(self._retired)
             self._retired = {}
         return _unused(list(entries.values()))
@@ -445,6 +494,8 @@ class KeyCache:
             self.dropped += 1
         for refs in self.by_ref.values():
             refs.clear()
+        for table in self.handles.values():
+            table.clear()
         self.by_prefix.clear()
         self.derived.clear()
 

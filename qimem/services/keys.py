@@ -11,13 +11,43 @@ from dataclasses import dataclass
 from typing import Any
 
 from qimem.app import AppContext
-from qimem.crypto import zero
+from qimem.crypto import DEFAULT_PURPOSE, PURPOSES, zero
 from qimem.errors import ValidationError
 from qimem.keys import DEFAULT_REALM, KeyVersion, validate_name, validate_realm
 from qimem.services.key_refs import resolve
-from qimem.services.lifecycle_common import audit, check_rotation
+from qimem.services.lifecycle_common import audit, check_rotation, purpose_of_algorithm
 
 DEFAULT_ALGORITHM = "aes-256-gcm"
+
+
+def key_dict(app: AppContext, key: KeyVersion) -> dict[str, Any]:
+    """``key.to_dict()`` with the lineage's ``purpose`` (what ``keys create|list|rotate``
+    print with ``--json``)."""
+    return {**key.to_dict(), "purpose": purpose_of_algorithm(app, key.algorithm)}
+
+
+def generate_material(algorithm: Any, purpose: str) -> bytearray:
+    """Fresh key material for a new version: a signing algorithm's private key (PKCS#8
+    DER), every other purpose's secret key. The caller zeroes it."""
+    if purpose == "sign":
+        return bytearray(algorithm.generate_private_key())
+    return bytearray(algorithm.generate_key())
+
+
+def _purpose(app: AppContext, algorithm: str, purpose: str | None) -> str:
+    """The purpose of ``algorithm``, which must agree with ``purpose`` if one is given."""
+    if purpose is not None and purpose not in PURPOSES:
+        raise ValidationError(f"purpose must be one of {', '.join(PURPOSES)}")
+    purposes = app.registry.algorithm_purposes
+    if algorithm not in purposes:  # the registry's message names the algorithms there are
+        app.registry.algorithm(algorithm, purpose or DEFAULT_PURPOSE)
+    actual = purposes[algorithm]
+    if purpose is not None and purpose != actual:
+        raise ValidationError(
+            f"algorithm {algorithm!r} makes {actual} keys, not {purpose} keys",
+            code="wrong_purpose",
+        )
+    return actual
 
 
 @dataclass(frozen=True)
@@ -29,6 +59,7 @@ class KeyDetails:
     realm: str
     algorithm: str
     versions: list[KeyVersion]
+    purpose: str = DEFAULT_PURPOSE
 
     @property
     def active(self) -> KeyVersion | None:
@@ -41,6 +72,7 @@ class KeyDetails:
             "name": self.name,
             "realm": self.realm,
             "algorithm": self.algorithm,
+            "purpose": self.purpose,
             "active_key_id": active.key_id if active else None,
             "active_version": active.version if active else None,
             "versions": [v.to_dict() for v in self.versions],
@@ -54,9 +86,15 @@ def create_key(
     name: str | None = None,
     realm: str = DEFAULT_REALM,
     derived: bool = False,
+    purpose: str | None = None,
     actor: str | None = None,
 ) -> KeyVersion:
     """Create a key lineage with one active version of ``algorithm``.
+
+    The lineage's purpose is its algorithm's (``encrypt`` for the AEADs, ``sign``,
+    ``mac`` or ``deterministic``); ``purpose``, if given, must agree (``wrong_purpose``).
+    A signing key's material is its private key; like every key's, it is wrapped under the
+    root key.
 
     ``actor``: who asked, for the audit log (the CLI names the OS user; the HTTP server
     audits in its middleware and passes none).
@@ -66,6 +104,8 @@ def create_key(
     serves many tenants without them sharing a data key (docs/keys.md).
 
     :raises UnsupportedAlgorithmError: no plugin provides ``algorithm``.
+    :raises ValidationError: ``wrong_purpose``; ``derived_not_supported`` (derived keys
+        are encryption keys).
     :raises ConflictError: ``name`` is taken in ``realm``.
     :raises NotFoundError: ``realm_not_found``: the store has an identity layer (see
         :func:`has_identity`) and ``realm`` is not one of its realms.
@@ -76,8 +116,14 @@ def create_key(
     _require_realm(app, realm)
     if name is not None:
         validate_name(name)
-    algo = app.registry.algorithm(algorithm)
-    material = algo.generate_key()
+    actual = _purpose(app, algorithm, purpose)
+    if derived and actual != DEFAULT_PURPOSE:
+        raise ValidationError(
+            f"derived keys are encryption keys; {algorithm} makes {actual} keys",
+            code="derived_not_supported",
+        )
+    algo = app.registry.algorithm(algorithm, actual)
+    material = generate_material(algo, actual)
     try:
         key = app.store.create(realm, algo.name, material, name=name)
     finally:
@@ -89,7 +135,7 @@ def create_key(
     from qimem.events import KeyEvent  # imported when an event happens
 
     app.registry.notify_key_event(KeyEvent("created", realm, key))
-    audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm)
+    audit(app, realm, actor, "keys.create", key.key_id, algorithm=key.algorithm, purpose=actual)
     return key
 
 
@@ -120,7 +166,8 @@ def show_key(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> KeyDet
     lineage_id, _ = resolve(app, ref, realm)
     versions = app.store.versions(realm, lineage_id)
     first = versions[0]
-    return KeyDetails(lineage_id, first.name, realm, first.algorithm, versions)
+    purpose = purpose_of_algorithm(app, first.algorithm)
+    return KeyDetails(lineage_id, first.name, realm, first.algorithm, versions, purpose)
 
 
 def rotate_key(
@@ -141,8 +188,9 @@ def rotate_key(
     lineage_id, exact = resolve(app, ref, realm)
     check_rotation(app, realm, lineage_id)
     current = exact or app.store.active_version(realm, lineage_id)
-    algo = app.registry.algorithm(current.algorithm)
-    material = algo.generate_key()
+    purpose = purpose_of_algorithm(app, current.algorithm)
+    algo = app.registry.algorithm(current.algorithm, purpose)
+    material = generate_material(algo, purpose)
     try:
         rotated = app.store.rotate(realm, current.key_id, material)
     finally:

@@ -48,6 +48,7 @@ from qimem.services.lifecycle_common import (
     _delete,
     audit,
     check_rotation,
+    key_purpose,
 )
 from qimem.services.lifecycle_common import lineage_of as _lineage
 
@@ -157,6 +158,14 @@ def set_policy(
                 code="invalid_policy",
             )
         changes[name] = value
+    if usage_limit is not _UNSET and usage_limit is not None:
+        purpose = key_purpose(app, active)
+        if purpose in ("sign", "mac"):
+            raise ValidationError(
+                f"a usage limit bounds the messages an encryption key seals; {active.algorithm} "
+                f"makes {purpose} keys, which have none (rotate them by age: auto_rotate_seconds)",
+                code="invalid_policy",
+            )
     if usage_limit is not _UNSET:
         if isinstance(usage_limit, int) and not isinstance(usage_limit, bool):
             usage_bound.check_message_bound(app, active, usage_limit)  # the reason, first
@@ -323,6 +332,52 @@ def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None
         raise DecryptionError(
             f"{label} is below the lineage's minimum decryption version "
             f"{policy.min_decryption_version}",
+            code="below_min_decryption_version",
+        )
+
+
+def check_signing(app: AppContext, version: KeyVersion) -> KeyVersion:
+    """Apply the lineage policy to the active version about to sign or compute a MAC:
+    pending deletion, the minimum version (``min_encryption_version`` is the minimum
+    version that signs), age-based rotation. Returns the version to use (a new one after
+    an automatic rotation). Signing and MAC keys count no uses (no nonce bound)."""
+    realm, lineage_id = version.realm, version.lineage_id
+    policy = app.store.policy(realm, lineage_id)
+    _check_pending(app, realm, lineage_id, policy)
+    if version.version < policy.min_encryption_version:
+        raise KeyNotActiveError(
+            f"key {version.key_id} (version {version.version}) is below the lineage's "
+            f"minimum version {policy.min_encryption_version}"
+        )
+    period = policy.auto_rotate_seconds
+    if period and datetime.now(UTC) - version.created_at >= timedelta(seconds=period):
+        version = auto_rotate(app, version, "age")
+    return version
+
+
+def check_verification(app: AppContext, version: KeyVersion) -> None:
+    """Refuse a version its state or the policy keeps from verifying (signatures, tags) or
+    giving its public key, as :func:`check_decryption` does for decryption.
+
+    :raises ConflictError: ``key_disabled``, ``key_destroyed``,
+        ``below_min_decryption_version`` (the lineage's minimum version that still
+        decrypts or verifies) or ``key_pending_deletion``.
+    :raises NotFoundError: the lineage's deletion date has passed (it is deleted now).
+    """
+    label = f"key {version.key_id} (version {version.version})"
+    if version.state is KeyState.DISABLED:
+        raise ConflictError(f"{label} is disabled", code="key_disabled")
+    if version.state is KeyState.DESTROYED:
+        raise ConflictError(
+            f"{label} was destroyed; what it signed can no longer be verified with it",
+            code="key_destroyed",
+        )
+    policy = app.store.policy(version.realm, version.lineage_id)
+    _check_pending(app, version.realm, version.lineage_id, policy)
+    if version.version < policy.min_decryption_version:
+        raise ConflictError(
+            f"{label} is below the lineage's minimum version {policy.min_decryption_version} "
+            "(min_decryption_version)",
             code="below_min_decryption_version",
         )
 

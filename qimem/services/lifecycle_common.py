@@ -1,6 +1,7 @@
 """What the key and lifecycle services share: auditing an operation, finding the lineage or
-version a reference names, and the pending-deletion check (with the deletion it triggers
-once due). Imports neither :mod:`qimem.services.keys` nor :mod:`qimem.services.lifecycle`."""
+version a reference names, a key's purpose, and the pending-deletion check (with the
+deletion it triggers once due). Imports neither :mod:`qimem.services.keys` nor
+:mod:`qimem.services.lifecycle`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qimem.app import AppContext
+from qimem.crypto import DEFAULT_PURPOSE
 from qimem.errors import ConflictError, DecryptionError, NotFoundError, ValidationError
 from qimem.keys import KeyVersion, LineagePolicy, validate_realm
 from qimem.lazylog import get_logger
@@ -20,15 +22,25 @@ log = get_logger("qimem.services.lifecycle")
 
 
 def audit(
-    app: AppContext, realm: str, actor: str | None, action: str, target: str, **detail: Any
+    app: AppContext,
+    realm: str,
+    actor: str | None,
+    action: str,
+    target: str,
+    *,
+    buffered: bool = False,
+    **detail: Any,
 ) -> None:
-    """Record a lifecycle operation when the caller names an actor (the CLI and HTTP do)."""
+    """Record a lifecycle operation when the caller names an actor (the CLI and HTTP do).
+
+    ``buffered``: written with the next batch (message operations such as
+    ``crypto.sign``), not before returning (lifecycle changes)."""
     if actor is None:
         return
     from qimem.services.identity import audit_key_operation
 
     try:
-        audit_key_operation(app, realm, actor, action, target, buffered=False, **detail)
+        audit_key_operation(app, realm, actor, action, target, buffered=buffered, **detail)
     except Exception:  # auditing never turns a committed change into an error
         log.warning("could not record the audit event %s; it is buffered", action)
         try:  # buffered: written later, through the audit spill while the store is down
@@ -63,6 +75,45 @@ def version_of(app: AppContext, ref: str, version: int | None, realm: str) -> Ke
         if candidate.version == version:
             return candidate
     raise NotFoundError(f"key {ref!r} has no version {version}")
+
+
+# -- purposes ---------------------------------------------------------------------------
+
+
+def purpose_of_algorithm(app: AppContext, algorithm: str) -> str:
+    """The purpose of the algorithm called ``algorithm`` (``encrypt``, ``sign``, ``mac``,
+    ``deterministic``); ``encrypt`` for one no loaded plugin provides (as before purposes)."""
+    return app.registry.algorithm_purposes.get(algorithm, DEFAULT_PURPOSE)
+
+
+def key_purpose(app: AppContext, version: KeyVersion) -> str:
+    """The purpose of a key version's lineage: its algorithm's."""
+    return purpose_of_algorithm(app, version.algorithm)
+
+
+def algorithm_of_key(app: AppContext, version: KeyVersion) -> Any:
+    """``version``'s algorithm object, whatever its purpose.
+
+    :raises UnsupportedAlgorithmError: no loaded plugin provides it.
+    """
+    return app.registry.algorithm(version.algorithm, key_purpose(app, version))
+
+
+def require_purpose(app: AppContext, version: KeyVersion, wanted: str, operation: str) -> str:
+    """``version``'s purpose if it is ``wanted``.
+
+    :raises ValidationError: ``wrong_purpose``, naming the key, its purpose and what
+        ``operation`` needs.
+    """
+    purpose = key_purpose(app, version)
+    if purpose != wanted:
+        label = version.name or version.lineage_id
+        raise ValidationError(
+            f"key {label} is a {purpose} key ({version.algorithm}); "
+            f"{operation} needs a {wanted} key",
+            code="wrong_purpose",
+        )
+    return purpose
 
 
 # -- deletion ----------------------------------------------------------------------------

@@ -13,10 +13,12 @@ from qimem.keys import KeyVersion, max_messages_per_key, message_bound_reason
 
 def algorithm_of(app: AppContext, version: KeyVersion) -> Any:
     """``version``'s algorithm object, or None when no enabled plugin provides it."""
+    from qimem.crypto import DEFAULT_PURPOSE
     from qimem.errors import UnsupportedAlgorithmError
 
-    try:
-        return app.registry.algorithm(version.algorithm)
+    try:  # of its own purpose (a deterministic key's AES-SIV is no AEAD of purpose encrypt)
+        purpose = app.registry.algorithm_purposes.get(version.algorithm, DEFAULT_PURPOSE)
+        return app.registry.algorithm(version.algorithm, purpose)
     except UnsupportedAlgorithmError:
         return None
 
