@@ -80,10 +80,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hash": ("qimem.cli.utility:hash_", "Print the SHA-2 or SHA-3 digest of FILE..."),
     "init": ("qimem.cli.init:init", "Create the config file, a 0600 root key..."),
     "keys": ("qimem.cli.keys:keys", "Create, list, show and rotate keys;..."),
+    "mac": ("qimem.cli.sign:mac", "Compute the MAC tag of a file or standard..."),
     "plugins": ("qimem.cli.plugins:plugins", "List, inspect, enable, disable, register..."),
     "random": ("qimem.cli.utility:random_", "Print N random bytes from the operating..."),
     "rewrap": ("qimem.cli.crypto:rewrap", "Re-seal the data key of encrypted FILES..."),
     "serve": ("qimem.cli.serve:serve", "Run the HTTP server (security API and..."),
+    "sign": ("qimem.cli.sign:sign", "Sign a file or standard input."),
+    "verify": ("qimem.cli.sign:verify", "Verify a signature: prints valid or invalid."),
+    "verify-mac": ("qimem.cli.sign:verify_mac", "Verify a MAC tag: prints valid or invalid."),
 }
 
 
