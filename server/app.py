@@ -5,8 +5,9 @@ identity and plugin APIs and operations endpoints. ``qimem-api`` is
 ``create_app(app_ctx, short_paths=True, security_only=True)``: the security API alone, also
 answering ``POST /keys``, ``/encrypt``, ``/decrypt`` and ``/rotate``.
 
-Resources are thin: parse and validate the body, call the same :mod:`qimem.services`
-function as the CLI, render the result.
+The security API's routes come from its operations' declarations
+(:mod:`qimem.server.operations`). Resources are thin: parse and validate the body, call the
+same :mod:`qimem.services` function as the CLI, render the result.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from qimem.app import AppContext
 from qimem.server import errors
 from qimem.server.auth_api import add_auth_routes
 from qimem.server.auth_middleware import IdentityAuthMiddleware
-from qimem.server.crypto import crypto_resources
 from qimem.server.exposure import ClientMiddleware, Network
-from qimem.server.keys import KEYS_PATH, CreateKeyResource, KeysResource, RotateResource
 from qimem.server.lifecycle import add_lifecycle_routes
 from qimem.server.metrics import Metrics
 from qimem.server.middleware import (
@@ -31,6 +30,7 @@ from qimem.server.middleware import (
     MetricsMiddleware,
     RequestIdMiddleware,
 )
+from qimem.server.operations import add_routes
 from qimem.server.ops import (
     HealthResource,
     MetricsResource,
@@ -96,21 +96,8 @@ def create_app(
     app.req_options.strip_url_path_trailing_slash = False
     errors.install(app)
 
-    keys = KeysResource(app_ctx, max_body_bytes)
-    rotate = RotateResource(app_ctx, max_body_bytes)
-    crypto = crypto_resources(app_ctx, max_body_bytes, metrics)
-    app.add_route(KEYS_PATH, keys)
-    app.add_route(KEYS_PATH + "/{key_id}", keys, suffix="item")
-    app.add_route("/v1/security/rotate", rotate)
+    add_routes(app, app_ctx, max_body_bytes, metrics, short_paths=short_paths)
     add_lifecycle_routes(app, app_ctx, max_body_bytes)
-    for name, resource in crypto.items():
-        app.add_route(f"/v1/security/{name}", resource)
-
-    if short_paths:
-        app.add_route("/keys", CreateKeyResource(app_ctx, max_body_bytes))
-        app.add_route("/encrypt", crypto["encrypt"])
-        app.add_route("/decrypt", crypto["decrypt"])
-        app.add_route("/rotate", rotate)
 
     if not security_only:
         plugins = PluginsResource(app_ctx, max_body_bytes)

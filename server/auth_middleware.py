@@ -23,36 +23,33 @@ Audited key operations are recorded in buffered batches, or with ``[identity] au
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import falcon
 
-from qimem import envelope, invalidation, services
+from qimem import invalidation
 from qimem.app import AppContext
 from qimem.errors import AuditUnavailableError, AuthError, ForbiddenError, NotFoundError, QimemError
 from qimem.identity import Principal
 from qimem.identity.realms import MASTER
-from qimem.keys import DEFAULT_REALM, parse_uuid
+from qimem.keys import DEFAULT_REALM
 from qimem.server.auth import is_loopback
 from qimem.server.auth_api import AUTH_PREFIX
 from qimem.server.errors import handle_qimem_error
+from qimem.server.key_names import KeyNames, param_key
 from qimem.server.media import read_body
+from qimem.server.operations import PREFIX, security_operations
 from qimem.services import identity as ids
 
 log = logging.getLogger("qimem.audit")
 
 REALM_HEADER = "X-Qimem-Realm"
 _CHALLENGE = 'Bearer realm="qimem"'
-
-# How a scoped grant finds the key names a request touches: from the body or the URL.
-KeyNames = Callable[[AppContext, str, Any, dict[str, Any]], list[str | None]]
 
 
 @dataclass(frozen=True)
@@ -68,89 +65,35 @@ class Rule:
     #: A management operation the service audits itself; with ``audit_mode = "required"``
     #: it also gets the "requested" / outcome pair of key operations under this action.
     pair: str | None = None
+    #: Further permissions the request needs, each on the key names its finder returns
+    #: (none returned: nothing asked), e.g. a rewrap to a target key.
+    also: tuple[tuple[str, KeyNames], ...] = ()
 
 
-def _name_of(app: AppContext, realm: str, ref: Any) -> str | None:
-    if not isinstance(ref, str):
-        return None
-    try:
-        return services.show_key(app, ref, realm=realm).name
-    except QimemError:
-        return ref if parse_uuid(ref) is None else None
-
-
-def _ref_names(app: AppContext, realm: str, body: Any, params: dict[str, Any]) -> list[str | None]:
-    items = body.get("items") if isinstance(body, dict) else None
-    entries = items if isinstance(items, list) else [body]
-    return [
-        _name_of(app, realm, e.get("key_id") or e.get("key")) if isinstance(e, dict) else None
-        for e in entries
-    ]
-
-
-def _envelope_names(
-    app: AppContext, realm: str, body: Any, params: dict[str, Any]
-) -> list[str | None]:
-    items = body.get("items") if isinstance(body, dict) else None
-    entries = items if isinstance(items, list) else [body]
-    names: list[str | None] = []
-    for entry in entries:
-        name = None
-        try:
-            blob = base64.b64decode(entry["envelope"], validate=True)
-            key_id = envelope.parse(blob).key_id_str
-            name = app.store.get(realm, key_id).name
-        except (QimemError, KeyError, TypeError, ValueError, binascii.Error):
-            pass
-        names.append(name)
-    return names
-
-
-def _new_key_name(
-    app: AppContext, realm: str, body: Any, params: dict[str, Any]
-) -> list[str | None]:
-    return [body.get("name") if isinstance(body, dict) else None]
-
-
-def _param_key(app: AppContext, realm: str, body: Any, params: dict[str, Any]) -> list[str | None]:
-    return [_name_of(app, realm, params.get("key_id"))]
-
-
-def _security_rules(prefix: str) -> dict[tuple[str, str], Rule]:
-    return {
-        ("POST", f"{prefix}/keys"): Rule(
-            "keys:create", key_names=_new_key_name, audit="keys.create"
-        ),
-        ("GET", f"{prefix}/keys"): Rule("keys:read"),
-        ("GET", f"{prefix}/keys/{{key_id}}"): Rule("keys:read", key_names=_param_key),
-        ("POST", f"{prefix}/encrypt"): Rule(
-            "crypto:encrypt", key_names=_ref_names, audit="crypto.encrypt"
-        ),
-        ("POST", f"{prefix}/decrypt"): Rule(
-            "crypto:decrypt", key_names=_envelope_names, audit="crypto.decrypt"
-        ),
-        ("POST", f"{prefix}/rotate"): Rule(
-            "keys:rotate", key_names=_ref_names, audit="keys.rotate"
-        ),
-        ("POST", f"{prefix}/rewrap"): Rule(
-            "crypto:rewrap", key_names=_envelope_names, audit="crypto.rewrap"
-        ),
-        ("POST", f"{prefix}/datakey"): Rule(
-            "crypto:datakey", key_names=_ref_names, audit="crypto.datakey"
-        ),
-    }
+def _security_rules() -> dict[tuple[str, str], Rule]:
+    """The rules of the declared operations (:mod:`qimem.server.operations`), at their
+    /v1/security paths and qimem-api short aliases."""
+    rules: dict[tuple[str, str], Rule] = {}
+    for op in security_operations():
+        rule = Rule(
+            op.permission, key_names=op.key_names, audit=op.audit, pair=op.pair, also=op.also
+        )
+        rules[(op.method, PREFIX + op.path)] = rule
+        if op.short:
+            rules[(op.method, op.short)] = rule
+    return rules
 
 
 def _lifecycle_rules(prefix: str) -> dict[tuple[str, str], Rule]:
     # Key lifecycle (issue 7): managing a key is keys:rotate; a backup holds key material,
     # so export and import are for realm administrators. The services audit these.
     key = f"{prefix}/keys/{{key_id}}"
-    rules = {("GET", f"{key}/policy"): Rule("keys:read", key_names=_param_key)}
+    rules = {("GET", f"{key}/policy"): Rule("keys:read", key_names=param_key)}
     for operation in (
         "policy", "disable", "enable", "destroy", "schedule-deletion", "cancel-deletion"
     ):  # fmt: skip
         pair = "keys." + operation.replace("-", "_")
-        rules[("POST", f"{key}/{operation}")] = Rule("keys:rotate", key_names=_param_key, pair=pair)
+        rules[("POST", f"{key}/{operation}")] = Rule("keys:rotate", key_names=param_key, pair=pair)
     rules[("POST", f"{key}/export")] = Rule("realms:admin", pair="keys.export")
     rules[("POST", f"{prefix}/import")] = Rule("realms:admin", pair="keys.import")
     return rules
@@ -211,16 +154,8 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
 
 def default_rules() -> dict[tuple[str, str], Rule]:
     """The route table: security API (long and short paths), plugins, /v1/auth."""
-    rules = _security_rules("/v1/security")
-    short = _security_rules("")
-    for method, path in (
-        ("POST", "/keys"),
-        ("POST", "/encrypt"),
-        ("POST", "/decrypt"),
-        ("POST", "/rotate"),
-    ):
-        rules[(method, path)] = short[(method, path)]
-    rules.update(_lifecycle_rules("/v1/security"))
+    rules = _security_rules()
+    rules.update(_lifecycle_rules(PREFIX))
     rules[("GET", "/v1/plugins")] = Rule("plugins:read")
     rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")
     rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True, pair="plugins.enable")
@@ -343,15 +278,39 @@ class IdentityAuthMiddleware:
         req.context.realm = realm
         if rule.master_only and principal.realm != MASTER:
             raise ForbiddenError("this operation is reserved to master realm administrators")
-        if rule.permission is None or principal.allows(rule.permission):
-            return
-        if (
-            rule.key_names is not None
-            and principal.allows_any(rule.permission)
-            and self._scoped_allowed(req, principal, rule, realm, params)
-        ):
-            return
-        raise ForbiddenError(f"this operation needs the {rule.permission} permission")
+        if not self._permitted(req, principal, rule.permission, rule.key_names, realm, params):
+            raise ForbiddenError(f"this operation needs the {rule.permission} permission")
+        for permission, finder in rule.also:
+            if not self._permitted(req, principal, permission, finder, realm, params, also=True):
+                raise ForbiddenError(f"this operation needs the {permission} permission")
+
+    def _permitted(
+        self,
+        req: falcon.Request,
+        principal: Principal,
+        permission: str | None,
+        finder: KeyNames | None,
+        realm: str,
+        params: dict[str, Any],
+        *,
+        also: bool = False,
+    ) -> bool:
+        """The principal holds ``permission`` realm-wide, or on every key name ``finder``
+        finds (with ``also``, finding no name asks nothing)."""
+        if permission is None or principal.allows(permission):
+            return True
+        if finder is None or not (also or principal.allows_any(permission)):
+            return False
+        found, body = self._body(req)
+        if not found:  # no key names to check: not allowed (``also``: the resource says 400)
+            return also
+        names = finder(self._app, realm, body, params)
+        if also and not names:
+            return True
+        return bool(names) and all(
+            isinstance(name, str) and principal.allows(permission, name)  # {"name": 5}
+            for name in names
+        )
 
     def _target_realm(
         self, req: falcon.Request, principal: Principal, rule: Rule, params: dict[str, Any]
@@ -366,27 +325,24 @@ class IdentityAuthMiddleware:
             raise _realm_not_found(wanted)
         return wanted
 
-    def _scoped_allowed(
-        self,
-        req: falcon.Request,
-        principal: Principal,
-        rule: Rule,
-        realm: str,
-        params: dict[str, Any],
-    ) -> bool:
+    @staticmethod
+    def _body(req: falcon.Request) -> tuple[bool, Any]:
+        """The parsed JSON body (read once, and handed on unchanged to the resource), as
+        ``(True, body)``; ``(False, None)`` when it is not JSON."""
+        cached = getattr(req.context, "auth_body", None)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         body: Any = None
+        found = True
         if req.method in ("POST", "PUT", "PATCH"):
             raw = read_body(req, getattr(req.stream, "limit", 1 << 20))
             req.stream = io.BytesIO(raw)  # hand the same bytes on to the resource
             try:
                 body = json.loads(raw) if raw else None
-            except (ValueError, RecursionError):  # no key names to check: not allowed
-                return False
-        names = rule.key_names(self._app, realm, body, params)  # type: ignore[misc]
-        return bool(names) and all(
-            isinstance(name, str) and principal.allows(rule.permission, name)  # {"name": 5}
-            for name in names
-        )
+            except (ValueError, RecursionError):
+                found = False
+        req.context.auth_body = (found, body)
+        return found, body
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool

@@ -1,13 +1,32 @@
-"""Key resources: create, list, show (``/v1/security/keys``) and rotate."""
+"""Key operations: create, list, show (``/v1/security/keys``) and rotate, declared once
+(:mod:`qimem.server.operations`)."""
 
 from __future__ import annotations
 
-import falcon
+from typing import Any
 
 from qimem import services
 from qimem.app import AppContext
 from qimem.errors import ValidationError
-from qimem.server.media import Field, Spec, key_id_string, plain_string, read_json, ref_string
+from qimem.server import key_names
+from qimem.server.media import Field, Spec, key_id_string, plain_string, ref_string
+from qimem.server.operations import Doc, Operation
+
+KEYS_PATH = "/v1/security/keys"
+#: The ``{key_id}`` URL parameter of the OpenAPI document.
+KEY_PARAMETER = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "description": "A key_id, lineage_id or key name.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 128,
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    },
+}
+KEY_PARAM = Field("key_id", ref_string)
 
 
 def _bool(name: str, value: object) -> bool:
@@ -25,56 +44,103 @@ ROTATE_SPEC = Spec(
     Field("key_id", key_id_string), Field("key", ref_string), one_of=("key_id", "key")
 )
 
-KEYS_PATH = "/v1/security/keys"
+
+def ref_of(args: dict[str, Any]) -> str:
+    """The key a body names with ``key_id`` or ``key`` (its spec made one of them present)."""
+    return args.get("key_id") or args["key"]
 
 
-class CreateKeyResource:
-    """``POST`` a new key (version 1, active) → 201 with its metadata."""
-
-    def __init__(self, app: AppContext, body_limit: int) -> None:
-        self._app = app
-        self._limit = body_limit
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = CREATE_SPEC.parse(read_json(req, self._limit))
-        key = services.create_key(
-            self._app,
-            algorithm=body.get("algorithm") or services.keys.DEFAULT_ALGORITHM,
-            name=body.get("name"),
-            realm=req.context.realm,
-            derived=body.get("derived", False),
-        )
-        resp.status = falcon.HTTP_201
-        resp.location = f"{KEYS_PATH}/{key.key_id}"
-        resp.media = key.to_dict()
+def _create(app: AppContext, realm: str, args: dict[str, Any]) -> dict[str, Any]:
+    return services.create_key(
+        app,
+        algorithm=args.get("algorithm") or services.keys.DEFAULT_ALGORITHM,
+        name=args.get("name"),
+        realm=realm,
+        derived=args.get("derived", False),
+    ).to_dict()
 
 
-class KeysResource(CreateKeyResource):
-    """``/v1/security/keys``: create and list; ``/v1/security/keys/{key_id}``: show.
-
-    ``{key_id}`` also accepts a lineage_id or a key name.
-    """
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        found = services.list_keys(self._app, realm=req.context.realm)
-        resp.media = {"keys": [k.to_dict() for k in found]}
-
-    def on_get_item(self, req: falcon.Request, resp: falcon.Response, key_id: str) -> None:
-        details = services.show_key(
-            self._app, ref_string("key_id", key_id), realm=req.context.realm
-        )
-        resp.media = details.to_dict()
+def _list(app: AppContext, realm: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {"keys": [k.to_dict() for k in services.list_keys(app, realm=realm)]}
 
 
-class RotateResource:
-    """``POST {key_id | key}`` → the new active version (409 ``key_not_active`` when the
-    given key_id was already rotated away)."""
+def _show(app: AppContext, realm: str, args: dict[str, Any]) -> dict[str, Any]:
+    return services.show_key(app, args["key_id"], realm=realm).to_dict()
 
-    def __init__(self, app: AppContext, body_limit: int) -> None:
-        self._app = app
-        self._limit = body_limit
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = ROTATE_SPEC.parse(read_json(req, self._limit))
-        ref = body.get("key_id") or body["key"]
-        resp.media = services.rotate_key(self._app, ref, realm=req.context.realm).to_dict()
+def _rotate(app: AppContext, realm: str, args: dict[str, Any]) -> dict[str, Any]:
+    return services.rotate_key(app, ref_of(args), realm=realm).to_dict()
+
+
+OPERATIONS = (
+    Operation(
+        "createKey",
+        "POST",
+        "/keys",
+        _create,
+        Doc(
+            "Create a key (version 1, active).",
+            "KeyVersion",
+            "The new key version; Location names it.",
+            request="CreateKeyRequest",
+            tag="keys",
+            errors=(400, 403, 413, 415, 503, 409),
+        ),
+        spec=CREATE_SPEC,
+        permission="keys:create",
+        key_names=key_names.new_key_name,
+        audit="keys.create",
+        short="/keys",
+        status=201,
+        location=KEYS_PATH + "/{key_id}",
+    ),
+    Operation(
+        "listKeys",
+        "GET",
+        "/keys",
+        _list,
+        Doc(
+            "List keys (newest version of each).",
+            "KeyList",
+            "The keys of the realm.",
+            tag="keys",
+            errors=(403, 503),
+        ),
+        permission="keys:read",
+    ),
+    Operation(
+        "showKey",
+        "GET",
+        "/keys/{key_id}",
+        _show,
+        Doc(
+            "Show a key lineage and all its versions.",
+            "KeyDetails",
+            "The lineage.",
+            tag="keys",
+            errors=(400, 403, 404, 503),
+            parameters=(KEY_PARAMETER,),
+        ),
+        params=(KEY_PARAM,),
+        permission="keys:read",
+        key_names=key_names.param_key,
+    ),
+    Operation(
+        "rotate",
+        "POST",
+        "/rotate",
+        _rotate,
+        Doc(
+            "Rotate: the key_id becomes decrypt-only, a new version becomes active.",
+            "KeyVersion",
+            "The new active version.",
+            request="KeyRefRequest",
+            tag="keys",
+        ),
+        spec=ROTATE_SPEC,
+        permission="keys:rotate",
+        key_names=key_names.ref_names,
+        audit="keys.rotate",
+        short="/rotate",
+    ),
+)

@@ -14,20 +14,25 @@ import falcon
 from qimem.app import AppContext
 from qimem.errors import StoreUnavailableError
 from qimem.server.metrics import CONTENT_TYPE, Metrics
+from qimem.server.operations import add_to_openapi, security_operations
 
 log = logging.getLogger("qimem.server")
 
 #: Paths only ``qimem-api`` serves (short aliases of the /v1/security ones).
-SHORT_PATHS = ("/keys", "/encrypt", "/decrypt", "/rotate")
+SHORT_PATHS = tuple(op.short for op in security_operations() if op.short)
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document shipped with the package (``qimem/server/openapi.json``)."""
+    """The OpenAPI 3.1 document: ``qimem/server/openapi.json`` (shared components, the
+    lifecycle, operations and plugin paths) with the declared operations' paths
+    (:mod:`qimem.server.operations`) and /v1/auth added."""
     text = resources.files("qimem.server").joinpath("openapi.json").read_text("utf-8")
     from qimem.server.auth_openapi import add_auth  # /v1/auth and bearer authentication
 
-    return add_auth(json.loads(text))
+    doc = json.loads(text)
+    add_to_openapi(doc)
+    return add_auth(doc)
 
 
 class HealthResource:
