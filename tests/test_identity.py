@@ -69,7 +69,7 @@ def test_builtin_roles_and_custom_roles(app: AppContext) -> None:
     roles = {r.name: r for r in ids.list_roles(app, "master")}
     assert set(roles) == {"admin", "key-manager", "encryptor", "auditor"}
     assert set(roles["admin"].permissions) == set(PERMISSIONS)
-    assert len(PERMISSIONS) == 12
+    assert len(PERMISSIONS) == 16
     custom = ids.create_role(app, "master", "signer", ["crypto:encrypt", "keys:read"])
     assert custom.permissions == ("crypto:encrypt", "keys:read") and not custom.builtin
     with pytest.raises(ValidationError):

@@ -3,6 +3,11 @@
 A grant gives a role to a user or service account, optionally scoped to key names matching
 an fnmatch pattern (``encryptor`` on ``payroll-*``). A scoped grant covers an operation on a
 named key whose name matches; it never covers realm-wide operations such as listing keys.
+
+The signing and MAC permissions (issue 16) are held by ``admin`` only among the built-in
+roles: adding them to ``encryptor`` would widen every existing grant of it, and a new
+built-in role would be missing from realms created before it (built-in role rows are made
+with the realm). Deployments bundle them in custom roles (docs/identity.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ PERMISSIONS: tuple[str, ...] = (
     "crypto:decrypt",
     "crypto:rewrap",
     "crypto:datakey",
+    "keys:sign",
+    "keys:verify",
+    "keys:mac",
+    "keys:verify-mac",
     "users:admin",
     "realms:admin",
     "plugins:read",
