@@ -16,6 +16,13 @@ Layout (all integers big-endian)::
 The header is bytes ``[0, 31+N)``. The AEAD's associated data is ``header ‖ caller_aad``, so
 changing the algorithm, key id, version, nonce or length is detected. The encoding is
 deterministic: a value has exactly one encoding, and the parser rejects anything else.
+
+A *deterministic* envelope (a key of purpose ``deterministic``, e.g. AES-256-SIV) has the
+same layout with N = 0: no nonce, and the L bytes are the algorithm's output (synthetic IV
+‖ ciphertext), computed over the same associated data ``header ‖ caller_aad``. The same
+key version, plaintext and caller aad therefore always give the same envelope
+(:func:`seal_deterministic`). The parser accepts N = 0 for any algorithm id; decryption
+then requires the stored key's algorithm to be one without a nonce.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ def header_prefix(
         raise ValueError("key version must be an integer")
     if not 1 <= key_version <= MAX_VERSION:
         raise ValueError("key version out of range")
-    if not 1 <= nonce_size <= 0xFF:  # parse() refuses an empty nonce
+    if not 0 <= nonce_size <= 0xFF:  # 0: a deterministic envelope (no nonce)
         raise ValueError("nonce size out of range")
     return _PREFIX.pack(MAGIC, VERSION, algorithm_id, raw_id, key_version, nonce_size)
 
@@ -73,7 +80,18 @@ def header_size(nonce_size: int) -> int:
 
 def header_packer(nonce_size: int) -> Callable[[bytes, bytes, int], bytes]:
     """``pack(prefix, nonce, ciphertext_length)``: :func:`header` in one call, for a nonce of
-    exactly ``nonce_size`` bytes (the caller guarantees both sizes)."""
+    exactly ``nonce_size`` bytes (the caller guarantees both sizes).
+
+    For ``nonce_size`` 0 (a deterministic envelope) the ``nonce`` argument is ignored: the
+    service layer passes a usage token there (one usage count reserved in the store, see
+    :func:`qimem.services.lifecycle.reserve`), which the envelope does not carry."""
+    if nonce_size == 0:
+        pack_length = LENGTH.pack
+
+        def pack_nonceless(prefix: bytes, _token: bytes, ciphertext_length: int) -> bytes:
+            return prefix + pack_length(ciphertext_length)
+
+        return pack_nonceless
     return struct.Struct(f">{PREFIX_SIZE}s{nonce_size}sI").pack
 
 
@@ -94,7 +112,8 @@ def associated_data(header_bytes: bytes, aad: bytes | None) -> bytes:
 
 
 def parse(blob: bytes) -> Envelope:
-    """Parse envelope bytes strictly.
+    """Parse envelope bytes strictly. A nonce length of 0 (a deterministic envelope) gives
+    an empty ``nonce``.
 
     :raises EnvelopeFormatError: bad magic, unknown format version, truncation, trailing
         bytes, or a zero key version.
@@ -113,8 +132,6 @@ def parse(blob: bytes) -> Envelope:
         raise EnvelopeFormatError(f"unsupported envelope version {version}")
     if key_version == 0:
         raise EnvelopeFormatError("envelope has key version 0")
-    if nonce_size == 0:
-        raise EnvelopeFormatError("envelope has an empty nonce")
     body = PREFIX_SIZE + nonce_size + LENGTH.size
     if len(blob) < body:
         raise EnvelopeFormatError("envelope is truncated")
@@ -152,3 +169,20 @@ def seal(
     prefix = header_prefix(algorithm.algorithm_id, key_id, key_version, algorithm.nonce_size)  # type: ignore[attr-defined]
     head = header(prefix, nonce, len(plaintext) + algorithm.tag_size)  # type: ignore[attr-defined]
     return head + algorithm.encrypt(key, nonce, plaintext, associated_data(head, aad))  # type: ignore[attr-defined]
+
+
+def seal_deterministic(
+    algorithm: object,
+    key: bytes | bytearray,
+    key_id: str,
+    key_version: int,
+    plaintext: bytes,
+    aad: bytes | None = None,
+) -> bytes:
+    """Build one deterministic envelope (nonce length 0) with a
+    :class:`qimem.crypto_purposes.DeterministicAlgorithm` (known-answer vectors, tests):
+    the algorithm's output (synthetic IV ‖ ciphertext) over associated data
+    ``header ‖ aad``. The service layer builds the same bytes."""
+    prefix = header_prefix(algorithm.algorithm_id, key_id, key_version, 0)  # type: ignore[attr-defined]
+    head = header(prefix, b"", len(plaintext) + algorithm.tag_size)  # type: ignore[attr-defined]
+    return head + algorithm.encrypt(key, plaintext, associated_data(head, aad))  # type: ignore[attr-defined]

@@ -4,8 +4,9 @@
   ``tests/make_vectors.py``) must be reproduced exactly, by :func:`qimem.envelope.seal` and
   by an independent re-implementation of docs/formats.md on bare ``cryptography``.
 * The parser is strict: bad magic, unknown version, truncation at every length, trailing
-  bytes, version 0, empty nonce → :class:`EnvelopeFormatError` with a clear message;
-  random bytes never raise anything else.
+  bytes, version 0 → :class:`EnvelopeFormatError` with a clear message; random bytes
+  never raise anything else. An empty nonce is the deterministic layout: it parses, and
+  only a key without a nonce opens it (tests/test_services_deterministic.py).
 * Through the service layer on the memory and SQLite stores, every single-bit flip of an
   envelope is rejected with a qimem error, and associated data, rotation and realms behave.
 """
@@ -230,11 +231,14 @@ def test_zero_key_version() -> None:
         envelope.parse(_with(SAMPLE, 22, bytes(4)))
 
 
-def test_empty_nonce() -> None:
-    # Nonce length 0, then a consistent length field and ciphertext.
+def test_empty_nonce_is_the_deterministic_layout() -> None:
+    # Nonce length 0, then a consistent length field and ciphertext: it parses (a
+    # deterministic envelope); an AEAD key refuses it (test_services_deterministic.py).
     blob = SAMPLE[:26] + b"\x00" + struct.pack(">I", 16) + bytes(16)
-    with pytest.raises(EnvelopeFormatError, match="empty nonce"):
-        envelope.parse(blob)
+    parsed = envelope.parse(blob)
+    assert parsed.nonce == b"" and parsed.ciphertext == bytes(16) and len(parsed.header) == 31
+    with pytest.raises(EnvelopeFormatError, match="truncated"):
+        envelope.parse(blob[:-1])
 
 
 def test_length_field_disagreeing_with_size() -> None:
@@ -578,7 +582,6 @@ def test_docs_list_every_parser_message() -> None:
         SAMPLE[:10],
         _with(SAMPLE, 4, b"\x02"),
         _with(SAMPLE, 22, bytes(4)),
-        SAMPLE[:26] + b"\x00" + struct.pack(">I", 16) + bytes(16),
         SAMPLE + b"\x00",
     ]
     for blob in blobs:

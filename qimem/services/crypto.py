@@ -11,6 +11,13 @@ speed at 1 KiB). At that size every attribute lookup and allocation shows, so th
 code is lean on purpose: the cache lookups are inlined, nothing the cache already vouches
 for is checked again, and the result records are plain slotted dataclasses (a frozen
 dataclass's ``__init__`` alone costs a third of a bare AES-GCM call).
+
+Keys of purpose ``deterministic`` (AES-256-SIV) take the same path, unchanged: their cache
+entry's cipher is a :class:`DeterministicCipher` (the AEAD call shape, nonce ignored), its
+header has no nonce (envelope nonce length 0, docs/formats.md), and the "nonce" the entry
+hands out is a one-byte usage token: one count reserved in the store, like every AEAD
+message. The same plaintext, aad and key version give the same envelope. Signing and MAC
+keys are refused here (``wrong_purpose``); data keys and files take encrypt keys only.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 from qimem import envelope as env
 from qimem.app import AppContext
-from qimem.crypto import zero
+from qimem.crypto import DEFAULT_PURPOSE, zero
 from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, ValidationError
 from qimem.keycache import CachedKey
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
@@ -31,6 +38,12 @@ from qimem.services import lifecycle
 from qimem.services.key_refs import resolve
 
 DATA_KEY_SIZE = 32
+#: The purposes whose keys seal envelopes (encrypt, decrypt, rewrap).
+ENVELOPE_PURPOSES = (DEFAULT_PURPOSE, "deterministic")
+#: A deterministic key's cache entry draws one-byte usage tokens in place of nonces
+#: (:func:`qimem.services.lifecycle.reserve` slices its random pool by this size); the
+#: envelope carries none of them.
+_TOKEN_SIZE = 1
 _DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
 _monotonic = time.monotonic
 _PREFIX_SIZE = env.PREFIX_SIZE
@@ -70,47 +83,104 @@ class DecryptResult:
 
 @dataclass(frozen=True)
 class DataKey:
-    """A fresh data key, in the clear and sealed under a stored key. Repr hides the key."""
+    """A fresh data key, in the clear and sealed under a stored key. Repr hides the key.
 
-    plaintext_key: bytes = field(repr=False)
+    ``plaintext_key`` is None for a wrapped-only data key (``wrapped_only=True``: AWS's
+    GenerateDataKeyWithoutPlaintext); ``to_dict`` then gives ``"plaintext_key": None``."""
+
+    plaintext_key: bytes | None = field(repr=False)
     wrapped_key: bytes = field(repr=False)
     key_id: str
     version: int
 
     def to_dict(self) -> dict[str, Any]:
+        plain = self.plaintext_key
         return {
-            "plaintext_key": base64.b64encode(self.plaintext_key).decode("ascii"),
+            "plaintext_key": None if plain is None else base64.b64encode(plain).decode("ascii"),
             "wrapped_key": base64.b64encode(self.wrapped_key).decode("ascii"),
             "key_id": self.key_id,
             "version": self.version,
         }
 
 
+class DeterministicCipher:
+    """A deterministic algorithm (:class:`qimem.crypto_purposes.DeterministicAlgorithm`)
+    bound to one key, in the call shape of an AEAD cipher, so the envelope paths need no
+    branch: ``encrypt(nonce, data, associated_data)`` ignores ``nonce`` (the envelope of
+    such a key has none). The plugin interface takes the key on every call, so this entry
+    holds the key bytes for the entry's life, as the algorithm's prepared object would;
+    the repr shows no key."""
+
+    __slots__ = ("_algorithm", "_key")
+
+    def __init__(self, algorithm: Any, key: bytes | bytearray) -> None:
+        self._algorithm = algorithm
+        self._key = bytes(key)
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        return self._algorithm.encrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        return self._algorithm.decrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<DeterministicCipher {getattr(self._algorithm, 'name', '?')}>"
+
+
+def _purpose(app: AppContext, version: KeyVersion) -> str:
+    """The purpose of ``version``'s algorithm (``encrypt`` for one no plugin provides: the
+    registry names what is missing when it is loaded)."""
+    return app.registry.algorithm_purposes.get(version.algorithm, DEFAULT_PURPOSE)
+
+
+def _wrong_purpose(version: KeyVersion, purpose: str, needs: str) -> ValidationError:
+    label = version.name or version.lineage_id
+    return ValidationError(
+        f"key {label} is a {purpose} key ({version.algorithm}); {needs}",
+        code="wrong_purpose",
+    )
+
+
+def _require_envelope_purpose(app: AppContext, version: KeyVersion) -> None:
+    """:raises ValidationError: ``wrong_purpose``: a signing or MAC key."""
+    purpose = _purpose(app, version)
+    if purpose not in ENVELOPE_PURPOSES:
+        raise _wrong_purpose(version, purpose, "encryption needs an encrypt or deterministic key")
+
+
 def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) -> CachedKey:
     """Unwrap a version's material once and prepare its cipher and header prefix; with a
-    ``context`` (derived keys), the cipher of the per-context subkey."""
-    algorithm = app.registry.algorithm(version.algorithm)
+    ``context`` (derived keys), the cipher of the per-context subkey. A deterministic key
+    gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens."""
+    purpose = _purpose(app, version)
+    algorithm = app.registry.algorithm(version.algorithm, purpose)
+    deterministic = purpose != DEFAULT_PURPOSE
     material = app.store.material(version.realm, version.key_id)
     try:
         if context is not None:
             subkey = bytearray(lifecycle.derive_subkey(material, context))
             zero(material)
             material = subkey
-        cipher = algorithm.cipher(material)
+        cipher = (
+            DeterministicCipher(algorithm, material)
+            if deterministic
+            else algorithm.cipher(material)
+        )
     finally:
         zero(material)
+    nonce_size = 0 if deterministic else algorithm.nonce_size
     return CachedKey(
         meta=version,
         cipher=cipher,
         prefix=env.header_prefix(
-            algorithm.algorithm_id, version.key_id, version.version, algorithm.nonce_size
+            algorithm.algorithm_id, version.key_id, version.version, nonce_size
         ),
         algorithm_id=algorithm.algorithm_id,
-        nonce_size=algorithm.nonce_size,
+        nonce_size=_TOKEN_SIZE if deterministic else nonce_size,
         tag_size=algorithm.tag_size,
-        header_size=env.header_size(algorithm.nonce_size),
-        pack_header=env.header_packer(algorithm.nonce_size),
-        unpack_header=env.header_unpacker(algorithm.nonce_size),
+        header_size=env.header_size(nonce_size),
+        pack_header=env.header_packer(nonce_size),
+        unpack_header=env.header_unpacker(nonce_size),
         key_id=version.key_id,
         version=version.version,
         realm=version.realm,
@@ -134,6 +204,7 @@ def _encryption_key(
         versions = app.store.versions(realm, lineage_id)
         raise not_active_error(exact, next((v for v in versions if v.active), None))
     version = exact or app.store.active_version(realm, lineage_id)
+    _require_envelope_purpose(app, version)  # before any policy side effect (auto-rotation)
     checked, limit = lifecycle.check_encryption(app, version, context)
     if checked is not version and exact is not None:  # rotated away by age just now
         raise not_active_error(exact, checked)
@@ -149,15 +220,28 @@ def _encryption_key(
 def check_encryption_key(
     app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, context: bytes | None = None
 ) -> None:
-    """Resolve and load the key :func:`encrypt` would use for ``ref`` — without encrypting
-    anything or counting a use — so a bad key fails before any output is written.
+    """Resolve and load the key :func:`datakey` would wrap under for ``ref`` — without
+    wrapping anything or counting a use — so a bad key fails before any output is written
+    (file encryption: :class:`qimem.services.files.StoreKeyring`).
 
     :raises NotFoundError: no such key. :raises KeyNotActiveError: ``ref`` is a key_id
-        that was rotated away.
+        that was rotated away. :raises ValidationError: ``wrong_purpose``: not an encrypt
+        key (data keys and files take encrypt keys only, see :func:`datakey`).
     """
     if context is not None:
         context = lifecycle.check_context(context)
-    _encryption_key(app, ref, realm, context)
+    _require_data_key_purpose(_encryption_key(app, ref, realm, context))
+
+
+def _require_data_key_purpose(key: CachedKey) -> None:
+    """:raises ValidationError: ``wrong_purpose``: ``key`` is a deterministic key."""
+    if isinstance(key.cipher, DeterministicCipher):
+        raise _wrong_purpose(
+            key.meta,
+            "deterministic",
+            "data keys and files need an encrypt key (a data key is random: deterministic "
+            "encryption would only give up the randomized envelope)",
+        )
 
 
 def _reserved(
@@ -172,6 +256,24 @@ def _reserved(
     return key, nonce
 
 
+def _seal(
+    app: AppContext,
+    key: CachedKey,
+    ref: str,
+    realm: str,
+    context: bytes | None,
+    plaintext: bytes,
+    aad: bytes | None,
+) -> EncryptResult:
+    """Seal with the entry ``key`` (encrypt()'s hot path, for the callers off it)."""
+    nonce = next(key.nonces, None)
+    if nonce is None:
+        key, nonce = _reserved(app, key, ref, realm, context)
+    head = key.pack_header(key.prefix, nonce, len(plaintext) + key.tag_size)
+    sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
+    return EncryptResult(head + sealed, key.key_id, key.version)
+
+
 def _encrypt_derived(
     app: AppContext, ref: str, plaintext: bytes, aad: bytes | None, realm: str, context: Any
 ) -> EncryptResult:
@@ -180,12 +282,7 @@ def _encrypt_derived(
     key = app.cache.for_derived((realm, ref, context))
     if key is None:
         key = _encryption_key(app, ref, realm, context)
-    nonce = next(key.nonces, None)
-    if nonce is None:
-        key, nonce = _reserved(app, key, ref, realm, context)
-    head = key.pack_header(key.prefix, nonce, len(plaintext) + key.tag_size)
-    sealed = key.cipher.encrypt(nonce, plaintext, head + aad if aad else head)
-    return EncryptResult(head + sealed, key.key_id, key.version)
+    return _seal(app, key, ref, realm, context, plaintext, aad)
 
 
 def _check_bytes(value: Any, what: str) -> bytes:
@@ -261,6 +358,7 @@ def _decryption_key(
             raise NotFoundError(
                 f"the key {parsed.key_id_str} that sealed this envelope does not exist"
             ) from None
+        _require_envelope_purpose(app, version)
         lifecycle.check_decryption(app, version, context)  # state, minimum version ...
         entry = _load(app, version, context)
         if slot is None:
@@ -340,15 +438,31 @@ def rewrap(
     aad: bytes | None = None,
     realm: str = DEFAULT_REALM,
     context: bytes | None = None,
+    target: str | None = None,
 ) -> EncryptResult:
-    """Re-seal an envelope under the active version of its own lineage (after rotation).
+    """Re-seal an envelope under the active version of its own lineage (after rotation),
+    or, with ``target``, under another key of the same realm (AWS KMS ReEncrypt).
 
-    The plaintext never leaves this function. A derived key's envelope needs its context.
+    The plaintext never leaves this function. ``aad`` and ``context`` apply to both the
+    envelope opened and the one sealed (a derived key's envelope needs its context; a
+    derived source and an underived target do not mix). The target may be an encrypt or a
+    deterministic key: rewrapping into a deterministic key makes equal plaintexts visible
+    as equal envelopes (docs/deterministic.md). Each call stands alone (batch items).
+
+    :raises NotFoundError: the key that sealed the envelope, or ``target``, is not in
+        ``realm``. :raises ValidationError: ``wrong_purpose``: ``target`` is a signing or
+        MAC key.
     """
     if context is not None:
         context = lifecycle.check_context(context)
+    if target is not None:
+        if not isinstance(target, str):
+            raise ValidationError("target must be a key name, lineage_id or key_id")
+        # The target first: a wrong target costs no decryption (nor an unwrap of the source).
+        _encryption_key(app, target, realm, context)
     plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm, context)
-    return encrypt(app, key.meta.lineage_id, plaintext, aad=aad, realm=realm, context=context)
+    ref = key.meta.lineage_id if target is None else target
+    return encrypt(app, ref, plaintext, aad=aad, realm=realm, context=context)
 
 
 def datakey(
@@ -358,15 +472,41 @@ def datakey(
     realm: str = DEFAULT_REALM,
     size: int = DATA_KEY_SIZE,
     context: bytes | None = None,
+    aad: bytes | None = None,
+    wrapped_only: bool = False,
 ) -> DataKey:
     """A fresh random data key and the same key sealed in an envelope under ``ref``.
 
     Encrypt bulk data locally with ``plaintext_key``, keep ``wrapped_key`` beside it, and
     forget the plaintext key; :func:`decrypt` of ``wrapped_key`` gives it back (with the
-    same ``context``, for a derived key).
+    same ``aad``, and the same ``context`` for a derived key). ``wrapped_only``: return no
+    plaintext key (``plaintext_key`` None), for a service that stores the wrapped key now
+    and lets another one decrypt it later (AWS GenerateDataKeyWithoutPlaintext).
+
+    :raises ValidationError: ``wrong_purpose``: ``ref`` is not an encrypt key (a
+        deterministic key included: a data key is random, so it gains nothing from one).
     """
-    if not 16 <= size <= 64:
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 64:
         raise ValidationError("data key size must be 16..64 bytes")
+    if not isinstance(wrapped_only, bool):
+        raise ValidationError("wrapped_only must be true or false")
+    if aad is not None:
+        aad = _check_bytes(aad, "aad")
+    if context is not None:
+        context = lifecycle.check_context(context)
+    key = _entry(app, ref, realm, context)
+    _require_data_key_purpose(key)
     plaintext_key = os.urandom(size)
-    sealed = encrypt(app, ref, plaintext_key, realm=realm, context=context)
-    return DataKey(plaintext_key, sealed.envelope, sealed.key_id, sealed.version)
+    sealed = _seal(app, key, ref, realm, context, plaintext_key, aad)
+    return DataKey(
+        None if wrapped_only else plaintext_key, sealed.envelope, sealed.key_id, sealed.version
+    )
+
+
+def _entry(app: AppContext, ref: str, realm: str, context: bytes | None) -> CachedKey:
+    """The cache entry :func:`encrypt` would use for ``ref`` (loaded on a miss)."""
+    if context is None:
+        cached = app.cache.for_encrypt(realm, ref)
+    else:
+        cached = app.cache.for_derived((realm, ref, context))
+    return cached if cached is not None else _encryption_key(app, ref, realm, context)
