@@ -25,19 +25,14 @@ HEADER = env.PREFIX_SIZE + env.LENGTH.size  # 31: no nonce
 
 
 def make_key(app: AppContext, algorithm: str, name: str, realm: str = "master") -> KeyVersion:
-    """A key of ``algorithm`` (any purpose) straight through the store, with material from
-    the algorithm's own generator."""
-    purpose = app.registry.algorithm_purposes[algorithm]
-    algo = app.registry.algorithm(algorithm, purpose)
-    material = algo.generate_private_key() if purpose == "sign" else algo.generate_key()
-    try:
-        return app.store.create(realm, algorithm, material, name=name)
-    finally:
-        zero(material)
+    """A key of ``algorithm``, whatever its purpose."""
+    return services.create_key(app, algorithm=algorithm, name=name, realm=realm)
 
 
 def siv_key(app: AppContext, name: str = "tokens", realm: str = "master") -> KeyVersion:
-    return make_key(app, "aes-256-siv", name, realm)
+    key = make_key(app, "aes-256-siv", name, realm)
+    assert services.show_key(app, key.key_id, realm=realm).purpose == "deterministic"
+    return key
 
 
 def flip(blob: bytes, index: int, bit: int = 0) -> bytes:
