@@ -51,6 +51,8 @@ __all__ = [
     "prepare_sqlite_file",
     "secure_sqlite_files",
     "sqlite_database",
+    "sqlite_explicit_begin",
+    "sqlite_foreign_keys",
     "translate_errors",
 ]
 #: Seconds to wait for a PostgreSQL connection (TCP, TLS and authentication) before the
@@ -94,6 +96,7 @@ def create_engine(url: str) -> Engine:
         prepare_sqlite_file(Path(database))
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
         sa.event.listen(engine, "handle_error", _sqlite_error_detail(Path(database)))
+        sqlite_explicit_begin(engine)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -120,6 +123,53 @@ def create_engine(url: str) -> Engine:
                 "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"
             ) from None
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+def sqlite_explicit_begin(engine: Engine) -> None:
+    """Make ``engine``'s SQLite transactions real ones: SQLAlchemy's documented recipe for
+    pysqlite ("Serializable isolation / Savepoints / Transactional DDL").
+
+    pysqlite's own transaction control emits ``BEGIN`` only before an INSERT, UPDATE or
+    DELETE, and none for ``SAVEPOINT``: a savepoint opened before a transaction's first
+    write is then the transaction itself, and its ``RELEASE`` commits. ``users.create``
+    (an INSERT in a savepoint, then the row's MAC) published a user without its MAC to
+    concurrent logins, and kept it if a later step failed. Here pysqlite's control is off
+    (``isolation_level = None``) and each SQLAlchemy transaction starts with
+    ``BEGIN IMMEDIATE``: every transaction of this engine holds the write lock from its
+    start. Many of them read then write (``lock_user_row`` after a lookup, rotations, the
+    lockout counters); a deferred ``BEGIN`` would give them a read snapshot that cannot be
+    upgraded once another connection has committed (``SQLITE_BUSY_SNAPSHOT``, with no
+    busy wait), where they used to wait for the lock. WAL readers outside these
+    transactions (the stdlib ``sqlite3`` hot path of the key store) are not blocked.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _no_pysqlite_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_foreign_keys(connection: Connection, enforced: bool) -> None:
+    """Turn SQLite's foreign-key enforcement on ``connection`` on or off (Alembic's batch
+    mode recreates tables that others reference). The pragma is a no-op inside a
+    transaction, so it runs on the driver connection, outside SQLAlchemy's transaction
+    (which would emit ``BEGIN`` first: :func:`sqlite_explicit_begin`); ``connection`` must
+    not be in one."""
+    if connection.in_transaction():
+        raise RuntimeError("PRAGMA foreign_keys is a no-op inside a transaction")
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    driver.execute(f"PRAGMA foreign_keys={'ON' if enforced else 'OFF'}")
+    if getattr(driver, "in_transaction", False):  # not possible with isolation_level None
+        driver.commit()
+
+
+def _pysqlite_controls_transactions(connection: Connection) -> bool:
+    """Whether ``connection``'s engine lacks :func:`sqlite_explicit_begin`."""
+    return getattr(connection.connection.driver_connection, "isolation_level", None) is not None
 
 
 def sqlite_database(url: str) -> Path | None:
@@ -191,14 +241,15 @@ def migrate(
             # Alembic's batch mode recreates SQLite tables (copy, drop, rename); with foreign
             # keys enforced, dropping a referenced table fails. The pragma is a no-op inside a
             # transaction, so it is set before, and the keys are checked before commit.
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            connection.commit()
+            sqlite_foreign_keys(connection, False)
         try:
             with connection.begin():
+                # On SQLite the write lock is taken before the revision is read, and
+                # Alembic's DDL runs in this one transaction: sqlite_explicit_begin's
+                # BEGIN IMMEDIATE, or (an engine without it) an explicit one.
                 if sqlite:
-                    # Take the write lock before reading the revision; Alembic's DDL then
-                    # runs in this one transaction (pysqlite does not commit on DDL).
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                    if _pysqlite_controls_transactions(connection):
+                        connection.exec_driver_sql("BEGIN IMMEDIATE")
                 else:
                     connection.execute(
                         sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
@@ -220,5 +271,4 @@ def migrate(
                 return True
         finally:
             if sqlite:
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-                connection.commit()
+                sqlite_foreign_keys(connection, True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from qimem.sql import create_engine
+from qimem.sql import create_engine, sqlite_foreign_keys
 
 
 def alembic(conn: sa.Connection, action: str, revision: str) -> None:
@@ -25,8 +25,7 @@ def downgrade(url: str, revision: str) -> None:
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                conn.commit()
+                sqlite_foreign_keys(conn, False)  # outside a transaction (qimem.sql)
             with conn.begin():
                 alembic(conn, "downgrade", revision)
     finally:

@@ -133,11 +133,10 @@ def test_docs_jwt_example_runs_against_an_issuer(
         assert refused.status_code == 401
 
 
-# PostgreSQL only: on SQLite the store's first write of a transaction inside a SAVEPOINT
-# (users.create) is committed when the savepoint is released (pysqlite starts no
-# transaction for SAVEPOINT), so a concurrent login can read the new row before its MAC is
-# written and is refused ("integrity"): a store issue, reported, not the provider's.
-@pytest.mark.parametrize("store", [s for s in STORES if s != "sqlite"])
+# On SQLite too: pysqlite used to commit a transaction's first write (users.create's
+# INSERT in a SAVEPOINT) when the savepoint was released, so a concurrent login read the new
+# row before its MAC and was refused ("integrity"); qimem.sql.sqlite_explicit_begin.
+@pytest.mark.parametrize("store", STORES)
 def test_concurrent_first_logins_make_one_user(
     request: pytest.FixtureRequest,
     tmp_path: Path,

@@ -21,7 +21,7 @@ from qimem.builtin_plugins.sql_keystore import SqlKeyStore
 from qimem.errors import ConfigError
 from qimem.keys import KeyState
 from qimem.rootkey import KeyWrapper, decode_root_key, generate_root_key
-from qimem.sql import create_engine, current_revision, migrate
+from qimem.sql import create_engine, current_revision, migrate, sqlite_foreign_keys
 from qimem.testing import run_concurrently
 
 KEY_TABLES = {"qimem_meta", "qimem_lineages", "qimem_key_versions", "alembic_version"}
@@ -132,8 +132,7 @@ def test_populated_store_upgrades_from_every_older_revision(db_url: str, revisio
     engine = create_engine(db_url)
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            conn.commit()
+            sqlite_foreign_keys(conn, False)  # outside a transaction (qimem.sql)
         with conn.begin():
             command.downgrade(alembic_config(conn), revision)
             assert current_revision(conn) == revision

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from qimem.sql import migrate, translate_errors
+from qimem.sql import migrate, sqlite_explicit_begin, translate_errors
 
 metadata = sa.MetaData()
 
@@ -126,6 +126,7 @@ class Database:
             poolclass=StaticPool,
             connect_args={"check_same_thread": False},
         )
+        sqlite_explicit_begin(engine)  # a savepoint must not commit (qimem.sql)
         migrate(engine)
         return cls(engine, serialize=True, owned=True)
 
