@@ -35,15 +35,16 @@ from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, V
 from qimem.keycache import CachedKey
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
 from qimem.services import lifecycle
+from qimem.services.deterministic import (
+    TOKEN_SIZE,
+    DeterministicCipher,
+    require_data_key_purpose,
+    require_envelope_purpose,
+)
 from qimem.services.key_refs import resolve
+from qimem.services.lifecycle_common import key_purpose
 
 DATA_KEY_SIZE = 32
-#: The purposes whose keys seal envelopes (encrypt, decrypt, rewrap).
-ENVELOPE_PURPOSES = (DEFAULT_PURPOSE, "deterministic")
-#: A deterministic key's cache entry draws one-byte usage tokens in place of nonces
-#: (:func:`qimem.services.lifecycle.reserve` slices its random pool by this size); the
-#: envelope carries none of them.
-_TOKEN_SIZE = 1
 _DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
 _monotonic = time.monotonic
 _PREFIX_SIZE = env.PREFIX_SIZE
@@ -103,56 +104,11 @@ class DataKey:
         }
 
 
-class DeterministicCipher:
-    """A deterministic algorithm (:class:`qimem.crypto_purposes.DeterministicAlgorithm`)
-    bound to one key, in the call shape of an AEAD cipher, so the envelope paths need no
-    branch: ``encrypt(nonce, data, associated_data)`` ignores ``nonce`` (the envelope of
-    such a key has none). The plugin interface takes the key on every call, so this entry
-    holds the key bytes for the entry's life, as the algorithm's prepared object would;
-    the repr shows no key."""
-
-    __slots__ = ("_algorithm", "_key")
-
-    def __init__(self, algorithm: Any, key: bytes | bytearray) -> None:
-        self._algorithm = algorithm
-        self._key = bytes(key)
-
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        return self._algorithm.encrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
-
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        return self._algorithm.decrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
-
-    def __repr__(self) -> str:
-        return f"<DeterministicCipher {getattr(self._algorithm, 'name', '?')}>"
-
-
-def _purpose(app: AppContext, version: KeyVersion) -> str:
-    """The purpose of ``version``'s algorithm (``encrypt`` for one no plugin provides: the
-    registry names what is missing when it is loaded)."""
-    return app.registry.algorithm_purposes.get(version.algorithm, DEFAULT_PURPOSE)
-
-
-def _wrong_purpose(version: KeyVersion, purpose: str, needs: str) -> ValidationError:
-    label = version.name or version.lineage_id
-    return ValidationError(
-        f"key {label} is a {purpose} key ({version.algorithm}); {needs}",
-        code="wrong_purpose",
-    )
-
-
-def _require_envelope_purpose(app: AppContext, version: KeyVersion) -> None:
-    """:raises ValidationError: ``wrong_purpose``: a signing or MAC key."""
-    purpose = _purpose(app, version)
-    if purpose not in ENVELOPE_PURPOSES:
-        raise _wrong_purpose(version, purpose, "encryption needs an encrypt or deterministic key")
-
-
 def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) -> CachedKey:
     """Unwrap a version's material once and prepare its cipher and header prefix; with a
     ``context`` (derived keys), the cipher of the per-context subkey. A deterministic key
     gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens."""
-    purpose = _purpose(app, version)
+    purpose = key_purpose(app, version)
     algorithm = app.registry.algorithm(version.algorithm, purpose)
     deterministic = purpose != DEFAULT_PURPOSE
     material = app.store.material(version.realm, version.key_id)
@@ -176,7 +132,7 @@ def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) ->
             algorithm.algorithm_id, version.key_id, version.version, nonce_size
         ),
         algorithm_id=algorithm.algorithm_id,
-        nonce_size=_TOKEN_SIZE if deterministic else nonce_size,
+        nonce_size=TOKEN_SIZE if deterministic else nonce_size,
         tag_size=algorithm.tag_size,
         header_size=env.header_size(nonce_size),
         pack_header=env.header_packer(nonce_size),
@@ -204,7 +160,7 @@ def _encryption_key(
         versions = app.store.versions(realm, lineage_id)
         raise not_active_error(exact, next((v for v in versions if v.active), None))
     version = exact or app.store.active_version(realm, lineage_id)
-    _require_envelope_purpose(app, version)  # before any policy side effect (auto-rotation)
+    require_envelope_purpose(app, version)  # before any policy side effect (auto-rotation)
     checked, limit = lifecycle.check_encryption(app, version, context)
     if checked is not version and exact is not None:  # rotated away by age just now
         raise not_active_error(exact, checked)
@@ -230,18 +186,7 @@ def check_encryption_key(
     """
     if context is not None:
         context = lifecycle.check_context(context)
-    _require_data_key_purpose(_encryption_key(app, ref, realm, context))
-
-
-def _require_data_key_purpose(key: CachedKey) -> None:
-    """:raises ValidationError: ``wrong_purpose``: ``key`` is a deterministic key."""
-    if isinstance(key.cipher, DeterministicCipher):
-        raise _wrong_purpose(
-            key.meta,
-            "deterministic",
-            "data keys and files need an encrypt key (a data key is random: deterministic "
-            "encryption would only give up the randomized envelope)",
-        )
+    require_data_key_purpose(_encryption_key(app, ref, realm, context))
 
 
 def _reserved(
@@ -358,7 +303,7 @@ def _decryption_key(
             raise NotFoundError(
                 f"the key {parsed.key_id_str} that sealed this envelope does not exist"
             ) from None
-        _require_envelope_purpose(app, version)
+        require_envelope_purpose(app, version)
         lifecycle.check_decryption(app, version, context)  # state, minimum version ...
         entry = _load(app, version, context)
         if slot is None:
@@ -495,7 +440,7 @@ def datakey(
     if context is not None:
         context = lifecycle.check_context(context)
     key = _entry(app, ref, realm, context)
-    _require_data_key_purpose(key)
+    require_data_key_purpose(key)
     plaintext_key = os.urandom(size)
     sealed = _seal(app, key, ref, realm, context, plaintext_key, aad)
     return DataKey(
