@@ -359,6 +359,7 @@ class IdentityAuthMiddleware:
         status = resp.status_code
         media = resp.media if status < 400 else None
         target = media.get("key_id") if isinstance(media, dict) else None
+        target = target or getattr(req.context, "key_ref", None)  # e.g. an invalid signature
         outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
         detail = {} if status < 400 else {"status": status}
         target = target if isinstance(target, str) else "-"

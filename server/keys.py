@@ -7,9 +7,8 @@ from typing import Any
 
 from qimem import services
 from qimem.app import AppContext
-from qimem.errors import ValidationError
 from qimem.server import key_names
-from qimem.server.media import Field, Spec, key_id_string, plain_string, ref_string
+from qimem.server.media import Field, Spec, boolean, key_id_string, plain_string, ref_string
 from qimem.server.operations import Doc, Operation
 
 KEYS_PATH = "/v1/security/keys"
@@ -29,16 +28,11 @@ KEY_PARAMETER = {
 KEY_PARAM = Field("key_id", ref_string)
 
 
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValidationError(f"'{name}' must be true or false", code="invalid_type")
-    return value
-
-
 CREATE_SPEC = Spec(
     Field("algorithm", plain_string, nullable=True),
     Field("name", plain_string, nullable=True),
-    Field("derived", _bool, nullable=True),
+    Field("derived", boolean, nullable=True),
+    Field("purpose", plain_string, nullable=True),
 )
 ROTATE_SPEC = Spec(
     Field("key_id", key_id_string), Field("key", ref_string), one_of=("key_id", "key")
@@ -57,6 +51,7 @@ def _create(app: AppContext, realm: str, args: dict[str, Any]) -> dict[str, Any]
         name=args.get("name"),
         realm=realm,
         derived=args.get("derived", False),
+        purpose=args.get("purpose"),
     ).to_dict()
 
 

@@ -14,36 +14,33 @@ import falcon
 
 from qimem import services
 from qimem.app import AppContext
-from qimem.errors import ValidationError
 from qimem.keys import LineagePolicy
-from qimem.server.media import Field, Spec, b64, base64_bytes, plain_string, read_json, ref_string
+from qimem.server.media import (
+    Field,
+    Spec,
+    b64,
+    base64_bytes,
+    boolean,
+    integer,
+    plain_string,
+    read_json,
+    ref_string,
+)
 from qimem.services import lifecycle
 
 KEY_PATH = "/v1/security/keys/{key_id}"
 IMPORT_PATH = "/v1/security/import"
 
 
-def _int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValidationError(f"'{name}' must be an integer", code="invalid_type")
-    return value
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValidationError(f"'{name}' must be true or false", code="invalid_type")
-    return value
-
-
 POLICY_SPEC = Spec(
-    Field("min_decryption_version", _int),
-    Field("min_encryption_version", _int),
-    Field("usage_limit", _int, nullable=True),
-    Field("auto_rotate_seconds", _int, nullable=True),
-    Field("deletion_protection", _bool),
+    Field("min_decryption_version", integer),
+    Field("min_encryption_version", integer),
+    Field("usage_limit", integer, nullable=True),
+    Field("auto_rotate_seconds", integer, nullable=True),
+    Field("deletion_protection", boolean),
 )
-VERSION_SPEC = Spec(Field("version", _int, nullable=True))
-SCHEDULE_SPEC = Spec(Field("days", _int, nullable=True))
+VERSION_SPEC = Spec(Field("version", integer, nullable=True))
+SCHEDULE_SPEC = Spec(Field("days", integer, nullable=True))
 EMPTY_SPEC = Spec()
 EXPORT_SPEC = Spec(Field("passphrase", plain_string, required=True))
 IMPORT_SPEC = Spec(

@@ -180,6 +180,20 @@ def plain_string(name: str, value: Any) -> str:
     return text
 
 
+def boolean(name: str, value: Any) -> bool:
+    """A JSON ``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise ValidationError(f"'{name}' must be true or false", code="invalid_type")
+    return value
+
+
+def integer(name: str, value: Any) -> int:
+    """A JSON integer (not a boolean, not a float)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"'{name}' must be an integer", code="invalid_type")
+    return value
+
+
 def b64(data: bytes) -> str:
     """Standard base64 text of ``data``."""
     return base64.b64encode(data).decode("ascii")

@@ -52,6 +52,7 @@ class Doc:
     :param request: the body schema of one item (a batch adds ``BatchRequest``).
     :param response: the answer's schema; ``batch_response`` the answer to a batch.
     :param schemas: component schemas this operation contributes to the document.
+    :param content: the answer's content by media type, when it is not one JSON schema.
     """
 
     summary: str
@@ -63,6 +64,7 @@ class Doc:
     errors: tuple[int, ...] = (400, 403, 413, 415, 503, 404, 409)
     parameters: tuple[Mapping[str, Any], ...] = ()
     schemas: Mapping[str, Any] = field(default_factory=dict)
+    content: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Operation:
         operation the service audits itself (see ``auth_middleware.Rule``).
     :param metric: the ``qimem_crypto_operations`` label counting it (batch items one each).
     :param location: for 201 answers, the Location header made from the answer's fields.
+    :param text_type: the media type of an answer the call gives as text (not JSON).
     """
 
     name: str
@@ -100,6 +103,7 @@ class Operation:
     status: int = 200
     location: str | None = None
     metric: str | None = None
+    text_type: str | None = None
 
 
 @cache
@@ -130,12 +134,12 @@ class BodyResource:
         self._metric = op.metric
         self._status = falcon.code_to_http_status(op.status)
 
-    def _one(self, realm: str, item: Any, params: dict[str, Any]) -> Any:
+    def _parse(self, item: Any, params: dict[str, Any]) -> dict[str, Any]:
         args = self._spec.parse(item)  # type: ignore[union-attr]  # read at call time
         if params:
             for parser in self._params:
                 args[parser.name] = parser.parse(parser.name, params[parser.name])
-        return self._call(self._app, realm, args)
+        return args
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
         body = read_json(req, self._limit)
@@ -144,13 +148,16 @@ class BodyResource:
         metric = self._metric
         if items is None:
             try:
-                result = self._one(realm, body, params)
+                args = self._parse(body, params)
+                result = self._call(self._app, realm, args)
             except QimemError:
                 if metric is not None:
                     self._metrics.count_crypto(metric, failed=1)
                 raise
             if metric is not None:
                 self._metrics.count_crypto(metric, ok=1)
+                if result.get("key_id") is None:  # an invalid signature: audit the key asked
+                    req.context.key_ref = args.get("key_id") or args.get("key")
             if self._op.location is not None:
                 resp.location = self._op.location.format(**result)
             resp.status = self._status
@@ -160,7 +167,7 @@ class BodyResource:
         failed = 0
         for item in items:
             try:
-                results.append(self._one(realm, item, params))
+                results.append(self._call(self._app, realm, self._parse(item, params)))
             except QimemError as exc:
                 failed += 1
                 results.append(qimem_error_body(exc))
@@ -184,7 +191,12 @@ class QueryResource:
             args = op.query.parse({k: v for k, v in req.params.items() if k != "realm"})
         for parser in op.params:
             args[parser.name] = parser.parse(parser.name, params[parser.name])
-        resp.media = op.call(self._app, req.context.realm, args)
+        result = op.call(self._app, req.context.realm, args)
+        if isinstance(result, str):
+            resp.text = result
+            resp.content_type = op.text_type or falcon.MEDIA_TEXT
+        else:
+            resp.media = result
 
 
 class _Route:
@@ -243,7 +255,8 @@ def fragment(op: Operation, *, short: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = _ref(doc.response)
     if op.batch and doc.batch_response is not None:
         response = {"oneOf": [response, _ref(doc.batch_response)]}
-    ok: dict[str, Any] = {"description": doc.answer, "content": _json(response)}
+    content = dict(doc.content) if doc.content is not None else _json(response)
+    ok: dict[str, Any] = {"description": doc.answer, "content": content}
     if op.location is not None:
         ok["headers"] = {"Location": {"schema": {"type": "string"}}}
     responses: dict[str, Any] = {str(op.status): ok}

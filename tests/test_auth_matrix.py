@@ -58,6 +58,19 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/security/rewrap", lambda w: {"envelope": w.envelope}),
     Endpoint("POST", "/v1/security/datakey", lambda w: {"key": "k1"}),
     Endpoint("POST", "/v1/security/rotate", lambda w: {"key": unique_key(w)}),
+    Endpoint("POST", "/v1/security/sign", lambda w: {"key": "s1", "message": "aGk="}),
+    Endpoint(
+        "POST",
+        "/v1/security/verify",
+        lambda w: {"key": "s1", "message": "aGk=", "signature": "AAAA"},
+    ),
+    Endpoint("POST", "/v1/security/mac", lambda w: {"key": "m1", "data": "aGk="}),
+    Endpoint(
+        "POST", "/v1/security/verify-mac", lambda w: {"key": "m1", "data": "aGk=", "tag": "AAAA"}
+    ),
+    Endpoint("GET", "/v1/security/keys/s1/public"),
+    Endpoint("POST", "/v1/security/random", lambda w: {"bytes": 16}, permission=None),
+    Endpoint("POST", "/v1/security/hash", lambda w: {"data": "aGk="}, permission=None),
     Endpoint("GET", "/v1/openapi.json", permission=None),
     Endpoint("GET", "/v1/auth/realms", master_only=True, owner="master_admin"),
     Endpoint(
@@ -144,6 +157,8 @@ def world() -> Iterator[World]:
     ids.add_user(app, "acme", "spare", "fcner-password", ["auditor"])
     ids.add_user(app, "beta", "intruder", "vagehqre-password", ["admin"])
     key = services.create_key(app, name="k1", realm="acme")
+    services.create_key(app, name="s1", algorithm="ed25519", realm="acme")
+    services.create_key(app, name="m1", algorithm="hmac-sha256", realm="acme")
     sealed = services.encrypt(app, "k1", b"secret", realm="acme")
     with serving(app) as url:
         w = World(url, app, key.key_id, base64.b64encode(sealed.envelope).decode())
