@@ -116,3 +116,21 @@ def test_hash_of_a_missing_file_or_a_directory(qimem_home: Path, tmp_path: Path)
     assert_one_line_error(run("hash", str(tmp_path / "missing")), 3, "no such file")
     result = run("hash", str(tmp_path))
     assert result.exit_code in (2, 3) and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- deterministic keys
+
+
+def test_file_commands_refuse_a_deterministic_key(qimem_home: Path, tmp_path: Path) -> None:
+    """Files always use a random data key (stream v1): a deterministic key is refused with
+    one line before any output is written."""
+    ok("init")
+    ok("keys", "create", "--name", "tokens", "--algorithm", "aes-256-siv")
+    source = tmp_path / "card.txt"
+    source.write_bytes(b"4111 1111 1111 1111\n")
+    result = run("encrypt", "--key", "tokens", str(source))
+    assert_one_line_error(result, 3, "deterministic key", "need an encrypt key")
+    assert not (tmp_path / "card.txt.qimem").exists()
+    piped = run("encrypt", "--key", "tokens", input=b"data")
+    assert_one_line_error(piped, 3, "deterministic key")
+    assert piped.stdout_bytes == b""

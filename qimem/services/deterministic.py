@@ -70,7 +70,9 @@ def require_envelope_purpose(app: AppContext, version: KeyVersion) -> None:
 
 def require_data_key_purpose(key: CachedKey) -> None:
     """Data keys (and so files) take encrypt keys only: a data key is random, so a
-    deterministic key would only give up the randomized envelope.
+    deterministic key would only give up the randomized envelope, and a file format that
+    made equal files equal (convergent encryption) would let anyone holding a guess confirm
+    it.
 
     :raises ValidationError: ``wrong_purpose``: ``key`` is a deterministic key's entry.
     """
@@ -78,6 +80,6 @@ def require_data_key_purpose(key: CachedKey) -> None:
         raise wrong_purpose(
             key.meta,
             "deterministic",
-            "data keys and files need an encrypt key (a data key is random: deterministic "
-            "encryption would only give up the randomized envelope)",
+            "data keys and files need an encrypt key (a deterministic key seals single "
+            "values, such as column entries, with encrypt and decrypt)",
         )
