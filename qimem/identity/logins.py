@@ -8,6 +8,7 @@ attacker which check failed); the reason is in the audit log.
 
 from __future__ import annotations
 
+import hmac
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,6 @@ from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.clients import secret_matches, secret_sealer
 from qimem.identity.login_providers import ProviderLogins
 from qimem.identity.otp import ENROLLMENT_REQUIRED, OTP_FAILURES, OtpAdministration
-from qimem.identity.passwords import verify_client_secret
 from qimem.identity.providers import RealmAuth, external_marker
 from qimem.identity.tokens import lock_user_row
 from qimem.identity.users import User
@@ -27,6 +27,15 @@ from qimem.identity.users import User
 _BAD_LOGIN = "invalid username or password"
 _BAD_CLIENT = "invalid client credentials"
 _BAD_REFRESH = "invalid or expired refresh token"
+#: The account a refused client_credentials grant checks when the name has none (no row
+#: has this id: user ids are random UUIDs, version 4).
+_DECOY_CLIENT_ID = "00000000-0000-0000-0000-000000000000"
+_DECOY_SECRET_HASH = "sha256$" + "0" * 64  # noqa: S105 (matches no secret: a decoy)
+
+
+def _decoy_client(realm: str) -> User:
+    """The decoy service account of a refused client_credentials grant."""
+    return User(_DECOY_CLIENT_ID, str(realm), "-", "client", True, 0, 0.0, 0.0, _DECOY_SECRET_HASH)
 
 
 def _login_error() -> AuthError:
@@ -340,42 +349,46 @@ class Logins(ProviderLogins, OtpAdministration):
 
         After the secret is verified, the account's row is write-locked and re-read, and
         the token's issue time taken under that lock (as the password grant does): a
-        disable or role revoke committing concurrently is seen or cuts the token off."""
+        disable or role revoke committing concurrently is seen or cuts the token off.
+
+        Every refusal does the same work, whatever the name (red team, issue 15): an
+        unknown client id, a disabled client or a user's name goes through the same
+        statements (the row lock, the re-read, the previous secrets) and the same MAC and
+        secret-hash work, against a decoy account that matches no secret, so the answer's
+        time does not tell which client ids exist."""
         with self.db.begin() as conn:
             known_realm = isinstance(realm, str) and realms.exists(conn, realm)
             user = (
                 users.find(conn, realm, client_id)
-                if known_realm and isinstance(client_id, str) and len(client_id) <= 128
+                if isinstance(client_id, str) and len(client_id) <= 128
                 else None
             )
-        if user is not None and user.kind != "client":
+        if user is not None and (user.kind != "client" or not known_realm):
             user = None
-        # The secret is checked under the row lock, against the current secret and the
-        # previous ones still in their rotation overlap (qimem.identity.clients).
-        ok = user is not None and self.sealer.user_ok(user)
-        if user is None:
-            verify_client_secret(None, secret)  # the same work for an unknown client
+        candidate = user if user is not None and user.enabled else None
+        # The MAC is checked the same way for the decoy (no integrity report for it).
+        ok = self._user_mac_ok(candidate or _decoy_client(realm)) and candidate is not None
         grants: list[tuple[str, str]] = []
-        issued_at = 0.0
         with self.db.begin() as conn:
-            if ok and user is not None and user.enabled:
-                lock_user_row(conn, user.user_id)
-                issued_at = time.time()  # under the row lock
-                now_row = users.by_id(conn, user.user_id)
-                ok = (
-                    now_row is not None
-                    and now_row.enabled
-                    and now_row.kind == "client"
-                    and self.sealer.user_ok(now_row)
-                    and secret_matches(conn, secret_sealer(self), now_row, secret, issued_at)
-                    is not None
-                )
-                if ok:
-                    grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
-            else:
-                ok = False
+            # The secret is checked under the row lock, against the current secret and the
+            # previous ones still in their rotation overlap (qimem.identity.clients).
+            lock_user_row(conn, candidate.user_id if candidate else _DECOY_CLIENT_ID)
+            issued_at = time.time()  # under the row lock
+            now_row = users.by_id(conn, candidate.user_id if candidate else _DECOY_CLIENT_ID)
+            checked = now_row if now_row is not None and ok else _decoy_client(realm)
+            mac_ok = self._user_mac_ok(checked)
+            matched = secret_matches(conn, secret_sealer(self), checked, secret, issued_at)
+            ok = (
+                ok
+                and now_row is not None
+                and now_row.enabled
+                and now_row.kind == "client"
+                and mac_ok
+                and matched is not None
+            )
             if ok:
                 assert user is not None
+                grants = roles.grants_of(conn, self.sealer, realm, user.user_id)
                 self.audit.record(
                     realm,
                     user.username,
@@ -397,6 +410,13 @@ class Logins(ProviderLogins, OtpAdministration):
         if not ok or user is None:
             raise AuthError(_BAD_CLIENT, code="invalid_client")
         return self._respond(realm, user, grants, issued_at)
+
+    def _user_mac_ok(self, user: User) -> bool:
+        """``user``'s MAC is right: :meth:`Sealer.user_ok` for a real row (a wrong MAC is
+        reported), the same HMAC work for the decoy (never reported, never right)."""
+        if user.user_id == _DECOY_CLIENT_ID:
+            return hmac.compare_digest(self.sealer.user_mac(user), "-" * 64) and False
+        return bool(self.sealer.user_ok(user))
 
     def mint_token(self, realm: str, username: str, *, actor: str = "local") -> TokenResponse:
         """An access token for ``username`` without a password: for the local operator,
