@@ -8,7 +8,8 @@ fuzz key store, called in-process with :class:`falcon.testing.TestClient`. An in
                bit 7:    Content-Type form-urlencoded instead of application/json
     bytes 1..  the request body
 
-The scoped user holds ``key-manager`` and ``encryptor`` only for keys named ``fuzz-*``, so
+The scoped user holds ``key-manager``, ``encryptor`` and the signing and MAC permissions
+only for keys named ``fuzz-*`` (``fuzz-sign`` is an Ed25519 key, ``fuzz-mac`` an HMAC one), so
 the authorization middleware reads the body itself (to find the key names) before the
 resource does: both parsers see every body.
 
@@ -28,6 +29,7 @@ from typing import Any
 from _fuzzlib import REALM, open_app
 from falcon import testing
 
+from qimem import services
 from qimem.app import AppContext
 from qimem.identity import IdentitySettings
 from qimem.server.app import create_app
@@ -64,6 +66,12 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("POST", "/encrypt"),
     ("POST", "/decrypt"),
     ("POST", "/rotate"),
+    ("POST", "/v1/security/sign"),
+    ("POST", "/v1/security/verify"),
+    ("POST", "/v1/security/mac"),
+    ("POST", "/v1/security/verify-mac"),
+    ("POST", "/v1/security/random"),
+    ("POST", "/v1/security/hash"),
 )
 SCOPED = 0x40
 FORM = 0x80
@@ -87,8 +95,16 @@ class _Harness:
         ids.bootstrap(self.app, "vault-orchid-meadow-71")
         ids.add_user(self.app, REALM, "fuzzer", "harbor-ember-violet-29")
         ids.add_user(self.app, REALM, "scoped", "glacier-pivot-64")
-        for role in ("key-manager", "encryptor"):
+        ids.create_role(
+            self.app,
+            REALM,
+            "fuzz-signer",
+            ["keys:sign", "keys:verify", "keys:mac", "keys:verify-mac"],
+        )
+        for role in ("key-manager", "encryptor", "fuzz-signer"):
             ids.grant_role(self.app, REALM, "scoped", role, "fuzz-*")
+        for name, algorithm in (("fuzz-sign", "ed25519"), ("fuzz-mac", "hmac-sha256")):
+            services.create_key(self.app, name=name, algorithm=algorithm, realm=REALM)
         self.tokens = {
             False: ids.mint_token(self.app, REALM, "admin").access_token,
             True: ids.mint_token(self.app, REALM, "scoped").access_token,

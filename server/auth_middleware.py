@@ -43,7 +43,7 @@ from qimem.server.auth_api import AUTH_PREFIX
 from qimem.server.errors import handle_qimem_error
 from qimem.server.key_names import KeyNames, param_key
 from qimem.server.media import read_body
-from qimem.server.operations import PREFIX, security_operations
+from qimem.server.operations import PREFIX, Operation, security_operations
 from qimem.services import identity as ids
 
 log = logging.getLogger("qimem.audit")
@@ -70,11 +70,11 @@ class Rule:
     also: tuple[tuple[str, KeyNames], ...] = ()
 
 
-def _security_rules() -> dict[tuple[str, str], Rule]:
-    """The rules of the declared operations (:mod:`qimem.server.operations`), at their
+def operation_rules(operations: Iterable[Operation]) -> dict[tuple[str, str], Rule]:
+    """The rules of declared operations (:mod:`qimem.server.operations`), at their
     /v1/security paths and qimem-api short aliases."""
     rules: dict[tuple[str, str], Rule] = {}
-    for op in security_operations():
+    for op in operations:
         rule = Rule(
             op.permission, key_names=op.key_names, audit=op.audit, pair=op.pair, also=op.also
         )
@@ -154,7 +154,7 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
 
 def default_rules() -> dict[tuple[str, str], Rule]:
     """The route table: security API (long and short paths), plugins, /v1/auth."""
-    rules = _security_rules()
+    rules = operation_rules(security_operations())
     rules.update(_lifecycle_rules(PREFIX))
     rules[("GET", "/v1/plugins")] = Rule("plugins:read")
     rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")

@@ -90,7 +90,8 @@ class Metrics:
         )
         self.crypto = Counter(
             "qimem_crypto_operations",
-            "Encrypt/decrypt/rewrap/datakey operations (batch items count one each).",
+            "Key operations: encrypt, decrypt, rewrap, datakey, sign, verify, mac, verify-mac "
+            "(batch items count one each).",
             ["operation", "outcome"],
             registry=self.registry,
         )

@@ -28,12 +28,19 @@ import fuzz_manifest  # noqa: E402
 from _fuzzlib import KEYS  # noqa: E402
 
 from qimem import manifest  # noqa: E402
-from qimem.server import auth_api, crypto, keys, lifecycle  # noqa: E402
+from qimem.server import auth_api, crypto, keys, lifecycle, signing  # noqa: E402
 
 SPECS = [
     crypto.ENCRYPT_SPEC,
     crypto.DECRYPT_SPEC,
     crypto.DATAKEY_SPEC,
+    crypto.REWRAP_SPEC,
+    signing.SIGN_SPEC,
+    signing.VERIFY_SPEC,
+    signing.MAC_SPEC,
+    signing.VERIFY_MAC_SPEC,
+    signing.RANDOM_SPEC,
+    signing.HASH_SPEC,
     keys.CREATE_SPEC,
     keys.ROTATE_SPEC,
     lifecycle.POLICY_SPEC,
@@ -69,6 +76,7 @@ likely_values = st.one_of(
     st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode()),
     st.sampled_from(
         ["fuzz-aes", "fuzz-gone", "fuzz-new", "admin", "encryptor", "password", "fuzz-*"]
+        + ["fuzz-sign", "fuzz-mac", "asn1", "jws", "sha3-256"]
         + [k.key_id for k in KEYS]
     ),
     st.integers(min_value=-3, max_value=5),
