@@ -6,7 +6,8 @@ part; the password grant calls :meth:`OtpAdministration.second_factor`).
   bound to the realm and user id: a row copied to another user does not unwrap), not yet
   active; :meth:`~OtpAdministration.otp_confirm` with a first right code activates it and
   makes 10 single-use **recovery codes**, stored only as HMAC-SHA-256 under a root-derived
-  key, shown once.
+  key, shown once. Activating or removing an active second factor ends the user's
+  sessions (refresh tokens revoked, access tokens cut off, on every server).
 * **Verification** accepts the code of the current 30-second step or of the one before or
   after (clock skew ±1 step). A code is single-use: the step it matched is claimed by one
   conditional ``UPDATE ... WHERE last_step < step``, so the same code (or an older one) is
@@ -34,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from qimem.errors import ConflictError, DecryptionError, NotFoundError, ValidationError
 from qimem.identity import db as tables
-from qimem.identity import lockout, realms, users
+from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.authz_mac import encode_field
 from qimem.identity.base import AccountCheck, IdentityBase
 from qimem.identity.users import User
@@ -283,7 +284,10 @@ class OtpAdministration(IdentityBase):
                         for c in codes
                     ],
                 )
-                self.audit.record(realm, actor, "otp.confirm", username, conn=conn)
+                self._end_sessions(conn, user)
+                self.audit.record(
+                    realm, actor, "otp.confirm", username, conn=conn, sessions="ended"
+                )
         if failed:
             raise ValidationError("the code is wrong or was used already", code="invalid_otp")
         return codes
@@ -321,9 +325,29 @@ class OtpAdministration(IdentityBase):
             else:
                 for t in (tables.otp, tables.otp_recovery):
                     conn.execute(sa.delete(t).where(t.c.user_id == user.user_id))
-                self.audit.record(realm, actor, "otp.disable", username, conn=conn)
+                if row.confirmed:
+                    self._end_sessions(conn, user)
+                self.audit.record(
+                    realm,
+                    actor,
+                    "otp.disable",
+                    username,
+                    conn=conn,
+                    sessions="ended" if row.confirmed else None,
+                )
         if failed:
             raise ValidationError("the code is wrong or was used already", code="invalid_otp")
+
+    def _end_sessions(self, conn: Connection, user: User) -> None:
+        """End every session of ``user`` begun before this credential change (a second
+        factor activated or removed), as a password change does: his refresh tokens are
+        revoked and his access tokens issued until now are cut off, on every server (the
+        ``user`` change notice of :meth:`~qimem.identity.tokens.Tokens.cut_off`). Keycloak
+        logs other sessions out on a credential change; here the caller's session ends
+        too, so the next login needs the new second factor."""
+        keep = roles.grants_of(conn, self.sealer, user.realm, user.user_id)
+        refresh.revoke_user(conn, user.user_id)
+        self._cut_off(conn, user, keep)
 
     # -- at login ------------------------------------------------------------------------
 
