@@ -60,6 +60,7 @@ class StoreKeyring:
         made = crypto.datakey(
             self.app, self.ref, realm=self.realm, size=stream.DATA_KEY_SIZE, context=self.context
         )
+        assert made.plaintext_key is not None  # not wrapped_only
         algorithm = self.app.registry.algorithm_by_id(env.parse(made.wrapped_key).algorithm_id)
         return algorithm, bytearray(made.plaintext_key), made.wrapped_key
 
