@@ -35,6 +35,13 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _password(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 1024:
+        raise ValidationError(f"'{name}' must be a string of at most 1024 characters")
+    return value
+
+
+ENROLL_SPEC = Spec(Field("password", _password))
 CONFIRM_SPEC = Spec(Field("code", _code, required=True))
 DISABLE_SPEC = Spec(Field("code", _code))
 POLICY_SPEC = Spec(Field("required", _boolean, required=True))
@@ -53,8 +60,20 @@ class OtpResource:
     def on_post(
         self, req: falcon.Request, resp: falcon.Response, realm: str, username: str
     ) -> None:
-        read_body(req, self._limit)
-        made = otps.otp_enroll(self._app, realm, username, actor=_actor(req), principal=caller(req))
+        body: dict[str, Any] = {}
+        if req.content_length or req.content_type:
+            body = ENROLL_SPEC.parse(read_json(req, self._limit))
+        else:
+            read_body(req, self._limit)
+        made = otps.otp_enroll(
+            self._app,
+            realm,
+            username,
+            password=body.get("password"),
+            source=req.context.get("client_addr") or req.remote_addr,
+            actor=_actor(req),
+            principal=caller(req),
+        )
         _no_store(resp)
         resp.status = falcon.HTTP_201
         resp.media = made.to_dict()
@@ -139,6 +158,12 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         },
         "required": ["secret", "otpauth_uri"],
     },
+    "OtpEnroll": {
+        "type": "object",
+        "properties": {"password": {"type": "string", "minLength": 1, "maxLength": 1024}},
+        "required": [],
+        "additionalProperties": False,
+    },
     "OtpCode": {
         "type": "object",
         "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 64}},
@@ -191,11 +216,12 @@ def openapi_paths(op: Any, realm: dict[str, Any], username: dict[str, Any]) -> d
             "post": op(
                 "otpEnroll",
                 "Enroll a TOTP secret (in this response only; active once confirmed): the "
-                "user himself or users:admin (no escalation).",
+                "user himself, with his current password, or users:admin (no escalation).",
                 "201",
                 "OtpEnrollment",
                 write,
                 params=params,
+                body=body("OtpEnroll", False),
             ),
         },
         base + "/confirm": {

@@ -218,7 +218,7 @@ def test_escalation_and_other_realm(world: AppContext) -> None:
 def test_self_service(world: AppContext) -> None:
     ids.add_user(world, "acme", "hana", PW, [])
     me = principal(world, "acme", "hana")
-    made = otps.otp_enroll(world, "acme", "hana", principal=me)
+    made = otps.otp_enroll(world, "acme", "hana", password=PW, principal=me)
     otps.otp_confirm(world, "acme", "hana", code(made.secret, -1), principal=me)
     with pytest.raises(ForbiddenError):
         otps.otp_status(world, "acme", "helpdesk", principal=me)  # not another's

@@ -1,7 +1,13 @@
-"""Red team (issue 15): activating or removing a second factor ends the user's sessions
-(refresh tokens revoked, access tokens issued before cut off), on every server (the ``user``
-change notice), as Keycloak logs sessions out on a credential change. The fresh proof
-needed to enroll one's own: tests/test_redteam_otp_enroll.py.
+"""Red team (issue 15), the second factor as a credential:
+
+* activating or removing a second factor ends the user's sessions (refresh tokens revoked,
+  access tokens issued before cut off), on every server (the ``user`` change notice), as
+  Keycloak logs sessions out on a credential change;
+* a stolen access token of a user without a second factor cannot enroll one (and lock the
+  owner out): enrolling one's own needs the current password (a fresh proof, as Keycloak
+  re-authenticates before a credential is set up), on the services, HTTP and
+  ``qauth otp enroll``; a wrong one counts towards the lockout; an administrator
+  (``users:admin``) enrolling someone else needs none.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from typing import Any
 import pyotp
 import pytest
 import requests
+from click.testing import CliRunner
 from conftest import make_app
 from identity_helpers import close_app, password_login, serving, with_identity
 from invalidation_helpers import acted_within, pushing_pair, rejects
 
 from qimem.app import AppContext
-from qimem.errors import AuthError
+from qimem.errors import AuthError, ForbiddenError
 from qimem.services import identity as ids
 from qimem.services import otp as otps
 
@@ -126,3 +133,72 @@ def test_a_second_factor_change_reaches_the_other_server_by_push(
             a,
         )
         print(f"two servers: B refuses the token {took * 1000:.1f} ms after A's commit")
+
+
+# -- enrolling one's own second factor needs a fresh proof ----------------------------
+
+
+def test_a_stolen_token_cannot_enroll_a_second_factor(world: AppContext) -> None:
+    stolen = ids.authenticate(world, password_login(world, "acme", "vic", PW).access_token)
+    for password in (None, "", "not-her-password-1"):
+        with pytest.raises(ForbiddenError) as refused:
+            otps.otp_enroll(world, "acme", "vic", password=password, principal=stolen)
+        assert refused.value.code == "password_required"
+    assert otps.otp_status(world, "acme", "vic")["enrolled"] is False
+    made = otps.otp_enroll(world, "acme", "vic", password=PW, principal=stolen)  # the owner
+    assert made.secret and otps.otp_status(world, "acme", "vic")["enrolled"] is True
+
+
+def test_guessing_the_password_through_enroll_hits_the_lockout(world: AppContext) -> None:
+    stolen = ids.authenticate(world, password_login(world, "acme", "vic", PW).access_token)
+    for i in range(5):
+        with pytest.raises(ForbiddenError):
+            otps.otp_enroll(world, "acme", "vic", password=f"guess-{i}-wrong", principal=stolen)
+    with pytest.raises(ForbiddenError):  # locked: even the right one is refused now
+        otps.otp_enroll(world, "acme", "vic", password=PW, principal=stolen)
+    with pytest.raises(AuthError):
+        password_login(world, "acme", "vic", PW)
+    failures = [
+        e
+        for e in ids.audit_events(world, "acme", limit=50, action="otp.enroll")
+        if e.outcome == "failure"
+    ]
+    assert len(failures) == 6 and PW not in str([e.__dict__ for e in failures])
+
+
+def test_an_administrator_enrolls_someone_else_without_a_password(world: AppContext) -> None:
+    helpdesk = ids.authenticate(world, password_login(world, "acme", "helpdesk", PW).access_token)
+    made = otps.otp_enroll(world, "acme", "vic", principal=helpdesk)
+    assert made.secret
+
+
+def test_http_and_qauth_otp_enroll_need_the_password_for_ones_own(world: AppContext) -> None:
+    from qimem.cli.qauth import qauth
+
+    stolen = password_login(world, "acme", "vic", PW).access_token
+    helpdesk = password_login(world, "acme", "helpdesk", PW).access_token
+    with serving(world) as url:
+
+        def enroll(token: str, user: str, body: Any = None) -> requests.Response:
+            headers = {"Authorization": f"Bearer {token}"}
+            path = f"{url}{A}/acme/users/{user}/otp"
+            return requests.post(path, json=body, headers=headers, timeout=10)
+
+        for body in (None, {"password": "wrong-password-1"}, {}):
+            answer = enroll(stolen, "vic", body)
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["error"]["code"] == "password_required"
+            assert "secret" not in answer.text
+        assert enroll(stolen, "vic", {"password": 7}).status_code == 400
+        assert enroll(stolen, "vic", {"password": PW, "extra": 1}).status_code == 400
+        runner = CliRunner()
+        base = ["--server", url, "--token", stolen, "otp", "enroll", "--realm", "acme", "vic"]
+        denied = runner.invoke(qauth, base)
+        assert denied.exit_code == 4 and "current password" in denied.output
+        assert "Traceback" not in denied.output
+        wrong = runner.invoke(qauth, [*base, "--password-stdin"], input="wrong-password-1\n")
+        assert wrong.exit_code == 4
+        assert otps.otp_status(world, "acme", "vic")["enrolled"] is False
+        ok = runner.invoke(qauth, [*base, "--password-stdin", "--json"], input=PW + "\n")
+        assert ok.exit_code == 0, ok.output
+        assert enroll(helpdesk, "bob").status_code == 201  # an administrator: no password

@@ -38,12 +38,14 @@ class _Otp:
 
         return otp.otp_status(self.app, realm, username)  # type: ignore[arg-type]
 
-    def enroll(self, realm: str, username: str) -> dict[str, Any]:
+    def enroll(self, realm: str, username: str, password: str | None) -> dict[str, Any]:
         if self.remote is not None:
-            return dict(self.remote.request("POST", self._path(realm, username)))
+            body = {"password": password} if password else None
+            return dict(self.remote.request("POST", self._path(realm, username), body))
         from qimem.services import otp
 
-        return otp.otp_enroll(self.app, realm, username).to_dict()  # type: ignore[arg-type]
+        made = otp.otp_enroll(self.app, realm, username, password=password)  # type: ignore[arg-type]
+        return made.to_dict()
 
     def confirm(self, realm: str, username: str, code: str) -> list[str]:
         if self.remote is not None:
@@ -71,6 +73,15 @@ class _Otp:
         return otp.set_otp_required(self.app, realm, required)  # type: ignore[arg-type]
 
 
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt("current password", hide_input=True))
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValidationError("no password on standard input")
+    return password
+
+
 def _read_code() -> str:
     if sys.stdin.isatty():
         return str(click.prompt("code", hide_input=True)).strip()
@@ -89,12 +100,19 @@ def otp() -> None:
 @otp.command("enroll")
 @realm_option
 @click.argument("username")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read your current password from stdin (needed to enroll your own).",
+)
 @json_option
 @click.pass_obj
-def otp_enroll(state: Any, realm: str, username: str, json_: bool) -> None:
+def otp_enroll(state: Any, realm: str, username: str, password_stdin: bool, json_: bool) -> None:
     """Enroll USERNAME: prints the secret and otpauth:// URI once; active after
-    'qauth otp confirm' with a first code."""
-    made = _Otp(state).enroll(realm, username)
+    'qauth otp confirm' with a first code. Enrolling your own second factor (with your own
+    token) needs your current password (--password-stdin); an administrator enrolling
+    someone else does not."""
+    made = _Otp(state).enroll(realm, username, _read_password() if password_stdin else None)
     if json_:
         echo_json(made)
         return

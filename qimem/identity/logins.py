@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from qimem.errors import AuthError, QimemError, ValidationError
+from qimem.errors import AuthError, ForbiddenError, QimemError, ValidationError
 from qimem.identity import lockout, realms, refresh, roles, users
 from qimem.identity.clients import secret_matches, secret_sealer
 from qimem.identity.login_providers import ProviderLogins
@@ -417,6 +417,65 @@ class Logins(ProviderLogins, OtpAdministration):
         if user.user_id == _DECOY_CLIENT_ID:
             return hmac.compare_digest(self.sealer.user_mac(user), "-" * 64) and False
         return bool(self.sealer.user_ok(user))
+
+    def prove_password(
+        self, realm: str, username: str, password: Any, *, action: str, source: str | None = None
+    ) -> None:
+        """A fresh proof before a credential change by the user himself (enrolling his own
+        second factor): ``password`` is his current password, checked by the realm's login
+        providers as at login (Argon2id for a local user, his directory for an LDAP one).
+
+        A stolen access token is not enough to lock the owner out. A wrong password counts
+        towards the lockout (the endpoint is no guessing oracle) and is audited as a
+        failure of ``action``; a locked, disabled or tampered account is refused.
+
+        :raises ForbiddenError: ``password_required`` (missing or wrong, the same answer).
+        :raises ProviderUnavailableError: the user's directory cannot decide.
+        """
+        refused = ForbiddenError(
+            "this change needs your current password (a fresh proof that you are you)",
+            code="password_required",
+        )
+        if not isinstance(password, str) or not password or not isinstance(username, str):
+            raise refused
+        with self.db.begin() as conn:
+            user = users.find(conn, realm, username) if realms.exists(conn, realm) else None
+            config = self.realm_auth(realm, conn) if user is not None else RealmAuth()
+        if user is None or user.kind != "user":
+            raise refused
+        locked = lockout.is_locked(user.locked_until)
+        found, provider, unavailable = self._ask_providers(
+            realm, username, password, source, config, user, locked
+        )
+        reason: str | None = None
+        if found is None:
+            if unavailable is not None and not locked:
+                raise unavailable
+            reason = "locked" if locked else "bad_password"
+        elif found.username != username or (
+            found.verified_hash != user.secret_hash
+            if found.local
+            else user.secret_hash != external_marker(provider)
+        ):
+            reason = "bad_identity"
+        elif locked or not user.enabled or not self.sealer.user_ok(user):
+            reason = "locked" if locked else "disabled"
+        if reason is None:
+            return
+        with self.db.begin() as conn:
+            if reason == "bad_password":
+                lockout.record_failure(conn, user.user_id, self.settings)
+            self.audit.record(
+                realm,
+                username,
+                action,
+                username,
+                "failure",
+                conn=conn,
+                reason=reason,
+                source=source,
+            )
+        raise refused
 
     def mint_token(self, realm: str, username: str, *, actor: str = "local") -> TokenResponse:
         """An access token for ``username`` without a password: for the local operator,

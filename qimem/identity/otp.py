@@ -8,6 +8,9 @@ part; the password grant calls :meth:`OtpAdministration.second_factor`).
   makes 10 single-use **recovery codes**, stored only as HMAC-SHA-256 under a root-derived
   key, shown once. Activating or removing an active second factor ends the user's
   sessions (refresh tokens revoked, access tokens cut off, on every server).
+  A user enrolling *his own* second factor proves his password first
+  (:meth:`qimem.identity.logins.Logins.prove_password`: a stolen access token alone
+  cannot lock the owner out).
 * **Verification** accepts the code of the current 30-second step or of the one before or
   after (clock skew ±1 step). A code is single-use: the step it matched is claimed by one
   conditional ``UPDATE ... WHERE last_step < step``, so the same code (or an older one) is

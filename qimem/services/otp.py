@@ -4,9 +4,10 @@
 Who may: a user on his own account (a token of that very user); anyone else needs
 ``users:admin`` in the realm and may not act on an account holding a permission he lacks
 (no escalation: a helpdesk cannot remove an administrator's second factor). A user removing
-his own second factor must give a current code (or a recovery code); an administrator need
-not. The realm's "required" policy is ``realms:admin`` of that realm. ``None`` as principal
-is the local operator.
+his own second factor must give a current code (or a recovery code), and one enrolling
+his own must give his current password; an administrator need neither. The realm's
+"required" policy is ``realms:admin`` of that realm. ``None`` as principal is the local
+operator.
 """
 
 from __future__ import annotations
@@ -58,10 +59,22 @@ def otp_enroll(
     realm: str,
     username: str,
     *,
+    password: str | None = None,
+    source: str | None = None,
     actor: str = "local",
     principal: Principal | None = None,
 ) -> Enrollment:
-    """A new TOTP secret for ``username`` (shown once; active after :func:`otp_confirm`)."""
+    """A new TOTP secret for ``username`` (shown once; active after :func:`otp_confirm`).
+
+    A user enrolling his own second factor must give his current ``password`` (a fresh
+    proof, as Keycloak re-authenticates before a credential is set up): with a stolen
+    access token alone, an attacker could enroll a factor of his own and lock the owner
+    out. An administrator (``users:admin``) enrolling someone else needs none.
+
+    :raises ForbiddenError: ``password_required`` (missing or wrong; counted for lockout).
+    """
+    if _is_self(app, principal, realm, username):
+        identity(app).prove_password(realm, username, password, action="otp.enroll", source=source)
     with _allowed(app, principal, realm, "otp.enroll", username) as check:
         return identity(app).otp_enroll(
             realm, username, actor=_actor(actor, principal), check=check
