@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import struct
 import threading
+from pathlib import Path
 
 import pytest
+from conftest import make_app
 
+from qimem import backup, services
 from qimem import envelope as env
-from qimem import services
 from qimem.app import AppContext
 from qimem.crypto import zero
 from qimem.errors import DecryptionError, NotFoundError, ValidationError
@@ -22,6 +24,7 @@ from qimem.services import identity as ids
 SECRET = b"4111 1111 1111 1111"
 SIV_ID = 48
 HEADER = env.PREFIX_SIZE + env.LENGTH.size  # 31: no nonce
+_FAST_KDF = {"time_cost": 1, "memory_kib": 8 * 1024, "parallelism": 1}  # the lowest allowed
 
 
 def make_key(app: AppContext, algorithm: str, name: str, realm: str = "master") -> KeyVersion:
@@ -432,3 +435,25 @@ def test_rewrap_with_a_target_still_needs_a_good_envelope(memory_app: AppContext
     foreign = services.encrypt(memory_app, "kek", SECRET, realm="tenant-b").envelope
     with pytest.raises(NotFoundError):
         services.rewrap(memory_app, foreign, target="other")
+
+
+# --------------------------------------------------------------------------- across stores
+
+
+def test_tokens_survive_a_second_process_and_a_backup(tmp_path: Path, root_key_b64: str) -> None:
+    """Lookups keep working for another process on the same store, and after a restore
+    into another store: the tokens depend on the key version only."""
+    url = f"sqlite:///{tmp_path}/a.db"
+    first, second = make_app(url, root_key_b64), make_app(url, root_key_b64)
+    restored = make_app("memory://", None)
+    try:
+        siv_key(first)
+        token = services.encrypt(first, "tokens", SECRET, aad=b"c").envelope
+        assert services.encrypt(second, "tokens", SECRET, aad=b"c").envelope == token
+        sealed = backup.export_keys(first, ["tokens"], "correct horse", kdf=_FAST_KDF)
+        backup.import_keys(restored, sealed, "correct horse")
+        assert services.encrypt(restored, "tokens", SECRET, aad=b"c").envelope == token
+        assert services.decrypt(restored, token, aad=b"c").plaintext == SECRET
+    finally:
+        for app in (first, second, restored):
+            app.close()
