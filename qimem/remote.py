@@ -227,6 +227,7 @@ class RemoteKeys:
             realm=data["realm"],
             algorithm=data["algorithm"],
             versions=[_version(v) for v in data["versions"]],
+            purpose=data.get("purpose", "encrypt"),  # a server from before issue 16: none
         )
 
     def rotate_key(self, ref: str) -> KeyVersion:
