@@ -386,7 +386,8 @@ class KeyCache:
         with self._lock:
             if generation != self.generation:
                 return
-            if sum(len(table) for table in self.handles.values()) >= self.max_entries:
+            size = sum(len(table) for table in self.handles.values())
+            if size + (1 if ref is None else 2) > self.max_entries:
                 for table in self.handles.values():
                     table.clear()
             entry.hard_expires = entry.expires

@@ -396,3 +396,22 @@ def test_sign_and_verify_are_audited_with_an_actor(sqlite_app: AppContext) -> No
     events = [e for e in ids.audit_events(sqlite_app, "master") if e.action.startswith("crypto.")]
     assert [(e.actor, e.action) for e in events].count(("alice@master", "crypto.sign")) == 1
     assert [e.action for e in events].count("crypto.verify") == 2
+
+
+def test_loaded_keys_are_bounded_and_dropped_with_their_lineage(app: AppContext) -> None:
+    app.cache.max_entries = 4
+    for i in range(6):
+        services.create_key(app, algorithm="ed25519", name=f"k{i}")
+        signature = signing.sign(app, f"k{i}", MESSAGE).signature
+        assert signing.verify(app, f"k{i}", MESSAGE, signature).valid
+        assert sum(len(table) for table in app.cache.handles.values()) <= 4
+    key = services.create_key(app, algorithm="hmac-sha256", name="m")
+    macs_tag = services.macs.mac(app, "m", MESSAGE).tag
+    entry = app.cache.handles["master"]["m"]
+    assert repr(entry) == f"<CachedHandle mac {key.key_id} v1>"
+    assert macs_tag[26:].hex() not in repr(entry)
+    services.rotate_key(app, "m")  # the signing entry goes, the verifying one stays
+    assert "m" not in app.cache.handles["master"]
+    assert macs_tag[:26] in app.cache.handles["master"]
+    lifecycle.disable_version(app, "m", version=1)
+    assert all(e.lineage_id != key.lineage_id for e in app.cache.handles["master"].values())
