@@ -21,7 +21,9 @@ if all hold:
 * ``user_claim`` (default ``sub``), after ``username_prefix``, is a valid qimem username.
 
 Claim names may be paths into nested objects (``kubernetes.io/namespace``), in
-``user_claim``, ``groups_claim``, ``bound_claims`` and the realm's ``mapping.claims``.
+``user_claim``, ``groups_claim``, ``bound_claims`` and the realm's mapping ``claims``. The
+identity names its issuer (``Authenticated.issuer``), so the realm's ``mappings.jwt.issuers``
+entry of that issuer (if any) maps it, never another issuer's.
 
 URLs must be ``https://`` (``ca_file`` names a private CA); plain ``http://`` is accepted
 only for a loopback host with ``allow_http_loopback`` (tests). An issuer that cannot be
@@ -487,7 +489,7 @@ class JwtProvider:
             raw = [raw] if isinstance(raw, str) else raw
             if isinstance(raw, list):
                 groups = [g for g in raw if isinstance(g, str)][:256]
-        return Authenticated(username, groups=tuple(groups), claims=flat)
+        return Authenticated(username, groups=tuple(groups), claims=flat, issuer=name)
 
     def __repr__(self) -> str:
         return "<JwtProvider pyjwt>"

@@ -198,7 +198,8 @@ SCHEMAS: dict[str, Any] = {
     "RealmProviders": _obj(
         {
             "providers": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "mapping": {"type": "object"},
+            "mapping": {"type": "object"},  # the older realm-wide form
+            "mappings": {"type": "object"},  # per provider (and per trusted issuer)
         },
         ["providers"],
         closed=False,

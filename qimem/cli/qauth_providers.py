@@ -49,23 +49,35 @@ def _provider_document(path: str) -> dict[str, Any]:
     return document
 
 
+def _echo_mapping(mapping: dict[str, Any], indent: str) -> None:
+    for group, roles in sorted(mapping.get("groups", {}).items()):
+        click.echo(f"{indent}group {group} -> {', '.join(roles)}")
+    for claim, values in sorted(mapping.get("claims", {}).items()):
+        for value, roles in sorted(values.items()):
+            click.echo(f"{indent}claim {claim}={value} -> {', '.join(roles)}")
+    click.echo(f"{indent}default roles: {', '.join(mapping.get('default_roles', [])) or '-'}")
+    click.echo(f"{indent}just-in-time users: {'on' if mapping.get('jit_users') else 'off'}")
+
+
 def _echo_providers(json_: bool, shown: dict[str, Any], realm: str) -> None:
     if json_:
         echo_json(shown)
         return
-    mapping = shown.get("mapping", {})
     click.echo(f"realm {realm}: providers {', '.join(shown['providers'])}")
     for name in shown["providers"]:
         for key, value in sorted((shown.get(name) or {}).items()):
             if value is not None:
                 click.echo(f"  {name}.{key} = {value}")
-    for group, roles in sorted(mapping.get("groups", {}).items()):
-        click.echo(f"  group {group} -> {', '.join(roles)}")
-    for claim, values in sorted(mapping.get("claims", {}).items()):
-        for value, roles in sorted(values.items()):
-            click.echo(f"  claim {claim}={value} -> {', '.join(roles)}")
-    click.echo(f"  default roles: {', '.join(mapping.get('default_roles', [])) or '-'}")
-    click.echo(f"  just-in-time users: {'on' if mapping.get('jit_users') else 'off'}")
+    if "mappings" not in shown:
+        click.echo("  mapping (realm-wide, the same for every provider and issuer):")
+        _echo_mapping(shown.get("mapping", {}), "    ")
+        return
+    for name, mapping in sorted(shown["mappings"].items()):
+        click.echo(f"  mapping of {name}:")
+        _echo_mapping(mapping, "    ")
+        for issuer, own in sorted(mapping.get("issuers", {}).items()):
+            click.echo(f"    issuer {issuer}:")
+            _echo_mapping(own, "      ")
 
 
 @click.command("providers")

@@ -33,6 +33,7 @@ from qimem.identity.providers import (
     LoginAttempt,
     ProviderUnavailableError,
     RealmAuth,
+    RoleMapping,
     external_marker,
 )
 from qimem.identity.users import User
@@ -93,18 +94,19 @@ def _ask_assertion(
             )
             continue
         if isinstance(found, Authenticated) and not found.local:
-            issuer = str(found.claims.get("iss", "")) or None
+            issuer = found.issuer or str(found.claims.get("iss", "")) or None
             return found, candidate, None, issuer, None
         reason = "invalid_token"
     return None, name, reason, issuer, unavailable
 
 
 def _check_account(
-    ident: Logins, user: User | None, provider: str, config: RealmAuth
+    ident: Logins, user: User | None, provider: str, mapping: RoleMapping
 ) -> str | None:
-    """Why the external identity may not log in as ``user`` (None: it may)."""
+    """Why the external identity may not log in as ``user`` (None: it may); ``mapping``
+    is its provider's (or its issuer's)."""
     if user is None:
-        return None if config.mapping.jit_users else "not_provisioned"
+        return None if mapping.jit_users else "not_provisioned"
     if user.kind != "user" or user.secret_hash != external_marker(provider):
         return "local_account_conflict"  # never another owner's (or a local) account
     if not ident.sealer.user_ok(user):
@@ -139,6 +141,8 @@ def assertion_grant(
         else (None, None, "unknown_realm", None, None)
     )
     user: User | None = None
+    # Only the issuer the provider vouches for (Authenticated.issuer) selects a mapping.
+    mapping = config.mapping_for(name, found.issuer) if found is not None else RoleMapping()
     if found is not None:
         assert name is not None
         if len(found.username) > 128:
@@ -146,7 +150,7 @@ def assertion_grant(
         else:
             with ident.db.begin() as conn:
                 user = users.find(conn, realm, found.username)
-            reason = _check_account(ident, user, name, config)
+            reason = _check_account(ident, user, name, mapping)
     elif unavailable is not None:
         reason = "provider_unavailable"
     grants: list[tuple[str, str]] = []
@@ -161,7 +165,7 @@ def assertion_grant(
                     )
                 except QimemError:  # made meanwhile by a concurrent first login?
                     user = users.find(conn, realm, found.username)
-                    reason = _check_account(ident, user, name, config) if user else "conflict"
+                    reason = _check_account(ident, user, name, mapping) if user else "conflict"
             second = ident._otp_row(conn, user) if user is not None and reason is None else None
             if second is not None and second.confirmed:
                 # An assertion cannot carry the code: an account with an active second
@@ -174,7 +178,7 @@ def assertion_grant(
                     reason = "integrity"
         if reason is None:
             assert user is not None and found is not None
-            issued_at = max(time.time(), ident._sync_roles(conn, realm, user, found, config))
+            issued_at = max(time.time(), ident._sync_roles(conn, realm, user, found, mapping))
             grants = roles.grants_of(conn, ident.sealer, realm, user.user_id)
             _audit_login(ident, realm, conn, user.username, "success", grant, name, issuer, source)
         elif known_realm:

@@ -24,6 +24,7 @@ from qimem.identity.providers import (
     LoginAttempt,
     ProviderUnavailableError,
     RealmAuth,
+    RoleMapping,
     decode_config,
     default_providers,
     external_marker,
@@ -46,7 +47,7 @@ def _keep_secrets(document: dict[str, Any], current: RealmAuth) -> dict[str, Any
     """``document`` with each option shown as ``"(set)"`` replaced by its stored value."""
     merged = dict(document)
     for name, options in document.items():
-        if not isinstance(options, dict) or name in ("providers", "mapping"):
+        if not isinstance(options, dict) or name in ("providers", "mapping", "mappings"):
             continue
         stored = current.options.get(name, {})
         merged[name] = {
@@ -192,13 +193,14 @@ class ProviderLogins(IdentityBase):
         return {name: self._provider(name) for name in self.provider_names()}
 
     def _sync_roles(
-        self, conn: Connection, realm: str, user: User, found: Authenticated, config: RealmAuth
+        self, conn: Connection, realm: str, user: User, found: Authenticated, mapping: RoleMapping
     ) -> float:
-        """Make an external user's grants the ones the realm's mapping gives ``found``
-        (roles the realm lacks are skipped). Returns the token cut-off time if a role was
-        taken away (tokens naming it stop working), else 0."""
+        """Make an external user's grants the ones ``mapping`` (his provider's, or his
+        issuer's: :meth:`RealmAuth.mapping_for`) gives ``found`` (roles the realm lacks are
+        skipped). Returns the token cut-off time if a role was taken away (tokens naming it
+        stop working), else 0."""
         known = set(roles.permissions_by_role(conn, realm, self.sealer))
-        wanted = {(r, "") for r in config.mapping.roles_for(found) if r in known}
+        wanted = {(r, "") for r in mapping.roles_for(found) if r in known}
         held = set(roles.grants_of(conn, self.sealer, realm, user.user_id))
         rows = set(roles.grants_of_rows(conn, realm, user.user_id))
         cutoff = 0.0
@@ -263,7 +265,8 @@ class ProviderLogins(IdentityBase):
                 realm,
                 conn=conn,
                 chain=list(config.providers),
-                jit=config.mapping.jit_users,
+                jit=config.jit_anywhere(),
+                per_provider=config.mappings is not None,
             )
         return config
 

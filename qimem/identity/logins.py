@@ -186,7 +186,7 @@ class Logins(ProviderLogins, OtpAdministration):
                 reason = "locked"
             elif not user.enabled:
                 reason = "disabled"
-        elif not config.mapping.jit_users:
+        elif not config.mapping_for(provider_name, found.issuer).jit_users:
             reason = "not_provisioned"
         with self.db.begin() as conn:
             if reason is None:
@@ -222,7 +222,8 @@ class Logins(ProviderLogins, OtpAdministration):
                     users.set_secret_hash(conn, user.user_id, found.new_hash)
                     users.reseal(conn, self.sealer, user.user_id)
                 if not found.local:
-                    issued_at = max(issued_at, self._sync_roles(conn, realm, user, found, config))
+                    mapping = config.mapping_for(provider_name, found.issuer)
+                    issued_at = max(issued_at, self._sync_roles(conn, realm, user, found, mapping))
                 grants, rtoken, rexp = self._session(
                     conn, realm, user, issued_at, session_max=self.settings.session_max_seconds
                 )

@@ -19,7 +19,8 @@ so a locked login costs the same time; external providers are not asked then).
 The host (:mod:`qimem.identity.logins`) does the rest the same way for every provider:
 lockout (one counter per qimem user, whichever provider failed), the uniform answer, the
 audit record naming the provider, and, for external identities, the mapping: groups and
-claims to roles, default roles, just-in-time creation of the qimem user. A qimem user made
+claims to roles, default roles, just-in-time creation of the qimem user, each provider's
+(and each trusted issuer's) own (:meth:`RealmAuth.mapping_for`). A qimem user made
 for an external identity has no password (its stored secret is the marker
 ``!external:<provider>``), so the password provider never accepts it, and an external
 identity never logs in as a local password user of the same name.
@@ -78,8 +79,8 @@ class Authenticated:
     """A provider's yes.
 
     :ivar username: the qimem username this identity logs in as.
-    :ivar groups: the identity's groups (mapped to roles by the realm's ``mapping.groups``).
-    :ivar claims: other attributes (mapped by ``mapping.claims``).
+    :ivar groups: the identity's groups (mapped to roles by its provider's ``groups``).
+    :ivar claims: other attributes (mapped by its provider's ``claims``).
     :ivar verified_hash: for a local provider only: the stored hash the password was
         verified against (the login succeeds only if it is still the user's hash).
     :ivar new_hash: a local provider's re-hash of the password with current parameters.
@@ -90,6 +91,9 @@ class Authenticated:
     claims: Mapping[str, Any] = field(default_factory=dict)
     verified_hash: str | None = field(default=None, repr=False)
     new_hash: str | None = field(default=None, repr=False)
+    #: The trusted issuer that vouched for this identity (an assertion provider's, e.g.
+    #: the JWT's verified ``iss``): its own mapping applies (``mappings.<provider>.issuers``).
+    issuer: str | None = None
 
     @property
     def local(self) -> bool:
@@ -142,25 +146,86 @@ class RoleMapping:
             "jit_users": self.jit_users,
         }
 
+    def roles(self) -> set[str]:
+        """Every role this mapping names."""
+        named = set(self.default_roles)
+        for roles in self.groups.values():
+            named.update(roles)
+        for values in self.claims.values():
+            for roles in values.values():
+                named.update(roles)
+        return named
+
+
+@dataclass(frozen=True)
+class ProviderMapping:
+    """One provider's mapping (``mappings.<provider>``): ``base`` for its identities, and
+    for an assertion provider, one mapping per trusted issuer (``issuers``). An issuer with
+    an entry gets only that entry; one without gets ``base``."""
+
+    base: RoleMapping = field(default_factory=RoleMapping)
+    issuers: dict[str, RoleMapping] = field(default_factory=dict)
+
+    def for_issuer(self, issuer: str | None) -> RoleMapping:
+        if issuer is not None and issuer in self.issuers:
+            return self.issuers[issuer]
+        return self.base
+
+    def roles(self) -> set[str]:
+        named = self.base.roles()
+        for mapping in self.issuers.values():
+            named |= mapping.roles()
+        return named
+
+    def to_dict(self) -> dict[str, Any]:
+        body = self.base.to_dict()
+        if self.issuers:
+            body["issuers"] = {i: m.to_dict() for i, m in self.issuers.items()}
+        return body
+
 
 @dataclass(frozen=True)
 class RealmAuth:
-    """A realm's login configuration. Its repr shows no option values."""
+    """A realm's login configuration. Its repr shows no option values.
+
+    The mapping of external identities to roles is per provider (``mappings``, keyed by
+    provider name, and for the JWT provider by trusted issuer too): an LDAP group and a
+    JWT claim value of the same name, or two issuers' claims, map only where configured.
+    ``mapping`` is the older realm-wide form, still read (it applies to every external
+    provider and issuer alike; ``mappings`` is None then)."""
 
     providers: tuple[str, ...] = (PASSWORD,)
     options: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     mapping: RoleMapping = field(default_factory=RoleMapping)
+    mappings: dict[str, ProviderMapping] | None = None
 
-    def roles(self) -> set[str]:
-        """Every role the mapping names."""
-        m = self.mapping
-        named = set(m.default_roles)
-        for roles in m.groups.values():
-            named.update(roles)
-        for values in m.claims.values():
-            for roles in values.values():
-                named.update(roles)
+    def mapping_for(self, provider: str | None, issuer: str | None = None) -> RoleMapping:
+        """The mapping of an identity from ``provider`` (vouched for by ``issuer``): its
+        provider's (its issuer's if that has one), none for a provider without one; with
+        the realm-wide form, that one for all."""
+        if self.mappings is None:
+            return self.mapping
+        found = self.mappings.get(provider or "")
+        return found.for_issuer(issuer) if found is not None else RoleMapping()
+
+    def roles(self, provider: str | None = None) -> set[str]:
+        """Every role the mapping names (of ``provider``'s identities only, if given)."""
+        if self.mappings is None:
+            return self.mapping.roles()
+        named: set[str] = set()
+        for name, mapping in self.mappings.items():
+            if provider is None or name == provider:
+                named |= mapping.roles()
         return named
+
+    def jit_anywhere(self) -> bool:
+        """Whether any identity may be created just in time."""
+        if self.mappings is None:
+            return self.mapping.jit_users
+        return any(
+            m.base.jit_users or any(i.jit_users for i in m.issuers.values())
+            for m in self.mappings.values()
+        )
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """The JSON shape (``qauth realm providers``, ``GET .../providers``); secret-looking
@@ -171,7 +236,10 @@ class RealmAuth:
                 k: ("(set)" if redact and _SECRET_OPTION.search(k) and v else v)
                 for k, v in options.items()
             }
-        body["mapping"] = self.mapping.to_dict()
+        if self.mappings is None:
+            body["mapping"] = self.mapping.to_dict()
+        else:
+            body["mappings"] = {n: m.to_dict() for n, m in self.mappings.items()}
         return body
 
     def encode(self) -> bytes:
@@ -188,33 +256,60 @@ def _roles_value(where: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _mapping(value: Any) -> RoleMapping:
+_MAPPING_FIELDS = {"groups", "claims", "default_roles", "jit_users"}
+
+
+def _mapping(
+    value: Any, where: str = "mapping", extra: frozenset[str] = frozenset()
+) -> RoleMapping:
     if value is None:
         return RoleMapping()
     if not isinstance(value, dict):
-        raise ValidationError("'mapping' must be an object")
-    unknown = set(value) - {"groups", "claims", "default_roles", "jit_users"}
+        raise ValidationError(f"'{where}' must be an object")
+    unknown = set(value) - _MAPPING_FIELDS - extra
     if unknown:
-        raise ValidationError(f"'mapping' has unknown field(s): {', '.join(sorted(unknown))}")
+        raise ValidationError(f"'{where}' has unknown field(s): {', '.join(sorted(unknown))}")
     groups_in = value.get("groups", {})
     claims_in = value.get("claims", {})
     if not isinstance(groups_in, dict) or len(groups_in) > 256:
-        raise ValidationError("'mapping.groups' must be an object of group → role(s)")
+        raise ValidationError(f"'{where}.groups' must be an object of group → role(s)")
     if not isinstance(claims_in, dict) or len(claims_in) > 64:
-        raise ValidationError("'mapping.claims' must be an object of claim → {value → role(s)}")
-    groups = {str(g): _roles_value(f"mapping.groups[{g!r}]", r) for g, r in groups_in.items() if g}
+        raise ValidationError(f"'{where}.claims' must be an object of claim → {{value → role(s)}}")
+    groups = {str(g): _roles_value(f"{where}.groups[{g!r}]", r) for g, r in groups_in.items() if g}
     claims: dict[str, dict[str, tuple[str, ...]]] = {}
     for claim, values in claims_in.items():
         if not isinstance(values, dict):
-            raise ValidationError(f"mapping.claims[{claim!r}] must be an object of value → role(s)")
+            raise ValidationError(f"{where}.claims[{claim!r}] must be an object of value → role(s)")
         claims[str(claim)] = {
-            str(v): _roles_value(f"mapping.claims[{claim!r}][{v!r}]", r) for v, r in values.items()
+            str(v): _roles_value(f"{where}.claims[{claim!r}][{v!r}]", r) for v, r in values.items()
         }
     jit = value.get("jit_users", False)
     if not isinstance(jit, bool):
-        raise ValidationError("'mapping.jit_users' must be true or false")
-    defaults = _roles_value("mapping.default_roles", value.get("default_roles", []))
+        raise ValidationError(f"'{where}.jit_users' must be true or false")
+    defaults = _roles_value(f"{where}.default_roles", value.get("default_roles", []))
     return RoleMapping(groups, claims, defaults, jit)
+
+
+def _mappings(value: Any, chain: list[str]) -> dict[str, ProviderMapping]:
+    """``mappings``: provider name → its mapping (and ``issuers``: issuer → mapping)."""
+    if not isinstance(value, dict):
+        raise ValidationError("'mappings' must be an object of provider name → mapping")
+    result: dict[str, ProviderMapping] = {}
+    for name, entry in value.items():
+        if name not in chain:
+            raise ValidationError(f"'mappings' names {name!r}, which is not in 'providers'")
+        where = f"mappings.{name}"
+        base = _mapping(entry, where, frozenset({"issuers"}))
+        issuers_in = entry.get("issuers", {}) if isinstance(entry, dict) else {}
+        if not isinstance(issuers_in, dict) or len(issuers_in) > 16:
+            raise ValidationError(f"'{where}.issuers' must be an object of issuer → mapping")
+        issuers: dict[str, RoleMapping] = {}
+        for issuer, mapping in issuers_in.items():
+            if not isinstance(issuer, str) or not 0 < len(issuer) <= 1024:
+                raise ValidationError(f"'{where}.issuers' keys must be issuer names")
+            issuers[issuer] = _mapping(mapping, f"{where}.issuers[{issuer!r}]")
+        result[name] = ProviderMapping(base, issuers)
+    return result
 
 
 def parse_config(
@@ -226,8 +321,12 @@ def parse_config(
 ) -> RealmAuth:
     """A realm's login configuration from its JSON document.
 
-    ``{"providers": ["password", "ldap"], "ldap": {...options...}, "mapping": {"groups":
-    {"kim-admins": "admin"}, "claims": {...}, "default_roles": [...], "jit_users": true}}``
+    ``{"providers": ["password", "ldap", "jwt"], "ldap": {...options...}, "jwt": {...},
+    "mappings": {"ldap": {"groups": {"kim-admins": "admin"}, "default_roles": [...],
+    "jit_users": true}, "jwt": {"issuers": {"https://ci.example": {"claims": {...},
+    "jit_users": true}}}}}``: each provider's identities are mapped by its own entry only
+    (and a trusted issuer's by its own, if it has one). The older realm-wide ``"mapping":
+    {...}`` (the same fields, one for every provider and issuer) is still read.
 
     :param lookup: the registered provider of a name (None if there is none); each provider
         the chain names must exist, and its ``check_options`` (if any) validates its options.
@@ -248,7 +347,7 @@ def parse_config(
         raise ValidationError("'providers' names a provider twice")
     options: dict[str, dict[str, Any]] = {}
     for key, value in document.items():
-        if key in ("providers", "mapping"):
+        if key in ("providers", "mapping", "mappings"):
             continue
         if key not in chain:
             raise ValidationError(f"options for {key!r}, which is not in 'providers'")
@@ -269,6 +368,13 @@ def parse_config(
                 options[name] = dict(checker(options.get(name, {})))
             elif options.get(name):
                 raise ValidationError(f"provider {name!r} takes no options")
+    if "mapping" in document and "mappings" in document:
+        raise ValidationError(
+            "give 'mappings' (per provider) or the older realm-wide 'mapping', not both"
+        )
+    if "mappings" in document:
+        per_provider = _mappings(document["mappings"], chain)
+        return RealmAuth(tuple(chain), options, RoleMapping(), per_provider)
     return RealmAuth(tuple(chain), options, _mapping(document.get("mapping")))
 
 

@@ -71,12 +71,12 @@ def add_external_user(
 ) -> User:
     """Provision ``username`` for the external login provider ``provider`` (no password,
     no roles: the realm's mapping gives them at each login). Needs ``users:admin`` and,
-    by the no-escalation rule, the right to grant every role the realm's mapping can give
+    by the no-escalation rule, the right to grant every role the provider's mapping can give
     (the account may log in with any of them): a helpdesk cannot open the door to an
     identity the mapping makes an administrator."""
     guard = Guard(identity(app), principal, realm)
     guard.needs("users:admin")
-    mapped = identity(app).realm_auth(realm).roles()
+    mapped = identity(app).realm_auth(realm).roles(provider)
     guard.grants("user.add_external", username, ((role, "") for role in sorted(mapped)))
     return identity(app).add_external_user(
         realm, username, provider, actor=_actor(actor, principal)
