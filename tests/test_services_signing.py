@@ -292,7 +292,7 @@ def test_wrong_purpose_keys_are_refused_clearly(app: AppContext) -> None:
             with pytest.raises(ValidationError) as wrong:
                 call()
             assert wrong.value.code == "wrong_purpose", ref
-            assert "sign key" in wrong.value.message
+            assert "needs a signing key" in wrong.value.message
     for call in (
         lambda: services.encrypt(app, "s", b"x"),
         lambda: services.datakey(app, "s"),

@@ -109,11 +109,20 @@ def require_purpose(app: AppContext, version: KeyVersion, wanted: str, operation
     if purpose != wanted:
         label = version.name or version.lineage_id
         raise ValidationError(
-            f"key {label} is a {purpose} key ({version.algorithm}); "
-            f"{operation} needs a {wanted} key",
+            f"key {label} is {_KINDS.get(purpose, purpose)} key ({version.algorithm}); "
+            f"{operation} needs {_KINDS.get(wanted, wanted)} key",
             code="wrong_purpose",
         )
     return purpose
+
+
+#: How messages name a key of each purpose.
+_KINDS = {
+    "encrypt": "an encryption",
+    "sign": "a signing",
+    "mac": "a MAC",
+    "deterministic": "a deterministic encryption",
+}
 
 
 # -- deletion ----------------------------------------------------------------------------

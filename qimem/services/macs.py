@@ -66,7 +66,7 @@ def mac(
     refs = app.cache.handles.get(realm)
     entry = refs.get(_ref(ref)) if refs is not None else None
     if entry is None or entry.purpose != "mac" or entry.expires <= _monotonic():
-        entry = handles.active(app, _ref(ref), realm, "mac", "a MAC")
+        entry = handles.active(app, _ref(ref), realm, "mac", "computing a MAC")
     tag = entry.algorithm.mac(entry.handle, data)  # type: ignore[attr-defined]
     if not raw:
         tag = entry.prefix + tag

@@ -180,7 +180,7 @@ def verify(
     ref = _ref(ref)
     if raw:
         entry: handles.CachedHandle | None = handles.version_entry(
-            app, ref, realm, "sign", "verification", version
+            app, ref, realm, "sign", "signature verification", version
         )
         payload = signature
     else:
@@ -188,7 +188,7 @@ def verify(
             raise ValidationError(
                 "a qimem signature names its key version; give version= only with raw"
             )
-        entry = handles.named(app, ref, signature, realm, "sign", "verification")
+        entry = handles.named(app, ref, signature, realm, "sign", "signature verification")
         payload = signature[_HEADER_SIZE:]
     if entry is None:
         valid = False
@@ -230,7 +230,9 @@ def public_key(
     :raises ValidationError: ``wrong_purpose`` (MAC and encryption keys have no public key).
     :raises ConflictError: the version is disabled, destroyed or below the minimum version.
     """
-    return _public(handles.version_entry(app, _ref(ref), realm, "sign", "a public key", version))
+    return _public(
+        handles.version_entry(app, _ref(ref), realm, "sign", "a public key export", version)
+    )
 
 
 def public_keys(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> list[PublicKeyResult]:
@@ -241,14 +243,14 @@ def public_keys(app: AppContext, ref: str, *, realm: str = DEFAULT_REALM) -> lis
 
     lineage_id, _ = resolve(app, _ref(ref), realm)
     versions = app.store.versions(realm, lineage_id)
-    require_purpose(app, versions[-1], "sign", "a public key")
+    require_purpose(app, versions[-1], "sign", "a public key export")
     found = []
     for item in versions:
         try:
             found.append(
                 _public(
                     handles.version_entry(
-                        app, lineage_id, realm, "sign", "a public key", item.version
+                        app, lineage_id, realm, "sign", "a public key export", item.version
                     )
                 )
             )
