@@ -139,6 +139,8 @@ def test_ecdsa_jws_marshaling_and_prehashed_pass_through(
         signing.sign(app, algorithm, b"short", prehashed=True)
     with pytest.raises(ValidationError):
         signing.sign(app, algorithm, MESSAGE, marshaling="pem")
+    with pytest.raises(ValidationError):
+        signing.verify(app, algorithm, MESSAGE, b"garbage", marshaling="pem")
 
 
 def test_ed25519_refuses_prehashed_input(app: AppContext) -> None:

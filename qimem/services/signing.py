@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qimem.app import AppContext
+from qimem.crypto_purposes import MARSHALINGS
 from qimem.errors import ValidationError
 from qimem.keys import DEFAULT_REALM
 from qimem.services import handles
@@ -178,6 +179,8 @@ def verify(
     signature = _bytes(signature, "the signature")
     message = _bytes(message, "the message")
     ref = _ref(ref)
+    if marshaling not in MARSHALINGS:  # refused even when no key version is found
+        raise ValidationError(f"marshaling must be one of {', '.join(MARSHALINGS)}")
     if raw:
         entry: handles.CachedHandle | None = handles.version_entry(
             app, ref, realm, "sign", "signature verification", version
