@@ -417,3 +417,15 @@ def test_loaded_keys_are_bounded_and_dropped_with_their_lineage(app: AppContext)
     assert macs_tag[:26] in app.cache.handles["master"]
     lifecycle.disable_version(app, "m", version=1)
     assert all(e.lineage_id != key.lineage_id for e in app.cache.handles["master"].values())
+
+
+def test_deterministic_keys_rotate_and_take_a_usage_limit(app: AppContext) -> None:
+    """Usage limits look the algorithm up with its own purpose (AES-SIV is no AEAD of
+    purpose encrypt: the lookup used to fail with wrong_purpose)."""
+    services.create_key(app, algorithm="aes-256-siv", name="d")
+    assert lifecycle.set_policy(app, "d", usage_limit=1000).usage_limit == 1000
+    assert services.rotate_key(app, "d").version == 2
+    assert services.show_key(app, "d").purpose == "deterministic"
+    with pytest.raises(ValidationError) as derived:
+        services.create_key(app, algorithm="aes-256-siv", derived=True)
+    assert derived.value.code == "derived_not_supported"
