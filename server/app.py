@@ -22,7 +22,6 @@ from qimem.server import errors
 from qimem.server.auth_api import add_auth_routes
 from qimem.server.auth_middleware import IdentityAuthMiddleware
 from qimem.server.exposure import ClientMiddleware, Network
-from qimem.server.lifecycle import add_lifecycle_routes
 from qimem.server.metrics import Metrics
 from qimem.server.middleware import (
     AccessLogMiddleware,
@@ -97,7 +96,6 @@ def create_app(
     errors.install(app)
 
     add_routes(app, app_ctx, max_body_bytes, metrics, short_paths=short_paths)
-    add_lifecycle_routes(app, app_ctx, max_body_bytes)
 
     if not security_only:
         plugins = PluginsResource(app_ctx, max_body_bytes)

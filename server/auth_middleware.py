@@ -41,7 +41,7 @@ from qimem.keys import DEFAULT_REALM
 from qimem.server.auth import is_loopback
 from qimem.server.auth_api import AUTH_PREFIX
 from qimem.server.errors import handle_qimem_error
-from qimem.server.key_names import KeyNames, param_key
+from qimem.server.key_names import KeyNames
 from qimem.server.media import read_body
 from qimem.server.operations import PREFIX, Operation, security_operations
 from qimem.services import identity as ids
@@ -81,21 +81,6 @@ def operation_rules(operations: Iterable[Operation]) -> dict[tuple[str, str], Ru
         rules[(op.method, PREFIX + op.path)] = rule
         if op.short:
             rules[(op.method, op.short)] = rule
-    return rules
-
-
-def _lifecycle_rules(prefix: str) -> dict[tuple[str, str], Rule]:
-    # Key lifecycle (issue 7): managing a key is keys:rotate; a backup holds key material,
-    # so export and import are for realm administrators. The services audit these.
-    key = f"{prefix}/keys/{{key_id}}"
-    rules = {("GET", f"{key}/policy"): Rule("keys:read", key_names=param_key)}
-    for operation in (
-        "policy", "disable", "enable", "destroy", "schedule-deletion", "cancel-deletion"
-    ):  # fmt: skip
-        pair = "keys." + operation.replace("-", "_")
-        rules[("POST", f"{key}/{operation}")] = Rule("keys:rotate", key_names=param_key, pair=pair)
-    rules[("POST", f"{key}/export")] = Rule("realms:admin", pair="keys.export")
-    rules[("POST", f"{prefix}/import")] = Rule("realms:admin", pair="keys.import")
     return rules
 
 
@@ -155,7 +140,6 @@ def _auth_rules() -> dict[tuple[str, str], Rule]:
 def default_rules() -> dict[tuple[str, str], Rule]:
     """The route table: security API (long and short paths), plugins, /v1/auth."""
     rules = operation_rules(security_operations())
-    rules.update(_lifecycle_rules(PREFIX))
     rules[("GET", "/v1/plugins")] = Rule("plugins:read")
     rules[("GET", "/v1/plugins/{name}")] = Rule("plugins:read")
     rules[("POST", "/v1/plugins")] = Rule("plugins:admin", master_only=True, pair="plugins.enable")

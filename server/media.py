@@ -202,12 +202,14 @@ def b64(data: bytes) -> str:
 @dataclass(frozen=True)
 class Field:
     """One body field: its name, a parser that validates and converts it, and whether it is
-    required. ``nullable`` optional fields may be sent as ``null`` meaning "absent"."""
+    required. ``nullable`` optional fields may be sent as ``null`` meaning "absent", or with
+    ``clears`` meaning "no value" (kept as None: a policy limit removed)."""
 
     name: str
     parse: Callable[[str, Any], Any]
     required: bool = False
     nullable: bool = False
+    clears: bool = False
 
 
 class Spec:
@@ -240,6 +242,8 @@ class Spec:
         for name, value in body.items():
             field = fields[name]
             if value is None and field.nullable:
+                if field.clears:
+                    result[name] = None
                 continue
             result[name] = field.parse(name, value)
         for name in self._required:

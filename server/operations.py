@@ -38,7 +38,12 @@ from qimem.server.metrics import Metrics
 
 PREFIX = "/v1/security"
 #: The modules holding declarations (an ``OPERATIONS`` tuple each), in document order.
-MODULES = ("qimem.server.keys", "qimem.server.crypto", "qimem.server.signing")
+MODULES = (
+    "qimem.server.keys",
+    "qimem.server.crypto",
+    "qimem.server.lifecycle",
+    "qimem.server.signing",
+)
 SHORT_TAG = "qimem-api short paths"
 SHORT_NOTE = "Served by qimem-api only: the same operation as its /v1/security path."
 
@@ -83,6 +88,7 @@ class Operation:
     :param metric: the ``qimem_crypto_operations`` label counting it (batch items one each).
     :param location: for 201 answers, the Location header made from the answer's fields.
     :param text_type: the media type of an answer the call gives as text (not JSON).
+    :param optional_body: a request without a body counts as ``{}``.
     """
 
     name: str
@@ -104,6 +110,7 @@ class Operation:
     location: str | None = None
     metric: str | None = None
     text_type: str | None = None
+    optional_body: bool = False
 
 
 @cache
@@ -133,6 +140,8 @@ class BodyResource:
         self._batch = op.batch
         self._metric = op.metric
         self._status = falcon.code_to_http_status(op.status)
+        self._optional = op.optional_body
+        self._actor = op.pair is not None  # the service audits itself: name the caller
 
     def _parse(self, item: Any, params: dict[str, Any]) -> dict[str, Any]:
         args = self._spec.parse(item)  # type: ignore[union-attr]  # read at call time
@@ -142,13 +151,18 @@ class BodyResource:
         return args
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
-        body = read_json(req, self._limit)
+        if self._optional and not req.content_length:
+            body: Any = {}
+        else:
+            body = read_json(req, self._limit)
         realm = req.context.realm
         items = batch_items(body) if self._batch else None
         metric = self._metric
         if items is None:
             try:
                 args = self._parse(body, params)
+                if self._actor:
+                    args["actor"] = actor_of(req)
                 result = self._call(self._app, realm, args)
             except QimemError:
                 if metric is not None:
@@ -174,6 +188,13 @@ class BodyResource:
         if metric is not None:
             self._metrics.count_crypto(metric, ok=len(items) - failed, failed=failed)
         resp.media = {"items": results}
+
+
+def actor_of(req: falcon.Request) -> str | None:
+    """The audit actor a self-auditing service is given: the token's user (None without
+    authentication: nothing is recorded)."""
+    principal = getattr(req.context, "principal", None)
+    return None if principal is None else f"{principal.username}@{principal.realm}"
 
 
 class QueryResource:
@@ -251,7 +272,7 @@ def fragment(op: Operation, *, short: bool = False) -> dict[str, Any]:
         request: dict[str, Any] = _ref(doc.request)
         if op.batch:
             request = {"oneOf": [request, _ref("BatchRequest")]}
-        entry["requestBody"] = {"required": True, "content": _json(request)}
+        entry["requestBody"] = {"required": not op.optional_body, "content": _json(request)}
     response: dict[str, Any] = _ref(doc.response)
     if op.batch and doc.batch_response is not None:
         response = {"oneOf": [response, _ref(doc.batch_response)]}
