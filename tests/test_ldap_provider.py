@@ -202,6 +202,25 @@ def test_groups_map_to_roles_admin_or_not(slapd: Slapd, app: AppContext) -> None
     assert _last_login(app).detail["provider"] == "password"
 
 
+def test_a_directory_user_enrolls_his_second_factor_with_his_directory_password(
+    slapd: Slapd, app: AppContext
+) -> None:
+    """The fresh proof before enrolling one's own second factor (red team, issue 15) is
+    checked by the realm's providers as at login: a directory user gives his directory
+    password; a wrong one is refused and counted."""
+    from qimem.errors import ForbiddenError
+    from qimem.services import otp as otps
+
+    _use_ldap(app, _plain(search_options(slapd)))
+    me = ids.authenticate(app, password_login(app, "acme", "bob", dir_password("bob")).access_token)
+    with pytest.raises(ForbiddenError):
+        otps.otp_enroll(app, "acme", "bob", password="not-" + dir_password("bob"), principal=me)
+    bob = next(u for u in ids.list_users(app, "acme") if u.username == "bob")
+    assert bob.failed_logins == 1
+    made = otps.otp_enroll(app, "acme", "bob", password=dir_password("bob"), principal=me)
+    assert made.secret and otps.otp_status(app, "acme", "bob")["enrolled"]
+
+
 def test_uniform_answer_for_every_refusal(slapd: Slapd, app: AppContext) -> None:
     _use_ldap(app, _plain(search_options(slapd)))
     answers = {
