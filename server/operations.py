@@ -310,7 +310,9 @@ def add_to_openapi(doc: dict[str, Any], operations: Iterable[Operation] | None =
     paths = doc.setdefault("paths", {})
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for op in security_operations() if operations is None else operations:
-        schemas.update(op.doc.schemas)
+        for name, schema in op.doc.schemas.items():
+            if schemas.setdefault(name, schema) != schema:
+                raise ValueError(f"two different OpenAPI schemas are named {name!r}")
         method = op.method.lower()
         paths.setdefault(PREFIX + op.path, {})[method] = fragment(op)
         if op.short:

@@ -301,7 +301,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["digest", "algorithm"],
         "properties": {"digest": B64, "algorithm": {"type": "string"}},
     },
-    "Jwk": {
+    "PublicJwk": {
         "type": "object",
         "required": ["kty"],
         "properties": {"kty": {"type": "string"}, "kid": {"type": "string"}},
@@ -315,14 +315,16 @@ SCHEMAS: dict[str, Any] = {
             **_RESULT_PROPS,
             "algorithm": {"type": "string"},
             "pem": {"type": "string"},
-            "jwk": {"$ref": "#/components/schemas/Jwk"},
+            "jwk": {"$ref": "#/components/schemas/PublicJwk"},
         },
     },
-    "Jwks": {
+    "PublicJwks": {
         "type": "object",
         "additionalProperties": False,
         "required": ["keys"],
-        "properties": {"keys": {"type": "array", "items": {"$ref": "#/components/schemas/Jwk"}}},
+        "properties": {
+            "keys": {"type": "array", "items": {"$ref": "#/components/schemas/PublicJwk"}}
+        },
     },
 }
 _PUBLIC_PARAMETERS = (
@@ -411,13 +413,13 @@ OPERATIONS = (
             tag="keys",
             errors=(400, 403, 404, 409, 503),
             parameters=_PUBLIC_PARAMETERS,
-            schemas=_pick("Jwk", "PublicKey", "Jwks"),
+            schemas=_pick("PublicJwk", "PublicKey", "PublicJwks"),
             content={
                 "application/json": {
                     "schema": {
                         "oneOf": [
                             {"$ref": "#/components/schemas/" + name}
-                            for name in ("PublicKey", "Jwk", "Jwks")
+                            for name in ("PublicKey", "PublicJwk", "PublicJwks")
                         ]
                     }
                 },

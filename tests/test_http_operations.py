@@ -52,6 +52,8 @@ def test_every_declaration_is_served_ruled_and_documented(memory_app: AppContext
             assert entry["operationId"].startswith(op.name)
             for ref in _refs(entry):
                 assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"], (op.name, ref)
+        for name, schema in op.doc.schemas.items():  # not replaced by another part's schema
+            assert doc["components"]["schemas"][name] == schema, (op.name, name)
         if op.batch and op.spec is not None:
             assert (
                 "oneOf"

@@ -395,3 +395,57 @@ def test_datakey_wrapped_only_and_aad(world: World) -> None:
     assert denied.status_code == 422  # the aad is needed
     full = world.post("/datakey", {"key": "aes"}).json
     assert len(base64.b64decode(full["plaintext_key"])) == 32
+
+
+# ---- answers match the OpenAPI document ---------------------------------------------------
+
+
+def _conforms(path: str, method: str, result: testing.Result) -> None:
+    """``result``'s body validates against the document's schema for its status."""
+    from jsonschema import Draft202012Validator
+
+    from qimem.server.ops import openapi_document
+
+    doc = openapi_document()
+    response = doc["paths"][path][method]["responses"][str(result.status_code)]
+    if "$ref" in response:
+        response = doc["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    media = result.headers["content-type"].split(";")[0]
+    schema = response["content"][media]["schema"]
+    body = result.json if media == "application/json" else result.text
+    Draft202012Validator({**schema, "components": doc["components"]}).validate(body)
+
+
+def test_answers_conform_to_the_openapi_document(world: World) -> None:
+    signed = sign(world)
+    checks = [
+        ("/sign", signed),
+        ("/sign", sign(world, raw=True)),
+        ("/sign", world.post("/sign", {"items": [{"key": "sig", "message": "YQ=="}, {}]})),
+        ("/sign", sign(world, "aes")),
+        ("/verify", world.post("/verify", {"key": "sig", "message": "YQ==", "signature": "AA=="})),
+        (
+            "/verify",
+            world.post(
+                "/verify",
+                {"key": "sig", "message": b64(MESSAGE), "signature": signed.json["signature"]},
+            ),
+        ),
+        ("/mac", world.post("/mac", {"key": "hm", "data": "YQ=="})),
+        (
+            "/verify-mac",
+            world.post("/verify-mac", {"items": [{"key": "hm", "data": "YQ==", "tag": "AA=="}]}),
+        ),
+        ("/random", world.post("/random", {"bytes": 8})),
+        ("/random", world.post("/random", {"bytes": 0})),
+        ("/hash", world.post("/hash", {"data": "YQ=="})),
+        ("/datakey", world.post("/datakey", {"key": "aes", "wrapped_only": True})),
+        ("/rewrap", world.post("/rewrap", {"items": [{"envelope": _seal(world, "aes")}, {}]})),
+    ]
+    for path, result in checks:
+        assert result.status_code < 500, result.text
+        _conforms(S + path, "post", result)
+    public = S + "/keys/{key_id}/public"
+    for query in ("", "format=pem", "format=jwk", "format=jwks", "format=bad"):
+        _conforms(public, "get", world.get("/keys/ec/public", query=query))
+    _conforms(public, "get", world.get("/keys/hm/public"))
