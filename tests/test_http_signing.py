@@ -8,6 +8,7 @@ Through the real Falcon app with authentication on (tokens minted for real users
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,6 +156,17 @@ def test_ecdsa_jws_marshaling_gives_r_and_s(world: World) -> None:
         body |= {"raw": True, "marshaling": marshaling}
         assert world.post("/verify", body).json["valid"] is True
     assert code(sign(world, "ec", marshaling="der")) == "invalid_value"
+
+
+def test_prehashed_ecdsa_verifies_against_the_message(world: World) -> None:
+    digest = hashlib.sha256(MESSAGE).digest()
+    signed = world.post("/sign", {"key": "ec", "message": b64(digest), "prehashed": True})
+    assert signed.status_code == 200, signed.text
+    body = {"key": "ec", "message": b64(MESSAGE), "signature": signed.json["signature"]}
+    assert world.post("/verify", body).json["valid"] is True
+    assert world.post("/verify", {**body, "message": b64(digest)}).json["valid"] is False
+    refused = sign(world, "sig", prehashed=True)  # Ed25519 signs messages, not digests
+    assert refused.status_code == 400, refused.text
 
 
 def test_mac_then_verify_mac(world: World) -> None:
