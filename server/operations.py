@@ -122,6 +122,17 @@ def security_operations() -> tuple[Operation, ...]:
     return tuple(found)
 
 
+def operation(name: str) -> Operation:
+    """The declared operation ``name`` (its operationId), for another facade to bind.
+
+    :raises KeyError: no such operation.
+    """
+    for op in security_operations():
+        if op.name == name:
+            return op
+    raise KeyError(name)
+
+
 # ---- resources --------------------------------------------------------------------------
 
 

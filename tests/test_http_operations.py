@@ -63,6 +63,22 @@ def test_every_declaration_is_served_ruled_and_documented(memory_app: AppContext
             )
 
 
+def test_a_facade_finds_declarations_by_name(memory_app: AppContext) -> None:
+    """Another facade (issue 17's Transit paths) binds the same declarations: the call
+    takes parsed arguments, never an HTTP request."""
+    from qimem import services
+
+    services.create_key(memory_app, name="f", algorithm="ed25519")
+    sign = operations.operation("sign")
+    assert (sign.permission, sign.audit, sign.batch) == ("keys:sign", "crypto.sign", True)
+    signed = sign.call(memory_app, "master", {"key": "f", "message": b"m"})
+    verify = operations.operation("verify").call
+    args = {"key": "f", "message": b"m", "signature": base64.b64decode(signed["signature"])}
+    assert verify(memory_app, "master", args)["valid"] is True
+    with pytest.raises(KeyError):
+        operations.operation("nope")
+
+
 def _refs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         for key, value in node.items():
