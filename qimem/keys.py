@@ -159,6 +159,11 @@ class LineagePolicy:
     versions and scheduling deletion. ``deletion_date``: when a scheduled deletion happens.
     ``derived``: set at creation, never changed: every encryption and decryption needs a
     context, and uses a per-context subkey derived with HKDF (Vault's ``derived``).
+    ``vault_layout_versions``: set when a Vault Transit key is imported, never changed:
+    versions 1 to this number were Vault's, and the Transit facade reads and writes their
+    ``vault:vN:`` ciphertexts in Vault's raw layout (nonce, ciphertext, tag; AAD = the
+    caller's associated data) instead of qimem envelopes (0: none; docs/transit.md).
+    Ciphertexts are never sniffed: only this number decides.
     """
 
     min_decryption_version: int = 1
@@ -168,6 +173,12 @@ class LineagePolicy:
     deletion_protection: bool = False
     deletion_date: datetime | None = None
     derived: bool = False
+    vault_layout_versions: int = 0
+
+    @property
+    def vault_layout(self) -> bool:
+        """Whether some versions of this lineage use Vault's raw ciphertext layout."""
+        return self.vault_layout_versions > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +189,7 @@ class LineagePolicy:
             "deletion_protection": self.deletion_protection,
             "deletion_date": self.deletion_date.isoformat() if self.deletion_date else None,
             "derived": self.derived,
+            "vault_layout_versions": self.vault_layout_versions,
         }
 
     @classmethod
@@ -196,6 +208,7 @@ class LineagePolicy:
             deletion_protection=bool(data.get("deletion_protection", False)),
             deletion_date=datetime.fromisoformat(date) if date else None,
             derived=bool(data.get("derived", False)),
+            vault_layout_versions=int(data.get("vault_layout_versions", 0)),
         )
 
 

@@ -281,7 +281,8 @@ class SqliteKeyStore(KeyStore):
     def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
         rows = self._query(
             "SELECT min_decryption_version, min_encryption_version, usage_limit, "
-            "auto_rotate_seconds, deletion_protection, deletion_date, derived "
+            "auto_rotate_seconds, deletion_protection, deletion_date, derived, "
+            "vault_layout_versions "
             "FROM qimem_lineages WHERE lineage_id = ? AND realm = ?",
             (lineage_id, realm),
         )
@@ -296,6 +297,7 @@ class SqliteKeyStore(KeyStore):
             deletion_protection=bool(row[4]),
             deletion_date=_utc(row[5]),
             derived=bool(row[6]),
+            vault_layout_versions=row[7],
         )
 
     def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:

@@ -64,6 +64,7 @@ lineages = sa.Table(
     sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("deletion_date", sa.DateTime(timezone=True)),
     sa.Column("derived", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("vault_layout_versions", sa.Integer, nullable=False, server_default="0"),
 )
 versions = sa.Table(
     "qimem_key_versions",
@@ -117,6 +118,7 @@ _POLICY_COLUMNS = (
     "deletion_protection",
     "deletion_date",
     "derived",
+    "vault_layout_versions",
 )
 
 
@@ -403,6 +405,7 @@ class SqlKeyStore(KeyStore):
             deletion_protection=bool(row.deletion_protection),
             deletion_date=_utc(row.deletion_date),
             derived=bool(row.derived),
+            vault_layout_versions=row.vault_layout_versions,
         )
 
     def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:
