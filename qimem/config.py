@@ -14,6 +14,7 @@ the store URL, ``QIMEM_ROOT_KEY`` (base64) the root key file.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Iterable
@@ -87,6 +88,41 @@ class LifecycleSettings:
 
 
 @dataclass(frozen=True)
+class TransitSettings:
+    """The ``[transit] table``: the Vault-Transit-compatible facade (docs/transit.md),
+    served at ``/v1/<mount>`` with authentication unless ``enabled = false``."""
+
+    enabled: bool = True
+    mount: str = "transit"
+
+
+_MOUNT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+
+
+def parse_transit(doc: dict[str, Any], path: Path | str | None) -> TransitSettings:
+    """The ``[transit]`` table, checked: ``enabled`` a boolean, ``mount`` one lower-case
+    path segment (not ``security``, ``auth`` or ``plugins``, which qimem serves)."""
+    table = section(doc, "transit", path)
+    unknown = sorted(set(table) - {"enabled", "mount"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown [transit] setting {unknown[0]!r}")
+    enabled = table.get("enabled", True)
+    mount = table.get("mount", "transit")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}: transit.enabled must be true or false")
+    if (
+        not isinstance(mount, str)
+        or not _MOUNT_RE.match(mount)
+        or mount in ("security", "auth", "plugins", "openapi.json")
+    ):
+        raise ConfigError(
+            f"{path}: transit.mount must be one lower-case path segment (a-z, 0-9, _ or -) "
+            "other than security, auth and plugins"
+        )
+    return TransitSettings(enabled=enabled, mount=mount)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything qimem is configured with, parsed once (see :func:`load_config`).
 
@@ -110,6 +146,8 @@ class Settings:
     keys: LifecycleSettings = field(default_factory=LifecycleSettings)
     #: The ``[identity]`` table as written (validated when the identity layer opens).
     identity: dict[str, Any] = field(default_factory=dict)
+    #: The ``[transit]`` table: the Vault-Transit-compatible facade.
+    transit: TransitSettings = field(default_factory=TransitSettings)
 
     @property
     def source(self) -> str:
@@ -316,6 +354,7 @@ def load_config(
     serve = _section(doc, "serve", path)
     identity = _section(doc, "identity", path)
     keys = parse_keys(doc, path)
+    transit = parse_transit(doc, path)
     enabled = plugins_table.get("enabled", [])
     if not isinstance(enabled, list) or not all(isinstance(p, str) for p in enabled):
         raise ConfigError(f"{path}: plugins.enabled must be a list of plugin names")
@@ -340,6 +379,7 @@ def load_config(
             path=path,
             keys=keys,
             identity=dict(identity),
+            transit=transit,
         )
     except (TypeError, ValueError):
         raise ConfigError(f"{path}: a [cache] or [limits] value is not a number") from None

@@ -20,7 +20,7 @@ import falcon.inspect
 from qimem.app import AppContext
 from qimem.server import errors
 from qimem.server.auth_api import add_auth_routes
-from qimem.server.auth_middleware import IdentityAuthMiddleware
+from qimem.server.auth_middleware import IdentityAuthMiddleware, rules_with_transit
 from qimem.server.exposure import ClientMiddleware, Network
 from qimem.server.metrics import Metrics
 from qimem.server.middleware import (
@@ -75,7 +75,10 @@ def create_app(
     trusted_proxies = tuple(trusted_proxies)
     if require_tls_proxy is None:
         require_tls_proxy = bool(trusted_proxies)
-    auth = IdentityAuthMiddleware(app_ctx, insecure_no_auth=insecure_no_auth)
+    transit = app_ctx.config.transit  # the Vault-Transit-compatible facade (docs/transit.md)
+    auth = IdentityAuthMiddleware(
+        app_ctx, insecure_no_auth=insecure_no_auth, rules=rules_with_transit(transit)
+    )
     metrics = metrics or Metrics()
     app = falcon.App(
         middleware=[
@@ -96,6 +99,10 @@ def create_app(
     errors.install(app)
 
     add_routes(app, app_ctx, max_body_bytes, metrics, short_paths=short_paths)
+    if transit.enabled:
+        from qimem.server import transit as facade
+
+        facade.install(app, app_ctx, max_body_bytes, metrics, transit.mount)
 
     if not security_only:
         plugins = PluginsResource(app_ctx, max_body_bytes)

@@ -152,6 +152,18 @@ def default_rules() -> dict[tuple[str, str], Rule]:
 
 
 RULES = default_rules()
+
+
+def rules_with_transit(settings: Any) -> dict[tuple[str, str], Rule]:
+    """:data:`RULES` and, when ``settings`` (``[transit]``) enable it, the rules of the
+    Vault-Transit-compatible facade at its mount (``qimem.server.transit``)."""
+    if not settings.enabled:
+        return RULES
+    from qimem.server.transit import transit_rules
+
+    return {**RULES, **transit_rules(settings.mount)}  # type: ignore[dict-item]
+
+
 _CLOSED = Rule("realms:admin", master_only=True)
 
 
