@@ -7,6 +7,12 @@ with ``POST /v1/security/decrypt``. The file data is sealed and opened here, in 
 format v1, so a file encrypted through a server decrypts locally against the server's
 store, and the other way round.
 
+Signatures, MAC tags, public keys and random bytes (issue 16) are the server's: :class:`RemoteKeys`
+sends the message to ``/v1/security/sign|verify|mac|verify-mac|random`` and returns the
+records of :mod:`qimem.services.signing` and :mod:`qimem.services.macs`, so ``qimem sign
+--server`` writes the bytes ``qimem sign`` writes (a signature made through the server
+verifies locally against its store, and the other way round).
+
 The transport is :class:`qimem.http_client.HttpClient` (shared with ``qauth --server``):
 one keep-alive connection per client, no redirects, bounded reads, TLS verified against
 the system store or ``ca_cert``. Server errors become the qimem error class of the same
@@ -26,7 +32,7 @@ import copy
 import os
 import urllib.parse
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qimem import envelope as env
 from qimem import stream
@@ -39,6 +45,10 @@ from qimem.http_client import HttpClient
 from qimem.keys import KeyState, KeyVersion
 from qimem.registry import Registry, make_plugin_manager
 from qimem.services.keys import KeyDetails
+
+if TYPE_CHECKING:  # the result records; imported on use
+    from qimem.services.macs import MacResult
+    from qimem.services.signing import PublicKeyResult, SignResult, VerifyResult
 
 
 def _b64(data: bytes) -> str:
@@ -144,8 +154,9 @@ def _version(data: dict[str, Any]) -> KeyVersion:
 
 
 class RemoteKeys:
-    """A qimem server as the source of keys: keyrings for the file commands and the key
-    commands (create, list, show, rotate) over the HTTP API.
+    """A qimem server as the source of keys: keyrings for the file commands, the key
+    commands (create, list, show, rotate), and signatures, MAC tags, public keys and random
+    bytes over the HTTP API.
 
     Usable wherever :mod:`qimem.batch` takes an application (see
     :class:`qimem.services.files.KeySource`); each forked worker gets its own client.
@@ -232,3 +243,140 @@ class RemoteKeys:
 
     def rotate_key(self, ref: str) -> KeyVersion:
         return _version(self.client.request("POST", "/v1/security/rotate", {"key": ref}))
+
+    # -- signatures, MAC tags, public keys, random bytes (issue 16) ---------------------------
+    # The same calls and results as qimem.services.signing/macs/randomness, through
+    # /v1/security/*: the server signs and computes tags, this process sends the message.
+
+    def _answer(self, answer: Any, *fields: str) -> dict[str, Any]:
+        if not isinstance(answer, dict) or any(name not in answer for name in fields):
+            raise StoreUnavailableError(f"server {self.base_url} sent an unexpected answer")
+        return answer
+
+    def sign(
+        self,
+        ref: str,
+        message: bytes,
+        *,
+        prehashed: bool = False,
+        marshaling: str = "asn1",
+        raw: bool = False,
+    ) -> SignResult:
+        """``POST /v1/security/sign``: as :func:`qimem.services.signing.sign`."""
+        from qimem.services.signing import SignResult
+
+        body = {"key": ref, "message": _b64(message), "prehashed": prehashed, "raw": raw}
+        body["marshaling"] = marshaling
+        got = self._answer(
+            self.client.request("POST", "/v1/security/sign", body),
+            "signature", "key_id", "version", "algorithm",
+        )  # fmt: skip
+        signature = _unb64(got["signature"], "signature", self.base_url)
+        return SignResult(signature, str(got["key_id"]), int(got["version"]), str(got["algorithm"]))
+
+    def verify(
+        self,
+        ref: str,
+        message: bytes,
+        signature: bytes,
+        *,
+        prehashed: bool = False,
+        marshaling: str = "asn1",
+        raw: bool = False,
+        version: int | None = None,
+    ) -> VerifyResult:
+        """``POST /v1/security/verify``: as :func:`qimem.services.signing.verify`."""
+        body: dict[str, Any] = {
+            "key": ref,
+            "message": _b64(message),
+            "signature": _b64(signature),
+            "prehashed": prehashed,
+            "marshaling": marshaling,
+            "raw": raw,
+        }
+        if version is not None:
+            body["version"] = version
+        return self._verified(self.client.request("POST", "/v1/security/verify", body))
+
+    def mac(self, ref: str, data: bytes, *, raw: bool = False) -> MacResult:
+        """``POST /v1/security/mac``: as :func:`qimem.services.macs.mac`."""
+        from qimem.services.macs import MacResult
+
+        body = {"key": ref, "data": _b64(data), "raw": raw}
+        got = self._answer(
+            self.client.request("POST", "/v1/security/mac", body),
+            "tag", "key_id", "version", "algorithm",
+        )  # fmt: skip
+        tag = _unb64(got["tag"], "tag", self.base_url)
+        return MacResult(tag, str(got["key_id"]), int(got["version"]), str(got["algorithm"]))
+
+    def verify_mac(
+        self, ref: str, data: bytes, tag: bytes, *, raw: bool = False, version: int | None = None
+    ) -> VerifyResult:
+        """``POST /v1/security/verify-mac``: as :func:`qimem.services.macs.verify_mac`."""
+        body: dict[str, Any] = {"key": ref, "data": _b64(data), "tag": _b64(tag), "raw": raw}
+        if version is not None:
+            body["version"] = version
+        return self._verified(self.client.request("POST", "/v1/security/verify-mac", body))
+
+    def _verified(self, answer: Any) -> VerifyResult:
+        from qimem.services.signing import VerifyResult
+
+        got = self._answer(answer, "valid")
+        if got["valid"] is not True:  # anything but a JSON true is not a valid signature
+            return VerifyResult(False)
+        version = got.get("version")
+        return VerifyResult(
+            True, got.get("key_id"), int(version) if isinstance(version, int) else None
+        )
+
+    def public_key(self, ref: str, *, version: int | None = None) -> PublicKeyResult:
+        """``GET /v1/security/keys/{ref}/public``: as
+        :func:`qimem.services.signing.public_key`."""
+        query = "?format=json" + (f"&version={int(version)}" if version is not None else "")
+        got = self._answer(
+            self.client.request("GET", self._public_path(ref) + query),
+            "key_id", "version", "algorithm", "pem", "jwk",
+        )  # fmt: skip
+        return _public_result(got, self.base_url)
+
+    def public_keys(self, ref: str) -> list[PublicKeyResult]:
+        """Every version of ``ref`` that still verifies, oldest first (the server's JWK Set,
+        then each of its keys by key_id): as :func:`qimem.services.signing.public_keys`."""
+        found = self._answer(
+            self.client.request("GET", self._public_path(ref) + "?format=jwks"), "keys"
+        )["keys"]
+        if not isinstance(found, list) or not all(
+            isinstance(jwk, dict) and isinstance(jwk.get("kid"), str) for jwk in found
+        ):
+            raise StoreUnavailableError(f"server {self.base_url} sent an unexpected answer")
+        return [self.public_key(jwk["kid"]) for jwk in found]
+
+    @staticmethod
+    def _public_path(ref: str) -> str:
+        return "/v1/security/keys/" + urllib.parse.quote(ref, safe="") + "/public"
+
+    def random_bytes(self, n: int) -> bytes:
+        """``POST /v1/security/random``: ``n`` bytes from the server's CSPRNG (audited
+        there as ``crypto.random``), as :func:`qimem.services.randomness.random_bytes`."""
+        got = self._answer(
+            self.client.request("POST", "/v1/security/random", {"bytes": n}), "random"
+        )
+        data = _unb64(got["random"], "random bytes", self.base_url)
+        if len(data) != n:
+            raise StoreUnavailableError(f"server {self.base_url} sent {len(data)} random bytes")
+        return data
+
+
+def _public_result(got: dict[str, Any], base_url: str) -> PublicKeyResult:
+    from qimem.services.signing import PublicKeyResult
+
+    pem, jwk = got["pem"], got["jwk"]
+    if not isinstance(pem, str) or not isinstance(jwk, dict):
+        raise StoreUnavailableError(f"server {base_url} sent an unexpected public key")
+    # A server must never send private members; refuse an answer that has any.
+    from qimem.crypto_purposes import PRIVATE_JWK_FIELDS
+
+    if PRIVATE_JWK_FIELDS & set(jwk) or "PRIVATE" in pem:
+        raise StoreUnavailableError(f"server {base_url} sent private key material; discarded")
+    return PublicKeyResult(str(got["key_id"]), int(got["version"]), str(got["algorithm"]), pem, jwk)

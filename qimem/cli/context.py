@@ -163,7 +163,8 @@ class CliState:
         if self.server and not self.local_ok:
             raise ValidationError(
                 "this command works on the local store only, not with --server "
-                "(with --server: encrypt, decrypt, rewrap, keys create|list|show|rotate)"
+                "(with --server: encrypt, decrypt, rewrap, sign, verify, mac, verify-mac, random, "
+                "keys create|list|show|rotate|public)"
             )
         if self._app is None:
             from qimem.app import build

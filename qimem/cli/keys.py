@@ -161,20 +161,27 @@ def keys_public(state: CliState, key: str, format_: str, version: int | None, js
 
     KEY is a name, lineage_id or key_id; the version is --version, else the one a key_id
     names, else the active one. --format jwks prints every version that still verifies
-    (kid = key_id). --json prints key_id, version, algorithm, pem and jwk.
+    (kid = key_id). --json prints key_id, version, algorithm, pem and jwk. With --server,
+    the server's public key (GET /v1/security/keys/KEY/public), printed the same way.
     """
     from qimem.services import signing
 
     if format_ == "jwks":
         if version is not None:
             raise ValidationError("--format jwks lists every version; leave out --version")
-        found = signing.public_keys(state.app, key, realm=state.realm)
+        if state.server:
+            found = state.remote.public_keys(key)
+        else:
+            found = signing.public_keys(state.app, key, realm=state.realm)
         if json_:
             echo_json([item.to_dict() for item in found])
         else:
             echo_json({"keys": [item.jwk for item in found]})
         return
-    result = signing.public_key(state.app, key, realm=state.realm, version=version)
+    if state.server:
+        result = state.remote.public_key(key, version=version)
+    else:
+        result = signing.public_key(state.app, key, realm=state.realm, version=version)
     if json_:
         echo_json(result.to_dict())
     elif format_ == "jwk":

@@ -6,6 +6,10 @@ verify after rotation; docs/formats.md) unless ``--raw``. Output files are writt
 atomically (no partial file on failure). ``verify`` and ``verify-mac`` print ``valid`` and
 exit 0, or print ``invalid`` and exit 7; any other failure is one error line with its own
 exit code.
+
+With ``--server`` the server signs, verifies and computes tags (``/v1/security/sign`` ...,
+:class:`qimem.remote.RemoteKeys`): the same output, formats and exit codes; the message
+crosses the network (the keys do not), and the server audits the operation.
 """
 
 from __future__ import annotations
@@ -126,6 +130,10 @@ _marshaling = click.option(
 
 
 def _limit(state: CliState) -> int:
+    """The longest message read: the config's ``max_envelope_bytes`` (with --server, the
+    client's config, if any; the server refuses what is over its own body limit, 413)."""
+    if state.server:
+        return state.config(required=False).max_envelope_bytes
     return state.app.config.max_envelope_bytes
 
 
@@ -157,20 +165,24 @@ def sign(
     binary signature). It names the key version, so 'qimem verify' checks it after
     rotations; --raw writes the bare signature for other verifiers.
     """
-    from qimem.services import signing
-
-    app = state.app
     message = _read(file, _limit(state), "message")
-    result = signing.sign(
-        app,
-        key_ref,
-        message,
-        realm=state.realm,
-        prehashed=prehashed,
-        marshaling=marshaling,
-        raw=raw,
-        actor=cli_actor(),
-    )
+    if state.server:
+        result = state.remote.sign(
+            key_ref, message, prehashed=prehashed, marshaling=marshaling, raw=raw
+        )
+    else:
+        from qimem.services import signing
+
+        result = signing.sign(
+            state.app,
+            key_ref,
+            message,
+            realm=state.realm,
+            prehashed=prehashed,
+            marshaling=marshaling,
+            raw=raw,
+            actor=cli_actor(),
+        )
     if json_:
         if output is not None and output != "-":
             _write(result.signature, output, force, "signature")
@@ -206,25 +218,27 @@ def verify(
     (any version of --key that is not disabled or destroyed verifies); with --raw, the
     bare signature is checked against --version (default: the active version).
     """
-    from qimem.services import signing
-
     if version is not None and not raw:
         raise ValidationError("--version goes with --raw (a qimem signature names its version)")
-    app = state.app
     proof = _read_proof(signature_file)
     message = _read(file, _limit(state), "message")
-    result = signing.verify(  # an over-long file is no signature: checked as an empty one
-        app,
-        key_ref,
-        message,
-        b"" if proof is None else proof,
-        realm=state.realm,
-        prehashed=prehashed,
-        marshaling=marshaling,
-        raw=raw,
-        version=version,
-        actor=cli_actor(),
-    )
+    signature = b"" if proof is None else proof  # an over-long file is no signature
+    options: dict[str, Any] = {"prehashed": prehashed, "marshaling": marshaling, "raw": raw}
+    if state.server:
+        result = state.remote.verify(key_ref, message, signature, version=version, **options)
+    else:
+        from qimem.services import signing
+
+        result = signing.verify(
+            state.app,
+            key_ref,
+            message,
+            signature,
+            realm=state.realm,
+            version=version,
+            actor=cli_actor(),
+            **options,
+        )
     _finish_verify(result, json_)
 
 
@@ -251,11 +265,13 @@ def mac(
     "version", "algorithm"}. It names the key version, so 'qimem verify-mac' checks it
     after rotations; --raw writes the bare HMAC.
     """
-    from qimem.services import macs
-
-    app = state.app
     data = _read(file, _limit(state), "data")
-    result = macs.mac(app, key_ref, data, realm=state.realm, raw=raw, actor=cli_actor())
+    if state.server:
+        result = state.remote.mac(key_ref, data, raw=raw)
+    else:
+        from qimem.services import macs
+
+        result = macs.mac(state.app, key_ref, data, realm=state.realm, raw=raw, actor=cli_actor())
     if json_:
         if output is not None and output != "-":
             _write(result.tag, output, force, "tag")
@@ -287,21 +303,24 @@ def verify_mac(
     qimem tag names its key version; with --raw, the bare tag is checked against --version
     (default: the active version).
     """
-    from qimem.services import macs
-
     if version is not None and not raw:
         raise ValidationError("--version goes with --raw (a qimem tag names its version)")
-    app = state.app
     proof = _read_proof(tag_file)
     data = _read(file, _limit(state), "data")
-    result = macs.verify_mac(  # an over-long file is no tag: checked as an empty one
-        app,
-        key_ref,
-        data,
-        b"" if proof is None else proof,
-        realm=state.realm,
-        raw=raw,
-        version=version,
-        actor=cli_actor(),
-    )
+    tag = b"" if proof is None else proof  # an over-long file is no tag
+    if state.server:
+        result = state.remote.verify_mac(key_ref, data, tag, raw=raw, version=version)
+    else:
+        from qimem.services import macs
+
+        result = macs.verify_mac(
+            state.app,
+            key_ref,
+            data,
+            tag,
+            realm=state.realm,
+            raw=raw,
+            version=version,
+            actor=cli_actor(),
+        )
     _finish_verify(result, json_)

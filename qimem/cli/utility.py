@@ -1,8 +1,11 @@
 """``qimem random`` and ``qimem hash``: random bytes and digests, no key involved
 (docs/deterministic.md "Random bytes and hashes").
 
-Both run locally, with or without ``--server``: the operating system's CSPRNG and
-:mod:`hashlib` here are as good as the server's, and no store is opened.
+``hash`` always runs here (hashing needs no key, and :mod:`hashlib` here is the server's:
+sending the data over would only expose it). ``random`` draws from this machine's CSPRNG,
+or with ``--server`` from the server's (``POST /v1/security/random``, audited there as
+``crypto.random``; for clients whose own entropy is not trusted, as with Vault's
+``sys/tools/random``). No store is opened.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import BinaryIO
 
 import click
 
-from qimem.cli.context import Command
+from qimem.cli.context import CliState, Command
 from qimem.errors import QimemError, ValidationError
 
 _CHUNK = 1 << 20
@@ -68,11 +71,15 @@ def random_(n: int, fmt: str, output: str | None, force: bool) -> None:
     """Print N random bytes from the operating system's CSPRNG (1 to 1048576).
 
     The bytes are base64 (default) or hex on one line, or raw with --format raw (to a
-    file or a pipe, never to a terminal).
+    file or a pipe, never to a terminal). With --server they come from the server's
+    CSPRNG (POST /v1/security/random, audited there).
     """
-    from qimem.services.randomness import generate
+    from qimem.services.randomness import check_size, generate
 
-    data = generate(n)  # checks N first: a bad N fails before any output
+    check_size(n)  # a bad N fails before any output or request
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_object(CliState) if ctx is not None else None
+    data = state.remote.random_bytes(n) if state is not None and state.server else generate(n)
     to_stdout = output is None or output == "-"
     if fmt == "raw" and to_stdout and sys.stdout.isatty():
         raise ValidationError(
@@ -110,7 +117,9 @@ def _read_all(source: BinaryIO, algorithm: str) -> bytes:
 def hash_(file: str | None, algorithm: str, fmt: str) -> None:
     """Print the SHA-2 or SHA-3 digest of FILE (or standard input).
 
-    Reads the input in chunks, so any size works; prints one line.
+    Reads the input in chunks, so any size works; prints one line. Always computed
+    locally, also with --server: a hash needs no key, so sending the data to a server
+    would only expose it.
     """
     from qimem.services.randomness import check_algorithm
 
