@@ -38,6 +38,7 @@ from qimem.keys import (
     LineagePolicy,
     LineageRecord,
     VersionRecord,
+    parse_uuid,
     validate_name,
     validate_realm,
 )
@@ -51,6 +52,10 @@ FORMAT_VERSION = 1
 DEFAULT_KDF = {"time_cost": 3, "memory_kib": 64 * 1024, "parallelism": 4}
 _KDF_LIMITS = {"time_cost": (1, 20), "memory_kib": (8 * 1024, 1024 * 1024), "parallelism": (1, 16)}
 MIN_PASSPHRASE = 8
+#: A version number a signature, tag or envelope header can hold (uint32, from 1).
+_MAX_VERSION = 2**32 - 1
+#: The most uses a restored count may claim (a store's counter is a signed 64-bit integer).
+_MAX_COUNT = 2**63 - 1
 
 
 def _b64(data: bytes) -> str:
@@ -257,23 +262,34 @@ def _record(app: AppContext, item: dict[str, Any], realm: str | None) -> Lineage
         state = KeyState(version["state"])
         if (material is None) != (state is KeyState.DESTROYED):
             raise ValueError("material")
+        # Ids and numbers as the store makes them: a signature, tag or envelope header holds
+        # the key id as 16 UUID bytes and the version as uint32 (red team, issue 16: a
+        # restored "not-a-uuid" or 2^33 made every use of the key an internal error, and a
+        # negative usage count lifted the key's usage limit and nonce bound).
+        key_id = _canonical_id(version["key_id"])
+        number = _integer(version["version"], 1, _MAX_VERSION)
+        encryptions = _integer(version.get("encryptions", 0), 0, _MAX_COUNT)
         raw = bytearray(_unb64(material)) if material is not None else None
         if raw is not None:
             _check_material(algo, purpose, raw)
         versions.append(
             VersionRecord(
-                key_id=str(version["key_id"]),
-                version=int(version["version"]),
+                key_id=key_id,
+                version=number,
                 state=state,
                 created_at=datetime.fromisoformat(version["created_at"]),
-                encryptions=int(version.get("encryptions", 0)),
+                encryptions=encryptions,
                 material=raw,
             )
         )
     if not versions or sum(v.state is KeyState.ACTIVE for v in versions) > 1:
         raise ValueError("versions")
+    if len({v.version for v in versions}) != len(versions):
+        raise ValueError("versions")
+    if len({v.key_id for v in versions}) != len(versions):
+        raise ValueError("versions")
     return LineageRecord(
-        lineage_id=str(item["lineage_id"]),
+        lineage_id=_canonical_id(item["lineage_id"]),
         realm=target,
         name=name,
         algorithm=algorithm,
@@ -281,6 +297,22 @@ def _record(app: AppContext, item: dict[str, Any], realm: str | None) -> Lineage
         policy=LineagePolicy.from_dict(item.get("policy") or {}),
         versions=versions,
     )
+
+
+def _canonical_id(value: Any) -> str:
+    """``value`` if it is a UUID in canonical form (as the store makes ids).
+
+    :raises ValueError: it is not (the caller answers ``invalid_backup``)."""
+    if not isinstance(value, str) or parse_uuid(value) is None:
+        raise ValueError("id")
+    return value
+
+
+def _integer(value: Any, low: int, high: int) -> int:
+    """``value`` if it is an integer from ``low`` to ``high``. :raises ValueError: not."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError("number")
+    return value
 
 
 def _check_material(algorithm: Any, purpose: str, material: bytearray) -> None:

@@ -1,0 +1,278 @@
+"""Red team, issue 16, service layer: signing, MAC and deterministic keys attacked.
+
+Crafted backups (whoever holds a realm's ``realms:admin`` and a passphrase can seal any
+document): ids that are no UUIDs, version numbers the signature header cannot hold,
+negative usage counts that would lift a key's nonce bound. Confusions: a MAC tag presented
+as a signature and back, a signature header naming another lineage's or realm's version,
+an ECDSA DER signature under JWS marshaling, prehashed digests of the wrong length. States:
+a disabled or destroyed version neither signs nor verifies. Leaks: no message, signature or
+key bytes in errors or reprs.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import make_app
+
+from qimem import backup, services
+from qimem.app import AppContext
+from qimem.errors import (
+    ConflictError,
+    KeyNotActiveError,
+    NotFoundError,
+    QimemError,
+    ValidationError,
+)
+from qimem.services import deterministic, handles, key_states, lifecycle, macs, signing
+
+PASSPHRASE = "correct horse battery staple 42!"
+KDF = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
+SECRET = b"wire 1000 to mallory: secret-marker-9184"
+
+
+@pytest.fixture
+def app() -> Iterator[AppContext]:
+    ctx = make_app("memory://", None)
+    for name, algorithm in (
+        ("ed", "ed25519"),
+        ("ed2", "ed25519"),
+        ("ec", "ecdsa-p256"),
+        ("hm", "hmac-sha256"),
+        ("gcm", "aes-256-gcm"),
+        ("siv", "aes-256-siv"),
+    ):
+        services.create_key(ctx, name=name, algorithm=algorithm)
+    services.create_key(ctx, name="ed", algorithm="ed25519", realm="beta")
+    yield ctx
+    ctx.close()
+
+
+# ---- crafted backups --------------------------------------------------------------------
+
+
+def _payload(app: AppContext, *names: str) -> dict[str, Any]:
+    return backup.open_backup(backup.export_keys(app, list(names), PASSPHRASE, kdf=KDF), PASSPHRASE)
+
+
+def _import(payload: dict[str, Any]) -> AppContext:
+    """A fresh store with ``payload`` imported (the caller closes it)."""
+    target = make_app("memory://", None)
+    try:
+        backup.import_keys(target, backup.seal(payload, PASSPHRASE, KDF), PASSPHRASE)
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def _crafted(app: AppContext, name: str, field: str, value: Any, where: str = "version") -> Any:
+    payload = copy.deepcopy(_payload(app, name))
+    lineage = payload["lineages"][0]
+    (lineage["versions"][0] if where == "version" else lineage)[field] = value
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "value", "where"),
+    [
+        ("ed", "key_id", "not-a-uuid", "version"),
+        ("hm", "key_id", "zzz", "version"),
+        ("gcm", "key_id", "../../etc", "version"),
+        ("ed", "lineage_id", "payroll-x", "lineage"),
+        ("ed", "version", 2**33, "version"),
+        ("hm", "version", 0, "version"),
+        ("ed", "version", -5, "version"),
+    ],
+)
+def test_a_backup_with_ids_or_versions_no_header_can_hold_is_refused(
+    app: AppContext, name: str, field: str, value: Any, where: str
+) -> None:
+    """A signature (tag, envelope) header holds the key id as 16 UUID bytes and the version
+    as uint32: a key restored with another id or version made every sign/mac/encrypt a
+    ValueError or struct.error (HTTP 500) for good. Refused at import, one clear error."""
+    payload = _crafted(app, name, field, value, where)
+    with pytest.raises(ValidationError) as caught:
+        _import(payload).close()
+    assert caught.value.code == "invalid_backup"
+    assert str(value) not in str(caught.value) or len(str(value)) < 4
+
+
+def test_a_backup_with_a_negative_usage_count_is_refused(app: AppContext) -> None:
+    """``encryptions: -N`` would give an AES-GCM version N more random nonces than its usage
+    limit (and its 2^32 bound) allow: the limit a policy sets is lifted by a forged count."""
+    payload = _crafted(app, "gcm", "encryptions", -(2**40))
+    with pytest.raises(ValidationError) as caught:
+        _import(payload).close()
+    assert caught.value.code == "invalid_backup"
+
+
+def test_a_backup_with_duplicate_or_gapped_versions_is_refused(app: AppContext) -> None:
+    services.rotate_key(app, "ed")
+    payload = copy.deepcopy(_payload(app, "ed"))
+    payload["lineages"][0]["versions"][1]["version"] = 1  # two versions numbered 1
+    with pytest.raises(ValidationError):
+        _import(payload).close()
+
+
+def test_a_signing_key_whose_private_key_is_another_algorithms_is_refused(app: AppContext) -> None:
+    payload = copy.deepcopy(_payload(app, "ed", "ec"))
+    ed, ec = payload["lineages"]
+    ed["versions"][0]["material"] = ec["versions"][0]["material"]
+    with pytest.raises(ValidationError) as caught:
+        _import(payload).close()
+    assert caught.value.code == "invalid_backup"
+    assert ec["versions"][0]["material"][:12] not in str(caught.value)
+
+
+def test_an_honest_backup_still_signs_and_verifies_after_import(app: AppContext) -> None:
+    made = signing.sign(app, "ed", SECRET)
+    target = _import(_payload(app, "ed", "hm"))
+    try:
+        assert signing.verify(target, "ed", SECRET, made.signature).valid
+        assert signing.sign(target, "ed", SECRET).key_id == made.key_id
+        tag = macs.mac(app, "hm", SECRET).tag
+        assert macs.verify_mac(target, "hm", SECRET, tag).valid
+    finally:
+        target.close()
+
+
+# ---- confusion ------------------------------------------------------------------------
+
+
+def test_a_mac_tag_is_no_signature_and_a_signature_no_tag(app: AppContext) -> None:
+    tag = macs.mac(app, "hm", SECRET).tag
+    signature = signing.sign(app, "ed", SECRET).signature
+    assert not signing.verify(app, "ed", SECRET, tag).valid
+    assert not signing.verify(app, "ed", SECRET, tag[handles.HEADER_SIZE :], raw=True).valid
+    assert not macs.verify_mac(app, "hm", SECRET, signature).valid
+    # the tag's header with the magic changed to a signature's names the MAC key: invalid
+    relabelled = handles.SIGNATURE_MAGIC + tag[4:]
+    assert not signing.verify(app, "ed", SECRET, relabelled).valid
+    with pytest.raises(ValidationError) as caught:
+        signing.verify(app, "hm", SECRET, signature)
+    assert caught.value.code == "wrong_purpose"
+
+
+def test_a_header_naming_another_lineage_or_realm_is_just_invalid(app: AppContext) -> None:
+    """A signature of ed2 (same algorithm) or of realm beta's ed, its bytes kept and the
+    header rewritten or not: never valid for ed, and the same answer as a bad signature
+    (no oracle telling which keys exist)."""
+    other = signing.sign(app, "ed2", SECRET).signature
+    beta = signing.sign(app, "ed", SECRET, realm="beta").signature
+    mine = signing.sign(app, "ed", SECRET).signature
+    bad = mine[:-1] + bytes([mine[-1] ^ 1])
+    answers = {
+        signing.verify(app, "ed", SECRET, blob).to_dict().__repr__()
+        for blob in (other, beta, bad, mine[: handles.HEADER_SIZE] + other[handles.HEADER_SIZE :])
+    }
+    assert answers == {repr({"valid": False, "key_id": None, "version": None})}
+    # beta's signature verifies in beta only; acme's ed answers 'invalid', not 'not found'
+    assert signing.verify(app, "ed", SECRET, beta, realm="beta").valid
+    with pytest.raises(NotFoundError):
+        signing.verify(app, "ed2", SECRET, other, realm="beta")
+
+
+def test_ecdsa_der_under_jws_and_wrong_prehash_lengths(app: AppContext) -> None:
+    import hashlib
+
+    der = signing.sign(app, "ec", SECRET).signature
+    jws = signing.sign(app, "ec", SECRET, marshaling="jws").signature
+    assert not signing.verify(app, "ec", SECRET, der, marshaling="jws").valid
+    assert not signing.verify(app, "ec", SECRET, jws).valid
+    assert not signing.verify(app, "ec", SECRET, jws[:-1], marshaling="jws").valid
+    digest = hashlib.sha256(SECRET).digest()
+    assert signing.verify(app, "ec", digest, der, prehashed=True).valid
+    for wrong in (b"", digest[:31], digest + b"\0", hashlib.sha512(SECRET).digest()):
+        with pytest.raises(ValidationError) as caught:
+            signing.sign(app, "ec", wrong, prehashed=True)
+        assert caught.value.code == "invalid_request"
+        with pytest.raises(ValidationError):
+            signing.verify(app, "ec", wrong, der, prehashed=True)
+
+
+def test_a_deterministic_envelope_is_no_aead_envelope_and_back(app: AppContext) -> None:
+    from qimem import envelope as env
+
+    token = services.encrypt(app, "siv", SECRET).envelope
+    sealed = services.encrypt(app, "gcm", SECRET).envelope
+    siv_id = env.parse(token).algorithm_id
+    gcm_id = env.parse(sealed).algorithm_id
+    for blob, new_id in ((token, gcm_id), (sealed, siv_id)):
+        at = blob.index(bytes([env.parse(blob).algorithm_id]), 4)
+        forged = blob[:at] + bytes([new_id]) + blob[at + 1 :]
+        with pytest.raises(QimemError) as caught:
+            services.decrypt(app, forged)
+        assert SECRET not in str(caught.value).encode()
+    assert deterministic.TOKEN_SIZE >= 1
+
+
+# ---- states -----------------------------------------------------------------------------
+
+
+def test_disabled_and_destroyed_versions_neither_sign_nor_verify(app: AppContext) -> None:
+    old = signing.sign(app, "ed", SECRET)
+    old_tag = macs.mac(app, "hm", SECRET)
+    services.rotate_key(app, "ed")
+    services.rotate_key(app, "hm")
+    with pytest.raises(KeyNotActiveError):
+        signing.sign(app, old.key_id, SECRET)
+    key_states.disable_version(app, old.key_id)
+    key_states.disable_version(app, old_tag.key_id)
+    with pytest.raises(ConflictError) as caught:
+        signing.verify(app, "ed", SECRET, old.signature)
+    assert caught.value.code == "key_disabled"
+    with pytest.raises(ConflictError):
+        signing.verify(app, "ed", SECRET, old.signature[handles.HEADER_SIZE :], raw=True, version=1)
+    with pytest.raises(ConflictError):
+        signing.public_key(app, "ed", version=1)
+    with pytest.raises(ConflictError):
+        macs.verify_mac(app, "hm", SECRET, old_tag.tag)
+    key_states.destroy_version(app, old.key_id)
+    with pytest.raises(ConflictError) as caught:
+        signing.verify(app, old.key_id, SECRET, old.signature)
+    assert caught.value.code == "key_destroyed"
+    assert [k.version for k in signing.public_keys(app, "ed")] == [2]
+
+
+def test_pending_deletion_stops_signing_and_macs(app: AppContext) -> None:
+    signature = signing.sign(app, "ed", SECRET).signature
+    lifecycle.schedule_deletion(app, "ed", days=7)
+    with pytest.raises(ConflictError) as caught:
+        signing.sign(app, "ed", SECRET)
+    assert caught.value.code == "key_pending_deletion"
+    with pytest.raises(ConflictError):
+        signing.verify(app, "ed", SECRET, signature)
+
+
+# ---- leaks ------------------------------------------------------------------------------
+
+
+def test_reprs_and_errors_hold_no_message_signature_or_key_bytes(app: AppContext) -> None:
+    made = signing.sign(app, "ed", SECRET)
+    tag = macs.mac(app, "hm", SECRET)
+    data_key = services.datakey(app, "gcm", aad=b"ctx")
+    shown = repr(made) + repr(tag) + repr(data_key) + repr(app.cache.handles)
+    shown += "".join(repr(e.handle) for t in app.cache.handles.values() for e in t.values())
+    for secret in (made.signature, tag.tag, data_key.wrapped_key, data_key.plaintext_key):
+        assert secret is not None
+        for form in (secret[-16:].hex(), base64.b64encode(secret[-12:]).decode()):
+            assert form not in shown
+    assert "secret-marker" not in shown
+    errors: list[str] = []
+    for call in (
+        lambda: signing.sign(app, "hm", SECRET),
+        lambda: signing.sign(app, "ec", SECRET, prehashed=True),
+        lambda: macs.mac(app, "ed", SECRET),
+        lambda: signing.verify(app, "nope", SECRET, made.signature),
+        lambda: signing.verify(app, "ed", SECRET, made.signature, version=1),
+    ):
+        with pytest.raises(QimemError) as caught:
+            call()
+        errors.append(str(caught.value))
+    text = " ".join(errors)
+    assert "secret-marker" not in text and made.signature[-16:].hex() not in text
