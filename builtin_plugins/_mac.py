@@ -57,6 +57,22 @@ class Hmac:
         :param tag_size: accept a tag truncated to this many bytes (``min_tag_size`` to
             ``tag_size``); without it only a full-length tag can verify.
         """
+        if (  # the common case, checked in a few exact type tests (the service's hot path)
+            tag_size is None
+            and type(key) is bytes
+            and type(data) is bytes
+            and type(tag) is bytes
+            and len(key) == self.key_size
+        ):
+            if len(tag) != self.tag_size:
+                return False
+            h = HMAC(key, self.hash_class())
+            h.update(data)
+            try:
+                h.verify(tag)
+            except InvalidSignature:
+                return False
+            return True
         h = self._hmac(key, data)
         if not isinstance(tag, _BYTES):
             raise ValidationError(f"{self.name}: the tag must be bytes")

@@ -30,6 +30,7 @@ __all__ = [
     "DeterministicAlgorithm",
     "MacAlgorithm",
     "Marshaling",
+    "PreparedDeterministic",
     "Signer",
     "SigningAlgorithm",
     "Verifier",
@@ -145,7 +146,20 @@ class MacAlgorithm(Protocol):
     """A message authentication code (purpose ``"mac"``) over a secret key of ``key_size``
     bytes. ``verify`` compares in constant time and accepts a truncated tag only when the
     caller names the truncated length (``tag_size=``), never shorter than
-    ``min_tag_size``."""
+    ``min_tag_size``.
+
+    How qimem uses it (:mod:`qimem.services.macs`): ``mac`` makes every tag, and
+    ``verify(key, data, tag)`` (no ``tag_size``) alone decides whether a tag is valid; qimem
+    never compares a tag with a recomputed ``mac`` itself, and counts only a return value
+    that ``is True`` as valid. The key is passed as ``bytes`` of ``key_size`` on every call
+    (the loaded key of a cache entry), so ``verify`` should be cheap for exact ``bytes``: it
+    is on the hot path (the built-in HMAC checks types with ``type(x) is bytes`` first).
+
+    Tags should be deterministic (the same key and data give the same tag): ``--raw`` tags
+    are meant for receivers that recompute them (webhooks), and the Wycheproof tests
+    require ``mac`` to reproduce the vectors' tags. A MAC whose tags carry their own
+    randomness still verifies correctly in qimem, as long as ``verify`` accepts them.
+    """
 
     name: str
     algorithm_id: int
@@ -169,11 +183,39 @@ class MacAlgorithm(Protocol):
         ...
 
 
+class PreparedDeterministic(Protocol):
+    """One deterministic key, loaded once: what the optional
+    :meth:`DeterministicAlgorithm.cipher` returns. The service calls it with ``bytes`` it
+    has checked. Its repr shows no key."""
+
+    def encrypt(self, plaintext: bytes, aad: bytes | None = None) -> bytes:
+        """As :meth:`DeterministicAlgorithm.encrypt`, with the bound key."""
+        ...
+
+    def decrypt(self, ciphertext: bytes, aad: bytes | None = None) -> bytes:
+        """As :meth:`DeterministicAlgorithm.decrypt`, with the bound key (raises
+        :class:`qimem.errors.DecryptionError` on any failure)."""
+        ...
+
+
 @runtime_checkable
 class DeterministicAlgorithm(Protocol):
     """A deterministic AEAD (purpose ``"deterministic"``): no nonce, so equal plaintexts
     under equal associated data give equal ciphertexts (use it only where that equality is
-    wanted: lookups and joins on encrypted columns)."""
+    wanted: lookups and joins on encrypted columns).
+
+    Optional, since plugin API 1.2 (not part of this protocol's required members, so a
+    plugin without it keeps working):
+
+    * ``cipher(key) -> PreparedDeterministic``: ``key`` loaded and checked once. The
+      service's cache entry then holds that object and no key bytes (the unwrapped key is
+      zeroed as soon as it returns), and saves building the primitive on every call.
+      Without it, the entry keeps a copy of the key bytes and calls ``encrypt(key, ...)``.
+      Raise :class:`qimem.errors.ValidationError` for a key of the wrong size.
+    * ``max_messages_per_key`` (int) and ``max_messages_reason`` (str): the most messages one
+      key version may seal, and why, shown when a usage limit above it is refused (default:
+      the 2^32 bound of random 96-bit nonces, :func:`qimem.keys.max_messages_per_key`).
+    """
 
     name: str
     algorithm_id: int

@@ -9,7 +9,10 @@ without one or while it is disconnected, by polling the store's rotation marker 
 ``revalidate_seconds`` (a change drops every entry). ``cache.ttl_seconds`` bounds every
 entry's life either way (0 disables the cache).
 Entries hold the algorithm's prepared cipher, never raw key bytes: the unwrapped material
-is zeroed as soon as the cipher is built.
+is zeroed as soon as the cipher is built. A deterministic key's entry does too when its
+plugin offers the optional prepared ``cipher(key)`` (AES-SIV does); one from a plugin
+without it keeps a copy of the key bytes (:class:`qimem.services.deterministic.DeterministicCipher`,
+``holds_key``).
 
 Decryption looks entries up by the envelope's header prefix (magic .. nonce length, see
 :mod:`qimem.envelope`), which is constant for a key version and names it exactly: one

@@ -141,7 +141,12 @@ def message_bound_reason(algorithm: Any) -> str:
         "messages per key (NIST SP 800-38D)"
     )
     if getattr(algorithm, "max_messages_per_key", None) is not None:
-        return "the algorithm declares it (max_messages_per_key)"
+        reason = getattr(algorithm, "max_messages_reason", None)  # optional, its own words
+        return (
+            reason
+            if isinstance(reason, str) and reason
+            else "the algorithm declares it (max_messages_per_key)"
+        )
     if getattr(algorithm, "nonce_size", None) == 12:
         return nonces
     return f"the algorithm declares no max_messages_per_key, so the default applies: {nonces}"

@@ -3,13 +3,15 @@ envelope paths of :mod:`qimem.services.crypto` unchanged, and the purpose checks
 paths (docs/deterministic.md, docs/formats.md "Deterministic envelopes").
 
 A deterministic key's cache entry holds a :class:`DeterministicCipher` (an AEAD's call
-shape, nonce ignored), builds a header with nonce length 0, and draws one-byte usage
+shape, nonce ignored; over the plugin's prepared cipher when it offers ``cipher(key)``, so
+no key bytes stay in the entry), builds a header with nonce length 0, and draws one-byte usage
 tokens where an AEAD entry draws nonces, so usage counting, caches, states and policies
 are those of AEAD keys.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from qimem.app import AppContext
@@ -32,21 +34,34 @@ class DeterministicCipher:
     """A deterministic algorithm (:class:`qimem.crypto_purposes.DeterministicAlgorithm`)
     bound to one key, in the call shape of an AEAD cipher, so the envelope paths need no
     branch: ``encrypt(nonce, data, associated_data)`` ignores ``nonce`` (the envelope of
-    such a key has none). The plugin interface takes the key on every call, so this entry
-    holds the key bytes for the entry's life, as an AEAD's prepared object does inside
-    its library; the repr shows no key."""
+    such a key has none).
 
-    __slots__ = ("_algorithm", "_key")
+    When the plugin prepares a cipher (the optional ``cipher(key)``, as AES-SIV's does),
+    this holds that object and no key bytes: ``key`` may be zeroed once it returns. A
+    plugin without one gets the key on every call, so this then keeps a copy of the key
+    bytes for the entry's life (:attr:`holds_key` is True). The repr shows no key.
+    """
+
+    __slots__ = ("_algorithm", "_encrypt", "_decrypt", "holds_key")
 
     def __init__(self, algorithm: Any, key: bytes | bytearray) -> None:
         self._algorithm = algorithm
-        self._key = bytes(key)
+        prepare = getattr(algorithm, "cipher", None)
+        if callable(prepare):
+            prepared = prepare(key)
+            self._encrypt, self._decrypt = prepared.encrypt, prepared.decrypt
+            self.holds_key = False
+        else:  # plugin API 1.2 without the optional prepared form
+            held = bytes(key)
+            self._encrypt = partial(algorithm.encrypt, held)
+            self._decrypt = partial(algorithm.decrypt, held)
+            self.holds_key = True
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        return self._algorithm.encrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
+        return self._encrypt(data, associated_data)  # type: ignore[no-any-return]
 
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
-        return self._algorithm.decrypt(self._key, data, associated_data)  # type: ignore[no-any-return]
+        return self._decrypt(data, associated_data)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<DeterministicCipher {getattr(self._algorithm, 'name', '?')}>"

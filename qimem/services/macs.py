@@ -2,8 +2,9 @@
 
 A tag names the key version that made it (the 26-byte header of docs/formats.md
 "Signatures and tags v1", magic ``QMTG``), so it verifies after rotation; ``raw=True``
-gives and takes the bare tag (for a webhook receiver computing HMAC itself). Comparison is
-constant-time (:func:`hmac.compare_digest` of the tag the algorithm's ``mac`` recomputes).
+gives and takes the bare tag (for a webhook receiver computing HMAC itself). A tag is
+checked by the algorithm's own ``verify`` (constant-time, full-length tags only; see
+:class:`qimem.crypto_purposes.MacAlgorithm`), never by comparing with a recomputed ``mac``.
 Like :func:`qimem.services.signing.verify`, :func:`verify_mac` answers ``valid=False`` for
 any tag that does not verify, and raises only for what the caller controls.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass, field
-from hmac import compare_digest
 from typing import Any
 
 from qimem.app import AppContext
@@ -132,13 +132,11 @@ def verify_mac(
             raise ValidationError("a qimem tag names its key version; give version= only with raw")
         entry = handles.named(app, ref, tag, realm, "mac", "MAC verification")
         payload = tag[_HEADER_SIZE:]
-    # Recompute and compare in constant time: a MacAlgorithm's mac() is the full-length tag
-    # (deterministic), so this is its verify() for a full-length tag, minus ~1.4 us of
-    # argument checks the loaded key has passed already (half an HMAC-SHA-256 of 64 bytes).
-    valid = entry is not None and compare_digest(
-        entry.algorithm.mac(entry.handle, data),  # type: ignore[attr-defined]
-        payload,
-    )
+    # The plugin's verify() decides (constant-time by the MacAlgorithm contract; a full-length
+    # tag only): no assumption here that mac() is deterministic. The built-in HMAC's verify
+    # takes a fast path for exact bytes, as cheap as recomputing mac() and comparing.
+    check = entry.algorithm.verify if entry is not None else None  # type: ignore[attr-defined]
+    valid = check is not None and check(entry.handle, data, payload) is True  # type: ignore[union-attr]
     if actor is not None:
         target = entry.key_id if entry is not None else ref
         audit(app, realm, actor, "crypto.verify_mac", target, buffered=True, valid=valid)
