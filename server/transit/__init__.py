@@ -26,6 +26,9 @@ MODULES = (
     "qimem.server.transit.keys",
     "qimem.server.transit.crypto",
     "qimem.server.transit.token",
+    "qimem.server.transit.signing",
+    "qimem.server.transit.tools",
+    "qimem.server.transit.backup",
 )
 
 __all__ = ["DEFAULT_MOUNT", "MODULES", "install", "transit_operations", "transit_rules"]
