@@ -276,3 +276,53 @@ def test_reprs_and_errors_hold_no_message_signature_or_key_bytes(app: AppContext
         errors.append(str(caught.value))
     text = " ".join(errors)
     assert "secret-marker" not in text and made.signature[-16:].hex() not in text
+
+
+# ---- DoS ----------------------------------------------------------------------------------
+
+
+def test_concurrent_signers_of_an_expired_key_generate_one_new_key(app: AppContext) -> None:
+    """Age-based rotation happens on the first use after the period: every signer racing
+    it used to generate a private key of its own and throw all but one away (6 RSA-3072
+    keygens for one rotation, 3.9 s, measured with /tmp probes); a keys:sign caller could
+    time a burst at the expiry. One process generates one."""
+    import threading
+    import time
+
+    lifecycle.set_policy(app, "ed", auto_rotate_seconds=1)
+    algorithm = app.registry.algorithm("ed25519", "sign")
+    generate = algorithm.generate_private_key
+    racers = 4
+    inside = threading.Barrier(racers)
+    calls: list[int] = []
+
+    def counted() -> bytes:
+        calls.append(1)
+        try:  # without the fix every racer is in here together; with it, one is
+            inside.wait(timeout=1.0)
+        except threading.BrokenBarrierError:
+            pass
+        return generate()  # type: ignore[no-any-return]
+
+    time.sleep(1.1)
+    app.cache.clear()
+    algorithm.generate_private_key = counted  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def sign_once() -> None:
+        try:
+            signing.sign(app, "ed", SECRET)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=sign_once) for _ in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        del algorithm.generate_private_key
+    assert not errors
+    assert len(calls) == 1
+    assert [v.version for v in services.show_key(app, "ed").versions] == [1, 2]

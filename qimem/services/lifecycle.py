@@ -19,6 +19,7 @@ encryption continues with the new one.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -382,16 +383,28 @@ def check_verification(app: AppContext, version: KeyVersion) -> None:
         )
 
 
-def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion:
-    """Rotate ``version`` away (usage limit or age); if another process already did, the
-    lineage's active version. Never loses decryptability: the old version stays
-    decrypt-only."""
-    try:
-        from qimem.services.keys import rotate_key  # imported when a rotation is due
+#: Automatic rotations of one lineage in this process take turns (striped by lineage): the
+#: callers racing a due rotation used to generate a key each and keep one (red team, issue
+#: 16: six RSA-3072 keygens for one rotation; a burst of signs at the expiry multiplied
+#: them). The next in line finds the version rotated away and uses the new one.
+_ROTATION_LOCKS = tuple(threading.RLock() for _ in range(32))
 
-        rotated = rotate_key(app, version.key_id, realm=version.realm)
-    except KeyNotActiveError:
-        return app.store.active_version(version.realm, version.lineage_id)
+
+def auto_rotate(app: AppContext, version: KeyVersion, reason: str) -> KeyVersion:
+    """Rotate ``version`` away (usage limit or age); if another caller (or process) already
+    did, the lineage's active version. Never loses decryptability: the old version stays
+    decrypt-only."""
+    lock = _ROTATION_LOCKS[hash(version.lineage_id) % len(_ROTATION_LOCKS)]
+    with lock:
+        active = app.store.active_version(version.realm, version.lineage_id)
+        if active.key_id != version.key_id:  # rotated while this caller waited
+            return active
+        try:
+            from qimem.services.keys import rotate_key  # imported when a rotation is due
+
+            rotated = rotate_key(app, version.key_id, realm=version.realm)
+        except KeyNotActiveError:
+            return app.store.active_version(version.realm, version.lineage_id)
     audit(app, version.realm, "qimem", "keys.auto_rotate", rotated.key_id, reason=reason)
     return rotated
 
