@@ -129,6 +129,26 @@ def test_a_signing_key_whose_private_key_is_another_algorithms_is_refused(app: A
     assert ec["versions"][0]["material"][:12] not in str(caught.value)
 
 
+def test_an_ecdsa_key_whose_embedded_public_key_is_anothers_is_refused(app: AppContext) -> None:
+    """PKCS#8 of an EC key carries its public point: one of another key would make every
+    signature fail under the exported public key (or, loaded unchecked, export a key that
+    is not the signer's). Refused at import."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    mine, other = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    der = mine.private_bytes(ser.Encoding.DER, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    points = [
+        k.public_key().public_bytes(ser.Encoding.X962, ser.PublicFormat.UncompressedPoint)
+        for k in (mine, other)
+    ]
+    assert der.count(points[0]) == 1
+    payload = _crafted(app, "ec", "material", base64.b64encode(der.replace(*points)).decode())
+    with pytest.raises(ValidationError) as caught:
+        _import(payload).close()
+    assert caught.value.code == "invalid_backup"
+
+
 def test_an_honest_backup_still_signs_and_verifies_after_import(app: AppContext) -> None:
     made = signing.sign(app, "ed", SECRET)
     target = _import(_payload(app, "ed", "hm"))
