@@ -231,6 +231,35 @@ def test_a_deterministic_envelope_is_no_aead_envelope_and_back(app: AppContext) 
     assert deterministic.TOKEN_SIZE >= 1
 
 
+def test_envelope_shapes_of_the_other_kind_fail_as_one_decryption_error(app: AppContext) -> None:
+    """An AES-GCM envelope rebuilt without a nonce (the deterministic shape), an AES-SIV
+    token given a nonce, empty or short ciphertexts: all the one decryption_failed, never
+    a ValueError of the cipher (500), through decrypt and rewrap alike."""
+    import struct
+
+    from qimem import envelope as env
+
+    sealed = services.encrypt(app, "gcm", SECRET).envelope
+    token = services.encrypt(app, "siv", SECRET).envelope
+
+    def build(blob: bytes, nonce: bytes, body: bytes) -> bytes:
+        return blob[:26] + bytes([len(nonce)]) + nonce + struct.pack(">I", len(body)) + body
+
+    gcm, siv = env.parse(sealed), env.parse(token)
+    for forged in (
+        build(sealed, b"", gcm.ciphertext),
+        build(sealed, b"", b""),
+        build(sealed, gcm.nonce, b""),
+        build(token, b"\0" * 12, siv.ciphertext),
+        build(token, b"", b""),
+        build(token, b"", b"x" * 15),
+    ):
+        for call in (services.decrypt, services.rewrap):
+            with pytest.raises(QimemError) as caught:
+                call(app, forged)
+            assert caught.value.code == "decryption_failed", (forged[26:40], caught.value)
+
+
 # ---- states -----------------------------------------------------------------------------
 
 
