@@ -348,6 +348,7 @@ def test_backup_plaintext_layout(app: AppContext) -> None:
         "deletion_protection",
         "deletion_date",
         "derived",
+        "vault_layout_versions",
     }
     (version,) = lineage["versions"]
     assert set(version) == {"key_id", "version", "state", "created_at", "encryptions", "material"}
