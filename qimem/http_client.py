@@ -263,7 +263,13 @@ class HttpClient:
             reused = self._conn is not None and self._pid == os.getpid()
             conn = self._connection()
             try:
-                conn.request(method, self._prefix + path, body=data, headers=headers)
+                try:
+                    conn.request(method, self._prefix + path, body=data, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The server may have answered already (413 for a body over its limit)
+                    # and stopped reading: its answer is read next; if there is none,
+                    # getresponse() fails like a closed connection (handled below).
+                    pass
                 resp = conn.getresponse()
                 if 300 <= resp.status < 400:
                     resp.close()  # unread: the socket must go, not wait for a collector

@@ -372,3 +372,23 @@ def test_private_members_from_a_server_are_refused() -> None:
                 keys.public_key("k")
         finally:
             keys.close()
+
+
+@pytest.mark.parametrize("size", [3 << 19, 3 << 20])
+def test_a_message_over_the_server_body_limit_is_one_line(
+    env: Live, tmp_path: Path, size: int
+) -> None:
+    """Locally these messages sign; the server's body limit (1 MiB) refuses them: exit 3
+    with the server's reason, no signature file, the message not echoed. 1.5 MiB goes whole
+    (the app answers 413); 3 MiB is cut off by waitress's backstop while the client still
+    sends, and its early 413 must still be read (it was 'cannot reach server', exit 10)."""
+    big = tmp_path / "big"
+    big.write_bytes(b"A" * size)
+    out = tmp_path / "big.sig"
+    for _ in range(3):  # the early answer is a race on the server's side: try it a few times
+        refused = remote(env, "sign", "--key", "ed", str(big), "-o", str(out))
+        assert refused.exit_code == 3, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "AAAA" not in refused.stderr
+        assert "--prehashed" in refused.stderr
+        assert not out.exists()
+    assert local(env, "sign", "--key", "ed", str(big), "-o", str(out)).exit_code == 0

@@ -167,9 +167,14 @@ def sign(
     """
     message = _read(file, _limit(state), "message")
     if state.server:
-        result = state.remote.sign(
-            key_ref, message, prehashed=prehashed, marshaling=marshaling, raw=raw
-        )
+        try:
+            result = state.remote.sign(
+                key_ref, message, prehashed=prehashed, marshaling=marshaling, raw=raw
+            )
+        except PayloadTooLargeError as exc:  # the server's body limit (1 MiB by default)
+            raise PayloadTooLargeError(
+                f"{exc}; sign its digest instead (--prehashed, ECDSA and RSA keys)"
+            ) from None
     else:
         from qimem.services import signing
 
