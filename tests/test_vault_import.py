@@ -350,6 +350,18 @@ def test_unsupported_vault_keys_are_refused(
         ),
         _b64(json.dumps({"policy": {"latest_version": 1, "keys": {"x": {"key": "AA"}}}}).encode()),
         "A" * (16 * 1024 * 1024 + 4),
+        _b64(  # a crafted latest_version must not make the restore write 2^31 rows
+            json.dumps(
+                {
+                    "policy": {
+                        "latest_version": 2**31 - 1,
+                        "min_available_version": 2**31 - 1,
+                        "keys": {str(2**31 - 1): {"key": _b64(bytes(32))}},
+                    }
+                }
+            ).encode()
+        ),
+        vault_backup({1: os.urandom(32), 3: os.urandom(32)}),  # v2 missing, not trimmed
     ],
 )
 def test_malformed_backups_are_one_clear_error(memory_app: AppContext, backup: str) -> None:

@@ -72,6 +72,9 @@ __all__ = [
 
 #: The largest backup accepted (a key with thousands of versions is far below it).
 MAX_BACKUP_BYTES = 16 * 1024 * 1024
+#: The most versions a restored key may have (a crafted latest_version must not make a
+#: restore write millions of rows).
+MAX_VERSIONS = 10_000
 #: Vault's ``KeyType`` numbers (``sdk/helper/keysutil/policy.go``) qimem can import.
 _TYPES = {0: "aes-256-gcm", 5: "chacha20-poly1305"}
 _TYPE_NAMES = {
@@ -412,20 +415,25 @@ def _record(app: AppContext, data: dict[str, Any], name: str, realm: str) -> Lin
     algorithm_name = _check_policy(policy)
     algorithm = app.registry.algorithm(algorithm_name, "encrypt")
     latest = _int(policy, "latest_version")
-    if latest < 1:
+    if not 1 <= latest <= MAX_VERSIONS:
         raise ValidationError(
-            "the backup's latest_version must be at least 1", code="invalid_backup"
+            f"the backup's latest_version must be from 1 to {MAX_VERSIONS}", code="invalid_backup"
         )
     entries = _entries(data, latest)
-    if latest not in entries:
-        raise ValidationError("the backup lacks its latest key version", code="invalid_backup")
+    trimmed = max(1, _int(policy, "min_available_version"))  # below it: trimmed in Vault
+    missing = [n for n in range(trimmed, latest + 1) if n not in entries]
+    if missing:
+        raise ValidationError(
+            f"the backup lacks key version {missing[0]} (it is not trimmed)",
+            code="invalid_backup",
+        )
     versions: list[VersionRecord] = []
     try:
         for number in range(1, latest + 1):
-            entry = entries.get(number)
+            entry = entries.get(number) if number >= trimmed else None
             material = None if entry is None else _material(entry, number, algorithm.key_size)
             if material is None:
-                state = KeyState.DESTROYED  # trimmed in Vault (min_available_version)
+                state = KeyState.DESTROYED  # trimmed in Vault (below min_available_version)
             else:
                 state = KeyState.ACTIVE if number == latest else KeyState.DECRYPT_ONLY
             created = _entry_time(entry or {})
