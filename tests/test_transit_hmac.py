@@ -162,3 +162,19 @@ def test_the_result_repr_holds_no_tag(memory_app: AppContext) -> None:
     made = hmac(memory_app, "enc", b"x")
     assert made.hmac not in repr(made) and "vault:v1" not in repr(made)
     assert hashlib.sha256(b"x").hexdigest() not in repr(made)
+
+
+def test_the_mac_key_fast_path_follows_rotation_policy_and_deletion(
+    memory_app: AppContext,
+) -> None:
+    keys.create_key(memory_app, name="m", algorithm="hmac-sha256")
+    first = hmac(memory_app, "m", b"x")  # now cached under "m"
+    assert hmac(memory_app, "m", b"x").hmac == first.hmac
+    with pytest.raises(ValidationError):  # a cached entry does not skip the hash check
+        hmac(memory_app, "m", b"x", algorithm="sha2-512")
+    keys.rotate_key(memory_app, "m")
+    assert hmac(memory_app, "m", b"x").hmac.startswith("vault:v2:")
+    lifecycle.schedule_deletion(memory_app, "m", days=7)
+    with pytest.raises(ConflictError) as err:
+        hmac(memory_app, "m", b"x")
+    assert err.value.code == "key_pending_deletion"

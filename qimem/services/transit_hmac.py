@@ -184,11 +184,21 @@ def hmac(
     :raises NotFoundError: no such key or version.
     """
     data = _data(data)
+    if key_version in (None, 0):  # a MAC key that computed here before: macs' hot path
+        refs = app.cache.handles.get(realm)
+        entry = refs.get(ref) if refs is not None and isinstance(ref, str) else None
+        own = _MAC_KEY_HASH.get(entry.algorithm_name) if entry is not None else None
+        if entry is not None and entry.purpose == "mac" and algorithm in (None, own):
+            made = macs.mac(app, ref, data, realm=realm, raw=True)
+            if actor is not None:
+                audit(app, realm, actor, "crypto.mac", made.key_id, buffered=True)
+            text = f"vault:v{made.version}:{base64.b64encode(made.tag).decode('ascii')}"
+            return HmacResult(text, made.key_id, made.version)
     version, purpose = _version(app, ref, key_version, realm)
     hash_name = _algorithm(purpose, version, algorithm)
     key_id, number = version.key_id, version.version
     if purpose == "mac" and version.state is KeyState.ACTIVE:
-        made = macs.mac(app, key_id, data, realm=realm, raw=True)  # cached, policy-checked
+        made = macs.mac(app, ref, data, realm=realm, raw=True)  # cached under ref, checked
         tag, key_id, number = made.tag, made.key_id, made.version
     else:
         tag = _tag(app, version, purpose, hash_name, data)
