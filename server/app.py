@@ -102,7 +102,9 @@ def create_app(
     if transit.enabled:
         from qimem.server import transit as facade
 
-        facade.install(app, app_ctx, max_body_bytes, metrics, transit.mount)
+        facade.install(
+            app, app_ctx, max_body_bytes, metrics, transit.mount, token_lookup=not security_only
+        )
 
     if not security_only:
         plugins = PluginsResource(app_ctx, max_body_bytes)
@@ -113,5 +115,7 @@ def create_app(
     app.add_route("/readyz", ReadyResource(app_ctx))
     app.add_route("/metrics", MetricsResource(metrics))
     served = [route.path for route in falcon.inspect.inspect_routes(app)]
-    app.add_route(OPENAPI_PATH, OpenApiResource([*served, OPENAPI_PATH]))
+    app.add_route(
+        OPENAPI_PATH, OpenApiResource([*served, OPENAPI_PATH], transit_mount=transit.mount)
+    )
     return app

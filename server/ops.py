@@ -29,9 +29,11 @@ def openapi_document() -> dict[str, Any]:
     (:mod:`qimem.server.operations`) and /v1/auth added."""
     text = resources.files("qimem.server").joinpath("openapi.json").read_text("utf-8")
     from qimem.server.auth_openapi import add_auth  # /v1/auth and bearer authentication
+    from qimem.server.transit.openapi import add_to_openapi as add_transit  # issue 17
 
     doc = json.loads(text)
     add_to_openapi(doc)
+    add_transit(doc)
     return add_auth(doc)
 
 
@@ -73,10 +75,13 @@ class MetricsResource:
 class OpenApiResource:
     """``GET /v1/openapi.json``: the document, with only the paths this app serves."""
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], *, transit_mount: str = "transit") -> None:
+        from qimem.server.transit.openapi import mounted
+
         served = set(paths)
         doc = dict(openapi_document())
-        doc["paths"] = {p: v for p, v in doc["paths"].items() if p in served}
+        renamed = {mounted(p, transit_mount): v for p, v in doc["paths"].items()}
+        doc["paths"] = {p: v for p, v in renamed.items() if p in served}
         self._data = json.dumps(doc, separators=(",", ":")).encode()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -14,6 +14,7 @@ from qimem.app import AppContext
 from qimem.server.metrics import Metrics
 from qimem.server.transit.framework import (
     DEFAULT_MOUNT,
+    TOKEN_PREFIX,
     TransitMiddleware,
     TransitOperation,
     add_routes,
@@ -48,9 +49,19 @@ def transit_rules(mount: str = DEFAULT_MOUNT) -> dict[tuple[str, str], object]:
     return rules(mount, transit_operations())
 
 
-def install(app: falcon.App, app_ctx: AppContext, limit: int, metrics: Metrics, mount: str) -> None:
-    """Serve the facade at ``/v1/<mount>`` (and ``/v1/auth/token/lookup-self``) on ``app``:
-    its routes, its middleware (``LIST``, ``X-Vault-Token``) and Vault-shaped errors."""
+def install(
+    app: falcon.App,
+    app_ctx: AppContext,
+    limit: int,
+    metrics: Metrics,
+    mount: str,
+    *,
+    token_lookup: bool = True,
+) -> None:
+    """Serve the facade at ``/v1/<mount>`` on ``app``: its routes, its middleware (``LIST``,
+    ``X-Vault-Token``) and Vault-shaped errors; with ``token_lookup``, also
+    ``/v1/auth/token/lookup-self`` (not on ``qimem-api``, which serves no /v1/auth)."""
     app.add_middleware(TransitMiddleware(mount))
     install_error_handlers(app, mount)
-    add_routes(app, app_ctx, limit, metrics, mount, transit_operations())
+    operations = [op for op in transit_operations() if token_lookup or op.prefix != TOKEN_PREFIX]
+    add_routes(app, app_ctx, limit, metrics, mount, operations)

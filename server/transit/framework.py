@@ -253,6 +253,19 @@ def render_error(resp: falcon.Response, status: int, messages: list[str]) -> Non
 # ---- resources and routes ---------------------------------------------------------------
 
 
+_LIST_VALUES = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}
+
+
+def _list_param(req: falcon.Request) -> bool:
+    """``?list=true`` (a GET standing for LIST); anything but one boolean is refused."""
+    value = req.params.get("list")
+    if value is None:
+        return False
+    if not isinstance(value, str) or value not in _LIST_VALUES:
+        raise VaultError("list must be true or false")
+    return _LIST_VALUES[value]
+
+
 class TransitResource:
     """Serves one declaration: parse the body leniently, call, wrap in Vault's envelope."""
 
@@ -284,8 +297,7 @@ class TransitResource:
             req.context.realm,
             dict(params),
             body,
-            listing=getattr(req.context, "transit_list", False)
-            or req.get_param_as_bool("list", default=False),
+            listing=getattr(req.context, "transit_list", False) or _list_param(req),
             actor=actor_of(req) if self._self_audited else None,
             principal=getattr(req.context, "principal", None),
         )

@@ -9,12 +9,18 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from qimem.server.transit.framework import TOKEN_PREFIX, TransitOperation, TransitRequest
+from qimem.server.transit.framework import (
+    TOKEN_PREFIX,
+    TransitOperation,
+    TransitRequest,
+    VaultError,
+)
 
 
 def _lookup_self(request: TransitRequest) -> dict[str, Any]:
     principal = request.principal
-    assert principal is not None  # the rule asks for a valid token
+    if principal is None:  # only with --insecure-no-auth: there is no token to describe
+        raise VaultError("permission denied: this server runs without tokens", 403)
     expires = principal.expires_at
     ttl = max(0, int(expires - time.time())) if expires is not None else 0
     return {
