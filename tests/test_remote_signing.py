@@ -57,6 +57,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     for name, algorithm in (("ed", "ed25519"), ("ec", "ecdsa-p256"), ("hm", "hmac-sha256")):
         create_key(app, name=name, algorithm=algorithm, realm="acme")
     create_key(app, name="aes", realm="acme")
+    ids.create_realm(app, "beta")  # another tenant with a key of the same name
+    create_key(app, name="ed", algorithm="ed25519", realm="beta")
     token = password_login(app, "acme", "sam", password_of("sam")).access_token
     weak = password_login(app, "acme", "eve", password_of("eve")).access_token
     with serving(app) as url:
@@ -392,3 +394,20 @@ def test_a_message_over_the_server_body_limit_is_one_line(
         assert "--prehashed" in refused.stderr
         assert not out.exists()
     assert local(env, "sign", "--key", "ed", str(big), "-o", str(out)).exit_code == 0
+
+
+def test_another_realm_is_not_reachable_with_an_acme_token(env: Live, tmp_path: Path) -> None:
+    """--realm beta (which has a key 'ed' too) with a token of realm acme: refused by the
+    server (the client sends the realm, the server decides) as if beta did not exist (a
+    caller only learns about its own realm, docs/files.md), and no signature is written."""
+    out = tmp_path / "x.sig"
+    for args in (["sign", "--key", "ed", "-o", str(out)], ["keys", "public", "ed"]):
+        result = CliRunner().invoke(
+            cli,
+            ["--server", env.url, "--realm", "beta", *args],
+            env={"QIMEM_TOKEN": env.token},
+            input=MESSAGE,
+        )
+        assert result.exit_code == 5, result.output
+        assert "realm 'beta' does not exist" in result.stderr
+        assert result.stdout == "" and not out.exists()
