@@ -178,3 +178,21 @@ def test_the_mac_key_fast_path_follows_rotation_policy_and_deletion(
     with pytest.raises(ConflictError) as err:
         hmac(memory_app, "m", b"x")
     assert err.value.code == "key_pending_deletion"
+
+
+def test_the_encryption_key_cache_follows_rotation_and_deletion(memory_app: AppContext) -> None:
+    v1 = keys.create_key(memory_app, name="enc")
+    first = hmac(memory_app, "enc", b"x")  # computes, then caches the HMAC key
+    again = hmac(memory_app, "enc", b"x", algorithm="sha2-512")  # from the cache
+    assert _tag(again.hmac) == _expected(memory_app, v1.key_id, b"x", "sha512")
+    assert hmac(memory_app, "enc", b"x").hmac == first.hmac
+    v2 = keys.rotate_key(memory_app, "enc")
+    second = hmac(memory_app, "enc", b"x")
+    assert second.version == 2 and _tag(second.hmac) == _expected(memory_app, v2.key_id, b"x")
+    assert hmac(memory_app, "enc", b"x").hmac == second.hmac
+    lifecycle.schedule_deletion(memory_app, "enc", days=7)
+    with pytest.raises(ConflictError):
+        hmac(memory_app, "enc", b"x")
+    keys.create_key(memory_app, name="derived", derived=True)  # no cache entry: still works
+    for _ in range(2):
+        assert hmac(memory_app, "derived", b"x").hmac.startswith("vault:v1:")

@@ -34,9 +34,9 @@ from typing import Any
 
 from qimem.app import AppContext
 from qimem.crypto import zero
-from qimem.errors import ConflictError, KeyNotActiveError, ValidationError
+from qimem.errors import ConflictError, KeyNotActiveError, QimemError, ValidationError
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion
-from qimem.services import handles, lifecycle, macs
+from qimem.services import crypto, handles, lifecycle, macs
 from qimem.services.key_refs import resolve
 from qimem.services.lifecycle_common import audit, key_purpose, version_of
 
@@ -147,19 +147,57 @@ def _version(app: AppContext, ref: str, key_version: Any, realm: str) -> tuple[K
     return version, purpose
 
 
+#: HMAC keys of active encryption-key versions, by the id of the key cache entry that
+#: vouches for the version (:meth:`qimem.keycache.KeyCache.for_encrypt`, the entry
+#: :func:`qimem.services.crypto.encrypt` uses), identity-checked: the cache drops that entry
+#: on a rotation, a state or policy change or a scheduled deletion (and other servers'
+#: ones at its next marker check), after which its HMAC key is never used again. Bounded.
+_ACTIVE_KEYS: dict[int, tuple[Any, bytes]] = {}
+_MAX_ACTIVE_KEYS = 1024
+
+
+def _cached(app: AppContext, ref: str, realm: str) -> tuple[Any, bytes] | None:
+    """``(cache entry, HMAC key)`` of the active version of the encryption key ``ref``,
+    when both are cached."""
+    entry = app.cache.for_encrypt(realm, ref)
+    found = _ACTIVE_KEYS.get(id(entry)) if entry is not None else None
+    if found is None or found[0] is not entry:
+        return None
+    return found
+
+
+def _remember(app: AppContext, ref: str, realm: str, version: KeyVersion, key: bytes) -> None:
+    """Cache ``key`` as the HMAC key of ``ref``'s active version ``version``."""
+    try:
+        crypto.check_encryption_key(app, ref, realm=realm)  # loads the entry, counts nothing
+    except QimemError:
+        return  # derived or deterministic keys have no such entry: not cached
+    entry = app.cache.for_encrypt(realm, ref)
+    if entry is None or entry.key_id != version.key_id:  # rotated meanwhile
+        return
+    if len(_ACTIVE_KEYS) >= _MAX_ACTIVE_KEYS:
+        _ACTIVE_KEYS.clear()
+    _ACTIVE_KEYS[id(entry)] = (entry, key)
+
+
+def _encryption_hmac_key(app: AppContext, version: KeyVersion) -> bytes:
+    material = app.store.material(version.realm, version.key_id)
+    try:
+        derived_key = transit_hmac_key(material)
+    finally:
+        zero(material)
+    key = bytes(derived_key)
+    zero(derived_key)
+    return key
+
+
 def _tag(app: AppContext, version: KeyVersion, purpose: str, hash_name: str, data: bytes) -> bytes:
     if purpose == "mac":
         entry = handles.version_entry(
             app, version.key_id, version.realm, "mac", "an HMAC", version.version
         )
         return bytes(entry.algorithm.mac(entry.handle, data))  # type: ignore[attr-defined]
-    material = app.store.material(version.realm, version.key_id)
-    key = transit_hmac_key(material)
-    zero(material)
-    try:
-        return _hmac.new(bytes(key), data, _HASHES[hash_name]).digest()
-    finally:
-        zero(key)
+    return _hmac.new(_encryption_hmac_key(app, version), data, _HASHES[hash_name]).digest()
 
 
 def hmac(
@@ -194,12 +232,24 @@ def hmac(
                 audit(app, realm, actor, "crypto.mac", made.key_id, buffered=True)
             text = f"vault:v{made.version}:{base64.b64encode(made.tag).decode('ascii')}"
             return HmacResult(text, made.key_id, made.version)
+        cached = _cached(app, ref, realm) if algorithm in _HASHES or algorithm is None else None
+        if cached is not None:  # an encryption key's active version, HMAC key cached
+            active, key = cached
+            tag = _hmac.new(key, data, _HASHES[algorithm or DEFAULT_ALGORITHM]).digest()
+            if actor is not None:
+                audit(app, realm, actor, "crypto.mac", active.key_id, buffered=True)
+            text = f"vault:v{active.version}:{base64.b64encode(tag).decode('ascii')}"
+            return HmacResult(text, active.key_id, active.version)
     version, purpose = _version(app, ref, key_version, realm)
     hash_name = _algorithm(purpose, version, algorithm)
     key_id, number = version.key_id, version.version
     if purpose == "mac" and version.state is KeyState.ACTIVE:
         made = macs.mac(app, ref, data, realm=realm, raw=True)  # cached under ref, checked
         tag, key_id, number = made.tag, made.key_id, made.version
+    elif purpose != "mac" and version.state is KeyState.ACTIVE:
+        key = _encryption_hmac_key(app, version)
+        tag = _hmac.new(key, data, _HASHES[hash_name]).digest()
+        _remember(app, ref, realm, version, key)
     else:
         tag = _tag(app, version, purpose, hash_name, data)
     if actor is not None:
