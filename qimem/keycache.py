@@ -8,11 +8,9 @@ feed (PostgreSQL ``LISTEN/NOTIFY``), which drops exactly the changed lineage's e
 without one or while it is disconnected, by polling the store's rotation marker at most every
 ``revalidate_seconds`` (a change drops every entry). ``cache.ttl_seconds`` bounds every
 entry's life either way (0 disables the cache).
-Entries hold the algorithm's prepared cipher, never raw key bytes: the unwrapped material
-is zeroed as soon as the cipher is built. A deterministic key's entry does too when its
-plugin offers the optional prepared ``cipher(key)`` (AES-SIV does); one from a plugin
-without it keeps a copy of the key bytes (:class:`qimem.services.deterministic.DeterministicCipher`,
-``holds_key``).
+Entries hold the algorithm's prepared cipher, never raw key bytes (deterministic keys too,
+when the plugin prepares one: ``DeterministicCipher.holds_key``): the unwrapped material
+is zeroed as soon as the cipher is built.
 
 Decryption looks entries up by the envelope's header prefix (magic .. nonce length, see
 :mod:`qimem.envelope`), which is constant for a key version and names it exactly: one
