@@ -156,7 +156,17 @@ def console_commands(text: str) -> list[tuple[str, str]]:
 
 
 def is_qimem_config(doc: dict[str, object]) -> bool:
-    known = {"store", "root_key", "plugins", "cache", "limits", "serve", "keys", "identity"}
+    known = {
+        "store",
+        "root_key",
+        "plugins",
+        "cache",
+        "limits",
+        "serve",
+        "keys",
+        "identity",
+        "transit",
+    }
     return bool(doc) and set(doc) <= known
 
 
