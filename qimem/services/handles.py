@@ -221,9 +221,11 @@ def for_prefix(
         return None
     if version.lineage_id != lineage_id or version.version != number:
         return None
+    if app.registry.algorithm(version.algorithm, purpose).algorithm_id != algorithm_id:
+        return None  # a forged header: refused before anything is unwrapped or loaded
     lifecycle.check_verification(app, version)
     entry = load(app, version, purpose)
-    if entry.prefix != prefix:  # the header's algorithm id is not the key's
+    if entry.prefix != prefix:  # cannot happen (checked above): a guard
         return None
     app.cache.put_handle(realm, entry, generation=generation)
     return entry
