@@ -16,8 +16,8 @@ import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from hvac.exceptions import Forbidden, InvalidRequest
 from identity_helpers import password_of
-from test_vault_import import vault_backup, vault_encrypt
 from transit_helpers import World, login, transit_world
+from vault_helpers import vault_backup, vault_encrypt
 
 pytestmark = pytest.mark.slow
 

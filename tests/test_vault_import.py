@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from conftest import make_app
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from vault_helpers import b64, vault_backup, vault_decrypt, vault_encrypt
 
 from qimem import envelope as env
 from qimem.app import AppContext
@@ -31,99 +33,13 @@ from qimem.services.vault_import import (
     restore_vault_backup,
     rewrap_vault,
 )
-from tests.conftest import make_app
-
-# -- an independent Vault ----------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _entry(key: bytes) -> dict[str, Any]:
-    return {
-        "key": _b64(key),
-        "hmac_key": _b64(os.urandom(32)),
-        "time": "2024-05-01T10:00:00.123456789Z",
-        "ec_x": None,
-        "ec_y": None,
-        "ec_d": None,
-        "rsa_key": None,
-        "public_key": "",
-        "convergent_version": 0,
-        "creation_time": 1714557600,
-    }
-
-
-def vault_backup(
-    versions: dict[int, bytes],
-    *,
-    name: str = "legacy",
-    kind: int = 0,
-    min_decryption_version: int = 1,
-    min_available_version: int = 0,
-    as_json: bool = False,
-    **policy: Any,
-) -> str:
-    """What ``GET transit/backup/:name`` answers: base64 of the KeyData JSON. As Vault does,
-    ``policy.keys`` holds the versions from ``min_decryption_version`` up, and the archive
-    every version from ``min_available_version`` (index = version - min_available_version)."""
-    latest = max(versions)
-    blank = {"key": None, "hmac_key": None, "time": "0001-01-01T00:00:00Z", "creation_time": 0}
-    archive = [
-        _entry(versions[v]) if v in versions else blank
-        for v in range(min_available_version, latest + 1)
-    ]
-    document = {
-        "policy": {
-            "name": name,
-            "keys": {str(v): _entry(k) for v, k in versions.items() if v >= min_decryption_version},
-            "derived": False,
-            "kdf": 0,
-            "convergent_encryption": False,
-            "exportable": False,
-            "min_decryption_version": min_decryption_version,
-            "min_encryption_version": 0,
-            "latest_version": latest,
-            "archive_version": latest,
-            "archive_min_version": min_available_version,
-            "min_available_version": min_available_version,
-            "deletion_allowed": False,
-            "convergent_version": 0,
-            "type": kind,
-            "backup_info": {"time": "2026-12-01T09:00:00Z", "version": latest},
-            "restore_info": None,
-            "allow_plaintext_backup": True,
-            "version_template": "",
-            "storage_prefix": "",
-            "auto_rotate_period": 0,
-            "Imported": False,
-            "AllowImportedKeyRotation": False,
-            **policy,
-        },
-        "archived_keys": {"keys": archive},
-    }
-    text = json.dumps(document)
-    return text if as_json else _b64(text.encode())
-
-
-def vault_encrypt(
-    key: bytes, version: int, plaintext: bytes, aad: bytes | None = None, aead: Any = AESGCM
-) -> str:
-    nonce = os.urandom(12)
-    return f"vault:v{version}:" + _b64(nonce + aead(key).encrypt(nonce, plaintext, aad))
-
-
-def vault_decrypt(key: bytes, ciphertext: str, aad: bytes | None = None) -> bytes:
-    blob = base64.b64decode(ciphertext.split(":", 2)[2])
-    return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
 
 
 def _tamper(ciphertext: str, index: int = -1) -> str:
     head, body = ciphertext.rsplit(":", 1)
     blob = bytearray(base64.b64decode(body))
     blob[index] ^= 1
-    return f"{head}:{_b64(bytes(blob))}"
+    return f"{head}:{b64(bytes(blob))}"
 
 
 @pytest.fixture
@@ -288,13 +204,13 @@ def test_ciphertexts_are_never_sniffed(
     v2 = keys.show_key(memory_app, "legacy").versions[1]
     envelope = crypto.encrypt(memory_app, v2.key_id, b"native").envelope
     with pytest.raises(DecryptionError):
-        decrypt_vault(memory_app, "legacy", "vault:v2:" + _b64(envelope))
+        decrypt_vault(memory_app, "legacy", "vault:v2:" + b64(envelope))
     # Another key's envelope labelled as this key's qimem-made version 3: refused.
     keys.rotate_key(memory_app, "legacy")
     keys.create_key(memory_app, name="other")
     foreign = crypto.encrypt(memory_app, "other", b"foreign").envelope
     with pytest.raises(DecryptionError):
-        decrypt_vault(memory_app, "legacy", "vault:v3:" + _b64(foreign))
+        decrypt_vault(memory_app, "legacy", "vault:v3:" + b64(foreign))
     # A key that was not imported never reads the raw layout.
     with pytest.raises(ValidationError) as err:
         decrypt_vault(memory_app, "other", vault_encrypt(vault_keys[1], 1, b"x"))
@@ -340,23 +256,21 @@ def test_unsupported_vault_keys_are_refused(
     [
         "",
         "not base64 at all!",
-        _b64(b"not json"),
-        _b64(b"[]"),
-        _b64(json.dumps({"archived_keys": {}}).encode()),
-        _b64(json.dumps({"policy": {"latest_version": 1, "keys": []}}).encode()),
-        _b64(json.dumps({"policy": {"latest_version": 2, "keys": {"1": {}}}}).encode()),
-        _b64(
-            json.dumps({"policy": {"latest_version": 1, "keys": {"1": {"key": "AAAA"}}}}).encode()
-        ),
-        _b64(json.dumps({"policy": {"latest_version": 1, "keys": {"x": {"key": "AA"}}}}).encode()),
+        b64(b"not json"),
+        b64(b"[]"),
+        b64(json.dumps({"archived_keys": {}}).encode()),
+        b64(json.dumps({"policy": {"latest_version": 1, "keys": []}}).encode()),
+        b64(json.dumps({"policy": {"latest_version": 2, "keys": {"1": {}}}}).encode()),
+        b64(json.dumps({"policy": {"latest_version": 1, "keys": {"1": {"key": "AAAA"}}}}).encode()),
+        b64(json.dumps({"policy": {"latest_version": 1, "keys": {"x": {"key": "AA"}}}}).encode()),
         "A" * (16 * 1024 * 1024 + 4),
-        _b64(  # a crafted latest_version must not make the restore write 2^31 rows
+        b64(  # a crafted latest_version must not make the restore write 2^31 rows
             json.dumps(
                 {
                     "policy": {
                         "latest_version": 2**31 - 1,
                         "min_available_version": 2**31 - 1,
-                        "keys": {str(2**31 - 1): {"key": _b64(bytes(32))}},
+                        "keys": {str(2**31 - 1): {"key": b64(bytes(32))}},
                     }
                 }
             ).encode()
@@ -397,7 +311,7 @@ def test_errors_and_reprs_hold_no_key_material(memory_app: AppContext) -> None:
     assert "secret" not in repr(sealed) and sealed.ciphertext not in repr(sealed)
     with pytest.raises(ConflictError) as err:
         restore_vault_backup(memory_app, backup)
-    assert _b64(key) not in str(err.value)
+    assert b64(key) not in str(err.value)
 
 
 # -- storage: the flag survives the stores, reopening and qimem's own backups -------------
@@ -430,7 +344,7 @@ def test_the_flag_survives_reopening_and_qimem_backups(tmp_path: Path, root_key_
 def test_a_store_from_before_the_flag_reads_no_vault_layout(
     tmp_path: Path, root_key_b64: str
 ) -> None:
-    from tests.migration_helpers import downgrade
+    from migration_helpers import downgrade
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     app = make_app(url, root_key_b64)
