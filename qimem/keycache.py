@@ -218,8 +218,9 @@ class KeyCache:
         # Derived keys' per-context entries, (realm, ref or prefix, context) -> entry; never
         # in the tables above, so the hot paths cannot use one without its context.
         self.derived: dict[tuple[str, object, bytes], CachedKey] = {}
-        # Signing and MAC keys: realm -> {ref (str): the active version, for signing; or
-        # signature/tag prefix (bytes): a version, for verifying} (see CachedHandle).
+        # Signing and MAC keys: realm -> {ref (str): the active version (signs with it
+        # only if ``entry.signs``); or signature/tag prefix (bytes): a version, for
+        # verifying} (see CachedHandle).
         self.handles: dict[str, dict[str | bytes, CachedHandle]] = {}
         self._lock = threading.Lock()
         # Entries dropped or replaced while still holding reserved, unused usage counts:

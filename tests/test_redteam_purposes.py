@@ -411,3 +411,83 @@ def test_a_header_with_a_forged_algorithm_id_loads_no_key(app: AppContext) -> No
 
 def _versions(app: AppContext, name: str) -> list[Any]:
     return list(services.show_key(app, name).versions)
+
+
+# ---- a check or a read never writes ---------------------------------------------------------
+
+
+def _expire(app: AppContext, *names: str) -> None:
+    """Make ``names`` due for an age-based rotation, with an empty key cache."""
+    import time
+
+    for name in names:
+        lifecycle.set_policy(app, name, auto_rotate_seconds=1)
+    time.sleep(1.2)
+    app.cache.clear()
+
+
+def test_verifying_or_reading_a_public_key_never_rotates(app: AppContext) -> None:
+    """verify, verify_mac and public key reads found the active version through the
+    signing path (``lifecycle.check_signing``): past ``auto_rotate_seconds`` a caller
+    holding only keys:verify, keys:verify-mac or keys:read generated a new key version (a
+    keygen, a store write, a keys.auto_rotate audit record). A check or a read never
+    writes."""
+    signature = signing.sign(app, "ed", SECRET).signature
+    tag = macs.mac(app, "hm", SECRET).tag
+    raw_signature = signing.sign(app, "ed", SECRET, raw=True).signature
+    raw_tag = macs.mac(app, "hm", SECRET, raw=True).tag
+    _expire(app, "ed", "hm")
+    key_id = _versions(app, "ed")[0].key_id
+    assert signing.verify(app, "ed", SECRET, signature).valid
+    assert macs.verify_mac(app, "hm", SECRET, tag).valid
+    app.cache.clear()  # each path on a cold cache too
+    assert signing.verify(app, "ed", SECRET, raw_signature, raw=True).valid
+    app.cache.clear()
+    assert macs.verify_mac(app, "hm", SECRET, raw_tag, raw=True).valid
+    app.cache.clear()
+    assert signing.verify(app, key_id, SECRET, raw_signature, raw=True).valid
+    app.cache.clear()
+    assert signing.public_key(app, "ed").version == 1
+    app.cache.clear()
+    assert [k.version for k in signing.public_keys(app, "ed")] == [1]
+    assert len(_versions(app, "ed")) == 1
+    assert len(_versions(app, "hm")) == 1
+
+
+def test_a_key_loaded_to_verify_still_rotates_when_it_signs() -> None:
+    """The other side of the above: an entry a verification (or a public key read) cached
+    under the key's name passed no signing check, so sign and mac must not take it as
+    their cached active version: past ``auto_rotate_seconds`` the first signature or tag
+    after a verification still comes from a new version (also through transit's hmac,
+    which takes macs' cached entry), and what the old version made still verifies. (Entries
+    are not revalidated during the test: a rotation elsewhere cannot drop them.)"""
+    from qimem.services import transit_hmac
+
+    app = make_app("memory://", None, cache_revalidate=600.0)
+    try:
+        for name, algorithm in (("ed", "ed25519"), ("hm", "hmac-sha256"), ("hm2", "hmac-sha256")):
+            services.create_key(app, name=name, algorithm=algorithm)
+        signature = signing.sign(app, "ed", SECRET).signature
+        tag = macs.mac(app, "hm", SECRET).tag
+        tag2 = macs.mac(app, "hm2", SECRET).tag
+        _expire(app, "ed", "hm", "hm2")
+        assert signing.verify(app, "ed", SECRET, signature).valid
+        signing.public_key(app, "ed")
+        assert macs.verify_mac(app, "hm", SECRET, tag).valid
+        assert macs.verify_mac(app, "hm2", SECRET, tag2).valid
+        assert macs.mac(app, "hm", SECRET).version == 2
+        assert transit_hmac.hmac(app, "hm2", SECRET).version == 2
+        made = signing.sign(app, "ed", SECRET)
+        assert made.version == 2
+        assert signing.verify(app, "ed", SECRET, signature).version == 1
+        assert signing.verify(app, "ed", SECRET, made.signature).version == 2
+        assert macs.verify_mac(app, "hm", SECRET, tag).version == 1
+        assert signing.public_key(app, "ed").version == 2
+        services.create_key(app, name="ed3", algorithm="ed25519")  # no policy: not due
+        signature = signing.sign(app, "ed3", SECRET).signature
+        app.cache.clear()
+        assert signing.verify(app, "ed3", SECRET, signature).valid  # loaded to verify
+        made = signing.sign(app, "ed3", SECRET)  # checked to sign, the same version serves
+        assert made.version == 1 and signing.verify(app, "ed3", SECRET, made.signature).valid
+    finally:
+        app.close()

@@ -51,8 +51,12 @@ class CachedHandle:
     ``handle``: the signer (purpose ``sign``) or the key bytes (``mac``: the MAC plugin
     interface takes the key on every call); ``verifier`` and ``public_key`` (SPKI DER):
     signing keys only. ``prefix``: the header of every signature or tag this version makes
-    (see the module docstring). Holds no usage counts (``reserved`` is always 0, for the key
-    cache's bookkeeping). Its repr names the version only.
+    (see the module docstring). ``signs``: the version passed the signing checks
+    (``lifecycle.check_signing``: minimum version, age-based rotation) when it was loaded, so
+    ``sign`` and ``mac`` may take it as the active version cached under a ref; an entry a
+    verification or a public key read loaded passed ``check_verification`` only (those never
+    rotate a key), and signing looks again. Holds no usage counts (``reserved`` is always 0,
+    for the key cache's bookkeeping). Its repr names the version only.
     """
 
     __slots__ = (
@@ -70,6 +74,7 @@ class CachedHandle:
         "realm",
         "expires",
         "hard_expires",
+        "signs",
     )
 
     reserved = 0
@@ -84,6 +89,7 @@ class CachedHandle:
         expires: float,
         verifier: object = None,
         public_key: bytes | None = None,
+        signs: bool = False,
     ) -> None:
         self.meta = meta
         self.purpose = purpose
@@ -99,6 +105,7 @@ class CachedHandle:
         self.realm = meta.realm
         self.expires = expires
         self.hard_expires = expires
+        self.signs = signs
 
     def __repr__(self) -> str:
         return f"<CachedHandle {self.purpose} {self.key_id} v{self.version}>"
@@ -122,8 +129,9 @@ def parse_header(purpose: str, blob: bytes) -> tuple[int, str, int] | None:
     return algorithm_id, str(uuid.UUID(bytes=raw_id)), version
 
 
-def load(app: AppContext, version: KeyVersion, purpose: str) -> CachedHandle:
-    """Unwrap ``version``'s material once and load it (the caller checked its purpose)."""
+def load(app: AppContext, version: KeyVersion, purpose: str, signs: bool = False) -> CachedHandle:
+    """Unwrap ``version``'s material once and load it (the caller checked its purpose;
+    ``signs``: and ran ``check_signing`` on it)."""
     algorithm = app.registry.algorithm(version.algorithm, purpose)
     material = app.store.material(version.realm, version.key_id)
     verifier = public_key = None
@@ -138,23 +146,30 @@ def load(app: AppContext, version: KeyVersion, purpose: str) -> CachedHandle:
         zero(material)
     prefix = header(purpose, algorithm.algorithm_id, version.key_id, version.version)
     return CachedHandle(
-        version, purpose, algorithm, handle, prefix, app.cache.expiry(), verifier, public_key
+        version, purpose, algorithm, handle, prefix, app.cache.expiry(), verifier, public_key, signs
     )
 
 
-def active(app: AppContext, ref: str, realm: str, purpose: str, operation: str) -> CachedHandle:
+def active(
+    app: AppContext, ref: str, realm: str, purpose: str, operation: str, *, signing: bool = True
+) -> CachedHandle:
     """The loaded active version ``ref`` names (a key_id, which must be active, a
     lineage_id or a name), from the cache or the store; cached under ``ref``.
 
+    ``signing``: to sign or compute a MAC, after ``lifecycle.check_signing`` (which may
+    rotate the key by age: the new version is returned); False: to verify or read a public
+    key, after ``check_verification`` only, which never writes. An entry cached for that
+    is not ``signs`` and does not serve signing (see :class:`CachedHandle`).
+
     :raises ValidationError: ``wrong_purpose``.
-    :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away, or the version is
-        below the lineage's minimum version.
+    :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away, or (``signing``)
+        the version is below the lineage's minimum version.
     :raises ConflictError: ``key_pending_deletion``.
     """
     app.cache.revalidate(app.store.rotation_marker)  # other servers' changes
-    entry = app.cache.for_handle(realm, ref)
-    if entry is not None and entry.purpose == purpose:
-        return entry
+    cached = app.cache.for_handle(realm, ref)
+    if cached is not None and cached.purpose == purpose and (cached.signs or not signing):
+        return cached
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     lineage_id, exact = resolve(app, check_ref(ref), realm)
     version = exact or app.store.active_version(realm, lineage_id)
@@ -162,10 +177,33 @@ def active(app: AppContext, ref: str, realm: str, purpose: str, operation: str) 
     if exact is not None and exact.state is not KeyState.ACTIVE:
         versions = app.store.versions(realm, lineage_id)
         raise not_active_error(exact, next((v for v in versions if v.active), None))
-    checked = lifecycle.check_signing(app, version)
-    if checked is not version and exact is not None:  # rotated away by age just now
-        raise not_active_error(exact, checked)
-    entry = load(app, checked, purpose)
+    if not signing:
+        lifecycle.check_verification(app, version)
+        checked = version
+    else:
+        checked = lifecycle.check_signing(app, version)
+        if checked is not version and exact is not None:  # rotated away by age just now
+            raise not_active_error(exact, checked)
+    if (
+        signing
+        and cached is not None
+        and cached.purpose == purpose
+        and cached.key_id == checked.key_id
+    ):
+        # loaded to verify, now checked to sign: the loaded key serves, nothing unwrapped
+        entry = CachedHandle(
+            checked,
+            purpose,
+            cached.algorithm,
+            cached.handle,
+            cached.prefix,
+            app.cache.expiry(),
+            cached.verifier,
+            cached.public_key,
+            signs=True,
+        )
+    else:
+        entry = load(app, checked, purpose, signs=signing)
     app.cache.put_handle(realm, entry, ref=ref, generation=generation)
     return entry
 
@@ -185,7 +223,7 @@ def owner(
         if exact is not None and exact.state is not KeyState.ACTIVE:  # an older key_id
             require_purpose(app, exact, purpose, operation)
             return lineage_id, exact.key_id
-        entry = active(app, ref, realm, purpose, operation)
+        entry = active(app, ref, realm, purpose, operation, signing=False)
     return entry.lineage_id, (ref if ref == entry.key_id else None)
 
 
@@ -244,13 +282,13 @@ def version_entry(
     if version is None:
         lineage_id, key_id = owner(app, ref, realm, purpose, operation)
         if key_id is None:
-            return active(app, ref, realm, purpose, operation)
+            return active(app, ref, realm, purpose, operation, signing=False)
         target = app.store.get(realm, key_id)
     else:
         target = version_of(app, ref, version, realm)
         require_purpose(app, target, purpose, operation)
     if target.state is KeyState.ACTIVE:
-        return active(app, target.key_id, realm, purpose, operation)
+        return active(app, target.key_id, realm, purpose, operation, signing=False)
     algorithm = app.registry.algorithm(target.algorithm, purpose)
     prefix = header(purpose, algorithm.algorithm_id, target.key_id, target.version)
     entry = for_prefix(app, realm, prefix, purpose, target.lineage_id, target.key_id)

@@ -65,7 +65,8 @@ def mac(
     """
     refs = app.cache.handles.get(realm)
     entry = refs.get(_ref(ref)) if refs is not None else None
-    if entry is None or entry.purpose != "mac" or entry.expires <= _monotonic():
+    if entry is None or entry.purpose != "mac" or not entry.signs or entry.expires <= _monotonic():
+        # not cached, or cached by a verification (which never rotates a key): check
         entry = handles.active(app, _ref(ref), realm, "mac", "computing a MAC")
     tag = entry.algorithm.mac(entry.handle, data)  # type: ignore[attr-defined]
     if not raw:

@@ -139,7 +139,8 @@ def sign(
     """
     refs = app.cache.handles.get(realm)
     entry = refs.get(_ref(ref)) if refs is not None else None
-    if entry is None or entry.purpose != "sign" or entry.expires <= _monotonic():
+    if entry is None or entry.purpose != "sign" or not entry.signs or entry.expires <= _monotonic():
+        # not cached, or cached by a verification (which never rotates a key): check
         entry = handles.active(app, _ref(ref), realm, "sign", "signing")
     signature = entry.handle.sign(message, prehashed=prehashed, marshaling=marshaling)  # type: ignore[attr-defined]
     if not raw:
