@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-SUITES = ["core", "files", "http", "auth", "cli", "workers", "signing"]
+SUITES = ["core", "files", "http", "auth", "cli", "workers", "signing", "transit"]
 # Run only when named: ``load`` needs a PostgreSQL server and is a reliability run.
 OPTIONAL = ["load"]
 

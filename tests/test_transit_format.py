@@ -116,7 +116,7 @@ def test_base64_is_strict_and_null_is_absent() -> None:
     assert b64_field({"p": "QUJD"}, "p") == b"ABC"
     assert b64_field({"p": None}, "p") is None and b64_field({"p": ""}, "p") is None
     assert b64_field({"p": ""}, "p", empty_is_none=False) == b""
-    for bad in ("QUJ", "QU JD", "@@@@", 5):
+    for bad in ("QUJ", "QU JD", "@@@@", "QUJD=", "QUJD\n", "QUJDé", "QUJD====", 5):
         with pytest.raises(VaultError):
             b64_field({"p": bad}, "p")
 

@@ -27,7 +27,6 @@ routing: ``LIST`` becomes ``GET`` with ``list=true``, the token becomes the
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import uuid
@@ -184,10 +183,13 @@ def b64_field(body: Mapping[str, Any], name: str, *, empty_is_none: bool = True)
     value = string(body, name)
     if value is None or (empty_is_none and value == ""):
         return None
-    try:
-        return base64.b64decode(value, validate=True)
+    try:  # strict: the alphabet only, whole quanta, correct padding, nothing after it
+        decoded = binascii.a2b_base64(value, strict_mode=True)
+        if len(value) == 4 * ((len(decoded) + 2) // 3):  # no extra padding quanta
+            return decoded
     except (binascii.Error, ValueError):
-        raise VaultError(f"failed to base64-decode {name}") from None
+        pass
+    raise VaultError(f"failed to base64-decode {name}")
 
 
 def batch_input(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -213,10 +215,13 @@ def error_text(exc: QimemError) -> str:
 # ---- answers ---------------------------------------------------------------------------
 
 
-def envelope(data: Any, warnings: list[str] | None = None) -> dict[str, Any]:
-    """Vault's response envelope around ``data``."""
+def envelope(
+    data: Any, warnings: list[str] | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """Vault's response envelope around ``data`` (``request_id``: the server's, which its
+    logs and the ``X-Request-Id`` header carry; default a fresh one)."""
     return {
-        "request_id": str(uuid.uuid4()),
+        "request_id": request_id or str(uuid.uuid4()),
         "lease_id": "",
         "renewable": False,
         "lease_duration": 0,
@@ -227,12 +232,15 @@ def envelope(data: Any, warnings: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def render(resp: falcon.Response, status: int, doc: Any) -> None:
     """``doc`` as JSON with ``Content-Type: application/json`` exactly (hvac reads the
     ``errors`` only then)."""
-    resp.status = falcon.code_to_http_status(status)
+    resp.status = status
     resp.content_type = JSON_TYPE
-    resp.data = json.dumps(doc, separators=(",", ":")).encode()
+    resp.data = _encode(doc).encode()
 
 
 def _vault_status(status: int) -> int:
@@ -319,7 +327,8 @@ class TransitResource:
         if data is None and not request.warnings:
             resp.status = falcon.HTTP_204
             return
-        render(resp, status, envelope(data, request.warnings))
+        request_id = getattr(req.context, "request_id", None)
+        render(resp, status, envelope(data, request.warnings, request_id))
 
 
 @dataclass
