@@ -154,14 +154,31 @@ def default_rules() -> dict[tuple[str, str], Rule]:
 RULES = default_rules()
 
 
+def transit_rules(mount: str = "transit") -> dict[tuple[str, str], Rule]:
+    """The rules of the Vault-Transit-compatible facade at ``/v1/<mount>``
+    (``qimem.server.transit``): each declaration's bound /v1/security operation gives the
+    permission, audit action and pair; the facade's finder gives the key names."""
+    from qimem.server.transit import transit_operations
+
+    rules: dict[tuple[str, str], Rule] = {}
+    for op in transit_operations():
+        permission, audit, pair, _ = op.bound
+        rules[(op.method, op.full_path(mount))] = Rule(
+            permission,
+            key_names=op.key_names if permission is not None else None,
+            audit=audit,
+            pair=pair,
+            also=op.also,
+        )
+    return rules
+
+
 def rules_with_transit(settings: Any) -> dict[tuple[str, str], Rule]:
     """:data:`RULES` and, when ``settings`` (``[transit]``) enable it, the rules of the
-    Vault-Transit-compatible facade at its mount (``qimem.server.transit``)."""
+    Vault-Transit-compatible facade at its mount (:func:`transit_rules`)."""
     if not settings.enabled:
         return RULES
-    from qimem.server.transit import transit_rules
-
-    return {**RULES, **transit_rules(settings.mount)}  # type: ignore[dict-item]
+    return {**RULES, **transit_rules(settings.mount)}
 
 
 _CLOSED = Rule("realms:admin", master_only=True)

@@ -17,8 +17,9 @@ from qimem.app import AppContext
 from qimem.config import Config, TransitSettings, load_config, parse_transit
 from qimem.errors import ConfigError
 from qimem.server.app import create_app
+from qimem.server.auth_middleware import transit_rules
 from qimem.server.operations import operation
-from qimem.server.transit import transit_operations, transit_rules
+from qimem.server.transit import transit_operations
 from qimem.server.transit.ciphertext import format_ciphertext, parse_ciphertext
 from qimem.server.transit.framework import (
     BatchAnswer,
@@ -207,9 +208,7 @@ def test_unknown_fields_are_warned_and_errors_have_vault_shape(ctx: AppContext) 
         "/v1/transit/encrypt/k", json={"plaintext": "QUJD", "colour": "blue"}
     )
     assert answer.status_code == 200
-    assert answer.json["warnings"] == [
-        "Endpoint ignored these unrecognized parameters: [colour]"
-    ]
+    assert answer.json["warnings"] == ["Endpoint ignored these unrecognized parameters: [colour]"]
     assert set(answer.json) == {
         "request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info",
         "warnings", "auth",

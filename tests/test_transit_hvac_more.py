@@ -324,11 +324,6 @@ def test_restore_a_vault_backup(world: World) -> None:
     assert transit(world).read_key("byname")["data"]["latest_version"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the vault-layout dispatch in server/transit/crypto.py (T1's file; "
-    "see /work/notes/T2_FOR_T1.md)",
-)
 def test_restored_vault_key_decrypts_and_rewraps_through_hvac(world: World) -> None:
     keys = {1: os.urandom(32), 2: os.urandom(32)}
     transit(world).restore_key(vault_backup(keys), name="legacy")
@@ -337,5 +332,12 @@ def test_restored_vault_key_decrypts_and_rewraps_through_hvac(world: World) -> N
     answer = client.decrypt_data("legacy", old, associated_data=b64(b"row-1"))
     assert answer["data"]["plaintext"] == b64(b"from vault")
     client.rotate_key("legacy")
-    rewrapped = client.rewrap_data("legacy", old)  # hvac sends no associated_data
-    assert rewrapped["data"]["ciphertext"].startswith("vault:v3:")
+    with pytest.raises(InvalidRequest):  # hvac's rewrap sends no associated_data
+        client.rewrap_data("legacy", old)
+    bare = vault_encrypt(keys[2], 2, b"no aad")
+    rewrapped = client.rewrap_data("legacy", bare)["data"]["ciphertext"]
+    assert rewrapped.startswith("vault:v3:")
+    assert client.decrypt_data("legacy", rewrapped)["data"]["plaintext"] == b64(b"no aad")
+    sealed = client.encrypt_data("legacy", b64(b"new"))["data"]["ciphertext"]
+    assert sealed.startswith("vault:v3:")
+    assert client.decrypt_data("legacy", sealed)["data"]["plaintext"] == b64(b"new")

@@ -19,7 +19,6 @@ from qimem.server.transit.framework import (
     TransitOperation,
     add_routes,
     install_error_handlers,
-    rules,
 )
 
 #: The modules declaring the facade's endpoints (an ``OPERATIONS`` tuple each).
@@ -32,7 +31,7 @@ MODULES = (
     "qimem.server.transit.backup",
 )
 
-__all__ = ["DEFAULT_MOUNT", "MODULES", "install", "transit_operations", "transit_rules"]
+__all__ = ["DEFAULT_MOUNT", "MODULES", "install", "transit_operations"]
 
 
 @cache
@@ -42,11 +41,6 @@ def transit_operations() -> tuple[TransitOperation, ...]:
     for name in MODULES:
         found.extend(importlib.import_module(name).OPERATIONS)
     return tuple(found)
-
-
-def transit_rules(mount: str = DEFAULT_MOUNT) -> dict[tuple[str, str], object]:
-    """The authorization rules of the facade mounted at ``/v1/<mount>``."""
-    return rules(mount, transit_operations())
 
 
 def install(

@@ -10,16 +10,25 @@ items' fields count, as in Vault; the answer is 400 when an item failed, unless
 
 A ciphertext must have been sealed by the key named in the URL (any of its versions), and
 its ``vN`` must be that version: both are checked before anything is decrypted.
+
+A key restored from a Vault backup (its lineage flagged ``vault_layout_versions``; never
+decided from the bytes) goes through :mod:`qimem.services.vault_import` instead: Vault's raw
+layout for its imported versions, qimem envelopes after a rotation. The flag is read from
+the store at most once per key-cache TTL per key name (:func:`vault_layout`), the staleness
+bound the key cache already has.
 """
 
 from __future__ import annotations
 
 import base64
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from qimem import envelope as env
 from qimem import services
+from qimem.app import AppContext
 from qimem.errors import NotFoundError, QimemError
 from qimem.keys import KeyVersion
 from qimem.server.transit.ciphertext import format_ciphertext, parse_ciphertext
@@ -33,10 +42,41 @@ from qimem.server.transit.framework import (
     error_text,
     integer,
 )
+from qimem.services import vault_import
 
 Item = Callable[[TransitRequest, str, dict[str, Any]], dict[str, Any]]
 _COMMON = ("context", "associated_data", "key_version", "nonce", "reference", "batch_input")
 _DATAKEY_BITS = {128: 16, 256: 32, 512: 64}
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[AppContext, dict[tuple[str, str], tuple[float, bool]]]
+_LAYOUTS = weakref.WeakKeyDictionary()
+_MAX_LAYOUTS = 10_000
+
+
+def vault_layout(request: TransitRequest, name: str) -> bool:
+    """Whether ``name`` is a key restored from Vault (cached for the key cache's TTL); an
+    unknown key is not (the regular path reports it)."""
+    app, now = request.app, time.monotonic()
+    known = _LAYOUTS.get(app)
+    if known is None:
+        known = _LAYOUTS.setdefault(app, {})
+    hit = known.get((request.realm, name))
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    try:
+        flag = vault_import.is_vault_layout(app, name, realm=request.realm)
+    except NotFoundError:
+        return False
+    if len(known) >= _MAX_LAYOUTS:
+        known.clear()
+    known[(request.realm, name)] = (now + app.config.cache_ttl, flag)
+    return flag
+
+
+def _no_context(item: dict[str, Any]) -> None:
+    if item.get("context"):
+        raise VaultError("a key restored from Vault is not derived: context is not allowed")
 
 
 def _b64(data: bytes) -> str:
@@ -96,6 +136,14 @@ def _encrypt_item(request: TransitRequest, name: str, item: dict[str, Any]) -> d
         raise VaultError("missing plaintext to encrypt")
     _no_nonce(item)
     check_latest(request, name, item)
+    if vault_layout(request, name):
+        _no_context(item)
+        made = vault_import.encrypt_vault(
+            request.app, name, plaintext, aad=b64_field(item, "associated_data"),
+            realm=request.realm,
+        )  # fmt: skip
+        request.key_ref = made.key_id
+        return {"ciphertext": made.ciphertext, "key_version": made.version}
     sealed = services.encrypt(
         request.app,
         name,
@@ -112,6 +160,17 @@ def _encrypt_item(request: TransitRequest, name: str, item: dict[str, Any]) -> d
 
 
 def _decrypt_item(request: TransitRequest, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    if vault_layout(request, name):
+        _no_nonce(item)
+        _no_context(item)
+        text = item.get("ciphertext")
+        if not isinstance(text, str):
+            raise VaultError("missing ciphertext to decrypt")
+        result = vault_import.decrypt_vault(
+            request.app, name, text, aad=b64_field(item, "associated_data"), realm=request.realm
+        )
+        request.key_ref = result.key_id
+        return {"plaintext": _b64(result.plaintext)}
     opened = services.decrypt(
         request.app,
         _opened(request, name, item),
@@ -124,6 +183,18 @@ def _decrypt_item(request: TransitRequest, name: str, item: dict[str, Any]) -> d
 
 
 def _rewrap_item(request: TransitRequest, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    if vault_layout(request, name):
+        _no_nonce(item)
+        _no_context(item)
+        check_latest(request, name, item)
+        text = item.get("ciphertext")
+        if not isinstance(text, str):
+            raise VaultError("missing ciphertext to rewrap")
+        made = vault_import.rewrap_vault(
+            request.app, name, text, aad=b64_field(item, "associated_data"), realm=request.realm
+        )
+        request.key_ref = made.key_id
+        return {"ciphertext": made.ciphertext, "key_version": made.version}
     blob = _opened(request, name, item)
     check_latest(request, name, item)
     sealed = services.rewrap(
@@ -190,6 +261,18 @@ def _datakey(request: TransitRequest) -> dict[str, Any]:
         raise VaultError("bits must be 128, 256 or 512")
     _no_nonce(request.body)
     check_latest(request, name, request.body)
+    if vault_layout(request, name):
+        _no_context(request.body)
+        if request.body.get("associated_data"):
+            raise VaultError("a key restored from Vault makes data keys without associated_data")
+        data_key, made = vault_import.datakey_vault(
+            request.app, name, bits=bits, realm=request.realm
+        )
+        request.key_ref = made.key_id
+        answer: dict[str, Any] = {"ciphertext": made.ciphertext, "key_version": made.version}
+        if kind == "plaintext":
+            answer["plaintext"] = _b64(data_key)
+        return answer
     key = services.datakey(
         request.app,
         name,

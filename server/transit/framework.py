@@ -5,7 +5,7 @@ A :class:`TransitOperation` declares one Transit endpoint once, next to the
 permission, the key-name finder's meaning, the audit action and the metric label come from
 that declaration, so the facade is authorized and audited exactly like ``/v1/security``.
 From the declarations come the Falcon routes (:func:`add_routes`) and the authorization
-rules (:func:`rules`).
+rules (``qimem.server.auth_middleware.transit_rules``).
 
 Vault's wire shape, made here only:
 
@@ -371,24 +371,6 @@ def add_routes(
         setattr(route, "on_" + op.method.lower(), resource.__call__)
     for path, route in routes.items():
         app.add_route(path, route)
-
-
-def rules(mount: str, operations: Iterable[TransitOperation]) -> dict[tuple[str, str], Any]:
-    """The authorization rules of ``operations`` (``auth_middleware.Rule`` each): the
-    bound declaration's permission, audit action and pair, the facade's key-name finder."""
-    from qimem.server.auth_middleware import Rule
-
-    found: dict[tuple[str, str], Any] = {}
-    for op in operations:
-        permission, audit, pair, _ = op.bound
-        found[(op.method, op.full_path(mount))] = Rule(
-            permission,
-            key_names=op.key_names if permission is not None else None,
-            audit=audit,
-            pair=pair,
-            also=op.also,
-        )
-    return found
 
 
 # ---- the middleware and error handlers ---------------------------------------------------

@@ -98,7 +98,7 @@ def key_data(request: TransitRequest, name: str) -> dict[str, Any]:
         "exportable": False,
         "allow_plaintext_backup": False,
         "convergent_encryption": False,
-        "imported_key": False,
+        "imported_key": policy.vault_layout,  # restored from a Vault backup
         "auto_rotate_period": policy.auto_rotate_seconds or 0,
         "supports_encryption": encryption,
         "supports_decryption": decryption,
