@@ -20,8 +20,9 @@ from qimem.app import AppContext, build
 from qimem.config import Config
 from qimem.rootkey import encode_root_key, generate_root_key
 
-#: Fixture modules shared by several test files (each defines them once).
-pytest_plugins = ["jwt_fixtures"]
+#: Fixture modules shared by several test files (each defines them once), and the hook that
+#: starts the longest tests first (tests/slow_first.py).
+pytest_plugins = ["jwt_fixtures", "slow_first"]
 
 POSTGRES_ENV = "QIMEM_TEST_POSTGRES_URL"
 REPO = Path(__file__).resolve().parent.parent
