@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.keys",
             "qimem.keystore",
             "qimem.keycache",
+            "qimem.cached_key",  # the key cache's entry (CachedKey)
             "qimem.invalidation",  # change notices: sent by stores, applied to the caches
             "qimem.events",
             "qimem.config",
