@@ -261,8 +261,11 @@ def test_docs_identity_contract_example_passes(tmp_path: Path) -> None:
     assert len(blocks) == 1
     (tmp_path / "test_my_store_identity.py").write_text(blocks[0])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # pytest alone: none of the plugins installed here (schemathesis, hypothesis, anyio...),
+    # which cost ~3 s of start-up and which the example does not use
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
