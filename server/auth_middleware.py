@@ -198,6 +198,19 @@ def _realm_not_found(realm: str) -> NotFoundError:
     return NotFoundError(f"realm {realm!r} does not exist", code="realm_not_found")
 
 
+def _batch_keys(items: list[Any], detail: dict[str, Any]) -> str | None:
+    """A batch answer's audit target: its one key, or ``"batch"`` with the key ids it used
+    (at most 100, ids only) and its item count in ``detail``."""
+    used = sorted(
+        {i["key_id"] for i in items if isinstance(i, dict) and isinstance(i.get("key_id"), str)}
+    )
+    detail["items"] = len(items)
+    if not used:
+        return None
+    detail["key_ids"] = used[:100]
+    return used[0] if len(used) == 1 else "batch"
+
+
 class IdentityAuthMiddleware:
     """Authenticate with bearer tokens and authorize by :data:`RULES`.
 
@@ -374,7 +387,9 @@ class IdentityAuthMiddleware:
         target = media.get("key_id") if isinstance(media, dict) else None
         target = target or getattr(req.context, "key_ref", None)  # e.g. an invalid signature
         outcome = "success" if status < 400 else ("denied" if status in (401, 403) else "failure")
-        detail = {} if status < 400 else {"status": status}
+        detail: dict[str, Any] = {} if status < 400 else {"status": status}
+        if target is None and isinstance(media, dict) and isinstance(media.get("items"), list):
+            target = _batch_keys(media["items"], detail)
         target = target if isinstance(target, str) else "-"
         if not self._required:
             try:

@@ -275,3 +275,37 @@ def test_limits_and_odd_options_are_one_clear_400(world: World) -> None:
         "boss",
     )
     assert huge.status_code == 200 and huge.json["valid"] is False
+
+
+# A batch answer names no key at its top level: the audit record must still name the
+# keys it used (red team finding, fixed in server/auth_middleware.py _batch_keys).
+@pytest.fixture
+def served_batch() -> Iterator[tuple[AppContext, testing.TestClient, str]]:
+    from qimem.server.app import create_app
+
+    app = with_identity(make_app("memory://", None))
+    ids.create_realm(app, "acme")
+    for name in ("payroll-1", "payroll-2"):
+        services.create_key(app, name=name, algorithm="ed25519", realm="acme")
+    ids.add_user(app, "acme", "boss", password_of("boss"), ["admin"])
+    token = ids.mint_token(app, "acme", "boss").access_token
+    yield app, testing.TestClient(create_app(app)), token
+    ids.close_identity(app)
+    app.close()
+
+
+def test_a_batch_audit_record_names_the_keys_it_used(
+    served_batch: tuple[AppContext, testing.TestClient, str],
+) -> None:
+    app, client, token = served_batch
+    items = [{"key": "payroll-1", "message": "YQ=="}, {"key": "payroll-2", "message": "YQ=="}]
+    answer = client.simulate_post(
+        "/v1/security/sign", json={"items": items}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 200
+    used = {item["key_id"] for item in answer.json["items"]}
+    identity = ids.identity(app)
+    identity.audit.flush()
+    (record,) = identity.audit_events("acme", limit=10, action="crypto.sign")
+    named = {record.target, *record.to_dict().get("detail", {}).get("key_ids", [])}
+    assert used <= named, record.to_dict()
