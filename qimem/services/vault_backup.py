@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 from datetime import UTC, datetime
@@ -46,6 +47,8 @@ _TYPE_NAMES = {
     11: "hmac",
 }
 _TEMPLATE = "vault:v{{version}}:"
+#: A version label of ``policy.keys``: ASCII digits (str.isdigit() takes "²", int() does not).
+_LABEL = re.compile(r"[0-9]{1,10}")
 
 
 def decode_backup(backup: Any) -> dict[str, Any]:
@@ -66,7 +69,7 @@ def decode_backup(backup: Any) -> dict[str, Any]:
             ) from None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValidationError("the backup is not valid JSON", code="invalid_backup") from None
     if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
         raise ValidationError(
@@ -122,7 +125,8 @@ def _entry_time(entry: dict[str, Any]) -> datetime:
             pass
     seconds = entry.get("creation_time")
     if isinstance(seconds, int) and not isinstance(seconds, bool) and 0 < seconds < 2**40:
-        return datetime.fromtimestamp(seconds, UTC)
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # past year 9999
+            return datetime.fromtimestamp(seconds, UTC)
     return datetime.now(UTC)
 
 
@@ -133,7 +137,8 @@ def _entries(data: dict[str, Any], latest: int) -> dict[int, dict[str, Any]]:
     if not isinstance(keys, dict):
         raise ValidationError("the backup's policy has no keys", code="invalid_backup")
     found: dict[int, dict[str, Any]] = {}
-    archive = (data.get("archived_keys") or {}).get("keys") or []
+    archived = data.get("archived_keys") or {}
+    archive = (archived.get("keys") or []) if isinstance(archived, dict) else None
     if not isinstance(archive, list):
         raise ValidationError("the backup's archived_keys are malformed", code="invalid_backup")
     base = _int(policy, "min_available_version")
@@ -142,7 +147,7 @@ def _entries(data: dict[str, Any], latest: int) -> dict[int, dict[str, Any]]:
         if 1 <= number <= latest and isinstance(entry, dict) and entry.get("key"):
             found[number] = entry
     for label, entry in keys.items():
-        if not (isinstance(label, str) and label.isdigit() and isinstance(entry, dict)):
+        if not (isinstance(label, str) and _LABEL.fullmatch(label) and isinstance(entry, dict)):
             raise ValidationError("the backup's keys are malformed", code="invalid_backup")
         number = int(label)
         if not 1 <= number <= latest:
@@ -203,6 +208,10 @@ def lineage_record(app: AppContext, data: dict[str, Any], name: str, realm: str)
     rotate_ns = policy.get("auto_rotate_period") or 0  # a Go time.Duration: nanoseconds
     valid_period = isinstance(rotate_ns, int) and not isinstance(rotate_ns, bool)
     period = rotate_ns // 1_000_000_000 if valid_period and rotate_ns > 0 else 0
+    if period >= 2**31:
+        raise ValidationError(
+            "the backup's auto_rotate_period is out of range", code="invalid_backup"
+        )
     lineage_policy = LineagePolicy(
         min_decryption_version=min(max(1, _int(policy, "min_decryption_version", 1)), latest),
         min_encryption_version=min(max(1, _int(policy, "min_encryption_version", 1)), latest),

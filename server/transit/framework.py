@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -141,12 +142,15 @@ def warn_unknown(body: Mapping[str, Any], known: Iterable[str], warnings: list[s
         )
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
 def integer(body: Mapping[str, Any], name: str, default: int | None = None) -> int | None:
     """An integer field; ``"3"`` counts as 3 (Vault's parser coerces); null is absent."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) <= 19:
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):  # ASCII digits only
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
