@@ -183,3 +183,35 @@ def test_batch_items_of_wrong_shape_are_item_errors_not_500(world: World) -> Non
     assert answer.status_code == 400, answer.text
     results = answer.json()["data"]["batch_results"]
     assert "ciphertext" in results[0] and all("error" in r for r in results[1:])
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/transit/random/%C2%B2", {}),
+        ("/v1/transit/random/platform/%D9%A3", {}),
+        ("/v1/transit/random", {"bytes": -1}),
+        ("/v1/transit/random", {"bytes": 10**9}),
+        ("/v1/transit/random/1234567890", {}),
+    ],
+)
+def test_random_byte_counts_that_are_not_ascii_numbers_are_400(
+    world: World, path: str, body: dict[str, Any]
+) -> None:
+    answer = world.raw("POST", path, "crypto", json=body)
+    assert answer.status_code in (400, 403), (path, answer.status_code, answer.text)
+
+
+def test_hmac_verification_needs_verify_mac_and_odd_versions_are_400(world: World) -> None:
+    made = world.raw("POST", "/v1/transit/hmac/rt-enc", json={"input": b64(b"m")})
+    tag = made.json()["data"]["hmac"]
+    for who in ("reader", "crypto", "scoped"):
+        answer = world.raw(
+            "POST", "/v1/transit/verify/rt-enc", who, json={"input": b64(b"m"), "hmac": tag}
+        )
+        assert answer.status_code == 403, (who, answer.text)
+    for bad in ("vault:v9999999999:" + tag.split(":", 2)[2], "vault:v0:" + tag.split(":", 2)[2],
+                tag.replace("vault:v1:", "vault:v\u0661:"), tag + " "):  # fmt: skip
+        answer = world.raw("POST", "/v1/transit/verify/rt-enc",
+                           json={"input": b64(b"m"), "hmac": bad})  # fmt: skip
+        assert answer.status_code == 400, (bad, answer.status_code, answer.text)

@@ -40,7 +40,8 @@ def _format(request: TransitRequest, data: bytes, default: str) -> str:
 def _random(request: TransitRequest) -> dict[str, Any]:
     source = request.params.get("source") or string(request.body, "source") or "platform"
     url_bytes = request.params.get("bytes")
-    if url_bytes is None and source.isdigit():  # /random/64: a byte count, not a source
+    # /random/64: a byte count, not a source (ASCII digits: int() refuses "²")
+    if url_bytes is None and source.isascii() and source.isdigit():
         source, url_bytes = string(request.body, "source") or "platform", source
     if source not in _SOURCES:
         raise VaultError(
@@ -48,7 +49,7 @@ def _random(request: TransitRequest) -> dict[str, Any]:
             "CSPRNG (platform, all); it has no seal source"
         )
     if url_bytes is not None:
-        if not url_bytes.isdigit() or len(url_bytes) > 9:
+        if not (url_bytes.isascii() and url_bytes.isdigit()) or len(url_bytes) > 9:
             raise VaultError(f"error parsing URL bytes: {url_bytes[:20]!r} is not a number")
         count: int | None = int(url_bytes)
     else:
