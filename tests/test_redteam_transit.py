@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 from transit_helpers import World, transit_world
 from vault_helpers import vault_backup, vault_encrypt
 
@@ -215,3 +217,50 @@ def test_hmac_verification_needs_verify_mac_and_odd_versions_are_400(world: Worl
         answer = world.raw("POST", "/v1/transit/verify/rt-enc",
                            json={"input": b64(b"m"), "hmac": bad})  # fmt: skip
         assert answer.status_code == 400, (bad, answer.status_code, answer.text)
+
+
+def test_facade_calls_are_audited_by_key_without_message_bytes(world: World) -> None:
+    secret = b"redteam-audit-secret-0123456789"
+    sealed = world.raw("POST", "/v1/transit/encrypt/rt-enc", "crypto",
+                       json={"plaintext": b64(secret)})  # fmt: skip
+    ciphertext = sealed.json()["data"]["ciphertext"]
+    world.raw("POST", "/v1/transit/decrypt/rt-enc", "crypto", json={"ciphertext": ciphertext})
+    world.raw("POST", "/v1/transit/hmac/rt-enc", "crypto", json={"input": b64(secret)})
+    denied = world.raw("POST", "/v1/transit/encrypt/other", "scoped",
+                       json={"plaintext": b64(secret)})  # fmt: skip
+    assert denied.status_code == 403
+    records: list[dict[str, Any]] = []
+    for _ in range(20):  # message operations are buffered
+        answer = requests.get(
+            f"{world.url}/v1/auth/realms/master/audit",
+            params={"limit": 500},
+            headers={"Authorization": "Bearer " + world.tokens["admin"]},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        records = answer.json().get("events") or answer.json().get("items") or []
+        text = json.dumps(records)
+        if "crypto.decrypt" in text and "crypto.mac" in text:
+            break
+        time.sleep(0.5)
+    text = json.dumps(records)
+    assert "crypto.encrypt" in text and "crypto.decrypt" in text and "crypto.mac" in text, text
+    for leak in (b64(secret), secret.decode(), ciphertext, ciphertext.split(":", 2)[2]):
+        assert leak not in text
+    assert world.tokens["crypto"] not in text
+
+
+def test_restore_never_replaces_an_existing_key(world: World) -> None:
+    sealed = world.raw("POST", "/v1/transit/encrypt/rt-enc", json={"plaintext": b64(b"keep")})
+    ciphertext = sealed.json()["data"]["ciphertext"]
+    backup = vault_backup({1: os.urandom(32)}, name="rt-enc")
+    for path, body in (
+        ("/v1/transit/restore/rt-enc", {"backup": backup}),
+        ("/v1/transit/restore/rt-enc", {"backup": backup, "force": True}),
+        ("/v1/transit/restore", {"backup": backup}),
+        ("/v1/transit/restore", {"backup": backup, "name": "rt-enc"}),
+    ):
+        answer = world.raw("POST", path, json=body)
+        assert answer.status_code == 400, (path, body.keys(), answer.text)
+    opened = world.raw("POST", "/v1/transit/decrypt/rt-enc", json={"ciphertext": ciphertext})
+    assert opened.json()["data"]["plaintext"] == b64(b"keep")
