@@ -264,3 +264,17 @@ def test_restore_never_replaces_an_existing_key(world: World) -> None:
         assert answer.status_code == 400, (path, body.keys(), answer.text)
     opened = world.raw("POST", "/v1/transit/decrypt/rt-enc", json={"ciphertext": ciphertext})
     assert opened.json()["data"]["plaintext"] == b64(b"keep")
+
+
+def test_scoped_grant_is_not_bypassed_by_naming_a_key_by_its_id(world: World) -> None:
+    read = world.raw("GET", "/v1/transit/keys/other")
+    assert read.status_code == 200, read.text
+    auth = {"Authorization": "Bearer " + world.tokens["admin"]}
+    details = requests.get(f"{world.url}/v1/security/keys/other", headers=auth, timeout=30)
+    ids = [details.json().get("lineage_id"), details.json().get("key_id")]
+    for ref in filter(None, ids):
+        for path in (f"/v1/transit/encrypt/{ref}", f"/v1/transit/datakey/wrapped/{ref}"):
+            answer = world.raw("POST", path, "scoped", json={"plaintext": b64(b"x")})
+            assert answer.status_code in (400, 403, 404), (path, answer.text)
+            assert "ciphertext" not in answer.text
+    assert any(ids), details.text
