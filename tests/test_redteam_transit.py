@@ -278,3 +278,21 @@ def test_scoped_grant_is_not_bypassed_by_naming_a_key_by_its_id(world: World) ->
             assert answer.status_code in (400, 403, 404), (path, answer.text)
             assert "ciphertext" not in answer.text
     assert any(ids), details.text
+
+
+# R2 finding 4 (fixed in qimem.services.crypto.refuse_vault_layout): /v1/security never
+# seals or opens a qimem envelope with a version restored from Vault.
+def test_v1_security_encrypt_never_uses_a_vault_layout_version(world: World) -> None:
+    key = os.urandom(32)
+    restored = world.raw("POST", "/v1/transit/restore/rt-legacy2",
+                         json={"backup": vault_backup({1: key}, name="rt-legacy2")})  # fmt: skip
+    assert restored.status_code == 204, restored.text
+    auth = {"Authorization": "Bearer " + world.tokens["admin"]}
+    native = requests.post(f"{world.url}/v1/security/encrypt", headers=auth, timeout=30,
+                           json={"key": "rt-legacy2", "plaintext": b64(b"n")})  # fmt: skip
+    # Vault's raw key must not also seal qimem envelopes (two layouts under one AES key,
+    # and the facade could not open them): refused, or sealed with a qimem-made version.
+    if native.status_code == 200:
+        assert native.json()["version"] > 1, native.text
+    else:
+        assert native.status_code in (400, 409, 422), native.text

@@ -200,11 +200,11 @@ def test_ciphertexts_are_never_sniffed(
     memory_app: AppContext, vault_keys: dict[int, bytes]
 ) -> None:
     restore_vault_backup(memory_app, vault_backup(vault_keys))
-    # A qimem envelope of the imported version 2, labelled v2: read as Vault's layout, fails.
+    # The imported version 2 never seals a qimem envelope (so none can be relabelled v2).
     v2 = keys.show_key(memory_app, "legacy").versions[1]
-    envelope = crypto.encrypt(memory_app, v2.key_id, b"native").envelope
-    with pytest.raises(DecryptionError):
-        decrypt_vault(memory_app, "legacy", "vault:v2:" + b64(envelope))
+    with pytest.raises(ValidationError) as refused:
+        crypto.encrypt(memory_app, v2.key_id, b"native")
+    assert refused.value.code == "vault_layout_key"
     # Another key's envelope labelled as this key's qimem-made version 3: refused.
     keys.rotate_key(memory_app, "legacy")
     keys.create_key(memory_app, name="other")
