@@ -37,6 +37,8 @@ from qimem.services import lifecycle
 from qimem.services.key_refs import check_ref, resolve
 from qimem.services.lifecycle_common import require_purpose
 
+_monotonic = time.monotonic
+
 SIGNATURE_MAGIC = b"QMSG"
 TAG_MAGIC = b"QMTG"
 FORMAT_VERSION = 1
@@ -148,6 +150,22 @@ def load(app: AppContext, version: KeyVersion, purpose: str, signs: bool = False
     return CachedHandle(
         version, purpose, algorithm, handle, prefix, app.cache.expiry(), verifier, public_key, signs
     )
+
+
+def for_signing(
+    app: AppContext, ref: str, realm: str, purpose: str, operation: str
+) -> CachedHandle:
+    """The entry that signs or computes a MAC with ``ref``: the one cached under ``ref``
+    when it is of ``purpose``, fresh and was loaded to sign (``signs``); otherwise
+    :func:`active`, which checks the policy (a verification never rotates a key, so its
+    entries do not serve here). The sign and MAC hot path: no store access on a hit."""
+    refs = app.cache.handles.get(realm)
+    entry = refs.get(ref) if refs is not None else None
+    if entry is None or entry.purpose != purpose or not entry.signs:
+        return active(app, ref, realm, purpose, operation)
+    if entry.expires <= _monotonic():
+        entry = active(app, ref, realm, purpose, operation)
+    return entry
 
 
 def active(

@@ -63,11 +63,7 @@ def mac(
     :raises ValidationError: ``wrong_purpose`` (not a MAC key).
     :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away.
     """
-    refs = app.cache.handles.get(realm)
-    entry = refs.get(_ref(ref)) if refs is not None else None
-    if entry is None or entry.purpose != "mac" or not entry.signs or entry.expires <= _monotonic():
-        # not cached, or cached by a verification (which never rotates a key): check
-        entry = handles.active(app, _ref(ref), realm, "mac", "computing a MAC")
+    entry = handles.for_signing(app, _ref(ref), realm, "mac", "computing a MAC")
     tag = entry.algorithm.mac(entry.handle, data)  # type: ignore[attr-defined]
     if not raw:
         tag = entry.prefix + tag

@@ -16,7 +16,6 @@ third of an HMAC; treat them as read-only.
 from __future__ import annotations
 
 import base64
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,6 @@ __all__ = [
     "verify",
 ]
 
-_monotonic = time.monotonic
 _HEADER_SIZE = handles.HEADER_SIZE
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -137,11 +135,7 @@ def sign(
     :raises ValidationError: ``wrong_purpose`` (not a signing key), bad options.
     :raises KeyNotActiveError: ``ref`` is a key_id that was rotated away.
     """
-    refs = app.cache.handles.get(realm)
-    entry = refs.get(_ref(ref)) if refs is not None else None
-    if entry is None or entry.purpose != "sign" or not entry.signs or entry.expires <= _monotonic():
-        # not cached, or cached by a verification (which never rotates a key): check
-        entry = handles.active(app, _ref(ref), realm, "sign", "signing")
+    entry = handles.for_signing(app, _ref(ref), realm, "sign", "signing")
     signature = entry.handle.sign(message, prehashed=prehashed, marshaling=marshaling)  # type: ignore[attr-defined]
     if not raw:
         signature = entry.prefix + signature
