@@ -144,23 +144,6 @@ def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) ->
     )
 
 
-def refuse_vault_layout(app: AppContext, version: KeyVersion) -> None:
-    """A version restored from Vault keeps Vault's raw ciphertext layout: it never seals or
-    opens a qimem envelope (one AES key in two formats; the facade could not open them).
-    Checked on the cache-miss path only, so it costs one policy read per load.
-
-    :raises ValidationError: ``vault_layout_key``.
-    """
-    policy = app.store.policy(version.realm, version.lineage_id)
-    if policy.vault_layout_versions >= version.version:
-        raise ValidationError(
-            f"key {version.key_id} (version {version.version}) was restored from Vault and "
-            "keeps Vault's ciphertext layout: use it through the Transit facade, or rotate "
-            "it in qimem first",
-            code="vault_layout_key",
-        )
-
-
 def _encryption_key(
     app: AppContext, ref: str, realm: str, context: bytes | None = None
 ) -> CachedKey:
@@ -181,7 +164,6 @@ def _encryption_key(
     checked, limit = lifecycle.check_encryption(app, version, context)
     if checked is not version and exact is not None:  # rotated away by age just now
         raise not_active_error(exact, checked)
-    refuse_vault_layout(app, checked)
     entry = _load(app, checked, context)
     entry.limit = limit
     if slot is None:
@@ -323,7 +305,6 @@ def _decryption_key(
             ) from None
         require_envelope_purpose(app, version)
         lifecycle.check_decryption(app, version, context)  # state, minimum version ...
-        refuse_vault_layout(app, version)
         entry = _load(app, version, context)
         if slot is None:
             app.cache.put(realm, entry, generation=generation)

@@ -291,11 +291,18 @@ def purge_due_deletions(
 
 
 def check_encryption(
-    app: AppContext, version: KeyVersion, context: bytes | None = None
+    app: AppContext,
+    version: KeyVersion,
+    context: bytes | None = None,
+    *,
+    vault_layout: bool = False,
 ) -> tuple[KeyVersion, int]:
     """Apply the lineage policy to the version about to encrypt: pending deletion, derived
     keys and their context, the minimum encryption version, age-based rotation. Returns
-    the version to use (a new one after an automatic rotation) and its usage limit."""
+    the version to use (a new one after an automatic rotation) and its usage limit.
+
+    ``vault_layout``: the caller seals Vault's raw layout (:mod:`qimem.services.vault_import`);
+    otherwise a version restored from Vault is refused (see :func:`_refuse_vault_layout`)."""
     realm, lineage_id = version.realm, version.lineage_id
     policy = app.store.policy(realm, lineage_id)
     _check_pending(app, realm, lineage_id, policy)
@@ -308,11 +315,35 @@ def check_encryption(
     period = policy.auto_rotate_seconds
     if period and datetime.now(UTC) - version.created_at >= timedelta(seconds=period):
         version = auto_rotate(app, version, "age")
+    if not vault_layout:
+        _refuse_vault_layout(version, policy)
     return version, effective_usage_limit(app, version, policy)
 
 
-def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None = None) -> None:
-    """Refuse a version the policy or its state keeps from decrypting, with a clear code.
+def _refuse_vault_layout(version: KeyVersion, policy: LineagePolicy) -> None:
+    """A version restored from Vault keeps Vault's raw ciphertext layout: it never seals or
+    opens a qimem envelope (one AES key in two formats, which the facade could not open).
+
+    :raises ValidationError: ``vault_layout_key``.
+    """
+    if policy.vault_layout_versions >= version.version:
+        raise ValidationError(
+            f"key {version.key_id} (version {version.version}) was restored from Vault and "
+            "keeps Vault's ciphertext layout: use it through the Transit facade, or rotate "
+            "it in qimem first",
+            code="vault_layout_key",
+        )
+
+
+def check_decryption(
+    app: AppContext,
+    version: KeyVersion,
+    context: bytes | None = None,
+    *,
+    vault_layout: bool = False,
+) -> None:
+    """Refuse a version the policy or its state keeps from decrypting, with a clear code
+    (``vault_layout`` as for :func:`check_encryption`).
 
     :raises DecryptionError: ``key_disabled``, ``key_destroyed``,
         ``below_min_decryption_version`` or ``key_pending_deletion`` (422).
@@ -335,6 +366,8 @@ def check_decryption(app: AppContext, version: KeyVersion, context: bytes | None
             f"{policy.min_decryption_version}",
             code="below_min_decryption_version",
         )
+    if not vault_layout:
+        _refuse_vault_layout(version, policy)
 
 
 def check_signing(app: AppContext, version: KeyVersion) -> KeyVersion:

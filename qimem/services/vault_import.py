@@ -131,7 +131,7 @@ def _version(app: AppContext, realm: str, lineage_id: str, number: int) -> KeyVe
 
 def _raw_open(app: AppContext, version: KeyVersion, blob: bytes, aad: bytes | None) -> bytes:
     require_purpose(app, version, "encrypt", "decryption")
-    lifecycle.check_decryption(app, version)  # state, min_decryption_version, deletion
+    lifecycle.check_decryption(app, version, vault_layout=True)  # state, minimum, deletion
     if len(blob) < _NONCE_SIZE + 16:
         raise DecryptionError("ciphertext failed authentication")
     algorithm = app.registry.algorithm(version.algorithm, "encrypt")
@@ -218,7 +218,7 @@ def encrypt_vault(
                 format_ciphertext(sealed.version, sealed.envelope), sealed.key_id, sealed.version
             )
         require_purpose(app, active, "encrypt", "encryption")
-        checked, limit = lifecycle.check_encryption(app, active)
+        checked, limit = lifecycle.check_encryption(app, active, vault_layout=True)
         if checked is not active:  # rotated by age just now
             continue
         if app.store.reserve_usage(realm, active.key_id, 1, limit) == 1:
