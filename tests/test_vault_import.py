@@ -275,7 +275,7 @@ def test_unsupported_vault_keys_are_refused(
                 }
             ).encode()
         ),
-        vault_backup({1: os.urandom(32), 3: os.urandom(32)}),  # v2 missing, not trimmed
+        pytest.param(vault_backup({1: os.urandom(32), 3: os.urandom(32)}), id="v2-missing"),
     ],
 )
 def test_malformed_backups_are_one_clear_error(memory_app: AppContext, backup: str) -> None:
