@@ -14,6 +14,7 @@ from qimem.hooks.markers import hookspec
 if TYPE_CHECKING:
     from qimem.events import KeyEvent
     from qimem.registry import RegisterAlgorithm, RegisterAuthProvider, RegisterKeyStore
+    from qimem.root.provider import RegisterRootKeyProvider
 
 
 @hookspec
@@ -71,6 +72,27 @@ def qimem_register_auth_providers(register: RegisterAuthProvider) -> None:
     (``qauth realm set-providers``); qimem does lockout, the uniform refusal, role mapping,
     just-in-time users and the audit record. A duplicate name raises
     :class:`qimem.errors.PluginError`.
+
+    :param register: callback that records one provider.
+    """
+
+
+@hookspec
+def qimem_register_root_key_providers(register: RegisterRootKeyProvider) -> None:
+    """Add root-key providers (the built-in ``file``, ``env``, ``pkcs11`` and ``qimem``,
+    or your own, such as a cloud KMS).
+
+    Call ``register(name, factory)`` once per provider; ``name`` is lowercase
+    (``[a-z][a-z0-9_-]*``, at most 32 characters) and ``factory`` a callable or a
+    ``"module:attr"`` reference to one, imported only when a store's root needs it.
+    ``factory(settings, base_dir)`` returns a :class:`qimem.root.provider.RootKeyProvider`:
+    ``wrap(key, context)``, ``unwrap(blob, context)`` (a tampered blob raises
+    :class:`qimem.errors.DecryptionError`), ``describe()`` (the non-secret settings that
+    reopen the same root secret, recorded with each root version) and ``close()``. A
+    misconfigured or unreachable root secret raises :class:`qimem.errors.ConfigError`.
+    ``[root_key] provider = "<name>"`` selects it; ``qimem.testing_rootkey.
+    RootKeyProviderContract`` is the test suite every provider should pass. A duplicate
+    name raises :class:`qimem.errors.PluginError`.
 
     :param register: callback that records one provider.
     """

@@ -88,19 +88,11 @@ class AppContext:
 
     @cached_property
     def wrapper(self) -> KeyWrapper | None:
-        """The root key wrapper, from ``QIMEM_ROOT_KEY`` or the root key file, if any."""
-        from qimem.rootkey import KeyWrapper, decode_root_key, read_root_key_file
+        """The root key wrapper (:func:`qimem.root.opening.make_wrapper`): the configured
+        root-key provider's, or ``None`` if no root is configured."""
+        from qimem.root.opening import make_wrapper
 
-        if self.config.root_key_b64:
-            key = decode_root_key(self.config.root_key_b64, "QIMEM_ROOT_KEY")
-        elif self.config.root_key_file is not None:
-            key = read_root_key_file(Path(self.config.root_key_file))
-        else:
-            return None
-        try:
-            return KeyWrapper(key)
-        finally:
-            key[:] = bytes(len(key))
+        return make_wrapper(self.config, lambda: self.registry)
 
     @property
     def backend(self) -> Backend:
@@ -224,7 +216,18 @@ class AppContext:
             raise ConfigError(f"no key store plugin for {scheme or url!r} (known: {known})")
         if self.wrapper is None and scheme != "memory":
             raise ConfigError("no root key configured (run 'qimem init' or set QIMEM_ROOT_KEY)")
-        return self._call_factory(factory, url, scheme)
+        backend = self._call_factory(factory, url, scheme)
+        wrapper = self.wrapper
+        if wrapper is not None and wrapper.active_version == 0:
+            if scheme != "memory":
+                raise ConfigError(
+                    f"the {scheme!r} key store keeps no root keyring, so its root cannot be "
+                    "held by a root-key provider; use the file or env provider"
+                )
+            from qimem.root.keyring import MemorySlot
+
+            wrapper.attach(MemorySlot())
+        return backend
 
     def _call_factory(self, factory: Callable[..., Any], url: str, scheme: str) -> Backend:
         """Call a store plugin's factory; anything but a qimem error, a Backend or a

@@ -134,6 +134,11 @@ class Settings:
     store_url: str
     root_key_file: Path | None = None
     root_key_b64: str | None = field(default=None, repr=False)
+    #: ``[root_key] provider``: the root-key provider (``file``, ``env``, ``pkcs11``,
+    #: ``qimem`` or a plugin's); ``None``: ``env`` if ``QIMEM_ROOT_KEY`` is set, else ``file``.
+    root_key_provider: str | None = None
+    #: The rest of the ``[root_key]`` table: the provider's settings (no secrets: paths).
+    root_key_settings: dict[str, Any] = field(default_factory=dict)
     plugins_enabled: list[str] = field(default_factory=list)
     cache_ttl: float = 5.0
     cache_revalidate: float = 0.1
@@ -162,8 +167,13 @@ class Settings:
             "cache": {"ttl_seconds": self.cache_ttl},
             "limits": {"max_envelope_bytes": self.max_envelope_bytes},
         }
+        root: dict[str, Any] = dict(self.root_key_settings)
+        if self.root_key_provider is not None:
+            root["provider"] = self.root_key_provider
         if self.root_key_file is not None:
-            doc["root_key"] = {"file": str(self.root_key_file)}
+            root["file"] = str(self.root_key_file)
+        if root:
+            doc["root_key"] = root
         return doc
 
     def write(self, path: Path) -> None:
@@ -371,6 +381,8 @@ def load_config(
             or default_store_url(),
             root_key_file=Path(root_file) if root_file else None,
             root_key_b64=os.environ.get("QIMEM_ROOT_KEY") or None,
+            root_key_provider=_root_provider(root, path),
+            root_key_settings={k: v for k, v in root.items() if k not in ("provider", "file")},
             plugins_enabled=list(enabled),
             cache_ttl=float(cache.get("ttl_seconds", 5.0)),
             cache_revalidate=float(cache.get("revalidate_seconds", 0.1)),
@@ -383,3 +395,14 @@ def load_config(
         )
     except (TypeError, ValueError):
         raise ConfigError(f"{path}: a [cache] or [limits] value is not a number") from None
+
+
+def _root_provider(root: dict[str, Any], path: Path) -> str | None:
+    provider = root.get("provider")
+    if provider is None:
+        return None
+    from qimem.root.provider import PROVIDER_NAME
+
+    if not isinstance(provider, str) or not PROVIDER_NAME.match(provider):
+        raise ConfigError(f"{path}: root_key.provider must be a provider name")
+    return provider

@@ -47,6 +47,9 @@ DEFAULT_PLUGINS = (
     "qimem.builtin_plugins.password_auth",
     "qimem.builtin_plugins.ldap_auth",
     "qimem.builtin_plugins.jwt_auth",
+    "qimem.builtin_plugins.root_file",
+    "qimem.builtin_plugins.root_pkcs11",
+    "qimem.builtin_plugins.root_qimem",
 )
 
 #: A store plugin's factory: ``factory(url, wrapper)`` returns a :class:`qimem.backend.Backend`
@@ -502,6 +505,40 @@ class Registry:
             current[0] = impl.plugin_name
             _call_one(impl, "qimem_register_auth_providers", register=register)
         return providers
+
+    @cached_property
+    def root_key_providers(self) -> dict[str, Any]:
+        """Provider name → factory (or a lazy reference to one), from
+        ``qimem_register_root_key_providers``."""
+        from qimem.root.provider import PROVIDER_NAME
+
+        factories: dict[str, Any] = {}
+        current: list[str] = [""]
+
+        def register(name: str, factory: Any) -> None:
+            if not isinstance(name, str) or not PROVIDER_NAME.match(name) or name in factories:
+                raise PluginError(
+                    f"plugin {current[0]!r}: bad or duplicate root-key provider {name!r}"
+                )
+            if references.is_reference(factory):
+                factory = references.LazyFactory(factory, current[0])
+            elif not callable(factory):
+                raise PluginError(
+                    f"plugin {current[0]!r}: root-key provider {name!r} is not callable"
+                )
+            factories[name] = factory
+            self._root_provider_owners[name] = current[0]
+
+        self._root_provider_owners: dict[str, str] = {}
+        for impl in _impls(self.pm.hook.qimem_register_root_key_providers):
+            current[0] = impl.plugin_name
+            _call_one(impl, "qimem_register_root_key_providers", register=register)
+        return factories
+
+    def root_key_provider_plugin(self, name: str) -> str:
+        """The name of the plugin that registered the root-key provider ``name``."""
+        self.root_key_providers  # noqa: B018 - collects on first use
+        return self._root_provider_owners.get(name, "?")
 
     def manifests(self) -> dict[str, dict[str, Any]]:
         """Plugin name → the manifest it returned from ``qimem_plugin_manifest``."""

@@ -12,7 +12,10 @@ import base64
 import binascii
 import os
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -23,54 +26,334 @@ from qimem import fileio
 from qimem.errors import ConfigError, ConflictError, DecryptionError
 
 ROOT_KEY_SIZE = 32
-_WRAP_FORMAT = 1
+_WRAP_FORMAT = 1  # version 1: format | nonce | ciphertext
+_WRAP_FORMAT_VERSIONED = 2  # format | root version (u32) | nonce | ciphertext
 _NONCE = 12
+#: How often a process re-reads the store's root keyring before it wraps (so a rotation
+#: elsewhere moves its new rows to the new root version within about this long).
+REFRESH_SECONDS = 1.0
 
 
 def _derive(root_key: bytes | bytearray, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes(root_key))
 
 
+def wrapping_key(kwk: bytes | bytearray) -> bytes:
+    """The AES-256-GCM key rows are sealed with under a root version's key-wrapping key."""
+    return _derive(kwk, b"qimem key wrapping v1")
+
+
+def derive_base(kwk: bytes | bytearray) -> bytes:
+    """The base of a store's derived keys: HKDF of its version 1 key-wrapping key."""
+    return _derive(kwk, b"qimem derived keys v1")
+
+
+def check_value(kwk: bytes | bytearray) -> str:
+    """A public fingerprint of a key-wrapping key (it does not reveal the key)."""
+    return _derive(kwk, b"qimem root key check v1")[:16].hex()
+
+
+def blob_root_version(blob: bytes) -> int:
+    """The root version a wrapped blob is sealed under (0 if it is no wrapped blob)."""
+    if len(blob) >= 1 + _NONCE + 16 and blob[0] == _WRAP_FORMAT:
+        return 1
+    if len(blob) >= 5 + _NONCE + 16 and blob[0] == _WRAP_FORMAT_VERSIONED:
+        return int.from_bytes(blob[1:5], "big")
+    return 0
+
+
 class KeyWrapper:
-    """Seals and opens key material under the root key. Its repr shows no key bytes."""
+    """Seals and opens key material under the store's root versions. Its repr shows no key
+    bytes.
 
-    __slots__ = ("_aead", "_derive_base", "check_value")
+    ``KeyWrapper(root_key)`` is a store's version 1 whose key-wrapping key is the root key
+    itself (a store with no root keyring). :meth:`pending` makes one that has no key until
+    a store attaches its keyring (a root held by a provider: PKCS#11, another server).
+    A store calls :meth:`attach` when it opens; from then on the wrapper follows the
+    store's keyring: it loads versions another process added (:data:`REFRESH_SECONDS`)
+    and wraps new rows under the active one.
+    """
 
-    def __init__(self, root_key: bytes | bytearray) -> None:
-        if len(root_key) != ROOT_KEY_SIZE:
-            raise ConfigError(f"the root key must be {ROOT_KEY_SIZE} bytes")
-        self._aead = AESGCM(_derive(root_key, b"qimem key wrapping v1"))
-        self._derive_base = _derive(root_key, b"qimem derived keys v1")
-        # A public fingerprint stores keep, so a wrong root key is refused with a clear
-        # message instead of failing on every key.
-        self.check_value = _derive(root_key, b"qimem root key check v1")[:16].hex()
+    __slots__ = (
+        "_aeads",
+        "_checks",
+        "_active",
+        "_derive_base",
+        "check_value",
+        "_slot",
+        "_opener",
+        "_new_provider",
+        "_keyring",
+        "_text",
+        "_read_at",
+        "_lock",
+    )
+
+    def __init__(self, root_key: bytes | bytearray | None = None) -> None:
+        import threading
+
+        self._aeads: dict[int, AESGCM] = {}
+        self._checks: dict[int, str] = {}
+        self._active = 0
+        self._derive_base: bytes | None = None
+        self.check_value = ""
+        self._slot: Any = None
+        self._opener: Any = None
+        self._new_provider: Any = None
+        self._keyring: Any = None
+        self._text: str | None = None
+        self._read_at = 0.0
+        self._lock = threading.RLock()
+        if root_key is not None:
+            if len(root_key) != ROOT_KEY_SIZE:
+                raise ConfigError(f"the root key must be {ROOT_KEY_SIZE} bytes")
+            self._aeads = {1: AESGCM(wrapping_key(root_key))}
+            self.check_value = check_value(root_key)
+            self._checks = {1: self.check_value}
+            self._active = 1
+            # A public fingerprint stores keep, so a wrong root key is refused with a clear
+            # message instead of failing on every key.
+            self._derive_base = derive_base(root_key)
+
+    @classmethod
+    def pending(cls, opener: Callable[..., Any], new_provider: Callable[[], Any]) -> KeyWrapper:
+        """A wrapper for a root held by a provider: no key until a store attaches its
+        keyring, or creates one with ``new_provider()`` for a new store."""
+        wrapper = cls()
+        wrapper.use_providers(opener, new_provider)
+        return wrapper
+
+    def use_providers(
+        self, opener: Callable[..., Any], new_provider: Callable[[], Any] | None = None
+    ) -> None:
+        """How to open a keyring's versions: ``opener(name, settings)`` returns a root-key
+        provider (:mod:`qimem.root.provider`); ``new_provider()`` the configured one."""
+        self._opener = opener
+        self._new_provider = new_provider
+
+    # -- the store's keyring -----------------------------------------------------------
+
+    def attach(self, slot: Any, text: str | None | bool = False) -> None:
+        """Follow the keyring ``slot`` of the store that is opening (``text``: its
+        document if the store already read it, ``None`` if it has none). A pending wrapper
+        on a store with no keyring creates it (version 1, wrapped by the configured
+        provider).
+
+        :raises ConfigError: a version cannot be opened, or a provider-held root on a
+            store that already has a root key of its own (no keyring).
+        """
+        with self._lock:
+            self._slot = slot
+            document = slot.read() if text is False else text
+            if document is not None:
+                self._load(str(document))
+            elif not self._aeads:
+                self._create(slot)
+            self._read_at = time.monotonic()
+
+    @property
+    def attached(self) -> bool:
+        """Whether a store's keyring slot is attached."""
+        return self._slot is not None
+
+    @property
+    def slot(self) -> Any:
+        """The attached store's keyring slot (``None`` before a store attached it)."""
+        return self._slot
+
+    @property
+    def keyring(self) -> Any:
+        """The loaded :class:`qimem.root.keyring.Keyring`, or ``None`` (no keyring)."""
+        return self._keyring
+
+    @property
+    def active_version(self) -> int:
+        """The root version new rows are wrapped under (0: no key yet)."""
+        return self._active
+
+    def refresh(self, *, force: bool = True) -> None:
+        """Re-read the attached store's keyring (always, or if older than
+        :data:`REFRESH_SECONDS` when ``force`` is false)."""
+        slot = self._slot
+        if slot is None:
+            return
+        if not force and time.monotonic() - self._read_at < REFRESH_SECONDS:
+            return
+        with self._lock:
+            document = slot.read()
+            self._read_at = time.monotonic()
+            if document is not None and document != self._text:
+                self._load(document)
+
+    def _create(self, slot: Any) -> None:
+        from qimem.root import keyring as kr
+
+        if self._new_provider is None:
+            raise ConfigError("no root key configured (run 'qimem init' or set QIMEM_ROOT_KEY)")
+        provider = self._new_provider()
+        try:
+            keyring, kwk = kr.new_keyring(provider)
+        finally:
+            provider.close()
+        try:
+            document = keyring.dump()
+            if slot.replace(None, document):
+                self._install(keyring, document, {1: kwk})
+                return
+        finally:
+            kwk[:] = bytes(len(kwk))
+        found = slot.read()  # another process created it first
+        if found is None:
+            raise ConfigError("the store's root keyring could not be created")
+        self._load(found)
+
+    def _load(self, document: str) -> None:
+        from qimem.root import keyring as kr
+
+        keyring = kr.parse(document)
+        opened: dict[int, bytearray] = {}
+        try:
+            for record in keyring.versions:
+                known = self._aeads.get(record.version)
+                if known is not None and self._checks.get(record.version) == record.check:
+                    continue
+                if record.state == kr.RETIRED and record.version != keyring.derive_version:
+                    continue  # opened on demand (a straggling row), not at startup
+                opened[record.version] = kr.open_version(keyring, record, self._need_opener())
+            self._install(keyring, document, opened)
+        finally:
+            for kwk in opened.values():
+                kwk[:] = bytes(len(kwk))
+
+    def _need_opener(self) -> Callable[..., Any]:
+        if self._opener is None:
+            raise ConfigError(
+                "this store's root is a root keyring; open it with its configuration "
+                "(qimem.connect or the qimem CLI), not a bare root key"
+            )
+        return self._opener  # type: ignore[no-any-return]
+
+    def _install(self, keyring: Any, document: str, opened: dict[int, bytearray]) -> None:
+        from qimem.root import keyring as kr
+
+        aeads: dict[int, AESGCM] = {}
+        checks: dict[int, str] = {}
+        for record in keyring.versions:
+            if record.version in opened:
+                aeads[record.version] = AESGCM(wrapping_key(opened[record.version]))
+                checks[record.version] = record.check
+            elif self._checks.get(record.version) == record.check:
+                aeads[record.version] = self._aeads[record.version]
+                checks[record.version] = record.check
+        if keyring.active not in aeads:
+            raise ConfigError(f"root version {keyring.active} (active) could not be opened")
+        if keyring.derive_version in opened:
+            base = kr.open_derive_base(keyring, opened[keyring.derive_version])
+        elif self._derive_base is not None and self.check_value == keyring.check:
+            base = self._derive_base
+        else:
+            base = self._open_derive(keyring)
+        self._aeads = aeads
+        self._checks = checks
+        self._derive_base = base
+        self.check_value = keyring.check
+        self._active = keyring.active
+        self._keyring = keyring
+        self._text = document
+
+    def _open_derive(self, keyring: Any) -> bytes:
+        from qimem.root import keyring as kr
+
+        record = keyring.version(keyring.derive_version)
+        kwk = kr.open_version(keyring, record, self._need_opener())
+        try:
+            return kr.open_derive_base(keyring, kwk)
+        finally:
+            kwk[:] = bytes(len(kwk))
+
+    def _aead_for(self, version: int) -> AESGCM:
+        aead = self._aeads.get(version)
+        if aead is not None:
+            return aead
+        self.refresh(force=True)
+        aead = self._aeads.get(version)
+        if aead is not None:
+            return aead
+        keyring = self._keyring
+        if keyring is not None and any(r.version == version for r in keyring.versions):
+            with self._lock:
+                from qimem.root import keyring as kr
+
+                kwk = kr.open_version(keyring, keyring.version(version), self._need_opener())
+                try:
+                    aead = AESGCM(wrapping_key(kwk))
+                finally:
+                    kwk[:] = bytes(len(kwk))
+                self._aeads = {**self._aeads, version: aead}
+                self._checks = {**self._checks, version: keyring.version(version).check}
+                return aead
+        raise DecryptionError(
+            f"stored key material is wrapped under root version {version}, which this "
+            "store's root keyring does not hold"
+        )
+
+    # -- wrapping ----------------------------------------------------------------------
 
     def derive_key(self, label: str) -> bytes:
-        """A 32-byte key for another purpose (HKDF-SHA256 from the root key, ``label`` in
-        the info): distinct labels give independent keys, none of them the wrapping key."""
+        """A 32-byte key for another purpose (HKDF-SHA256 from the store's derive base,
+        ``label`` in the info): distinct labels give independent keys, none of them the
+        wrapping key. The same for the store's whole life, whatever its root version."""
+        if self._derive_base is None:
+            raise ConfigError("no root key yet: the store has not attached its root keyring")
         return _derive(self._derive_base, b"qimem derived key v1|" + label.encode("utf-8"))
 
     def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:
-        """``material`` sealed under the root key, bound to ``context``."""
+        """``material`` sealed under the active root version, bound to ``context``."""
+        if self._slot is not None:
+            self.refresh(force=False)
+        version = self._active
+        if version == 0:
+            raise ConfigError("no root key yet: the store has not attached its root keyring")
+        aead = self._aeads[version]
         nonce = os.urandom(_NONCE)
-        return bytes([_WRAP_FORMAT]) + nonce + self._aead.encrypt(nonce, bytes(material), context)
+        sealed = aead.encrypt(nonce, bytes(material), context)
+        if version == 1:
+            return bytes([_WRAP_FORMAT]) + nonce + sealed
+        return bytes([_WRAP_FORMAT_VERSIONED]) + version.to_bytes(4, "big") + nonce + sealed
 
     def unwrap(self, blob: bytes, context: bytes) -> bytearray:
-        """The material sealed by :meth:`wrap` with the same ``context``.
+        """The material sealed by :meth:`wrap` with the same ``context``, whichever root
+        version sealed it.
 
         :raises DecryptionError: wrong root key, wrong context, or damaged bytes.
         """
-        if len(blob) < 1 + _NONCE + 16 or blob[0] != _WRAP_FORMAT:
+        version = blob_root_version(blob)
+        if version == 0:
             raise DecryptionError("stored key material is damaged")
+        start = 1 if blob[0] == _WRAP_FORMAT else 5
+        aead = self._aead_for(version)
         try:
-            return bytearray(self._aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context))
+            return bytearray(
+                aead.decrypt(blob[start : start + _NONCE], blob[start + _NONCE :], context)
+            )
         except InvalidTag:
             raise DecryptionError(
                 "stored key material does not unwrap under this root key"
             ) from None
 
+    def rewrap(self, blob: bytes, context: bytes) -> bytes | None:
+        """``blob`` sealed under the active root version instead, or ``None`` if it already
+        is (root rotation)."""
+        if blob_root_version(blob) == self._active:
+            return None
+        material = self.unwrap(blob, context)
+        try:
+            return self.wrap(material, context)
+        finally:
+            material[:] = bytes(len(material))
+
     def __repr__(self) -> str:
-        return f"<KeyWrapper check={self.check_value}>"
+        return f"<KeyWrapper check={self.check_value} active={self._active}>"
 
 
 def generate_root_key() -> bytearray:

@@ -110,10 +110,14 @@ class SqliteKeyStore(KeyStore):
             return
         meta = dict(
             self._query(
-                "SELECT name, value FROM qimem_meta WHERE name IN ('root_key_check', ?)",
+                "SELECT name, value FROM qimem_meta WHERE name IN ('root_key_check', ?) "
+                "UNION ALL SELECT 'root_keyring', document FROM qimem_root_keyring WHERE id = 1",
                 (_STATE_MARKER,),
             )
         )
+        from qimem.builtin_plugins.sql.root_slot import SqliteRootSlot
+
+        wrapper.attach(SqliteRootSlot(self._query, self._write), meta.get("root_keyring"))
         stored = meta.get("root_key_check")
         if stored is None or _STATE_MARKER not in meta:  # a new store: one write, once
             stored = self._init_meta()

@@ -156,6 +156,9 @@ class SqlKeyStore(KeyStore):
             from qimem.identity.authz_mac import sealing_after_upgrade
 
             migrate(self.engine, after_upgrade=sealing_after_upgrade(wrapper))
+        from qimem.builtin_plugins.sql.root_slot_sql import SqlRootSlot
+
+        wrapper.attach(SqlRootSlot(self.engine))
         self._check_root_key()
         self._ensure_meta(_STATE_MARKER, new_id())
 

@@ -4,4 +4,4 @@ Alembic script location ``qimem.builtin_plugins.sql:migrations`` (:data:`qimem.s
 """
 
 #: The newest revision; stores compare against it to skip Alembic when already current.
-HEAD = "0009"
+HEAD = "0010"
