@@ -253,6 +253,12 @@ class Pkcs11RootKeyProvider:
             p = Path(value).expanduser()
             return p if p.is_absolute() else (base_dir / p).resolve()
 
+        try:
+            import pkcs11  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "pkcs11 root provider needs python-pkcs11: pip install 'qimem[pkcs11]'"
+            ) from None
         library = path("library")
         if library is None:
             raise ConfigError(

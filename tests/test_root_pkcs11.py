@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -190,6 +191,14 @@ def test_wrong_token_slot_or_key_label(
         assert hsm.pin("qimem-a") not in message
     finally:
         provider.close()
+
+
+def test_missing_binding_is_a_config_error(
+    hsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pkcs11", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs python-pkcs11: pip install 'qimem\[pkcs11\]'"):
+        Pkcs11RootKeyProvider.from_settings(hsm.settings(tmp_path, "qimem-a", "k"), tmp_path)
 
 
 def test_wrong_library(hsm: SoftHsm, tmp_path: Path) -> None:
