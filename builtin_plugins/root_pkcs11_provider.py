@@ -106,7 +106,12 @@ class _Login:
 _state_lock = threading.Lock()
 _logins: dict[tuple[str, int], _Login] = {}
 _forked_libraries: set[str] = set()  # initialised by the parent of this forked process
-_stdin_pins: dict[tuple[str, int], str] = {}  # read once per process (and kept for a fork)
+#: PINs read from stdin, by (library, token name): read once per process and kept for its
+#: forked children; None after the token refused it (never read again, never retried).
+_stdin_pins: dict[tuple[str, str], str | None] = {}
+#: Digests of PINs a token refused in this process: not tried again (a real token locks
+#: its PIN after a few wrong tries).
+_refused_pins: dict[tuple[str, int], set[bytes]] = {}
 _providers: weakref.WeakSet[Pkcs11RootKeyProvider] = weakref.WeakSet()
 _salt = os.urandom(32)
 _pid = os.getpid()
@@ -336,6 +341,31 @@ class Pkcs11RootKeyProvider:
             )
         return tokens[0]
 
+    @property
+    def _stdin_key(self) -> tuple[str, str]:
+        return (str(self.library), self._token_name)
+
+    def _pin(self) -> str:
+        if self.pin_file is not None:
+            return _read_pin_file(self.pin_file)
+        if self._stdin_key not in _stdin_pins:
+            _stdin_pins[self._stdin_key] = _read_pin_stdin(self._token_name)
+        pin = _stdin_pins[self._stdin_key]
+        if pin is None:
+            raise ConfigError(
+                f"pkcs11 root provider: the PIN read from stdin for token {self._token_name} "
+                "was refused; restart qimem to enter it again"
+            )
+        return pin
+
+    def read_stdin_pin(self) -> None:
+        """With ``pin = "stdin"``: read the PIN now, without opening the token. A pre-fork
+        master (``qimem serve --workers N``) calls this before forking, so the workers
+        reuse the PIN instead of each reading stdin. Nothing to do with ``pin_file``."""
+        if self.pin_file is None:
+            with _state_lock:
+                self._pin()
+
     def _acquire_login(self) -> _Login:
         """The shared logged-in session of this provider's token (caller holds ``self._lock``)."""
         _check_pid()
@@ -352,21 +382,25 @@ class Pkcs11RootKeyProvider:
                             f"pkcs11 root provider: wrong PIN for token {self._token_name}"
                         )
             else:
-                if self.pin_file is not None:
-                    pin = _read_pin_file(self.pin_file)
-                elif slot_key in _stdin_pins:
-                    pin = _stdin_pins[slot_key]
-                else:
-                    pin = _stdin_pins[slot_key] = _read_pin_stdin(self._token_name)
+                pin = self._pin()
+                refused = _refused_pins.setdefault(slot_key, set())
+                if _pin_digest(pin) in refused:
+                    raise ConfigError(
+                        f"pkcs11 root provider: wrong PIN for token {self._token_name} "
+                        "(refused before; not tried again)"
+                    )
                 try:
                     session = token.open(user_pin=pin)
                 except Exception as exc:  # noqa: BLE001
-                    _stdin_pins.pop(slot_key, None)
+                    if self.pin_file is None:
+                        _stdin_pins[self._stdin_key] = None
                     if _err_name(exc) == "UserAlreadyLoggedIn":
                         raise ConfigError(
                             f"pkcs11 root provider: token {self._token_name} is already logged in "
                             "by other code in this process; qimem cannot check its PIN"
                         ) from None
+                    if _err_name(exc) in ("PinIncorrect", "PinLenRange", "PinInvalid"):
+                        refused.add(_pin_digest(pin))
                     raise login_error(exc, self._token_name) from None
                 digest = _pin_digest(pin) if self.pin_file is not None else None
                 login = _logins[slot_key] = _Login(token, session, digest)

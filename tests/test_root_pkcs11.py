@@ -137,7 +137,7 @@ def test_wrong_pin_is_a_config_error_without_the_pin(
         message = _config_error(provider)
         assert "wrong PIN" in message and "qimem-pin" in message
         assert wrong not in message and hsm.pin("qimem-pin") not in message
-        with pytest.raises(ConfigError):  # and refuses again: no half-open state
+        with pytest.raises(ConfigError, match="not tried again"):  # a token would lock the PIN
             provider.unwrap(b"\x01" + bytes(60), CONTEXT)
     finally:
         provider.close()
@@ -387,9 +387,12 @@ def test_pin_from_stdin_is_read_once(
     settings = {**hsm.settings(tmp_path, "qimem-b", label), "pin": "stdin"}
     del settings["pin_file"]
     mod._stdin_pins.clear()
-    monkeypatch.setattr("sys.stdin", io.StringIO("not-the-pin\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("not-the-pin\n" + hsm.pin("qimem-b") + "\n"))
     wrong = Pkcs11RootKeyProvider.from_settings(settings, tmp_path)
     assert "wrong PIN" in _config_error(wrong)
+    assert "restart qimem to enter it again" in _config_error(wrong)  # no second read
+    assert hsm.pin("qimem-b") + "\n" == sys.stdin.readline()
+    mod._stdin_pins.clear()  # as a restarted process
     stdin = io.StringIO(hsm.pin("qimem-b") + "\nnext line\n")
     monkeypatch.setattr("sys.stdin", stdin)
     first = Pkcs11RootKeyProvider.from_settings(settings, tmp_path)
@@ -399,10 +402,36 @@ def test_pin_from_stdin_is_read_once(
         blob = first.wrap(bytes(KWK_SIZE), CONTEXT)
         assert second.unwrap(blob, CONTEXT) == bytes(KWK_SIZE)
         assert stdin.readline() == "next line\n"  # one line read, by the first open only
+        first.read_stdin_pin()  # already read: no-op
+        assert stdin.readline() == ""
     finally:
         first.close()
         second.close()
         mod._stdin_pins.clear()
+
+
+def test_stdin_pin_read_before_fork_serves_the_workers(
+    hsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    label = _label()
+    hsm.make_key("qimem-b", label)
+    settings = {**hsm.settings(tmp_path, "qimem-b", label), "pin": "stdin"}
+    del settings["pin_file"]
+    mod._stdin_pins.clear()
+    monkeypatch.setattr("sys.stdin", io.StringIO(hsm.pin("qimem-b") + "\n"))
+    Pkcs11RootKeyProvider.from_settings(settings, tmp_path).read_stdin_pin()  # the master
+    assert sys.stdin.read() == ""
+    pid = os.fork()
+    if pid == 0:  # a worker: opens the token with the master's PIN
+        status = 1
+        try:
+            worker = Pkcs11RootKeyProvider.from_settings(settings, tmp_path)
+            status = 0 if worker.unwrap(worker.wrap(b"w" * 32, CONTEXT), CONTEXT) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    mod._stdin_pins.clear()
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_forked_child_opens_its_own_session(root: Pkcs11RootKeyProvider) -> None:
