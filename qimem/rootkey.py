@@ -133,7 +133,7 @@ class KeyWrapper:
 
     # -- the store's keyring -----------------------------------------------------------
 
-    def attach(self, slot: Any, text: str | None | bool = False) -> None:
+    def attach(self, slot: Any, text: str | None | bool = False, *, fresh: bool = True) -> None:
         """Follow the keyring ``slot`` of the store that is opening (``text``: its
         document if the store already read it, ``None`` if it has none). A pending wrapper
         on a store with no keyring creates it (version 1, wrapped by the configured
@@ -148,6 +148,13 @@ class KeyWrapper:
             if document is not None:
                 self._load(str(document))
             elif not self._aeads:
+                if not fresh:
+                    raise ConfigError(
+                        "this store's root is a root key file or QIMEM_ROOT_KEY (it has no "
+                        "root keyring): keep [root_key] file (or QIMEM_ROOT_KEY) configured "
+                        "next to the new provider's settings and run 'qimem root rotate' "
+                        "to move it to the new provider"
+                    )
                 self._create(slot)
             self._read_at = time.monotonic()
 
@@ -296,6 +303,14 @@ class KeyWrapper:
             f"stored key material is wrapped under root version {version}, which this "
             "store's root keyring does not hold"
         )
+
+    def seal_derive_base(self, keyring_id: str, check: str, kwk: bytes | bytearray) -> bytes:
+        """The store's derive base sealed under a new version's ``kwk`` (rotation)."""
+        from qimem.root import keyring as kr
+
+        if self._derive_base is None:
+            raise ConfigError("no root key yet: the store has not attached its root keyring")
+        return kr.seal_derive_base(keyring_id, check, kwk, self._derive_base)
 
     # -- wrapping ----------------------------------------------------------------------
 

@@ -117,7 +117,11 @@ class SqliteKeyStore(KeyStore):
         )
         from qimem.builtin_plugins.sql.root_slot import SqliteRootSlot
 
-        wrapper.attach(SqliteRootSlot(self._query, self._write), meta.get("root_keyring"))
+        wrapper.attach(
+            SqliteRootSlot(self._query, self._write),
+            meta.get("root_keyring"),
+            fresh=meta.get("root_key_check") is None,
+        )
         stored = meta.get("root_key_check")
         if stored is None or _STATE_MARKER not in meta:  # a new store: one write, once
             stored = self._init_meta()

@@ -158,7 +158,7 @@ class SqlKeyStore(KeyStore):
             migrate(self.engine, after_upgrade=sealing_after_upgrade(wrapper))
         from qimem.builtin_plugins.sql.root_slot_sql import SqlRootSlot
 
-        wrapper.attach(SqlRootSlot(self.engine))
+        wrapper.attach(SqlRootSlot(self.engine), fresh=self._stored_check() is None)
         self._check_root_key()
         self._ensure_meta(_STATE_MARKER, new_id())
 
@@ -178,6 +178,12 @@ class SqlKeyStore(KeyStore):
         query = sa.select(meta_table.c.value).where(meta_table.c.name == _STATE_MARKER)
         with translate_errors(), self.engine.connect() as conn:
             return conn.execute(query).scalar()
+
+    def _stored_check(self) -> str | None:
+        query = sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
+        with translate_errors(), self.engine.connect() as conn:
+            found = conn.execute(query).scalar()
+        return None if found is None else str(found)
 
     def _check_root_key(self) -> None:
         """Record the root key's check value on first use; refuse a different root key."""

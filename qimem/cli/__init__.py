@@ -84,6 +84,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("qimem.cli.plugins:plugins", "List, inspect, enable, disable, register..."),
     "random": ("qimem.cli.utility:random_", "Print N random bytes from the operating..."),
     "rewrap": ("qimem.cli.crypto:rewrap", "Re-seal the data key of encrypted FILES..."),
+    "root": ("qimem.cli.root:root", "Show, rotate and escrow the root key..."),
     "serve": ("qimem.cli.serve:serve", "Run the HTTP server (security API and..."),
     "sign": ("qimem.cli.sign:sign", "Sign a file or standard input."),
     "verify": ("qimem.cli.sign:verify", "Verify a signature: prints valid or invalid."),

@@ -22,9 +22,29 @@ from qimem.rootkey import write_root_key_file
     help="Read the password of the master realm's 'admin' user from stdin "
     "(default: generate one and show it once).",
 )
+@click.option(
+    "--root-key-provider",
+    metavar="NAME",
+    help="Hold the root in this root-key provider (file, env, pkcs11, qimem or a plugin's) "
+    "instead of a root key file; only for a new config.",
+)
+@click.option(
+    "--root-key-setting",
+    "root_key_settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A setting of the provider ([root_key] table), repeatable; never a secret "
+    "(the PKCS#11 PIN and the upstream token are read from files).",
+)
 @json_option
 @pass_state
-def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
+def init(
+    state: CliState,
+    admin_password_stdin: bool,
+    root_key_provider: str | None,
+    root_key_settings: tuple[str, ...],
+    json_: bool,
+) -> None:
     """Create the config file, a 0600 root key file and the key store (SQLite by default).
 
     Safe to rerun: an existing config, root key or store is kept and only brought up to date
@@ -34,14 +54,24 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
     """
     config_path = state.config_path or default_config_path()
     created: list[str] = []
+    provider, settings = _provider_options(root_key_provider, root_key_settings)
     if config_path.exists():
+        if provider is not None:
+            raise ValidationError(
+                f"{config_path} exists: set [root_key] provider there and run "
+                "'qimem root rotate' to move an existing store to another provider"
+            )
         config = load_config(config_path, store_url=state.store_url)
     else:
         base = config_path.parent if state.config_path else data_dir()
+        direct = provider in (None, "file")
         config = Config(
             store_url=state.store_url or f"sqlite:///{(base / 'qimem.db').resolve()}",
-            root_key_file=(base / "root.key").resolve(),
+            root_key_file=(base / "root.key").resolve() if direct else None,
+            root_key_provider=None if direct else provider,
+            root_key_settings=settings,
             plugins_enabled=list(state.plugins),
+            path=config_path,
         )
     admin_password = None
     if admin_password_stdin:
@@ -88,6 +118,7 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
     result: dict[str, Any] = {
         "config": str(config_path),
         "root_key_file": str(root_file) if root_file else None,
+        "root_key_provider": config.root_key_provider or ("env" if config.root_key_b64 else "file"),
         "store": _display_url(config.store_url),
         "created": created,
     }
@@ -104,7 +135,10 @@ def init(state: CliState, admin_password_stdin: bool, json_: bool) -> None:
     verb = "initialized" if created else "already initialized; store is up to date"
     click.echo(f"qimem {verb}")
     click.echo(f"  config:   {result['config']}")
-    click.echo(f"  root key: {result['root_key_file']}")
+    if root_file is not None:
+        click.echo(f"  root key: {result['root_key_file']}")
+    else:
+        click.echo(f"  root key: held by the {result['root_key_provider']} provider")
     click.echo(f"  store:    {result['store']}")
     for path, mode in fixed:
         click.echo(
@@ -122,3 +156,30 @@ def _display_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("://", 1)[0] + "://…"
+
+
+def _provider_options(
+    name: str | None, pairs: tuple[str, ...]
+) -> tuple[str | None, dict[str, object]]:
+    """``--root-key-provider`` and ``--root-key-setting KEY=VALUE`` as config values
+    (``true``/``false`` and integers are typed, as TOML would)."""
+    from qimem.root.provider import PROVIDER_NAME
+
+    if name is not None and not PROVIDER_NAME.match(name):
+        raise ValidationError(f"--root-key-provider {name!r} is not a provider name")
+    if pairs and name is None:
+        raise ValidationError("--root-key-setting needs --root-key-provider")
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValidationError(f"--root-key-setting {key!r}: use KEY=VALUE")
+        if key in ("provider", "file") or key in settings:
+            raise ValidationError(f"--root-key-setting {key!r} is not allowed or repeated")
+        typed: object = value
+        if value in ("true", "false"):
+            typed = value == "true"
+        elif value.isdigit() and len(value) < 10:
+            typed = int(value)
+        settings[key] = typed
+    return name, settings

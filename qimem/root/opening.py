@@ -152,17 +152,20 @@ def make_wrapper(config: Settings, registry: Callable[[], Registry]) -> KeyWrapp
     if name is None:
         return None
     opener = RootOpener(config, registry)
-    if name in ("file", "env") and not config.root_key_settings:
-        if config.root_key_b64 and name == "env":
-            key = decode_root_key(config.root_key_b64, "QIMEM_ROOT_KEY")
-        elif config.root_key_file is not None and name == "file":
-            key = read_root_key_file(Path(config.root_key_file))
-        else:
-            raise ConfigError(f"the {name} root provider has no key configured")
-        try:
-            wrapper = KeyWrapper(key)
-        finally:
-            key[:] = bytes(len(key))
-        wrapper.use_providers(opener.for_version, opener.configured)
-        return wrapper
-    return KeyWrapper.pending(opener.for_version, opener.configured)
+    key = None
+    if config.root_key_b64:
+        key = decode_root_key(config.root_key_b64, "QIMEM_ROOT_KEY")
+    elif config.root_key_file is not None and (
+        name == "file" or Path(config.root_key_file).exists()
+    ):
+        # With another provider configured, a root key file that still exists is the store's
+        # unkeyringed version 1 until 'qimem root rotate' moves the store to the provider.
+        key = read_root_key_file(Path(config.root_key_file))
+    if key is None:
+        return KeyWrapper.pending(opener.for_version, opener.configured)
+    try:
+        wrapper = KeyWrapper(key)
+    finally:
+        key[:] = bytes(len(key))
+    wrapper.use_providers(opener.for_version, opener.configured)
+    return wrapper
