@@ -184,13 +184,23 @@ class KeyWrapper:
         slot = self._slot
         if slot is None:
             return
-        if not force and time.monotonic() - self._read_at < REFRESH_SECONDS:
-            return
-        with self._lock:
+        if not force:
+            if time.monotonic() - self._read_at < REFRESH_SECONDS:
+                return
+            # One thread reads for the process; the others wrap under what is loaded (a
+            # wrap inside a transaction never waits for a second pooled connection behind
+            # other writers).
+            if not self._lock.acquire(blocking=False):
+                return
+        else:
+            self._lock.acquire()
+        try:
             document = slot.read()
             self._read_at = time.monotonic()
             if document is not None and document != self._text:
                 self._load(document)
+        finally:
+            self._lock.release()
 
     def _create(self, slot: Any) -> None:
         from qimem.root import keyring as kr
