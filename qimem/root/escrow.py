@@ -52,6 +52,8 @@ _HEADER_KEYS = ("share", "threshold", "identifier", "check value", "passphrase",
 _HEADER = re.compile(r"^# ([a-z][a-z ]*[a-z]): (\S.*)$")
 _SHARE_OF = re.compile(r"^([0-9]{1,2}) of ([0-9]{1,2})$")
 _WORDS_PER_LINE = 11
+#: A 32-byte secret's share: 4 metadata + 26 value + 3 checksum words.
+_ROOT_SHARE_WORDS = 33
 
 
 class ShareError(ValidationError):
@@ -293,9 +295,9 @@ def read_share_file(path: Path) -> ShareFile:
     ):
         raise ShareError(f"{path}: malformed header")
     index, count = int(share_of.group(1)), int(share_of.group(2))
-    share = _decode_words(path, words)
-    if share.group_count != 1 or share.group_threshold != 1:
-        raise ShareError(f"{path}: a multi-group SLIP-39 share; qimem splits into one group")
+    share = decode_share(str(path), words)
+    if len(words) != _ROOT_SHARE_WORDS:
+        raise ShareError(f"{path}: {len(words)} words; a root key share has {_ROOT_SHARE_WORDS}")
     stated = (index, int(threshold), int(identifier))
     actual = (share.index + 1, share.member_threshold, share.identifier)
     if stated != actual:
@@ -318,26 +320,30 @@ def read_share_file(path: Path) -> ShareFile:
     )
 
 
-def _decode_words(path: Path, words: list[str]) -> Any:
-    """The SLIP-39 share these words encode; errors name the file and the word's position,
-    never the words."""
+def decode_share(source: str, words: list[str]) -> Any:
+    """The SLIP-39 share (``shamir_mnemonic.Share``) these words encode, if it is a share
+    of a one-group split. Errors name ``source`` and the word's position, never a word.
+
+    :raises ShareError: an unknown word, a bad checksum or padding, a multi-group share.
+    """
     lib = _library()
     from shamir_mnemonic.wordlist import WORD_INDEX_MAP
 
     if not words:
-        raise ShareError(f"{path}: no share words")
+        raise ShareError(f"{source}: no share words")
     for position, word in enumerate(words, 1):
         if word not in WORD_INDEX_MAP:
-            raise ShareError(f"{path}: word {position} is not in the SLIP-39 word list")
-    if len(words) != 33:  # a 32-byte secret: 4 metadata + 26 value + 3 checksum words
-        raise ShareError(f"{path}: {len(words)} words; a root key share has 33")
+            raise ShareError(f"{source}: word {position} is not in the SLIP-39 word list")
     try:
-        return lib.Share.from_mnemonic(" ".join(words))
+        share = lib.Share.from_mnemonic(" ".join(words))
     except lib.MnemonicError:
         raise ShareError(
-            f"{path}: the share's checksum does not match (a word is mistyped, missing or "
-            "out of order)"
+            f"{source}: the share's checksum or length does not match (a word is mistyped, "
+            "missing, extra or out of order)"
         ) from None
+    if share.group_count != 1 or share.group_threshold != 1:
+        raise ShareError(f"{source}: a multi-group SLIP-39 share; qimem splits into one group")
+    return share
 
 
 def combine(shares: list[ShareFile], passphrase: bytes = b"") -> bytearray:
@@ -379,14 +385,14 @@ def combine(shares: list[ShareFile], passphrase: bytes = b"") -> bytearray:
     results: set[bytes] = set()
     for subset in subsets:
         group = ShareGroup()
-        for i in subset:
-            group.add(decoded[i])
         try:
-            ems = lib.recover_ems({0: group})
+            for i in subset:
+                group.add(decoded[i])  # refuses differing SLIP-39 parameters
+            ems = lib.recover_ems({0: group})  # refuses a wrong digest
         except lib.MnemonicError:
             raise ShareError(
-                "the shares do not combine (SLIP-39 digest mismatch): one of them was "
-                "altered or forged"
+                "the shares do not combine (their SLIP-39 parameters or digest do not "
+                "match): one of them was altered or forged"
             ) from None
         results.add(ems.ciphertext)
     if len(results) != 1:
