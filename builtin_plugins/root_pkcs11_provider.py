@@ -14,34 +14,27 @@ returns them)::
     # create_key = true            # 'qimem init' creates the key (create_root_key)
     # allow_imported_key = true    # accept a key that was once extractable or imported
 
-The PIN never comes from the config or argv. One logged-in session per token is shared by
-every provider of the process (PKCS#11 login state is per process and token: a second
-``C_Login`` fails, and closing a logged-in session logs every session out); calls on it are
-serialised by a lock. A forked child initialises the library again and logs in with its
-own session.
+The PIN never comes from the config or argv. Every provider of a process shares one
+logged-in session per token, and a forked child logs in with its own
+(:mod:`qimem.builtin_plugins.root_pkcs11_session`).
 """
 
 from __future__ import annotations
 
-import getpass
-import hashlib
-import hmac
 import os
-import stat
-import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qimem.builtin_plugins import root_pkcs11_session as tokens
+from qimem.builtin_plugins.root_pkcs11_session import err_name
 from qimem.errors import ConfigError, ConflictError, DecryptionError
 
 _FORMAT = 1
 _IV = 12
 _TAG = 16
-_MAX_PIN = 256
 _T = TypeVar("_T")
 #: PKCS#11 errors meaning the token, its session or its login went away (not the blob).
 _GONE = frozenset(
@@ -73,149 +66,6 @@ _REFUSED = frozenset(
 )
 
 
-def _err_name(exc: BaseException) -> str:
-    return type(exc).__name__
-
-
-def login_error(exc: BaseException, token: str) -> ConfigError:
-    """The :class:`ConfigError` for a failed ``C_Login`` on ``token`` (never quotes the PIN)."""
-    name = _err_name(exc)
-    what = {
-        "PinIncorrect": "wrong PIN",
-        "PinLocked": "the user PIN is locked (too many wrong PINs; the SO must unlock it)",
-        "PinExpired": "the user PIN has expired (change it with the token's tools)",
-        "PinLenRange": "the PIN has a length the token refuses (wrong PIN)",
-        "PinInvalid": "the PIN has characters the token refuses (wrong PIN)",
-        "UserPinNotInitialized": "the token's user PIN was never set (initialise the token)",
-    }.get(name, f"login refused ({name})")
-    return ConfigError(f"pkcs11 root provider: {what} for token {token}")
-
-
-class _Login:
-    """The process's one logged-in session on a token (shared by its providers)."""
-
-    def __init__(self, token: Any, session: Any, pin_digest: bytes | None) -> None:
-        self.token = token
-        self.session = session
-        self.pin_digest = pin_digest  # HMAC of the PIN that logged in (None: read from stdin)
-        self.lock = threading.Lock()
-        self.users = 0
-        self.valid = True
-
-
-_state_lock = threading.Lock()
-_logins: dict[tuple[str, int], _Login] = {}
-_forked_libraries: set[str] = set()  # initialised by the parent of this forked process
-#: PINs read from stdin, by (library, token name): read once per process and kept for its
-#: forked children; None after the token refused it (never read again, never retried).
-_stdin_pins: dict[tuple[str, str], str | None] = {}
-#: Digests of PINs a token refused in this process: not tried again (a real token locks
-#: its PIN after a few wrong tries).
-_refused_pins: dict[tuple[str, int], set[bytes]] = {}
-_providers: weakref.WeakSet[Pkcs11RootKeyProvider] = weakref.WeakSet()
-_salt = os.urandom(32)
-_pid = os.getpid()
-
-
-def _pin_digest(pin: str) -> bytes:
-    return hmac.new(_salt, pin.encode(), hashlib.sha256).digest()
-
-
-def _after_fork() -> None:
-    """In a forked child: new locks and no sessions (the parent's are not ours to close);
-    each library is initialised again on its next use (PKCS#11 wants C_Initialize per
-    process). Does no PKCS#11 call itself."""
-    global _state_lock, _pid
-    _state_lock = threading.Lock()
-    for login in _logins.values():
-        login.valid = False
-    _logins.clear()
-    for provider in list(_providers):
-        provider._reset_after_fork()
-    loaded = getattr(sys.modules.get("pkcs11"), "_loaded", None) or {}
-    _forked_libraries.update(loaded)
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _check_pid() -> None:
-    if os.getpid() != _pid:  # forked by something that skipped the at-fork hooks
-        _after_fork()
-
-
-def _load_library(path: str) -> Any:
-    import pkcs11
-
-    try:
-        loaded = pkcs11._loaded.get(path)
-        if path in _forked_libraries:
-            # Initialised by the parent before the fork: initialise it for this process.
-            _forked_libraries.discard(path)
-            if loaded is not None and loaded.initialized:
-                try:
-                    loaded.finalize()
-                except Exception:  # noqa: BLE001, S110 - the child's C_Finalize may refuse
-                    pass
-        lib = pkcs11.lib(path)
-    except Exception as exc:  # noqa: BLE001 - dlopen and C_Initialize errors alike
-        raise ConfigError(
-            f"pkcs11 root provider: cannot load or initialise the PKCS#11 library {path} "
-            f"({_err_name(exc)}; for SoftHSM2 check SOFTHSM2_CONF and its token directory)"
-        ) from None
-    return lib
-
-
-def _read_pin_file(path: Path) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"pkcs11 root provider: PIN file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"pkcs11 root provider: cannot open PIN file {path}: {exc.strerror}"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"pkcs11 root provider: PIN file {path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"pkcs11 root provider: PIN file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = os.read(fd, _MAX_PIN + 3)
-    finally:
-        os.close(fd)
-    return _clean_pin(data, f"PIN file {path}")
-
-
-def _clean_pin(data: bytes, source: str) -> str:
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    if data.endswith(b"\r"):
-        data = data[:-1]
-    if not data:
-        raise ConfigError(f"pkcs11 root provider: {source} is empty")
-    if len(data) > _MAX_PIN or b"\n" in data:
-        raise ConfigError(f"pkcs11 root provider: {source} does not hold one PIN line")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"pkcs11 root provider: {source} is not UTF-8") from None
-
-
-def _read_pin_stdin(token: str) -> str:
-    if sys.stdin is None:
-        raise ConfigError('pkcs11 root provider: pin = "stdin" but the process has no stdin')
-    if sys.stdin.isatty():
-        line = getpass.getpass(f"PKCS#11 user PIN for token {token}: ")
-    else:
-        line = sys.stdin.readline()
-    return _clean_pin(line.encode("utf-8"), "the PIN read from stdin")
-
-
 class Pkcs11RootKeyProvider:
     """The root key is an AES-256 key that never leaves a PKCS#11 token."""
 
@@ -238,9 +88,10 @@ class Pkcs11RootKeyProvider:
         self.pin_file = pin_file
         self.allow_imported_key = allow_imported_key
         self._lock = threading.Lock()
-        self._login: _Login | None = None
+        self._login: tokens.Login | None = None
         self._key: Any = None
-        _providers.add(self)
+        self._ref = tokens.TokenRef(str(library), token_label, slot, pin_file)
+        tokens.track(self)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], base_dir: Path) -> Pkcs11RootKeyProvider:
@@ -307,107 +158,15 @@ class Pkcs11RootKeyProvider:
 
     @property
     def _token_name(self) -> str:
-        return f"'{self.token_label}'" if self.token_label is not None else f"in slot {self.slot}"
-
-    def _find_token(self, lib: Any) -> Any:
-        try:
-            slots = lib.get_slots(token_present=True)
-            if self.slot is not None:
-                for slot in slots:
-                    if slot.slot_id == self.slot:
-                        return slot.get_token()
-                ids = ", ".join(str(s.slot_id) for s in slots) or "none"
-                raise ConfigError(
-                    f"pkcs11 root provider: no token in slot {self.slot} of {self.library} "
-                    f"(slots with a token: {ids})"
-                )
-            tokens = [t for t in (s.get_token() for s in slots) if t.label == self.token_label]
-            labels = ", ".join(sorted({repr(s.get_token().label) for s in slots})) or "none"
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(
-                f"pkcs11 root provider: cannot list the tokens ({_err_name(exc)})"
-            ) from None
-        if not tokens:
-            raise ConfigError(
-                f"pkcs11 root provider: no token labelled '{self.token_label}' in {self.library} "
-                f"(token labels: {labels})"
-            )
-        if len(tokens) > 1:
-            raise ConfigError(
-                f"pkcs11 root provider: {len(tokens)} tokens are labelled '{self.token_label}'; "
-                "name the token by slot instead"
-            )
-        return tokens[0]
-
-    @property
-    def _stdin_key(self) -> tuple[str, str]:
-        return (str(self.library), self._token_name)
-
-    def _pin(self) -> str:
-        if self.pin_file is not None:
-            return _read_pin_file(self.pin_file)
-        if self._stdin_key not in _stdin_pins:
-            _stdin_pins[self._stdin_key] = _read_pin_stdin(self._token_name)
-        pin = _stdin_pins[self._stdin_key]
-        if pin is None:
-            raise ConfigError(
-                f"pkcs11 root provider: the PIN read from stdin for token {self._token_name} "
-                "was refused; restart qimem to enter it again"
-            )
-        return pin
+        return self._ref.name
 
     def read_stdin_pin(self) -> None:
         """With ``pin = "stdin"``: read the PIN now, without opening the token. A pre-fork
         master (``qimem serve --workers N``) calls this before forking, so the workers
         reuse the PIN instead of each reading stdin. Nothing to do with ``pin_file``."""
-        if self.pin_file is None:
-            with _state_lock:
-                self._pin()
+        tokens.read_stdin_pin(self._ref)
 
-    def _acquire_login(self) -> _Login:
-        """The shared logged-in session of this provider's token (caller holds ``self._lock``)."""
-        _check_pid()
-        with _state_lock:
-            lib = _load_library(str(self.library))
-            token = self._find_token(lib)
-            slot_key = (str(self.library), int(token.slot.slot_id))
-            login = _logins.get(slot_key)
-            if login is not None and login.valid:
-                if self.pin_file is not None and login.pin_digest is not None:
-                    pin = _read_pin_file(self.pin_file)
-                    if not hmac.compare_digest(_pin_digest(pin), login.pin_digest):
-                        raise ConfigError(
-                            f"pkcs11 root provider: wrong PIN for token {self._token_name}"
-                        )
-            else:
-                pin = self._pin()
-                refused = _refused_pins.setdefault(slot_key, set())
-                if _pin_digest(pin) in refused:
-                    raise ConfigError(
-                        f"pkcs11 root provider: wrong PIN for token {self._token_name} "
-                        "(refused before; not tried again)"
-                    )
-                try:
-                    session = token.open(user_pin=pin)
-                except Exception as exc:  # noqa: BLE001
-                    if self.pin_file is None:
-                        _stdin_pins[self._stdin_key] = None
-                    if _err_name(exc) == "UserAlreadyLoggedIn":
-                        raise ConfigError(
-                            f"pkcs11 root provider: token {self._token_name} is already logged in "
-                            "by other code in this process; qimem cannot check its PIN"
-                        ) from None
-                    if _err_name(exc) in ("PinIncorrect", "PinLenRange", "PinInvalid"):
-                        refused.add(_pin_digest(pin))
-                    raise login_error(exc, self._token_name) from None
-                digest = _pin_digest(pin) if self.pin_file is not None else None
-                login = _logins[slot_key] = _Login(token, session, digest)
-            login.users += 1
-            return login
-
-    def _find_key(self, login: _Login) -> Any:
+    def _find_key(self, login: tokens.Login) -> Any:
         from pkcs11 import Attribute, KeyType, ObjectClass
 
         where = f"key '{self.key_label}' on token {self._token_name}"
@@ -419,7 +178,7 @@ class Pkcs11RootKeyProvider:
             )
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(
-                f"pkcs11 root provider: cannot search for {where} ({_err_name(exc)})"
+                f"pkcs11 root provider: cannot search for {where} ({err_name(exc)})"
             ) from None
         if not keys:
             raise ConfigError(
@@ -458,38 +217,20 @@ class Pkcs11RootKeyProvider:
             raise ConfigError(f"pkcs11 root provider: {where} may not encrypt and decrypt")
         return key
 
-    def _drop_login(self, login: _Login, *, close: bool) -> None:
-        with _state_lock:
-            login.users -= 1
-            if close and login.users <= 0 and login.valid:
-                login.valid = False
-                _logins.pop((str(self.library), int(login.token.slot.slot_id)), None)
-                try:
-                    login.session.close()
-                except Exception:  # noqa: BLE001, S110 - the token may be gone already
-                    pass
-
-    def _invalidate(self, login: _Login) -> None:
-        """Forget a session the token no longer honours (removed, restarted, logged out)."""
-        with _state_lock:
-            if login.valid:
-                login.valid = False
-                _logins.pop((str(self.library), int(login.token.slot.slot_id)), None)
-
     def _call(self, operation: Callable[[Any], _T]) -> _T:
         """Run ``operation(key)`` on the shared session; reopen once if the session is gone."""
         for attempt in (1, 2):
             with self._lock:
                 if self._login is None or not self._login.valid:
                     if self._login is not None:
-                        self._drop_login(self._login, close=False)
+                        tokens.release(self._login)
                         self._login, self._key = None, None
-                    login = self._acquire_login()
+                    login = tokens.acquire(self._ref)
                     try:
                         with login.lock:
                             self._key = self._find_key(login)
                     except BaseException:
-                        self._drop_login(login, close=True)
+                        tokens.release(login)
                         raise
                     self._login = login
                 login, key = self._login, self._key
@@ -497,13 +238,13 @@ class Pkcs11RootKeyProvider:
                 with login.lock:
                     return operation(key)
             except Exception as exc:  # noqa: BLE001
-                if _err_name(exc) not in _GONE:
+                if err_name(exc) not in _GONE:
                     raise
-                self._invalidate(login)
+                tokens.invalidate(login)
                 if attempt == 2:
                     raise ConfigError(
                         f"pkcs11 root provider: token {self._token_name} is unreachable "
-                        f"({_err_name(exc)})"
+                        f"({err_name(exc)})"
                     ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -524,7 +265,7 @@ class Pkcs11RootKeyProvider:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(
-                f"pkcs11 root provider: token {self._token_name} refused to wrap ({_err_name(exc)})"
+                f"pkcs11 root provider: token {self._token_name} refused to wrap ({err_name(exc)})"
             ) from None
         return bytes([_FORMAT]) + iv + bytes(sealed)
 
@@ -544,10 +285,10 @@ class Pkcs11RootKeyProvider:
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - SoftHSM reports a bad tag as CKR_GENERAL_ERROR
-            if _err_name(exc) in _REFUSED:
+            if err_name(exc) in _REFUSED:
                 raise ConfigError(
                     f"pkcs11 root provider: token {self._token_name} refused to unwrap "
-                    f"({_err_name(exc)})"
+                    f"({err_name(exc)})"
                 ) from None
             raise DecryptionError(
                 "the wrapped key does not unwrap under this pkcs11 root key "
@@ -582,7 +323,7 @@ class Pkcs11RootKeyProvider:
         with self._lock:
             login, self._login, self._key = self._login, None, None
         if login is not None:
-            self._drop_login(login, close=True)
+            tokens.release(login)
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -597,7 +338,7 @@ class Pkcs11RootKeyProvider:
 def _rw_session(provider: Pkcs11RootKeyProvider) -> Iterator[Any]:
     """A read-write session on the provider's (logged-in) token, closed afterwards."""
     with provider._lock:
-        login = provider._acquire_login()
+        login = tokens.acquire(provider._ref)
     try:
         with login.lock:
             session = login.token.open(rw=True)  # shares the login; closing it does not log out
@@ -606,7 +347,7 @@ def _rw_session(provider: Pkcs11RootKeyProvider) -> Iterator[Any]:
         finally:
             session.close()
     finally:
-        provider._drop_login(login, close=True)
+        tokens.release(login)
 
 
 def create_root_key(settings: Mapping[str, Any], base_dir: Path) -> None:
@@ -662,7 +403,7 @@ def create_root_key(settings: Mapping[str, Any], base_dir: Path) -> None:
             except Exception as exc:  # noqa: BLE001
                 raise ConfigError(
                     f"pkcs11 root provider: token {provider._token_name} refused to generate "
-                    f"the key ({_err_name(exc)})"
+                    f"the key ({err_name(exc)})"
                 ) from None
         provider.check()
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from softhsm_helpers import SoftHsm, softhsm
 
-from qimem.builtin_plugins import root_pkcs11_provider as mod
+from qimem.builtin_plugins import root_pkcs11_session as tokens
 from qimem.builtin_plugins.root_pkcs11_provider import Pkcs11RootKeyProvider, create_root_key
 from qimem.errors import ConfigError, ConflictError, DecryptionError
 from qimem.root.provider import KWK_SIZE, RootKeyProvider, kwk_context
@@ -163,7 +163,7 @@ def test_wrong_pin_refused_while_the_token_is_logged_in(
 def test_pin_locked_message() -> None:
     from pkcs11.exceptions import PinLocked
 
-    error = mod.login_error(PinLocked(), "'t'")  # SoftHSM2 never locks a PIN: mapped here
+    error = tokens.login_error(PinLocked(), "'t'")  # SoftHSM2 never locks a PIN: mapped here
     assert isinstance(error, ConfigError) and "locked" in str(error)
 
 
@@ -377,6 +377,22 @@ def test_a_lost_session_is_reopened_once(root: Pkcs11RootKeyProvider) -> None:
     assert "PIN file" in _config_error(root)  # reopening needs the PIN again
 
 
+def test_key_deleted_while_open_is_a_config_error(
+    hsm: SoftHsm, root: Pkcs11RootKeyProvider
+) -> None:
+    blob = root.wrap(b"d" * KWK_SIZE, CONTEXT)
+    hsm.run(
+        "s = pkcs11.lib(LIB).get_token(token_label='qimem-a').open(user_pin=sys.argv[1], rw=True)\n"
+        "[k] = s.get_objects({Attribute.LABEL: sys.argv[2]})\n"
+        "k.destroy()\n"
+        "s.close()\n",
+        hsm.pin("qimem-a"),
+        root.key_label,
+    )
+    with pytest.raises(ConfigError, match=f"no secret key '{root.key_label}'"):
+        root.unwrap(blob, CONTEXT)
+
+
 def test_pin_from_stdin_is_read_once(
     hsm: SoftHsm,
     tmp_path: Path,
@@ -386,13 +402,13 @@ def test_pin_from_stdin_is_read_once(
     hsm.make_key("qimem-b", label)
     settings = {**hsm.settings(tmp_path, "qimem-b", label), "pin": "stdin"}
     del settings["pin_file"]
-    mod._stdin_pins.clear()
+    tokens.stdin_pins.clear()
     monkeypatch.setattr("sys.stdin", io.StringIO("not-the-pin\n" + hsm.pin("qimem-b") + "\n"))
     wrong = Pkcs11RootKeyProvider.from_settings(settings, tmp_path)
     assert "wrong PIN" in _config_error(wrong)
     assert "restart qimem to enter it again" in _config_error(wrong)  # no second read
     assert hsm.pin("qimem-b") + "\n" == sys.stdin.readline()
-    mod._stdin_pins.clear()  # as a restarted process
+    tokens.stdin_pins.clear()  # as a restarted process
     stdin = io.StringIO(hsm.pin("qimem-b") + "\nnext line\n")
     monkeypatch.setattr("sys.stdin", stdin)
     first = Pkcs11RootKeyProvider.from_settings(settings, tmp_path)
@@ -407,7 +423,7 @@ def test_pin_from_stdin_is_read_once(
     finally:
         first.close()
         second.close()
-        mod._stdin_pins.clear()
+        tokens.stdin_pins.clear()
 
 
 def test_stdin_pin_read_before_fork_serves_the_workers(
@@ -417,7 +433,7 @@ def test_stdin_pin_read_before_fork_serves_the_workers(
     hsm.make_key("qimem-b", label)
     settings = {**hsm.settings(tmp_path, "qimem-b", label), "pin": "stdin"}
     del settings["pin_file"]
-    mod._stdin_pins.clear()
+    tokens.stdin_pins.clear()
     monkeypatch.setattr("sys.stdin", io.StringIO(hsm.pin("qimem-b") + "\n"))
     Pkcs11RootKeyProvider.from_settings(settings, tmp_path).read_stdin_pin()  # the master
     assert sys.stdin.read() == ""
@@ -430,7 +446,7 @@ def test_stdin_pin_read_before_fork_serves_the_workers(
         finally:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
-    mod._stdin_pins.clear()
+    tokens.stdin_pins.clear()
     assert os.waitstatus_to_exitcode(status) == 0
 
 
