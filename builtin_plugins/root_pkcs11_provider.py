@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -303,6 +302,14 @@ class Pkcs11RootKeyProvider:
         """
         self._call(lambda k: None)
 
+    def create_key(self) -> None:
+        """Generate this provider's root key in the token (:func:`create_root_key`).
+
+        :raises ConflictError: a secret key with ``key_label`` already exists on the token.
+        :raises ConfigError: the token cannot be opened or refuses to make the key.
+        """
+        create_key(self)
+
     def describe(self) -> dict[str, Any]:
         """The settings that reopen this root key (paths and labels; never the PIN)."""
         out: dict[str, Any] = {"library": str(self.library), "key_label": self.key_label}
@@ -334,77 +341,76 @@ class Pkcs11RootKeyProvider:
         return f"<Pkcs11RootKeyProvider {self.library} token {token} key '{key}'>"
 
 
-@contextmanager
-def _rw_session(provider: Pkcs11RootKeyProvider) -> Iterator[Any]:
-    """A read-write session on the provider's (logged-in) token, closed afterwards."""
+def _key_template() -> dict[Any, Any]:
+    from pkcs11 import Attribute
+
+    template: dict[Any, Any] = {
+        a: False
+        for a in (Attribute.EXTRACTABLE, Attribute.WRAP, Attribute.UNWRAP, Attribute.SIGN,
+                  Attribute.VERIFY, Attribute.DERIVE)
+    }  # fmt: skip
+    for a in (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ENCRYPT,
+              Attribute.DECRYPT):  # fmt: skip
+        template[a] = True
+    return template
+
+
+def create_key(provider: Pkcs11RootKeyProvider) -> None:
+    """Generate ``provider``'s root key in its token (see :func:`create_root_key`)."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    name, label = provider._token_name, provider.key_label
     with provider._lock:
         login = tokens.acquire(provider._ref)
     try:
         with login.lock:
-            session = login.token.open(rw=True)  # shares the login; closing it does not log out
-        try:
-            yield session
-        finally:
-            session.close()
+            step = "open a read-write session"
+            try:
+                session = login.token.open(rw=True)  # shares the login; its close keeps it
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(
+                    f"pkcs11 root provider: token {name}: cannot {step} ({err_name(exc)})"
+                ) from None
+            try:
+                step = "search for the key"
+                where = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+                if list(session.get_objects(where)):
+                    raise ConflictError(
+                        f"pkcs11 root provider: token {name} already has a key labelled "
+                        f"'{label}' (refusing to make another)"
+                    )
+                step = "generate the key"
+                session.generate_key(
+                    KeyType.AES, 256, label=label, id=os.urandom(8), store=True,
+                    template=_key_template(),
+                )  # fmt: skip
+            except (ConfigError, ConflictError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(
+                    f"pkcs11 root provider: token {name}: cannot {step} ({err_name(exc)})"
+                ) from None
+            finally:
+                try:
+                    session.close()
+                except Exception:  # noqa: BLE001, S110 - the token may be gone already
+                    pass
     finally:
         tokens.release(login)
+    provider.check()
 
 
 def create_root_key(settings: Mapping[str, Any], base_dir: Path) -> None:
     """Generate the root key in the token: AES-256, a token object, private, sensitive,
-    never extractable, labelled ``key_label``, allowed to encrypt and decrypt only. Used by
-    ``qimem init --root-key-provider pkcs11`` when ``create_key = true``.
+    never extractable, labelled ``key_label``, allowed to encrypt and decrypt only. For
+    ``qimem init --root-key-provider pkcs11`` when ``create_key = true`` (also reachable as
+    ``provider.create_key()`` on a provider the registry's factory built).
 
     :raises ConflictError: a secret key with that label already exists on the token.
     :raises ConfigError: the token cannot be opened or refuses to make the key.
     """
-    from pkcs11 import Attribute, KeyType, ObjectClass
-
     provider = Pkcs11RootKeyProvider.from_settings(settings, base_dir)
     try:
-        with _rw_session(provider) as session:
-            found = list(
-                session.get_objects(
-                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: provider.key_label}
-                )
-            )
-            if found:
-                raise ConflictError(
-                    f"pkcs11 root provider: token {provider._token_name} already has a key "
-                    f"labelled '{provider.key_label}' (refusing to make another)"
-                )
-            false_attrs = (
-                Attribute.EXTRACTABLE,
-                Attribute.WRAP,
-                Attribute.UNWRAP,
-                Attribute.SIGN,
-                Attribute.VERIFY,
-                Attribute.DERIVE,
-            )
-            template: dict[Any, Any] = {a: False for a in false_attrs}
-            template.update(
-                {
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.ENCRYPT: True,
-                    Attribute.DECRYPT: True,
-                }
-            )
-            try:
-                session.generate_key(
-                    KeyType.AES,
-                    256,
-                    label=provider.key_label,
-                    id=os.urandom(8),
-                    store=True,
-                    template=template,
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise ConfigError(
-                    f"pkcs11 root provider: token {provider._token_name} refused to generate "
-                    f"the key ({err_name(exc)})"
-                ) from None
-        provider.check()
+        provider.create_key()
     finally:
         provider.close()

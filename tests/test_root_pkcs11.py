@@ -494,13 +494,20 @@ def test_threads_share_the_provider(root: Pkcs11RootKeyProvider) -> None:
     assert not errors, errors[:3]
 
 
-def test_loaded_through_the_registry(root: Pkcs11RootKeyProvider, tmp_path: Path) -> None:
+def test_loaded_through_the_registry(hsm: SoftHsm, tmp_path: Path) -> None:
     from qimem.registry import Registry, make_plugin_manager
 
     registry = Registry(make_plugin_manager([]))
-    provider = registry.root_key_providers["pkcs11"](root.describe(), tmp_path)
+    settings = {**hsm.settings(tmp_path, "qimem-a", _label()), "create_key": True}
+    provider = registry.root_key_providers["pkcs11"](settings, tmp_path)
     try:
         assert isinstance(provider, Pkcs11RootKeyProvider) and provider.name == "pkcs11"
-        assert provider.unwrap(root.wrap(b"r" * KWK_SIZE, CONTEXT), CONTEXT) == b"r" * KWK_SIZE
+        assert "create_key" not in provider.describe()
+        with pytest.raises(ConfigError, match="no secret key"):
+            provider.check()
+        provider.create_key()  # what 'qimem init' calls when create_key = true
+        assert provider.unwrap(provider.wrap(b"r" * KWK_SIZE, CONTEXT), CONTEXT) == b"r" * KWK_SIZE
+        with pytest.raises(ConflictError):
+            provider.create_key()
     finally:
         provider.close()
