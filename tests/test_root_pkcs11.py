@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import softhsm_helpers
 from softhsm_helpers import SoftHsm, softhsm
 
 from qimem.builtin_plugins import root_pkcs11_session as tokens
@@ -511,3 +512,13 @@ def test_loaded_through_the_registry(hsm: SoftHsm, tmp_path: Path) -> None:
             provider.create_key()
     finally:
         provider.close()
+
+
+def test_missing_softhsm_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(softhsm_helpers, "LIBRARY_CANDIDATES", ())
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        softhsm_helpers.require_softhsm()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
+        softhsm_helpers.require_softhsm()
