@@ -21,6 +21,7 @@ from qimem.builtin_plugins import root_pkcs11_session as tokens
 from qimem.builtin_plugins.root_pkcs11_provider import Pkcs11RootKeyProvider, create_root_key
 from qimem.errors import ConfigError, ConflictError, DecryptionError
 from qimem.root.provider import KWK_SIZE, RootKeyProvider, kwk_context
+from qimem.testing_rootkey import RootKeyProviderContract
 
 CONTEXT = kwk_context("keyring-1", 1)
 MakeProvider = Callable[..., Pkcs11RootKeyProvider]
@@ -522,3 +523,28 @@ def test_missing_softhsm_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
         softhsm_helpers.require_softhsm()
+
+
+# --- the root-key provider contract ------------------------------------------------------
+
+
+class TestPkcs11Contract(RootKeyProviderContract):
+    """qimem.testing_rootkey's contract, against fresh SoftHSM2 keys (through the registry)."""
+
+    provider_name = "pkcs11"
+
+    @pytest.fixture
+    def provider_settings(self, hsm: SoftHsm, tmp_path: Path) -> dict[str, Any]:
+        settings = hsm.settings(tmp_path, "qimem-contract", _label())
+        create_root_key(settings, tmp_path)
+        return settings
+
+    @pytest.fixture
+    def other_settings(self, hsm: SoftHsm, tmp_path: Path) -> dict[str, Any]:
+        settings = hsm.settings(tmp_path, "qimem-b", _label())
+        create_root_key(settings, tmp_path)
+        return settings
+
+    @pytest.fixture
+    def secrets(self) -> list[str]:
+        return list(softhsm_helpers.TOKENS.values()) + [softhsm_helpers.SO_PIN]
