@@ -107,6 +107,36 @@ class TestOutsidePluginRootProvider(RootKeyProviderContract):
         return [self.secret]
 
 
+class TestPkcs11RootProvider(RootKeyProviderContract):
+    """The built-in pkcs11 provider on a real SoftHSM2 token (tests/softhsm_helpers.py:
+    skipped without SoftHSM2, failed under CI=true)."""
+
+    provider_name = "pkcs11"
+
+    def _new_key(self, base_dir: Path) -> dict[str, Any]:
+        from softhsm_helpers import softhsm
+
+        from qimem.builtin_plugins.root_pkcs11_provider import create_root_key
+
+        hsm = softhsm()
+        self.secret = hsm.pin("qimem-a")
+        settings = hsm.settings(base_dir, "qimem-a", f"contract-{uuid.uuid4().hex[:10]}")
+        create_root_key(settings, base_dir)
+        return settings
+
+    @pytest.fixture
+    def provider_settings(self, base_dir: Path) -> dict[str, Any]:
+        return self._new_key(base_dir)
+
+    @pytest.fixture
+    def other_settings(self, base_dir: Path) -> dict[str, Any]:
+        return self._new_key(base_dir)
+
+    @pytest.fixture
+    def secrets(self, provider_settings: dict[str, Any]) -> list[str]:
+        return [self.secret]
+
+
 def test_an_outside_plugin_cannot_take_a_built_in_name() -> None:
     class Squatter:
         @root_provider_helpers.hookimpl
