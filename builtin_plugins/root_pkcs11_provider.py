@@ -112,7 +112,7 @@ class Pkcs11RootKeyProvider:
             import pkcs11  # noqa: F401
         except ImportError:
             raise ConfigError(
-                "pkcs11 root provider needs python-pkcs11: pip install 'qimem[pkcs11]'"
+                "pkcs11 root provider needs python-pkcs11: pip install python-pkcs11"
             ) from None
         library = path("library")
         if library is None:
