@@ -67,6 +67,12 @@ def _root_key_file(state: CliState, explicit: str | None) -> Path:
             "the store's root key comes from QIMEM_ROOT_KEY, not a file; split escrows a "
             "root key file only (name one with --root-key-file)"
         )
+    if config.root_key_provider not in (None, "file"):
+        raise ConfigError(
+            f"the store's root is held by the {config.root_key_provider} provider, not a "
+            "root key file; split escrows a root key file only (its secret never leaves "
+            "its provider: back that up the provider's way)"
+        )
     if config.root_key_file is None:
         raise ConfigError(
             "no root key file is configured (the store's root is not a file key); split "
