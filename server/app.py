@@ -37,6 +37,7 @@ from qimem.server.ops import (
     ReadyResource,
 )
 from qimem.server.plugins import PLUGINS_PATH, PluginsResource
+from qimem.server.root_api import add_root_routes
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 OPENAPI_PATH = "/v1/openapi.json"
@@ -111,6 +112,7 @@ def create_app(
         app.add_route(PLUGINS_PATH, plugins)
         app.add_route(PLUGINS_PATH + "/{name}", plugins, suffix="item")
         add_auth_routes(app, app_ctx, max_body_bytes)
+        add_root_routes(app, app_ctx, max_body_bytes)
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(app_ctx))
     app.add_route("/metrics", MetricsResource(metrics))

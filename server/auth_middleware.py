@@ -148,6 +148,9 @@ def default_rules() -> dict[tuple[str, str], Rule]:
     )
     rules[("GET", "/v1/openapi.json")] = Rule()
     rules.update(_auth_rules())
+    from qimem.server.root_api import root_rules  # /v1/root (master realm admins)
+
+    rules.update(root_rules())
     return rules
 
 

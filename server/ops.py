@@ -29,11 +29,13 @@ def openapi_document() -> dict[str, Any]:
     (:mod:`qimem.server.operations`) and /v1/auth added."""
     text = resources.files("qimem.server").joinpath("openapi.json").read_text("utf-8")
     from qimem.server.auth_openapi import add_auth  # /v1/auth and bearer authentication
+    from qimem.server.root_api import add_to_openapi as add_root  # issue 18
     from qimem.server.transit.openapi import add_to_openapi as add_transit  # issue 17
 
     doc = json.loads(text)
     add_to_openapi(doc)
     add_transit(doc)
+    add_root(doc)
     return add_auth(doc)
 
 

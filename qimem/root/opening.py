@@ -155,11 +155,11 @@ def make_wrapper(config: Settings, registry: Callable[[], Registry]) -> KeyWrapp
     key = None
     if config.root_key_b64:
         key = decode_root_key(config.root_key_b64, "QIMEM_ROOT_KEY")
-    elif config.root_key_file is not None and (
-        name == "file" or Path(config.root_key_file).exists()
-    ):
+    elif config.root_key_file is not None and Path(config.root_key_file).exists():
         # With another provider configured, a root key file that still exists is the store's
         # unkeyringed version 1 until 'qimem root rotate' moves the store to the provider.
+        # A configured key file that does not exist yet is the new root of a rotation (its
+        # store's keyring opens the versions from their recorded files).
         key = read_root_key_file(Path(config.root_key_file))
     if key is None:
         return KeyWrapper.pending(opener.for_version, opener.configured)
