@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qimem import fileio
 from qimem.errors import ConfigError, ConflictError, DecryptionError
+from qimem.root.kwk import check_value, derive, derive_base, wrapping_key
 
 ROOT_KEY_SIZE = 32
 _WRAP_FORMAT = 1  # version 1: format | nonce | ciphertext
@@ -34,23 +33,7 @@ _NONCE = 12
 REFRESH_SECONDS = 1.0
 
 
-def _derive(root_key: bytes | bytearray, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes(root_key))
-
-
-def wrapping_key(kwk: bytes | bytearray) -> bytes:
-    """The AES-256-GCM key rows are sealed with under a root version's key-wrapping key."""
-    return _derive(kwk, b"qimem key wrapping v1")
-
-
-def derive_base(kwk: bytes | bytearray) -> bytes:
-    """The base of a store's derived keys: HKDF of its version 1 key-wrapping key."""
-    return _derive(kwk, b"qimem derived keys v1")
-
-
-def check_value(kwk: bytes | bytearray) -> str:
-    """A public fingerprint of a key-wrapping key (it does not reveal the key)."""
-    return _derive(kwk, b"qimem root key check v1")[:16].hex()
+_derive = derive
 
 
 def blob_root_version(blob: bytes) -> int:

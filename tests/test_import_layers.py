@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.events",
             "qimem.config",
             "qimem.rootkey",
+            "qimem.root",  # root-key providers, the keyring (rotation is a service, below)
             "qimem.manifest",
             "qimem.registry",
             "qimem.backend",
@@ -76,6 +77,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.remote",
             "qimem.testing_identity",  # the identity contract drives qimem.services.identity
             "qimem.testing_identity_tokens",
+            "qimem.root.rotation",  # moves the store's and the identity layer's rows
+            "qimem.testing_rootkey",  # the provider contract opens apps and rotates
         ),
     ),
     # Built-in plugins may use all of qimem's core, never the CLI or the server; no core

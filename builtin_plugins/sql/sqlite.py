@@ -207,6 +207,10 @@ class SqliteKeyStore(KeyStore):
                 self._sql = SqlKeyStore(self.url, self._wrapper)
             return self._sql
 
+    def root_wrapped_columns(self) -> list[Any]:
+        """The columns root rotation moves (the SQLAlchemy store's)."""
+        return self._full().root_wrapped_columns()
+
     @property
     def engine(self) -> Any:
         """The SQLAlchemy engine (identity layer, plugin catalog): built on first use."""

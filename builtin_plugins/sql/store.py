@@ -179,6 +179,20 @@ class SqlKeyStore(KeyStore):
         with translate_errors(), self.engine.connect() as conn:
             return conn.execute(query).scalar()
 
+    def root_wrapped_columns(self) -> list[Any]:
+        """The columns root rotation moves (:mod:`qimem.root.rotation`): key material."""
+        from qimem.root.columns import WrappedColumn
+
+        return [
+            WrappedColumn(
+                "qimem_key_versions",
+                ("key_id",),
+                "material",
+                lambda r: _wrap_context(r.realm, r.lineage_id, r.key_id, r.version, r.algorithm),
+                "key versions",
+            )
+        ]
+
     def _stored_check(self) -> str | None:
         query = sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
         with translate_errors(), self.engine.connect() as conn:

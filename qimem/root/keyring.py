@@ -228,7 +228,7 @@ def open_version(keyring: Keyring, record: RootVersion, open_provider: ProviderO
     :raises ConfigError: the provider is unavailable, or opens another key than the one
         this version was made with.
     """
-    from qimem.rootkey import check_value
+    from qimem.root.kwk import check_value
 
     provider = open_provider(record.provider, record.settings)
     try:
@@ -269,7 +269,7 @@ def new_wrapped_version(
 ) -> tuple[RootVersion, bytearray]:
     """A fresh random KWK for ``version``, wrapped by ``provider``; returns the record and
     the KWK (the caller zeroes it)."""
-    from qimem.rootkey import check_value
+    from qimem.root.kwk import check_value
 
     kwk = bytearray(os.urandom(KWK_SIZE))
     wrapped = provider.wrap(bytes(kwk), kwk_context(keyring_id, version))
@@ -288,7 +288,7 @@ def seal_derive_base(keyring_id: str, check: str, kwk: bytes | bytearray, base: 
     """The store's derive base sealed under a version's KWK."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from qimem.rootkey import wrapping_key
+    from qimem.root.kwk import wrapping_key
 
     nonce = os.urandom(12)
     aad = _DERIVE_CONTEXT + f"{keyring_id}|{check}".encode()
@@ -299,7 +299,7 @@ def open_derive_base(keyring: Keyring, kwk: bytes | bytearray) -> bytes:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from qimem.rootkey import wrapping_key
+    from qimem.root.kwk import wrapping_key
 
     blob = keyring.derive_blob
     aad = _DERIVE_CONTEXT + f"{keyring.id}|{keyring.check}".encode()
@@ -312,7 +312,7 @@ def open_derive_base(keyring: Keyring, kwk: bytes | bytearray) -> bytes:
 def new_keyring(provider: RootKeyProvider) -> tuple[Keyring, bytearray]:
     """A keyring for a new store whose root is ``provider``: version 1 is a fresh KWK that
     the provider wraps. Returns the keyring and version 1's KWK."""
-    from qimem.rootkey import check_value, derive_base
+    from qimem.root.kwk import check_value, derive_base
 
     keyring_id = str(uuid.uuid4())
     record, kwk = new_wrapped_version(keyring_id, 1, provider)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from qimem.errors import ConfigError, ConflictError
 from qimem.root import keyring as kr
+from qimem.root.columns import WrappedColumn
 from qimem.rootkey import REFRESH_SECONDS, blob_root_version
 
 if TYPE_CHECKING:
@@ -53,55 +54,18 @@ SETTLE_SECONDS = REFRESH_SECONDS * 1.5
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class WrappedColumn:
-    """A column of wrapped blobs: its table, primary key, and the context each row's blob
-    is bound to (the associated data its owner wraps it with)."""
+def wrapped_columns(app: AppContext) -> list[WrappedColumn]:
+    """Every column of the store that holds blobs wrapped under the root: the store's own
+    (``root_wrapped_columns()``) and the identity layer's."""
+    from qimem.identity.root_columns import wrapped_columns as identity_columns
 
-    table: str
-    key: tuple[str, ...]
-    blob: str
-    context: Callable[[Any], bytes]
-    what: str
-
-
-def wrapped_columns() -> list[WrappedColumn]:
-    """Every column of an SQL store that holds blobs wrapped under the root."""
-    from qimem.builtin_plugins.sql.store import _wrap_context as key_context
-    from qimem.identity.login_providers import _auth_context
-    from qimem.identity.otp import _context as otp_context
-    from qimem.identity.tokens import _wrap_context as signing_context
-
-    return [
-        WrappedColumn(
-            "qimem_key_versions",
-            ("key_id",),
-            "material",
-            lambda r: key_context(r.realm, r.lineage_id, r.key_id, r.version, r.algorithm),
-            "key versions",
-        ),
-        WrappedColumn(
-            "qimem_signing_keys",
-            ("kid",),
-            "private_wrapped",
-            lambda r: signing_context(r.realm, r.kid),
-            "token signing keys",
-        ),
-        WrappedColumn(
-            "qimem_otp",
-            ("user_id",),
-            "secret_wrapped",
-            lambda r: otp_context(r.realm, r.user_id),
-            "OTP secrets",
-        ),
-        WrappedColumn(
-            "qimem_realm_auth",
-            ("realm",),
-            "config",
-            lambda r: _auth_context(r.realm),
-            "realm login settings",
-        ),
-    ]
+    store_columns = getattr(app.store, "root_wrapped_columns", None)
+    if store_columns is None:
+        raise ConfigError(
+            f"the {app.backend.scheme!r} key store does not list its wrapped rows; root "
+            "rotation needs a store that does (SQLite or PostgreSQL)"
+        )
+    return [*store_columns(), *identity_columns()]
 
 
 @dataclass
@@ -268,10 +232,14 @@ def _move_column(
 
 
 def _move_all(
-    engine: sa.Engine, wrapper: KeyWrapper, report: RotationReport, progress: Progress
+    engine: sa.Engine,
+    wrapper: KeyWrapper,
+    columns: list[WrappedColumn],
+    report: RotationReport,
+    progress: Progress,
 ) -> int:
     total = 0
-    for column in wrapped_columns():
+    for column in columns:
         count = _move_column(engine, wrapper, column, progress)
         report.moved[column.what] = report.moved.get(column.what, 0) + count
         total += count
@@ -299,23 +267,26 @@ def rotate(
     else:
         _new_version(app, wrapper, say)
     report = RotationReport(active=wrapper.active_version, created=not resuming)
-    _move_all(engine, wrapper, report, say)
+    columns = wrapped_columns(app)
+    _move_all(engine, wrapper, columns, report, say)
     while True:  # rows a process wrapped under the old version before it saw the new one
         time.sleep(settle)
         wrapper.refresh()
-        if _move_all(engine, wrapper, report, say) == 0:
+        if _move_all(engine, wrapper, columns, report, say) == 0:
             break
-    report.retired = _retire(wrapper, engine, say)
+    report.retired = _retire(wrapper, engine, columns, say)
     return report
 
 
-def _retire(wrapper: KeyWrapper, engine: sa.Engine, progress: Progress) -> list[int]:
+def _retire(
+    wrapper: KeyWrapper, engine: sa.Engine, columns: list[WrappedColumn], progress: Progress
+) -> list[int]:
     """Mark the draining versions no row is wrapped under any more as retired."""
     for _ in range(5):
         slot = wrapper.slot
         text = slot.read()
         keyring = kr.parse(text)
-        counts = count_rows(engine)
+        counts = count_rows(engine, columns)
         done = [
             r.version
             for r in keyring.versions
@@ -333,13 +304,13 @@ def _retire(wrapper: KeyWrapper, engine: sa.Engine, progress: Progress) -> list[
     )
 
 
-def count_rows(engine: sa.Engine) -> dict[int, int]:
+def count_rows(engine: sa.Engine, columns: list[WrappedColumn]) -> dict[int, int]:
     """How many wrapped rows each root version wraps."""
     from qimem.sql import translate_errors
 
     counts: dict[int, int] = {}
     with translate_errors(), engine.connect() as conn:
-        for column in wrapped_columns():
+        for column in columns:
             for version in _versions_of(conn, column):
                 counts[version] = counts.get(version, 0) + 1
     return counts
@@ -359,7 +330,9 @@ def status(app: AppContext) -> dict[str, Any]:
     """The root's versions (provider, settings, state, check value) and how many rows
     each wraps (``qimem root status``)."""
     wrapper = _wrapper(app)
-    counts = count_rows(_engine(app)) if getattr(app.store, "engine", None) else {}
+    counts = (
+        count_rows(_engine(app), wrapped_columns(app)) if getattr(app.store, "engine", None) else {}
+    )
     keyring = wrapper.keyring
     if keyring is None:
         from qimem.root.opening import configured_provider_name

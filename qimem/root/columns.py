@@ -1,0 +1,21 @@
+"""What root rotation moves: the columns of wrapped blobs (:class:`WrappedColumn`). A store
+that keeps wrapped rows in SQL tables lists its own (``root_wrapped_columns()``); the
+identity layer lists its tables' (:func:`qimem.identity.root_columns.wrapped_columns`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WrappedColumn:
+    """A column of wrapped blobs: its table, primary key, and the context each row's blob
+    is bound to (the associated data its owner wraps it with)."""
+
+    table: str
+    key: tuple[str, ...]
+    blob: str
+    context: Callable[[Any], bytes]
+    what: str
