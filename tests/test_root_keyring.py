@@ -99,6 +99,7 @@ MALFORMED: dict[str, tuple[str, str]] = {
     "null": ("null", "unknown format"),
     "format 2": (_edit("format", 2), "unknown format"),
     "format as text": (_edit("format", "1"), "unknown format"),
+    "format true": (_edit("format", True), "unknown format"),
     "no format": (_edit("format", DELETE), "unknown format"),
     "id a number": (_edit("id", 5), "malformed"),
     "id empty": (_edit("id", ""), "malformed"),
@@ -148,6 +149,7 @@ MALFORMED: dict[str, tuple[str, str]] = {
 
 #: Cases qimem gets wrong today (strict: once fixed, the marker must go).
 KNOWN_BUGS = {
+    "format true": "keyring.parse compares format with != 1, and True == 1",
     "derive version missing": "keyring.parse lets Keyring.version raise DecryptionError "
     "for a derive version the keyring lacks (reported to the lead with the fix)",
 }
@@ -236,12 +238,10 @@ def test_damaged_blobs_are_decryption_errors(app: AppContext, blob: bytes) -> No
         _wrapper(app).unwrap(blob, b"context")
 
 
-def test_version_1_blob_relabelled_as_version_2_does_not_open(app: AppContext) -> None:
+def test_version_1_blob_relabelled_as_another_version_does_not_open(app: AppContext) -> None:
     wrapper = _wrapper(app)
     blob = wrapper.wrap(b"m" * 32, b"row")
     assert blob[0] == 1  # version 1 keeps the short format
-    relabelled = b"\x02" + (1).to_bytes(4, "big") + blob[1:]
-    assert bytes(wrapper.unwrap(relabelled, b"row")) == b"m" * 32  # same version, same key
     for other in (b"\x02" + (2).to_bytes(4, "big") + blob[1:], blob[:1] + blob[2:]):
         with pytest.raises(DecryptionError):
             wrapper.unwrap(other, b"row")

@@ -266,3 +266,49 @@ def test_docs_root_provider_example_passes_the_contract(tmp_path: Path) -> None:
     checks = [n for n in dir(RootKeyProviderContract) if n.startswith("test_")]
     assert f"{len(checks)} passed" in result.stdout, result.stdout[-2000:]
     assert "skipped" not in result.stdout and "failed" not in result.stdout
+
+
+# -- how qimem reports a provider that breaks the contract ---------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a root-key provider's foreign exception while the store opens is blamed on "
+    "the key store plugin (PluginError naming qimem.builtin_plugins.sql_keystore)",
+)
+def test_a_provider_raising_a_foreign_error_is_blamed_on_its_plugin(tmp_path: Path) -> None:
+    """A provider that raises ValueError on a damaged keyring blob (broken-valueerror) is
+    reported naming its plugin and provider, not the store's, and without the
+    exception's text (it quotes the blob)."""
+    import base64
+    import json
+    import sqlite3
+
+    from qimem import services
+    from qimem.app import build
+    from qimem.config import Config
+    from qimem.errors import QimemError
+
+    def manager() -> pluggy.PluginManager:
+        return _with_plugin(root_provider_helpers.BrokenPlugin(), "broken-plugin")
+
+    root_provider_helpers.write_secret(tmp_path / "root.hex")
+    config = Config(
+        store_url=f"sqlite:///{tmp_path / 'store.db'}",
+        root_key_provider="broken-valueerror",
+        root_key_settings={"key_file": "root.hex"},
+        path=tmp_path / "config.toml",
+    )
+    with build(config, pm=manager()) as app:
+        services.create_key(app, name="k")
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        doc = json.loads(conn.execute("SELECT document FROM qimem_root_keyring").fetchone()[0])
+        wrapped = bytearray(base64.b64decode(doc["versions"][0]["wrapped"]))
+        wrapped[-1] ^= 1
+        doc["versions"][0]["wrapped"] = base64.b64encode(bytes(wrapped)).decode()
+        conn.execute("UPDATE qimem_root_keyring SET document = ?", (json.dumps(doc),))
+    with pytest.raises(QimemError) as info, build(config, pm=manager()) as app:
+        app.backend  # noqa: B018
+    message = str(info.value)
+    assert "broken-plugin" in message and "broken-valueerror" in message, message
+    assert "sql_keystore" not in message and bytes(wrapped).hex()[:16] not in message
