@@ -37,6 +37,9 @@ def run_master(
 
     config = state.config()
     _, bind, warning, mode = check_bind(config, **options)
+    from qimem.root.opening import prepare_before_fork
+
+    prepare_before_fork(config, lambda: state.app.registry)  # a PIN from stdin, read once
     try:
         sock = bind_socket(bind, options["port"])
     except OSError as exc:

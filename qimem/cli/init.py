@@ -55,6 +55,7 @@ def init(
     config_path = state.config_path or default_config_path()
     created: list[str] = []
     provider, settings = _provider_options(root_key_provider, root_key_settings)
+    create_key = settings.pop("create_key", False) is True
     if config_path.exists():
         if provider is not None:
             raise ValidationError(
@@ -90,6 +91,9 @@ def init(
         if root_file is not None and not Path(root_file).exists() and not config.root_key_b64:
             write_root_key_file(Path(root_file))
             new_files.append(Path(root_file))
+            created.append("root_key")
+        if create_key:
+            _create_provider_key(config)
             created.append("root_key")
         if not config_path.exists():
             config.write(config_path)
@@ -183,3 +187,24 @@ def _provider_options(
             typed = int(value)
         settings[key] = typed
     return name, settings
+
+
+def _create_provider_key(config: Config) -> None:
+    """``--root-key-setting create_key=true``: have the provider make its root key (a
+    PKCS#11 provider generates a non-extractable AES-256 key in the token)."""
+    from qimem.registry import Registry, make_plugin_manager
+    from qimem.root.opening import RootOpener
+
+    provider = RootOpener(
+        config, lambda: Registry(make_plugin_manager(config.plugins_enabled))
+    ).configured()
+    try:
+        create = getattr(provider, "create_key", None)
+        if not callable(create):
+            raise ValidationError(
+                f"the {config.root_key_provider} root provider cannot create its key "
+                "(create_key=true); create it the provider's way"
+            )
+        create()
+    finally:
+        provider.close()

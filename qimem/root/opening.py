@@ -87,13 +87,9 @@ class RootOpener:
         return self.build(name, self.config_settings())
 
     def for_version(self, name: str, recorded: Mapping[str, Any]) -> RootKeyProvider:
-        """The provider of a keyring version: built with its recorded settings, the
-        config's filling in what the record lacks."""
-        settings = dict(recorded)
-        if name == configured_provider_name(self._config):
-            for key, value in self.config_settings().items():
-                settings.setdefault(key, value)
-        return _Fallback(self, name, settings)
+        """The provider of a keyring version: built with its recorded settings (if those
+        fail and the config names the same provider, with the config's)."""
+        return _Fallback(self, name, dict(recorded))
 
 
 class _Fallback:
@@ -169,3 +165,19 @@ def make_wrapper(config: Settings, registry: Callable[[], Registry]) -> KeyWrapp
         key[:] = bytes(len(key))
     wrapper.use_providers(opener.for_version, opener.configured)
     return wrapper
+
+
+def prepare_before_fork(config: Settings, registry: Callable[[], Registry]) -> None:
+    """Read what the configured provider asks for interactively (a PKCS#11 PIN from stdin)
+    once, in a pre-fork master, so the workers it forks reuse it instead of each reading
+    standard input. Providers without such a need are not even built."""
+    name = configured_provider_name(config)
+    if name in (None, "file", "env"):
+        return
+    provider = RootOpener(config, registry).configured()
+    try:
+        read = getattr(provider, "read_stdin_pin", None)
+        if callable(read):
+            read()
+    finally:
+        provider.close()
