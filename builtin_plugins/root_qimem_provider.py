@@ -137,7 +137,6 @@ class QimemRootKeyProvider:
         self._pid = os.getpid()
         self._client: HttpClient | None = None
         self._expires = 0.0  # when the access token of _client runs out (client_id only)
-        self._ours: set[str] = set()  # upstream key_ids known to be versions of `key`
         if token_file is not None:
             read_credential(token_file, "token_file")  # fail at startup, not first use
         elif secret_file is not None:
@@ -221,8 +220,7 @@ class QimemRootKeyProvider:
         if len(key) != KWK_SIZE:
             raise ValidationError(f"{_NAME} wraps {KWK_SIZE}-byte keys only")
         with self._guard():
-            sealed, key_id = self._encrypt(self.key, bytes(key), _AAD + context)
-            self._ours.add(key_id)
+            sealed, _ = self._encrypt(self.key, bytes(key), self._aad(context))
         return bytes([_FORMAT]) + sealed
 
     def unwrap(self, blob: bytes, context: bytes) -> bytearray:
@@ -240,14 +238,14 @@ class QimemRootKeyProvider:
             sealed_by = envelope.parse(sealed).key_id_str
         except (QimemError, ValueError):
             raise DecryptionError(f"{_NAME}'s wrapped key is damaged") from None
+        body = {"envelope": _b64(sealed), "aad": _b64(self._aad(context))}
         with self._guard():
-            if not self._is_ours(sealed_by):
-                raise DecryptionError(
-                    f"the wrapped key was not sealed by the key {self.key!r} of {self.url}"
-                )
-            answer = self._post(
-                "/v1/security/decrypt", {"envelope": _b64(sealed), "aad": _b64(_AAD + context)}
-            )
+            try:
+                answer = self._post("/v1/security/decrypt", body)
+            except ConfigError as exc:
+                if exc.code not in ("forbidden", "not_found"):
+                    raise
+                raise self._foreign(exc) from None
         plaintext = self._field(answer, "plaintext")
         if answer.get("key_id") != sealed_by:
             raise ConfigError(f"{_NAME}: {self.url} answered a decrypt for another key")
@@ -391,28 +389,23 @@ class QimemRootKeyProvider:
             raise ConfigError(f"{_NAME}: {self.url} answered an encrypt with a malformed envelope")
         return sealed, key_id
 
-    def _is_ours(self, key_id: str) -> bool:
-        """Whether ``key_id`` is a version of :attr:`key`: its lineage's active version is
-        the key's (two probe encryptions of nothing; remembered)."""
-        if key_id in self._ours:
-            return True
-        for _ in (1, 2):  # twice: the key may rotate between the two probes
-            active = self._encrypt(self.key, b"", _PROBE_AAD)[1]
-            self._ours.add(active)
-            if key_id == active:
-                return True
-            try:
-                theirs = self._encrypt(key_id, b"", _PROBE_AAD)[1]
-            except ConfigError as exc:
-                # The key is usable (the first probe worked): refusing the blob's key means
-                # it is another key, out of this token's reach or unknown upstream.
-                if exc.code in ("forbidden", "not_found", "wrong_purpose"):
-                    return False
-                raise
-            if theirs == active or theirs in self._ours:
-                self._ours.add(key_id)
-                return True
-        return False
+    def _aad(self, context: bytes) -> bytes:
+        """The associated data of a KWK sealed for ``context``: it also names the
+        configured key, so a blob sealed through another upstream key does not open even
+        with a token that may decrypt under both."""
+        name = self.key.encode()
+        return _AAD + len(name).to_bytes(1, "big") + name + context
+
+    def _foreign(self, refusal: QimemError) -> QimemError:
+        """What a 403 or 404 to a decrypt means: if this token can seal and open under the
+        configured key (one probe round trip), the blob is another key's (a
+        DecryptionError); else the probe's own error (wrong token, permission, key)."""
+        sealed, _ = self._encrypt(self.key, b"", _PROBE_AAD)
+        self._post("/v1/security/decrypt", {"envelope": _b64(sealed), "aad": _b64(_PROBE_AAD)})
+        return DecryptionError(
+            f"the wrapped key was not sealed by the key {self.key!r} of {self.url} "
+            f"(the upstream answered {refusal.code})"
+        )
 
     def _field(self, answer: dict[str, Any], name: str) -> bytes:
         value = answer.get(name)
@@ -450,9 +443,8 @@ class QimemRootKeyProvider:
         if isinstance(exc, NotFoundError):
             what = f"realm {self.realm!r}" if code == "realm_not_found" else f"key {self.key!r}"
             return ConfigError(f"{_NAME}: {self.url} has no {what}", code="not_found")
-        return ConfigError(
-            f"{_NAME}: {self.url} refused the request ({code}): {exc.message}", code=code
-        )
+        detail = exc.message.removeprefix(f"server {self.url}: ")
+        return ConfigError(f"{_NAME}: {self.url} refused the request ({code}): {detail}", code=code)
 
 
 def _optional_str(settings: Mapping[str, Any], name: str) -> str | None:

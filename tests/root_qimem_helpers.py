@@ -5,7 +5,7 @@ keys, the role and the service account an operator sets up for auto-unseal
 :func:`serving_wsgi` answers).
 
 Upstream objects (realm ``master``): encryption keys ``root-kwk`` (the root key),
-``other-kwk`` and ``team-root``; role ``unsealer`` (``crypto:encrypt``,
+``other-kwk`` and ``team-root``, signing key ``signer``; role ``unsealer`` (``crypto:encrypt``,
 ``crypto:decrypt``); service account ``unseal`` holding ``unsealer`` scoped to ``root-kwk``
 only.
 """
@@ -30,6 +30,7 @@ ROOT_KEY = "root-kwk"
 OTHER_KEY = "other-kwk"
 SERVICE_ACCOUNT = "unseal"
 ROLE = "unsealer"
+SIGNER = "signer"
 
 
 @dataclass
@@ -119,6 +120,7 @@ def upstream(workdir: Path) -> Iterator[Upstream]:
         up = Upstream(world, workdir)
         for name in (ROOT_KEY, OTHER_KEY, "team-root"):
             up.ok("POST", "/v1/security/keys", json={"name": name})
+        up.ok("POST", "/v1/security/keys", json={"name": SIGNER, "algorithm": "ed25519"})
         up.ok(
             "POST",
             "/v1/auth/realms/master/roles",

@@ -32,6 +32,7 @@ from serve_process import wait_for
 from qimem.builtin_plugins.root_qimem_provider import QimemRootKeyProvider
 from qimem.errors import ConfigError, DecryptionError
 from qimem.root.provider import KWK_SIZE, RootKeyProvider, kwk_context
+from qimem.testing_rootkey import RootKeyProviderContract
 
 CONTEXT = kwk_context("keyring-under-test", 1)
 KWK = bytes(range(KWK_SIZE))
@@ -159,9 +160,8 @@ def test_wrong_key_and_wrong_realm(up: Upstream) -> None:
 
 
 def test_key_of_another_purpose(up: Upstream) -> None:
-    up.ok("POST", "/v1/security/keys", json={"name": "signer", "algorithm": "ed25519"})
     message = refused(up.provider("crypto", key="signer").wrap, KWK, CONTEXT)
-    assert "wrong_purpose" in message
+    assert f"{up.url} refused the request (wrong_purpose): key signer is a sign key" in message
 
 
 # ---- blobs that must not unwrap ---------------------------------------------------------
@@ -198,20 +198,25 @@ def test_blob_of_another_upstream_key(up: Upstream) -> None:
     decrypt it still refuses it (it is not the configured key's); the service account,
     scoped to root-kwk, too; and a key the upstream does not have at all."""
     foreign = up.provider("crypto", key=OTHER_KEY).wrap(KWK, CONTEXT)
-    for who in ("crypto", None):
-        message = refused(up.provider(who).unwrap, foreign, CONTEXT, error=DecryptionError)
-        assert "was not sealed by the key 'root-kwk'" in message
+    assert up.provider("crypto", key=OTHER_KEY).unwrap(foreign, CONTEXT) == KWK
+    message = refused(up.provider("crypto").unwrap, foreign, CONTEXT, error=DecryptionError)
+    assert "does not unwrap under the key 'root-kwk'" in message  # the aad names the key
+    message = refused(up.provider().unwrap, foreign, CONTEXT, error=DecryptionError)
+    assert "was not sealed by the key 'root-kwk'" in message and "answered forbidden" in message
     unknown = bytearray(foreign)
     unknown[7:23] = os.urandom(16)  # the envelope's key id: a key the upstream never had
-    for who in ("crypto", None):
-        refused(up.provider(who).unwrap, bytes(unknown), CONTEXT, error=DecryptionError)
+    for who, code in (("crypto", "not_found"), (None, "forbidden")):
+        message = refused(up.provider(who).unwrap, bytes(unknown), CONTEXT, error=DecryptionError)
+        assert (
+            f"was not sealed by the key 'root-kwk' of {up.url} (the upstream answered {code})"
+            in message
+        )
 
 
 def test_upstream_answers_a_key_of_the_wrong_size(up: Upstream) -> None:
     """A blob of the right format whose plaintext is not 32 bytes (made by someone who may
     encrypt with the root key): refused after the upstream opened it."""
-    from qimem.builtin_plugins import root_qimem_provider as module
-
+    provider = up.provider()
     for size in (0, 16, 33):
         made = up.ok(
             "POST",
@@ -220,11 +225,11 @@ def test_upstream_answers_a_key_of_the_wrong_size(up: Upstream) -> None:
             json={
                 "key": ROOT_KEY,
                 "plaintext": base64.b64encode(bytes(size)).decode(),
-                "aad": base64.b64encode(module._AAD + CONTEXT).decode(),
+                "aad": base64.b64encode(provider._aad(CONTEXT)).decode(),
             },
         )
         blob = bytes([1]) + base64.b64decode(made["envelope"])
-        message = refused(up.provider().unwrap, blob, CONTEXT, error=DecryptionError)
+        message = refused(provider.unwrap, blob, CONTEXT, error=DecryptionError)
         assert f"unwrapped {size} bytes" in message
 
 
@@ -439,3 +444,27 @@ def test_a_forked_child_opens_its_own_connection(up: Upstream, sealed: bytes) ->
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert provider.unwrap(sealed, CONTEXT) == KWK  # the parent's connection still works
+
+
+# ---- the contract every root-key provider passes ----------------------------------------
+
+
+class TestQimemProviderContract(RootKeyProviderContract):
+    """qimem.testing_rootkey's contract, built through the registry: the service account's
+    provider (root-kwk); another root is other-kwk through the ``crypto`` user's token."""
+
+    provider_name = "qimem"
+    threads = 4
+    rounds = 5
+
+    @pytest.fixture
+    def provider_settings(self, up: Upstream) -> dict[str, Any]:
+        return up.client_settings()
+
+    @pytest.fixture
+    def other_settings(self, up: Upstream) -> dict[str, Any]:
+        return up.settings("crypto", key=OTHER_KEY)
+
+    @pytest.fixture
+    def secrets(self, up: Upstream) -> list[str]:
+        return [up.secret, up.token, up.world.tokens["crypto"]]
