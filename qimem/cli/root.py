@@ -31,7 +31,7 @@ def root_status(state: CliState, json_: bool) -> None:
         kind = "direct" if v.get("direct") else "wrapped"
         click.echo(
             f"  v{v['version']}  {v['state']:<8}  {v['provider']:<8} {kind:<7}  "
-            f"rows={v['rows']}  {where}"
+            f"rows={v['rows']}  {where}".rstrip()
         )
 
 
