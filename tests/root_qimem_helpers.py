@@ -5,9 +5,9 @@ keys, the role and the service account an operator sets up for auto-unseal
 :func:`serving_wsgi` answers).
 
 Upstream objects (realm ``master``): encryption keys ``root-kwk`` (the root key),
-``other-kwk`` and ``team-root``, signing key ``signer``; role ``unsealer`` (``crypto:encrypt``,
-``crypto:decrypt``); service account ``unseal`` holding ``unsealer`` scoped to ``root-kwk``
-only.
+``other-kwk``, ``team-root`` and ``retired-kwk``; signing key ``signer``; role ``unsealer``
+(``crypto:encrypt``, ``crypto:decrypt``); service account ``unseal`` holding ``unsealer``
+scoped to ``root-kwk`` only.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def upstream(workdir: Path) -> Iterator[Upstream]:
     """A live upstream set up for auto-unseal (see the module's docstring)."""
     with transit_world(workdir) as world:
         up = Upstream(world, workdir)
-        for name in (ROOT_KEY, OTHER_KEY, "team-root"):
+        for name in (ROOT_KEY, OTHER_KEY, "team-root", "retired-kwk"):
             up.ok("POST", "/v1/security/keys", json={"name": name})
         up.ok("POST", "/v1/security/keys", json={"name": SIGNER, "algorithm": "ed25519"})
         up.ok(

@@ -29,6 +29,7 @@ from root_qimem_helpers import (
 )
 from serve_process import wait_for
 
+from qimem import envelope
 from qimem.builtin_plugins.root_qimem_provider import QimemRootKeyProvider
 from qimem.errors import ConfigError, DecryptionError
 from qimem.root.provider import KWK_SIZE, RootKeyProvider, kwk_context
@@ -162,6 +163,32 @@ def test_wrong_key_and_wrong_realm(up: Upstream) -> None:
 def test_key_of_another_purpose(up: Upstream) -> None:
     message = refused(up.provider("crypto", key="signer").wrap, KWK, CONTEXT)
     assert f"{up.url} refused the request (wrong_purpose): key signer is a sign key" in message
+
+
+def test_token_file_renewed_by_someone_else(up: Upstream, sealed: bytes) -> None:
+    """A 401 makes the provider read its token file again (an agent may renew it)."""
+    token = fresh_login(up, "crypto")
+    settings = up.settings(token)
+    provider = QimemRootKeyProvider.from_settings(settings, up.workdir)
+    assert provider.unwrap(sealed, CONTEXT) == KWK
+    up.ok("POST", "/v1/auth/realms/master/revoke", data={"token": token})
+    assert "refused the token" in refused(provider.unwrap, sealed, CONTEXT)
+    path = Path(settings["token_file"])
+    path.write_text(up.service_token() + "\n")
+    assert provider.unwrap(sealed, CONTEXT) == KWK
+
+
+def test_disabled_upstream_version_is_a_config_error(up: Upstream) -> None:
+    """The upstream admin disabled the version that sealed the KWK: not a damaged blob,
+    a root that cannot be used (its lifecycle code is named)."""
+    provider = up.provider("crypto", key="retired-kwk")
+    blob = provider.wrap(KWK, CONTEXT)
+    first = envelope.parse(blob[1:]).key_id_str  # the version that sealed it
+    up.ok("POST", "/v1/security/rotate", json={"key": "retired-kwk"})
+    up.ok("POST", f"/v1/security/keys/{first}/disable")
+    message = refused(provider.unwrap, blob, CONTEXT)
+    assert "refused the request (key_disabled)" in message
+    assert provider.unwrap(provider.wrap(KWK, CONTEXT), CONTEXT) == KWK  # the new version
 
 
 # ---- blobs that must not unwrap ---------------------------------------------------------
