@@ -125,6 +125,11 @@ def create_engine(url: str) -> Engine:
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
 
 
+#: Execution option of a connection whose transactions only read: on SQLite they start
+#: with a deferred ``BEGIN`` instead of ``BEGIN IMMEDIATE`` (:func:`sqlite_explicit_begin`).
+READ_ONLY = "qimem_read_only"
+
+
 def sqlite_explicit_begin(engine: Engine) -> None:
     """Make ``engine``'s SQLite transactions real ones: SQLAlchemy's documented recipe for
     pysqlite ("Serializable isolation / Savepoints / Transactional DDL").
@@ -149,7 +154,11 @@ def sqlite_explicit_begin(engine: Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _begin_immediate(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only transaction (execution option READ_ONLY) takes no write lock: it must
+        # not wait behind a write transaction of its own thread (a wrap refreshing the
+        # root keyring inside one), and WAL readers are never blocked by writers.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def sqlite_foreign_keys(connection: Connection, enforced: bool) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from qimem.sql import translate_errors
+from qimem.sql import READ_ONLY, translate_errors
 
 _metadata = sa.MetaData()
 root_keyring = sa.Table(
@@ -27,7 +27,10 @@ class SqlRootSlot:
 
     def read(self) -> str | None:
         query = sa.select(root_keyring.c.document).where(root_keyring.c.id == 1)
+        # A read-only transaction: a wrap may refresh the keyring inside a write
+        # transaction of its own thread (SQLite's BEGIN IMMEDIATE would wait for that one).
         with translate_errors(), self._engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
             found = conn.execute(query).scalar()
         return None if found is None else str(found)
 
