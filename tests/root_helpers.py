@@ -180,6 +180,13 @@ WRAPPED_TABLES = {
     "qimem_otp": 1,
     "qimem_realm_auth": 1,
 }
+#: The wrapped column of each of those tables.
+WRAPPED_COLUMNS = {
+    "qimem_key_versions": "material",
+    "qimem_signing_keys": "private_wrapped",
+    "qimem_otp": "secret_wrapped",
+    "qimem_realm_auth": "config",
+}
 
 
 def rows_by_version(url: str) -> dict[str, dict[int, int]]:
@@ -191,17 +198,23 @@ def rows_by_version(url: str) -> dict[str, dict[int, int]]:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            for column in rotation.wrapped_columns():
+            for table, column in WRAPPED_COLUMNS.items():
                 counts: dict[int, int] = {}
-                query = sa.text(f"SELECT {column.blob} FROM {column.table}")  # noqa: S608
+                query = sa.text(f"SELECT {column} FROM {table}")  # noqa: S608
                 for (blob,) in conn.execute(query):
                     if blob is not None:
                         version = blob_root_version(bytes(blob))
                         counts[version] = counts.get(version, 0) + 1
-                out[column.table] = counts
+                out[table] = counts
     finally:
         engine.dispose()
     return out
+
+
+def count_rows(app: AppContext) -> dict[int, int]:
+    """Rows per root version, as the rotation counts them."""
+    engine = app.store.engine  # type: ignore[attr-defined]
+    return rotation.count_rows(engine, rotation.wrapped_columns(app))
 
 
 def keyring_text(url: str) -> str | None:
@@ -236,3 +249,51 @@ def fast_rotate(app: AppContext, **kwargs: Any) -> rotation.RotationReport:
 
 def iter_lines(path: Path) -> Iterator[str]:
     yield from path.read_text().splitlines()
+
+
+# -- the CLI in its own process ----------------------------------------------------------
+
+
+def write_config(
+    directory: Path,
+    url: str,
+    *,
+    root_file: Path | None = None,
+    provider: str | None = None,
+    **settings: Any,
+) -> Path:
+    """A 0600 ``config.toml`` in ``directory`` for ``url`` and a ``[root_key]`` table."""
+    from qimem.config import Config
+
+    config = Config(
+        store_url=url,
+        root_key_file=root_file,
+        root_key_provider=provider,
+        root_key_settings=dict(settings),
+    )
+    path = directory / "config.toml"
+    path.unlink(missing_ok=True)
+    config.write(path)
+    return path
+
+
+def cli_env(config: Path, **variables: str) -> dict[str, str]:
+    """The environment of a ``qimem`` child using ``config`` (no other ``QIMEM_*``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
+    env.update(QIMEM_CONFIG=str(config), QIMEM_HOME=str(config.parent), **variables)
+    return env
+
+
+def qimem_cli(config: Path, *args: str, timeout: float = 120, **variables: str) -> Any:
+    """``qimem ARGS`` as a child process with ``config``; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", "from qimem.cli import main; main()", *args],
+        env=cli_env(config, **variables),
+        cwd=str(config.parent),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
