@@ -196,12 +196,20 @@ def _login(app: AppContext) -> None:
 #: For each hook: the real operation that must call it, and (for a hook no built-in plugin
 #: implements) the documented example plugin that implements it. A new hook without an
 #: entry fails :func:`test_every_hook_is_called_through_the_real_code_path`.
+def _rotate_root(app: AppContext) -> None:
+    """``qimem root rotate``: the configured provider (``env``) wraps a new root version."""
+    from qimem.root.rotation import rotate
+
+    assert rotate(app, settle=0.0).active == 2
+
+
 REAL_PATHS: dict[str, tuple[Any, str | None]] = {
     "qimem_register_algorithms": (lambda app: services.create_key(app, name="h"), None),
     "qimem_register_keystores": (lambda app: app.store.list("master"), None),
     "qimem_register_auth_providers": (_login, None),
     "qimem_plugin_manifest": (lambda app: services.plugins.list_plugins(app), None),
     "qimem_key_event": (lambda app: services.create_key(app, name="e"), "# qimem_example_audit.py"),
+    "qimem_register_root_key_providers": (_rotate_root, None),
 }
 
 
@@ -229,7 +237,9 @@ def test_every_hook_is_called_through_the_real_code_path(
     url = f"sqlite:///{tmp_path / 'q.db'}"
     from qimem.rootkey import encode_root_key, generate_root_key
 
-    config = Config(store_url=url, root_key_b64=encode_root_key(generate_root_key()))
+    root_key = encode_root_key(generate_root_key())
+    monkeypatch.setenv("QIMEM_ROOT_KEY", root_key)  # what the env root provider reads
+    config = Config(store_url=url, root_key_b64=root_key)
     with AppContext(config, pm=pm) as app:
         operation(app)
         services.identity.close_identity(app)
@@ -257,7 +267,9 @@ def test_auth_provider_example_logs_in(tmp_path: Path, monkeypatch: pytest.Monke
     url = f"sqlite:///{tmp_path / 'q.db'}"
     from qimem.rootkey import encode_root_key, generate_root_key
 
-    config = Config(store_url=url, root_key_b64=encode_root_key(generate_root_key()))
+    root_key = encode_root_key(generate_root_key())
+    monkeypatch.setenv("QIMEM_ROOT_KEY", root_key)  # what the env root provider reads
+    config = Config(store_url=url, root_key_b64=root_key)
     with AppContext(config, pm=pm) as app:
         services.identity.configure(app, fast_settings())
         services.identity.bootstrap(app, ADMIN_PASSWORD)

@@ -148,11 +148,7 @@ MALFORMED: dict[str, tuple[str, str]] = {
 
 
 #: Cases qimem gets wrong today (strict: once fixed, the marker must go).
-KNOWN_BUGS = {
-    "format true": "keyring.parse compares format with != 1, and True == 1",
-    "derive version missing": "keyring.parse lets Keyring.version raise DecryptionError "
-    "for a derive version the keyring lacks (reported to the lead with the fix)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -271,11 +271,6 @@ def test_docs_root_provider_example_passes_the_contract(tmp_path: Path) -> None:
 # -- how qimem reports a provider that breaks the contract ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a root-key provider's foreign exception while the store opens is blamed on "
-    "the key store plugin (PluginError naming qimem.builtin_plugins.sql_keystore)",
-)
 def test_a_provider_raising_a_foreign_error_is_blamed_on_its_plugin(tmp_path: Path) -> None:
     """A provider that raises ValueError on a damaged keyring blob (broken-valueerror) is
     reported naming its plugin and provider, not the store's, and without the

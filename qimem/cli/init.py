@@ -195,9 +195,9 @@ def _create_provider_key(config: Config) -> None:
     from qimem.registry import Registry, make_plugin_manager
     from qimem.root.opening import RootOpener
 
-    provider = RootOpener(
-        config, lambda: Registry(make_plugin_manager(config.plugins_enabled))
-    ).configured()
+    opener = RootOpener(config, lambda: Registry(make_plugin_manager(config.plugins_enabled)))
+    assert config.root_key_provider is not None
+    provider = opener.build(config.root_key_provider, opener.config_settings())
     try:
         create = getattr(provider, "create_key", None)
         if not callable(create):

@@ -154,7 +154,7 @@ def parse(text: str) -> Keyring:
         doc = json.loads(text)
     except (ValueError, RecursionError):
         raise _bad("not JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
         raise _bad("unknown format")
     try:
         derive = doc["derive"]
@@ -174,7 +174,8 @@ def parse(text: str) -> Keyring:
         raise _bad("duplicate or no versions")
     if [r.version for r in versions if r.state == ACTIVE] != [keyring.active]:
         raise _bad("exactly one version must be active")
-    keyring.version(keyring.derive_version)
+    if keyring.derive_version not in numbers:
+        raise _bad("the derive version is not in the keyring")
     return keyring
 
 

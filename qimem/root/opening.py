@@ -84,7 +84,7 @@ class RootOpener:
         name = configured_provider_name(self._config)
         if name is None:
             raise ConfigError("no root key configured (run 'qimem init' or set QIMEM_ROOT_KEY)")
-        return self.build(name, self.config_settings())
+        return _Fallback(self, name, self.config_settings())
 
     def for_version(self, name: str, recorded: Mapping[str, Any]) -> RootKeyProvider:
         """The provider of a keyring version: built with its recorded settings (if those
@@ -105,9 +105,7 @@ class _Fallback:
 
     def _attempt(self, method: str, *args: Any) -> Any:
         try:
-            inner = self._inner or self._opener.build(self.name, self._settings)
-            self._inner = inner
-            return getattr(inner, method)(*args)
+            return self._call(method, *args)
         except ConfigError:
             if self.name != configured_provider_name(self._opener._config):
                 raise
@@ -117,7 +115,23 @@ class _Fallback:
             if self._inner is not None:
                 self._inner.close()
             self._inner = self._opener.build(self.name, other)
-            return getattr(self._inner, method)(*args)
+            return self._call(method, *args)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``method`` of the provider; anything but a qimem error is the provider's fault,
+        reported under its plugin's name without the exception's text."""
+        try:
+            inner = self._inner or self._opener.build(self.name, self._settings)
+            self._inner = inner
+            return getattr(inner, method)(*args)
+        except QimemError:
+            raise
+        except Exception as exc:
+            plugin = self._opener._registry.root_key_provider_plugin(self.name)
+            raise ConfigError(
+                f"plugin {plugin!r}: the {self.name!r} root-key provider failed in {method} "
+                f"({type(exc).__name__})"
+            ) from None
 
     def wrap(self, key: bytes, context: bytes) -> bytes:
         return bytes(self._attempt("wrap", key, context))
@@ -129,7 +143,7 @@ class _Fallback:
         return bytearray(self._attempt("read_direct"))
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._settings)
+        return dict(self._call("describe"))
 
     def close(self) -> None:
         if self._inner is not None:
@@ -174,7 +188,8 @@ def prepare_before_fork(config: Settings, registry: Callable[[], Registry]) -> N
     name = configured_provider_name(config)
     if name in (None, "file", "env"):
         return
-    provider = RootOpener(config, registry).configured()
+    opener = RootOpener(config, registry)
+    provider = opener.build(name, opener.config_settings())
     try:
         read = getattr(provider, "read_stdin_pin", None)
         if callable(read):
