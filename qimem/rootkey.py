@@ -132,11 +132,16 @@ class KeyWrapper:
                 self._load(str(document))
             elif not self._aeads:
                 if not fresh:
+                    # Also what a lost root key file looks like (the configured file
+                    # does not exist): say how to restore it, not only how to migrate.
                     raise ConfigError(
                         "this store's root is a root key file or QIMEM_ROOT_KEY (it has no "
-                        "root keyring): keep [root_key] file (or QIMEM_ROOT_KEY) configured "
-                        "next to the new provider's settings and run 'qimem root rotate' "
-                        "to move it to the new provider"
+                        "root keyring), and none is available: if the root key file is "
+                        "lost, restore it where [root_key] file says (from its backup, or "
+                        "'qimem root recover' from escrow shares); to move the store to "
+                        "another provider, keep [root_key] file (or QIMEM_ROOT_KEY) "
+                        "configured next to the new provider's settings and run "
+                        "'qimem root rotate'"
                     )
                 self._create(slot)
             self._read_at = time.monotonic()
