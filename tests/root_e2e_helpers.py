@@ -1,0 +1,201 @@
+"""What tests/test_root_e2e.py drives: a qimem home used through the real CLI in its own
+processes (:class:`Home`), a private copy of the test process's SoftHSM2 tokens
+(:func:`copy_softhsm`), ``qimem serve`` fed a PIN on stdin (:class:`PinServe`), and what a
+process exposes in /proc (:func:`exposed`).
+
+The copy keeps the end-to-end tests' wrong PINs, deleted keys and removed tokens away from
+the tokens other test modules use in this process (SoftHSM2 lists tokens once, at the
+first ``C_Initialize``; each CLI process is a new one and sees the copy's tokens).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+from serve_process import QIMEM_ARGV, ServeProcess, home_env
+from softhsm_helpers import SoftHsm
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def copy_softhsm(source: SoftHsm, directory: Path) -> SoftHsm:
+    """A copy of ``source``'s tokens (same labels and PINs) under ``directory``, with its
+    own ``softhsm2.conf``; ``slots`` is left empty (the copy's slot ids are not looked up)."""
+    tokens = directory / "tokens"
+    shutil.copytree(source.directory / "tokens", tokens)
+    tokens.chmod(0o700)
+    conf = directory / "softhsm2.conf"
+    conf.write_text(source.conf.read_text().replace(str(source.directory / "tokens"), str(tokens)))
+    return SoftHsm(directory, conf, source.library, {})
+
+
+def token_dir(hsm: SoftHsm, label: str) -> Path:
+    """The directory of the token labelled ``label`` in ``hsm`` (SoftHSM2's file backend
+    stores the 32-byte space-padded label in ``token.object``)."""
+    padded = label.encode().ljust(32)
+    found = [
+        d
+        for d in (hsm.directory / "tokens").iterdir()
+        if padded in (d / "token.object").read_bytes()
+    ]
+    assert len(found) == 1, f"token {label!r}: {found}"
+    return found[0]
+
+
+@dataclass
+class Home:
+    """A ``QIMEM_HOME`` used through ``qimem`` subprocesses (``SOFTHSM2_CONF`` = ``conf``)."""
+
+    path: Path
+    conf: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    def env(self) -> dict[str, str]:
+        more = {"SOFTHSM2_CONF": str(self.conf)} if self.conf else {}
+        return home_env(self.path, **more, **self.extra_env)
+
+    def run(
+        self, *args: str, stdin: str = "", timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """``qimem ARGS`` to completion, from the directory above the home."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return subprocess.run(
+            [*QIMEM_ARGV, *args],
+            env=self.env(),
+            cwd=self.path.parent,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def ok(self, *args: str, stdin: str = "") -> str:
+        """``qimem ARGS``, which must succeed; its stdout."""
+        done = self.run(*args, stdin=stdin)
+        assert done.returncode == 0, f"qimem {' '.join(args)}: {done.returncode} {done.stderr}"
+        assert "Traceback" not in done.stderr
+        return done.stdout
+
+    def json(self, *args: str, stdin: str = "") -> Any:
+        return json.loads(self.ok(*args, "--json", stdin=stdin))
+
+    def fails(self, *args: str, code: int, stdin: str = "") -> str:
+        """``qimem ARGS``, which must fail with ``code`` and one stderr line (no traceback,
+        nothing on stdout); that line."""
+        done = self.run(*args, stdin=stdin)
+        where = f"qimem {' '.join(args)}"
+        assert done.returncode == code, f"{where}: exit {done.returncode}: {done.stderr}"
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, f"{where}: not one line: {done.stderr!r}"
+        assert lines[0].startswith("qimem: error: "), lines
+        assert "Traceback" not in done.stderr and done.stdout == ""
+        return lines[0]
+
+    def config(self) -> dict[str, Any]:
+        return tomllib.loads(self.config_path.read_text())
+
+    def write_config(self, doc: dict[str, Any]) -> None:
+        self.config_path.write_text(tomli_w.dumps(doc))
+        self.config_path.chmod(0o600)
+
+    def status(self, stdin: str = "") -> dict[str, Any]:
+        """``qimem root status --json``."""
+        return dict(self.json("root", "status", stdin=stdin))
+
+    def versions(self) -> list[tuple[int, str, str, int]]:
+        """:func:`versions_of` the current ``qimem root status``."""
+        return versions_of(self.status())
+
+
+def versions_of(status: dict[str, Any]) -> list[tuple[int, str, str, int]]:
+    """(version, provider, state, rows) of each root version in ``status``."""
+    return [(v["version"], v["provider"], v["state"], v["rows"]) for v in status["versions"]]
+
+
+class PinServe(ServeProcess):
+    """``qimem serve --insecure-no-auth --port 0 [ARGS]`` given ``stdin_text`` on standard
+    input, which is then closed (a process that reads it twice gets end of file)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], stdin_text: str, *extra: str) -> None:
+        self.log_path = workdir / f"serve-{len(list(workdir.glob('serve-*.log')))}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*QIMEM_ARGV, "serve", "--insecure-no-auth", "--port", "0", "--no-access-log", *extra],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(stdin_text.encode())
+        self.proc.stdin.close()
+        self.url = ""
+        self.port = 0
+
+
+def call(
+    port: int, path: str, body: dict[str, Any], conn: http.client.HTTPConnection | None = None
+) -> tuple[int, Any]:
+    """POST ``body`` as JSON to ``path`` (on ``conn``, else a connection of its own)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        answer = conn.getresponse()
+        raw = answer.read()
+        return answer.status, json.loads(raw) if raw else None
+    finally:
+        if own:
+            conn.close()
+
+
+def seal(
+    port: int, key: str, plaintext: bytes, conn: http.client.HTTPConnection | None = None
+) -> str:
+    """The envelope of ``plaintext`` under ``key``, encrypted by the server."""
+    status, body = call(
+        port,
+        "/v1/security/encrypt",
+        {"key": key, "plaintext": base64.b64encode(plaintext).decode()},
+        conn,
+    )
+    assert status == 200, body
+    return str(body["envelope"])
+
+
+def unseal(port: int, envelope: str, conn: http.client.HTTPConnection | None = None) -> bytes:
+    status, body = call(port, "/v1/security/decrypt", {"envelope": envelope}, conn)
+    assert status == 200, body
+    return base64.b64decode(body["plaintext"])
+
+
+def in_parallel(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``function`` of each item, run in threads (independent CLI processes); results
+    in order, the first exception raised."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(function, items))
+
+
+def exposed(pid: int) -> bytes:
+    """What anyone with ``ps`` (argv) or the same user (environment) can read of ``pid``."""
+    proc = Path(f"/proc/{pid}")
+    return (proc / "cmdline").read_bytes() + b"\n" + (proc / "environ").read_bytes()
