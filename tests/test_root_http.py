@@ -171,10 +171,15 @@ def test_concurrent_posts_one_202_one_409_then_every_row_moved(
         if answer.status_code == 409:
             assert answer.json()["error"]["code"] == "root_rotation_running"
         else:
-            assert answer.json()["rotation"]["state"] in ("running", "succeeded", "failed")
+            assert answer.json()["rotation"]["state"] == "running"
+            assert answer.headers["Location"] == root_api.STATUS_PATH
     done = _wait_done(base, admin)
     assert done["rotation"]["state"] == "succeeded", done["rotation"]
     assert done["rotation"]["error"] is None
+    assert done["rotation"]["started"] and done["rotation"]["finished"]
+    progress = done["rotation"]["progress"]
+    assert any(line.startswith("retired root version") for line in progress), progress
+    assert done["rotation"]["result"]["active"] == done["root"]["active"]
     new_active = done["root"]["active"]
     assert new_active > active
     rows = {v["version"]: v["rows"] for v in done["root"]["versions"]}

@@ -130,10 +130,27 @@ def test_rotation_while_two_servers_serve(
         assert _decrypt(other, _encrypt(base, f"after-{n}", b"after")) == b"after"
     counts = rh.rows_by_version(url)
     assert all(set(c) <= {2} for c in counts.values()), counts
+    # Once more over HTTP (the runner in a real server process; loopback, no auth): the
+    # other server follows too.
+    answer = requests.post(f"{bases[0]}/v1/root/rotate", timeout=30)
+    assert answer.status_code == 202, answer.text
+    deadline = time.monotonic() + 60
+    while (status := requests.get(f"{bases[0]}/v1/root/status", timeout=30).json())["rotation"][
+        "state"
+    ] == "running":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["rotation"]["state"] == "succeeded", status["rotation"]
+    assert status["root"]["active"] == 3
+    time.sleep(1.2)  # REFRESH_SECONDS: the other server has read the keyring since
+    _post(bases[1], "/v1/security/keys", {"name": "after-http"})
+    assert _decrypt(bases[0], _encrypt(bases[1], "after-http", b"3")) == b"3"
+    counts = rh.rows_by_version(url)
+    assert all(set(c) <= {3} for c in counts.values()), counts
     app = rh.env_app(url, key)  # QIMEM_ROOT_KEY is the fixture's (monkeypatched)
     try:
         state = rh.versions_state(app)
-        assert state[1] == ("retired", 0) and state[2][0] == "active"
+        assert state[1] == state[2] == ("retired", 0) and state[3][0] == "active"
         world.check(app)
     finally:
         rh.close(app)
