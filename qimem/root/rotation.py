@@ -183,15 +183,27 @@ def _ensure_file_root(app: AppContext) -> None:
         write_root_key_file(Path(path))[:] = bytes(32)
 
 
-def _rows(conn: sa.Connection, column: WrappedColumn, after: tuple[Any, ...] | None) -> list[Any]:
+def _rows(
+    conn: sa.Connection, table: sa.Table, column: WrappedColumn, after: tuple[Any, ...] | None
+) -> list[Any]:
     import sqlalchemy as sa
 
-    table = sa.Table(column.table, sa.MetaData(), autoload_with=conn)
     keys = [table.c[k] for k in column.key]
     query = sa.select(table).order_by(*keys).limit(BATCH)
     if after is not None:
         query = query.where(sa.tuple_(*keys) > sa.tuple_(*after))
     return list(conn.execute(query))
+
+
+def _table(engine: sa.Engine, column: WrappedColumn) -> sa.Table:
+    """``column``'s table, reflected once per pass (not per batch: a reflection is several
+    catalog queries, and a pass over many rows has many batches)."""
+    import sqlalchemy as sa
+
+    from qimem.sql import translate_errors
+
+    with translate_errors(), engine.connect() as conn:
+        return sa.Table(column.table, sa.MetaData(), autoload_with=conn)
 
 
 def _move_column(
@@ -204,13 +216,13 @@ def _move_column(
 
     moved = 0
     after: tuple[Any, ...] | None = None
+    table = _table(engine, column)
     while True:
         with translate_errors(), engine.begin() as conn:
-            rows = _rows(conn, column, after)
+            rows = _rows(conn, table, column, after)
             if not rows:
                 return moved
             after = tuple(getattr(rows[-1], k) for k in column.key)
-            table = sa.Table(column.table, sa.MetaData(), autoload_with=conn)
             batch = 0
             for row in rows:
                 blob = getattr(row, column.blob)
