@@ -195,6 +195,53 @@ def test_concurrent_posts_one_202_one_409_then_every_row_moved(
     assert rh.LDAP_OPTIONS["bind_password"] not in text
 
 
+def test_http_and_cli_rotations_at_once(
+    served: tuple[str, AppContext, Any], tmp_path: Path
+) -> None:
+    """A CLI rotation in another process and one over HTTP, started together: the HTTP
+    one completes (it made the version, or resumed the CLI's) or fails with the conflict's
+    message; either way the store ends with every row under one active version."""
+    import os
+    import subprocess
+    import sys
+
+    base, app, world = served
+    admin = _admin(app)
+    config = rh.write_config(tmp_path, str(app.config.store_url))
+    env = rh.cli_env(config, QIMEM_ROOT_KEY=os.environ["QIMEM_ROOT_KEY"])
+    cli = subprocess.Popen(
+        [sys.executable, "-c", "from qimem.cli import main; main()", "root", "rotate"],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answer = requests.post(f"{base}/v1/root/rotate", headers=admin, timeout=30)
+        assert answer.status_code == 202, answer.text
+        done = _wait_done(base, admin)
+        _, err = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode in (0, 6), err
+    rotation = done["rotation"]
+    if rotation["state"] == "failed":
+        assert rotation["error"]["code"] == "root_keyring_changed", rotation
+    else:
+        assert rotation["state"] == "succeeded", rotation
+    final = requests.get(f"{base}/v1/root/status", headers=admin, timeout=10).json()["root"]
+    if any(v["state"] == "draining" for v in final["versions"]):
+        # both stopped on a conflict (each saw the other change the keyring): a third run
+        # resumes and finishes the move
+        requests.post(f"{base}/v1/root/rotate", headers=admin, timeout=30)
+        final = _wait_done(base, admin)["root"]
+    rows = {v["version"]: v["rows"] for v in final["versions"]}
+    assert all(n == 0 for v, n in rows.items() if v != final["active"]), final
+    world.check(app)
+
+
 def test_rotate_on_a_store_that_cannot_rotate(tmp_path: Path) -> None:
     from conftest import make_app
 
