@@ -1,7 +1,8 @@
 """What tests/test_root_e2e.py drives: a qimem home used through the real CLI in its own
 processes (:class:`Home`), a private copy of the test process's SoftHSM2 tokens
 (:func:`copy_softhsm`), ``qimem serve`` fed a PIN on stdin (:class:`PinServe`), and what a
-process exposes in /proc (:func:`exposed`).
+process exposes in /proc (:func:`exposed`), and the operator's steps the tests share
+(:func:`pkcs11_init`, :func:`round_trip`, :func:`decrypts`).
 
 The copy keeps the end-to-end tests' wrong PINs, deleted keys and removed tokens away from
 the tokens other test modules use in this process (SoftHSM2 lists tokens once, at the
@@ -16,6 +17,7 @@ import json
 import shutil
 import subprocess
 import tomllib
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,9 @@ import tomli_w
 from serve_process import QIMEM_ARGV, ServeProcess, home_env
 from softhsm_helpers import SoftHsm
 
+#: The token the end-to-end tests keep their root keys on (tests/softhsm_helpers.TOKENS).
+TOKEN = "qimem-a"
+PLAINTEXT = b"payroll 2026: the numbers nobody may read\n" * 20
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -199,3 +204,49 @@ def exposed(pid: int) -> bytes:
     """What anyone with ``ps`` (argv) or the same user (environment) can read of ``pid``."""
     proc = Path(f"/proc/{pid}")
     return (proc / "cmdline").read_bytes() + b"\n" + (proc / "environ").read_bytes()
+
+
+def pkcs11_init(home: Home, hsm: SoftHsm, label: str, *pin: str, stdin: str = "") -> str:
+    """``qimem init --root-key-provider pkcs11 ... create_key=true``; its stdout.
+    ``pin``: ``pin_file=PATH`` or ``pin=stdin``."""
+    settings = {"library": hsm.library, "token_label": TOKEN, "key_label": label}
+    args = [f"--root-key-setting={k}={v}" for k, v in settings.items()]
+    args += [f"--root-key-setting={p}" for p in pin] + ["--root-key-setting=create_key=true"]
+    return home.ok("init", "--root-key-provider", "pkcs11", *args, stdin=stdin)
+
+
+def round_trip(home: Home, directory: Path, key: str, name: str = "data.txt") -> Path:
+    """A file encrypted under ``key`` with ``qimem encrypt``; the ``.qimem`` file (the
+    plaintext file is removed, so only a decrypt can bring it back)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = directory / name
+    plain.write_bytes(PLAINTEXT + name.encode())
+    home.ok("encrypt", "--key", key, "-q", str(plain))
+    plain.unlink()
+    return directory / f"{name}.qimem"
+
+
+def decrypts(home: Home, *sealed: Path) -> None:
+    """Each of ``sealed`` decrypts (in one ``qimem decrypt``, into a new directory) to what
+    :func:`round_trip` wrote."""
+    out = sealed[0].parent / f"out-{uuid.uuid4().hex[:6]}"
+    home.ok("decrypt", "-q", "--out-dir", str(out), *map(str, sealed))
+    for path in sealed:
+        assert (out / path.stem).read_bytes() == PLAINTEXT + path.stem.encode()
+
+
+def assert_(condition: bool) -> None:
+    """``assert`` as a function, for a step of :func:`in_parallel` written as a lambda."""
+    assert condition
+
+
+def key_attributes(hsm: SoftHsm, label: str) -> list[str]:
+    """EXTRACTABLE, SENSITIVE, VALUE_LEN of the token key ``label`` (read in a child)."""
+    return hsm.run(
+        "s = pkcs11.lib(LIB).get_token(token_label=sys.argv[1]).open(user_pin=sys.argv[2])\n"
+        "k = s.get_key(label=sys.argv[3])\n"
+        "print(k[Attribute.EXTRACTABLE], k[Attribute.SENSITIVE], k[Attribute.VALUE_LEN])\n",
+        TOKEN,
+        hsm.pin(TOKEN),
+        label,
+    ).split()
