@@ -148,9 +148,10 @@ def default_rules() -> dict[tuple[str, str], Rule]:
     )
     rules[("GET", "/v1/openapi.json")] = Rule()
     rules.update(_auth_rules())
-    from qimem.server.root_api import root_rules  # /v1/root (master realm admins)
-
-    rules.update(root_rules())
+    # /v1/root (qimem.server.root_api): the root wraps every realm's keys, so only master
+    # realm administrators see or rotate it
+    rules[("GET", "/v1/root/status")] = Rule("realms:admin", master_only=True)
+    rules[("POST", "/v1/root/rotate")] = Rule("realms:admin", master_only=True, audit="root.rotate")
     return rules
 
 

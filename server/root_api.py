@@ -2,7 +2,7 @@
 
 Both are reserved to administrators of the ``master`` realm (``realms:admin``): the root
 wraps every realm's keys, so a realm admin of another realm may neither see nor rotate it
-(:data:`ROOT_RULES`, merged into the server's route table). A rotation can take long, so
+(their rules are in :mod:`qimem.server.auth_middleware`). A rotation can take long, so
 ``POST`` starts it in a background thread of this process and answers 202 with the status
 at once; ``GET`` shows the root versions, how many rows each wraps, and the rotation's
 progress, result or error (its message only). One rotation runs at a time per process
@@ -41,16 +41,6 @@ log = logging.getLogger("qimem.server")
 
 #: One rotation at a time in this process, whichever store it rotates.
 _RUNNING = threading.Lock()
-
-
-def root_rules() -> dict[tuple[str, str], Any]:
-    """The auth rules of the root endpoints (master-realm ``realms:admin``)."""
-    from qimem.server.auth_middleware import Rule
-
-    return {
-        ("GET", STATUS_PATH): Rule("realms:admin", master_only=True),
-        ("POST", ROTATE_PATH): Rule("realms:admin", master_only=True, audit="root.rotate"),
-    }
 
 
 def _now() -> str:
