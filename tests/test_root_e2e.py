@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -481,3 +482,30 @@ def test_split_recover_drill_on_a_file_root(tmp_path: Path) -> None:
     )
     assert "exists" in line
     assert Path(drill).read_bytes().strip() == original.strip()
+
+
+# ---- a live server's wraps after the keyring refresh interval -------------------------
+
+
+def test_a_wrap_after_the_refresh_interval_does_not_wait_for_its_own_transaction(
+    tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    """Regression: a wrap inside a write transaction re-reads the root keyring once
+    REFRESH_SECONDS have passed; on SQLite that read took a second connection's BEGIN
+    IMMEDIATE and waited for its own thread's transaction until the busy timeout (503)."""
+    from qimem.rootkey import REFRESH_SECONDS
+
+    home = Home(tmp_path / "home")
+    home.ok("init")
+    server = ServeProcess(tmp_path, home.env(), "--no-access-log")
+    processes.append(server)
+    server.wait_ready()
+    for name in ("first", "second"):
+        time.sleep(REFRESH_SECONDS + 0.2)
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        status, body = call(server.port, "/v1/security/keys", {"name": name}, conn)
+        conn.close()
+        assert status == 201, body
+        assert time.monotonic() - started < 5
+    assert server.stop() == 0
