@@ -155,17 +155,21 @@ def test_a_wrong_key_label_in_the_config_refuses_rotation_only(pk: tuple[Home, P
     home, _, sealed = pk
     doc = home.config()
     good = dict(doc["root_key"])
-    before = home.status()
     doc["root_key"]["key_label"] = "e2e-no-such-key"
     home.write_config(doc)
     try:
-        line = home.fails("root", "rotate", code=CONFIG_ERROR)
-        assert "no secret key 'e2e-no-such-key'" in line
-        decrypts(home, Path(sealed))
+        line, _ = in_parallel(
+            lambda step: step(),
+            [
+                lambda: home.fails("root", "rotate", code=CONFIG_ERROR),
+                lambda: decrypts(home, Path(sealed)),
+            ],
+        )
     finally:
         doc["root_key"] = good
         home.write_config(doc)
-    assert home.status() == before
+    assert "no secret key 'e2e-no-such-key'" in line
+    assert home.versions() == [(1, "pkcs11", "active", 2)]  # no version was made
 
 
 def test_init_with_a_wrong_pin_leaves_nothing(hsm: SoftHsm, tmp_path: Path) -> None:
@@ -176,28 +180,33 @@ def test_init_with_a_wrong_pin_leaves_nothing(hsm: SoftHsm, tmp_path: Path) -> N
         f"--root-key-setting={s}"
         for s in (f"library={hsm.library}", f"token_label={TOKEN}", f"key_label={label}")
     ]
-    create = ["--root-key-setting=create_key=true"]
-    line = home.fails(
-        "init",
-        "--root-key-provider=pkcs11",
-        *settings,
-        f"--root-key-setting=pin_file={wrong}",
-        *create,
-        code=CONFIG_ERROR,
-    )
-    assert "wrong PIN" in line and WRONG_PIN not in line
-    assert not home.config_path.exists() and not (home.path / "root.key").exists()
-    # A PIN given as a setting is refused, never written or echoed.
     pin = hsm.pin(TOKEN)
-    line = home.fails(
-        "init",
-        "--root-key-provider=pkcs11",
-        *settings,
-        f"--root-key-setting=pin={pin}",
-        code=CONFIG_ERROR,
+    other = Home(tmp_path / "other", hsm.conf)
+    wrong_pin, pin_setting = in_parallel(
+        lambda step: step(),
+        [
+            lambda: home.fails(
+                "init",
+                "--root-key-provider=pkcs11",
+                *settings,
+                f"--root-key-setting=pin_file={wrong}",
+                "--root-key-setting=create_key=true",
+                code=CONFIG_ERROR,
+            ),
+            # A PIN given as a setting is refused, never written or echoed.
+            lambda: other.fails(
+                "init",
+                "--root-key-provider=pkcs11",
+                *settings,
+                f"--root-key-setting=pin={pin}",
+                code=CONFIG_ERROR,
+            ),
+        ],
     )
-    assert "the PIN never goes in the config" in line and pin not in line
-    assert not home.config_path.exists()
+    assert "wrong PIN" in wrong_pin and WRONG_PIN not in wrong_pin
+    assert "the PIN never goes in the config" in pin_setting and pin not in pin_setting
+    for made in (home, other):
+        assert not made.config_path.exists() and not (made.path / "root.key").exists()
     # The failed runs made no key: init with the right PIN can still create it.
     pkcs11_init(home, hsm, label, f"pin_file={hsm.pin_file(tmp_path, TOKEN)}")
 
