@@ -181,8 +181,10 @@ class Pkcs11RootKeyProvider:
             ) from None
         if not keys:
             raise ConfigError(
-                f"pkcs11 root provider: no secret {where} (create it with "
-                "'qimem init --root-key-provider pkcs11' or the token's tools)"
+                f"pkcs11 root provider: no secret {where} (create it: 'qimem init "
+                "--root-key-provider pkcs11 --root-key-setting create_key=true' for a new "
+                "store, 'qimem root rotate --create-key' for an existing one, or the token's "
+                "tools)"
             )
         if len(keys) > 1:
             raise ConfigError(

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from qimem.identity.db import Database
     from qimem.invalidation import ChangeFeed
     from qimem.manifest import Manifest
+    from qimem.root.columns import RootRows
 
 __all__ = ["Backend", "Catalog", "MemoryCatalog"]
 
@@ -99,6 +100,9 @@ class Backend:
         for a database made on demand (the memory store's).
     :param changes: makes a new change feed pushing other servers' changes (optional;
         see :meth:`change_feed`); default none, and caches poll the store.
+    :param root_rows: what root rotation moves (:class:`qimem.root.columns.RootRows`: the
+        SQLAlchemy engine of the database holding the wrapped rows and their columns);
+        default none, and ``qimem root rotate`` refuses the store.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Backend:
         migrate: Callable[[], None] | None = None,
         identity_with_keys: bool = False,
         changes: Callable[[], ChangeFeed] | None = None,
+        root_rows: Callable[[], RootRows] | None = None,
     ) -> None:
         if not isinstance(keys, KeyStore):
             raise TypeError(f"keys must be a qimem.keystore.KeyStore, not {type(keys).__name__}")
@@ -124,6 +129,7 @@ class Backend:
         self._lock = threading.Lock()
         self._changes = changes
         self._feeds: list[ChangeFeed] = []
+        self.root_rows = root_rows
 
     @classmethod
     def wrap(cls, keys: KeyStore, scheme: str) -> Backend:

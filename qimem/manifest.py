@@ -16,6 +16,7 @@ A manifest describes one plugin. It is a TOML file shipped as package data
     algorithms = ["aes-256-gcm-siv"]
     keystores = []
     auth_providers = []
+    root_key_providers = []
     event_hooks = ["qimem_key_event"]
 
 Validation reports every problem at once, each naming the field and what is wrong
@@ -55,7 +56,13 @@ PLUGIN_API = ".".join(map(str, PLUGIN_API_VERSION))
 MANIFEST_FILENAME = "qimem_plugin.toml"
 
 #: The kinds a plugin may provide, in display order.
-PROVIDES_KINDS = ("algorithms", "keystores", "auth_providers", "event_hooks")
+PROVIDES_KINDS = (
+    "algorithms",
+    "keystores",
+    "auth_providers",
+    "root_key_providers",
+    "event_hooks",
+)
 
 
 def _event_hooks() -> tuple[str, ...]:

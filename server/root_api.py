@@ -151,7 +151,7 @@ class RootRotationRunner:
 
 def _rotatable(app: AppContext) -> str | None:
     """Why ``app``'s store cannot rotate its root, or ``None`` if it can."""
-    if getattr(app.store, "engine", None) is None or not app.backend.identity_with_keys:
+    if app.backend.root_rows is None:
         return "root rotation needs an SQL store (SQLite or PostgreSQL)"
     if app.wrapper is None:
         return "no root configured for this store"

@@ -219,8 +219,9 @@ def rows_by_version(url: str) -> dict[str, dict[int, int]]:
 
 def count_rows(app: AppContext) -> dict[int, int]:
     """Rows per root version, as the rotation counts them."""
-    engine = app.store.engine  # type: ignore[attr-defined]
-    return rotation.count_rows(engine, rotation.wrapped_columns(app))
+    rows = rotation.root_rows(app)
+    assert rows is not None
+    return rotation.count_rows(rows.engine, rows.columns)
 
 
 def keyring_text(url: str) -> str | None:

@@ -53,6 +53,7 @@ def test_valid_manifest_round_trips_as_json_and_toml(tmp_path: Path) -> None:
         "algorithms": ["aes-256-gcm-siv"],
         "keystores": [],
         "auth_providers": [],
+        "root_key_providers": [],
         "event_hooks": ["qimem_key_event"],
     }
     assert manifest.parse_json(json.dumps(data)) == found

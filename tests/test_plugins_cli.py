@@ -141,6 +141,9 @@ BUILTINS = {
     "password-auth",
     "ldap-auth",
     "jwt-auth",
+    "root-file",
+    "root-pkcs11",
+    "root-qimem",
 }
 
 

@@ -23,6 +23,7 @@ from qimem.services import identity as ids
 BUILTINS = {"aes-256-gcm", "chacha20-poly1305", "memory-keystore", "sql-keystore"}
 BUILTINS |= {"key-purposes"}  # signing, MAC and deterministic algorithms (issue 16)
 BUILTINS |= {"password-auth", "ldap-auth", "jwt-auth"}  # login providers (issue 15)
+BUILTINS |= {"root-file", "root-pkcs11", "root-qimem"}  # root-key providers (issue 18)
 
 
 def manifest(name: str = "siv", **changes: Any) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def test_register_show_remove(client: testing.TestClient) -> None:
             "algorithms": ["aes-256-gcm-siv"],
             "keystores": [],
             "auth_providers": [],
+            "root_key_providers": [],
             "event_hooks": ["qimem_key_event"],
         },
     }

@@ -98,13 +98,6 @@ def test_wrong_pin_file_fails_every_command_in_one_line(
     assert home.versions() == [(1, "pkcs11", "active", 2)]  # nothing rotated or created
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="serve --workers N forks before the provider logs in: the worker's error line, "
-    "then the master's 'worker 0 exited with status 9 while starting; stopping' and "
-    "'stopped' (prepare_before_fork reads a stdin PIN but does not check the login)",
-)
 def test_wrong_pin_file_fails_serve_workers_in_one_line(
     pk: tuple[Home, Path, str], hsm: SoftHsm
 ) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from qimem.builtin_plugins.sql.sqlite import SqliteKeyStore
     from qimem.builtin_plugins.sql.store import SqlKeyStore
     from qimem.identity.db import Database
+    from qimem.root.columns import RootRows
     from qimem.rootkey import KeyWrapper
 
 
@@ -45,9 +46,16 @@ def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme
 
         return PgChangeFeed(store.engine.url, MARKER_SQL)
 
+    def root_rows() -> RootRows:
+        from qimem.identity.root_columns import wrapped_columns
+        from qimem.root.columns import RootRows
+
+        return RootRows(store.engine, [*store.root_wrapped_columns(), *wrapped_columns()])
+
     return Backend(
         store,
         scheme=scheme,
+        root_rows=root_rows,
         identity_database=identity_database,
         catalog=catalog,
         migrate=migrate,

@@ -93,7 +93,11 @@ def init(
             new_files.append(Path(root_file))
             created.append("root_key")
         if create_key:
-            _create_provider_key(config)
+            from qimem.registry import Registry, make_plugin_manager
+            from qimem.root.opening import create_configured_key
+
+            registry = Registry(make_plugin_manager(config.plugins_enabled))
+            create_configured_key(config, lambda: registry)
             created.append("root_key")
         if not config_path.exists():
             config.write(config_path)
@@ -187,24 +191,3 @@ def _provider_options(
             typed = int(value)
         settings[key] = typed
     return name, settings
-
-
-def _create_provider_key(config: Config) -> None:
-    """``--root-key-setting create_key=true``: have the provider make its root key (a
-    PKCS#11 provider generates a non-extractable AES-256 key in the token)."""
-    from qimem.registry import Registry, make_plugin_manager
-    from qimem.root.opening import RootOpener
-
-    opener = RootOpener(config, lambda: Registry(make_plugin_manager(config.plugins_enabled)))
-    assert config.root_key_provider is not None
-    provider = opener.build(config.root_key_provider, opener.config_settings())
-    try:
-        create = getattr(provider, "create_key", None)
-        if not callable(create):
-            raise ValidationError(
-                f"the {config.root_key_provider} root provider cannot create its key "
-                "(create_key=true); create it the provider's way"
-            )
-        create()
-    finally:
-        provider.close()

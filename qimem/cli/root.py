@@ -36,9 +36,15 @@ def root_status(state: CliState, json_: bool) -> None:
 
 
 @root.command("rotate")
+@click.option(
+    "--create-key",
+    is_flag=True,
+    help="First have the configured provider make its root key (PKCS#11: a non-extractable "
+    "AES-256 key in the token); for moving an existing store to a new token.",
+)
 @json_option
 @pass_state
-def root_rotate(state: CliState, json_: bool) -> None:
+def root_rotate(state: CliState, create_key: bool, json_: bool) -> None:
     """Move every wrapped row to a new root version wrapped by the configured provider.
 
     Safe while servers run (they pick up the new version without a restart) and after a
@@ -50,6 +56,11 @@ def root_rotate(state: CliState, json_: bool) -> None:
     def say(line: str) -> None:
         click.echo(line, err=True)
 
+    if create_key:
+        from qimem.root.opening import create_configured_key
+
+        create_configured_key(state.config(), lambda: state.app.registry)
+        say("the configured provider made its root key")
     report = rotation.rotate(state.app, progress=say)
     if json_:
         echo_json(report.to_json())

@@ -192,8 +192,10 @@ def run_server(
 
         run_master(state, prog=prog, short_paths=short_paths, workers=workers, **options)
         return
+    from qimem.root.opening import prepare_before_fork
     from qimem.server.runner import serve
 
+    prepare_before_fork(state.config(), lambda: state.app.registry)  # checks the root's provider
     app_ctx = state.app
     server, banner = open_server(app_ctx, short_paths=short_paths, **options)
     configure_logging(options["access_log"])

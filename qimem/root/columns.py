@@ -1,6 +1,7 @@
 """What root rotation moves: the columns of wrapped blobs (:class:`WrappedColumn`). A store
-that keeps wrapped rows in SQL tables lists its own (``root_wrapped_columns()``); the
-identity layer lists its tables' (:func:`qimem.identity.root_columns.wrapped_columns`)."""
+backend that keeps wrapped rows in SQL tables says where (``Backend(root_rows=...)``,
+:class:`RootRows`); the identity layer lists its tables' columns
+(:func:`qimem.identity.root_columns.wrapped_columns`)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ class WrappedColumn:
     blob: str
     context: Callable[[Any], bytes]
     what: str
+
+
+@dataclass(frozen=True)
+class RootRows:
+    """Where a store's wrapped rows are: the SQLAlchemy engine of their database and their
+    columns (the store's and, with identity kept alongside, the identity layer's)."""
+
+    engine: Any
+    columns: list[WrappedColumn]

@@ -182,17 +182,44 @@ def make_wrapper(config: Settings, registry: Callable[[], Registry]) -> KeyWrapp
 
 
 def prepare_before_fork(config: Settings, registry: Callable[[], Registry]) -> None:
-    """Read what the configured provider asks for interactively (a PKCS#11 PIN from stdin)
-    once, in a pre-fork master, so the workers it forks reuse it instead of each reading
-    standard input. Providers without such a need are not even built."""
+    """Before a server starts: read what the configured provider asks for interactively (a
+    PKCS#11 PIN from stdin) once, so the workers a pre-fork master forks reuse it instead of
+    each reading standard input, and check that the provider can be used now (token, PIN,
+    key label: ``check()`` where a provider has one), so a wrong one is one startup error,
+    not a worker failing after the fork. ``file`` and ``env`` roots need neither."""
     name = configured_provider_name(config)
     if name in (None, "file", "env"):
         return
     opener = RootOpener(config, registry)
     provider = opener.build(name, opener.config_settings())
     try:
-        read = getattr(provider, "read_stdin_pin", None)
-        if callable(read):
-            read()
+        for step in ("read_stdin_pin", "check"):
+            call = getattr(provider, step, None)
+            if callable(call):
+                call()
+    finally:
+        provider.close()
+
+
+def create_configured_key(config: Settings, registry: Callable[[], Registry]) -> None:
+    """Have the configured provider make its root key (``create_key()``: a PKCS#11
+    provider generates a non-extractable AES-256 key in the token): ``qimem init
+    --root-key-setting create_key=true`` and ``qimem root rotate --create-key``.
+
+    :raises ValidationError: the provider cannot make its key.
+    :raises ConflictError: the key exists already (it is left alone).
+    """
+    from qimem.errors import ValidationError
+
+    name = configured_provider_name(config)
+    opener = RootOpener(config, registry)
+    provider = opener.build(name or "file", opener.config_settings())
+    try:
+        create = getattr(provider, "create_key", None)
+        if not callable(create):
+            raise ValidationError(
+                f"the {name} root provider cannot create its key; create it the provider's way"
+            )
+        create()
     finally:
         provider.close()

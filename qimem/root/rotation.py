@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from qimem.errors import ConfigError, ConflictError
 from qimem.root import keyring as kr
-from qimem.root.columns import WrappedColumn
+from qimem.root.columns import RootRows, WrappedColumn
 from qimem.rootkey import REFRESH_SECONDS, blob_root_version
 
 if TYPE_CHECKING:
@@ -54,18 +54,21 @@ SETTLE_SECONDS = REFRESH_SECONDS * 1.5
 Progress = Callable[[str], None]
 
 
-def wrapped_columns(app: AppContext) -> list[WrappedColumn]:
-    """Every column of the store that holds blobs wrapped under the root: the store's own
-    (``root_wrapped_columns()``) and the identity layer's."""
-    from qimem.identity.root_columns import wrapped_columns as identity_columns
+def root_rows(app: AppContext) -> RootRows | None:
+    """Where the store's wrapped rows are (``Backend(root_rows=...)``: the SQL stores), or
+    ``None``: a store root rotation cannot reach."""
+    found = app.backend.root_rows
+    return found() if found is not None else None
 
-    store_columns = getattr(app.store, "root_wrapped_columns", None)
-    if store_columns is None:
+
+def _rows_of(app: AppContext) -> RootRows:
+    rows = root_rows(app)
+    if rows is None:
         raise ConfigError(
-            f"the {app.backend.scheme!r} key store does not list its wrapped rows; root "
-            "rotation needs a store that does (SQLite or PostgreSQL)"
+            f"the {app.backend.scheme!r} key store keeps its rows where root rotation cannot "
+            "reach them; root rotation needs an SQL store (SQLite or PostgreSQL)"
         )
-    return [*store_columns(), *identity_columns()]
+    return rows
 
 
 @dataclass
@@ -86,16 +89,6 @@ class RotationReport:
             "retired": list(self.retired),
             "passes": self.passes,
         }
-
-
-def _engine(app: AppContext) -> sa.Engine:
-    engine = getattr(app.store, "engine", None)
-    if engine is None or not app.backend.identity_with_keys:
-        raise ConfigError(
-            f"the {app.backend.scheme!r} key store keeps its rows where root rotation cannot "
-            "reach them; root rotation needs an SQL store (SQLite or PostgreSQL)"
-        )
-    return engine  # type: ignore[no-any-return]
 
 
 def _wrapper(app: AppContext) -> KeyWrapper:
@@ -270,7 +263,8 @@ def rotate(
     :raises ConflictError: another rotation changed the keyring meanwhile.
     """
     say = progress or (lambda _line: None)
-    engine = _engine(app)
+    rows = _rows_of(app)
+    engine, columns = rows.engine, rows.columns
     wrapper = _wrapper(app)
     keyring = wrapper.keyring
     resuming = keyring is not None and any(r.state == kr.DRAINING for r in keyring.versions)
@@ -279,7 +273,6 @@ def rotate(
     else:
         _new_version(app, wrapper, say)
     report = RotationReport(active=wrapper.active_version, created=not resuming)
-    columns = wrapped_columns(app)
     _move_all(engine, wrapper, columns, report, say)
     while True:  # rows a process wrapped under the old version before it saw the new one
         time.sleep(settle)
@@ -342,9 +335,8 @@ def status(app: AppContext) -> dict[str, Any]:
     """The root's versions (provider, settings, state, check value) and how many rows
     each wraps (``qimem root status``)."""
     wrapper = _wrapper(app)
-    counts = (
-        count_rows(_engine(app), wrapped_columns(app)) if getattr(app.store, "engine", None) else {}
-    )
+    rows = root_rows(app)
+    counts = count_rows(rows.engine, rows.columns) if rows is not None else {}
     keyring = wrapper.keyring
     if keyring is None:
         from qimem.root.opening import configured_provider_name

@@ -59,6 +59,7 @@ _COLLECTING_HOOKS = (
     "qimem_register_algorithms",
     "qimem_register_keystores",
     "qimem_register_auth_providers",
+    "qimem_register_root_key_providers",
 )
 
 
@@ -170,7 +171,7 @@ def _hook_failure(pm: pluggy.PluginManager, plugin: object) -> str | None:
 def _registry_failure(pm: pluggy.PluginManager) -> tuple[str, str] | None:
     """A validation failure of the whole registry (a clash ...) and the plugin it blames."""
     registry = Registry(pm)
-    for attribute in ("algorithms", "keystores", "auth_providers"):
+    for attribute in ("algorithms", "keystores", "auth_providers", "root_key_providers"):
         try:
             getattr(registry, attribute)
         except PluginError as exc:
