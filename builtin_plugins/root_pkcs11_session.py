@@ -17,7 +17,6 @@ import getpass
 import hashlib
 import hmac
 import os
-import stat
 import sys
 import threading
 import weakref
@@ -179,26 +178,9 @@ def _find_token(lib: Any, ref: TokenRef) -> Any:
 
 def read_pin_file(path: Path) -> str:
     """The PIN in ``path``: one line, the file 0600 (group/other access refused)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"pkcs11 root provider: PIN file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"pkcs11 root provider: cannot open PIN file {path}: {exc.strerror}"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"pkcs11 root provider: PIN file {path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"pkcs11 root provider: PIN file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = os.read(fd, _MAX_PIN + 3)
-    finally:
-        os.close(fd)
+    from qimem.fileio import read_private_file
+
+    data = read_private_file(path, "pkcs11 root provider: PIN file", _MAX_PIN + 2)
     return _clean_pin(data, f"PIN file {path}")
 
 

@@ -30,7 +30,6 @@ import base64
 import binascii
 import os
 import re
-import stat
 import threading
 import time
 import urllib.parse
@@ -77,24 +76,9 @@ def read_credential(path: Path, what: str) -> str:
     :raises ConfigError: missing, not a regular file, readable or writable by group or
         others, too large, or not one token.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ConfigError(f"{_NAME}'s {what} {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"{_NAME} cannot open its {what} {path} ({type(exc).__name__})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{_NAME}'s {what} {path} is not a regular file")
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"{_NAME}'s {what} {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-            )
-        raw = os.read(fd, _MAX_CREDENTIAL_FILE + 1)
-    finally:
-        os.close(fd)
+    from qimem.fileio import read_private_file
+
+    raw = read_private_file(path, f"{_NAME}'s {what}", _MAX_CREDENTIAL_FILE)
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:

@@ -350,3 +350,38 @@ def atomic_output(
             tmp.unlink()
         raise
     fsync_dir(directory)
+
+
+def read_private_file(path: Path, what: str, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of a secret file (a PIN, a token, a client secret): a
+    regular file, not a symlink, that neither group nor others may access. Messages name
+    ``what`` and the path, never the content.
+
+    :raises ConfigError: missing, a symlink or otherwise unopenable, not a regular file, or
+        accessible by group or others.
+    """
+    import stat
+
+    from qimem.errors import ConfigError
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot open {what} {path} ({exc.strerror or type(exc).__name__})"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{what} {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+            )
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
