@@ -28,6 +28,8 @@ ROOT_KEY_SIZE = 32
 _WRAP_FORMAT = 1  # version 1: format | nonce | ciphertext
 _WRAP_FORMAT_VERSIONED = 2  # format | root version (u32) | nonce | ciphertext
 _NONCE = 12
+#: A root key file is 45 bytes (base64 and a newline); anything above this is refused unread.
+_MAX_ROOT_KEY_FILE = 4096
 #: How often a process re-reads the store's root keyring before it wraps (so a rotation
 #: elsewhere moves its new rows to the new root version within about this long).
 REFRESH_SECONDS = 1.0
@@ -441,18 +443,35 @@ def generate(path: str | os.PathLike[str]) -> Path:
 
 
 def read_root_key_file(path: Path) -> bytearray:
-    """Read the root key file, refusing one that others can read or write."""
+    """Read the root key file, refusing one that others can read or write, one that is
+    not a regular file (a FIFO would block the open forever) and one too large to be a
+    root key (it is never read whole)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = path.stat()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise ConfigError(f"root key file {path} does not exist (run 'qimem init')") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"root key file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-        )
+    except OSError as exc:
+        raise ConfigError(f"cannot read root key file {path}: {type(exc).__name__}") from None
     try:
-        text = path.read_text("ascii")
-    except (OSError, UnicodeDecodeError) as exc:
+        st = os.fstat(fd)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"root key file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"root key file {path} is not a regular file")
+        try:
+            data = os.read(fd, _MAX_ROOT_KEY_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read root key file {path}: {type(exc).__name__}") from None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_ROOT_KEY_FILE:
+        raise ConfigError(f"root key file {path} is too large to hold a root key")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read root key file {path}: {type(exc).__name__}") from None
     return decode_root_key(text, f"root key file {path}")
