@@ -21,8 +21,10 @@ The document::
   refresh-token hashes, client-secret sealing), sealed under a live version; it is the
   same value for the store's whole life (derived from version 1's KWK), so rotating the
   root re-seals it and nothing derived from it has to change.
-* ``state``: ``active`` (new rows are wrapped under it; exactly one), ``draining`` (rows
-  may still be wrapped under it) or ``retired`` (a rotation found no row under it).
+* ``state``: ``active`` (new rows are wrapped under it; exactly one, and the newest
+  version: a document whose active version is older is refused, as is a ``direct``
+  version other than 1), ``draining`` (rows may still be wrapped under it) or
+  ``retired`` (a rotation found no row under it).
 
 The document changes only by compare-and-set on the whole text (:class:`RootSlot`).
 """
@@ -176,6 +178,13 @@ def parse(text: str) -> Keyring:
         raise _bad("exactly one version must be active")
     if keyring.derive_version not in numbers:
         raise _bad("the derive version is not in the keyring")
+    # A rotation always adds max+1 as the active version, and only a store's first version
+    # can be its root key itself: a document that says otherwise was edited to bring back
+    # an older root version (one the operator rotated away from) for new rows.
+    if keyring.active != max(numbers):
+        raise _bad("the active version is not the newest one")
+    if any(r.direct and r.version != 1 for r in versions):
+        raise _bad("only version 1 can be the root key itself")
     return keyring
 
 
