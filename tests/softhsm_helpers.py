@@ -150,21 +150,12 @@ class SoftHsm:
 _INSTANCE: SoftHsm | None = None
 
 
-def softhsm() -> SoftHsm:
-    """The process's private SoftHSM2 (made on first call; sets ``SOFTHSM2_CONF``)."""
-    global _INSTANCE
-    if _INSTANCE is not None:
-        return _INSTANCE
+def init_tokens(directory: Path) -> SoftHsm:
+    """A SoftHSM2 of its own under ``directory`` (tokens/, softhsm2.conf) holding fresh
+    :data:`TOKENS`, for child processes given its ``conf`` (``SOFTHSM2_CONF``); this
+    process does not load it (``slots`` is empty)."""
     library, util = require_softhsm()
-    import pkcs11
-
-    if library in pkcs11._loaded:
-        raise AssertionError(
-            "SoftHSM2 was loaded in this process before tests/softhsm_helpers.softhsm(); "
-            "its tokens would not be the tests' own"
-        )
-    directory = Path(tempfile.mkdtemp(prefix="qimem-softhsm-"))
-    (directory / "tokens").mkdir(mode=0o700)
+    (directory / "tokens").mkdir(mode=0o700, parents=True)
     conf = directory / "softhsm2.conf"
     conf.write_text(
         f"directories.tokendir = {directory / 'tokens'}\n"
@@ -179,6 +170,24 @@ def softhsm() -> SoftHsm:
             capture_output=True,
             timeout=60,
         )
+    return SoftHsm(directory, conf, library, {})
+
+
+def softhsm() -> SoftHsm:
+    """The process's private SoftHSM2 (made on first call; sets ``SOFTHSM2_CONF``)."""
+    global _INSTANCE
+    if _INSTANCE is not None:
+        return _INSTANCE
+    library, util = require_softhsm()
+    import pkcs11
+
+    if library in pkcs11._loaded:
+        raise AssertionError(
+            "SoftHSM2 was loaded in this process before tests/softhsm_helpers.softhsm(); "
+            "its tokens would not be the tests' own"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="qimem-softhsm-"))
+    conf = init_tokens(directory).conf
     os.environ["SOFTHSM2_CONF"] = str(conf)  # read by SoftHSM2 at C_Initialize
     lib = pkcs11.lib(library)
     slots = {

@@ -40,7 +40,7 @@ from root_e2e_helpers import (
     versions_of,
 )
 from serve_process import ServeProcess, child_pids, socket_owners, wait_for
-from softhsm_helpers import SoftHsm, softhsm
+from softhsm_helpers import SoftHsm, init_tokens
 
 WRONG_PIN = "9999-not-the-pin"
 CONFIG_ERROR = 9  # qimem.errors.ConfigError.exit_code (docs/operations.md)
@@ -48,8 +48,9 @@ CONFIG_ERROR = 9  # qimem.errors.ConfigError.exit_code (docs/operations.md)
 
 @pytest.fixture(scope="module")
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
-    """A private copy of the process's SoftHSM2 tokens for this module's CLI processes."""
-    return copy_softhsm(softhsm(), tmp_path_factory.mktemp("e2e-softhsm"))
+    """A SoftHSM2 of this module's own (fresh tokens) for its CLI processes: never a copy
+    of a token directory another test's process may be writing at that moment."""
+    return init_tokens(tmp_path_factory.mktemp("e2e-softhsm"))
 
 
 # ---- PKCS#11: attacks first ----------------------------------------------------------
