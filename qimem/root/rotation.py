@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from qimem.errors import ConfigError, ConflictError
+from qimem.errors import ConfigError, ConflictError, DecryptionError
 from qimem.root import keyring as kr
 from qimem.root.columns import RootRows, WrappedColumn
 from qimem.rootkey import REFRESH_SECONDS, blob_root_version
@@ -80,6 +80,9 @@ class RotationReport:
     moved: dict[str, int] = field(default_factory=dict)
     retired: list[int] = field(default_factory=list)
     passes: int = 0
+    #: Rows that did not unwrap (``"<what> <key>"``): left under their old version, which
+    #: is therefore not retired.
+    unopenable: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ class RotationReport:
             "moved": dict(self.moved),
             "retired": list(self.retired),
             "passes": self.passes,
+            "unopenable": list(self.unopenable),
         }
 
 
@@ -200,9 +204,14 @@ def _table(engine: sa.Engine, column: WrappedColumn) -> sa.Table:
 
 
 def _move_column(
-    engine: sa.Engine, wrapper: KeyWrapper, column: WrappedColumn, progress: Progress
+    engine: sa.Engine,
+    wrapper: KeyWrapper,
+    column: WrappedColumn,
+    progress: Progress,
+    unopenable: set[tuple[str, tuple[Any, ...]]] | None = None,
 ) -> int:
-    """Re-wrap every row of ``column`` not under the active version; the number moved."""
+    """Re-wrap every row of ``column`` not under the active version; the number moved.
+    Rows that do not unwrap are left as they are and added to ``unopenable``."""
     import sqlalchemy as sa
 
     from qimem.sql import translate_errors
@@ -221,7 +230,15 @@ def _move_column(
                 blob = getattr(row, column.blob)
                 if blob is None or blob_root_version(bytes(blob)) in (0, wrapper.active_version):
                     continue
-                new = wrapper.rewrap(bytes(blob), column.context(row))
+                try:
+                    new = wrapper.rewrap(bytes(blob), column.context(row))
+                except DecryptionError:
+                    # A damaged or tampered row must not stop the rotation of every other
+                    # row (nor keep the store on a root the operator wants to leave): it
+                    # stays under its version, which is then not retired; say which row.
+                    if unopenable is not None:
+                        unopenable.add((column.what, tuple(getattr(row, k) for k in column.key)))
+                    continue
                 if new is None:
                     continue
                 where = [table.c[k] == getattr(row, k) for k in column.key]
@@ -244,11 +261,17 @@ def _move_all(
     progress: Progress,
 ) -> int:
     total = 0
+    unopenable: set[tuple[str, tuple[Any, ...]]] = set()
     for column in columns:
-        count = _move_column(engine, wrapper, column, progress)
+        count = _move_column(engine, wrapper, column, progress, unopenable)
         report.moved[column.what] = report.moved.get(column.what, 0) + count
         total += count
     report.passes += 1
+    for what, key in sorted(unopenable, key=repr):
+        label = f"{what} {'/'.join(map(str, key))}"
+        if label not in report.unopenable:
+            report.unopenable.append(label)
+            progress(f"{label}: does not unwrap (damaged or tampered); left where it is")
     return total
 
 
