@@ -527,3 +527,113 @@ def test_a_wrapped_row_copied_to_another_store_does_not_open(
     finally:
         for app in apps:
             rh.close(app)
+
+
+# -- finding 4: one damaged row blocked every root rotation ----------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip-last-byte", "unknown-version"])
+def test_one_damaged_row_does_not_block_the_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """Finding 4: a database writer who flips one byte of one wrapped row (or relabels it
+    under a version the keyring lacks) made every ``qimem root rotate`` fail with a bare
+    DecryptionError and move nothing (the batch rolled back), i.e. the operator could not
+    rotate away from a compromised root. Now the other rows move, the damaged row is named
+    and stays under its version, which is not retired."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    app = rh.env_app(url, encode_root_key(generate_root_key()), monkeypatch)
+    try:
+        for name in ("a", "b", "c"):
+            create_key(app, name=name)
+        engine = rotation.root_rows(app).engine  # type: ignore[union-attr]
+        with engine.begin() as conn:
+            query = sa.text("SELECT key_id, material FROM qimem_key_versions")
+            rows = {kid: bytes(material) for kid, material in conn.execute(query)}
+            victim_id = sorted(rows)[1]
+            blob = bytearray(rows[victim_id])
+            if damage == "flip-last-byte":
+                blob[-1] ^= 1
+            else:
+                blob = bytearray(b"\x02" + (9).to_bytes(4, "big")) + blob[1:]
+            conn.execute(
+                sa.text("UPDATE qimem_key_versions SET material = :m WHERE key_id = :k"),
+                {"m": bytes(blob), "k": victim_id},
+            )
+        lines: list[str] = []
+        report = rotation.rotate(app, progress=lines.append, settle=0.0)
+        assert report.active == 2 and sum(report.moved.values()) == 2
+        assert report.unopenable == [f"key versions {victim_id}"]
+        assert any(victim_id in line and "does not unwrap" in line for line in lines)
+        # A row under version 1 keeps version 1 draining; one claiming version 9 does not.
+        assert (1 in report.retired) is (damage == "unknown-version")
+        states = rh.versions_state(app)
+        assert states[2] == ("active", 2)
+        assert states[1][1] == (1 if damage == "flip-last-byte" else 0)
+    finally:
+        rh.close(app)
+
+
+# -- guards: /v1/root over HTTP: a disabled admin's token, and nothing secret in what it shows ---
+
+
+def test_disabled_admin_token_and_no_secret_in_status_audit_or_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second master admin starts a rotation and is disabled while it runs: his token no
+    longer reads the status or starts another rotation. The status, the audit rows and
+    /metrics never carry the root key, a KWK or a wrapped blob."""
+    import requests
+    from identity_helpers import ADMIN_PASSWORD, add_user, password_of, serving, with_identity
+
+    from qimem.services import identity as ids
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    key = encode_root_key(generate_root_key())
+    app = with_identity(rh.env_app(url, key, monkeypatch))
+    try:
+        for name in ("a", "b"):
+            create_key(app, name=name)
+        add_user(app, "master", "second-admin", ["admin"])
+        params = {"grant_type": "password", "username": "second-admin"}
+        second = ids.token(app, "master", {**params, "password": password_of("second-admin")})
+        first = ids.token(
+            app, "master", {**params, "username": "admin", "password": ADMIN_PASSWORD}
+        )
+        mine = {"Authorization": f"Bearer {second.access_token}"}
+        admin = {"Authorization": f"Bearer {first.access_token}"}
+        with serving(app) as base:
+            started = requests.post(f"{base}/v1/root/rotate", headers=mine, json={}, timeout=10)
+            assert started.status_code == 202, started.text
+            ids.set_user_enabled(app, "master", "second-admin", False)
+            for method, path in (("GET", "status"), ("POST", "rotate")):
+                answer = requests.request(
+                    method, f"{base}/v1/root/{path}", headers=mine, json={}, timeout=10
+                )
+                assert answer.status_code in (401, 403), (method, answer.status_code)
+            deadline = time.monotonic() + 30
+            while True:
+                body = requests.get(f"{base}/v1/root/status", headers=admin, timeout=10)
+                if body.json()["rotation"]["state"] != "running":
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            metrics = requests.get(f"{base}/metrics", timeout=10).text
+        status = body.text
+        assert body.json()["rotation"]["state"] == "succeeded", status
+        keyring = json.loads(rh.keyring_text(url) or "")
+        secrets = [key, base64.b64decode(key).hex()]
+        secrets += [v["wrapped"] for v in keyring["versions"] if "wrapped" in v]
+        secrets.append(keyring["derive"]["blob"])
+        ids.identity(app).audit.flush()
+        engine = rotation.root_rows(app).engine  # type: ignore[union-attr]
+        with engine.connect() as conn:
+            audit = " ".join(
+                map(str, conn.execute(sa.text("SELECT * FROM qimem_audit")).fetchall())
+            )
+        assert "root.rotate" in audit
+        for secret in secrets:
+            assert secret not in status and secret not in metrics and secret not in audit
+    finally:
+        ids.close_identity(app)
+        app.close()
