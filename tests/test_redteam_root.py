@@ -11,6 +11,7 @@ records (a version's provider, its settings, its state) is his to choose.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -227,6 +228,48 @@ def _rows_opened_with(app: AppContext, kwk: bytes) -> int:
                 except InvalidTag:
                     pass
     return opened
+
+
+@pytest.mark.xfail(strict=True, reason=FINDING_1)
+def test_a_running_server_does_not_follow_an_injected_version(
+    victim: tuple[str, Path, bytes],
+) -> None:
+    """Not only at the next restart: a running process re-reads the keyring before it
+    wraps (about once a second) and opens the injected version then."""
+    url, key_file, envelope = victim
+    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    app = rh.file_app(url, key_file)
+    try:
+        settings = {"url": evil.url, "key": "k", "token_file": str(key_file), "timeout": 2}
+        _inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
+        time.sleep(1.2)  # past REFRESH_SECONDS
+        with contextlib.suppress(ConfigError):
+            create_key(app, name="during-the-attack")
+        assert not evil.seen, "the running server contacted a URL only the database named"
+    finally:
+        rh.close(app)
+        evil.close()
+
+
+def test_an_upstream_answering_another_kwk_is_refused_by_the_check_value(
+    victim: tuple[str, Path, bytes], tmp_path: Path
+) -> None:
+    """Guard: an upstream (compromised, or an attacker's) that answers a KWK of its choice
+    for a version whose check value it does not control is refused at open."""
+    url, key_file, envelope = victim
+    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    token = tmp_path / "token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"service-token\n")
+    os.close(fd)
+    try:
+        settings = {"url": evil.url, "key": "k", "token_file": str(token), "timeout": 2}
+        _inject(url, "qimem", settings, b"\x01" + envelope, check_value(os.urandom(32)))
+        with pytest.raises(ConfigError, match="different key"):
+            rh.file_app(url, key_file)
+        assert evil.seen  # it was asked, and its answer was refused
+    finally:
+        evil.close()
 
 
 _EVIL_SO = r"""
