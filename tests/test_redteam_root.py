@@ -680,3 +680,57 @@ def test_disabled_admin_token_and_no_secret_in_status_audit_or_metrics(
     finally:
         ids.close_identity(app)
         app.close()
+
+
+# -- guard: a rotation racing a key destroy and a key rotation on the same rows -----------------
+
+
+@pytest.mark.postgres
+def test_rotation_racing_destroy_and_key_rotation_resurrects_nothing(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the rotation's read of a key version's row and its write, another process
+    destroys that version and rotates the key: the destroyed material must stay destroyed
+    (the rotation's compare-and-set misses), and the new version ends under the new root.
+    PostgreSQL only: its row locks let the racing writer commit while the rotation's batch
+    is open (SQLite serialises the two writers instead)."""
+    from qimem.rootkey import KeyWrapper
+    from qimem.services.crypto import decrypt
+    from qimem.services.key_states import destroy_version
+    from qimem.services.keys import rotate_key
+
+    key = encode_root_key(generate_root_key())
+    app = rh.env_app(postgres_url, key, monkeypatch)
+    other = rh.env_app(postgres_url, key, monkeypatch)
+    try:
+        create_key(app, name="k")
+        sealed = encrypt(app, "k", b"old secret", aad=b"")
+        old, old_id = sealed.envelope, sealed.key_id
+        rotate_key(app, "k")  # version 1 decrypt-only, version 2 active
+        original = KeyWrapper.rewrap
+        raced: list[bool] = []
+
+        def racing(self: KeyWrapper, blob: bytes, context: bytes) -> bytes | None:
+            if not raced:
+                raced.append(True)
+                destroy_version(other, "k", version=1)
+                rotate_key(other, "k")
+            return original(self, blob, context)
+
+        monkeypatch.setattr(KeyWrapper, "rewrap", racing)
+        report = rotation.rotate(app, settle=0.0)
+        monkeypatch.setattr(KeyWrapper, "rewrap", original)
+        assert raced and report.active == 2
+        with pytest.raises(Exception) as caught:
+            decrypt(app, old, aad=b"")
+        assert "destroyed" in str(caught.value).lower()
+        with rotation.root_rows(app).engine.connect() as conn:  # type: ignore[union-attr]
+            query = sa.text("SELECT material FROM qimem_key_versions WHERE key_id = :k")
+            material = conn.execute(query, {"k": old_id}).scalar_one()
+        assert bytes(material) == b"", "the destroyed version's material was written back"
+        fresh = encrypt(app, "k", b"new", aad=b"").envelope
+        assert bytes(decrypt(app, fresh, aad=b"").plaintext) == b"new"
+        assert set(rh.count_rows(app)) == {2}
+    finally:
+        rh.close(other)
+        rh.close(app)
