@@ -139,6 +139,9 @@ class Settings:
     root_key_provider: str | None = None
     #: The rest of the ``[root_key]`` table: the provider's settings (no secrets: paths).
     root_key_settings: dict[str, Any] = field(default_factory=dict)
+    #: ``[[root_key.previous]]``: roots being migrated away from (each a provider and its
+    #: settings), trusted like ``[root_key]`` to authenticate the store's keyring.
+    root_key_previous: list[dict[str, Any]] = field(default_factory=list)
     plugins_enabled: list[str] = field(default_factory=list)
     cache_ttl: float = 5.0
     cache_revalidate: float = 0.1
@@ -172,6 +175,8 @@ class Settings:
             root["provider"] = self.root_key_provider
         if self.root_key_file is not None:
             root["file"] = str(self.root_key_file)
+        if self.root_key_previous:
+            root["previous"] = [dict(item) for item in self.root_key_previous]
         if root:
             doc["root_key"] = root
         return doc
@@ -382,7 +387,10 @@ def load_config(
             root_key_file=Path(root_file) if root_file else None,
             root_key_b64=os.environ.get("QIMEM_ROOT_KEY") or None,
             root_key_provider=_root_provider(root, path),
-            root_key_settings={k: v for k, v in root.items() if k not in ("provider", "file")},
+            root_key_settings={
+                k: v for k, v in root.items() if k not in ("provider", "file", "previous")
+            },
+            root_key_previous=_root_previous(root, path),
             plugins_enabled=list(enabled),
             cache_ttl=float(cache.get("ttl_seconds", 5.0)),
             cache_revalidate=float(cache.get("revalidate_seconds", 0.1)),
@@ -406,3 +414,16 @@ def _root_provider(root: dict[str, Any], path: Path) -> str | None:
     if not isinstance(provider, str) or not PROVIDER_NAME.match(provider):
         raise ConfigError(f"{path}: root_key.provider must be a provider name")
     return provider
+
+
+def _root_previous(root: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    previous = root.get("previous", [])
+    if not isinstance(previous, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("provider"), str) for item in previous
+    ):
+        raise ConfigError(
+            f"{path}: [[root_key.previous]] must be tables, each with a provider name"
+        )
+    for item in previous:
+        _root_provider(item, path)
+    return [dict(item) for item in previous]

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qimem import fileio
 from qimem.errors import ConfigError, ConflictError, DecryptionError
-from qimem.root.kwk import check_value, derive, derive_base, wrapping_key
+from qimem.root.kwk import check_value, derive, derive_base, keyring_mac_key, wrapping_key
 
 ROOT_KEY_SIZE = 32
 _WRAP_FORMAT = 1  # version 1: format | nonce | ciphertext
@@ -36,6 +36,12 @@ REFRESH_SECONDS = 1.0
 
 
 _derive = derive
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("qimem.rootkey")
 
 
 def blob_root_version(blob: bytes) -> int:
@@ -62,12 +68,15 @@ class KeyWrapper:
     __slots__ = (
         "_aeads",
         "_checks",
+        "_mac_keys",
+        "_refused",
         "_active",
         "_derive_base",
         "check_value",
         "_slot",
         "_opener",
         "_new_provider",
+        "_previous",
         "_keyring",
         "_text",
         "_read_at",
@@ -79,12 +88,15 @@ class KeyWrapper:
 
         self._aeads: dict[int, AESGCM] = {}
         self._checks: dict[int, str] = {}
+        self._mac_keys: dict[int, bytes] = {}
+        self._refused: str | None = None
         self._active = 0
         self._derive_base: bytes | None = None
         self.check_value = ""
         self._slot: Any = None
         self._opener: Any = None
         self._new_provider: Any = None
+        self._previous: Any = None
         self._keyring: Any = None
         self._text: str | None = None
         self._read_at = 0.0
@@ -95,26 +107,39 @@ class KeyWrapper:
             self._aeads = {1: AESGCM(wrapping_key(root_key))}
             self.check_value = check_value(root_key)
             self._checks = {1: self.check_value}
+            self._mac_keys = {1: keyring_mac_key(root_key)}
             self._active = 1
             # A public fingerprint stores keep, so a wrong root key is refused with a clear
             # message instead of failing on every key.
             self._derive_base = derive_base(root_key)
 
     @classmethod
-    def pending(cls, opener: Callable[..., Any], new_provider: Callable[[], Any]) -> KeyWrapper:
+    def pending(
+        cls,
+        opener: Callable[..., Any],
+        new_provider: Callable[[], Any],
+        previous: Callable[[], list[Callable[[], Any]]] | None = None,
+    ) -> KeyWrapper:
         """A wrapper for a root held by a provider: no key until a store attaches its
         keyring, or creates one with ``new_provider()`` for a new store."""
         wrapper = cls()
-        wrapper.use_providers(opener, new_provider)
+        wrapper.use_providers(opener, new_provider, previous)
         return wrapper
 
     def use_providers(
-        self, opener: Callable[..., Any], new_provider: Callable[[], Any] | None = None
+        self,
+        opener: Callable[..., Any],
+        new_provider: Callable[[], Any] | None = None,
+        previous: Callable[[], list[Callable[[], Any]]] | None = None,
     ) -> None:
         """How to open a keyring's versions: ``opener(name, settings)`` returns a root-key
-        provider (:mod:`qimem.root.provider`); ``new_provider()`` the configured one."""
+        provider (:mod:`qimem.root.provider`) for a version's recorded settings (used only
+        once the document is authenticated); ``new_provider()`` the configured one;
+        ``previous()`` makers of the providers ``[[root_key.previous]]`` names (a root being
+        migrated away from), trusted like the configured one."""
         self._opener = opener
         self._new_provider = new_provider
+        self._previous = previous
 
     # -- the store's keyring -----------------------------------------------------------
 
@@ -164,6 +189,11 @@ class KeyWrapper:
         return self._keyring
 
     @property
+    def document(self) -> str | None:
+        """The keyring document loaded (and verified), or ``None``."""
+        return self._text
+
+    @property
     def active_version(self) -> int:
         """The root version new rows are wrapped under (0: no key yet)."""
         return self._active
@@ -188,7 +218,16 @@ class KeyWrapper:
             document = slot.read()
             self._read_at = time.monotonic()
             if document is not None and document != self._text:
-                self._load(document)
+                try:
+                    self._load(document)
+                except ConfigError as exc:
+                    if force:
+                        raise
+                    # A running process keeps the keyring it verified (and goes on
+                    # wrapping under its active version) rather than fail every write.
+                    if document != self._refused:
+                        self._refused = document
+                        _log().warning("root keyring not reloaded: %s", exc.message)
         finally:
             self._lock.release()
 
@@ -220,7 +259,10 @@ class KeyWrapper:
         keyring = kr.parse(document)
         opened: dict[int, bytearray] = {}
         try:
+            self._authenticate(keyring, opened)
             for record in keyring.versions:
+                if record.version in opened:
+                    continue
                 known = self._aeads.get(record.version)
                 if known is not None and self._checks.get(record.version) == record.check:
                     continue
@@ -231,6 +273,63 @@ class KeyWrapper:
         finally:
             for kwk in opened.values():
                 kwk[:] = bytes(len(kwk))
+
+    def _authenticate(self, keyring: Any, opened: dict[int, bytearray]) -> None:
+        """Check the document's tag under a root version this process holds or that the
+        *configured* provider opens (never under recorded settings, which a database
+        writer could have chosen), before anything recorded in it is used.
+
+        :raises ConfigError: no version this process trusts vouches for the document.
+        """
+        import hmac
+
+        from qimem.root import keyring as kr
+
+        order = sorted(keyring.versions, key=lambda r: (r.version != keyring.active, -r.version))
+        for record in order:
+            key = self._mac_keys.get(record.version)
+            held = key is not None and self._checks.get(record.version) == record.check
+            tag = keyring.tags.get(record.version, "")
+            if held and hmac.compare_digest(keyring.tag(key), tag):
+                return
+        first: str | None = None
+        for make in self._trusted():
+            name = make().name
+            for record in order:
+                if record.provider != name or record.version not in keyring.tags:
+                    continue
+                try:
+                    kwk = kr.open_version(keyring, record, _always(make))
+                except ConfigError as exc:
+                    first = first or exc.message
+                    continue
+                tag = keyring.tag(keyring_mac_key(kwk))
+                if hmac.compare_digest(tag, keyring.tags[record.version]):
+                    opened[record.version] = kwk
+                    return
+                kwk[:] = bytes(len(kwk))
+        raise ConfigError(
+            "the store's root keyring is not vouched for by any root version this "
+            "configuration opens: it was changed outside qimem, or [root_key] (and "
+            "[[root_key.previous]]) name another root than the store's"
+            + (f" ({first})" if first else "")
+        )
+
+    def _trusted(self) -> list[Callable[[], Any]]:
+        """Makers of the providers the configuration names: ``[root_key]`` first, then each
+        ``[[root_key.previous]]`` (settings from the operator, never from the keyring)."""
+        if self._new_provider is None:
+            return []
+        return [self._new_provider, *(self._previous() if self._previous else [])]
+
+    def sign(self, keyring: Any, extra: dict[int, bytearray] | None = None) -> str:
+        """``keyring`` as a document tagged by every version this process holds (and the
+        new ones in ``extra``: version -> KWK), for the store's slot."""
+        checks = {r.version: r.check for r in keyring.versions}
+        keys = {v: k for v, k in self._mac_keys.items() if self._checks.get(v) == checks.get(v)}
+        for version, kwk in (extra or {}).items():
+            keys[version] = keyring_mac_key(kwk)
+        return str(keyring.signed(keys).dump())
 
     def _need_opener(self) -> Callable[..., Any]:
         if self._opener is None:
@@ -245,13 +344,17 @@ class KeyWrapper:
 
         aeads: dict[int, AESGCM] = {}
         checks: dict[int, str] = {}
+        mac_keys: dict[int, bytes] = {}
         for record in keyring.versions:
             if record.version in opened:
                 aeads[record.version] = AESGCM(wrapping_key(opened[record.version]))
                 checks[record.version] = record.check
+                mac_keys[record.version] = keyring_mac_key(opened[record.version])
             elif self._checks.get(record.version) == record.check:
                 aeads[record.version] = self._aeads[record.version]
                 checks[record.version] = record.check
+                if record.version in self._mac_keys:
+                    mac_keys[record.version] = self._mac_keys[record.version]
         if keyring.active not in aeads:
             raise ConfigError(f"root version {keyring.active} (active) could not be opened")
         if keyring.derive_version in opened:
@@ -262,6 +365,7 @@ class KeyWrapper:
             base = self._open_derive(keyring)
         self._aeads = aeads
         self._checks = checks
+        self._mac_keys = mac_keys
         self._derive_base = base
         self.check_value = keyring.check
         self._active = keyring.active
@@ -282,7 +386,10 @@ class KeyWrapper:
         aead = self._aeads.get(version)
         if aead is not None:
             return aead
-        self.refresh(force=True)
+        try:
+            self.refresh(force=True)
+        except ConfigError:
+            pass  # a keyring that does not verify holds no version for this blob
         aead = self._aeads.get(version)
         if aead is not None:
             return aead
@@ -294,6 +401,7 @@ class KeyWrapper:
                 kwk = kr.open_version(keyring, keyring.version(version), self._need_opener())
                 try:
                     aead = AESGCM(wrapping_key(kwk))
+                    self._mac_keys = {**self._mac_keys, version: keyring_mac_key(kwk)}
                 finally:
                     kwk[:] = bytes(len(kwk))
                 self._aeads = {**self._aeads, version: aead}
@@ -475,3 +583,12 @@ def read_root_key_file(path: Path) -> bytearray:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read root key file {path}: {type(exc).__name__}") from None
     return decode_root_key(text, f"root key file {path}")
+
+
+def _always(make: Callable[[], Any]) -> Callable[[str, Any], Any]:
+    """A provider opener that ignores a version's recorded settings: ``make()``."""
+
+    def opener(_name: str, _settings: Any) -> Any:
+        return make()
+
+    return opener

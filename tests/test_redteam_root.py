@@ -1,6 +1,7 @@
 """Red-team tests for the root of trust (issue 18): what an outside attacker tries against
-the keyring, the providers and the files they read. Findings the code does not hold yet
-are ``xfail(strict=True)`` with the finding's number; the rest are guards that keep holding.
+the keyring, the providers and the files they read. Finding 1 (recorded provider
+settings used as configuration) is fixed: the keyring is authenticated (tags under a root the
+configuration names) before anything recorded in it is used; the rest are guards.
 
 The attacker of the first section can write the database (a DBA, a stolen replication
 credential, an SQL injection elsewhere) but not the server's host: he edits the
@@ -64,7 +65,6 @@ FINDING_1 = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING_1)
 def test_db_writer_cannot_send_a_local_secret_file_to_his_server(
     victim: tuple[str, Path, bytes],
 ) -> None:
@@ -85,7 +85,6 @@ def test_db_writer_cannot_send_a_local_secret_file_to_his_server(
         evil.close()
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING_1)
 def test_db_writer_cannot_make_the_server_wrap_new_keys_under_his_kwk(
     victim: tuple[str, Path, bytes], tmp_path: Path
 ) -> None:
@@ -115,7 +114,6 @@ def test_db_writer_cannot_make_the_server_wrap_new_keys_under_his_kwk(
         evil.close()
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING_1)
 def test_a_running_server_does_not_follow_an_injected_version(
     victim: tuple[str, Path, bytes],
 ) -> None:
@@ -139,8 +137,9 @@ def test_a_running_server_does_not_follow_an_injected_version(
 def test_an_upstream_answering_another_kwk_is_refused_by_the_check_value(
     victim: tuple[str, Path, bytes], tmp_path: Path
 ) -> None:
-    """Guard: an upstream (compromised, or an attacker's) that answers a KWK of its choice
-    for a version whose check value it does not control is refused at open."""
+    """Guard: a version injected to make an upstream (compromised, or an attacker's) answer a
+    KWK of its choice is refused at open, before the upstream is even asked (the keyring's
+    tags do not verify)."""
     url, key_file, envelope = victim
     evil = rt.EvilUpstream(os.urandom(32), rt.envelope_key_id(envelope))
     token = tmp_path / "token"
@@ -150,14 +149,13 @@ def test_an_upstream_answering_another_kwk_is_refused_by_the_check_value(
     try:
         settings = {"url": evil.url, "key": "k", "token_file": str(token), "timeout": 2}
         rt.inject(url, "qimem", settings, b"\x01" + envelope, check_value(os.urandom(32)))
-        with pytest.raises(ConfigError, match="different key"):
+        with pytest.raises(ConfigError, match="not vouched for"):
             rh.file_app(url, key_file)
-        assert evil.seen  # it was asked, and its answer was refused
+        assert not evil.seen  # the injected version's settings were never used
     finally:
         evil.close()
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING_1)
 def test_db_writer_cannot_make_the_server_load_his_pkcs11_library(
     victim: tuple[str, Path, bytes], tmp_path: Path
 ) -> None:

@@ -143,27 +143,27 @@ def test_removed_token_or_deleted_key_is_a_clear_error(
     decrypts(home, Path(sealed))  # the real token still opens it
 
 
-def test_a_wrong_key_label_in_the_config_refuses_rotation_only(pk: tuple[Home, Path, str]) -> None:
-    """Versions open with their recorded settings (docs: a version made with an older
-    provider still opens); a rotation seals under the configured key, which must exist."""
+def test_a_wrong_key_label_in_the_config_is_refused(pk: tuple[Home, Path, str]) -> None:
+    """The store's keyring is authenticated only by roots the configuration names (never
+    by settings recorded in the database): a configured key label the token does not hold
+    refuses every command with one line naming it, and nothing is made or rotated."""
     home, _, sealed = pk
     doc = home.config()
     good = dict(doc["root_key"])
     doc["root_key"]["key_label"] = "e2e-no-such-key"
     home.write_config(doc)
     try:
-        line, _ = in_parallel(
-            lambda step: step(),
-            [
-                lambda: home.fails("root", "rotate", code=CONFIG_ERROR),
-                lambda: decrypts(home, Path(sealed)),
-            ],
+        lines = in_parallel(
+            lambda args: home.fails(*args, code=CONFIG_ERROR),
+            [["root", "rotate"], ["decrypt", "-q", "-o", "-", sealed]],
         )
     finally:
         doc["root_key"] = good
         home.write_config(doc)
-    assert "no secret key 'e2e-no-such-key'" in line
+    for line in lines:
+        assert "no secret key 'e2e-no-such-key'" in line, line
     assert home.versions() == [(1, "pkcs11", "active", 2)]  # no version was made
+    decrypts(home, Path(sealed))
 
 
 def test_init_with_a_wrong_pin_leaves_nothing(hsm: SoftHsm, tmp_path: Path) -> None:

@@ -311,6 +311,10 @@ def test_file_to_another_file(url: str, tmp_path: Path, monkeypatch: pytest.Monk
     finally:
         rh.close(app)
     config = rh.write_config(tmp_path, url, root_file=new)
+    # The old file stays trusted while the rotation moves away from it: the keyring is
+    # authenticated only by roots the configuration names, never by recorded settings.
+    with Path(config).open("a") as fh:
+        fh.write(f'\n[[root_key.previous]]\nprovider = "file"\nfile = "{old}"\n')
     done = rh.qimem_cli(config, "root", "rotate")
     assert done.returncode == 0, done.stderr
     assert new.exists() and (new.stat().st_mode & 0o077) == 0
@@ -485,18 +489,20 @@ def test_two_rotations_at_once(url: str, key_b64: str, tmp_path: Path) -> None:
         rh.close(app)
 
 
-def test_keyring_record_tampered_on_a_retired_version_is_harmless_until_used(
+def test_keyring_record_tampered_on_a_retired_version_is_refused(
     rotated: tuple[str, bytes], key_b64: str
 ) -> None:
-    """A retired version is not opened at startup: damaging its record does not stop the
-    store (the version holds no rows)."""
+    """Any edit of the keyring document, even of a retired version's record, breaks its
+    tags: the store refuses it at open (red team finding 1: recorded settings are used only
+    once the document is authenticated by a root the configuration names)."""
     url, envelope = rotated
     keyring = kr.parse(rh.keyring_text(url) or "")
     first, second, *rest = keyring.versions
     damaged = replace(keyring, versions=(first, replace(second, check="f" * 32), *rest))
     rh.set_keyring_text(url, damaged.dump())
-    app = rh.env_app(url, key_b64)
-    try:
-        assert decrypt(app, envelope, aad=b"root").plaintext == b"before"
-    finally:
-        app.close()
+    with pytest.raises(ConfigError, match="not vouched for"):
+        app = rh.env_app(url, key_b64)
+        try:
+            decrypt(app, envelope, aad=b"root")
+        finally:
+            app.close()

@@ -105,6 +105,10 @@ class Keyring:
     derive_version: int
     derive_blob: bytes
     versions: tuple[RootVersion, ...] = field(default_factory=tuple)
+    #: version -> HMAC-SHA256 (hex) of :meth:`body` under that version's keyring MAC key
+    #: (:func:`qimem.root.kwk.keyring_mac_key`): who holds a version's KWK vouches for the
+    #: whole document, recorded provider settings included.
+    tags: dict[int, str] = field(default_factory=dict, compare=False)
 
     def version(self, number: int) -> RootVersion:
         for record in self.versions:
@@ -116,9 +120,28 @@ class Keyring:
     def active_version(self) -> RootVersion:
         return self.version(self.active)
 
+    def body(self) -> bytes:
+        """What the tags authenticate: the document without its tags."""
+        return replace(self, tags={}).dump().encode()
+
+    def tag(self, mac_key: bytes) -> str:
+        """This document's tag under a version's keyring MAC key."""
+        import hashlib
+        import hmac
+
+        return hmac.new(mac_key, self.body(), hashlib.sha256).hexdigest()
+
+    def signed(self, mac_keys: Mapping[int, bytes]) -> Keyring:
+        """The same document tagged by every version in ``mac_keys`` it holds."""
+        numbers = {r.version for r in self.versions}
+        unsigned = replace(self, tags={})
+        return replace(
+            unsigned,
+            tags={v: unsigned.tag(k) for v, k in sorted(mac_keys.items()) if v in numbers},
+        )
+
     def dump(self) -> str:
-        return json.dumps(
-            {
+        doc: dict[str, Any] = {
                 "format": FORMAT,
                 "id": self.id,
                 "check": self.check,
@@ -128,10 +151,10 @@ class Keyring:
                     "blob": base64.b64encode(self.derive_blob).decode(),
                 },
                 "versions": [record.to_json() for record in self.versions],
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        }
+        if self.tags:
+            doc["tags"] = {str(v): t for v, t in sorted(self.tags.items())}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     def with_states(self, states: Mapping[int, str]) -> Keyring:
         """The same keyring with some versions' states changed."""
@@ -168,6 +191,7 @@ def parse(text: str) -> Keyring:
             derive_version=_int(derive["version"]),
             derive_blob=_b64(derive["blob"]),
             versions=versions,
+            tags=_parse_tags(doc.get("tags", {})),
         )
     except (KeyError, TypeError, ValueError, binascii.Error):
         raise _bad("missing or malformed fields") from None
@@ -186,6 +210,20 @@ def parse(text: str) -> Keyring:
     if any(r.direct and r.version != 1 for r in versions):
         raise _bad("only version 1 can be the root key itself")
     return keyring
+
+
+def _parse_tags(value: Any) -> dict[int, str]:
+    if not isinstance(value, dict) or len(value) > 1000:
+        raise ValueError
+    tags: dict[int, str] = {}
+    for key, tag in value.items():
+        if not isinstance(key, str) or not key.isdigit() or len(key) > 10:
+            raise ValueError
+        if not isinstance(tag, str) or len(tag) != 64:
+            raise ValueError
+        int(tag, 16)
+        tags[_int(int(key))] = tag
+    return tags
 
 
 def _text(value: Any) -> str:
@@ -322,23 +360,21 @@ def open_derive_base(keyring: Keyring, kwk: bytes | bytearray) -> bytes:
 def new_keyring(provider: RootKeyProvider) -> tuple[Keyring, bytearray]:
     """A keyring for a new store whose root is ``provider``: version 1 is a fresh KWK that
     the provider wraps. Returns the keyring and version 1's KWK."""
-    from qimem.root.kwk import check_value, derive_base
+    from qimem.root.kwk import check_value, derive_base, keyring_mac_key
 
     keyring_id = str(uuid.uuid4())
     record, kwk = new_wrapped_version(keyring_id, 1, provider)
     check = check_value(kwk)
     sealed = seal_derive_base(keyring_id, check, kwk, derive_base(kwk))
-    return (
-        Keyring(
-            id=keyring_id,
-            check=check,
-            active=1,
-            derive_version=1,
-            derive_blob=sealed,
-            versions=(record,),
-        ),
-        kwk,
+    keyring = Keyring(
+        id=keyring_id,
+        check=check,
+        active=1,
+        derive_version=1,
+        derive_blob=sealed,
+        versions=(record,),
     )
+    return keyring.signed({1: keyring_mac_key(kwk)}), kwk
 
 
 def direct_record(provider: RootKeyProvider, check: str) -> RootVersion:

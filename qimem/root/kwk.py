@@ -25,3 +25,8 @@ def derive_base(kwk: bytes | bytearray) -> bytes:
 def check_value(kwk: bytes | bytearray) -> str:
     """A public fingerprint of a key-wrapping key (it does not reveal the key)."""
     return derive(kwk, b"qimem root key check v1")[:16].hex()
+
+
+def keyring_mac_key(kwk: bytes | bytearray) -> bytes:
+    """The key a root version authenticates the keyring document with (HMAC-SHA256)."""
+    return derive(kwk, b"qimem root keyring mac v1")

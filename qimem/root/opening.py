@@ -86,6 +86,22 @@ class RootOpener:
             raise ConfigError("no root key configured (run 'qimem init' or set QIMEM_ROOT_KEY)")
         return _Fallback(self, name, self.config_settings())
 
+    def previous(self) -> list[Callable[[], RootKeyProvider]]:
+        """Makers of the providers ``[[root_key.previous]]`` names (roots being migrated
+        away from), each with the settings written there."""
+        makers: list[Callable[[], RootKeyProvider]] = []
+        for item in self._config.root_key_previous:
+            name = str(item["provider"])
+            settings = {k: v for k, v in item.items() if k != "provider"}
+            makers.append(self._maker(name, settings))
+        return makers
+
+    def _maker(self, name: str, settings: dict[str, Any]) -> Callable[[], RootKeyProvider]:
+        def make() -> RootKeyProvider:
+            return _Fallback(self, name, settings)
+
+        return make
+
     def for_version(self, name: str, recorded: Mapping[str, Any]) -> RootKeyProvider:
         """The provider of a keyring version: built with its recorded settings (if those
         fail and the config names the same provider, with the config's)."""
@@ -172,12 +188,12 @@ def make_wrapper(config: Settings, registry: Callable[[], Registry]) -> KeyWrapp
         # store's keyring opens the versions from their recorded files).
         key = read_root_key_file(Path(config.root_key_file))
     if key is None:
-        return KeyWrapper.pending(opener.for_version, opener.configured)
+        return KeyWrapper.pending(opener.for_version, opener.configured, opener.previous)
     try:
         wrapper = KeyWrapper(key)
     finally:
         key[:] = bytes(len(key))
-    wrapper.use_providers(opener.for_version, opener.configured)
+    wrapper.use_providers(opener.for_version, opener.configured, opener.previous)
     return wrapper
 
 

@@ -144,19 +144,26 @@ def _new_version(app: AppContext, wrapper: KeyWrapper, progress: Progress) -> No
         provider.close()
     try:
         sealed = wrapper.seal_derive_base(keyring.id, keyring.check, kwk)
+        versions = tuple(
+            replace(r, state=kr.DRAINING) if r.state == kr.ACTIVE else r
+            for r in keyring.versions
+        )
+        updated = replace(
+            keyring,
+            active=number,
+            derive_version=number,
+            derive_blob=sealed,
+            versions=(*versions, replace(record, state=kr.ACTIVE)),
+        )
+        document = wrapper.sign(updated, {number: kwk})  # tagged by every version held
     finally:
         kwk[:] = bytes(len(kwk))
-    versions = tuple(
-        replace(r, state=kr.DRAINING) if r.state == kr.ACTIVE else r for r in keyring.versions
-    )
-    updated = replace(
-        keyring,
-        active=number,
-        derive_version=number,
-        derive_blob=sealed,
-        versions=(*versions, replace(record, state=kr.ACTIVE)),
-    )
-    if not slot.replace(old_text, updated.dump()):
+    if old_text is not None and old_text != wrapper.document:
+        raise ConflictError(
+            "another process changed the root keyring during the rotation; run it again",
+            code="root_keyring_changed",
+        )
+    if not slot.replace(old_text, document):
         raise ConflictError(
             "another process changed the root keyring during the rotation; run it again",
             code="root_keyring_changed",
@@ -322,7 +329,11 @@ def _retire(
         ]
         if not done:
             return []
-        if slot.replace(text, keyring.with_states(dict.fromkeys(done, kr.RETIRED)).dump()):
+        wrapper.refresh()
+        if text != wrapper.document:
+            continue  # changed since read: read again
+        retired = keyring.with_states(dict.fromkeys(done, kr.RETIRED))
+        if slot.replace(text, wrapper.sign(retired)):
             progress("retired root version(s) " + ", ".join(map(str, done)))
             wrapper.refresh()
             return done
