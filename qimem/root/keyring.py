@@ -142,15 +142,15 @@ class Keyring:
 
     def dump(self) -> str:
         doc: dict[str, Any] = {
-                "format": FORMAT,
-                "id": self.id,
-                "check": self.check,
-                "active": self.active,
-                "derive": {
-                    "version": self.derive_version,
-                    "blob": base64.b64encode(self.derive_blob).decode(),
-                },
-                "versions": [record.to_json() for record in self.versions],
+            "format": FORMAT,
+            "id": self.id,
+            "check": self.check,
+            "active": self.active,
+            "derive": {
+                "version": self.derive_version,
+                "blob": base64.b64encode(self.derive_blob).decode(),
+            },
+            "versions": [record.to_json() for record in self.versions],
         }
         if self.tags:
             doc["tags"] = {str(v): t for v, t in sorted(self.tags.items())}

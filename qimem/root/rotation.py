@@ -145,8 +145,7 @@ def _new_version(app: AppContext, wrapper: KeyWrapper, progress: Progress) -> No
     try:
         sealed = wrapper.seal_derive_base(keyring.id, keyring.check, kwk)
         versions = tuple(
-            replace(r, state=kr.DRAINING) if r.state == kr.ACTIVE else r
-            for r in keyring.versions
+            replace(r, state=kr.DRAINING) if r.state == kr.ACTIVE else r for r in keyring.versions
         )
         updated = replace(
             keyring,
