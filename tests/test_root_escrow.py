@@ -450,21 +450,14 @@ def test_slip39_published_vectors() -> None:
 
 
 def test_real_cli_end_to_end(tmp_path: Path) -> None:
-    """``qimem root split`` then ``recover`` in real processes: through the installed
-    console script once the lead's ``root`` group exists, else through qimem's own root
-    group with :func:`register` attached the same way."""
+    """``qimem root split`` then ``recover`` in real processes, through the installed
+    console script."""
     from qimem.cli import COMMANDS
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("QIMEM_")}
     env["QIMEM_HOME"] = str(tmp_path / "home")
-    shim = (
-        "import click, sys; from qimem.cli import cli; from qimem.cli.root_escrow import register\n"
-        "root = click.Group('root'); register(root); cli.add_command(root)\n"
-        "cli(prog_name='qimem')"
-    )
+    assert "root" in COMMANDS
     qimem = [str(Path(sys.executable).parent / "qimem")]
-    if "root" not in COMMANDS:
-        qimem = [sys.executable, "-c", shim]
 
     def call(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*qimem, *args], env=env, capture_output=True, text=True, timeout=60)

@@ -387,6 +387,7 @@ def test_concurrent_first_opens_agree_on_one_keyring(
         subprocess.Popen(
             [sys.executable, "-c", _RACER, str(db), root_variable, str(go), f"k{i}"],
             env=env,
+            cwd=str(tmp_path),  # not the checkout: its ./qimem would shadow the installed one
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
