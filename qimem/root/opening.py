@@ -67,9 +67,8 @@ class RootOpener:
         except QimemError:
             raise
         except Exception as exc:
-            import logging
-
-            logging.getLogger(__name__).debug("root-key provider factory failed", exc_info=True)
+            # No traceback, not even at DEBUG: a provider's exception text may quote the
+            # settings it was given (a URL with credentials, a PIN it read).
             plugin = self._registry.root_key_provider_plugin(name)
             raise ConfigError(
                 f"plugin {plugin!r}: the {name!r} root-key provider failed to open "
