@@ -1,12 +1,11 @@
 """What tests/test_root_e2e.py drives: a qimem home used through the real CLI in its own
-processes (:class:`Home`), a private copy of the test process's SoftHSM2 tokens
-(:func:`copy_softhsm`), ``qimem serve`` fed a PIN on stdin (:class:`PinServe`), and what a
+processes (:class:`Home`), ``qimem serve`` fed a PIN on stdin (:class:`PinServe`), what a
 process exposes in /proc (:func:`exposed`), and the operator's steps the tests share
 (:func:`pkcs11_init`, :func:`round_trip`, :func:`decrypts`).
 
-The copy keeps the end-to-end tests' wrong PINs, deleted keys and removed tokens away from
-the tokens other test modules use in this process (SoftHSM2 lists tokens once, at the
-first ``C_Initialize``; each CLI process is a new one and sees the copy's tokens).
+The tests use SoftHSM2s of their own with fresh tokens (tests/softhsm_helpers.init_tokens),
+never a copy of a token directory: another module's server or login may be writing one at
+that moment. Each CLI process is a new one and sees the tokens its ``SOFTHSM2_CONF`` names.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import shutil
 import subprocess
 import tomllib
 import uuid
@@ -33,17 +31,6 @@ TOKEN = "qimem-a"
 PLAINTEXT = b"payroll 2026: the numbers nobody may read\n" * 20
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-def copy_softhsm(source: SoftHsm, directory: Path) -> SoftHsm:
-    """A copy of ``source``'s tokens (same labels and PINs) under ``directory``, with its
-    own ``softhsm2.conf``; ``slots`` is left empty (the copy's slot ids are not looked up)."""
-    tokens = directory / "tokens"
-    shutil.copytree(source.directory / "tokens", tokens)
-    tokens.chmod(0o700)
-    conf = directory / "softhsm2.conf"
-    conf.write_text(source.conf.read_text().replace(str(source.directory / "tokens"), str(tokens)))
-    return SoftHsm(directory, conf, source.library, {})
 
 
 def token_dir(hsm: SoftHsm, label: str) -> Path:

@@ -27,7 +27,6 @@ from root_e2e_helpers import (
     PinServe,
     assert_,
     call,
-    copy_softhsm,
     decrypts,
     exposed,
     in_parallel,
@@ -122,19 +121,14 @@ def test_removed_token_or_deleted_key_is_a_clear_error(
 ) -> None:
     home, _, sealed = pk
     label = home.config()["root_key"]["key_label"]
-    broken = copy_softhsm(hsm, tmp_path / "hsm")  # the module's token stays intact
+    # A SoftHSM2 of fresh tokens (same labels and PINs, none holding the store's key),
+    # never a copy of the module's token directory, which a server of this module may be
+    # writing at that moment: "key deleted" is the same token without the key.
+    broken = init_tokens(tmp_path / "hsm")
     if damage == "token removed":
         token_dir(broken, TOKEN).rename(tmp_path / "elsewhere")
         expected = f"no token labelled '{TOKEN}'"
     else:
-        broken.run(
-            "s = pkcs11.lib(LIB).get_token(token_label=sys.argv[1]).open("
-            "user_pin=sys.argv[2], rw=True)\n"
-            "[k.destroy() for k in s.get_objects({Attribute.LABEL: sys.argv[3]})]\n",
-            TOKEN,
-            hsm.pin(TOKEN),
-            label,
-        )
         expected = f"no secret key '{label}' on token '{TOKEN}'"
     damaged = Home(home.path, broken.conf)
     commands = [["keys", "list"], ["decrypt", "-q", "-o", "-", sealed], ["root", "rotate"]]
