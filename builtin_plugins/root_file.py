@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qimem.hooks import hookimpl
-from qimem.root.provider import RegisterRootKeyProvider
+
+if TYPE_CHECKING:
+    from qimem.root.provider import RegisterRootKeyProvider
 
 
 @hookimpl

@@ -6,8 +6,12 @@ root uses it (:mod:`qimem.builtin_plugins.root_pkcs11_provider`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qimem.hooks import hookimpl
-from qimem.root.provider import RegisterRootKeyProvider
+
+if TYPE_CHECKING:
+    from qimem.root.provider import RegisterRootKeyProvider
 
 
 @hookimpl

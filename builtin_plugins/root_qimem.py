@@ -5,8 +5,12 @@ account's token. Registered by reference (:mod:`qimem.builtin_plugins.root_qimem
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qimem.hooks import hookimpl
-from qimem.root.provider import RegisterRootKeyProvider
+
+if TYPE_CHECKING:
+    from qimem.root.provider import RegisterRootKeyProvider
 
 
 @hookimpl

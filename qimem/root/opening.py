@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qimem.errors import ConfigError, QimemError
-from qimem.root.provider import RootKeyProvider
 
 if TYPE_CHECKING:
     from qimem.config import Settings
     from qimem.registry import Registry
+    from qimem.root.provider import RootKeyProvider
     from qimem.rootkey import KeyWrapper
 
 
@@ -74,6 +74,8 @@ class RootOpener:
                 f"plugin {plugin!r}: the {name!r} root-key provider failed to open "
                 f"({type(exc).__name__})"
             ) from None
+        from qimem.root.provider import RootKeyProvider  # not on the CLI's hot path
+
         if not isinstance(provider, RootKeyProvider):
             raise ConfigError(f"the {name!r} root-key factory returned no root-key provider")
         return provider
