@@ -132,7 +132,9 @@ def _new_version(app: AppContext, wrapper: KeyWrapper, progress: Progress) -> No
     from qimem.root.opening import RootOpener
 
     slot = wrapper.slot
-    old_text = slot.read()
+    # What the wrapper verified (rotate() refreshed it just now); the compare-and-set
+    # below refuses it if another process changed the keyring since.
+    old_text = wrapper.document
     keyring = wrapper.keyring if old_text is not None else _legacy_keyring(app, wrapper)
     opener = RootOpener(app.config, lambda: app.registry)
     _ensure_file_root(app)
@@ -157,11 +159,6 @@ def _new_version(app: AppContext, wrapper: KeyWrapper, progress: Progress) -> No
         document = wrapper.sign(updated, {number: kwk})  # tagged by every version held
     finally:
         kwk[:] = bytes(len(kwk))
-    if old_text is not None and old_text != wrapper.document:
-        raise ConflictError(
-            "another process changed the root keyring during the rotation; run it again",
-            code="root_keyring_changed",
-        )
     if not slot.replace(old_text, document):
         raise ConflictError(
             "another process changed the root keyring during the rotation; run it again",
@@ -317,9 +314,8 @@ def _retire(
 ) -> list[int]:
     """Mark the draining versions no row is wrapped under any more as retired."""
     for _ in range(5):
-        slot = wrapper.slot
-        text = slot.read()
-        keyring = kr.parse(text)
+        wrapper.refresh()
+        text, keyring = wrapper.document, wrapper.keyring  # read and verified once
         counts = count_rows(engine, columns)
         done = [
             r.version
@@ -328,11 +324,8 @@ def _retire(
         ]
         if not done:
             return []
-        wrapper.refresh()
-        if text != wrapper.document:
-            continue  # changed since read: read again
         retired = keyring.with_states(dict.fromkeys(done, kr.RETIRED))
-        if slot.replace(text, wrapper.sign(retired)):
+        if wrapper.slot.replace(text, wrapper.sign(retired)):
             progress("retired root version(s) " + ", ".join(map(str, done)))
             wrapper.refresh()
             return done
