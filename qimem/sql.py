@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,18 +112,46 @@ def create_engine(url: str) -> Engine:
         defaults = {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_TCP_DEFAULTS}
         connect_args = {k: v for k, v in defaults.items() if k not in parsed.query}
         try:
-            return sa.create_engine(
-                url,
-                pool_pre_ping=True,
-                pool_size=10,
-                max_overflow=20,
-                connect_args=connect_args,
-            )
+            engine = sa.create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
         except ModuleNotFoundError:
             raise ConfigError(
                 "PostgreSQL stores need psycopg 3: pip install 'qimem[postgres]'"
             ) from None
+        ping_idle_connections(engine)
+        return engine
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+#: A pooled PostgreSQL connection idle for longer than this is pinged before it is used.
+PING_AFTER_IDLE = 1.0
+
+
+def ping_idle_connections(engine: Engine, idle: float = PING_AFTER_IDLE) -> None:
+    """Pessimistic disconnect handling for connections that sat idle: SQLAlchemy's
+    ``pool_pre_ping`` pings on every checkout, one more round trip per transaction; here
+    a connection checked in less than ``idle`` seconds ago is used as it is. A restart of
+    the server in that window surfaces as one failed statement (503
+    ``store_unavailable``), after which SQLAlchemy invalidates the whole pool; every
+    connection that waited longer (the usual case after an outage) is pinged and, when
+    dead, replaced before use (a ``DisconnectionError`` from the ``checkout`` event makes
+    the pool retry with a fresh connection: SQLAlchemy's documented pessimistic recipe).
+    """
+    clock = time.monotonic
+
+    @sa.event.listens_for(engine, "connect")
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:  # a fresh connection counts as just used
+            record.info["qimem_checked_in"] = clock()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if clock() - record.info.get("qimem_checked_in", 0.0) < idle:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError("the pooled connection is dead") from exc
 
 
 #: Execution option of a connection whose transactions only read: on SQLite they start

@@ -266,6 +266,17 @@ class SqliteKeyStore(KeyStore):
             raise NotFoundError(f"no key {lineage_id!r}")
         return [_to_version(row) for row in rows]
 
+    def active_version(self, realm: str, lineage_id: str) -> KeyVersion:
+        """The newest active version, read alone (a lineage may hold thousands)."""
+        rows = self._query(
+            f"{_SELECT_VERSIONS} WHERE v.lineage_id = ? AND v.realm = ? AND v.state = ? "
+            "ORDER BY v.version DESC LIMIT 1",
+            (lineage_id, realm, KeyState.ACTIVE.value),
+        )
+        if not rows:
+            return super().active_version(realm, lineage_id)  # NotFound or not active
+        return _to_version(rows[0])
+
     def list(self, realm: str) -> list[KeyVersion]:
         rows = self._query(
             f"{_SELECT_VERSIONS} JOIN (SELECT lineage_id, max(version) AS newest "  # noqa: S608 (constant)

@@ -310,6 +310,23 @@ class SqlKeyStore(KeyStore):
             raise NotFoundError(f"no key {lineage_id!r}")
         return [_to_version(row) for row in rows]
 
+    def active_version(self, realm: str, lineage_id: str) -> KeyVersion:
+        """The newest active version, read alone (a lineage may hold thousands)."""
+        query = (
+            _SELECT_VERSIONS.where(
+                versions.c.lineage_id == lineage_id,
+                versions.c.realm == realm,
+                versions.c.state == KeyState.ACTIVE.value,
+            )
+            .order_by(versions.c.version.desc())
+            .limit(1)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return super().active_version(realm, lineage_id)  # NotFound or not active
+        return _to_version(row)
+
     def list(self, realm: str) -> list[KeyVersion]:
         newest = (
             sa.select(versions.c.lineage_id, sa.func.max(versions.c.version).label("version"))
