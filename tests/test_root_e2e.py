@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -82,14 +83,21 @@ def test_wrong_pin_file_fails_every_command_in_one_line(
     pk: tuple[Home, Path, str], hsm: SoftHsm
 ) -> None:
     home, pin_file, sealed = pk
+
+    def fails(args: list[str]) -> str:
+        argv = [sealed if a == "SEALED" else a for a in args]
+        line = home.fails(*argv, code=CONFIG_ERROR, stdin="text")
+        if "no token labelled" in line:
+            # SoftHSM2's file object store: a failed login rewrites the token's file, and
+            # a process listing tokens at that moment may miss it. Once more, alone.
+            with serial:
+                line = home.fails(*argv, code=CONFIG_ERROR, stdin="text")
+        return line
+
+    serial = threading.Lock()
     pin_file.write_text(WRONG_PIN + "\n")
     try:
-        lines = in_parallel(
-            lambda args: home.fails(
-                *[sealed if a == "SEALED" else a for a in args], code=CONFIG_ERROR, stdin="text"
-            ),
-            WRONG_PIN_COMMANDS,
-        )
+        lines = in_parallel(fails, WRONG_PIN_COMMANDS)
     finally:
         pin_file.write_text(hsm.pin(TOKEN) + "\n")
     for line in lines:

@@ -38,6 +38,7 @@ from qimem.sql import (
     check_sqlite_permissions,
     create_engine,
     migrate,
+    read_engine,
     sqlite_database,
     translate_errors,
 )
@@ -149,6 +150,7 @@ class SqlKeyStore(KeyStore):
             raise ConfigError("an SQL key store needs a root key (run 'qimem init')")
         self._wrapper = wrapper
         self.engine = create_engine(url)  # a new SQLite file is created 0600
+        self._reads = read_engine(self.engine)  # the methods that only read
         database = sqlite_database(url)
         if database is not None:  # an existing one others can read is refused
             check_sqlite_permissions(database)
@@ -176,7 +178,7 @@ class SqlKeyStore(KeyStore):
 
     def rotation_marker(self) -> object:
         query = sa.select(meta_table.c.value).where(meta_table.c.name == _STATE_MARKER)
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             return conn.execute(query).scalar()
 
     def root_wrapped_columns(self) -> list[Any]:
@@ -195,7 +197,7 @@ class SqlKeyStore(KeyStore):
 
     def _stored_check(self) -> str | None:
         query = sa.select(meta_table.c.value).where(meta_table.c.name == "root_key_check")
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             found = conn.execute(query).scalar()
         return None if found is None else str(found)
 
@@ -278,7 +280,7 @@ class SqlKeyStore(KeyStore):
         )
 
     def get(self, realm: str, key_id: str) -> KeyVersion:
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             return self._get(conn, realm, key_id)
 
     def _get(self, conn: sa.Connection, realm: str, key_id: str) -> KeyVersion:
@@ -294,7 +296,7 @@ class SqlKeyStore(KeyStore):
             lineages.c.realm == realm,
             sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             lineage_id = conn.execute(query).scalar()
         if lineage_id is None:
             raise NotFoundError(f"no key {ref!r}")
@@ -304,7 +306,7 @@ class SqlKeyStore(KeyStore):
         query = _SELECT_VERSIONS.where(
             versions.c.lineage_id == lineage_id, versions.c.realm == realm
         ).order_by(versions.c.version)
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             rows = conn.execute(query).all()
         if not rows:
             raise NotFoundError(f"no key {lineage_id!r}")
@@ -321,7 +323,7 @@ class SqlKeyStore(KeyStore):
             .order_by(versions.c.version.desc())
             .limit(1)
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
             return super().active_version(realm, lineage_id)  # NotFound or not active
@@ -345,7 +347,7 @@ class SqlKeyStore(KeyStore):
             .where(versions.c.realm == realm)
             .order_by(lineages.c.created_at, lineages.c.lineage_id)
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             return [_to_version(row) for row in conn.execute(query)]
 
     def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
@@ -401,7 +403,7 @@ class SqlKeyStore(KeyStore):
             versions.c.algorithm,
             versions.c.state,
         ).where(versions.c.key_id == key_id, versions.c.realm == realm)
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
             raise NotFoundError(f"no key {key_id!r}")
@@ -435,7 +437,7 @@ class SqlKeyStore(KeyStore):
         return row
 
     def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             row = self._lineage_row(conn, realm, lineage_id)
         return LineagePolicy(
             min_decryption_version=row.min_decryption_version,
@@ -482,6 +484,8 @@ class SqlKeyStore(KeyStore):
         return replace(current, state=state)
 
     def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        if self.engine.dialect.name == "postgresql":
+            return self._reserve_in_one_statement(realm, key_id, count, limit)
         with translate_errors(), self.engine.begin() as conn:
             # The UPDATE takes the row lock first, so concurrent reservations serialize.
             conn.execute(
@@ -505,26 +509,52 @@ class SqlKeyStore(KeyStore):
                 )
         return granted
 
+    def _reserve_in_one_statement(self, realm: str, key_id: str, count: int, limit: int) -> int:
+        """PostgreSQL: lock the row, add what fits under ``limit`` and return the count
+        before, in one ``WITH ... SELECT ... FOR UPDATE`` + ``UPDATE ... RETURNING``
+        statement, sent in autocommit mode: one round trip (the statement is its own
+        transaction) where BEGIN, lock, read, add and COMMIT were five."""
+        before = (
+            sa.select(versions.c.key_id, versions.c.encryptions)
+            .where(versions.c.key_id == key_id, versions.c.realm == realm)
+            .with_for_update()
+            .cte("before")
+        )
+        fits = sa.func.least(count, sa.func.greatest(0, limit - before.c.encryptions))
+        statement = (
+            sa.update(versions)
+            .where(versions.c.key_id == before.c.key_id)
+            .values(encryptions=versions.c.encryptions + fits)
+            .returning(before.c.encryptions)
+        )
+        with translate_errors(), self._reads.connect() as conn:
+            used = conn.execute(statement).scalar()
+        if used is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return max(0, min(count, limit - int(used)))
+
     def release_usage(self, realm: str, key_id: str, count: int) -> None:
         if count <= 0:
             return
-        with translate_errors(), self.engine.begin() as conn:
-            conn.execute(
-                sa.update(versions)
-                .where(versions.c.key_id == key_id, versions.c.realm == realm)
-                .values(
-                    encryptions=sa.case(
-                        (versions.c.encryptions > count, versions.c.encryptions - count),
-                        else_=0,
-                    )
+        statement = (
+            sa.update(versions)
+            .where(versions.c.key_id == key_id, versions.c.realm == realm)
+            .values(
+                encryptions=sa.case(
+                    (versions.c.encryptions > count, versions.c.encryptions - count),
+                    else_=0,
                 )
             )
+        )
+        # One statement: on PostgreSQL, sent in autocommit mode (it is its own transaction).
+        with translate_errors(), self._reads.begin() as conn:
+            conn.execute(statement)
 
     def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
         query = sa.select(versions.c.key_id, versions.c.encryptions).where(
             versions.c.lineage_id == lineage_id, versions.c.realm == realm
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             rows = conn.execute(query).all()
         if not rows:
             raise NotFoundError(f"no key {lineage_id!r}")
@@ -585,18 +615,18 @@ class SqlKeyStore(KeyStore):
         query = sa.select(lineages.c.lineage_id).where(
             lineages.c.realm == realm, lineages.c.name == name
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             return conn.execute(query).first() is not None
 
     def lineages(self) -> builtins.list[tuple[str, str]]:
         query = sa.select(lineages.c.realm, lineages.c.lineage_id).order_by(
             lineages.c.created_at, lineages.c.lineage_id
         )
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             return [(row.realm, row.lineage_id) for row in conn.execute(query)]
 
     def ping(self) -> None:
-        with translate_errors(), self.engine.connect() as conn:
+        with translate_errors(), self._reads.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from qimem.sql import migrate, sqlite_explicit_begin, translate_errors
+from qimem.sql import migrate, read_engine, sqlite_explicit_begin, translate_errors
 
 metadata = sa.MetaData()
 
@@ -117,6 +117,9 @@ class Database:
         self._owned = owned
         # One shared SQLite connection (in-memory mode) must not run two transactions at once.
         self._lock: threading.RLock | None = threading.RLock() if serialize else None
+        # PostgreSQL reads in autocommit mode (qimem.sql.read_engine); None elsewhere.
+        reads = read_engine(engine)
+        self._reads = reads if reads is not engine else None
 
     @classmethod
     def in_memory(cls) -> Database:
@@ -148,6 +151,18 @@ class Database:
         finally:
             if lock is not None:
                 lock.release()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection for statements that only read and need no common snapshot: on
+        PostgreSQL without a transaction (one round trip per statement instead of three),
+        elsewhere :meth:`begin`'s transaction. Never write through it."""
+        if self._reads is None:
+            with self.begin() as conn:
+                yield conn
+            return
+        with translate_errors(), self._reads.connect() as conn:
+            yield conn
 
     def close(self) -> None:
         if self._owned:

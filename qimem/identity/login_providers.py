@@ -220,7 +220,7 @@ class ProviderLogins(IdentityBase):
         configuration that does not unseal under the root key (written without it) is
         ignored: the realm falls back to passwords only, and the violation is reported."""
         if conn is None:
-            with self.db.begin() as own:
+            with self.db.read() as own:
                 return self.realm_auth(realm, own)
         blob = realms.auth_config_blob(conn, realm)
         if blob is None:

@@ -142,7 +142,7 @@ class Logins(ProviderLogins, OtpAdministration):
         """
         if not isinstance(username, str) or not isinstance(password, str):
             raise _login_error()
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             known_realm = realms.exists(conn, realm) if isinstance(realm, str) else False
             user = (
                 users.find(conn, realm, username) if known_realm and len(username) <= 128 else None
@@ -357,7 +357,7 @@ class Logins(ProviderLogins, OtpAdministration):
         statements (the row lock, the re-read, the previous secrets) and the same MAC and
         secret-hash work, against a decoy account that matches no secret, so the answer's
         time does not tell which client ids exist."""
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             known_realm = isinstance(realm, str) and realms.exists(conn, realm)
             user = (
                 users.find(conn, realm, client_id)

@@ -486,7 +486,7 @@ class TokenService:
             self._suspect_jtis[jti] = time.time()
         c = tables.revoked_tokens.c
         try:
-            with self._db.begin() as conn:
+            with self._db.read() as conn:
                 row = conn.execute(sa.select(c.jti, c.expires_at).where(c.jti == jti)).first()
         except Exception:
             self._revoked_loaded = float("-inf")
@@ -504,7 +504,7 @@ class TokenService:
             self._suspect_users[user_id] = time.time()
         c = tables.users.c
         try:
-            with self._db.begin() as conn:
+            with self._db.read() as conn:
                 at = conn.execute(
                     sa.select(c.tokens_valid_after).where(c.user_id == user_id)
                 ).scalar()

@@ -43,6 +43,7 @@ from qimem.services.deterministic import (
 )
 from qimem.services.key_refs import resolve
 from qimem.services.lifecycle_common import key_purpose
+from qimem.services.single_flight import one_load
 
 DATA_KEY_SIZE = 32
 _DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
@@ -154,6 +155,18 @@ def _encryption_key(
     cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
     if cached is not None:
         return cached
+    with one_load(("encrypt", realm, ref, context)):  # threads missing together load once
+        cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
+        return cached or _load_for_encrypt(app, ref, realm, context, slot)
+
+
+def _load_for_encrypt(
+    app: AppContext,
+    ref: str,
+    realm: str,
+    context: bytes | None,
+    slot: tuple[str, str, bytes] | None,
+) -> CachedKey:
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     lineage_id, exact = resolve(app, ref, realm)
     if exact is not None and exact.state is not KeyState.ACTIVE:
@@ -296,23 +309,36 @@ def _decryption_key(
         app.cache.revalidate(app.store.rotation_marker)  # other servers' state changes
         entry = _cached_for_decrypt(app, realm, prefix, slot)
     if entry is None:
-        generation = app.cache.generation  # before reading the store: see KeyCache.put
-        try:
-            version = app.store.get(realm, parsed.key_id_str)
-        except NotFoundError:
-            raise NotFoundError(
-                f"the key {parsed.key_id_str} that sealed this envelope does not exist"
-            ) from None
-        require_envelope_purpose(app, version)
-        lifecycle.check_decryption(app, version, context)  # state, minimum version ...
-        entry = _load(app, version, context)
-        if slot is None:
-            app.cache.put(realm, entry, generation=generation)
-        else:
-            app.cache.put_derived(slot, entry, generation=generation)
+        with one_load(("decrypt", realm, prefix, context)):  # threads missing together
+            entry = _cached_for_decrypt(app, realm, prefix, slot)
+            entry = entry or _load_for_decrypt(app, parsed, realm, context, slot)
     # The key id matched; the algorithm, key version or nonce size may not.
     if entry.prefix != prefix or len(parsed.ciphertext) < entry.tag_size:
         raise DecryptionError("ciphertext failed authentication")
+    return entry
+
+
+def _load_for_decrypt(
+    app: AppContext,
+    parsed: env.Envelope,
+    realm: str,
+    context: bytes | None,
+    slot: tuple[str, object, bytes] | None,
+) -> CachedKey:
+    generation = app.cache.generation  # before reading the store: see KeyCache.put
+    try:
+        version = app.store.get(realm, parsed.key_id_str)
+    except NotFoundError:
+        raise NotFoundError(
+            f"the key {parsed.key_id_str} that sealed this envelope does not exist"
+        ) from None
+    require_envelope_purpose(app, version)
+    lifecycle.check_decryption(app, version, context)  # state, minimum version ...
+    entry = _load(app, version, context)
+    if slot is None:
+        app.cache.put(realm, entry, generation=generation)
+    else:
+        app.cache.put_derived(slot, entry, generation=generation)
     return entry
 
 

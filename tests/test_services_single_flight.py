@@ -1,0 +1,91 @@
+"""Threads that miss the key cache for the same key together load it once
+(qimem.services.single_flight): the first encrypts after a rotation or a cold start, and
+the first decrypts of a version, used to unwrap the same material once per thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_app
+
+from qimem import services
+from qimem.app import AppContext
+from qimem.services import single_flight
+from qimem.testing import run_concurrently
+
+THREADS = 8
+
+
+@pytest.fixture
+def two_contexts(tmp_path: Path, root_key_b64: str) -> Iterator[tuple[AppContext, AppContext]]:
+    """Two contexts on one SQLite file: the first writes, the second starts cold."""
+    url = f"sqlite:///{tmp_path / 'qimem.db'}"
+    writer, cold = make_app(url, root_key_b64), make_app(url, root_key_b64)
+    yield writer, cold
+    writer.close()
+    cold.close()
+
+
+def _count_loads(app: AppContext, delay: float) -> list[str]:
+    """Record each material load of ``app``'s store, each taking ``delay`` seconds more
+    (a slow store: the window in which other threads miss too)."""
+    loads: list[str] = []
+    lock = threading.Lock()
+    store = app.store
+    original = store.material
+
+    def material(realm: str, key_id: str) -> bytearray:
+        with lock:
+            loads.append(key_id)
+        time.sleep(delay)
+        return original(realm, key_id)
+
+    store.material = material  # type: ignore[method-assign]
+    return loads
+
+
+def test_threads_missing_one_key_together_load_it_once(
+    two_contexts: tuple[AppContext, AppContext],
+) -> None:
+    writer, cold = two_contexts
+    services.create_key(writer, name="shared")
+    sealed = services.encrypt(writer, "shared", b"before").envelope
+    loads = _count_loads(cold, 0.05)
+    results = run_concurrently(THREADS, lambda i: services.encrypt(cold, "shared", b"m%d" % i))
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert len(loads) == 1
+    opened = run_concurrently(THREADS, lambda _: services.decrypt(cold, sealed).plaintext)
+    assert opened == [b"before"] * THREADS
+    assert len(loads) == 1  # the encrypt's entry serves decryption of the same version
+
+
+def test_threads_decrypting_a_cold_version_load_it_once(
+    two_contexts: tuple[AppContext, AppContext],
+) -> None:
+    writer, cold = two_contexts
+    services.create_key(writer, name="shared")
+    sealed = services.encrypt(writer, "shared", b"message").envelope
+    loads = _count_loads(cold, 0.05)
+    opened = run_concurrently(THREADS, lambda _: services.decrypt(cold, sealed).plaintext)
+    assert opened == [b"message"] * THREADS
+    assert len(loads) == 1
+
+
+def test_a_stuck_load_holds_the_others_back_only_so_long(
+    two_contexts: tuple[AppContext, AppContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting is bounded: with the store taking longer than WAIT_SECONDS, the waiters load
+    by themselves (as before) and every caller still gets its answer."""
+    monkeypatch.setattr(single_flight, "WAIT_SECONDS", 0.05)
+    writer, cold = two_contexts
+    services.create_key(writer, name="shared")
+    loads = _count_loads(cold, 0.3)
+    started = time.monotonic()
+    results = run_concurrently(4, lambda i: services.encrypt(cold, "shared", b"m%d" % i))
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert len(loads) > 1
+    assert time.monotonic() - started < 4 * 0.3  # not one load after another
