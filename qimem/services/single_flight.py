@@ -17,7 +17,7 @@ import threading
 from collections.abc import Hashable, Iterator
 
 #: Longest wait for another thread's load of the same slot.
-WAIT_SECONDS = 0.5
+WAIT_SECONDS = 0.1
 _STRIPES = 64
 _locks = [threading.Lock() for _ in range(_STRIPES)]
 
