@@ -268,7 +268,7 @@ def test_a_feed_whose_probe_does_not_come_back_reconnects(
     back (through a transaction-pooling proxy it would not). Here the probe goes to a
     channel nobody listens on, as it would through such a proxy."""
     from qimem.builtin_plugins.sql.notify import PgChangeFeed
-    from qimem.builtin_plugins.sql.store import MARKER_SQL
+    from qimem.builtin_plugins.sql.tables import MARKER_SQL
 
     make_app(postgres_url, root_key_b64).close()  # the schema, with the marker row
     url = sa.engine.make_url(postgres_url)

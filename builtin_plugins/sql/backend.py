@@ -42,7 +42,7 @@ def sql_backend(store: SqlKeyStore | SqliteKeyStore, wrapper: KeyWrapper, scheme
 
     def changes() -> PgChangeFeed:
         from qimem.builtin_plugins.sql.notify import PgChangeFeed
-        from qimem.builtin_plugins.sql.store import MARKER_SQL
+        from qimem.builtin_plugins.sql.tables import MARKER_SQL
 
         return PgChangeFeed(store.engine.url, MARKER_SQL)
 

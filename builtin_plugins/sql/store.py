@@ -22,6 +22,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from qimem.builtin_plugins.sql.tables import (
+    SELECT_VERSIONS,
+    STATE_MARKER,
+    lineages,
+    meta_table,
+    policy_values,
+    to_version,
+    utc,
+    versions,
+    wrap_context,
+)
+from qimem.builtin_plugins.sql.usage import SqlUsageAccounting
 from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
 from qimem.invalidation import LINEAGE, ROTATION, Change, notify
 from qimem.keys import (
@@ -43,106 +55,8 @@ from qimem.sql import (
     translate_errors,
 )
 
-metadata = sa.MetaData()
-meta_table = sa.Table(
-    "qimem_meta",
-    metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(256), nullable=False),
-)
-lineages = sa.Table(
-    "qimem_lineages",
-    metadata,
-    sa.Column("lineage_id", sa.String(36), primary_key=True),
-    sa.Column("realm", sa.String(64), nullable=False),
-    sa.Column("name", sa.String(128)),
-    sa.Column("algorithm", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("min_decryption_version", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("min_encryption_version", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("usage_limit", sa.BigInteger),
-    sa.Column("auto_rotate_seconds", sa.BigInteger),
-    sa.Column("deletion_protection", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("deletion_date", sa.DateTime(timezone=True)),
-    sa.Column("derived", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("vault_layout_versions", sa.Integer, nullable=False, server_default="0"),
-)
-versions = sa.Table(
-    "qimem_key_versions",
-    metadata,
-    sa.Column("key_id", sa.String(36), primary_key=True),
-    sa.Column("lineage_id", sa.String(36), nullable=False),
-    sa.Column("realm", sa.String(64), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("algorithm", sa.String(64), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("material", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
-)
 
-_METADATA_COLUMNS = (
-    versions.c.key_id,
-    versions.c.lineage_id,
-    lineages.c.name,
-    versions.c.realm,
-    versions.c.version,
-    versions.c.algorithm,
-    versions.c.state,
-    versions.c.created_at,
-)
-_SELECT_VERSIONS = sa.select(*_METADATA_COLUMNS).join_from(
-    versions, lineages, versions.c.lineage_id == lineages.c.lineage_id
-)
-
-
-_STATE_MARKER = "key_state_marker"  # changes in every transaction that changes a version's state
-#: The rotation marker, as plain SQL (the PostgreSQL change feed reads it on connecting).
-MARKER_SQL = "SELECT value FROM qimem_meta WHERE name = 'key_state_marker'"
-
-
-def _wrap_context(realm: str, lineage_id: str, key_id: str, version: int, algorithm: str) -> bytes:
-    return f"qimem-key-v1|{realm}|{lineage_id}|{key_id}|{version}|{algorithm}".encode()
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite drops the offset; all is UTC
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-_POLICY_COLUMNS = (
-    "min_decryption_version",
-    "min_encryption_version",
-    "usage_limit",
-    "auto_rotate_seconds",
-    "deletion_protection",
-    "deletion_date",
-    "derived",
-    "vault_layout_versions",
-)
-
-
-def _policy_values(policy: LineagePolicy) -> dict[str, Any]:
-    return {name: getattr(policy, name) for name in _POLICY_COLUMNS}
-
-
-def _to_version(row: Any) -> KeyVersion:
-    created = _utc(row.created_at)
-    assert created is not None
-    return KeyVersion(
-        key_id=row.key_id,
-        lineage_id=row.lineage_id,
-        name=row.name,
-        realm=row.realm,
-        version=row.version,
-        algorithm=row.algorithm,
-        state=KeyState(row.state),
-        created_at=created,
-    )
-
-
-class SqlKeyStore(KeyStore):
+class SqlKeyStore(SqlUsageAccounting, KeyStore):
     """Key versions in SQLite or PostgreSQL, material wrapped under the root key."""
 
     def __init__(self, url: str, wrapper: KeyWrapper, *, auto_migrate: bool = True) -> None:
@@ -162,7 +76,7 @@ class SqlKeyStore(KeyStore):
 
         wrapper.attach(SqlRootSlot(self.engine), fresh=self._stored_check() is None)
         self._check_root_key()
-        self._ensure_meta(_STATE_MARKER, new_id())
+        self._ensure_meta(STATE_MARKER, new_id())
 
     def _ensure_meta(self, name: str, value: str) -> None:
         with translate_errors(), self.engine.begin() as conn:
@@ -177,7 +91,7 @@ class SqlKeyStore(KeyStore):
                     pass  # another process inserted it first
 
     def rotation_marker(self) -> object:
-        query = sa.select(meta_table.c.value).where(meta_table.c.name == _STATE_MARKER)
+        query = sa.select(meta_table.c.value).where(meta_table.c.name == STATE_MARKER)
         with translate_errors(), self._reads.connect() as conn:
             return conn.execute(query).scalar()
 
@@ -190,7 +104,7 @@ class SqlKeyStore(KeyStore):
                 "qimem_key_versions",
                 ("key_id",),
                 "material",
-                lambda r: _wrap_context(r.realm, r.lineage_id, r.key_id, r.version, r.algorithm),
+                lambda r: wrap_context(r.realm, r.lineage_id, r.key_id, r.version, r.algorithm),
                 "key versions",
             )
         ]
@@ -258,7 +172,7 @@ class SqlKeyStore(KeyStore):
     ) -> None:
         wrapped = self._wrapper.wrap(
             material,
-            _wrap_context(
+            wrap_context(
                 version.realm,
                 version.lineage_id,
                 version.key_id,
@@ -285,11 +199,11 @@ class SqlKeyStore(KeyStore):
 
     def _get(self, conn: sa.Connection, realm: str, key_id: str) -> KeyVersion:
         row = conn.execute(
-            _SELECT_VERSIONS.where(versions.c.key_id == key_id, versions.c.realm == realm)
+            SELECT_VERSIONS.where(versions.c.key_id == key_id, versions.c.realm == realm)
         ).first()
         if row is None:
             raise NotFoundError(f"no key {key_id!r}")
-        return _to_version(row)
+        return to_version(row)
 
     def find_lineage(self, realm: str, ref: str) -> str:
         query = sa.select(lineages.c.lineage_id).where(
@@ -303,19 +217,19 @@ class SqlKeyStore(KeyStore):
         return str(lineage_id)
 
     def versions(self, realm: str, lineage_id: str) -> list[KeyVersion]:
-        query = _SELECT_VERSIONS.where(
+        query = SELECT_VERSIONS.where(
             versions.c.lineage_id == lineage_id, versions.c.realm == realm
         ).order_by(versions.c.version)
         with translate_errors(), self._reads.connect() as conn:
             rows = conn.execute(query).all()
         if not rows:
             raise NotFoundError(f"no key {lineage_id!r}")
-        return [_to_version(row) for row in rows]
+        return [to_version(row) for row in rows]
 
     def active_version(self, realm: str, lineage_id: str) -> KeyVersion:
         """The newest active version, read alone (a lineage may hold thousands)."""
         query = (
-            _SELECT_VERSIONS.where(
+            SELECT_VERSIONS.where(
                 versions.c.lineage_id == lineage_id,
                 versions.c.realm == realm,
                 versions.c.state == KeyState.ACTIVE.value,
@@ -327,7 +241,7 @@ class SqlKeyStore(KeyStore):
             row = conn.execute(query).first()
         if row is None:
             return super().active_version(realm, lineage_id)  # NotFound or not active
-        return _to_version(row)
+        return to_version(row)
 
     def list(self, realm: str) -> list[KeyVersion]:
         newest = (
@@ -337,7 +251,7 @@ class SqlKeyStore(KeyStore):
             .subquery()
         )
         query = (
-            _SELECT_VERSIONS.join(
+            SELECT_VERSIONS.join(
                 newest,
                 sa.and_(
                     versions.c.lineage_id == newest.c.lineage_id,
@@ -348,7 +262,7 @@ class SqlKeyStore(KeyStore):
             .order_by(lineages.c.created_at, lineages.c.lineage_id)
         )
         with translate_errors(), self._reads.connect() as conn:
-            return [_to_version(row) for row in conn.execute(query)]
+            return [to_version(row) for row in conn.execute(query)]
 
     def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
         try:
@@ -365,12 +279,12 @@ class SqlKeyStore(KeyStore):
                 current = self._get(conn, realm, key_id)  # NotFoundError rolls back
                 if swapped != 1:
                     active_row = conn.execute(
-                        _SELECT_VERSIONS.where(
+                        SELECT_VERSIONS.where(
                             versions.c.lineage_id == current.lineage_id,
                             versions.c.state == KeyState.ACTIVE.value,
                         )
                     ).first()
-                    active = _to_version(active_row) if active_row is not None else None
+                    active = to_version(active_row) if active_row is not None else None
                     raise not_active_error(current, active)
                 newest = conn.execute(
                     sa.select(sa.func.max(versions.c.version)).where(
@@ -411,7 +325,7 @@ class SqlKeyStore(KeyStore):
             raise destroyed_error(self.get(realm, key_id))
         return self._wrapper.unwrap(
             row.material,
-            _wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
+            wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
         )
 
     def _bump_marker(
@@ -422,7 +336,7 @@ class SqlKeyStore(KeyStore):
         the marker row's lock orders concurrent changes, so notices arrive in marker order)."""
         marker = new_id()
         conn.execute(
-            sa.update(meta_table).where(meta_table.c.name == _STATE_MARKER).values(value=marker)
+            sa.update(meta_table).where(meta_table.c.name == STATE_MARKER).values(value=marker)
         )
         notify(conn, Change(kind, realm, lineage_id, marker))
 
@@ -445,7 +359,7 @@ class SqlKeyStore(KeyStore):
             usage_limit=row.usage_limit,
             auto_rotate_seconds=row.auto_rotate_seconds,
             deletion_protection=bool(row.deletion_protection),
-            deletion_date=_utc(row.deletion_date),
+            deletion_date=utc(row.deletion_date),
             derived=bool(row.derived),
             vault_layout_versions=row.vault_layout_versions,
         )
@@ -455,7 +369,7 @@ class SqlKeyStore(KeyStore):
             updated = conn.execute(
                 sa.update(lineages)
                 .where(lineages.c.lineage_id == lineage_id, lineages.c.realm == realm)
-                .values(**_policy_values(policy))
+                .values(**policy_values(policy))
             ).rowcount
             if updated != 1:
                 raise NotFoundError(f"no key {lineage_id!r}")
@@ -483,83 +397,6 @@ class SqlKeyStore(KeyStore):
             self._bump_marker(conn, realm, current.lineage_id)
         return replace(current, state=state)
 
-    def reserve_usage(self, realm: str, key_id: str, count: int, limit: int) -> int:
-        if self.engine.dialect.name == "postgresql":
-            return self._reserve_in_one_statement(realm, key_id, count, limit)
-        with translate_errors(), self.engine.begin() as conn:
-            # The UPDATE takes the row lock first, so concurrent reservations serialize.
-            conn.execute(
-                sa.update(versions)
-                .where(versions.c.key_id == key_id, versions.c.realm == realm)
-                .values(encryptions=versions.c.encryptions + 0)
-            )
-            used = conn.execute(
-                sa.select(versions.c.encryptions).where(
-                    versions.c.key_id == key_id, versions.c.realm == realm
-                )
-            ).scalar()
-            if used is None:
-                raise NotFoundError(f"no key {key_id!r}")
-            granted = max(0, min(count, limit - int(used)))
-            if granted:
-                conn.execute(
-                    sa.update(versions)
-                    .where(versions.c.key_id == key_id)
-                    .values(encryptions=versions.c.encryptions + granted)
-                )
-        return granted
-
-    def _reserve_in_one_statement(self, realm: str, key_id: str, count: int, limit: int) -> int:
-        """PostgreSQL: lock the row, add what fits under ``limit`` and return the count
-        before, in one ``WITH ... SELECT ... FOR UPDATE`` + ``UPDATE ... RETURNING``
-        statement, sent in autocommit mode: one round trip (the statement is its own
-        transaction) where BEGIN, lock, read, add and COMMIT were five."""
-        before = (
-            sa.select(versions.c.key_id, versions.c.encryptions)
-            .where(versions.c.key_id == key_id, versions.c.realm == realm)
-            .with_for_update()
-            .cte("before")
-        )
-        fits = sa.func.least(count, sa.func.greatest(0, limit - before.c.encryptions))
-        statement = (
-            sa.update(versions)
-            .where(versions.c.key_id == before.c.key_id)
-            .values(encryptions=versions.c.encryptions + fits)
-            .returning(before.c.encryptions)
-        )
-        with translate_errors(), self._reads.connect() as conn:
-            used = conn.execute(statement).scalar()
-        if used is None:
-            raise NotFoundError(f"no key {key_id!r}")
-        return max(0, min(count, limit - int(used)))
-
-    def release_usage(self, realm: str, key_id: str, count: int) -> None:
-        if count <= 0:
-            return
-        statement = (
-            sa.update(versions)
-            .where(versions.c.key_id == key_id, versions.c.realm == realm)
-            .values(
-                encryptions=sa.case(
-                    (versions.c.encryptions > count, versions.c.encryptions - count),
-                    else_=0,
-                )
-            )
-        )
-        # One statement: on PostgreSQL, sent in autocommit mode (it is its own transaction).
-        with translate_errors(), self._reads.begin() as conn:
-            conn.execute(statement)
-
-    def usage(self, realm: str, lineage_id: str) -> dict[str, int]:
-        query = sa.select(versions.c.key_id, versions.c.encryptions).where(
-            versions.c.lineage_id == lineage_id, versions.c.realm == realm
-        )
-        with translate_errors(), self._reads.connect() as conn:
-            rows = conn.execute(query).all()
-        if not rows:
-            raise NotFoundError(f"no key {lineage_id!r}")
-        return {row.key_id: int(row.encryptions) for row in rows}
-
     def delete_lineage(self, realm: str, lineage_id: str) -> None:
         with translate_errors(), self.engine.begin() as conn:
             self._lineage_row(conn, realm, lineage_id)
@@ -582,7 +419,7 @@ class SqlKeyStore(KeyStore):
                         name=record.name,
                         algorithm=record.algorithm,
                         created_at=record.created_at,
-                        **_policy_values(record.policy),
+                        **policy_values(record.policy),
                     )
                 )
                 for item in record.versions:
