@@ -194,6 +194,34 @@ class KeyStore(ABC):
         """
         return None
 
+    def encryption_state(
+        self, realm: str, ref: str
+    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+        """What an encryption needs on a cache miss: the active version of the lineage
+        ``ref`` names (a name or lineage id), the lineage's policy and, where the store
+        reads it in the same step, the version's unwrapped material (None: the caller reads
+        :meth:`material`; it zeroes what it gets). The SQL stores answer in one query; this
+        default composes :meth:`find_lineage`, :meth:`active_version` and :meth:`policy`.
+
+        :raises NotFoundError: no lineage in ``realm`` has that id or name.
+        :raises KeyNotActiveError: none of its versions is active.
+        """
+        lineage_id = self.find_lineage(realm, ref)
+        return self.active_version(realm, lineage_id), self.policy(realm, lineage_id), None
+
+    def decryption_state(
+        self, realm: str, key_id: str
+    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+        """What a decryption needs on a cache miss: the version ``key_id``, its lineage's
+        policy and, where the store reads it in the same step, its unwrapped material
+        (None: the caller reads :meth:`material`, which also refuses a destroyed version).
+        Default: :meth:`get` and :meth:`policy`.
+
+        :raises NotFoundError: no such version in ``realm``.
+        """
+        version = self.get(realm, key_id)
+        return version, self.policy(realm, version.lineage_id), None
+
     def ping(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Check the store is reachable; raise StoreUnavailableError if not."""
 

@@ -78,6 +78,7 @@ from qimem.keys import (
 )
 from qimem.keystore import KeyStore
 from qimem.testing_catalog import CatalogContract
+from qimem.testing_keystore_states import KeyStoreStatesContract
 
 __all__ = ["CatalogContract", "KeyStoreContract", "optional_capability", "run_concurrently"]
 
@@ -128,11 +129,12 @@ def run_concurrently(count: int, func: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-class KeyStoreContract:
+class KeyStoreContract(KeyStoreStatesContract):
     """The behaviour every :class:`~qimem.keystore.KeyStore` must show.
 
     Subclass it as ``TestSomething`` and provide a ``store`` fixture returning a fresh store
-    (see the module docstring). All tests use only the public KeyStore API.
+    (see the module docstring). All tests use only the public KeyStore API; the checks of
+    the cache-miss reads come from :class:`~qimem.testing_keystore_states.KeyStoreStatesContract`.
     """
 
     #: Realm the tests create keys in.

@@ -23,13 +23,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from qimem.builtin_plugins.sql.tables import (
+    SELECT_STATES,
     SELECT_VERSIONS,
     STATE_MARKER,
     lineages,
     meta_table,
     policy_values,
+    to_policy,
     to_version,
-    utc,
     versions,
     wrap_context,
 )
@@ -311,6 +312,7 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
 
     def material(self, realm: str, key_id: str) -> bytearray:
         query = sa.select(
+            versions.c.key_id,
             versions.c.material,
             versions.c.lineage_id,
             versions.c.version,
@@ -323,10 +325,7 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
             raise NotFoundError(f"no key {key_id!r}")
         if row.state == KeyState.DESTROYED.value:
             raise destroyed_error(self.get(realm, key_id))
-        return self._wrapper.unwrap(
-            row.material,
-            wrap_context(realm, row.lineage_id, key_id, row.version, row.algorithm),
-        )
+        return self._unwrap(realm, row)
 
     def _bump_marker(
         self, conn: sa.Connection, realm: str, lineage_id: str, *, kind: str = LINEAGE
@@ -352,16 +351,49 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
 
     def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
         with translate_errors(), self._reads.connect() as conn:
-            row = self._lineage_row(conn, realm, lineage_id)
-        return LineagePolicy(
-            min_decryption_version=row.min_decryption_version,
-            min_encryption_version=row.min_encryption_version,
-            usage_limit=row.usage_limit,
-            auto_rotate_seconds=row.auto_rotate_seconds,
-            deletion_protection=bool(row.deletion_protection),
-            deletion_date=utc(row.deletion_date),
-            derived=bool(row.derived),
-            vault_layout_versions=row.vault_layout_versions,
+            return to_policy(self._lineage_row(conn, realm, lineage_id))
+
+    def encryption_state(
+        self, realm: str, ref: str
+    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+        """One query: the newest active version of the lineage named ``ref``, with its
+        lineage's policy and its wrapped material (unwrapped here)."""
+        query = (
+            SELECT_STATES.where(
+                lineages.c.realm == realm,
+                sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
+                versions.c.realm == realm,
+                versions.c.state == KeyState.ACTIVE.value,
+            )
+            .order_by(versions.c.version.desc())
+            .limit(1)
+        )
+        with translate_errors(), self._reads.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:  # no such lineage, or nothing active: the parts say which
+            return super().encryption_state(realm, ref)
+        return to_version(row), to_policy(row), self._unwrap(realm, row)
+
+    def decryption_state(
+        self, realm: str, key_id: str
+    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+        """One query: the version, its lineage's policy and (if it can decrypt at all:
+        active or decrypt-only) its material."""
+        query = SELECT_STATES.where(versions.c.key_id == key_id, versions.c.realm == realm)
+        with translate_errors(), self._reads.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        version = to_version(row)
+        decrypts = version.state in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
+        return version, to_policy(row), self._unwrap(realm, row) if decrypts else None
+
+    def _unwrap(self, realm: str, row: Any) -> bytearray:
+        """The material of a row holding ``key_id``, ``lineage_id``, ``version``,
+        ``algorithm`` and ``material``."""
+        return self._wrapper.unwrap(
+            row.material,
+            wrap_context(realm, row.lineage_id, row.key_id, row.version, row.algorithm),
         )
 
     def set_policy(self, realm: str, lineage_id: str, policy: LineagePolicy) -> LineagePolicy:

@@ -110,3 +110,24 @@ def to_version(row: Any) -> KeyVersion:
         state=KeyState(row.state),
         created_at=created,
     )
+
+
+def to_policy(row: Any) -> LineagePolicy:
+    """A lineage row's (or a row holding its policy columns') :class:`LineagePolicy`."""
+    return LineagePolicy(
+        min_decryption_version=row.min_decryption_version,
+        min_encryption_version=row.min_encryption_version,
+        usage_limit=row.usage_limit,
+        auto_rotate_seconds=row.auto_rotate_seconds,
+        deletion_protection=bool(row.deletion_protection),
+        deletion_date=utc(row.deletion_date),
+        derived=bool(row.derived),
+        vault_layout_versions=row.vault_layout_versions,
+    )
+
+
+#: A version's metadata, its wrapped material and its lineage's policy: one row says all a
+#: cache miss needs (SqlKeyStore.encryption_state / decryption_state).
+SELECT_STATES = sa.select(
+    *METADATA_COLUMNS, versions.c.material, *(lineages.c[name] for name in POLICY_COLUMNS)
+).join_from(versions, lineages, versions.c.lineage_id == lineages.c.lineage_id)

@@ -41,7 +41,7 @@ from qimem.services.deterministic import (
     require_data_key_purpose,
     require_envelope_purpose,
 )
-from qimem.services.key_refs import resolve
+from qimem.services.key_refs import exact_version
 from qimem.services.lifecycle_common import key_purpose
 from qimem.services.single_flight import one_load
 
@@ -105,14 +105,26 @@ class DataKey:
         }
 
 
-def _load(app: AppContext, version: KeyVersion, context: bytes | None = None) -> CachedKey:
+def _load(
+    app: AppContext,
+    version: KeyVersion,
+    context: bytes | None = None,
+    material: bytearray | None = None,
+) -> CachedKey:
     """Unwrap a version's material once and prepare its cipher and header prefix; with a
     ``context`` (derived keys), the cipher of the per-context subkey. A deterministic key
-    gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens."""
-    purpose = key_purpose(app, version)
-    algorithm = app.registry.algorithm(version.algorithm, purpose)
+    gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens.
+    ``material``: the version's, already read with it (zeroed here, whatever happens)."""
+    try:
+        purpose = key_purpose(app, version)
+        algorithm = app.registry.algorithm(version.algorithm, purpose)
+    except BaseException:
+        if material is not None:
+            zero(material)
+        raise
     deterministic = purpose != DEFAULT_PURPOSE
-    material = app.store.material(version.realm, version.key_id)
+    if material is None:
+        material = app.store.material(version.realm, version.key_id)
     try:
         if context is not None:
             subkey = bytearray(lifecycle.derive_subkey(material, context))
@@ -168,16 +180,29 @@ def _load_for_encrypt(
     slot: tuple[str, str, bytes] | None,
 ) -> CachedKey:
     generation = app.cache.generation  # before reading the store: see KeyCache.put
-    lineage_id, exact = resolve(app, ref, realm)
-    if exact is not None and exact.state is not KeyState.ACTIVE:
-        versions = app.store.versions(realm, lineage_id)
-        raise not_active_error(exact, next((v for v in versions if v.active), None))
-    version = exact or app.store.active_version(realm, lineage_id)
-    require_envelope_purpose(app, version)  # before any policy side effect (auto-rotation)
-    checked, limit = lifecycle.check_encryption(app, version, context)
-    if checked is not version and exact is not None:  # rotated away by age just now
-        raise not_active_error(exact, checked)
-    entry = _load(app, checked, context)
+    exact = exact_version(app, ref, realm)
+    material: bytearray | None = None
+    policy = None
+    try:
+        if exact is None:  # a name or lineage id: version, policy, material in one read
+            version, policy, material = app.store.encryption_state(realm, ref)
+        elif exact.state is not KeyState.ACTIVE:
+            versions = app.store.versions(realm, exact.lineage_id)
+            raise not_active_error(exact, next((v for v in versions if v.active), None))
+        else:
+            version = exact
+        require_envelope_purpose(app, version)  # before any policy side effect (rotation)
+        checked, limit = lifecycle.check_encryption(app, version, context, policy=policy)
+        if checked is not version and exact is not None:  # rotated away by age just now
+            raise not_active_error(exact, checked)
+        if checked is not version and material is not None:  # rotated: not its material
+            zero(material)
+            material = None
+        held, material = material, None  # _load zeroes it from here on
+        entry = _load(app, checked, context, held)
+    finally:
+        if material is not None:
+            zero(material)
     entry.limit = limit
     if slot is None:
         app.cache.put(realm, entry, ref=ref, generation=generation)
@@ -327,14 +352,19 @@ def _load_for_decrypt(
 ) -> CachedKey:
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     try:
-        version = app.store.get(realm, parsed.key_id_str)
+        version, policy, material = app.store.decryption_state(realm, parsed.key_id_str)
     except NotFoundError:
         raise NotFoundError(
             f"the key {parsed.key_id_str} that sealed this envelope does not exist"
         ) from None
-    require_envelope_purpose(app, version)
-    lifecycle.check_decryption(app, version, context)  # state, minimum version ...
-    entry = _load(app, version, context)
+    try:
+        require_envelope_purpose(app, version)
+        lifecycle.check_decryption(app, version, context, policy=policy)  # state, minimum ...
+    except BaseException:
+        if material is not None:
+            zero(material)
+        raise
+    entry = _load(app, version, context, material)
     if slot is None:
         app.cache.put(realm, entry, generation=generation)
     else:

@@ -8,7 +8,7 @@ from qimem.app import AppContext
 from qimem.errors import NotFoundError, ValidationError
 from qimem.keys import KeyVersion, parse_uuid
 
-__all__ = ["check_ref", "resolve"]
+__all__ = ["check_ref", "exact_version", "resolve"]
 
 
 def check_ref(ref: Any) -> str:
@@ -23,11 +23,21 @@ def check_ref(ref: Any) -> str:
 
 def resolve(app: AppContext, ref: str, realm: str) -> tuple[str, KeyVersion | None]:
     """``(lineage_id, exact version or None)`` for a key_id, lineage_id or name."""
-    check_ref(ref)
-    if parse_uuid(ref) is not None:
-        try:
-            version = app.store.get(realm, ref)
-            return version.lineage_id, version
-        except NotFoundError:
-            pass
+    version = exact_version(app, ref, realm)
+    if version is not None:
+        return version.lineage_id, version
     return app.store.find_lineage(realm, ref), None
+
+
+def exact_version(app: AppContext, ref: str, realm: str) -> KeyVersion | None:
+    """The version ``ref`` names if it is a key_id (None: it is a lineage id or a name).
+
+    :raises ValidationError: ``ref`` cannot be a key reference.
+    """
+    check_ref(ref)
+    if parse_uuid(ref) is None:
+        return None
+    try:
+        return app.store.get(realm, ref)
+    except NotFoundError:
+        return None

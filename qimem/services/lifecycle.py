@@ -296,15 +296,18 @@ def check_encryption(
     context: bytes | None = None,
     *,
     vault_layout: bool = False,
+    policy: LineagePolicy | None = None,
 ) -> tuple[KeyVersion, int]:
     """Apply the lineage policy to the version about to encrypt: pending deletion, derived
     keys and their context, the minimum encryption version, age-based rotation. Returns
     the version to use (a new one after an automatic rotation) and its usage limit.
 
     ``vault_layout``: the caller seals Vault's raw layout (:mod:`qimem.services.vault_import`);
-    otherwise a version restored from Vault is refused (see :func:`_refuse_vault_layout`)."""
+    otherwise a version restored from Vault is refused (see :func:`_refuse_vault_layout`).
+    ``policy``: the lineage's, when the caller read it with the version (else read here)."""
     realm, lineage_id = version.realm, version.lineage_id
-    policy = app.store.policy(realm, lineage_id)
+    if policy is None:
+        policy = app.store.policy(realm, lineage_id)
     _check_pending(app, realm, lineage_id, policy)
     check_derived(version, policy, context)
     if version.version < policy.min_encryption_version:
@@ -341,9 +344,10 @@ def check_decryption(
     context: bytes | None = None,
     *,
     vault_layout: bool = False,
+    policy: LineagePolicy | None = None,
 ) -> None:
     """Refuse a version the policy or its state keeps from decrypting, with a clear code
-    (``vault_layout`` as for :func:`check_encryption`).
+    (``vault_layout`` and ``policy`` as for :func:`check_encryption`).
 
     :raises DecryptionError: ``key_disabled``, ``key_destroyed``,
         ``below_min_decryption_version`` or ``key_pending_deletion`` (422).
@@ -357,7 +361,8 @@ def check_decryption(
             f"{label} was destroyed; what it encrypted can no longer be decrypted",
             code="key_destroyed",
         )
-    policy = app.store.policy(version.realm, version.lineage_id)
+    if policy is None:
+        policy = app.store.policy(version.realm, version.lineage_id)
     _check_pending(app, version.realm, version.lineage_id, policy, DecryptionError)
     check_derived(version, policy, context)
     if version.version < policy.min_decryption_version:
