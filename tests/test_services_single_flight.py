@@ -48,12 +48,16 @@ def _count_loads(app: AppContext, delay: float) -> list[str]:
     return loads
 
 
-def test_threads_missing_one_key_together_load_it_once(
-    two_contexts: tuple[AppContext, AppContext],
-) -> None:
+@pytest.fixture
+def cold_key(two_contexts: tuple[AppContext, AppContext]) -> tuple[AppContext, bytes]:
+    """The cold context and an envelope of key "shared", made by the other one."""
     writer, cold = two_contexts
     services.create_key(writer, name="shared")
-    sealed = services.encrypt(writer, "shared", b"before").envelope
+    return cold, services.encrypt(writer, "shared", b"before").envelope
+
+
+def test_threads_missing_one_key_together_load_it_once(cold_key: tuple[AppContext, bytes]) -> None:
+    cold, sealed = cold_key
     loads = _count_loads(cold, 0.05)
     results = run_concurrently(THREADS, lambda i: services.encrypt(cold, "shared", b"m%d" % i))
     assert all(not isinstance(r, BaseException) for r in results), results
@@ -63,26 +67,21 @@ def test_threads_missing_one_key_together_load_it_once(
     assert len(loads) == 1  # the encrypt's entry serves decryption of the same version
 
 
-def test_threads_decrypting_a_cold_version_load_it_once(
-    two_contexts: tuple[AppContext, AppContext],
-) -> None:
-    writer, cold = two_contexts
-    services.create_key(writer, name="shared")
-    sealed = services.encrypt(writer, "shared", b"message").envelope
+def test_threads_decrypting_a_cold_version_load_it_once(cold_key: tuple[AppContext, bytes]) -> None:
+    cold, sealed = cold_key
     loads = _count_loads(cold, 0.05)
     opened = run_concurrently(THREADS, lambda _: services.decrypt(cold, sealed).plaintext)
-    assert opened == [b"message"] * THREADS
+    assert opened == [b"before"] * THREADS
     assert len(loads) == 1
 
 
 def test_a_stuck_load_holds_the_others_back_only_so_long(
-    two_contexts: tuple[AppContext, AppContext], monkeypatch: pytest.MonkeyPatch
+    cold_key: tuple[AppContext, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Waiting is bounded: with the store taking longer than WAIT_SECONDS, the waiters load
     by themselves (as before) and every caller still gets its answer."""
     monkeypatch.setattr(single_flight, "WAIT_SECONDS", 0.05)
-    writer, cold = two_contexts
-    services.create_key(writer, name="shared")
+    cold, _ = cold_key
     loads = _count_loads(cold, 0.3)
     started = time.monotonic()
     results = run_concurrently(4, lambda i: services.encrypt(cold, "shared", b"m%d" % i))

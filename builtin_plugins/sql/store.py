@@ -229,20 +229,22 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
 
     def active_version(self, realm: str, lineage_id: str) -> KeyVersion:
         """The newest active version, read alone (a lineage may hold thousands)."""
+        row = self._newest_active(
+            SELECT_VERSIONS, versions.c.lineage_id == lineage_id, versions.c.realm == realm
+        )
+        if row is None:
+            return super().active_version(realm, lineage_id)  # NotFound or not active
+        return to_version(row)
+
+    def _newest_active(self, select: sa.Select[Any], *where: Any) -> Any:
+        """The row of ``select`` for the newest active version matching ``where``, or None."""
         query = (
-            SELECT_VERSIONS.where(
-                versions.c.lineage_id == lineage_id,
-                versions.c.realm == realm,
-                versions.c.state == KeyState.ACTIVE.value,
-            )
+            select.where(*where, versions.c.state == KeyState.ACTIVE.value)
             .order_by(versions.c.version.desc())
             .limit(1)
         )
         with translate_errors(), self._reads.connect() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            return super().active_version(realm, lineage_id)  # NotFound or not active
-        return to_version(row)
+            return conn.execute(query).first()
 
     def list(self, realm: str) -> list[KeyVersion]:
         newest = (
@@ -358,18 +360,12 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
     ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
         """One query: the newest active version of the lineage named ``ref``, with its
         lineage's policy and its wrapped material (unwrapped here)."""
-        query = (
-            SELECT_STATES.where(
-                lineages.c.realm == realm,
-                sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
-                versions.c.realm == realm,
-                versions.c.state == KeyState.ACTIVE.value,
-            )
-            .order_by(versions.c.version.desc())
-            .limit(1)
+        row = self._newest_active(
+            SELECT_STATES,
+            lineages.c.realm == realm,
+            sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
+            versions.c.realm == realm,
         )
-        with translate_errors(), self._reads.connect() as conn:
-            row = conn.execute(query).first()
         if row is None:  # no such lineage, or nothing active: the parts say which
             return super().encryption_state(realm, ref)
         return to_version(row), to_policy(row), self._unwrap(realm, row)
