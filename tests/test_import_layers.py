@@ -58,6 +58,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.sql",
             "qimem.testing",
             "qimem.testing_catalog",
+            "qimem.testing_keystore_states",  # part of the key store contract
             "qimem.http_client",
         ),
     ),

@@ -22,8 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from qimem.builtin_plugins.sql.cache_reads import SqlCacheReads
 from qimem.builtin_plugins.sql.tables import (
-    SELECT_STATES,
     SELECT_VERSIONS,
     STATE_MARKER,
     lineages,
@@ -57,7 +57,7 @@ from qimem.sql import (
 )
 
 
-class SqlKeyStore(SqlUsageAccounting, KeyStore):
+class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
     """Key versions in SQLite or PostgreSQL, material wrapped under the root key."""
 
     def __init__(self, url: str, wrapper: KeyWrapper, *, auto_migrate: bool = True) -> None:
@@ -354,35 +354,6 @@ class SqlKeyStore(SqlUsageAccounting, KeyStore):
     def policy(self, realm: str, lineage_id: str) -> LineagePolicy:
         with translate_errors(), self._reads.connect() as conn:
             return to_policy(self._lineage_row(conn, realm, lineage_id))
-
-    def encryption_state(
-        self, realm: str, ref: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
-        """One query: the newest active version of the lineage named ``ref``, with its
-        lineage's policy and its wrapped material (unwrapped here)."""
-        row = self._newest_active(
-            SELECT_STATES,
-            lineages.c.realm == realm,
-            sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
-            versions.c.realm == realm,
-        )
-        if row is None:  # no such lineage, or nothing active: the parts say which
-            return super().encryption_state(realm, ref)
-        return to_version(row), to_policy(row), self._unwrap(realm, row)
-
-    def decryption_state(
-        self, realm: str, key_id: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
-        """One query: the version, its lineage's policy and (if it can decrypt at all:
-        active or decrypt-only) its material."""
-        query = SELECT_STATES.where(versions.c.key_id == key_id, versions.c.realm == realm)
-        with translate_errors(), self._reads.connect() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            raise NotFoundError(f"no key {key_id!r}")
-        version = to_version(row)
-        decrypts = version.state in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
-        return version, to_policy(row), self._unwrap(realm, row) if decrypts else None
 
     def _unwrap(self, realm: str, row: Any) -> bytearray:
         """The material of a row holding ``key_id``, ``lineage_id``, ``version``,
