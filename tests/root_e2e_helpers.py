@@ -14,6 +14,7 @@ import base64
 import http.client
 import json
 import subprocess
+import threading
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -185,6 +186,27 @@ def in_parallel(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
     in order, the first exception raised."""
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(function, items))
+
+
+def fails_in_parallel(
+    home: Home, commands: list[list[str]], *, code: int, stdin: str = ""
+) -> list[str]:
+    """Each command's one-line failure (:meth:`Home.fails`), run in parallel; in order.
+
+    SoftHSM2's file object store rewrites a token's file on a login (a failed one, and on
+    some paths a good one), and a process listing the tokens at that moment may miss it
+    ("no token labelled ..."). A command that says so runs once more, alone: a token that
+    really is gone is still reported gone."""
+    serial = threading.Lock()
+
+    def fails(args: list[str]) -> str:
+        line = home.fails(*args, code=code, stdin=stdin)
+        if "no token labelled" in line:
+            with serial:
+                line = home.fails(*args, code=code, stdin=stdin)
+        return line
+
+    return in_parallel(fails, commands)
 
 
 def exposed(pid: int) -> bytes:

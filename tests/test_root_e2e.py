@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from root_e2e_helpers import (
     call,
     decrypts,
     exposed,
+    fails_in_parallel,
     in_parallel,
     key_attributes,
     pkcs11_init,
@@ -84,20 +84,10 @@ def test_wrong_pin_file_fails_every_command_in_one_line(
 ) -> None:
     home, pin_file, sealed = pk
 
-    def fails(args: list[str]) -> str:
-        argv = [sealed if a == "SEALED" else a for a in args]
-        line = home.fails(*argv, code=CONFIG_ERROR, stdin="text")
-        if "no token labelled" in line:
-            # SoftHSM2's file object store: a failed login rewrites the token's file, and
-            # a process listing tokens at that moment may miss it. Once more, alone.
-            with serial:
-                line = home.fails(*argv, code=CONFIG_ERROR, stdin="text")
-        return line
-
-    serial = threading.Lock()
+    commands = [[sealed if a == "SEALED" else a for a in args] for args in WRONG_PIN_COMMANDS]
     pin_file.write_text(WRONG_PIN + "\n")
     try:
-        lines = in_parallel(fails, WRONG_PIN_COMMANDS)
+        lines = fails_in_parallel(home, commands, code=CONFIG_ERROR, stdin="text")
     finally:
         pin_file.write_text(hsm.pin(TOKEN) + "\n")
     for line in lines:
@@ -140,7 +130,7 @@ def test_removed_token_or_deleted_key_is_a_clear_error(
         expected = f"no secret key '{label}' on token '{TOKEN}'"
     damaged = Home(home.path, broken.conf)
     commands = [["keys", "list"], ["decrypt", "-q", "-o", "-", sealed], ["root", "rotate"]]
-    for line in in_parallel(lambda args: damaged.fails(*args, code=CONFIG_ERROR), commands):
+    for line in fails_in_parallel(damaged, commands, code=CONFIG_ERROR):
         assert expected in line, line
     decrypts(home, Path(sealed))  # the real token still opens it
 
