@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from qimem.errors import ConflictError, DecryptionError, ValidationError
 from qimem.keys import KeyState, KeyVersion, LineagePolicy, LineageRecord
+
+#: Unwraps a version's material read with it (:meth:`KeyStore.encryption_state`): called at
+#: most once, after the caller's checks; the caller zeroes the ``bytearray``.
+Unwrap = Callable[[], bytearray]
 
 
 def _unsupported(store: KeyStore, what: str) -> ValidationError:
@@ -196,12 +201,14 @@ class KeyStore(ABC):
 
     def encryption_state(
         self, realm: str, ref: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+    ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """What an encryption needs on a cache miss: the active version of the lineage
         ``ref`` names (a name or lineage id), the lineage's policy and, where the store
-        reads it in the same step, the version's unwrapped material (None: the caller reads
-        :meth:`material`; it zeroes what it gets). The SQL stores answer in one query; this
-        default composes :meth:`find_lineage`, :meth:`active_version` and :meth:`policy`.
+        reads the wrapped material in the same step, a callable that unwraps it (None: the
+        caller reads :meth:`material`). The caller checks the version first and calls it
+        only if it will use the key (a refused request costs no root-key call), and zeroes
+        what it returns. The PostgreSQL store answers in one query; this default composes
+        :meth:`find_lineage`, :meth:`active_version` and :meth:`policy`.
 
         :raises NotFoundError: no lineage in ``realm`` has that id or name.
         :raises KeyNotActiveError: none of its versions is active.
@@ -211,10 +218,11 @@ class KeyStore(ABC):
 
     def decryption_state(
         self, realm: str, key_id: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+    ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """What a decryption needs on a cache miss: the version ``key_id``, its lineage's
-        policy and, where the store reads it in the same step, its unwrapped material
-        (None: the caller reads :meth:`material`, which also refuses a destroyed version).
+        policy and, where the store reads the wrapped material in the same step, a callable
+        that unwraps it, as :meth:`encryption_state` (None: the caller reads
+        :meth:`material`, which also refuses a destroyed version).
         Default: :meth:`get` and :meth:`policy`.
 
         :raises NotFoundError: no such version in ``realm``.

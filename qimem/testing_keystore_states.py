@@ -24,8 +24,8 @@ def _optional(test: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class KeyStoreStatesContract:
-    """Each answer equals what the separate calls say; material, when given, is the
-    version's."""
+    """Each answer equals what the separate calls say; the unwrapping, when given, gives
+    the version's material."""
 
     realm: str
     other_realm: str
@@ -43,10 +43,10 @@ class KeyStoreStatesContract:
         expected = bytes(second)
         rotated = store.rotate(self.realm, key.key_id, second)
         for ref in ("states", key.lineage_id):
-            version, policy, material = store.encryption_state(self.realm, ref)
+            version, policy, unwrap = store.encryption_state(self.realm, ref)
             assert version == store.get(self.realm, rotated.key_id)
             assert policy == store.policy(self.realm, key.lineage_id)
-            assert material is None or bytes(material) == expected
+            assert unwrap is None or bytes(unwrap()) == expected
         for realm, ref in (
             (self.other_realm, "states"),
             (self.realm, "missing"),
@@ -63,10 +63,10 @@ class KeyStoreStatesContract:
         v2 = store.rotate(self.realm, v1.key_id, second)
         expected[v2.key_id] = bytes(store.material(self.realm, v2.key_id))
         for key_id, material_expected in expected.items():
-            version, policy, material = store.decryption_state(self.realm, key_id)
+            version, policy, unwrap = store.decryption_state(self.realm, key_id)
             assert version == store.get(self.realm, key_id)
             assert policy == store.policy(self.realm, v1.lineage_id)
-            assert material is None or bytes(material) == material_expected
+            assert unwrap is None or bytes(unwrap()) == material_expected
         for realm, key_id in ((self.other_realm, v1.key_id), (self.realm, new_id())):
             with pytest.raises(NotFoundError):
                 store.decryption_state(realm, key_id)
@@ -100,6 +100,6 @@ class KeyStoreStatesContract:
             if exc.code != "unsupported":
                 raise
             pytest.skip(f"optional capability not supported: {exc.message}")
-        version, _, material = store.decryption_state(self.realm, v1.key_id)
+        version, _, unwrap = store.decryption_state(self.realm, v1.key_id)
         assert version.state is KeyState.DESTROYED
-        assert material is None
+        assert unwrap is None

@@ -1,9 +1,11 @@
 """What the key cache reads on a miss, in one query each (a mixin of
 :class:`~qimem.builtin_plugins.sql.store.SqlKeyStore`): a version, its lineage's policy and
-its wrapped material together, where the KeyStore defaults make three or four reads."""
+its wrapped material together, where the KeyStore defaults make three or four reads. The
+material is unwrapped only when the caller, its checks passed, asks for it."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,7 +19,7 @@ from qimem.builtin_plugins.sql.tables import (
 )
 from qimem.errors import NotFoundError
 from qimem.keys import KeyState, KeyVersion, LineagePolicy
-from qimem.keystore import KeyStore
+from qimem.keystore import KeyStore, Unwrap
 from qimem.sql import translate_errors
 
 
@@ -35,9 +37,9 @@ class SqlCacheReads(KeyStore):
 
     def encryption_state(
         self, realm: str, ref: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+    ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """One query: the newest active version of the lineage named ``ref``, with its
-        lineage's policy and its wrapped material (unwrapped here)."""
+        lineage's policy and its wrapped material (unwrapped when the caller asks)."""
         row = self._newest_active(
             SELECT_STATES,
             lineages.c.realm == realm,
@@ -46,13 +48,13 @@ class SqlCacheReads(KeyStore):
         )
         if row is None:  # no such lineage, or nothing active: the parts say which
             return super().encryption_state(realm, ref)
-        return to_version(row), to_policy(row), self._unwrap(realm, row)
+        return to_version(row), to_policy(row), partial(self._unwrap, realm, row)
 
     def decryption_state(
         self, realm: str, key_id: str
-    ) -> tuple[KeyVersion, LineagePolicy, bytearray | None]:
+    ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """One query: the version, its lineage's policy and (if it can decrypt at all:
-        active or decrypt-only) its material."""
+        active or decrypt-only) its material's unwrapping."""
         query = SELECT_STATES.where(versions.c.key_id == key_id, versions.c.realm == realm)
         with translate_errors(), self._reads.connect() as conn:
             row = conn.execute(query).first()
@@ -60,4 +62,4 @@ class SqlCacheReads(KeyStore):
             raise NotFoundError(f"no key {key_id!r}")
         version = to_version(row)
         decrypts = version.state in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
-        return version, to_policy(row), self._unwrap(realm, row) if decrypts else None
+        return version, to_policy(row), partial(self._unwrap, realm, row) if decrypts else None

@@ -26,6 +26,7 @@ import base64
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from qimem import envelope as env
@@ -34,6 +35,7 @@ from qimem.crypto import DEFAULT_PURPOSE, zero
 from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, ValidationError
 from qimem.keycache import CachedKey
 from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
+from qimem.keystore import Unwrap
 from qimem.services import lifecycle
 from qimem.services.deterministic import (
     TOKEN_SIZE,
@@ -109,22 +111,19 @@ def _load(
     app: AppContext,
     version: KeyVersion,
     context: bytes | None = None,
-    material: bytearray | None = None,
+    unwrap: Unwrap | None = None,
 ) -> CachedKey:
     """Unwrap a version's material once and prepare its cipher and header prefix; with a
     ``context`` (derived keys), the cipher of the per-context subkey. A deterministic key
     gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens.
-    ``material``: the version's, already read with it (zeroed here, whatever happens)."""
-    try:
-        purpose = key_purpose(app, version)
-        algorithm = app.registry.algorithm(version.algorithm, purpose)
-    except BaseException:
-        if material is not None:
-            zero(material)
-        raise
+    ``unwrap``: the version's material, read with it (KeyStore.encryption_state); None:
+    read it from the store."""
+    purpose = key_purpose(app, version)
+    algorithm = app.registry.algorithm(version.algorithm, purpose)
     deterministic = purpose != DEFAULT_PURPOSE
-    if material is None:
-        material = app.store.material(version.realm, version.key_id)
+    if unwrap is None:
+        unwrap = partial(app.store.material, version.realm, version.key_id)
+    material = unwrap()
     try:
         if context is not None:
             subkey = bytearray(lifecycle.derive_subkey(material, context))
@@ -181,28 +180,21 @@ def _load_for_encrypt(
 ) -> CachedKey:
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     exact = exact_version(app, ref, realm)
-    material: bytearray | None = None
+    unwrap: Unwrap | None = None
     policy = None
-    try:
-        if exact is None:  # a name or lineage id: version, policy, material in one read
-            version, policy, material = app.store.encryption_state(realm, ref)
-        elif exact.state is not KeyState.ACTIVE:
-            versions = app.store.versions(realm, exact.lineage_id)
-            raise not_active_error(exact, next((v for v in versions if v.active), None))
-        else:
-            version = exact
-        require_envelope_purpose(app, version)  # before any policy side effect (rotation)
-        checked, limit = lifecycle.check_encryption(app, version, context, policy=policy)
-        if checked is not version and exact is not None:  # rotated away by age just now
-            raise not_active_error(exact, checked)
-        if checked is not version and material is not None:  # rotated: not its material
-            zero(material)
-            material = None
-        held, material = material, None  # _load zeroes it from here on
-        entry = _load(app, checked, context, held)
-    finally:
-        if material is not None:
-            zero(material)
+    if exact is None:  # a name or lineage id: version, policy, material in one read
+        version, policy, unwrap = app.store.encryption_state(realm, ref)
+    elif exact.state is not KeyState.ACTIVE:
+        versions = app.store.versions(realm, exact.lineage_id)
+        raise not_active_error(exact, next((v for v in versions if v.active), None))
+    else:
+        version = exact
+    # The checks come before any unwrapping: a refused request costs no root-key call.
+    require_envelope_purpose(app, version)  # before any policy side effect (rotation)
+    checked, limit = lifecycle.check_encryption(app, version, context, policy=policy)
+    if checked is not version and exact is not None:  # rotated away by age just now
+        raise not_active_error(exact, checked)
+    entry = _load(app, checked, context, unwrap if checked is version else None)
     entry.limit = limit
     if slot is None:
         app.cache.put(realm, entry, ref=ref, generation=generation)
@@ -352,19 +344,15 @@ def _load_for_decrypt(
 ) -> CachedKey:
     generation = app.cache.generation  # before reading the store: see KeyCache.put
     try:
-        version, policy, material = app.store.decryption_state(realm, parsed.key_id_str)
+        version, policy, unwrap = app.store.decryption_state(realm, parsed.key_id_str)
     except NotFoundError:
         raise NotFoundError(
             f"the key {parsed.key_id_str} that sealed this envelope does not exist"
         ) from None
-    try:
-        require_envelope_purpose(app, version)
-        lifecycle.check_decryption(app, version, context, policy=policy)  # state, minimum ...
-    except BaseException:
-        if material is not None:
-            zero(material)
-        raise
-    entry = _load(app, version, context, material)
+    # The checks come before any unwrapping: a refused request costs no root-key call.
+    require_envelope_purpose(app, version)
+    lifecycle.check_decryption(app, version, context, policy=policy)  # state, minimum ...
+    entry = _load(app, version, context, unwrap)
     if slot is None:
         app.cache.put(realm, entry, generation=generation)
     else:
