@@ -88,3 +88,56 @@ def test_a_stuck_load_holds_the_others_back_only_so_long(
     assert all(not isinstance(r, BaseException) for r in results), results
     assert len(loads) > 1
     assert time.monotonic() - started < 4 * 0.3  # not one load after another
+
+
+def test_a_load_waits_only_for_its_own_slot() -> None:
+    """Loads of other slots in flight (a caller sending many derived-key contexts or
+    garbage envelopes, each a miss) never hold back a load of this one: with striped locks
+    they did, up to WAIT_SECONDS each."""
+    holders, release = 400, threading.Event()
+    entered = threading.Semaphore(0)
+
+    def hold(i: int) -> None:
+        with single_flight.one_load(("decrypt", "attacker", i)):
+            entered.release()
+            release.wait(10)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(holders)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(holders):
+            assert entered.acquire(timeout=10)
+        started = time.monotonic()
+        with single_flight.one_load(("encrypt", "victim", "key", None)):
+            waited = time.monotonic() - started
+        assert waited < single_flight.WAIT_SECONDS / 2, waited
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+
+
+def test_a_waiter_goes_ahead_when_the_load_ends_and_the_slot_is_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter of a slot wakes when the first load ends (not after the whole wait),
+    and a slot's bookkeeping is gone once nobody loads it, whether the load failed or not."""
+    monkeypatch.setattr(single_flight, "WAIT_SECONDS", 5.0)
+    loading = threading.Event()
+
+    def first() -> None:
+        with pytest.raises(RuntimeError), single_flight.one_load("slot"):
+            loading.set()
+            time.sleep(0.2)
+            raise RuntimeError("the store is down")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert loading.wait(5)
+    started = time.monotonic()
+    with single_flight.one_load("slot"):
+        waited = time.monotonic() - started
+    thread.join()
+    assert 0.05 < waited < 2, waited
+    assert single_flight.in_flight() == 0

@@ -6,8 +6,8 @@ six threads).
 
 A waiter gives up waiting after :data:`WAIT_SECONDS` and loads by itself, so a load stuck
 on an unreachable store costs the others no more than that before they fail on their own
-(as they did before). Locks are striped: two slots may share one, which only makes a load
-wait for an unrelated one (loads are rare: cache misses)."""
+(as they did before). A load waits only for a load of the same slot: loads of other keys,
+contexts or envelopes in flight (many, if a caller sends garbage) never hold it back."""
 
 from __future__ import annotations
 
@@ -18,28 +18,44 @@ from collections.abc import Hashable, Iterator
 
 #: Longest wait for another thread's load of the same slot.
 WAIT_SECONDS = 0.1
-_STRIPES = 64
-_locks = [threading.Lock() for _ in range(_STRIPES)]
+_guard = threading.Lock()
+#: slot → set when its first loader is done (whether it loaded or failed)
+_loading: dict[Hashable, threading.Event] = {}
 
 
 def _after_fork_in_child() -> None:
-    """A lock held by a parent's thread at fork time would stay held in the child."""
-    global _locks
-    _locks = [threading.Lock() for _ in range(_STRIPES)]
+    """A lock held, or a load in flight, in a parent's thread at fork time would stay so
+    in the child, where that thread does not exist."""
+    global _guard, _loading
+    _guard, _loading = threading.Lock(), {}
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def in_flight() -> int:
+    """How many slots are being loaded now (for tests)."""
+    return len(_loading)
+
+
 @contextlib.contextmanager
 def one_load(slot: Hashable) -> Iterator[None]:
-    """Hold ``slot``'s load lock (or go ahead after :data:`WAIT_SECONDS`); the caller
-    looks the cache up again first thing inside: a waiter usually finds the entry."""
-    lock = _locks[hash(slot) % _STRIPES]
-    held = lock.acquire(timeout=WAIT_SECONDS)
+    """Load ``slot`` as its first loader, or after waiting (at most :data:`WAIT_SECONDS`)
+    for the first loader to finish; the caller looks the cache up again first thing
+    inside: a waiter usually finds the entry."""
+    with _guard:
+        first = _loading.get(slot)
+        if first is None:
+            done = _loading[slot] = threading.Event()
+    if first is not None:
+        first.wait(WAIT_SECONDS)
+        yield
+        return
     try:
         yield
     finally:
-        if held:
-            lock.release()
+        with _guard:
+            if _loading.get(slot) is done:
+                del _loading[slot]
+        done.set()
