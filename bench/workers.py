@@ -7,8 +7,12 @@
   Targets: 2 workers >= 1.5x one; per worker >= 0.7x the bare endpoint.
 * **login**: password grants per second (Argon2id at the defaults) from 4 client threads,
   a new connection per login, ``--workers 2`` against ``--workers 1``; target >= 1.8x. A
-  third server, one worker with ``[identity] max_concurrent_hashes = 2``, shows what
-  threads alone give (argon2-cffi releases the GIL while hashing).
+  third server, one worker with ``[identity] max_concurrent_hashes = 2`` and
+  ``max_logins_per_source = 2``, shows what threads alone give (argon2-cffi releases the
+  GIL while hashing). The second setting matters: every client here is 127.0.0.1, and at
+  the default fair share (half of a process's login places, which 4 server threads cut to
+  3) one source holds one place, so two hashing slots would still hash one at a time. It
+  is pinned to the two CPUs the 2-worker server gets.
 
 Pinning (``taskset``, when there are at least 2 CPUs): wrk runs on CPU 1 with one thread;
 a server with N processes runs on CPUs 0..N-1, so one worker (and the one-process peer)
@@ -78,8 +82,11 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _serve(env: dict[str, str], port: int, workers: int, log: Path, *extra: str) -> Any:
-    cmd = [*pin(_cpus(workers)), *QIMEM, "serve", "--port", str(port)]
+def _serve(
+    env: dict[str, str], port: int, workers: int, log: Path, *extra: str, cpus: int = 0
+) -> Any:
+    """``qimem serve`` pinned to the CPUs of ``cpus`` processes (default: ``workers``)."""
+    cmd = [*pin(_cpus(cpus or workers)), *QIMEM, "serve", "--port", str(port)]
     cmd += ["--threads", str(THREADS), "--workers", str(workers), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
@@ -216,7 +223,8 @@ def _logins(port: int, seconds: float, clients: int) -> tuple[float, int]:
 
 def _login_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
     homes = {}
-    for name, extra in (("w", ""), ("t", "\n[identity]\nmax_concurrent_hashes = 2\n")):
+    threads_only = "\n[identity]\nmax_concurrent_hashes = 2\nmax_logins_per_source = 2\n"
+    for name, extra in (("w", ""), ("t", threads_only)):
         home = workdir / f"home-{name}"
         env = _env(home)
         subprocess.run(
@@ -230,14 +238,21 @@ def _login_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
             with (home / "config.toml").open("a") as fh:
                 fh.write(extra)
         homes[name] = env
-    configs = {"1 worker": ("w", 1), "2 workers": ("w", 2), "1 worker, 2 hashes": ("t", 1)}
+    # (home, workers, CPUs): the threads case gets the CPUs two workers get.
+    configs = {
+        "1 worker": ("w", 1, 1),
+        "2 workers": ("w", 2, 2),
+        "1 worker, 2 hashes": ("t", 1, 2),
+    }
     ports: dict[str, int] = {}
     procs = []
     try:
-        for name, (home, workers) in configs.items():
+        for name, (home, workers, cpus) in configs.items():
             ports[name] = free_port()
             log = workdir / f"login-{home}{workers}.log"
-            procs.append(_serve(homes[home], ports[name], workers, log, "--no-access-log"))
+            procs.append(
+                _serve(homes[home], ports[name], workers, log, "--no-access-log", cpus=cpus)
+            )
         for name, proc in zip(ports, procs, strict=True):
             wait_healthy(ports[name], proc)
         for port in ports.values():
@@ -269,7 +284,7 @@ def _login_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
             "default max_concurrent_hashes (CPUs // 2 per process)",
         },
         {
-            "case": "login: 1 worker with max_concurrent_hashes = 2 vs 1 worker (threads)",
+            "case": "login: 1 worker, 2 hashes (and 2 per source) vs 1 worker (threads)",
             "metric": "logins/s",
             "qimem": round(threads, 1),
             "peer_name": "qimem serve --workers 1",
