@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ import fuzz_manifest  # noqa: E402
 from _fuzzlib import KEYS  # noqa: E402
 
 from qimem import manifest  # noqa: E402
-from qimem.server import auth_api, crypto, keys, lifecycle, signing  # noqa: E402
+from qimem.errors import ValidationError  # noqa: E402
+from qimem.server import auth_api, crypto, keys, lifecycle, media, signing  # noqa: E402
 
 SPECS = [
     crypto.ENCRYPT_SPEC,
@@ -215,3 +217,31 @@ def test_manifest_strategy_reaches_valid_and_compatible_manifests() -> None:
         manifests, lambda doc: not manifest.problems(doc) and manifest.validate(doc).compatible
     )
     assert manifest.validate(found).compatible
+
+
+# ---- base64 fields: exactly RFC 4648 §4, padded, nothing else --------------------------
+
+#: The grammar the decoder must accept, and nothing more (the reference the fast decoder in
+#: qimem.server.media.base64_bytes is checked against).
+_RFC4648 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_B64_NEAR = st.text(alphabet="AQgw+/=aZ09\n \r-_.é\x00", max_size=14)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(_B64_NEAR, st.binary(max_size=12).map(lambda b: base64.b64encode(b).decode())))
+def test_base64_fields_accept_the_rfc_grammar_and_nothing_else(text: str) -> None:
+    valid = _RFC4648.fullmatch(text) is not None
+    try:
+        decoded = media.base64_bytes("data", text)
+    except ValidationError as exc:
+        assert not valid, text
+        assert exc.code == "invalid_base64"
+    else:
+        assert valid, text
+        assert decoded == base64.b64decode(text)
+
+
+@pytest.mark.parametrize("text", ["QQ==QQ==", "QUJD=", "QUJDRA==\n", "=QUJ", "QUJ\u0663", "YQ"])
+def test_base64_fields_refuse_what_a_lenient_decoder_takes(text: str) -> None:
+    with pytest.raises(ValidationError):
+        media.base64_bytes("data", text)
