@@ -211,6 +211,8 @@ def render(report: dict[str, Any]) -> str:
         f"{report['connections']} connections, {report['rounds']} round(s); "
         f"{shape(report)}; bounds {report.get('bounds')}"
     )
+    if report.get("config_extra"):
+        lines.append(f"  qimem config added: {report['config_extra']!r}")
     for sample in q.get("samples", [])[:10]:
         lines.append(f"  sample: {sample}")
     lines.append("  FAILED: " + "; ".join(report["failures"]) if report["failures"] else "  OK")

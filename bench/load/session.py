@@ -114,6 +114,8 @@ def run_load(
         "bounds": dataclasses.asdict(bounds),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
+    if config_extra:
+        report["config_extra"] = config_extra
     with qimem_servers(
         store_url, workdir, servers, workers, users=users, config_extra=config_extra
     ) as cluster:

@@ -47,6 +47,7 @@ def measure(
     bounds: Bounds | None = None,
     pg_restart: bool = False,
     outage: float | None = None,
+    config_extra: str = "",
 ) -> dict[str, Any]:
     """A fresh database and a temporary directory around ``run_load``; prints the table,
     saves the report, raises ``LoadFailure`` when the run failed. ``pg_restart``: the
@@ -55,6 +56,7 @@ def measure(
     admin_url = admin_url or os.environ.get(POSTGRES_ENV) or DEFAULT_ADMIN_URL
     workdir = Path(tempfile.mkdtemp(prefix="qimem-bench-load-"))
     kwargs: dict[str, Any] = {"servers": servers, "workers": workers, "bounds": bounds}
+    kwargs["config_extra"] = config_extra
     args = (duration, processes, connections, rounds)
     try:
         if pg_restart:
@@ -165,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--outage", type=float, metavar="S", help="with --pg-restart: seconds down (default 2-5)"
     )
+    parser.add_argument(
+        "--config",
+        default="",
+        metavar="TOML",
+        help="TOML appended to the qimem servers' config.toml, for an experiment (e.g. "
+        "$'[identity]\\nmax_concurrent_hashes = 2'); the report records it",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
     parser.add_argument("--save", action="store_true", help="merge into results/latest.json")
     args = parser.parse_args(argv)
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             bounds=_bounds(args.rotation_bound, args.revocation_bound, args.pg_restart),
             pg_restart=args.pg_restart,
             outage=args.outage,
+            config_extra=args.config,
         )
     except LoadFailure as exc:
         print(f"load: FAILED: {exc}", file=sys.stderr)
