@@ -14,8 +14,8 @@ from conftest import make_app
 
 from qimem import services
 from qimem.app import AppContext
-from qimem.errors import DecryptionError, QimemError
-from qimem.services import lifecycle
+from qimem.errors import DecryptionError, QimemError, ValidationError
+from qimem.services import crypto, lifecycle
 
 
 @pytest.fixture
@@ -110,6 +110,16 @@ def test_a_refused_encrypt_unwraps_nothing(store_url: str, root_key_b64: str) ->
             with pytest.raises(QimemError) as refused:
                 services.encrypt(app, name, b"refused")
             assert code is None or refused.value.code == code, refused.value
+        # Data keys and files take encrypt keys only: a deterministic key is refused before
+        # its load too (datakey, and the check a file encryption makes first).
+        services.create_key(app, name="tokens", algorithm="aes-256-siv")
+        for refused_call in (
+            lambda: services.datakey(app, "tokens"),
+            lambda: crypto.check_encryption_key(app, "tokens"),
+        ):
+            with pytest.raises(ValidationError) as wrong:
+                refused_call()
+            assert wrong.value.code == "wrong_purpose"
         assert counter.unwraps == 0
         services.create_key(app, name="fine")
         services.encrypt(app, "fine", b"allowed")

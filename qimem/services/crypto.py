@@ -26,29 +26,17 @@ import base64
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from qimem import envelope as env
 from qimem.app import AppContext
-from qimem.crypto import DEFAULT_PURPOSE, zero
-from qimem.errors import DecryptionError, NotFoundError, PayloadTooLargeError, ValidationError
+from qimem.errors import DecryptionError, PayloadTooLargeError, ValidationError
 from qimem.keycache import CachedKey
-from qimem.keys import DEFAULT_REALM, KeyState, KeyVersion, not_active_error
-from qimem.keystore import Unwrap
-from qimem.services import lifecycle
-from qimem.services.deterministic import (
-    TOKEN_SIZE,
-    DeterministicCipher,
-    require_data_key_purpose,
-    require_envelope_purpose,
-)
-from qimem.services.key_refs import exact_version
-from qimem.services.lifecycle_common import key_purpose
-from qimem.services.single_flight import one_load
+from qimem.keys import DEFAULT_REALM
+from qimem.services import key_loading, lifecycle
+from qimem.services.deterministic import require_data_key_purpose
 
 DATA_KEY_SIZE = 32
-_DECRYPTABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
 _monotonic = time.monotonic
 _PREFIX_SIZE = env.PREFIX_SIZE
 
@@ -107,102 +95,6 @@ class DataKey:
         }
 
 
-def _load(
-    app: AppContext,
-    version: KeyVersion,
-    context: bytes | None = None,
-    unwrap: Unwrap | None = None,
-) -> CachedKey:
-    """Unwrap a version's material once and prepare its cipher and header prefix; with a
-    ``context`` (derived keys), the cipher of the per-context subkey. A deterministic key
-    gets a :class:`DeterministicCipher`, a nonce-less header and one-byte usage tokens.
-    ``unwrap``: the version's material, read with it (KeyStore.encryption_state); None:
-    read it from the store."""
-    purpose = key_purpose(app, version)
-    algorithm = app.registry.algorithm(version.algorithm, purpose)
-    deterministic = purpose != DEFAULT_PURPOSE
-    if unwrap is None:
-        unwrap = partial(app.store.material, version.realm, version.key_id)
-    material = unwrap()
-    try:
-        if context is not None:
-            subkey = bytearray(lifecycle.derive_subkey(material, context))
-            zero(material)
-            material = subkey
-        cipher = (
-            DeterministicCipher(algorithm, material)
-            if deterministic
-            else algorithm.cipher(material)
-        )
-    finally:
-        zero(material)
-    nonce_size = 0 if deterministic else algorithm.nonce_size
-    return CachedKey(
-        meta=version,
-        cipher=cipher,
-        prefix=env.header_prefix(
-            algorithm.algorithm_id, version.key_id, version.version, nonce_size
-        ),
-        algorithm_id=algorithm.algorithm_id,
-        nonce_size=TOKEN_SIZE if deterministic else nonce_size,
-        tag_size=algorithm.tag_size,
-        header_size=env.header_size(nonce_size),
-        pack_header=env.header_packer(nonce_size),
-        unpack_header=env.header_unpacker(nonce_size),
-        key_id=version.key_id,
-        version=version.version,
-        realm=version.realm,
-        expires=app.cache.expiry(),
-    )
-
-
-def _encryption_key(
-    app: AppContext, ref: str, realm: str, context: bytes | None = None
-) -> CachedKey:
-    """Resolve, check and load the key for ``ref`` from the store (on a cache miss)."""
-    app.cache.revalidate(app.store.rotation_marker)  # other servers' rotations
-    app.cache.flush_retired(app.store.release_usage)  # dropped entries' unused counts
-    slot = (realm, ref, context) if context is not None else None
-    cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
-    if cached is not None:
-        return cached
-    with one_load(("encrypt", realm, ref, context)):  # threads missing together load once
-        cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
-        return cached or _load_for_encrypt(app, ref, realm, context, slot)
-
-
-def _load_for_encrypt(
-    app: AppContext,
-    ref: str,
-    realm: str,
-    context: bytes | None,
-    slot: tuple[str, str, bytes] | None,
-) -> CachedKey:
-    generation = app.cache.generation  # before reading the store: see KeyCache.put
-    exact = exact_version(app, ref, realm)
-    unwrap: Unwrap | None = None
-    policy = None
-    if exact is None:  # a name or lineage id: version, policy, material in one read
-        version, policy, unwrap = app.store.encryption_state(realm, ref)
-    elif exact.state is not KeyState.ACTIVE:
-        versions = app.store.versions(realm, exact.lineage_id)
-        raise not_active_error(exact, next((v for v in versions if v.active), None))
-    else:
-        version = exact
-    # The checks come before any unwrapping: a refused request costs no root-key call.
-    require_envelope_purpose(app, version)  # before any policy side effect (rotation)
-    checked, limit = lifecycle.check_encryption(app, version, context, policy=policy)
-    if checked is not version and exact is not None:  # rotated away by age just now
-        raise not_active_error(exact, checked)
-    entry = _load(app, checked, context, unwrap if checked is version else None)
-    entry.limit = limit
-    if slot is None:
-        app.cache.put(realm, entry, ref=ref, generation=generation)
-    else:
-        app.cache.put_derived(slot, entry, generation=generation)
-    return entry
-
-
 def check_encryption_key(
     app: AppContext, ref: str, *, realm: str = DEFAULT_REALM, context: bytes | None = None
 ) -> None:
@@ -216,7 +108,7 @@ def check_encryption_key(
     """
     if context is not None:
         context = lifecycle.check_context(context)
-    require_data_key_purpose(_encryption_key(app, ref, realm, context))
+    require_data_key_purpose(key_loading.encryption_key(app, ref, realm, context, data_key=True))
 
 
 def _reserved(
@@ -226,7 +118,7 @@ def _reserved(
     move on to the new version after an automatic rotation."""
     nonce = lifecycle.reserve(app, key)
     while nonce is None:  # the version reached its usage limit and was rotated
-        key = _encryption_key(app, ref, realm, context)
+        key = key_loading.encryption_key(app, ref, realm, context)
         nonce = lifecycle.reserve(app, key)
     return key, nonce
 
@@ -256,7 +148,7 @@ def _encrypt_derived(
     context = lifecycle.check_context(context)
     key = app.cache.for_derived((realm, ref, context))
     if key is None:
-        key = _encryption_key(app, ref, realm, context)
+        key = key_loading.encryption_key(app, ref, realm, context)
     return _seal(app, key, ref, realm, context, plaintext, aad)
 
 
@@ -297,7 +189,7 @@ def encrypt(
     refs = app.cache.by_ref.get(realm)  # KeyCache.for_encrypt, inlined
     key = refs.get(ref) if refs is not None else None
     if key is None or key.expires <= _monotonic():
-        key = _encryption_key(app, ref, realm)
+        key = key_loading.encryption_key(app, ref, realm)
     # A fresh random nonce, and with it one usage count reserved in the store.
     nonce = next(key.nonces, None)
     if nonce is None:
@@ -307,65 +199,12 @@ def encrypt(
     return EncryptResult(head + sealed, key.key_id, key.version)
 
 
-def _cached_for_decrypt(
-    app: AppContext, realm: str, prefix: bytes, slot: tuple[str, object, bytes] | None
-) -> CachedKey | None:
-    if slot is None:
-        return app.cache.for_decrypt(realm, prefix)
-    return app.cache.for_derived(slot)
-
-
-def _decryption_key(
-    app: AppContext, parsed: env.Envelope, realm: str, context: bytes | None = None
-) -> CachedKey:
-    """The key that sealed a parsed envelope, from the cache or the store."""
-    prefix = parsed.header[: env.PREFIX_SIZE]
-    slot = (realm, prefix, context) if context is not None else None
-    entry = _cached_for_decrypt(app, realm, prefix, slot)
-    if entry is None:
-        app.cache.revalidate(app.store.rotation_marker)  # other servers' state changes
-        entry = _cached_for_decrypt(app, realm, prefix, slot)
-    if entry is None:
-        with one_load(("decrypt", realm, prefix, context)):  # threads missing together
-            entry = _cached_for_decrypt(app, realm, prefix, slot)
-            entry = entry or _load_for_decrypt(app, parsed, realm, context, slot)
-    # The key id matched; the algorithm, key version or nonce size may not.
-    if entry.prefix != prefix or len(parsed.ciphertext) < entry.tag_size:
-        raise DecryptionError("ciphertext failed authentication")
-    return entry
-
-
-def _load_for_decrypt(
-    app: AppContext,
-    parsed: env.Envelope,
-    realm: str,
-    context: bytes | None,
-    slot: tuple[str, object, bytes] | None,
-) -> CachedKey:
-    generation = app.cache.generation  # before reading the store: see KeyCache.put
-    try:
-        version, policy, unwrap = app.store.decryption_state(realm, parsed.key_id_str)
-    except NotFoundError:
-        raise NotFoundError(
-            f"the key {parsed.key_id_str} that sealed this envelope does not exist"
-        ) from None
-    # The checks come before any unwrapping: a refused request costs no root-key call.
-    require_envelope_purpose(app, version)
-    lifecycle.check_decryption(app, version, context, policy=policy)  # state, minimum ...
-    entry = _load(app, version, context, unwrap)
-    if slot is None:
-        app.cache.put(realm, entry, generation=generation)
-    else:
-        app.cache.put_derived(slot, entry, generation=generation)
-    return entry
-
-
 def _open(
     app: AppContext, blob: bytes, aad: bytes | None, realm: str, context: bytes | None = None
 ) -> tuple[bytes, CachedKey]:
     """Parse strictly, find the key in the cache or the store, open (decrypt's slow path)."""
     parsed = env.parse(blob)
-    key = _decryption_key(app, parsed, realm, context)
+    key = key_loading.decryption_key(app, parsed, realm, context)
     head = parsed.header
     try:
         plaintext = key.cipher.decrypt(parsed.nonce, parsed.ciphertext, head + aad if aad else head)
@@ -448,7 +287,7 @@ def rewrap(
         if not isinstance(target, str):
             raise ValidationError("target must be a key name, lineage_id or key_id")
         # The target first: a wrong target costs no decryption (nor an unwrap of the source).
-        _encryption_key(app, target, realm, context)
+        key_loading.encryption_key(app, target, realm, context)
     plaintext, key = _open(app, _check_bytes(envelope, "envelope"), aad, realm, context)
     ref = key.meta.lineage_id if target is None else target
     return encrypt(app, ref, plaintext, aad=aad, realm=realm, context=context)
@@ -483,7 +322,7 @@ def datakey(
         aad = _check_bytes(aad, "aad")
     if context is not None:
         context = lifecycle.check_context(context)
-    key = _entry(app, ref, realm, context)
+    key = _data_key_entry(app, ref, realm, context)
     require_data_key_purpose(key)
     plaintext_key = os.urandom(size)
     sealed = _seal(app, key, ref, realm, context, plaintext_key, aad)
@@ -492,10 +331,11 @@ def datakey(
     )
 
 
-def _entry(app: AppContext, ref: str, realm: str, context: bytes | None) -> CachedKey:
-    """The cache entry :func:`encrypt` would use for ``ref`` (loaded on a miss)."""
+def _data_key_entry(app: AppContext, ref: str, realm: str, context: bytes | None) -> CachedKey:
+    """The cache entry :func:`encrypt` would use for ``ref`` (loaded on a miss, for a data
+    key: see :func:`_encryption_key`)."""
     if context is None:
         cached = app.cache.for_encrypt(realm, ref)
     else:
         cached = app.cache.for_derived((realm, ref, context))
-    return cached if cached is not None else _encryption_key(app, ref, realm, context)
+    return cached or key_loading.encryption_key(app, ref, realm, context, data_key=True)

@@ -92,9 +92,24 @@ def require_data_key_purpose(key: CachedKey) -> None:
     :raises ValidationError: ``wrong_purpose``: ``key`` is a deterministic key's entry.
     """
     if isinstance(key.cipher, DeterministicCipher):
-        raise wrong_purpose(
-            key.meta,
-            "deterministic",
-            "data keys and files need an encrypt key (a deterministic key seals single "
-            "values, such as column entries, with encrypt and decrypt)",
-        )
+        raise _not_for_data_keys(key.meta, "deterministic")
+
+
+def require_data_key_version(app: AppContext, version: KeyVersion) -> None:
+    """:func:`require_data_key_purpose` of a version about to be loaded (a cache miss), so a
+    refused request unwraps nothing.
+
+    :raises ValidationError: ``wrong_purpose``: not an encrypt key.
+    """
+    purpose = key_purpose(app, version)
+    if purpose != DEFAULT_PURPOSE:
+        raise _not_for_data_keys(version, purpose)
+
+
+def _not_for_data_keys(version: KeyVersion, purpose: str) -> ValidationError:
+    return wrong_purpose(
+        version,
+        purpose,
+        "data keys and files need an encrypt key (a deterministic key seals single "
+        "values, such as column entries, with encrypt and decrypt)",
+    )
