@@ -14,7 +14,6 @@ import base64
 import http.client
 import json
 import subprocess
-import threading
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -195,18 +194,13 @@ def fails_in_parallel(
 
     SoftHSM2's file object store rewrites a token's file on a login (a failed one, and on
     some paths a good one), and a process listing the tokens at that moment may miss it
-    ("no token labelled ..."). A command that says so runs once more, alone: a token that
-    really is gone is still reported gone."""
-    serial = threading.Lock()
-
-    def fails(args: list[str]) -> str:
-        line = home.fails(*args, code=code, stdin=stdin)
-        if "no token labelled" in line:
-            with serial:
-                line = home.fails(*args, code=code, stdin=stdin)
-        return line
-
-    return in_parallel(fails, commands)
+    ("no token labelled ..."). A command that says so runs once more when the parallel
+    pass is over, alone: a token that really is gone is still reported gone."""
+    lines = in_parallel(lambda args: home.fails(*args, code=code, stdin=stdin), commands)
+    return [
+        home.fails(*args, code=code, stdin=stdin) if "no token labelled" in line else line
+        for args, line in zip(commands, lines, strict=True)
+    ]
 
 
 def exposed(pid: int) -> bytes:
