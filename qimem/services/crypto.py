@@ -146,9 +146,8 @@ def _encrypt_derived(
 ) -> EncryptResult:
     """encrypt() with a derived key's context: the per-context subkey seals."""
     context = lifecycle.check_context(context)
-    key = app.cache.for_derived((realm, ref, context))
-    if key is None:
-        key = key_loading.encryption_key(app, ref, realm, context)
+    key = key_loading.cached_for_encrypt(app, realm, ref, context)
+    key = key or key_loading.encryption_key(app, ref, realm, context)
     return _seal(app, key, ref, realm, context, plaintext, aad)
 
 
@@ -322,20 +321,11 @@ def datakey(
         aad = _check_bytes(aad, "aad")
     if context is not None:
         context = lifecycle.check_context(context)
-    key = _data_key_entry(app, ref, realm, context)
+    key = key_loading.cached_for_encrypt(app, realm, ref, context)
+    key = key or key_loading.encryption_key(app, ref, realm, context, data_key=True)
     require_data_key_purpose(key)
     plaintext_key = os.urandom(size)
     sealed = _seal(app, key, ref, realm, context, plaintext_key, aad)
     return DataKey(
         None if wrapped_only else plaintext_key, sealed.envelope, sealed.key_id, sealed.version
     )
-
-
-def _data_key_entry(app: AppContext, ref: str, realm: str, context: bytes | None) -> CachedKey:
-    """The cache entry :func:`encrypt` would use for ``ref`` (loaded on a miss, for a data
-    key: see :func:`_encryption_key`)."""
-    if context is None:
-        cached = app.cache.for_encrypt(realm, ref)
-    else:
-        cached = app.cache.for_derived((realm, ref, context))
-    return cached or key_loading.encryption_key(app, ref, realm, context, data_key=True)

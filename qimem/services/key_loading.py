@@ -83,13 +83,23 @@ def encryption_key(
     ``data_key``: for a data key or a file: encrypt keys only, checked before the load."""
     app.cache.revalidate(app.store.rotation_marker)  # other servers' rotations
     app.cache.flush_retired(app.store.release_usage)  # dropped entries' unused counts
-    slot = (realm, ref, context) if context is not None else None
-    cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
+    cached = cached_for_encrypt(app, realm, ref, context)
     if cached is not None:
         return cached
     with one_load(("encrypt", realm, ref, context)):  # threads missing together load once
-        cached = app.cache.for_encrypt(realm, ref) if slot is None else app.cache.for_derived(slot)
+        cached = cached_for_encrypt(app, realm, ref, context)
+        slot = (realm, ref, context) if context is not None else None
         return cached or _load_for_encrypt(app, ref, realm, context, slot, data_key)
+
+
+def cached_for_encrypt(
+    app: AppContext, realm: str, ref: str, context: bytes | None
+) -> CachedKey | None:
+    """The cache entry an encryption under ``ref`` (with ``context``, a derived key's)
+    would use, if the cache holds it."""
+    if context is None:
+        return app.cache.for_encrypt(realm, ref)
+    return app.cache.for_derived((realm, ref, context))
 
 
 def _load_for_encrypt(
