@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from qimem.identity import db as tables
+from qimem.identity import users
 from qimem.identity.settings import IdentitySettings
+from qimem.identity.users import User
 
 
 def is_locked(locked_until: float, now: float | None = None) -> bool:
@@ -54,6 +56,16 @@ def record_failure(
 def claim_success(
     conn: Connection, user_id: str, verified_hash: str, now: float | None = None
 ) -> str | None:
+    """Turn a verified password into a successful login (:func:`claim` without the row).
+
+    :returns: None on success, else why not (``locked``, ``disabled``, ``changed``).
+    """
+    return claim(conn, user_id, verified_hash, now)[0]
+
+
+def claim(
+    conn: Connection, user_id: str, verified_hash: str, now: float | None = None
+) -> tuple[str | None, User | None]:
     """Turn a verified password into a successful login, atomically with the lock state.
 
     One conditional ``UPDATE`` (which takes the row's write lock) succeeds only if the user
@@ -61,7 +73,9 @@ def claim_success(
     verified against. A failure that locked the user while the hash was computing is
     therefore seen, and a password change or disable racing the login wins.
 
-    :returns: None on success, else why not (``locked``, ``disabled``, ``changed``).
+    :returns: ``(None, the user's row as it now is)`` on success (read by the same
+        statement, under its lock), else ``(why not, None)``: ``locked``, ``disabled``,
+        ``changed`` or ``unknown_user``.
     """
     now = time.time() if now is None else now
     c = tables.users.c
@@ -74,15 +88,16 @@ def claim_success(
             c.secret_hash == verified_hash,
         )
         .values(failed_logins=0)
-    ).rowcount
-    if claimed == 1:
-        return None
+        .returning(*tables.users.c)
+    ).first()
+    if claimed is not None:
+        return None, users.user_of(claimed)
     row = conn.execute(sa.select(c.locked_until, c.enabled).where(c.user_id == user_id)).first()
     if row is None:
-        return "unknown_user"
+        return "unknown_user", None
     if row.locked_until > now:
-        return "locked"
-    return "disabled" if not row.enabled else "changed"
+        return "locked", None
+    return ("disabled" if not row.enabled else "changed"), None
 
 
 def unlock(conn: Connection, user_id: str) -> None:

@@ -222,7 +222,11 @@ class ProviderLogins(IdentityBase):
         if conn is None:
             with self.db.read() as own:
                 return self.realm_auth(realm, own)
-        blob = realms.auth_config_blob(conn, realm)
+        return self.realm_auth_of(realm, realms.auth_config_blob(conn, realm))
+
+    def realm_auth_of(self, realm: str, blob: bytes | None) -> RealmAuth:
+        """The login configuration sealed in ``blob`` (None: password only); see
+        :meth:`realm_auth`."""
         if blob is None:
             return RealmAuth()
         try:

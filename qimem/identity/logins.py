@@ -142,12 +142,14 @@ class Logins(ProviderLogins, OtpAdministration):
         """
         if not isinstance(username, str) or not isinstance(password, str):
             raise _login_error()
-        with self.db.read() as conn:
-            known_realm = realms.exists(conn, realm) if isinstance(realm, str) else False
-            user = (
-                users.find(conn, realm, username) if known_realm and len(username) <= 128 else None
-            )
-            config = self.realm_auth(realm, conn) if known_realm else RealmAuth()
+        known_realm, user, config = False, None, RealmAuth()
+        if isinstance(realm, str):
+            with self.db.read() as conn:  # the realm, the user, the login configuration
+                known_realm, row, blob = realms.login_view(
+                    conn, realm, username if len(username) <= 128 else None
+                )
+            user = users.user_of(row) if row is not None else None
+            config = self.realm_auth_of(realm, blob) if known_realm else RealmAuth()
         if user is not None and user.kind != "user":
             user = None
         locked = user is not None and lockout.is_locked(user.locked_until)
@@ -207,8 +209,7 @@ class Logins(ProviderLogins, OtpAdministration):
                     reason = self.second_factor(conn, realm, user, otp)
                 if user is not None and reason is None:
                     verified = found.verified_hash or external_marker(provider_name)
-                    reason = lockout.claim_success(conn, user.user_id, verified)
-                    now_row = users.by_id(conn, user.user_id) if reason is None else None
+                    reason, now_row = lockout.claim(conn, user.user_id, verified)
                     if reason is None and (now_row is None or not self.sealer.user_ok(now_row)):
                         reason = "integrity"  # changed without the root key while checking
             if reason is not None:
@@ -357,13 +358,15 @@ class Logins(ProviderLogins, OtpAdministration):
         statements (the row lock, the re-read, the previous secrets) and the same MAC and
         secret-hash work, against a decoy account that matches no secret, so the answer's
         time does not tell which client ids exist."""
-        with self.db.read() as conn:
-            known_realm = isinstance(realm, str) and realms.exists(conn, realm)
-            user = (
-                users.find(conn, realm, client_id)
-                if isinstance(client_id, str) and len(client_id) <= 128
-                else None
-            )
+        known_realm, user = False, None
+        if isinstance(realm, str):
+            with self.db.read() as conn:  # the realm and the account in one read
+                known_realm, row, _ = realms.login_view(
+                    conn,
+                    realm,
+                    client_id if isinstance(client_id, str) and len(client_id) <= 128 else None,
+                )
+            user = users.user_of(row) if row is not None else None
         if user is not None and (user.kind != "client" or not known_realm):
             user = None
         candidate = user if user is not None and user.enabled else None

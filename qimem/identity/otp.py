@@ -107,12 +107,17 @@ class OtpAdministration(IdentityBase):
                 return self.otp_required(realm, own)
         c = tables.realm_policy.c
         row = conn.execute(sa.select(c.otp_required, c.mac).where(c.realm == realm)).first()
-        if row is None:
+        return self._policy_says(realm, None if row is None else row.otp_required, row and row.mac)
+
+    def _policy_says(self, realm: str, required: bool | None, mac: str | None) -> bool:
+        """What a policy row read (``required`` None: none) says: a row failing its MAC
+        counts as required."""
+        if required is None:
             return False
-        if not hmac.compare_digest(str(row.mac), self._policy_mac(realm, bool(row.otp_required))):
+        if not hmac.compare_digest(str(mac), self._policy_mac(realm, bool(required))):
             self._integrity_violation(realm, "realm_policy", f"OTP policy of {realm}")
             return True
-        return bool(row.otp_required)
+        return bool(required)
 
     def set_otp_required(self, realm: str, required: bool, *, actor: str = "local") -> None:
         t = tables.realm_policy
@@ -380,9 +385,20 @@ class OtpAdministration(IdentityBase):
         verified: None if it passes (or the user has none and the realm does not require
         one), else the refusal reason (:data:`OTP_FAILURES` or ``otp_enrollment_required``)."""
         now = time.time() if now is None else now
-        row = self._otp_row(conn, user)
-        if row is None or not row.confirmed:
-            return ENROLLMENT_REQUIRED if self.otp_required(realm, conn) else None
+        o, p = tables.otp, tables.realm_policy.c
+        one = sa.select(sa.literal(1).label("one")).subquery()
+        row = conn.execute(  # the user's OTP row and the realm's policy in one read
+            sa.select(
+                o, p.otp_required.label("policy_required"), p.mac.label("policy_mac")
+            ).select_from(
+                one.outerjoin(
+                    o, sa.and_(o.c.user_id == user.user_id, o.c.realm == user.realm)
+                ).outerjoin(tables.realm_policy, p.realm == realm)
+            )
+        ).one()
+        if row.user_id is None or not row.confirmed:
+            required = self._policy_says(realm, row.policy_required, row.policy_mac)
+            return ENROLLMENT_REQUIRED if required else None
         if not isinstance(code, str) or not code or len(code) > 64:
             return "otp_missing"
         return self._verify(conn, row, user, code.strip(), now) or None

@@ -121,6 +121,27 @@ def delete(conn: Connection, name: str) -> None:
     conn.execute(sa.delete(tables.realms).where(tables.realms.c.name == name))
 
 
+def login_view(conn: Connection, name: str, username: str | None) -> tuple[bool, Any, bytes | None]:
+    """What a login reads first, in one statement: whether realm ``name`` exists, the
+    ``qimem_users`` row of ``username`` in it (None: none, or ``username`` is None), and
+    the realm's sealed login configuration (None: password only)."""
+    r, u = tables.realms, tables.users
+    match = sa.false() if username is None else u.c.username == username
+    row = conn.execute(
+        sa.select(r.c.name.label("realm_name"), realm_auth.c.config.label("auth_config"), u)
+        .select_from(
+            r.outerjoin(realm_auth, realm_auth.c.realm == r.c.name).outerjoin(
+                u, sa.and_(u.c.realm == r.c.name, match)
+            )
+        )
+        .where(r.c.name == name)
+    ).first()
+    if row is None:
+        return False, None, None
+    config = bytes(row.auth_config) if row.auth_config is not None else None
+    return True, (row if row.user_id is not None else None), config
+
+
 def auth_config_blob(conn: Connection, name: str) -> bytes | None:
     """The sealed login configuration of realm ``name``, or None (password only)."""
     row = conn.execute(sa.select(realm_auth.c.config).where(realm_auth.c.realm == name)).first()

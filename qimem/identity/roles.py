@@ -173,17 +173,19 @@ def revoke(conn: Connection, realm: str, user_id: str, role: str, scope: str | N
 def grants_of(conn: Connection, sealer: Sealer, realm: str, user_id: str) -> list[tuple[str, str]]:
     """``(role, scope)`` pairs held by a user ('' scope = every key); grants failing their
     MAC are left out (and reported)."""
-    g = tables.grants.c
-    rows = conn.execute(
-        sa.select(g.role, g.scope, g.mac)
+    g, u = tables.grants.c, tables.users.c
+    rows = conn.execute(  # the grants and the user's epoch (their MACs' input) in one read
+        sa.select(g.role, g.scope, g.mac, u.tokens_valid_after)
+        .join_from(tables.grants, tables.users, u.user_id == g.user_id)
         .where(g.realm == realm, g.user_id == user_id)
         .order_by(g.role, g.scope)
     ).all()
-    epoch = _epoch(conn, user_id) if rows else 0.0
     return [
         (r.role, r.scope)
         for r in rows
-        if sealer.grant_ok(realm, user_id, r.role, r.scope, epoch, r.mac)
+        if sealer.grant_ok(
+            realm, user_id, r.role, r.scope, float(r.tokens_valid_after or 0.0), r.mac
+        )
     ]
 
 

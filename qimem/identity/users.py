@@ -66,6 +66,11 @@ class User:
         }
 
 
+def user_of(row: Any) -> User:
+    """The :class:`User` of a ``qimem_users`` row (every column)."""
+    return _user(row)
+
+
 def _user(row: Any, grants: list[tuple[str, str]] | None = None) -> User:
     return User(
         row.user_id,
