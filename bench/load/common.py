@@ -98,6 +98,8 @@ class Target:
     keys: list[str]
     rotated: list[str]
     workers: int = 1
+    #: The servers' process ids (their descendants count too): for the CPU accounting.
+    pids: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -166,9 +168,13 @@ class DriveResult:
     # Rotations whose outcome is unknown (503 or no answer): they may have committed.
     rotations_unknown: Counter[str] = field(default_factory=Counter)
     unchecked: int = 0  # follow-up checks still scheduled when the run ended
+    # CPU seconds during the rounds (bench.load.cpu): the servers, PostgreSQL, the clients.
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def merge(self, other: DriveResult) -> None:
         self.elapsed += other.elapsed
+        for part, seconds in other.cpu.items():
+            self.cpu[part] = self.cpu.get(part, 0.0) + seconds
         for op, values in other.latencies.items():
             self.latencies.setdefault(op, []).extend(values)
         for op, counts in other.statuses.items():

@@ -270,7 +270,15 @@ def peer_server(
                     raise LoadFailure(f"peer did not start: {log}")
                 time.sleep(0.1)
         yield Target(
-            "peer", urls, like.realm, like.users, like.client, like.keys, like.rotated, workers
+            "peer",
+            urls,
+            like.realm,
+            like.users,
+            like.client,
+            like.keys,
+            like.rotated,
+            workers,
+            pids=[proc.pid],
         )
     finally:
         proc.terminate()

@@ -41,6 +41,11 @@ def summarize(result: DriveResult, seconds: float) -> dict[str, Any]:
     total = sum(len(v) for v in result.latencies.values())
     every = [x for v in result.latencies.values() for x in v]
     return {
+        "cpu": {
+            f"{part}_ms_per_request": round(1000 * used / total, 3) if total else None
+            for part, used in result.cpu.items()
+        }
+        | {"server_cores": round(result.cpu.get("servers", 0.0) / seconds, 2) if seconds else None},
         "seconds": seconds,
         "requests": total,
         "rps": total / seconds if seconds else 0.0,
@@ -180,6 +185,20 @@ def render(report: dict[str, Any]) -> str:
             f" bound violations {s.get('violations') or 0}; follow-up checks left at the end "
             f"{s.get('unchecked', 0)}"
         )
+        c = s.get("cpu") or {}
+        if c.get("servers_ms_per_request") is not None:
+            lines.append(
+                f"  {side}: CPU ms per request: server {c['servers_ms_per_request']:.3f} "
+                f"({c['server_cores']} cores), PostgreSQL {c['store_ms_per_request']:.3f}, "
+                f"clients {c['clients_ms_per_request']:.3f}"
+            )
+    if report.get("qimem", {}).get("cpu") and report.get("peer", {}).get("cpu"):
+        mine, theirs = report["qimem"]["cpu"], report["peer"]["cpu"]
+        if mine.get("servers_ms_per_request") and theirs.get("servers_ms_per_request"):
+            lines.append(
+                "  server CPU per request, peer/qimem: "
+                f"{theirs['servers_ms_per_request'] / mine['servers_ms_per_request']:.3f}"
+            )
     q = report.get("qimem", {})
     if "versions" in q:
         lines.append(

@@ -217,6 +217,22 @@ class QimemServers:
         }
 
 
+def _merge_config(path: Path, extra: str) -> None:
+    """Merge the TOML ``extra`` into the config file at ``path`` (its tables into the
+    file's tables of the same name, key by key)."""
+    import tomllib
+
+    import tomli_w
+
+    config = tomllib.loads(path.read_text())
+    for name, value in tomllib.loads(extra).items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name].update(value)
+        else:
+            config[name] = value
+    path.write_text(tomli_w.dumps(config))
+
+
 def _home(workdir: Path, index: int) -> Path:
     return workdir / ("home" if index == 0 else f"home-{index}")
 
@@ -236,7 +252,8 @@ def qimem_servers(
     loopback port with its own copy of the home directory (config, root key) and
     ``--workers workers`` when ``workers`` > 1; realm ``load`` with ``users`` users, the
     ``rotator`` client and the keys (made through the first server). Stopped on exit.
-    ``config_extra`` (TOML) is appended to the config file before the servers start."""
+    ``config_extra`` (TOML) is merged into the config file, table by table, before the
+    servers start."""
     if workers > 1 and not workers_supported():
         raise LoadFailure("qimem serve has no --workers option (yet): use --workers 1")
     env = _env(workdir, store_url)
@@ -250,10 +267,10 @@ def qimem_servers(
         capture_output=True,
     )
     if config_extra:
-        with (workdir / "home" / "config.toml").open("a") as config:
-            config.write("\n" + config_extra + "\n")
+        _merge_config(workdir / "home" / "config.toml", config_extra)
     argv = [*_exe(), "serve", "--port", "0", "--threads", str(THREADS)]
     argv += ["--workers", str(workers)] if workers > 1 else []
+    argv += os.environ.get("XARGS", "").split()  # TEMP
     started: list[QimemServer] = []
     try:
         for i in range(servers):
@@ -305,6 +322,7 @@ def qimem_servers(
             _must(_call(url, "POST", "/v1/security/keys", {"name": name}, rotator), "key", 201)
         urls = [s.url for s in started]
         target = Target("qimem", urls, REALM, people, client, names, rot, workers)
+        target.pids = [s.proc.pid for s in started]
         yield QimemServers(started, target, admin, store_url)
     finally:
         for server in started:

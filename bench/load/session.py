@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.load import cpu
 from bench.load.common import AUDITED, MIX, SIZES, Bounds, DriveResult, LoadFailure
 from bench.load.driver import drive
 from bench.load.peer import peer_server
@@ -134,6 +135,7 @@ def run_load(
                     if pg is not None and name == "qimem" and r == 0:
                         restart = _Restart(pg, after, down)
                         restart.start()
+                    before = cpu.sample(sides[name].pids)
                     part = drive(
                         sides[name],
                         round_seconds,
@@ -145,6 +147,7 @@ def run_load(
                         bounds,
                         allow_503=pg is not None and name == "qimem",
                     )
+                    part.cpu = dataclasses.asdict(cpu.spent(before, cpu.sample(sides[name].pids)))
                     if restart is not None:
                         restart.join(60)
                         if restart.error is not None or restart.is_alive():

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         default="",
         metavar="TOML",
-        help="TOML appended to the qimem servers' config.toml, for an experiment (e.g. "
+        help="TOML merged into the qimem servers' config.toml, for an experiment (e.g. "
         "$'[identity]\\nmax_concurrent_hashes = 2'); the report records it",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
