@@ -111,10 +111,13 @@ def notify(conn: Any, change: Change) -> None:
         return
     import sqlalchemy as sa
 
-    conn.execute(
-        sa.text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": CHANNEL, "payload": change.encode()},
-    )
+    conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"), notice(change))
+
+
+def notice(change: Change) -> dict[str, str]:
+    """The ``:channel`` and ``:payload`` parameters of a ``pg_notify`` sending ``change``
+    (for a statement that sends it along with other work, as :func:`notify` does alone)."""
+    return {"channel": CHANNEL, "payload": change.encode()}
 
 
 class ChangeSink(Protocol):
@@ -301,6 +304,7 @@ __all__ = [
     "ChangeSink",
     "Invalidator",
     "Subscription",
+    "notice",
     "notify",
     "parse",
     "subscribe",

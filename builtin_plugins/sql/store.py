@@ -36,7 +36,7 @@ from qimem.builtin_plugins.sql.tables import (
 )
 from qimem.builtin_plugins.sql.usage import SqlUsageAccounting
 from qimem.errors import ConfigError, ConflictError, KeyNotActiveError, NotFoundError
-from qimem.invalidation import LINEAGE, ROTATION, Change, notify
+from qimem.invalidation import LINEAGE, ROTATION, Change, notice, notify
 from qimem.keys import (
     KeyState,
     KeyVersion,
@@ -54,6 +54,13 @@ from qimem.sql import (
     read_engine,
     sqlite_database,
     translate_errors,
+)
+
+#: PostgreSQL: the rotation marker's change and its notice in one statement (a data-changing
+#: WITH runs once, whatever the outer query reads).
+_BUMP_AND_NOTIFY = sa.text(
+    "WITH bumped AS (UPDATE qimem_meta SET value = :marker WHERE name = :name) "
+    "SELECT pg_notify(:channel, :payload)"
 )
 
 
@@ -270,6 +277,7 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
     def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
         try:
             with translate_errors(), self.engine.begin() as conn:
+                # The compare-and-swap; RETURNING saves reading the version again.
                 swapped = conn.execute(
                     sa.update(versions)
                     .where(
@@ -278,9 +286,10 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
                         versions.c.state == KeyState.ACTIVE.value,
                     )
                     .values(state=KeyState.DECRYPT_ONLY.value)
-                ).rowcount
-                current = self._get(conn, realm, key_id)  # NotFoundError rolls back
-                if swapped != 1:
+                    .returning(versions.c.lineage_id, versions.c.algorithm)
+                ).first()
+                if swapped is None:
+                    current = self._get(conn, realm, key_id)  # NotFoundError rolls back
                     active_row = conn.execute(
                         SELECT_VERSIONS.where(
                             versions.c.lineage_id == current.lineage_id,
@@ -289,23 +298,24 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
                     ).first()
                     active = to_version(active_row) if active_row is not None else None
                     raise not_active_error(current, active)
-                newest = conn.execute(
-                    sa.select(sa.func.max(versions.c.version)).where(
-                        versions.c.lineage_id == current.lineage_id
-                    )
-                ).scalar_one()
+                newest, name = conn.execute(
+                    sa.select(sa.func.max(versions.c.version), lineages.c.name)
+                    .join_from(versions, lineages, versions.c.lineage_id == lineages.c.lineage_id)
+                    .where(versions.c.lineage_id == swapped.lineage_id)
+                    .group_by(lineages.c.name)
+                ).one()
                 rotated = KeyVersion(
                     key_id=new_id(),
-                    lineage_id=current.lineage_id,
-                    name=current.name,
+                    lineage_id=swapped.lineage_id,
+                    name=name,
                     realm=realm,
                     version=newest + 1,
-                    algorithm=current.algorithm,
+                    algorithm=swapped.algorithm,
                     state=KeyState.ACTIVE,
                     created_at=datetime.now(UTC),
                 )
                 self._insert_version(conn, rotated, material)
-                self._bump_marker(conn, realm, current.lineage_id, kind=ROTATION)
+                self._bump_marker(conn, realm, swapped.lineage_id, kind=ROTATION)
         except IntegrityError:  # the unique (lineage, version) backstop
             raise KeyNotActiveError(
                 f"key {key_id} was rotated concurrently; retry with the active version"
@@ -336,10 +346,16 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
         that ``lineage_id`` changed (both take effect when ``conn``'s transaction commits;
         the marker row's lock orders concurrent changes, so notices arrive in marker order)."""
         marker = new_id()
+        change = Change(kind, realm, lineage_id, marker)
+        if conn.dialect.name == "postgresql":  # both in one statement (one round trip)
+            conn.execute(
+                _BUMP_AND_NOTIFY, {"marker": marker, "name": STATE_MARKER} | notice(change)
+            )
+            return
         conn.execute(
             sa.update(meta_table).where(meta_table.c.name == STATE_MARKER).values(value=marker)
         )
-        notify(conn, Change(kind, realm, lineage_id, marker))
+        notify(conn, change)
 
     def _lineage_row(self, conn: sa.Connection, realm: str, lineage_id: str) -> Any:
         row = conn.execute(
