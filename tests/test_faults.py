@@ -976,7 +976,8 @@ def test_audit_query_waits_for_the_batch_being_written(postgres_url: str) -> Non
             audit.record("master", "tester", "crypto.encrypt", f"key-{i}", buffered=True)
         waiting = sa.text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND starts_with(query, 'INSERT INTO qimem_audit')"
+            "AND wait_event_type = 'Lock' AND (starts_with(query, 'COPY qimem_audit') "
+            "OR starts_with(query, 'INSERT INTO qimem_audit'))"
         )
         deadline = time.monotonic() + 30
         while True:  # until the flusher holds the batch (a fresh statistics snapshot each time)

@@ -172,8 +172,7 @@ def assertion_grant(
                 # factor never logs in without it (fail closed, not a bypass).
                 reason = "second_factor_required"
             if user is not None and reason is None:
-                reason = lockout.claim_success(conn, user.user_id, external_marker(name))
-                now_row = users.by_id(conn, user.user_id) if reason is None else None
+                reason, now_row = lockout.claim(conn, user.user_id, external_marker(name))
                 if reason is None and (now_row is None or not ident.sealer.user_ok(now_row)):
                     reason = "integrity"
         if reason is None:

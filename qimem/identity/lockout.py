@@ -53,16 +53,6 @@ def record_failure(
     return "locked_now" if row.locked_until > now else "counted"
 
 
-def claim_success(
-    conn: Connection, user_id: str, verified_hash: str, now: float | None = None
-) -> str | None:
-    """Turn a verified password into a successful login (:func:`claim` without the row).
-
-    :returns: None on success, else why not (``locked``, ``disabled``, ``changed``).
-    """
-    return claim(conn, user_id, verified_hash, now)[0]
-
-
 def claim(
     conn: Connection, user_id: str, verified_hash: str, now: float | None = None
 ) -> tuple[str | None, User | None]:

@@ -136,7 +136,7 @@ class Logins(ProviderLogins, OtpAdministration):
         fair share of the hashing slots (:class:`PasswordHashing`), else 503 ``login_busy``.
 
         The outcome is decided atomically with the lock state after the providers answered
-        (:func:`lockout.claim_success`, :func:`lockout.record_failure`): a login that was
+        (:func:`lockout.claim`, :func:`lockout.record_failure`): a login that was
         checking while another failure locked the user fails. One lockout counter per qimem
         user, whichever provider refused.
         """
@@ -218,7 +218,7 @@ class Logins(ProviderLogins, OtpAdministration):
                 )
             else:
                 assert user is not None and found is not None
-                issued_at = time.time()  # under the row lock claim_success took
+                issued_at = time.time()  # under the row lock lockout.claim took
                 if found.new_hash is not None:
                     users.set_secret_hash(conn, user.user_id, found.new_hash)
                     users.reseal(conn, self.sealer, user.user_id)

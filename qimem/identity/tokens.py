@@ -454,7 +454,7 @@ class TokenService:
 
         The user's row is write-locked first and the time taken after: a login of this user
         committing concurrently either finishes before (its token is older than the cut-off)
-        or sees this change (see ``lockout.claim_success``)."""
+        or sees this change (see ``lockout.claim``)."""
         c = tables.users.c
         lock_user_row(conn, user_id)
         at = time.time()
