@@ -87,6 +87,29 @@ def test_a_forged_otp_policy_counts_as_required(world: tuple[AppContext, str]) -
     assert refused(app, "acme", "kim", password_of("kim")) == "otp_enrollment_required"
 
 
+def test_a_policy_row_with_a_null_value_counts_as_required(
+    postgres_url: str, root_key_b64: str
+) -> None:
+    """A writer allowed to change the schema NULLs the flag of a 'required' policy: the
+    row is there and fails its MAC, so it reads as required (red team, this session: the
+    one-read version took a NULL for "no row"). PostgreSQL: SQLite cannot drop a NOT NULL
+    constraint in place."""
+    app = identity_app(postgres_url, root_key_b64)
+    try:
+        ids.create_realm(app, "acme")
+        ids.add_user(app, "acme", "kim", password_of("kim"), [])
+        otps.set_otp_required(app, "acme", True)
+        url = postgres_url
+        raw_sql(url, "ALTER TABLE qimem_realm_policy ALTER COLUMN otp_required DROP NOT NULL")
+        raw_sql(url, "UPDATE qimem_realm_policy SET otp_required = NULL WHERE realm = 'acme'")
+        assert refused(app, "acme", "kim", password_of("kim")) == "otp_enrollment_required"
+        assert ids.identity(app).otp_required("acme") is True
+        events = ids.identity(app).audit_events("acme", action="integrity.violation")
+        assert [e.detail.get("table") for e in events] == ["realm_policy", "realm_policy"]
+    finally:
+        close_app(app)
+
+
 def test_one_realms_otp_policy_does_not_reach_another(world: tuple[AppContext, str]) -> None:
     app, _ = world
     ids.add_user(app, "acme", "kim", password_of("kim"), [])

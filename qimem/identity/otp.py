@@ -107,14 +107,16 @@ class OtpAdministration(IdentityBase):
                 return self.otp_required(realm, own)
         c = tables.realm_policy.c
         row = conn.execute(sa.select(c.otp_required, c.mac).where(c.realm == realm)).first()
-        return self._policy_says(realm, None if row is None else row.otp_required, row and row.mac)
-
-    def _policy_says(self, realm: str, required: bool | None, mac: str | None) -> bool:
-        """What a policy row read (``required`` None: none) says: a row failing its MAC
-        counts as required."""
-        if required is None:
+        if row is None:
             return False
-        if not hmac.compare_digest(str(mac), self._policy_mac(realm, bool(required))):
+        return self._policy_says(realm, row.otp_required, row.mac)
+
+    def _policy_says(self, realm: str, required: Any, mac: Any) -> bool:
+        """What a realm's policy row says (there is one): a row failing its MAC, whatever
+        its values (a NULL included), counts as required."""
+        if not isinstance(required, bool) or not hmac.compare_digest(
+            str(mac), self._policy_mac(realm, required)
+        ):
             self._integrity_violation(realm, "realm_policy", f"OTP policy of {realm}")
             return True
         return bool(required)
@@ -389,7 +391,10 @@ class OtpAdministration(IdentityBase):
         one = sa.select(sa.literal(1).label("one")).subquery()
         row = conn.execute(  # the user's OTP row and the realm's policy in one read
             sa.select(
-                o, p.otp_required.label("policy_required"), p.mac.label("policy_mac")
+                o,
+                p.realm.label("policy_realm"),  # the row's presence (its values may be NULL)
+                p.otp_required.label("policy_required"),
+                p.mac.label("policy_mac"),
             ).select_from(
                 one.outerjoin(
                     o, sa.and_(o.c.user_id == user.user_id, o.c.realm == user.realm)
@@ -397,7 +402,9 @@ class OtpAdministration(IdentityBase):
             )
         ).one()
         if row.user_id is None or not row.confirmed:
-            required = self._policy_says(realm, row.policy_required, row.policy_mac)
+            required = row.policy_realm is not None and self._policy_says(
+                realm, row.policy_required, row.policy_mac
+            )
             return ENROLLMENT_REQUIRED if required else None
         if not isinstance(code, str) or not code or len(code) > 64:
             return "otp_missing"
