@@ -35,6 +35,7 @@ from root_e2e_helpers import (
     pkcs11_init,
     round_trip,
     seal,
+    steps_in_parallel,
     token_dir,
     unseal,
     versions_of,
@@ -145,9 +146,8 @@ def test_a_wrong_key_label_in_the_config_is_refused(pk: tuple[Home, Path, str]) 
     doc["root_key"]["key_label"] = "e2e-no-such-key"
     home.write_config(doc)
     try:
-        lines = in_parallel(
-            lambda args: home.fails(*args, code=CONFIG_ERROR),
-            [["root", "rotate"], ["decrypt", "-q", "-o", "-", sealed]],
+        lines = fails_in_parallel(
+            home, [["root", "rotate"], ["decrypt", "-q", "-o", "-", sealed]], code=CONFIG_ERROR
         )
     finally:
         doc["root_key"] = good
@@ -168,8 +168,7 @@ def test_init_with_a_wrong_pin_leaves_nothing(hsm: SoftHsm, tmp_path: Path) -> N
     ]
     pin = hsm.pin(TOKEN)
     other = Home(tmp_path / "other", hsm.conf)
-    wrong_pin, pin_setting = in_parallel(
-        lambda step: step(),
+    wrong_pin, pin_setting = steps_in_parallel(
         [
             lambda: home.fails(
                 "init",
@@ -218,8 +217,7 @@ def test_pkcs11_root_from_scratch(hsm: SoftHsm, tmp_path: Path) -> None:
     assert not (home.path / "root.key").exists()
     assert sorted(p.name for p in home.path.iterdir()) == ["config.toml", "qimem.db"]
     # The key is in the token, and stays there (read by another process meanwhile).
-    in_parallel(
-        lambda step: step(),
+    steps_in_parallel(
         [
             lambda: home.ok("keys", "create", "--name", "payroll"),
             lambda: assert_(key_attributes(hsm, label) == ["False", "True", "32"]),
@@ -231,8 +229,7 @@ def test_pkcs11_root_from_scratch(hsm: SoftHsm, tmp_path: Path) -> None:
     assert status["versions"][0]["settings"]["key_label"] == label
 
     home.ok("root", "rotate")
-    in_parallel(
-        lambda step: step(),
+    steps_in_parallel(
         [
             lambda: decrypts(home, sealed),  # sealed before the rotation
             lambda: home.ok("keys", "create", "--name", "after"),  # wrapped under version 2
@@ -365,8 +362,7 @@ def test_migrate_a_file_root_to_pkcs11(hsm: SoftHsm, tmp_path: Path) -> None:
     home.write_config(doc)
     root_file.unlink()
     split = ["root", "split", "-n", "3", "-k", "2", "--out-dir", str(tmp_path / "s")]
-    _, _, line = in_parallel(
-        lambda step: step(),
+    _, _, line = steps_in_parallel(
         [
             lambda: decrypts(home, *sealed),
             lambda: home.ok("keys", "create", "--name", "gamma"),
