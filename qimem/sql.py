@@ -17,9 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
-from qimem.errors import ConfigError, StoreUnavailableError
+from qimem.errors import ConfigError, StoreUnavailableError, ValidationError
 from qimem.sqlite_files import (
     SQLITE_SUFFIXES,
     SQLITE_TIMEOUT,
@@ -258,6 +258,12 @@ def translate_errors() -> Iterator[None]:
     except OperationalError as exc:
         detail = getattr(exc.orig, "qimem_detail", None) or type(exc.orig).__name__
         raise StoreUnavailableError(f"the key store is unavailable ({detail})") from None
+    except DataError as exc:
+        if "NUL" in str(exc.orig):  # PostgreSQL text cannot hold U+0000: nothing is named so
+            raise ValidationError(
+                "text with a NUL character (U+0000) names nothing here", code="invalid_text"
+            ) from None
+        raise
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise StoreUnavailableError("the key store connection was lost") from None

@@ -38,6 +38,12 @@ def _decoy_client(realm: str) -> User:
     return User(_DECOY_CLIENT_ID, str(realm), "-", "client", True, 0, 0.0, 0.0, _DECOY_SECRET_HASH)
 
 
+def _nameable(name: object) -> bool:
+    """Whether ``name`` can name a realm or an account at all: a string of at most 128
+    characters without NUL (which no name holds, and PostgreSQL cannot even be sent)."""
+    return isinstance(name, str) and len(name) <= 128 and "\x00" not in name
+
+
 def _login_error() -> AuthError:
     return AuthError(_BAD_LOGIN, code="invalid_grant")
 
@@ -143,10 +149,10 @@ class Logins(ProviderLogins, OtpAdministration):
         if not isinstance(username, str) or not isinstance(password, str):
             raise _login_error()
         known_realm, user, config = False, None, RealmAuth()
-        if isinstance(realm, str):
+        if _nameable(realm):
             with self.db.read() as conn:  # the realm, the user, the login configuration
                 known_realm, row, blob = realms.login_view(
-                    conn, realm, username if len(username) <= 128 else None
+                    conn, realm, username if _nameable(username) else None
                 )
             user = users.user_of(row) if row is not None else None
             config = self.realm_auth_of(realm, blob) if known_realm else RealmAuth()
@@ -359,12 +365,12 @@ class Logins(ProviderLogins, OtpAdministration):
         secret-hash work, against a decoy account that matches no secret, so the answer's
         time does not tell which client ids exist."""
         known_realm, user = False, None
-        if isinstance(realm, str):
+        if _nameable(realm):
             with self.db.read() as conn:  # the realm and the account in one read
                 known_realm, row, _ = realms.login_view(
                     conn,
                     realm,
-                    client_id if isinstance(client_id, str) and len(client_id) <= 128 else None,
+                    client_id if _nameable(client_id) else None,
                 )
             user = users.user_of(row) if row is not None else None
         if user is not None and (user.kind != "client" or not known_realm):
