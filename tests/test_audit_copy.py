@@ -105,3 +105,18 @@ def test_a_fresh_batch_is_one_copy_not_one_insert_per_row(database: Database) ->
         sa.event.remove(database.engine, "before_cursor_execute", seen)
     assert "INSERT" not in statements  # the rows went by COPY (not seen by this event)
     assert len(stored(database)) == 40
+
+
+def test_a_record_with_a_nul_is_stored_and_does_not_block_the_next(database: Database) -> None:
+    """PostgreSQL text cannot hold U+0000: a record carrying one (in any field) is stored
+    with U+FFFD in its place, instead of failing its batch and every flush after it."""
+    log = AuditLog(database, flush_interval=30)
+    log.record("master", "u\x00@master", "crypto.encrypt", "k\x00.1", buffered=True, note="a\x00")
+    log.record("master", "u@master", "crypto.encrypt", "k.2", buffered=True)
+    log.flush()
+    found = sorted((r["actor"], r["target"], r["detail"]) for r in stored(database))
+    assert found == [
+        ("u@master", "k.2", "{}"),
+        ("u\ufffd@master", "k\ufffd.1", '{"note": "a\\u0000"}'),
+    ]
+    log.close()

@@ -97,14 +97,20 @@ def audit_row(realm: str, actor: str, action: str, target: str, outcome: str, de
         text = "{}"
     return {
         "at": time.time(),
-        "realm": realm[:64],
-        "actor": (actor or "-")[:160],
-        "action": action[:64],
-        "target": (target or "-")[:200],
-        "outcome": outcome[:32],
-        "detail": text,
+        "realm": _storable(realm[:64]),
+        "actor": _storable((actor or "-")[:160]),
+        "action": _storable(action[:64]),
+        "target": _storable((target or "-")[:200]),
+        "outcome": _storable(outcome[:32]),
+        "detail": text,  # JSON: a NUL in it is the six characters \u0000
         "record_id": str(uuid.uuid4()),
     }
+
+
+def _storable(text: str) -> str:
+    """``text`` as every store can hold it: PostgreSQL text cannot hold U+0000, and a
+    record it refuses would fail every flush after it, so a NUL becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 _INSERTS: dict[str, Any] = {}
