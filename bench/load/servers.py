@@ -270,7 +270,6 @@ def qimem_servers(
         _merge_config(workdir / "home" / "config.toml", config_extra)
     argv = [*_exe(), "serve", "--port", "0", "--threads", str(THREADS)]
     argv += ["--workers", str(workers)] if workers > 1 else []
-    argv += os.environ.get("XARGS", "").split()  # TEMP
     started: list[QimemServer] = []
     try:
         for i in range(servers):

@@ -155,7 +155,7 @@ class Logins(ProviderLogins, OtpAdministration):
                     conn, realm, username if _nameable(username) else None
                 )
             user = users.user_of(row) if row is not None else None
-            config = self.realm_auth_of(realm, blob) if known_realm else RealmAuth()
+            config = self.realm_auth_of(realm, blob)  # None (no realm): password only
         if user is not None and user.kind != "user":
             user = None
         locked = user is not None and lockout.is_locked(user.locked_until)
