@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 __all__ = ["run_parallel"]
+
+#: How often the parent looks for a Ctrl-C while it waits for its workers (seconds).
+INTERRUPT_POLL = 0.1
 
 # ------------------------------------------------------------------------ workers
 
@@ -268,6 +272,41 @@ def _finish_split(split: _Split, opts: _Options) -> None:
 # ------------------------------------------------------------------------ runner
 
 
+class _CtrlC:
+    """Ctrl-C during a parallel run, noted instead of raised: the run raises
+    ``KeyboardInterrupt`` itself between two waits (:meth:`check`).
+
+    Raised by Python's own handler, it could land inside ``concurrent.futures`` (e.g. in
+    ``wait()`` between locking two futures), leaving a future's lock held by this thread;
+    the pool's manager thread then blocked on it for ever, and so did ``shutdown(wait=True)``.
+    Only installed over the default handler, in the main thread (an ignored SIGINT stays
+    ignored). Workers forked meanwhile inherit it until their initializer ignores SIGINT."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.seen = True
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+
 def run_parallel(
     app: AppContext | KeySource,
     keyring: stream.Keyring,
@@ -284,6 +323,21 @@ def run_parallel(
     if groups and len(groups) < jobs * 2 and len(small) > 1:
         per = max(1, -(-len(small) // (jobs * 2)))
         groups = [small[i : i + per] for i in range(0, len(small), per)]
+    with _CtrlC() as ctrl_c:
+        _run_pool(app, keyring, big, groups, opts, jobs, keys, report, ctrl_c)
+
+
+def _run_pool(
+    app: AppContext | KeySource,
+    keyring: stream.Keyring,
+    big: list[Task],
+    groups: list[list[Task]],
+    opts: _Options,
+    jobs: int,
+    keys: tuple[str | None, str, bytes | None],
+    report: Progress,
+    ctrl_c: _CtrlC,
+) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -298,6 +352,7 @@ def run_parallel(
     splits: list[_Split] = []
     try:
         for task in big:
+            ctrl_c.check()
             try:
                 split, ranges = _prepare_split(keyring, task, opts, jobs)
             except (QimemError, OSError) as exc:
@@ -325,7 +380,8 @@ def run_parallel(
             futures[pool.submit(_worker_group, group, opts)] = ("group", group)
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            ctrl_c.check()
+            done, pending = wait(pending, INTERRUPT_POLL, return_when=FIRST_COMPLETED)
             for future in done:
                 kind, item = futures[future]
                 if kind == "group":
@@ -340,6 +396,7 @@ def run_parallel(
             split.close()
         raise
     pool.shutdown(wait=True)
+    ctrl_c.check()  # every output is complete, but the run was interrupted all the same
 
 
 def _collect_group(future: Future[Any], group: list[Task], report: Progress) -> None:

@@ -235,6 +235,64 @@ def test_ctrl_c_mid_batch_cleans_up(home: Path, tmp_path: Path) -> None:
         assert path.read_bytes() == (src / path.name).read_bytes()
 
 
+# Run as ``python -c``: the CLI, with a SIGINT raised inside concurrent.futures.wait() just
+# after it has locked the first future (the window of the CI hang: a KeyboardInterrupt
+# there left that lock held, and the pool's shutdown then waited forever for its own
+# manager thread, which needed it).
+_SIGINT_INSIDE_WAIT = """
+import signal, sys
+from concurrent.futures import _base
+
+def enter(self):
+    for i, future in enumerate(self.futures):
+        future._condition.acquire()
+        if i == 0 and not getattr(_base, "interrupted", False):
+            _base.interrupted = True
+            signal.raise_signal(signal.SIGINT)
+
+_base._AcquireFutures.__enter__ = enter
+from qimem.cli import main
+sys.argv[0] = "qimem"
+main()
+"""
+
+
+def test_ctrl_c_inside_the_pools_locks_still_ends_the_run(home: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the parent holds a future's lock (deterministic: raised there): the
+    run still ends with exit 130 and no temp files, instead of hanging in the shutdown."""
+    from concurrent.futures import _base
+
+    if not hasattr(_base, "_AcquireFutures"):
+        pytest.skip("concurrent.futures without _AcquireFutures")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(bytes([i]) * 3000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_INSIDE_WAIT, "encrypt", "--key", "k", str(src),
+         "--out-dir", str(out), "--jobs", "2"],
+        env=dict(os.environ, QIMEM_HOME=str(home)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "qimem: interrupted"
+    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in names if TEMP_MARKER in n]
+    for name in names:
+        assert (
+            ok("decrypt", str(out / name), "-o", "-").stdout_bytes
+            == (src / name.removesuffix(".qimem")).read_bytes()
+        )
+
+
 def test_derived_key_files_need_their_context(home: Path, tmp_path: Path) -> None:
     """``--context`` on encrypt, decrypt and rewrap: a derived key's per-context subkey wraps
     each file's data key (split files under --jobs 2 too); no context, or another one, fails."""
