@@ -81,6 +81,48 @@ def test_mixed_load_on_two_servers_has_no_errors_and_loses_nothing(
         assert found == expected > 0, action
 
 
+def test_the_durable_floor_passes_the_same_checks(postgres_url: str, tmp_path: Path) -> None:
+    """``--floor``: the third side (bench/load/floor.py) runs the same mix and the same
+    final checks as qimem and the peer, on a database of its own: every ciphertext decrypts
+    again, rotations and revocations answer as qimem's do."""
+    load = bench_load()
+    report = load.run_load(
+        postgres_url,
+        tmp_path,
+        duration=3.0,
+        processes=1,
+        connections=2,
+        rounds=1,
+        users=2,
+        peer=False,
+        floor_admin_url=postgres_url,
+        bounds=load.Bounds(rotation=0.05, revocation=0.5),
+    )
+    assert report["failures"] == [], report["failures"]
+    f = report["floor"]
+    assert f["5xx"] == f["conn_errors"] == 0, f["samples"]
+    assert f["unexpected"] == {}, f["samples"]
+    for op in load.OPS:
+        assert f["ops"][op]["statuses"].get("200", 0) > 0, (op, f["ops"][op])
+    checked = f["verification"]
+    assert checked["verified"] == f["encrypted"] > 0 and checked["lost"] == 0
+    # A revoked token was refused afterwards (the revoke-check after each revocation).
+    assert f["ops"]["revoke-check"]["statuses"].get("401", 0) > 0
+    assert f["cpu"]["servers_ms_per_request"] > 0
+
+
+def test_each_client_connection_has_its_own_address() -> None:
+    """One loopback address per connection (so the per-address login share applies to a
+    host, not to the users the run simulates), or 127.0.0.1 for all with ``same_source``."""
+    load = bench_load()
+    addresses = [load.source_address(i) for i in range(250)]
+    assert len(set(addresses)) == 250 and "127.0.0.1" not in addresses
+    assert all(a.startswith("127.0.0.") for a in addresses)
+    assert {load.source_address(i, same_source=True) for i in range(8)} == {"127.0.0.1"}
+    with pytest.raises(load.LoadFailure):
+        load.source_address(250)
+
+
 def test_the_final_check_catches_tampered_and_wrong_results(
     postgres_url: str, tmp_path: Path
 ) -> None:

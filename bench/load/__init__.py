@@ -17,6 +17,9 @@ every knob). Loopback only. Steps:
    some by a possibly stale key_id, where 409 is the expected answer), password logins (the
    connection then uses the new token) and client_credentials logins. Every request carries
    its bearer token. Each connection does one of every operation first, so each runs.
+   Each connection sends from its own loopback address (127.0.0.2, 127.0.0.3, ...: one user
+   per host; qimem's per-address share of login places is for a flood from one host, and
+   ``--same-source`` shows what it does to 8 users behind one address).
 4. Afterwards every ciphertext obtained is decrypted again through the API (batch decrypt)
    and compared: *lost* = no longer decrypts, *corrupted* = decrypts to other bytes. The
    rotated keys must have exactly 1 + (successful rotations) versions; the server's own
@@ -27,6 +30,13 @@ thread count) implementing the same routes with raw ``AESGCM`` keys in memory, a
 ``verify`` at the same cost for logins and a random bearer token in a set: the framework and
 crypto floor, without a database, JWTs, envelopes or auditing. The two run in alternating
 rounds so load from other processes on the machine hits both alike.
+
+Floor (``--floor``, a third side in the same rounds): the peer's routes with qimem's
+durability on qimem's stack (``bench/load/floor.py``: key versions, revocations, refresh
+tokens, lockout counts and login audit records in PostgreSQL, Ed25519 JWTs, rotations and
+revocations pushed by ``NOTIFY``, a buffered audit record per key operation written by
+``COPY``). ``qimem/floor`` is then qimem's own overhead, ``floor/peer`` the price of the
+durability alone.
 
 Any 5xx, connection error, unexpected status, lost or corrupted result, or rotation count
 mismatch fails the run (``LoadFailure``; ``python -m bench`` then exits non-zero and does not
@@ -56,7 +66,8 @@ from bench.load.common import (
     Target,
     Verification,
 )
-from bench.load.driver import drive
+from bench.load.driver import drive, source_address
+from bench.load.floor import floor_server
 from bench.load.peer import peer_server
 from bench.load.report import failures, render, rows, summarize
 from bench.load.servers import (
@@ -98,6 +109,8 @@ __all__ = [
     "Target",
     "Verification",
     "drive",
+    "floor_server",
+    "source_address",
     "failures",
     "fresh_database",
     "main",

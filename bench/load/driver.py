@@ -42,6 +42,18 @@ from bench.load.common import (
 )
 
 
+def source_address(index: int, same_source: bool = False) -> str:
+    """The loopback address client connection ``index`` sends from: its own (127.0.0.2,
+    127.0.0.3, ...: one user per host, as in production, where the server's per-address
+    share of login places limits a flood from one host, not its users), or 127.0.0.1 for
+    every connection with ``same_source``."""
+    if same_source:
+        return "127.0.0.1"
+    if not 0 <= index < 250:
+        raise LoadFailure(f"client connection {index}: at most 250 have their own address")
+    return f"127.0.0.{2 + index}"
+
+
 class _Client(Checks):
     """One keep-alive connection with its own user, tokens and ciphertexts (one thread)."""
 
@@ -54,6 +66,7 @@ class _Client(Checks):
         mix: dict[str, float] | None = None,
         bounds: Bounds | None = None,
         allow_503: bool = False,
+        same_source: bool = False,
     ) -> None:
         self.target = target
         self.mix = mix or MIX
@@ -62,6 +75,7 @@ class _Client(Checks):
         self.user = target.users[index % len(target.users)]
         self.index = index
         self.home = target.urls[index % len(target.urls)]  # this connection's server
+        self.address = source_address(index, same_source)
         self.rng = random.Random(seed)
         self.pool = list(pool)  # ciphertexts from earlier rounds, for decrypts
         self.out = DriveResult()
@@ -74,7 +88,9 @@ class _Client(Checks):
 
     def _connect(self, url: str | None = None) -> http.client.HTTPConnection:
         port = port_of(url or self.home)
-        return http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+        return http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=REQUEST_TIMEOUT, source_address=(self.address, 0)
+        )
 
     def request(
         self,
@@ -300,6 +316,7 @@ def _process_main(
     mix: dict[str, float],
     bounds: Bounds | None,
     allow_503: bool,
+    same_source: bool,
     pipe: Any,
 ) -> None:
     """A client process: ``connections`` threads until the deadline; the merged result
@@ -307,7 +324,7 @@ def _process_main(
     started = time.monotonic()
     deadline = started + duration
     clients = [
-        _Client(target, first_index + i, pool, seed * 1000 + i, mix, bounds, allow_503)
+        _Client(target, first_index + i, pool, seed * 1000 + i, mix, bounds, allow_503, same_source)
         for i in range(connections)
     ]
     results: list[DriveResult] = []
@@ -336,11 +353,13 @@ def drive(
     mix: dict[str, float] | None = None,
     bounds: Bounds | None = None,
     allow_503: bool = False,
+    same_source: bool = False,
 ) -> DriveResult:
     """``processes`` forked client processes × ``connections`` keep-alive connections, for
     ``duration`` seconds of the mix (default ``MIX``) against ``target``'s servers (spread
     evenly). ``allow_503``: documented 503s (store unavailable) are counted apart, not as
-    unexpected answers (a run with a PostgreSQL restart)."""
+    unexpected answers (a run with a PostgreSQL restart). Each connection sends from its own
+    loopback address (:func:`source_address`), or all from 127.0.0.1 with ``same_source``."""
     ctx = multiprocessing.get_context("fork")  # the children use only the standard library
     pool = pool or []
     children = []
@@ -349,7 +368,9 @@ def drive(
         parent_end, child_end = ctx.Pipe(duplex=False)
         args = (target, duration, connections, p * connections, pool, seed + p, mix)
         proc = ctx.Process(
-            target=_process_main, args=(*args, bounds, allow_503, child_end), daemon=True
+            target=_process_main,
+            args=(*args, bounds, allow_503, same_source, child_end),
+            daemon=True,
         )
         proc.start()
         child_end.close()

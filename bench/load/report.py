@@ -84,10 +84,13 @@ def _ms_of(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+SIDES = ("qimem", "peer", "floor")
+
+
 def failures(report: dict[str, Any]) -> list[str]:
     """Every reason the run failed (empty: it passed)."""
     bad = []
-    for side in ("qimem", "peer"):
+    for side in SIDES:
         if side not in report:
             continue
         s = report[side]
@@ -150,7 +153,7 @@ def render(report: dict[str, Any]) -> str:
     head = f"{'side':6} {'op':13} {'count':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
     head += f"{'max ms':>8} {'time s':>7}  statuses"
     lines.append(head)
-    for side in ("qimem", "peer"):
+    for side in SIDES:
         if side not in report:
             continue
         s = report[side]
@@ -192,13 +195,7 @@ def render(report: dict[str, Any]) -> str:
                 f"({c['server_cores']} cores), PostgreSQL {c['store_ms_per_request']:.3f}, "
                 f"clients {c['clients_ms_per_request']:.3f}"
             )
-    if report.get("qimem", {}).get("cpu") and report.get("peer", {}).get("cpu"):
-        mine, theirs = report["qimem"]["cpu"], report["peer"]["cpu"]
-        if mine.get("servers_ms_per_request") and theirs.get("servers_ms_per_request"):
-            lines.append(
-                "  server CPU per request, peer/qimem: "
-                f"{theirs['servers_ms_per_request'] / mine['servers_ms_per_request']:.3f}"
-            )
+    lines.extend(_ratios(report))
     q = report.get("qimem", {})
     if "versions" in q:
         lines.append(
@@ -228,7 +225,8 @@ def render(report: dict[str, Any]) -> str:
         f"  load average before {report['loadavg_before']}, after "
         f"{report.get('loadavg_after')}; {report['processes']} processes × "
         f"{report['connections']} connections, {report['rounds']} round(s); "
-        f"{shape(report)}; bounds {report.get('bounds')}"
+        f"{shape(report)}; bounds {report.get('bounds')}; client addresses "
+        f"{report.get('client_addresses', '127.0.0.1')}"
     )
     if report.get("config_extra"):
         lines.append(f"  qimem config added: {report['config_extra']!r}")
@@ -236,6 +234,24 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  sample: {sample}")
     lines.append("  FAILED: " + "; ".join(report["failures"]) if report["failures"] else "  OK")
     return "\n".join(lines)
+
+
+def _ratios(report: dict[str, Any]) -> list[str]:
+    """req/s and server CPU per request of each pair of sides that ran."""
+    pairs = [("qimem", "peer"), ("qimem", "floor"), ("floor", "peer")]
+    out = []
+    for a, b in pairs:
+        if a not in report or b not in report:
+            continue
+        mine, theirs = report[a], report[b]
+        text = f"  {a}/{b}: req/s {mine['rps'] / theirs['rps']:.3f}" if theirs["rps"] else ""
+        cm, ct = mine.get("cpu") or {}, theirs.get("cpu") or {}
+        if cm.get("servers_ms_per_request") and ct.get("servers_ms_per_request"):
+            ratio = ct["servers_ms_per_request"] / cm["servers_ms_per_request"]
+            text += f"; server CPU per request {b}/{a}: {ratio:.3f}"
+        if text:
+            out.append(text)
+    return out
 
 
 def shape(report: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from bench.load import cpu
 from bench.load.common import AUDITED, MIX, SIZES, Bounds, DriveResult, LoadFailure
 from bench.load.driver import drive
+from bench.load.floor import floor_server
 from bench.load.peer import peer_server
 from bench.load.report import failures, summarize
 from bench.load.servers import qimem_servers
@@ -81,6 +82,8 @@ def run_load(
     pg: Restartable | None = None,
     outage: float | None = None,
     config_extra: str = "",
+    floor_admin_url: str | None = None,
+    same_source: bool = False,
 ) -> dict[str, Any]:
     """The whole run against a fresh database at ``store_url``; the report (see
     ``failures``). ``duration`` is the total time of load on qimem (and as much on the
@@ -92,6 +95,9 @@ def run_load(
     round and started again ``outage`` seconds later (default: 2-5 s at random); qimem may
     then answer documented 503s (counted as ``unavailable``), nothing else. ``bounds``:
     by default the pushed 50 ms, or the polling fallback in a run with a restart.
+    ``floor_admin_url``: also run the durable floor (``bench.load.floor``) on a fresh
+    database of that server, as a third side. ``same_source``: every client connection
+    sends from 127.0.0.1 (by default each has its own loopback address).
     """
     # A restart drops every server's notification connection: the polling bounds apply.
     bounds = bounds or (Bounds.fallback() if pg is not None else Bounds())
@@ -114,6 +120,7 @@ def run_load(
         "sizes": [s for s, _ in SIZES],
         "bounds": dataclasses.asdict(bounds),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "client_addresses": "127.0.0.1" if same_source else "one per connection",
     }
     if config_extra:
         report["config_extra"] = config_extra
@@ -121,9 +128,15 @@ def run_load(
         store_url, workdir, servers, workers, users=users, config_extra=config_extra
     ) as cluster:
         sides = {"qimem": cluster.target}
-        with peer_server(cluster.target, workdir) if peer else _nothing() as peer_target:
+        floor = floor_server(cluster.target, workdir, floor_admin_url) if floor_admin_url else None
+        with (
+            peer_server(cluster.target, workdir) if peer else _nothing() as peer_target,
+            floor or _nothing() as floor_target,
+        ):
             if peer_target is not None:
                 sides["peer"] = peer_target
+            if floor_target is not None:
+                sides["floor"] = floor_target
             results = {name: DriveResult() for name in sides}
             order = list(sides)
             for r in range(rounds):
@@ -146,6 +159,7 @@ def run_load(
                         mix,
                         bounds,
                         allow_503=pg is not None and name == "qimem",
+                        same_source=same_source,
                     )
                     part.cpu = dataclasses.asdict(cpu.spent(before, cpu.sample(sides[name].pids)))
                     if restart is not None:

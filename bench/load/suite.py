@@ -48,6 +48,8 @@ def measure(
     pg_restart: bool = False,
     outage: float | None = None,
     config_extra: str = "",
+    floor: bool = False,
+    same_source: bool = False,
 ) -> dict[str, Any]:
     """A fresh database and a temporary directory around ``run_load``; prints the table,
     saves the report, raises ``LoadFailure`` when the run failed. ``pg_restart``: the
@@ -57,6 +59,8 @@ def measure(
     workdir = Path(tempfile.mkdtemp(prefix="qimem-bench-load-"))
     kwargs: dict[str, Any] = {"servers": servers, "workers": workers, "bounds": bounds}
     kwargs["config_extra"] = config_extra
+    kwargs["floor_admin_url"] = admin_url if floor else None
+    kwargs["same_source"] = same_source
     args = (duration, processes, connections, rounds)
     try:
         if pg_restart:
@@ -175,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         "$'[identity]\\nmax_concurrent_hashes = 2'); the report records it",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the durable floor (bench/load/floor.py: the peer's routes with "
+        "qimem's durability, on qimem's stack) as a third side",
+    )
+    parser.add_argument(
+        "--same-source",
+        action="store_true",
+        help="every client connection from 127.0.0.1 (default: each from its own loopback "
+        "address, one user per host)",
+    )
     parser.add_argument("--save", action="store_true", help="merge into results/latest.json")
     args = parser.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
@@ -207,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             pg_restart=args.pg_restart,
             outage=args.outage,
             config_extra=args.config,
+            floor=args.floor,
+            same_source=args.same_source,
         )
     except LoadFailure as exc:
         print(f"load: FAILED: {exc}", file=sys.stderr)
