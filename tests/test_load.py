@@ -7,7 +7,8 @@ ciphertext decrypts to its plaintext afterwards, the rotated keys have exactly a
 versions as rotations succeeded, and each 200 on an audited route left exactly one success
 audit record. No timing thresholds. The checks themselves are shown to catch a tampered
 ciphertext, a wrong plaintext, a 500, a change not seen in time, a missing or duplicated
-audit record and an undocumented 503. Several servers, workers and a PostgreSQL restart:
+audit record and an undocumented 503. The durable floor (bench/load/floor.py) runs beside
+qimem and passes the same checks. Several servers, workers and a PostgreSQL restart:
 tests/test_faults_scale.py.
 """
 
@@ -37,6 +38,7 @@ def test_mixed_load_on_two_servers_has_no_errors_and_loses_nothing(
         users=2,
         peer=False,
         servers=2,  # on the one database; changes through one checked on the other
+        floor_admin_url=postgres_url,  # and the durable floor (bench/load/floor.py) too
         # Rotations: the pushed 50 ms. Revocations: a notice makes the other server re-read
         # a row, which took 52-68 ms now and then on a 2-core machine at load 10; 0.5 s still
         # fails the 2 s polling fallback, so the push is what this shows.
@@ -80,34 +82,15 @@ def test_mixed_load_on_two_servers_has_no_errors_and_loses_nothing(
     for action, (expected, found) in q["audit"]["success"].items():
         assert found == expected > 0, action
 
-
-def test_the_durable_floor_passes_the_same_checks(postgres_url: str, tmp_path: Path) -> None:
-    """``--floor``: the third side (bench/load/floor.py) runs the same mix and the same
-    final checks as qimem and the peer, on a database of its own: every ciphertext decrypts
-    again, rotations and revocations answer as qimem's do."""
-    load = bench_load()
-    report = load.run_load(
-        postgres_url,
-        tmp_path,
-        duration=3.0,
-        processes=1,
-        connections=2,
-        rounds=1,
-        users=2,
-        peer=False,
-        floor_admin_url=postgres_url,
-        bounds=load.Bounds(rotation=0.05, revocation=0.5),
-    )
-    assert report["failures"] == [], report["failures"]
+    # The durable floor ran the same mix, passed the same checks (in report["failures"]) and
+    # answered as qimem does; a revoked token was refused afterwards.
     f = report["floor"]
-    assert f["5xx"] == f["conn_errors"] == 0, f["samples"]
-    assert f["unexpected"] == {}, f["samples"]
+    assert f["5xx"] == f["conn_errors"] == 0 and f["unexpected"] == {}, f["samples"]
     for op in load.OPS:
         assert f["ops"][op]["statuses"].get("200", 0) > 0, (op, f["ops"][op])
-    checked = f["verification"]
-    assert checked["verified"] == f["encrypted"] > 0 and checked["lost"] == 0
-    # A revoked token was refused afterwards (the revoke-check after each revocation).
+    assert f["verification"]["verified"] == f["encrypted"] > 0
     assert f["ops"]["revoke-check"]["statuses"].get("401", 0) > 0
+    assert f["propagation"]["rotation"]["count"] > 0 and f["violations"] == {}
     assert f["cpu"]["servers_ms_per_request"] > 0
 
 

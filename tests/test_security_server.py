@@ -171,27 +171,30 @@ def wait_closed(sock: socket.socket, timeout: float) -> float:
 def test_finding3_a_request_that_takes_too_long_to_arrive_is_closed(
     tmp_path: Path, serve_env: dict[str, str], processes: list[ServeProcess]
 ) -> None:
-    server = start(tmp_path, serve_env, processes, "--request-timeout", "2",
+    server = start(tmp_path, serve_env, processes, "--request-timeout", "1",
                    "--cleanup-interval", "1")  # fmt: skip
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
         slow.sendall(b"GET /hea")
         started = time.monotonic()
-        for byte in b"lthz HTTP/1.1\r\n":  # a byte every 0.5 s: never idle
-            time.sleep(0.5)
+        for byte in b"lthz HTTP/1.1\r\n":  # a byte every 0.3 s: never idle
+            time.sleep(0.3)
             try:
                 slow.sendall(bytes([byte]))
             except OSError:
                 break
-            if time.monotonic() - started > 5:
+            if time.monotonic() - started > 4.2:
                 break
-        wait_closed(slow, 5.0)
-    assert time.monotonic() - started < 6.0
+        wait_closed(slow, 4.0)
+    # closed by the 1 s request timeout at a check (every 1 s), not after the 4.5 s the
+    # bytes take
+    assert time.monotonic() - started < 4.0
     # an idle keep-alive connection is not a slow request: it lives until channel_timeout
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    for _ in range(2):  # one connection: the second request after 3.5 s of idling
-        conn.request("GET", "/healthz")
-        assert conn.getresponse().read() == b'{"status": "ok"}'
-        time.sleep(3.5)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read() == b'{"status": "ok"}'
+    time.sleep(2.5)  # idle for longer than the request timeout and its check together
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read() == b'{"status": "ok"}'
     assert conn.sock is not None  # still the first connection
     conn.close()
 
