@@ -198,6 +198,22 @@ def test_sigkill_mid_batch_leaves_only_complete_outputs(home: Path, tmp_path: Pa
     assert len(list(src.glob("*.qimem"))) == 1500
 
 
+def _interrupted_outputs(proc: subprocess.Popen[bytes], out: Path, timeout: float) -> list[str]:
+    """Wait for an interrupted batch (its process group is killed if it outlives
+    ``timeout``): it exited 130 saying so and left no temp file; the names in ``out``."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "qimem: interrupted"
+    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in names if TEMP_MARKER in n]
+    return names
+
+
 def test_ctrl_c_mid_batch_cleans_up(home: Path, tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) to a running ``--jobs 2`` batch: exit 130, no temp files, and every
     output that exists is complete."""
@@ -214,20 +230,11 @@ def test_ctrl_c_mid_batch_cleans_up(home: Path, tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not (out.is_dir() and any(out.glob("*.qimem"))) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert err.decode().strip() == "qimem: interrupted"
-    names = sorted(p.name for p in out.iterdir())
-    assert not [n for n in names if TEMP_MARKER in n]
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(out.glob("*.qimem"))) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    names = _interrupted_outputs(proc, out, timeout=60)  # (killed if it outlives that)
     assert 0 < len(names) < 1500, "the interrupt should land mid-batch"
     check = tmp_path / "check"
     ok("decrypt", str(out), "--out-dir", str(check), "--quiet")
@@ -276,16 +283,7 @@ def test_ctrl_c_inside_the_pools_locks_still_ends_the_run(home: Path, tmp_path: 
         stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert err.decode().strip() == "qimem: interrupted"
-    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert not [n for n in names if TEMP_MARKER in n]
+    names = _interrupted_outputs(proc, out, timeout=15)
     for name in names:
         assert (
             ok("decrypt", str(out / name), "-o", "-").stdout_bytes

@@ -26,17 +26,13 @@ mapping, plugins. It is a measuring stick, not a server anyone should run.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from bench.load.common import THREADS, LoadFailure, Target
-from bench.load.servers import _call, fresh_database
+from bench.load.common import Target
+from bench.load.peer import script_server
+from bench.load.servers import fresh_database
 
 _FLOOR_SERVER = r"""
 import base64, hashlib, json, logging, os, secrets, signal, socket, struct, sys, threading
@@ -323,19 +319,6 @@ class Rotate:
         resp.media = {"key_id": f"{name}.{v}", "version": v, "name": name}
 
 
-class Health:
-    def on_get(self, req, resp):
-        resp.media = {"status": "ok"}
-
-
-app = falcon.App()
-app.add_route("/v1/auth/realms/{realm}/token", Token())
-app.add_route("/v1/auth/realms/{realm}/revoke", Revoke())
-app.add_route("/v1/security/encrypt", Encrypt())
-app.add_route("/v1/security/decrypt", Decrypt())
-app.add_route("/v1/security/rotate", Rotate())
-app.add_route("/healthz", Health())
-
 
 def start_process():
     global engine
@@ -348,51 +331,22 @@ def start_process():
     threading.Thread(target=flusher, daemon=True).start()
 
 
-sockets = []
-for _ in range(config["servers"]):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sockets.append(sock)
-children = []
-for sock in sockets:
-    for _ in range(config["workers"]):
-        pid = os.fork()
-        if pid == 0:
-            def stop_child(signum, frame):
-                raise SystemExit(0)
+def serve_child(sock):
+    def stop_child(signum, frame):
+        raise SystemExit(0)
 
-            signal.signal(signal.SIGTERM, stop_child)
-            start_process()
-            try:
-                waitress.serve(app, sockets=[sock], threads=config["threads"], ident="floor",
-                               asyncore_use_poll=True, _quiet=True)
-            except SystemExit:
-                pass
-            with state:  # the last records
-                rows = audit_buffer[:]
-            if rows:
-                with engine.begin() as conn:
-                    conn.execute(AUDIT, rows)
-            os._exit(0)
-        children.append(pid)
-print(json.dumps([s.getsockname()[1] for s in sockets]), flush=True)
-
-
-def stop(signum, frame):
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for pid in children:
-        os.waitpid(pid, 0)
-    os._exit(0)
-
-
-signal.signal(signal.SIGTERM, stop)
-while True:
-    signal.pause()
+    signal.signal(signal.SIGTERM, stop_child)
+    start_process()
+    try:
+        waitress.serve(app, sockets=[sock], threads=config["threads"], ident="floor",
+                       asyncore_use_poll=True, _quiet=True)
+    except SystemExit:
+        pass
+    with state:  # the last records
+        rows = audit_buffer[:]
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(AUDIT, rows)
 """
 
 
@@ -406,54 +360,7 @@ def floor_server(
 ) -> Iterator[Target]:
     """The durable floor on a fresh database of ``admin_url``'s server, with the same
     users, client and key names as ``like``, and as many servers × workers."""
-    servers = servers or len(like.urls)
-    workers = workers or like.workers
     with fresh_database(admin_url) as url:
-        log = workdir / "floor.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _FLOOR_SERVER],
-            cwd=workdir,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log.open("wb"),
-        )
-        try:
-            config: dict[str, Any] = {"users": like.users, "client": like.client, "url": url}
-            config |= {"keys": like.keys + like.rotated}
-            config |= {"servers": servers, "workers": workers, "threads": THREADS}
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps(config).encode() + b"\n")
-            proc.stdin.close()
-            line = proc.stdout.readline()  # the ports, once the sockets are bound
-            if not line:
-                raise LoadFailure(f"floor did not start: {log.read_text()}")
-            urls = [f"http://127.0.0.1:{port}" for port in json.loads(line)]
-            deadline = time.monotonic() + 60
-            for u in urls:
-                while True:
-                    try:
-                        if _call(u, "GET", "/healthz")[0] == 200:
-                            break
-                    except OSError:
-                        pass
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise LoadFailure(f"floor did not start: {log.read_text()}")
-                    time.sleep(0.1)
-            yield Target(
-                "floor",
-                urls,
-                like.realm,
-                like.users,
-                like.client,
-                like.keys,
-                like.rotated,
-                workers,
-                pids=[proc.pid],
-            )
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        config = {"url": url}
+        with script_server("floor", _FLOOR_SERVER, config, like, workdir, servers, workers) as t:
+            yield t

@@ -26,6 +26,58 @@ from typing import Any
 from bench.load.common import THREADS, LoadFailure, Target
 from bench.load.servers import _call
 
+#: The end of a server script (the peer's, the floor's): the routes to the script's
+#: ``Token``, ``Revoke``, ``Encrypt``, ``Decrypt`` and ``Rotate``; ``config["servers"]``
+#: loopback sockets, ``config["workers"]`` processes forked on each (each runs the script's
+#: ``serve_child(sock)``); the ports printed; the children stopped on SIGTERM.
+PREFORK_TAIL = r"""
+class Health:
+    def on_get(self, req, resp):
+        resp.media = {"status": "ok"}
+
+
+app = falcon.App()
+app.add_route("/v1/auth/realms/{realm}/token", Token())
+app.add_route("/v1/auth/realms/{realm}/revoke", Revoke())
+app.add_route("/v1/security/encrypt", Encrypt())
+app.add_route("/v1/security/decrypt", Decrypt())
+app.add_route("/v1/security/rotate", Rotate())
+app.add_route("/healthz", Health())
+
+sockets = []
+for _ in range(config["servers"]):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sockets.append(sock)
+children = []
+for sock in sockets:
+    for _ in range(config["workers"]):
+        pid = os.fork()
+        if pid == 0:
+            serve_child(sock)
+            os._exit(0)
+        children.append(pid)
+print(json.dumps([s.getsockname()[1] for s in sockets]), flush=True)
+
+
+def stop(signum, frame):
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in children:
+        os.waitpid(pid, 0)
+    os._exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+while True:
+    signal.pause()
+"""
+
+
 _PEER_SERVER = r"""
 import base64, hashlib, hmac, json, logging, os, secrets, signal, socket, struct, sys
 import threading, urllib.parse
@@ -182,52 +234,10 @@ class Rotate:
         resp.media = {"key_id": f"{name}.{v}", "version": v, "name": name}
 
 
-class Health:
-    def on_get(self, req, resp):
-        resp.media = {"status": "ok"}
-
-
-app = falcon.App()
-app.add_route("/v1/auth/realms/{realm}/token", Token())
-app.add_route("/v1/auth/realms/{realm}/revoke", Revoke())
-app.add_route("/v1/security/encrypt", Encrypt())
-app.add_route("/v1/security/decrypt", Decrypt())
-app.add_route("/v1/security/rotate", Rotate())
-app.add_route("/healthz", Health())
-
-sockets = []
-for _ in range(config["servers"]):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sockets.append(sock)
-children = []
-for sock in sockets:
-    for _ in range(config["workers"]):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            waitress.serve(app, sockets=[sock], threads=config["threads"], ident="peer",
-                           asyncore_use_poll=True, _quiet=True)
-            os._exit(0)
-        children.append(pid)
-print(json.dumps([s.getsockname()[1] for s in sockets]), flush=True)
-
-
-def stop(signum, frame):
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for pid in children:
-        os.waitpid(pid, 0)
-    os._exit(0)
-
-
-signal.signal(signal.SIGTERM, stop)
-while True:
-    signal.pause()
+def serve_child(sock):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    waitress.serve(app, sockets=[sock], threads=config["threads"], ident="peer",
+                   asyncore_use_poll=True, _quiet=True)
 """
 
 
@@ -237,17 +247,36 @@ def peer_server(
 ) -> Iterator[Target]:
     """The bare peer with the same users, client and key names as ``like``, and as many
     servers × workers (default: ``like``'s)."""
+    with script_server("peer", _PEER_SERVER, {}, like, workdir, servers, workers) as target:
+        yield target
+
+
+@contextmanager
+def script_server(
+    name: str,
+    script: str,
+    config: dict[str, Any],
+    like: Target,
+    workdir: Path,
+    servers: int | None = None,
+    workers: int | None = None,
+) -> Iterator[Target]:
+    """Run ``script`` + :data:`PREFORK_TAIL` as ``python -c`` with ``config`` (and
+    ``like``'s users, client and key names, servers × workers, threads) on its stdin; once
+    every port answers ``/healthz``, the target (log: ``<name>.log`` in ``workdir``).
+    Stopped (SIGTERM, then SIGKILL) on exit."""
     servers = servers or len(like.urls)
     workers = workers or like.workers
+    log = workdir / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _PEER_SERVER],
+        [sys.executable, "-c", script + PREFORK_TAIL],
         cwd=workdir,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=(workdir / "peer.log").open("wb"),
+        stderr=log.open("wb"),
     )
     try:
-        config: dict[str, Any] = {"users": like.users, "client": like.client}
+        config = {**config, "users": like.users, "client": like.client}
         config |= {"keys": like.keys + like.rotated}
         config |= {"servers": servers, "workers": workers, "threads": THREADS}
         assert proc.stdin is not None and proc.stdout is not None
@@ -255,7 +284,7 @@ def peer_server(
         proc.stdin.close()
         line = proc.stdout.readline()  # the ports, once the sockets are bound
         if not line:
-            raise LoadFailure(f"peer did not start: {(workdir / 'peer.log').read_text()}")
+            raise LoadFailure(f"{name} did not start: {log.read_text()}")
         urls = [f"http://127.0.0.1:{port}" for port in json.loads(line)]
         deadline = time.monotonic() + 60
         for url in urls:
@@ -266,11 +295,10 @@ def peer_server(
                 except OSError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    log = (workdir / "peer.log").read_text()
-                    raise LoadFailure(f"peer did not start: {log}")
+                    raise LoadFailure(f"{name} did not start: {log.read_text()}")
                 time.sleep(0.1)
         yield Target(
-            "peer",
+            name,
             urls,
             like.realm,
             like.users,
