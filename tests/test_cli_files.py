@@ -279,6 +279,7 @@ def test_ctrl_c_inside_the_pools_locks_still_ends_the_run(home: Path, tmp_path: 
         [sys.executable, "-c", _SIGINT_INSIDE_WAIT, "encrypt", "--key", "k", str(src),
          "--out-dir", str(out), "--jobs", "2"],
         env=dict(os.environ, QIMEM_HOME=str(home)),
+        cwd=tmp_path,  # not the repo root, whose ./qimem would shadow the installed package
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
