@@ -119,7 +119,7 @@ REVOKED = sa.text("SELECT jti FROM revoked")
 COLUMNS = ("at", "realm", "actor", "action", "target", "outcome", "detail", "record_id")
 
 engine = None  # per process, made after the fork
-current = {}
+current = {}  # key index -> its active version (ENVELOPE's current[index])
 ciphers = {}
 revoked = set()
 verified = {}
@@ -156,19 +156,25 @@ def listener():
         for note in conn.notifies():
             if note.channel == "keys":
                 name, _, v = note.payload.rpartition(".")
-                with state:
-                    current[name] = max(current.get(name, 0), int(v))
+                advance(name, int(v))
             else:
                 revoked.add(note.payload)
 
 
-def cipher(name, v):
-    aead = ciphers.get((name, v))
+def cipher(index, v):
+    aead = ciphers.get((index, v))
     if aead is None:
+        name = names[index]
         with engine.connect() as conn:
             wrapped = conn.execute(VERSION, {"n": name, "v": v}).scalar_one()
-        aead = ciphers[(name, v)] = AESGCM(unwrap(name, v, wrapped))
+        aead = ciphers[(index, v)] = AESGCM(unwrap(name, v, wrapped))
     return aead
+
+
+def advance(name, v):  # version v of key name is the active one here, unless a newer one is
+    index = names.index(name)
+    with state:
+        current[index] = max(current.get(index, 0), v)
 
 
 def issue(subject, kind):
@@ -194,29 +200,6 @@ def bearer(req, kind):
     if claims["kind"] != kind or claims["jti"] in revoked:
         raise falcon.HTTPUnauthorized()
     return claims
-
-
-def seal(name, plaintext, aad):
-    v = current[name]
-    nonce = os.urandom(12)
-    index = names.index(name)
-    header = struct.pack(">BI", index, v) + nonce
-    sealed = cipher(name, v).encrypt(nonce, plaintext, header + aad)
-    return {"envelope": base64.b64encode(header + sealed).decode(), "key_id": f"{name}.{v}",
-            "version": v}
-
-
-def unseal(envelope, aad):
-    raw = base64.b64decode(envelope)
-    index, v = struct.unpack(">BI", raw[:5])
-    name = names[index]
-    plaintext = cipher(name, v).decrypt(raw[5:17], raw[17:], raw[:17] + aad)
-    return {"plaintext": base64.b64encode(plaintext).decode(), "key_id": f"{name}.{v}",
-            "version": v}
-
-
-def aad_of(item):
-    return base64.b64decode(item["aad"]) if item.get("aad") else b""
 
 
 def audited(actor, action, target):
@@ -318,8 +301,7 @@ class Rotate:
                 v = conn.execute(BUMP, {"n": name}).scalar_one()
             conn.execute(NEW_VERSION, {"n": name, "v": v, "w": wrap(name, v, os.urandom(32))})
             conn.execute(NOTIFY, {"c": "keys", "p": f"{name}.{v}"})
-        with state:
-            current[name] = max(current.get(name, 0), v)
+        advance(name, v)
         audited(claims["sub"], "keys.rotate", f"{name}.{v}")
         resp.media = {"key_id": f"{name}.{v}", "version": v, "name": name}
 
@@ -331,7 +313,7 @@ def start_process():
     threading.Thread(target=listener, daemon=True).start()
     time.sleep(0.2)  # listening before the first read, so no change falls in between
     with engine.connect() as conn:
-        current.update({r.name: r.version for r in conn.execute(CURRENT)})
+        current.update({names.index(r.name): r.version for r in conn.execute(CURRENT)})
         revoked.update(conn.execute(REVOKED).scalars())
     threading.Thread(target=flusher, daemon=True).start()
 

@@ -77,6 +77,33 @@ while True:
     signal.pause()
 """
 
+#: The envelope of both server scripts: key index (1 byte), version (4), nonce (12), then
+#: the AES-GCM ciphertext, the 17-byte header and the request's aad authenticated. The
+#: script gives ``names``, ``current[index]`` (the active version) and
+#: ``cipher(index, version)`` (its AESGCM).
+ENVELOPE = r"""
+def seal(name, plaintext, aad):
+    index = names.index(name)
+    v = current[index]
+    nonce = os.urandom(12)
+    header = struct.pack(">BI", index, v) + nonce
+    sealed = cipher(index, v).encrypt(nonce, plaintext, header + aad)
+    return {"envelope": base64.b64encode(header + sealed).decode(), "key_id": f"{name}.{v}",
+            "version": v}
+
+
+def unseal(envelope, aad):
+    raw = base64.b64decode(envelope)
+    index, v = struct.unpack(">BI", raw[:5])
+    header = raw[:17]
+    plaintext = cipher(index, v).decrypt(raw[5:17], raw[17:], header + aad)
+    return {"plaintext": base64.b64encode(plaintext).decode(), "key_id": f"{names[index]}.{v}",
+            "version": v}
+
+
+def aad_of(item):
+    return base64.b64decode(item["aad"]) if item.get("aad") else b""
+"""
 
 _PEER_SERVER = r"""
 import base64, hashlib, hmac, json, logging, os, secrets, signal, socket, struct, sys
@@ -139,29 +166,6 @@ def bearer(req, need):
         raise falcon.HTTPUnauthorized()
     if is_revoked(token):
         raise falcon.HTTPUnauthorized()
-
-
-def seal(name, plaintext, aad):
-    index = names.index(name)
-    v = current[index]
-    nonce = os.urandom(12)
-    header = struct.pack(">BI", index, v) + nonce
-    sealed = cipher(index, v).encrypt(nonce, plaintext, header + aad)
-    return {"envelope": base64.b64encode(header + sealed).decode(), "key_id": f"{name}.{v}",
-            "version": v}
-
-
-def unseal(envelope, aad):
-    raw = base64.b64decode(envelope)
-    index, v = struct.unpack(">BI", raw[:5])
-    header = raw[:17]
-    plaintext = cipher(index, v).decrypt(raw[5:17], raw[17:], header + aad)
-    return {"plaintext": base64.b64encode(plaintext).decode(), "key_id": f"{names[index]}.{v}",
-            "version": v}
-
-
-def aad_of(item):
-    return base64.b64decode(item["aad"]) if item.get("aad") else b""
 
 
 class Token:
@@ -261,15 +265,15 @@ def script_server(
     servers: int | None = None,
     workers: int | None = None,
 ) -> Iterator[Target]:
-    """Run ``script`` + :data:`PREFORK_TAIL` as ``python -c`` with ``config`` (and
-    ``like``'s users, client and key names, servers × workers, threads) on its stdin; once
-    every port answers ``/healthz``, the target (log: ``<name>.log`` in ``workdir``).
-    Stopped (SIGTERM, then SIGKILL) on exit."""
+    """Run ``script`` + :data:`ENVELOPE` + :data:`PREFORK_TAIL` as ``python -c`` with
+    ``config`` (and ``like``'s users, client and key names, servers × workers, threads) on
+    its stdin; once every port answers ``/healthz``, the target (log: ``<name>.log`` in
+    ``workdir``). Stopped (SIGTERM, then SIGKILL) on exit."""
     servers = servers or len(like.urls)
     workers = workers or like.workers
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-c", script + PREFORK_TAIL],
+        [sys.executable, "-c", script + ENVELOPE + PREFORK_TAIL],
         cwd=workdir,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

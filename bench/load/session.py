@@ -128,10 +128,11 @@ def run_load(
         store_url, workdir, servers, workers, users=users, config_extra=config_extra
     ) as cluster:
         sides = {"qimem": cluster.target}
-        floor = floor_server(cluster.target, workdir, floor_admin_url) if floor_admin_url else None
         with (
             peer_server(cluster.target, workdir) if peer else _nothing() as peer_target,
-            floor or _nothing() as floor_target,
+            floor_server(cluster.target, workdir, floor_admin_url)
+            if floor_admin_url
+            else _nothing() as floor_target,
         ):
             if peer_target is not None:
                 sides["peer"] = peer_target
