@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import falcon
-import falcon.inspect
 
 from qimem.app import AppContext
 from qimem.server import errors
@@ -116,8 +115,26 @@ def create_app(
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(app_ctx))
     app.add_route("/metrics", MetricsResource(metrics))
-    served = [route.path for route in falcon.inspect.inspect_routes(app)]
+    served = served_paths(app)
     app.add_route(
         OPENAPI_PATH, OpenApiResource([*served, OPENAPI_PATH], transit_mount=transit.mount)
     )
     return app
+
+
+def served_paths(app: falcon.App) -> list[str]:
+    """Every route template ``app`` answers, in the router's order: what
+    ``falcon.inspect.inspect_routes`` lists, without the source-file lookups that made it
+    cost 0.4 s per app (every server start and every in-process test app)."""
+    paths: list[str] = []
+
+    def walk(nodes: list, parent: str) -> None:  # type: ignore[type-arg]
+        for node in nodes:
+            path = parent + "/" + node.raw_segment
+            if node.resource is not None:
+                paths.append(path)
+            if node.children:
+                walk(node.children, path)
+
+    walk(app._router._roots, "")  # noqa: SLF001 (as falcon.inspect walks it)
+    return paths

@@ -429,6 +429,22 @@ def test_openapi_served_and_covers_every_route(memory_app: AppContext, flavour: 
     assert any(p.startswith("/v1/auth/") for p in paths) != bool(flavour.get("security_only"))
 
 
+@pytest.mark.parametrize(
+    "flavour",
+    [{}, {"short_paths": True, "security_only": True}],
+    ids=["unified", "qimem-api"],
+)
+def test_served_paths_lists_what_falcons_inspector_lists(
+    memory_app: AppContext, flavour: dict
+) -> None:
+    """The app's own route walk (no source lookups) stays in step with falcon.inspect."""
+    from qimem.server.app import served_paths
+
+    app = create_app(memory_app, insecure_no_auth=True, **flavour)
+    assert served_paths(app) == [route.path for route in falcon.inspect.inspect_routes(app)]
+    assert "/v1/security/encrypt" in served_paths(app)
+
+
 def test_openapi_documents_the_error_shape_for_every_error_status() -> None:
     doc = openapi_document()
     for path, ops in doc["paths"].items():
