@@ -64,6 +64,33 @@ _BUMP_AND_NOTIFY = sa.text(
 )
 
 
+_other = versions.alias("other")
+#: A rotation's compare-and-swap: the active ``key_id`` becomes decrypt-only, returning its
+#: lineage, algorithm, the lineage's newest version number and its name (subqueries see the
+#: rows as they were before the update; the state change does not alter either).
+_ROTATE_SWAP = (
+    sa.update(versions)
+    .where(
+        versions.c.key_id == sa.bindparam("swap_key_id"),
+        versions.c.realm == sa.bindparam("swap_realm"),
+        versions.c.state == KeyState.ACTIVE.value,
+    )
+    .values(state=KeyState.DECRYPT_ONLY.value)
+    .returning(
+        versions.c.lineage_id,
+        versions.c.algorithm,
+        sa.select(sa.func.max(_other.c.version))
+        .where(_other.c.lineage_id == versions.c.lineage_id)
+        .scalar_subquery()
+        .label("newest"),
+        sa.select(lineages.c.name)
+        .where(lineages.c.lineage_id == versions.c.lineage_id)
+        .scalar_subquery()
+        .label("name"),
+    )
+)
+
+
 class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
     """Key versions in SQLite or PostgreSQL, material wrapped under the root key."""
 
@@ -277,17 +304,9 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
     def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
         try:
             with translate_errors(), self.engine.begin() as conn:
-                # The compare-and-swap; RETURNING saves reading the version again.
-                swapped = conn.execute(
-                    sa.update(versions)
-                    .where(
-                        versions.c.key_id == key_id,
-                        versions.c.realm == realm,
-                        versions.c.state == KeyState.ACTIVE.value,
-                    )
-                    .values(state=KeyState.DECRYPT_ONLY.value)
-                    .returning(versions.c.lineage_id, versions.c.algorithm)
-                ).first()
+                # The compare-and-swap; RETURNING also gives the lineage's newest version
+                # number and name (one round trip instead of a re-read and a query).
+                swapped = conn.execute(_ROTATE_SWAP, {"swap_key_id": key_id, "swap_realm": realm}).first()
                 if swapped is None:
                     current = self._get(conn, realm, key_id)  # NotFoundError rolls back
                     active_row = conn.execute(
@@ -298,18 +317,12 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
                     ).first()
                     active = to_version(active_row) if active_row is not None else None
                     raise not_active_error(current, active)
-                newest, name = conn.execute(
-                    sa.select(sa.func.max(versions.c.version), lineages.c.name)
-                    .join_from(versions, lineages, versions.c.lineage_id == lineages.c.lineage_id)
-                    .where(versions.c.lineage_id == swapped.lineage_id)
-                    .group_by(lineages.c.name)
-                ).one()
                 rotated = KeyVersion(
                     key_id=new_id(),
                     lineage_id=swapped.lineage_id,
-                    name=name,
+                    name=swapped.name,
                     realm=realm,
-                    version=newest + 1,
+                    version=swapped.newest + 1,
                     algorithm=swapped.algorithm,
                     state=KeyState.ACTIVE,
                     created_at=datetime.now(UTC),

@@ -6,9 +6,9 @@ from typing import Any
 
 from qimem.app import AppContext
 from qimem.errors import NotFoundError, ValidationError
-from qimem.keys import KeyVersion, parse_uuid
+from qimem.keys import KeyVersion, LineagePolicy, parse_uuid
 
-__all__ = ["check_ref", "exact_version", "resolve"]
+__all__ = ["check_ref", "exact_version", "resolve", "resolve_with_policy"]
 
 
 def check_ref(ref: Any) -> str:
@@ -41,3 +41,26 @@ def exact_version(app: AppContext, ref: str, realm: str) -> KeyVersion | None:
         return app.store.get(realm, ref)
     except NotFoundError:
         return None
+
+
+def resolve_with_policy(
+    app: AppContext, ref: str, realm: str
+) -> tuple[KeyVersion, LineagePolicy, bool]:
+    """``(version, its lineage's policy, exact)`` for a key_id (that version, ``exact``) or
+    a lineage_id or name (its active version): what :func:`resolve`, ``active_version``
+    and ``policy`` give together, in the store's one-read ``decryption_state`` /
+    ``encryption_state`` (a rotation's reads: one query instead of three on SQL stores).
+
+    :raises ValidationError: ``ref`` cannot be a key reference.
+    :raises NotFoundError: no such key.
+    :raises KeyNotActiveError: a lineage_id or name whose lineage has no active version.
+    """
+    check_ref(ref)
+    if parse_uuid(ref) is not None:
+        try:
+            version, policy, _ = app.store.decryption_state(realm, ref)
+            return version, policy, True
+        except NotFoundError:
+            pass  # a lineage id, or nothing
+    version, policy, _ = app.store.encryption_state(realm, ref)
+    return version, policy, False

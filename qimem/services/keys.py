@@ -12,10 +12,15 @@ from typing import Any
 
 from qimem.app import AppContext
 from qimem.crypto import DEFAULT_PURPOSE, PURPOSES, zero
-from qimem.errors import ValidationError
+from qimem.errors import KeyNotActiveError, ValidationError
 from qimem.keys import DEFAULT_REALM, KeyVersion, validate_name, validate_realm
-from qimem.services.key_refs import resolve
-from qimem.services.lifecycle_common import audit, check_rotation, purpose_of_algorithm
+from qimem.services.key_refs import resolve, resolve_with_policy
+from qimem.services.lifecycle_common import (
+    audit,
+    check_pending_rotation,
+    check_rotation,
+    purpose_of_algorithm,
+)
 
 DEFAULT_ALGORITHM = "aes-256-gcm"
 
@@ -185,9 +190,13 @@ def rotate_key(
     :raises ConflictError: ``key_pending_deletion``.
     """
     validate_realm(realm)
-    lineage_id, exact = resolve(app, ref, realm)
-    check_rotation(app, realm, lineage_id)
-    current = exact or app.store.active_version(realm, lineage_id)
+    try:
+        current, policy, _ = resolve_with_policy(app, ref, realm)
+    except KeyNotActiveError:
+        check_rotation(app, realm, app.store.find_lineage(realm, ref))  # pending: 409 first
+        raise
+    lineage_id = current.lineage_id
+    check_pending_rotation(app, realm, lineage_id, policy)
     purpose = purpose_of_algorithm(app, current.algorithm)
     algo = app.registry.algorithm(current.algorithm, purpose)
     material = generate_material(algo, purpose)

@@ -163,4 +163,11 @@ def _check_pending(
 
 def check_rotation(app: AppContext, realm: str, lineage_id: str) -> None:
     """Refuse rotating a lineage that is scheduled for deletion (409)."""
-    _check_pending(app, realm, lineage_id, app.store.policy(realm, lineage_id))
+    check_pending_rotation(app, realm, lineage_id, app.store.policy(realm, lineage_id))
+
+
+def check_pending_rotation(
+    app: AppContext, realm: str, lineage_id: str, policy: LineagePolicy
+) -> None:
+    """:func:`check_rotation` with the lineage's policy already read."""
+    _check_pending(app, realm, lineage_id, policy)
