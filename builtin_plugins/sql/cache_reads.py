@@ -22,15 +22,31 @@ from qimem.keys import KeyState, KeyVersion, LineagePolicy
 from qimem.keystore import KeyStore, Unwrap
 from qimem.sql import translate_errors
 
+# Built once (a statement costs as much to build as to run on this stack): the newest
+# active version of the lineage a name or lineage id names, and one version by key_id.
+_ENCRYPTION_STATE = (
+    SELECT_STATES.where(
+        lineages.c.realm == sa.bindparam("es_realm"),
+        sa.or_(
+            lineages.c.name == sa.bindparam("es_ref"),
+            lineages.c.lineage_id == sa.bindparam("es_ref"),
+        ),
+        versions.c.realm == sa.bindparam("es_realm"),
+        versions.c.state == KeyState.ACTIVE.value,
+    )
+    .order_by(versions.c.version.desc())
+    .limit(1)
+)
+_DECRYPTION_STATE = SELECT_STATES.where(
+    versions.c.key_id == sa.bindparam("ds_key"), versions.c.realm == sa.bindparam("ds_realm")
+)
+
 
 class SqlCacheReads(KeyStore):
     """``encryption_state`` and ``decryption_state`` of the SQL store (which provides the
     engine and the unwrapping)."""
 
     _reads: sa.Engine  # qimem.sql.read_engine(engine)
-
-    def _newest_active(self, select: sa.Select[Any], *where: Any) -> Any:
-        raise NotImplementedError  # SqlKeyStore._newest_active
 
     def _unwrap(self, realm: str, row: Any) -> bytearray:
         raise NotImplementedError  # SqlKeyStore._unwrap
@@ -40,12 +56,8 @@ class SqlCacheReads(KeyStore):
     ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """One query: the newest active version of the lineage named ``ref``, with its
         lineage's policy and its wrapped material (unwrapped when the caller asks)."""
-        row = self._newest_active(
-            SELECT_STATES,
-            lineages.c.realm == realm,
-            sa.or_(lineages.c.name == ref, lineages.c.lineage_id == ref),
-            versions.c.realm == realm,
-        )
+        with translate_errors(), self._reads.connect() as conn:
+            row = conn.execute(_ENCRYPTION_STATE, {"es_realm": realm, "es_ref": ref}).first()
         if row is None:  # no such lineage, or nothing active: the parts say which
             return super().encryption_state(realm, ref)
         return to_version(row), to_policy(row), partial(self._unwrap, realm, row)
@@ -55,9 +67,8 @@ class SqlCacheReads(KeyStore):
     ) -> tuple[KeyVersion, LineagePolicy, Unwrap | None]:
         """One query: the version, its lineage's policy and (if it can decrypt at all:
         active or decrypt-only) its material's unwrapping."""
-        query = SELECT_STATES.where(versions.c.key_id == key_id, versions.c.realm == realm)
         with translate_errors(), self._reads.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_DECRYPTION_STATE, {"ds_key": key_id, "ds_realm": realm}).first()
         if row is None:
             raise NotFoundError(f"no key {key_id!r}")
         version = to_version(row)

@@ -64,6 +64,7 @@ _BUMP_AND_NOTIFY = sa.text(
 )
 
 
+_INSERT_VERSION = sa.insert(versions)  # built once: every rotation sends it
 _other = versions.alias("other")
 #: A rotation's compare-and-swap: the active ``key_id`` becomes decrypt-only, returning its
 #: lineage, algorithm, the lineage's newest version number and its name (subqueries see the
@@ -216,16 +217,17 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
             ),
         )
         conn.execute(
-            sa.insert(versions).values(
-                key_id=version.key_id,
-                lineage_id=version.lineage_id,
-                realm=version.realm,
-                version=version.version,
-                algorithm=version.algorithm,
-                state=version.state.value,
-                material=wrapped,
-                created_at=version.created_at,
-            )
+            _INSERT_VERSION,
+            {
+                "key_id": version.key_id,
+                "lineage_id": version.lineage_id,
+                "realm": version.realm,
+                "version": version.version,
+                "algorithm": version.algorithm,
+                "state": version.state.value,
+                "material": wrapped,
+                "created_at": version.created_at,
+            },
         )
 
     def get(self, realm: str, key_id: str) -> KeyVersion:
@@ -306,7 +308,9 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
             with translate_errors(), self.engine.begin() as conn:
                 # The compare-and-swap; RETURNING also gives the lineage's newest version
                 # number and name (one round trip instead of a re-read and a query).
-                swapped = conn.execute(_ROTATE_SWAP, {"swap_key_id": key_id, "swap_realm": realm}).first()
+                swapped = conn.execute(
+                    _ROTATE_SWAP, {"swap_key_id": key_id, "swap_realm": realm}
+                ).first()
                 if swapped is None:
                     current = self._get(conn, realm, key_id)  # NotFoundError rolls back
                     active_row = conn.execute(

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +92,7 @@ def clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
 def audit_row(realm: str, actor: str, action: str, target: str, outcome: str, detail: dict) -> dict:
     """One ``qimem_audit`` row (detail cleaned of secrets), for writers that hold a
     connection but no :class:`AuditLog` (the migration hook)."""
-    text = json.dumps(clean_detail(detail), sort_keys=True) if detail else "{}"
-    if len(text) > 1024:
-        text = "{}"
+    text = _detail_text(detail)
     return {
         "at": time.time(),
         "realm": _storable(realm[:64]),
@@ -103,8 +101,32 @@ def audit_row(realm: str, actor: str, action: str, target: str, outcome: str, de
         "target": _storable((target or "-")[:200]),
         "outcome": _storable(outcome[:32]),
         "detail": text,  # JSON: a NUL in it is the six characters \u0000
-        "record_id": str(uuid.uuid4()),
+        "record_id": new_record_id(),
     }
+
+
+def _detail_text(detail: dict[str, Any]) -> str:
+    """``detail`` cleaned, as sorted JSON (``{}`` past 1 KiB). A key operation's detail is
+    just its client address: that shape is written without the general path (the same
+    text, a fifth of the time; every encrypt and decrypt pays it)."""
+    if not detail:
+        return "{}"
+    if len(detail) == 1:
+        source = detail.get("source")
+        if type(source) is str:
+            return '{"source": ' + json.dumps(source[:128]) + "}"
+    text = json.dumps(clean_detail(detail), sort_keys=True)
+    return "{}" if len(text) > 1024 else text
+
+
+def new_record_id() -> str:
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` gives it, in a third of
+    the time: the dedup key of every audit record."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _storable(text: str) -> str:
@@ -114,6 +136,7 @@ def _storable(text: str) -> str:
 
 
 _INSERTS: dict[str, Any] = {}
+_INSERT_ONE = sa.insert(tables.audit)  # built once: a login writes its record with it
 _ROW_TYPES: dict[str, type | tuple[type, ...]] = {
     "at": (int, float),
     "realm": str,
@@ -266,7 +289,7 @@ class AuditLog:
         """Record one event. ``conn`` writes in that transaction; ``buffered`` batches it."""
         row = audit_row(realm, actor, action, target, outcome, detail)
         if conn is not None:
-            conn.execute(sa.insert(tables.audit), [row])
+            conn.execute(_INSERT_ONE, row)
             return
         if buffered and not self._closed:
             with self._lock:
@@ -277,7 +300,7 @@ class AuditLog:
                 self._ensure_thread()
             return
         with self._db.begin() as c:
-            c.execute(sa.insert(tables.audit), [row])
+            c.execute(_INSERT_ONE, row)
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():

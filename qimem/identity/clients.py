@@ -98,15 +98,23 @@ class SecretSealer:
         return "<SecretSealer hmac-sha256>"
 
 
+_PREVIOUS = sa.select(  # built once: every client_credentials login reads it
+    tables.client_secrets.c.secret_hash,
+    tables.client_secrets.c.expires_at,
+    tables.client_secrets.c.mac,
+).where(
+    tables.client_secrets.c.user_id == sa.bindparam("ps_user"),
+    tables.client_secrets.c.realm == sa.bindparam("ps_realm"),
+    tables.client_secrets.c.expires_at > sa.bindparam("ps_now"),
+)
+
+
 def previous_secrets(
     conn: Connection, sealer: SecretSealer, user: User, now: float
 ) -> list[tuple[str, float]]:
     """The authentic, unexpired previous secrets of ``user`` (hash, expiry), newest first."""
-    c = tables.client_secrets.c
     rows = conn.execute(
-        sa.select(c.secret_hash, c.expires_at, c.mac).where(
-            c.user_id == user.user_id, c.realm == user.realm, c.expires_at > now
-        )
+        _PREVIOUS, {"ps_user": user.user_id, "ps_realm": user.realm, "ps_now": now}
     ).all()
     found = []
     for r in rows:

@@ -53,6 +53,20 @@ def record_failure(
     return "locked_now" if row.locked_until > now else "counted"
 
 
+#: The claim's compare-and-set (built once: every successful password login sends it).
+_CLAIM = (
+    sa.update(tables.users)
+    .where(
+        tables.users.c.user_id == sa.bindparam("cl_user"),
+        tables.users.c.locked_until <= sa.bindparam("cl_now"),
+        tables.users.c.enabled.is_(True),
+        tables.users.c.secret_hash == sa.bindparam("cl_hash"),
+    )
+    .values(failed_logins=0)
+    .returning(*tables.users.c)
+)
+
+
 def claim(
     conn: Connection, user_id: str, verified_hash: str, now: float | None = None
 ) -> tuple[str | None, User | None]:
@@ -70,15 +84,7 @@ def claim(
     now = time.time() if now is None else now
     c = tables.users.c
     claimed = conn.execute(
-        sa.update(tables.users)
-        .where(
-            c.user_id == user_id,
-            c.locked_until <= now,
-            c.enabled.is_(True),
-            c.secret_hash == verified_hash,
-        )
-        .values(failed_logins=0)
-        .returning(*tables.users.c)
+        _CLAIM, {"cl_user": user_id, "cl_now": now, "cl_hash": verified_hash}
     ).first()
     if claimed is not None:
         return None, users.user_of(claimed)

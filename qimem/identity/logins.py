@@ -21,7 +21,7 @@ from qimem.identity.clients import secret_matches, secret_sealer
 from qimem.identity.login_providers import ProviderLogins
 from qimem.identity.otp import ENROLLMENT_REQUIRED, OTP_FAILURES, OtpAdministration
 from qimem.identity.providers import RealmAuth, external_marker
-from qimem.identity.tokens import lock_user_row
+from qimem.identity.tokens import lock_and_read_user_row, lock_user_row
 from qimem.identity.users import User
 
 _BAD_LOGIN = "invalid username or password"
@@ -382,9 +382,13 @@ class Logins(ProviderLogins, OtpAdministration):
         with self.db.begin() as conn:
             # The secret is checked under the row lock, against the current secret and the
             # previous ones still in their rotation overlap (qimem.identity.clients).
-            lock_user_row(conn, candidate.user_id if candidate else _DECOY_CLIENT_ID)
+            # Lock and re-read in one statement; the decoy's id matches no row, so a refusal
+            # sends the same statement.
+            locked = lock_and_read_user_row(
+                conn, candidate.user_id if candidate else _DECOY_CLIENT_ID
+            )
             issued_at = time.time()  # under the row lock
-            now_row = users.by_id(conn, candidate.user_id if candidate else _DECOY_CLIENT_ID)
+            now_row = users.user_of(locked) if locked is not None else None
             checked = now_row if now_row is not None and ok else _decoy_client(realm)
             mac_ok = self._user_mac_ok(checked)
             matched = secret_matches(conn, secret_sealer(self), checked, secret, issued_at)

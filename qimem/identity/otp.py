@@ -55,6 +55,23 @@ _POLICY_LABEL = "realm-policy-mac-v1"
 OTP_FAILURES = ("otp_missing", "bad_otp", "otp_replay")
 ENROLLMENT_REQUIRED = "otp_enrollment_required"
 
+_ONE = sa.select(sa.literal(1).label("one")).subquery()
+#: A login's second-factor read (built once): the user's OTP row and the realm's policy.
+_SECOND_FACTOR = sa.select(
+    tables.otp,
+    tables.realm_policy.c.realm.label("policy_realm"),  # its presence (values may be NULL)
+    tables.realm_policy.c.otp_required.label("policy_required"),
+    tables.realm_policy.c.mac.label("policy_mac"),
+).select_from(
+    _ONE.outerjoin(
+        tables.otp,
+        sa.and_(
+            tables.otp.c.user_id == sa.bindparam("sf_user"),
+            tables.otp.c.realm == sa.bindparam("sf_user_realm"),
+        ),
+    ).outerjoin(tables.realm_policy, tables.realm_policy.c.realm == sa.bindparam("sf_realm"))
+)
+
 
 @dataclass(frozen=True)
 class Enrollment:
@@ -387,19 +404,9 @@ class OtpAdministration(IdentityBase):
         verified: None if it passes (or the user has none and the realm does not require
         one), else the refusal reason (:data:`OTP_FAILURES` or ``otp_enrollment_required``)."""
         now = time.time() if now is None else now
-        o, p = tables.otp, tables.realm_policy.c
-        one = sa.select(sa.literal(1).label("one")).subquery()
         row = conn.execute(  # the user's OTP row and the realm's policy in one read
-            sa.select(
-                o,
-                p.realm.label("policy_realm"),  # the row's presence (its values may be NULL)
-                p.otp_required.label("policy_required"),
-                p.mac.label("policy_mac"),
-            ).select_from(
-                one.outerjoin(
-                    o, sa.and_(o.c.user_id == user.user_id, o.c.realm == user.realm)
-                ).outerjoin(tables.realm_policy, p.realm == realm)
-            )
+            _SECOND_FACTOR,
+            {"sf_user": user.user_id, "sf_user_realm": user.realm, "sf_realm": realm},
         ).one()
         if row.user_id is None or not row.confirmed:
             required = row.policy_realm is not None and self._policy_says(

@@ -121,21 +121,32 @@ def delete(conn: Connection, name: str) -> None:
     conn.execute(sa.delete(tables.realms).where(tables.realms.c.name == name))
 
 
-def login_view(conn: Connection, name: str, username: str | None) -> tuple[bool, Any, bytes | None]:
-    """What a login reads first, in one statement: whether realm ``name`` exists, the
-    ``qimem_users`` row of ``username`` in it (None: none, or ``username`` is None), and
-    the realm's sealed login configuration (None: password only)."""
+def _login_view(match: Any) -> sa.Select[Any]:
     r, u = tables.realms, tables.users
-    match = sa.false() if username is None else u.c.username == username
-    row = conn.execute(
+    return (
         sa.select(r.c.name.label("realm_name"), realm_auth.c.config.label("auth_config"), u)
         .select_from(
             r.outerjoin(realm_auth, realm_auth.c.realm == r.c.name).outerjoin(
                 u, sa.and_(u.c.realm == r.c.name, match)
             )
         )
-        .where(r.c.name == name)
-    ).first()
+        .where(r.c.name == sa.bindparam("lv_realm"))
+    )
+
+
+# Built once (every login sends one): building a statement costs as much as running it.
+_LOGIN_VIEW = _login_view(tables.users.c.username == sa.bindparam("lv_username"))
+_LOGIN_VIEW_NO_USER = _login_view(sa.false())
+
+
+def login_view(conn: Connection, name: str, username: str | None) -> tuple[bool, Any, bytes | None]:
+    """What a login reads first, in one statement: whether realm ``name`` exists, the
+    ``qimem_users`` row of ``username`` in it (None: none, or ``username`` is None), and
+    the realm's sealed login configuration (None: password only)."""
+    if username is None:
+        row = conn.execute(_LOGIN_VIEW_NO_USER, {"lv_realm": name}).first()
+    else:
+        row = conn.execute(_LOGIN_VIEW, {"lv_realm": name, "lv_username": username}).first()
     if row is None:
         return False, None, None
     config = bytes(row.auth_config) if row.auth_config is not None else None

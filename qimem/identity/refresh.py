@@ -97,6 +97,9 @@ class RefreshRecord:
         return self.issued_at <= float(tokens_valid_after)
 
 
+_INSERT = sa.insert(tables.refresh_tokens)  # built once: every login and refresh sends it
+
+
 def issue(
     conn: Connection,
     hasher: TokenHasher,
@@ -117,17 +120,18 @@ def issue(
     family_end = family_expires_at if family_expires_at is not None else now + session_max
     expires = min(now + ttl, family_end)
     conn.execute(
-        sa.insert(tables.refresh_tokens).values(
-            token_hash=hasher.digest(token, realm, user_id, family, now, expires, family_end),
-            family_id=family,
-            realm=realm,
-            user_id=user_id,
-            issued_at=now,
-            expires_at=expires,
-            family_expires_at=family_end,
-            used=False,
-            revoked=False,
-        )
+        _INSERT,
+        {
+            "token_hash": hasher.digest(token, realm, user_id, family, now, expires, family_end),
+            "family_id": family,
+            "realm": realm,
+            "user_id": user_id,
+            "issued_at": now,
+            "expires_at": expires,
+            "family_expires_at": family_end,
+            "used": False,
+            "revoked": False,
+        },
     )
     return token, expires
 

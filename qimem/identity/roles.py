@@ -170,16 +170,27 @@ def revoke(conn: Connection, realm: str, user_id: str, role: str, scope: str | N
     return conn.execute(stmt).rowcount > 0
 
 
+_GRANTS_OF = (  # built once: every login and token refresh reads it
+    sa.select(
+        tables.grants.c.role,
+        tables.grants.c.scope,
+        tables.grants.c.mac,
+        tables.users.c.tokens_valid_after,
+    )
+    .join_from(tables.grants, tables.users, tables.users.c.user_id == tables.grants.c.user_id)
+    .where(
+        tables.grants.c.realm == sa.bindparam("go_realm"),
+        tables.grants.c.user_id == sa.bindparam("go_user"),
+    )
+    .order_by(tables.grants.c.role, tables.grants.c.scope)
+)
+
+
 def grants_of(conn: Connection, sealer: Sealer, realm: str, user_id: str) -> list[tuple[str, str]]:
     """``(role, scope)`` pairs held by a user ('' scope = every key); grants failing their
     MAC are left out (and reported)."""
-    g, u = tables.grants.c, tables.users.c
-    rows = conn.execute(  # the grants and the user's epoch (their MACs' input) in one read
-        sa.select(g.role, g.scope, g.mac, u.tokens_valid_after)
-        .join_from(tables.grants, tables.users, u.user_id == g.user_id)
-        .where(g.realm == realm, g.user_id == user_id)
-        .order_by(g.role, g.scope)
-    ).all()
+    # the grants and the user's epoch (their MACs' input) in one read
+    rows = conn.execute(_GRANTS_OF, {"go_realm": realm, "go_user": user_id}).all()
     return [
         (r.role, r.scope)
         for r in rows

@@ -117,6 +117,20 @@ def lock_user_row(conn: Connection, user_id: str) -> None:
     )
 
 
+_LOCK_AND_READ = (  # built once: every client_credentials login sends it
+    sa.update(tables.users)
+    .where(tables.users.c.user_id == sa.bindparam("lr_user"))
+    .values(tokens_valid_after=tables.users.c.tokens_valid_after)
+    .returning(*tables.users.c)
+)
+
+
+def lock_and_read_user_row(conn: Connection, user_id: str) -> Any:
+    """:func:`lock_user_row` and a re-read of the row under that lock, in one statement
+    (``UPDATE ... RETURNING`` every column); None if there is no such row."""
+    return conn.execute(_LOCK_AND_READ, {"lr_user": user_id}).first()
+
+
 @dataclass(frozen=True)
 class AccessToken:
     """A signed access token; the repr shows only its id and expiry."""
