@@ -46,11 +46,11 @@ class Realm:
         }
 
 
+_EXISTS = sa.select(tables.realms.c.name).where(tables.realms.c.name == sa.bindparam("ex_name"))
+
+
 def exists(conn: Connection, name: str) -> bool:
-    return (
-        conn.execute(sa.select(tables.realms.c.name).where(tables.realms.c.name == name)).first()
-        is not None
-    )
+    return conn.execute(_EXISTS, {"ex_name": name}).first() is not None
 
 
 def require(conn: Connection, name: str) -> None:

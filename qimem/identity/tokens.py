@@ -125,6 +125,13 @@ _LOCK_AND_READ = (  # built once: every client_credentials login sends it
 )
 
 
+# A revocation's statements, built once.
+_REVOKED = sa.select(tables.revoked_tokens.c.jti).where(
+    tables.revoked_tokens.c.jti == sa.bindparam("rv_jti")
+)
+_INSERT_REVOKED = sa.insert(tables.revoked_tokens)
+
+
 def lock_and_read_user_row(conn: Connection, user_id: str) -> Any:
     """:func:`lock_user_row` and a re-read of the row under that lock, in one statement
     (``UPDATE ... RETURNING`` every column); None if there is no such row."""
@@ -443,14 +450,11 @@ class TokenService:
 
     def revoke(self, conn: Connection, realm: str, jti: str, expires_at: float) -> None:
         now = time.time()
-        exists = conn.execute(
-            sa.select(tables.revoked_tokens.c.jti).where(tables.revoked_tokens.c.jti == jti)
-        ).first()
+        exists = conn.execute(_REVOKED, {"rv_jti": jti}).first()
         if exists is None:
             conn.execute(
-                sa.insert(tables.revoked_tokens).values(
-                    jti=jti, realm=realm, expires_at=expires_at, revoked_at=now
-                )
+                _INSERT_REVOKED,
+                {"jti": jti, "realm": realm, "expires_at": expires_at, "revoked_at": now},
             )
         notify(conn, Change(TOKEN, realm, jti))
         with self._lock:
