@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import falcon
 
 from qimem.errors import PayloadTooLargeError
+from qimem.random_ids import hex_id
 from qimem.server.media import LimitedStream
 from qimem.server.metrics import Metrics
 
@@ -59,7 +59,7 @@ class RequestIdMiddleware:
         if given is not None and _REQUEST_ID_RE.match(given):
             req.context.request_id = given
         else:
-            req.context.request_id = os.urandom(16).hex()
+            req.context.request_id = hex_id()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

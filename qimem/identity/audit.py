@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ from qimem.identity import audit_spill
 from qimem.identity import db as tables
 from qimem.identity.audit_spill import Spill, SpillError, SpillSettings
 from qimem.identity.db import Database
+from qimem.random_ids import uuid4_text
 
 log = logging.getLogger("qimem.audit")
 
@@ -119,14 +119,8 @@ def _detail_text(detail: dict[str, Any]) -> str:
     return "{}" if len(text) > 1024 else text
 
 
-def new_record_id() -> str:
-    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` gives it, in a third of
-    the time: the dedup key of every audit record."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+#: The dedup key of every audit record: a random version 4 UUID's text.
+new_record_id = uuid4_text
 
 
 def _storable(text: str) -> str:
