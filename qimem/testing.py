@@ -291,6 +291,17 @@ class KeyStoreContract(KeyStoreStatesContract):
         assert store.active_version(self.realm, v1.lineage_id).key_id == v2.key_id
         assert store.find_lineage(self.realm, "rotating") == v1.lineage_id
 
+    def test_rotation_numbers_and_names_by_its_own_lineage(self, store: KeyStore) -> None:
+        # Another lineage with more versions, made first and after: neither its numbers
+        # nor its name may leak into this one's rotation.
+        busy = store.create(self.realm, self.algorithm, self.make_material(), name="busy")
+        for _ in range(3):
+            busy = store.rotate(self.realm, busy.key_id, self.make_material())
+        quiet = store.create(self.realm, self.algorithm, self.make_material(), name="quiet")
+        rotated = store.rotate(self.realm, quiet.key_id, self.make_material())
+        assert (rotated.version, rotated.name) == (2, "quiet")
+        assert store.rotate(self.realm, busy.key_id, self.make_material()).version == 5
+
     def test_rotate_inactive_names_active(self, store: KeyStore) -> None:
         v1 = store.create(self.realm, self.algorithm, self.make_material())
         v2 = store.rotate(self.realm, v1.key_id, self.make_material())

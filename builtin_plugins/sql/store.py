@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,7 +70,7 @@ _other = versions.alias("other")
 #: A rotation's compare-and-swap: the active ``key_id`` becomes decrypt-only, returning its
 #: lineage, algorithm, the lineage's newest version number and its name (subqueries see the
 #: rows as they were before the update; the state change does not alter either).
-_ROTATE_SWAP = (
+_SWAP = (
     sa.update(versions)
     .where(
         versions.c.key_id == sa.bindparam("swap_key_id"),
@@ -77,19 +78,20 @@ _ROTATE_SWAP = (
         versions.c.state == KeyState.ACTIVE.value,
     )
     .values(state=KeyState.DECRYPT_ONLY.value)
-    .returning(
-        versions.c.lineage_id,
-        versions.c.algorithm,
-        sa.select(sa.func.max(_other.c.version))
-        .where(_other.c.lineage_id == versions.c.lineage_id)
-        .scalar_subquery()
-        .label("newest"),
-        sa.select(lineages.c.name)
-        .where(lineages.c.lineage_id == versions.c.lineage_id)
-        .scalar_subquery()
-        .label("name"),
-    )
 )
+_ROTATE_SWAP = _SWAP.returning(  # PostgreSQL
+    versions.c.lineage_id,
+    versions.c.algorithm,
+    sa.select(sa.func.max(_other.c.version))
+    .where(_other.c.lineage_id == versions.c.lineage_id)
+    .scalar_subquery()
+    .label("newest"),
+    sa.select(lineages.c.name)
+    .where(lineages.c.lineage_id == versions.c.lineage_id)
+    .scalar_subquery()
+    .label("name"),
+)
+_SWAP_ONLY = _SWAP.returning(versions.c.lineage_id, versions.c.algorithm)  # other stores
 
 
 class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
@@ -306,11 +308,7 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
     def rotate(self, realm: str, key_id: str, material: bytes | bytearray) -> KeyVersion:
         try:
             with translate_errors(), self.engine.begin() as conn:
-                # The compare-and-swap; RETURNING also gives the lineage's newest version
-                # number and name (one round trip instead of a re-read and a query).
-                swapped = conn.execute(
-                    _ROTATE_SWAP, {"swap_key_id": key_id, "swap_realm": realm}
-                ).first()
+                swapped = self._swap_active(conn, realm, key_id)
                 if swapped is None:
                     current = self._get(conn, realm, key_id)  # NotFoundError rolls back
                     active_row = conn.execute(
@@ -338,6 +336,28 @@ class SqlKeyStore(SqlCacheReads, SqlUsageAccounting, KeyStore):
                 f"key {key_id} was rotated concurrently; retry with the active version"
             ) from None
         return rotated
+
+    def _swap_active(self, conn: sa.Connection, realm: str, key_id: str) -> Any:
+        """A rotation's compare-and-swap: the row (``lineage_id``, ``algorithm``, the
+        lineage's ``newest`` version number, its ``name``) if ``key_id`` was active and is
+        now decrypt-only, else None. PostgreSQL answers in the one statement; on SQLite,
+        where SQLAlchemy renders RETURNING without table names (which would uncorrelate
+        the subqueries), a second statement reads the number and the name."""
+        params = {"swap_key_id": key_id, "swap_realm": realm}
+        if conn.dialect.name == "postgresql":
+            return conn.execute(_ROTATE_SWAP, params).first()
+        swapped = conn.execute(_SWAP_ONLY, params).first()
+        if swapped is None:
+            return None
+        newest, name = conn.execute(
+            sa.select(sa.func.max(versions.c.version), lineages.c.name)
+            .join_from(versions, lineages, versions.c.lineage_id == lineages.c.lineage_id)
+            .where(versions.c.lineage_id == swapped.lineage_id)
+            .group_by(lineages.c.name)
+        ).one()
+        return SimpleNamespace(
+            lineage_id=swapped.lineage_id, algorithm=swapped.algorithm, newest=newest, name=name
+        )
 
     def material(self, realm: str, key_id: str) -> bytearray:
         query = sa.select(
