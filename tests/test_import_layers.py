@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.fileio",
             "qimem.hardening",
             "qimem.lazylog",
+            "qimem.random_ids",
             "qimem.references",
             "qimem.sqlite_files",
             "qimem.hooks",
