@@ -136,5 +136,11 @@ def served_paths(app: falcon.App) -> list[str]:
             if node.children:
                 walk(node.children, path)
 
-    walk(app._router._roots, "")  # noqa: SLF001 (as falcon.inspect walks it)
+    try:
+        roots = app._router._roots  # noqa: SLF001 (as falcon.inspect walks it)
+    except AttributeError:  # another router, or a falcon that renamed it: the slow way
+        import falcon.inspect
+
+        return [route.path for route in falcon.inspect.inspect_routes(app)]
+    walk(roots, "")
     return paths

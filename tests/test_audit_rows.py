@@ -26,6 +26,18 @@ def test_a_key_operations_source_detail_is_the_general_text(source: str) -> None
     assert json.loads(row["detail"]) == {"source": source[:128]}
 
 
+def test_a_source_whose_json_passes_the_cap_is_dropped_as_before() -> None:
+    # Characters outside the BMP are 12 characters each in JSON: 128 of them pass 1 KiB,
+    # and a detail the column cannot hold would fail every buffered flush after it.
+    for source in ("\U0001f600" * 128, "\x00" * 200, "a" * 500):
+        row = audit_row("r", "a@r", "crypto.encrypt", "k", "success", {"source": source})
+        assert row["detail"] == general_text({"source": source})
+        assert len(row["detail"]) <= 1024
+    assert (
+        audit_row("r", "a", "x", "k", "success", {"source": "\U0001f600" * 128})["detail"] == "{}"
+    )
+
+
 @given(
     st.dictionaries(
         st.sampled_from(["source", "secret", "password", "status", "grant", "version"]),

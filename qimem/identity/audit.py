@@ -114,7 +114,8 @@ def _detail_text(detail: dict[str, Any]) -> str:
     if len(detail) == 1:
         source = detail.get("source")
         if type(source) is str:
-            return '{"source": ' + json.dumps(source[:128]) + "}"
+            text = '{"source": ' + json.dumps(source[:128]) + "}"
+            return "{}" if len(text) > 1024 else text  # 128 astral characters: 1,550
     text = json.dumps(clean_detail(detail), sort_keys=True)
     return "{}" if len(text) > 1024 else text
 
