@@ -6,13 +6,15 @@
   the parent binds, N children serve the socket with ``waitress.serve(sockets=[...])``).
   Targets: 2 workers >= 1.5x one; per worker >= 0.7x the bare endpoint.
 * **login**: password grants per second (Argon2id at the defaults) from 4 client threads,
-  a new connection per login, ``--workers 2`` against ``--workers 1``; target >= 1.8x. A
-  third server, one worker with ``[identity] max_concurrent_hashes = 2`` and
-  ``max_logins_per_source = 2``, shows what threads alone give (argon2-cffi releases the
-  GIL while hashing). The second setting matters: every client here is 127.0.0.1, and at
-  the default fair share (half of a process's login places, which 4 server threads cut to
-  3) one source holds one place, so two hashing slots would still hash one at a time. It
-  is pinned to the two CPUs the 2-worker server gets.
+  each its own user sending from its own loopback address (127.0.0.2 ...: four users on
+  four hosts), a new connection per login, ``--workers 2`` against ``--workers 1``; target
+  >= 1.8x. A third server, one worker with ``[identity] max_concurrent_hashes = 2`` (and
+  ``max_logins_per_source = 2``), shows what threads alone give (argon2-cffi releases the
+  GIL while hashing). It is pinned to the two CPUs the 2-worker server gets. Until
+  2026-12-04 every client was ``admin`` from 127.0.0.1: at the default fair share (half of
+  a process's login places, which 4 server threads cut to 3) that one account and host
+  held one place per process, so most of the run was 503 ``login_busy`` and back-off, the
+  flood guard working as meant rather than the login throughput of several users.
 
 Pinning (``taskset``, when there are at least 2 CPUs): wrk runs on CPU 1 with one thread;
 a server with N processes runs on CPUs 0..N-1, so one worker (and the one-process peer)
@@ -28,12 +30,14 @@ import base64
 import http.client
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -185,18 +189,55 @@ def _encrypt_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _logins(port: int, seconds: float, clients: int) -> tuple[float, int]:
-    """Password grants per second (a new connection each) and how many got 503 first."""
-    body = f"grant_type=password&username=admin&password={ADMIN_PASSWORD}"
+def _login_users(port: int, clients: int) -> list[tuple[str, str]]:
+    """One user per login client in realm master (made through the server on ``port``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    form = f"grant_type=password&username=admin&password={ADMIN_PASSWORD}"
+    conn.request(
+        "POST",
+        "/v1/auth/realms/master/token",
+        body=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    token = json.loads(conn.getresponse().read())["access_token"]
+    users = [(f"login{i}", secrets.token_urlsafe(18)) for i in range(clients)]
+    for username, password in users:
+        conn.request(
+            "POST",
+            "/v1/auth/realms/master/users",
+            body=json.dumps({"username": username, "password": password, "roles": []}),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        response = conn.getresponse()
+        response.read()
+        if response.status != 201:
+            raise RuntimeError(f"adding login user {username} answered {response.status}")
+    conn.close()
+    return users
+
+
+def _logins(
+    port: int, seconds: float, users: list[tuple[str, str]], same_source: bool = False
+) -> tuple[float, int]:
+    """Password grants per second (a new connection each) and how many got 503 first: one
+    client thread per user, each from its own loopback address (127.0.0.2, ...: one user
+    per host), or all from 127.0.0.1 as ``admin`` with ``same_source`` (the shape the
+    per-address and per-account shares of login places are there to hold back)."""
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    clients = len(users)
     counts = [0] * clients
     busy = [0] * clients
     failures: list[int] = []
     stop = time.monotonic() + seconds
 
     def client(i: int) -> None:
+        username, password = ("admin", ADMIN_PASSWORD) if same_source else users[i]
+        body = urllib.parse.urlencode(
+            {"grant_type": "password", "username": username, "password": password}
+        )
+        source = None if same_source else (f"127.0.0.{2 + i}", 0)
         while time.monotonic() < stop:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=source)
             conn.request("POST", "/v1/auth/realms/master/token", body=body, headers=headers)
             response = conn.getresponse()
             response.read()
@@ -255,21 +296,29 @@ def _login_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
             )
         for name, proc in zip(ports, procs, strict=True):
             wait_healthy(ports[name], proc)
-        for port in ports.values():
-            _logins(port, 0.5, 4)  # warm-up
         seconds, rounds, clients = (2.0, 1, 4) if quick else (5.0, 3, 4)
+        # Users live in each home's store: made once through a server of each home.
+        first = {}  # each home's first server
+        for name, (home, *_) in configs.items():
+            first.setdefault(home, name)
+        users = {home: _login_users(ports[name], clients) for home, name in first.items()}
+        for name, port in ports.items():
+            _logins(port, 0.5, users[configs[name][0]])  # warm-up
         rates: dict[str, list[float]] = {name: [] for name in ports}
         busy: dict[str, int] = dict.fromkeys(ports, 0)
         for r in range(rounds):
             for name in ports if r % 2 == 0 else reversed(list(ports)):
-                rate, refused = _logins(ports[name], seconds, clients)
+                rate, refused = _logins(ports[name], seconds, users[configs[name][0]])
                 rates[name].append(rate)
                 busy[name] += refused
     finally:
         _stop(procs)
     mean = {name: sum(v) / len(v) for name, v in rates.items()}
     one, two, threads = mean["1 worker"], mean["2 workers"], mean["1 worker, 2 hashes"]
-    how = f"{clients} client threads, new connection per login, {rounds} x {seconds:g} s"
+    how = (
+        f"{clients} client threads, each its own user and loopback address, new connection per "
+        f"login, {rounds} x {seconds:g} s"
+    )
     return [
         {
             "case": "login (password grant): --workers 2 vs 1",

@@ -22,3 +22,14 @@ def bench_load() -> ModuleType:
         while str(REPO) in sys.path:
             sys.path.remove(str(REPO))
     return bench.load
+
+
+def bench_workers() -> ModuleType:
+    """``bench.workers`` from the repo root (as :func:`bench_load`)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        import bench.workers
+    finally:
+        while str(REPO) in sys.path:
+            sys.path.remove(str(REPO))
+    return bench.workers
