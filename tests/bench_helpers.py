@@ -33,3 +33,14 @@ def bench_workers() -> ModuleType:
         while str(REPO) in sys.path:
             sys.path.remove(str(REPO))
     return bench.workers
+
+
+def bench_app_cpu() -> ModuleType:
+    """``bench.app_cpu`` from the repo root (as :func:`bench_load`)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        import bench.app_cpu
+    finally:
+        while str(REPO) in sys.path:
+            sys.path.remove(str(REPO))
+    return bench.app_cpu
