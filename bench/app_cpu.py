@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import secrets
@@ -45,28 +44,18 @@ def _app(store_url: str) -> tuple[Any, Any]:
 
 
 def _caller(wsgi: Any) -> Callable[[str, bytes, str, str | None], Any]:
+    from falcon.testing import create_environ
+
     def call(path: str, body: bytes, ctype: str, token: str | None = None) -> Any:
-        environ = {
-            "REQUEST_METHOD": "POST",
-            "PATH_INFO": path,
-            "QUERY_STRING": "",
-            "SERVER_NAME": "127.0.0.1",
-            "SERVER_PORT": "80",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": "127.0.0.1",
-            "HTTP_HOST": "127.0.0.1",
-            "CONTENT_TYPE": ctype,
-            "CONTENT_LENGTH": str(len(body)),
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.url_scheme": "http",
-            "wsgi.errors": sys.stderr,
-            "wsgi.version": (1, 0),
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
-        if token:
-            environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        headers = {"Content-Type": ctype} | ({"Authorization": f"Bearer {token}"} if token else {})
+        environ = create_environ(
+            path,
+            method="POST",
+            host="127.0.0.1",
+            headers=headers,
+            body=body,
+            remote_addr="127.0.0.1",
+        )
         status: list[str] = []
         out = b"".join(wsgi(environ, lambda s, h, exc=None: status.append(s)))
         if not status[0].startswith(("200", "201")):

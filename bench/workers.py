@@ -190,29 +190,18 @@ def _encrypt_rows(workdir: Path, quick: bool) -> list[dict[str, Any]]:
 
 
 def _login_users(port: int, clients: int) -> list[tuple[str, str]]:
-    """One user per login client in realm master (made through the server on ``port``)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    form = f"grant_type=password&username=admin&password={ADMIN_PASSWORD}"
-    conn.request(
-        "POST",
-        "/v1/auth/realms/master/token",
-        body=form,
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-    )
-    token = json.loads(conn.getresponse().read())["access_token"]
+    """One user per login client in realm master (made through the server on ``port``, as
+    the load suite makes its users)."""
+    from bench.load.servers import _call, _must
+
+    url = f"http://127.0.0.1:{port}"
+    form = {"grant_type": "password", "username": "admin", "password": ADMIN_PASSWORD}
+    token = _must(_call(url, "POST", "/v1/auth/realms/master/token", form, form=True), "login")
     users = [(f"login{i}", secrets.token_urlsafe(18)) for i in range(clients)]
     for username, password in users:
-        conn.request(
-            "POST",
-            "/v1/auth/realms/master/users",
-            body=json.dumps({"username": username, "password": password, "roles": []}),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        )
-        response = conn.getresponse()
-        response.read()
-        if response.status != 201:
-            raise RuntimeError(f"adding login user {username} answered {response.status}")
-    conn.close()
+        user = {"username": username, "password": password, "roles": []}
+        path = "/v1/auth/realms/master/users"
+        _must(_call(url, "POST", path, user, token["access_token"]), f"user {username}", 201)
     return users
 
 

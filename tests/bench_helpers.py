@@ -3,44 +3,27 @@ installed package)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
 from conftest import REPO
 
 
-def bench_load() -> ModuleType:
-    """``bench.load`` from the repo root.
+def bench_module(name: str) -> ModuleType:
+    """``bench.<name>`` from the repo root.
 
     ``bench/__init__`` takes the repo root off ``sys.path`` again as it is imported, so
     ``./qimem`` never shadows the installed package (which is already imported here).
     """
     sys.path.insert(0, str(REPO))
     try:
-        import bench.load
+        return importlib.import_module(f"bench.{name}")
     finally:
         while str(REPO) in sys.path:
             sys.path.remove(str(REPO))
-    return bench.load
 
 
-def bench_workers() -> ModuleType:
-    """``bench.workers`` from the repo root (as :func:`bench_load`)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        import bench.workers
-    finally:
-        while str(REPO) in sys.path:
-            sys.path.remove(str(REPO))
-    return bench.workers
-
-
-def bench_app_cpu() -> ModuleType:
-    """``bench.app_cpu`` from the repo root (as :func:`bench_load`)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        import bench.app_cpu
-    finally:
-        while str(REPO) in sys.path:
-            sys.path.remove(str(REPO))
-    return bench.app_cpu
+def bench_load() -> ModuleType:
+    """``bench.load`` (the load suite's package)."""
+    return bench_module("load")

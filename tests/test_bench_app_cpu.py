@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_helpers import bench_app_cpu
+from bench_helpers import bench_module
 
 
 def test_every_operation_runs_through_the_app_and_is_timed(tmp_path: Path) -> None:
-    figures = bench_app_cpu().measure(f"sqlite:///{tmp_path / 'qimem.db'}", scale=0.02)
+    figures = bench_module("app_cpu").measure(f"sqlite:///{tmp_path / 'qimem.db'}", scale=0.02)
     assert set(figures) >= {
         "encrypt 32 B",
         "decrypt 16 KiB",

@@ -8,14 +8,14 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from bench_helpers import bench_workers
+from bench_helpers import bench_module
 from serve_process import ServeProcess, home_env, qimem_process
 
 
 def test_login_clients_are_distinct_users_from_distinct_loopback_addresses(
     tmp_path: Path,
 ) -> None:
-    workers = bench_workers()
+    workers = bench_module("workers")
     home = tmp_path / "home"
     init = qimem_process(home, "init", "--admin-password-stdin", stdin=workers.ADMIN_PASSWORD)
     assert init.returncode == 0, init.stderr

@@ -105,24 +105,21 @@ def _public_keys() -> sa.Select[Any]:
     return sa.select(c.kid, c.realm, c.public_key, c.private_wrapped, c.active, c.retire_at)
 
 
+# The no-op UPDATE that write-locks a user's row (built once), and the same statement
+# returning the row as it is under that lock.
+_LOCK_ROW = (
+    sa.update(tables.users)
+    .where(tables.users.c.user_id == sa.bindparam("lr_user"))
+    .values(tokens_valid_after=tables.users.c.tokens_valid_after)
+)
+_LOCK_AND_READ = _LOCK_ROW.returning(*tables.users.c)
+
+
 def lock_user_row(conn: Connection, user_id: str) -> None:
     """Write-lock ``user_id``'s row until the transaction ends (a no-op ``UPDATE``: a row
     lock on PostgreSQL, the database's write lock on SQLite). Times taken after it are later
     than any token cut-off committed before, and earlier than any committed after."""
-    c = tables.users.c
-    conn.execute(
-        sa.update(tables.users)
-        .where(c.user_id == user_id)
-        .values(tokens_valid_after=c.tokens_valid_after)
-    )
-
-
-_LOCK_AND_READ = (  # built once: every client_credentials login sends it
-    sa.update(tables.users)
-    .where(tables.users.c.user_id == sa.bindparam("lr_user"))
-    .values(tokens_valid_after=tables.users.c.tokens_valid_after)
-    .returning(*tables.users.c)
-)
+    conn.execute(_LOCK_ROW, {"lr_user": user_id})
 
 
 # A revocation's statements, built once.
