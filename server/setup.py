@@ -168,11 +168,11 @@ def open_server(
     ensure_open_files(settings.connection_limit + _SPARE_FILES)
     app_ctx.open()
     if not insecure_no_auth:
-        from qimem.identity.settings import bounded_by_threads, settings_from_mapping
+        from qimem.identity.settings import server_settings, settings_from_mapping
         from qimem.services.identity import configure, identity
 
         table = settings_from_mapping(app_ctx.config.identity, str(app_ctx.config.path))
-        configure(app_ctx, bounded_by_threads(table, threads))
+        configure(app_ctx, server_settings(table, threads))
         if not identity(app_ctx).realm_exists("master"):
             raise ConfigError(
                 "this store has no realm 'master', so no one could log in: run 'qimem init' "

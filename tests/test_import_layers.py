@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qimem.stream",
             "qimem.fileio",
             "qimem.hardening",
+            "qimem.hashing_processes",  # Argon2 in helper processes (argon2-cffi only)
             "qimem.lazylog",
             "qimem.random_ids",
             "qimem.references",

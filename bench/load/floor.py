@@ -54,6 +54,10 @@ config = json.loads(sys.stdin.readline())
 URL = config["url"]
 hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, type=Type.ID)
 names = config["keys"]
+# qimem's login-flood bound (max_concurrent_hashes) when the run asks for it (0: none)
+import contextlib
+hash_slot = (threading.BoundedSemaphore(config["hash_slots"]) if config["hash_slots"]
+             else contextlib.nullcontext())
 root = AESGCM(os.urandom(32))
 signing = Ed25519PrivateKey.generate()
 public = signing.public_key()
@@ -217,7 +221,8 @@ class Token:
             try:
                 if row is None or row.locked_until > time.time():
                     raise ValueError
-                hasher.verify(row.hash, form["password"])
+                with hash_slot:
+                    hasher.verify(row.hash, form["password"])
             except Exception:
                 raise falcon.HTTPUnauthorized()
             refresh = secrets.token_urlsafe(32)
@@ -344,10 +349,13 @@ def floor_server(
     admin_url: str,
     servers: int | None = None,
     workers: int | None = None,
+    hash_slots: int = 0,
 ) -> Iterator[Target]:
     """The durable floor on a fresh database of ``admin_url``'s server, with the same
-    users, client and key names as ``like``, and as many servers × workers."""
+    users, client and key names as ``like``, and as many servers × workers.
+    ``hash_slots``: at most that many password hashes at once per process (qimem's
+    ``max_concurrent_hashes``, its login-flood bound); 0 = unbounded, like the peer."""
     with fresh_database(admin_url) as url:
-        config = {"url": url}
+        config = {"url": url, "hash_slots": hash_slots}
         with script_server("floor", _FLOOR_SERVER, config, like, workdir, servers, workers) as t:
             yield t

@@ -83,6 +83,7 @@ def run_load(
     outage: float | None = None,
     config_extra: str = "",
     floor_admin_url: str | None = None,
+    floor_hash_slots: int = 0,
     same_source: bool = False,
 ) -> dict[str, Any]:
     """The whole run against a fresh database at ``store_url``; the report (see
@@ -96,7 +97,8 @@ def run_load(
     then answer documented 503s (counted as ``unavailable``), nothing else. ``bounds``:
     by default the pushed 50 ms, or the polling fallback in a run with a restart.
     ``floor_admin_url``: also run the durable floor (``bench.load.floor``) on a fresh
-    database of that server, as a third side. ``same_source``: every client connection
+    database of that server, as a third side (``floor_hash_slots``: its login-flood bound,
+    ``bench.load.floor.floor_server``). ``same_source``: every client connection
     sends from 127.0.0.1 (by default each has its own loopback address).
     """
     # A restart drops every server's notification connection: the polling bounds apply.
@@ -124,13 +126,15 @@ def run_load(
     }
     if config_extra:
         report["config_extra"] = config_extra
+    if floor_admin_url:
+        report["floor_hash_slots"] = floor_hash_slots
     with qimem_servers(
         store_url, workdir, servers, workers, users=users, config_extra=config_extra
     ) as cluster:
         sides = {"qimem": cluster.target}
         with (
             peer_server(cluster.target, workdir) if peer else _nothing() as peer_target,
-            floor_server(cluster.target, workdir, floor_admin_url)
+            floor_server(cluster.target, workdir, floor_admin_url, hash_slots=floor_hash_slots)
             if floor_admin_url
             else _nothing() as floor_target,
         ):

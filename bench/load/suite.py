@@ -49,6 +49,7 @@ def measure(
     outage: float | None = None,
     config_extra: str = "",
     floor: bool = False,
+    floor_hash_slots: int = 0,
     same_source: bool = False,
 ) -> dict[str, Any]:
     """A fresh database and a temporary directory around ``run_load``; prints the table,
@@ -60,6 +61,7 @@ def measure(
     kwargs: dict[str, Any] = {"servers": servers, "workers": workers, "bounds": bounds}
     kwargs["config_extra"] = config_extra
     kwargs["floor_admin_url"] = admin_url if floor else None
+    kwargs["floor_hash_slots"] = floor_hash_slots
     kwargs["same_source"] = same_source
     args = (duration, processes, connections, rounds)
     try:
@@ -186,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         "qimem's durability, on qimem's stack) as a third side",
     )
     parser.add_argument(
+        "--floor-hash-slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --floor: at most N password hashes at once per floor process, as qimem's "
+        "max_concurrent_hashes bounds its own (default 0: unbounded, like the peer)",
+    )
+    parser.add_argument(
         "--same-source",
         action="store_true",
         help="every client connection from 127.0.0.1 (default: each from its own loopback "
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         parser.error("--servers and --workers must be at least 1")
+    if args.floor_hash_slots < 0:
+        parser.error("--floor-hash-slots must be 0 (unbounded) or more")
     mix = dict(MIX)
     for item in args.mix:
         op, _, weight = item.partition("=")
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             outage=args.outage,
             config_extra=args.config,
             floor=args.floor,
+            floor_hash_slots=args.floor_hash_slots,
             same_source=args.same_source,
         )
     except LoadFailure as exc:

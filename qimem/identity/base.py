@@ -133,6 +133,7 @@ class IdentityBase:
         """Flush the audit log and release the database (if this identity owns it)."""
         atexit.unregister(self.audit.close)  # the registration kept a closed identity alive
         self.audit.close()
+        self.hashing.close()
         self.db.close()
 
     def __repr__(self) -> str:

@@ -7,6 +7,9 @@ account may each hold at most a fair share of those places (``max_logins_per_sou
 default half), so a flood from one source cannot take them all and starve other users'
 logins (finding 13 of issue 12). Unknown usernames are hashed against a dummy hash made
 with the same parameters, so they cost the same time as real ones.
+
+In ``qimem serve`` the hashes run in helper processes (:mod:`qimem.hashing_processes`,
+``argon2_runs_in``), one per hashing slot; elsewhere in the calling thread.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 from collections.abc import Iterator
@@ -22,7 +26,10 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from qimem.errors import QimemError, ValidationError
+from qimem.hashing_processes import HashingProcesses, HelpersUnavailable
 from qimem.identity.settings import IdentitySettings
+
+log = logging.getLogger("qimem.identity")
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -61,7 +68,17 @@ class PasswordHashing:
             parallelism=settings.argon2_parallelism,
             type=Type.ID,
         )
-        self._slots = threading.BoundedSemaphore(settings.max_concurrent_hashes)
+        slots = settings.max_concurrent_hashes
+        #: Helper processes (``argon2_runs_in = "processes"``), or None: the calling thread.
+        self.helpers: HashingProcesses | None = None
+        if settings.argon2_runs_in == "processes":
+            params = (settings.argon2_time_cost, settings.argon2_memory_kib,
+                      settings.argon2_parallelism)  # fmt: skip
+            self.helpers = HashingProcesses(slots, params)
+        # With helpers, a slot's next login hands its job over while one hashes (so the
+        # helper never waits for it), hence two per helper; the helpers are the bound.
+        self._slots = threading.BoundedSemaphore(2 * slots if self.helpers else slots)
+        self._in_thread = threading.BoundedSemaphore(slots)  # the bound without helpers
         places = settings.max_concurrent_hashes + settings.max_waiting_hashes
         self._waiting = threading.BoundedSemaphore(places)
         self._wait = settings.hash_wait_seconds
@@ -116,7 +133,21 @@ class PasswordHashing:
         """A PHC-encoded Argon2id hash (``$argon2id$v=19$m=...,t=...,p=...$salt$hash``)."""
         validate_password(password)
         with self._gate():
-            return self._hasher.hash(password)
+            helpers = self.helpers
+            if helpers is not None:
+                try:
+                    return helpers.hash(password)
+                except HelpersUnavailable as exc:
+                    self._without_helpers(exc)
+            with self._in_thread:
+                return self._hasher.hash(password)
+
+    def _without_helpers(self, exc: HelpersUnavailable) -> None:
+        """Hash in the calling threads from now on (helpers cannot be used here)."""
+        log.warning("password hashing helpers unavailable (%s); hashing in-process", exc)
+        helpers, self.helpers = self.helpers, None
+        if helpers is not None:
+            helpers.close()
 
     @property
     def dummy_hash(self) -> str:
@@ -144,11 +175,26 @@ class PasswordHashing:
             password = ""
         target = stored if stored is not None else self.dummy_hash
         with self._gate(source, account):
-            try:
-                ok: bool = self._hasher.verify(target, password)
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
-                ok = False
+            ok = self._verify(target, password)
         return ok and stored is not None
+
+    def _verify(self, target: str, password: str) -> bool:
+        helpers = self.helpers
+        if helpers is not None:
+            try:
+                return helpers.verify(target, password)
+            except HelpersUnavailable as exc:
+                self._without_helpers(exc)
+        with self._in_thread:
+            try:
+                return bool(self._hasher.verify(target, password))
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                return False
+
+    def close(self) -> None:
+        """Stop the helper processes, if any (later hashes run in the calling thread)."""
+        if self.helpers is not None:
+            self.helpers.close()
 
     def needs_rehash(self, stored: str) -> bool:
         """True when ``stored`` was made with other parameters than the current ones."""

@@ -24,6 +24,7 @@ DEFAULT_PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
 
 AUDIT_MODES = ("buffered", "required")
 AUDIT_SPILL_FULL = ("drop", "refuse")
+ARGON2_RUNS_IN = ("auto", "processes", "threads")
 #: The smallest non-zero ``audit_spill_max_bytes`` (a header and a few records).
 MIN_SPILL_BYTES = 4096
 
@@ -40,6 +41,9 @@ class IdentitySettings:
     #: Logins allowed to wait for a hashing slot before new ones are refused at once.
     max_waiting_hashes: int = 16
     hash_wait_seconds: float = 10.0
+    #: Where Argon2 runs: "processes" (one helper process per hashing slot), "threads" (the
+    #: login's own thread), or "auto": processes in ``qimem serve``, threads elsewhere.
+    argon2_runs_in: str = "auto"
     #: Hashing + waiting places one client address (or one account) may hold at once, so a
     #: flood from one source cannot take every slot; 0 = half of all places (at least 1).
     max_logins_per_source: int = 0
@@ -122,6 +126,10 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
     settings = IdentitySettings(**kwargs)
     if settings.audit_mode not in AUDIT_MODES:
         raise ConfigError(f"{source}: identity.audit_mode must be one of {', '.join(AUDIT_MODES)}")
+    if settings.argon2_runs_in not in ARGON2_RUNS_IN:
+        raise ConfigError(
+            f"{source}: identity.argon2_runs_in must be one of {', '.join(ARGON2_RUNS_IN)}"
+        )
     if settings.audit_spill_full not in AUDIT_SPILL_FULL:
         raise ConfigError(
             f"{source}: identity.audit_spill_full must be one of {', '.join(AUDIT_SPILL_FULL)}"
@@ -149,6 +157,15 @@ def bounded_by_threads(settings: IdentitySettings, threads: int) -> IdentitySett
     concurrent = min(settings.max_concurrent_hashes, budget)
     waiting = min(settings.max_waiting_hashes, budget - concurrent)
     return replace(settings, max_concurrent_hashes=concurrent, max_waiting_hashes=waiting)
+
+
+def server_settings(settings: IdentitySettings, threads: int) -> IdentitySettings:
+    """``settings`` as ``qimem serve`` uses them: :func:`bounded_by_threads`, and Argon2 in
+    helper processes unless ``argon2_runs_in = "threads"``."""
+    bounded = bounded_by_threads(settings, threads)
+    if bounded.argon2_runs_in == "auto":
+        bounded = replace(bounded, argon2_runs_in="processes")
+    return bounded
 
 
 def load_settings(config_path: Path | None) -> IdentitySettings:
