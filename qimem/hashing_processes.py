@@ -2,169 +2,254 @@
 
 ``qimem serve`` (``[identity] argon2_runs_in = "auto"``) hashes and verifies passwords in
 ``max_concurrent_hashes`` helper processes instead of its own request threads. The bound is
-the same (one login hashes per helper, the others wait in the server for a place), but a
-helper goes from one hash to the next at once: a login waiting in the server has already
-handed its job over, so no helper waits for the server's GIL between two hashes. In the
-server's own threads, every hash cost two GIL hand-offs under load (after the hash, and for
-the next login's thread to start one), about a third of each slot's time (31 ms of wall
-time for 19 ms of CPU, docs/performance.md); the mixed load went from 0.56-0.67 of the
-bare peer to 0.74-0.76.
+the same (a helper hashes one password at a time; the other logins wait in the server for a
+place), but a helper goes from one hash to the next at once: the next login's job is
+already in its pipe, so no helper waits for the server's GIL between two hashes. In the
+server's own threads every hash cost two GIL hand-offs under load (after the hash, and for
+the next login's thread to start one), about a third of the slot's time
+(docs/performance.md).
 
-The helpers are started with ``spawn``: a fresh interpreter that imports this module and
-argon2-cffi only, with no copy of the server's memory (keys, tokens, connections). Each
-disables its core dumps (:func:`qimem.hardening.disable_core_dumps`) and exits within half
-a second when the server process is gone (even after SIGKILL). A helper that dies is
-replaced on the next login; if helpers cannot be started at all, hashing falls back to the
-calling thread, with the same bound. Passwords reach a helper through a pipe, never argv
-or the environment.
+A helper is ``python -I -c ...`` with an empty environment (none of the server's
+variables, such as a root key), started with ``close_fds``; it reads the server's
+``sys.path`` from its pipe, imports this module and argon2-cffi only, turns off its core
+dumps, and exits when its pipe closes or its server process is gone (within half a second,
+even after SIGKILL). Jobs and answers are JSON lines on its stdin and stdout; its stderr is
+discarded. A helper that dies is replaced; one that hangs is killed. If helpers cannot be
+started, :class:`HelpersUnavailable` tells the caller to hash in its own thread.
 """
 
 from __future__ import annotations
 
-import logging
+import collections
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
-if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
-
-log = logging.getLogger("qimem.identity")
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as Late
+from typing import IO, Any
 
 #: Argon2 parameters: (time_cost, memory_cost in KiB, parallelism).
 Params = tuple[int, int, int]
 
-#: Seconds a helper may take for one hash before the login gets 503 login_busy.
-HELPER_TIMEOUT = 60.0
-#: How often a helper checks that the server process is still there.
+#: Seconds one job may take in a helper (a hash takes tens of milliseconds; two jobs can be
+#: ahead of it) before the helper is killed and the caller told the login is busy.
+HELPER_TIMEOUT = 30.0
+#: How often a helper checks that its server process is still there.
 _WATCH_INTERVAL = 0.5
-
-_hashers: dict[Params, PasswordHasher] = {}  # in a helper: one hasher per parameter set
-
-
-def _hasher(params: Params) -> PasswordHasher:
-    hasher = _hashers.get(params)
-    if hasher is None:
-        hasher = _hashers[params] = PasswordHasher(*params, type=Type.ID)
-    return hasher
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.stdin.readline()); "
+    "from qimem.hashing_processes import helper_main; helper_main()"
+)
 
 
-def _helper_started(server_pid: int) -> None:
-    """A helper's initializer: no core dumps; exit when the server process is gone."""
+class HelpersUnavailable(Exception):
+    """The helpers cannot be used here (they cannot be started, or keep dying)."""
+
+
+class HelperTimeout(Exception):
+    """A helper took longer than :data:`HELPER_TIMEOUT` for one job (it was killed)."""
+
+
+class JobRefused(Exception):
+    """The helper could not do this job (e.g. a password that is not valid Unicode)."""
+
+
+# ---- in the helper -----------------------------------------------------------------------
+
+
+def helper_main() -> None:
+    """A helper's loop: one JSON job per line on stdin, one JSON answer per line on stdout."""
     from qimem.hardening import disable_core_dumps
 
     disable_core_dumps()
+    server = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == server_pid:
+        while os.getppid() == server:
             time.sleep(_WATCH_INTERVAL)
         os._exit(0)
 
     threading.Thread(target=watch, name="qimem-hashing-watch", daemon=True).start()
+    from argon2 import PasswordHasher, Type
+    from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+    hashers: dict[tuple[int, ...], PasswordHasher] = {}
+    for line in sys.stdin:
+        answer: dict[str, Any]
+        try:
+            job = json.loads(line)
+            t, m, p = (int(x) for x in job["params"])
+            hasher = hashers.get((t, m, p))
+            if hasher is None:
+                hasher = PasswordHasher(time_cost=t, memory_cost=m, parallelism=p, type=Type.ID)
+                hashers[(t, m, p)] = hasher
+            if job["op"] == "hash":
+                answer = {"hash": hasher.hash(job["password"])}
+            else:
+                try:
+                    answer = {"ok": bool(hasher.verify(job["stored"], job["password"]))}
+                except (VerifyMismatchError, VerificationError, InvalidHashError):
+                    answer = {"ok": False}
+        except Exception as exc:  # never the job's text: it holds a password
+            answer = {"error": type(exc).__name__}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
 
 
-def _verify(params: Params, stored: str, password: str) -> bool:
-    """In a helper: whether ``password`` matches the PHC hash ``stored``."""
-    try:
-        return bool(_hasher(params).verify(stored, password))
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
+# ---- in the server -----------------------------------------------------------------------
 
 
-def _hash(params: Params, password: str) -> str:
-    """In a helper: a PHC-encoded Argon2id hash of ``password``."""
-    return _hasher(params).hash(password)
+class _Helper:
+    """One helper process and the futures of its jobs, answered in order."""
 
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k == "QIMEM_ALLOW_CORE_DUMPS"}
+        self.proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed code)
+            [sys.executable, "-I", "-c", _BOOT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+            text=True,
+            encoding="utf-8",
+            errors="surrogatepass",
+        )
+        self._stdin: IO[str] = self.proc.stdin  # type: ignore[assignment]
+        self._lock = threading.Lock()
+        self.pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+        self.dead = False
+        self._stdin.write(json.dumps(sys.path) + "\n")
+        self._stdin.flush()
+        threading.Thread(target=self._read, name="qimem-hashing-answers", daemon=True).start()
 
-class HelpersUnavailable(Exception):
-    """The helpers could not do a job (they could not be started, or died twice)."""
+    def submit(self, job: dict[str, Any]) -> Future[dict[str, Any]]:
+        future: Future[dict[str, Any]] = Future()
+        line = json.dumps(job) + "\n"
+        with self._lock:
+            if self.dead:
+                raise BrokenPipeError
+            self.pending.append(future)
+            try:
+                self._stdin.write(line)
+                self._stdin.flush()
+            except (OSError, ValueError):
+                self._died_locked()
+                raise BrokenPipeError from None
+        return future
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for line in stdout:
+            with self._lock:
+                future = self.pending.popleft() if self.pending else None
+            if future is not None:
+                try:
+                    future.set_result(json.loads(line))
+                except ValueError:
+                    future.set_exception(JobRefused("unreadable answer"))
+        with self._lock:
+            self._died_locked()
+        stdout.close()
+        try:
+            self.proc.wait(timeout=5)  # reap it (it closed its stdout: it is exiting)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _died_locked(self) -> None:
+        self.dead = True
+        while self.pending:
+            self.pending.popleft().set_exception(BrokenPipeError())
+
+    def kill(self) -> None:
+        """Stop the process now and wait for it (it holds no state worth keeping); its
+        answer reader then sees the end of its output and fails what it still had."""
+        with self._lock:
+            self.dead = True
+            try:
+                self._stdin.close()
+            except OSError:
+                pass
+        self.proc.kill()
+        self.proc.wait()
 
 
 class HashingProcesses:
     """``processes`` helper processes that hash with ``params``; thread-safe; started on
-    first use (again in a forked child, which never uses its parent's)."""
+    first use (and again in a forked child, which never touches its parent's)."""
 
     def __init__(self, processes: int, params: Params) -> None:
         self.processes = processes
         self.params = params
-        self._pool: ProcessPoolExecutor | None = None
-        self._pid = 0
+        self._helpers: list[_Helper] = []
+        self._pid = os.getpid()
         self._closed = False
         self._lock = threading.Lock()
 
     def verify(self, stored: str, password: str) -> bool:
         """Whether ``password`` matches ``stored`` (argon2 errors: False)."""
-        return bool(self._run(_verify, stored, password))
+        return bool(self._run({"op": "verify", "stored": stored, "password": password})["ok"])
 
     def hash(self, password: str) -> str:
         """A PHC-encoded Argon2id hash of ``password``."""
-        return str(self._run(_hash, password))
+        return str(self._run({"op": "hash", "password": password})["hash"])
 
-    def _run(self, job: Callable[..., object], *args: str) -> object:
-        from concurrent.futures import TimeoutError as Late
-        from concurrent.futures.process import BrokenProcessPool
-
-        for _attempt in (1, 2):
-            pool = self._current()
+    def _run(self, job: dict[str, Any]) -> dict[str, Any]:
+        job["params"] = list(self.params)
+        for _attempt in (1, 2):  # one helper may die (killed, out of memory): its replacement
+            helper = self._pick()
             try:
-                return pool.submit(job, self.params, *args).result(timeout=HELPER_TIMEOUT)
-            except (BrokenProcessPool, RuntimeError):  # a helper died, or another thread
-                # replaced this pool after one did: new helpers, once
-                log.warning("a password hashing helper died; starting new ones")
-                self._discard(pool)
+                answer = helper.submit(job).result(timeout=HELPER_TIMEOUT)
+            except BrokenPipeError:
+                continue
             except Late:
-                raise HelpersUnavailable("a hash took too long") from None
-            except Exception as exc:  # processes cannot be started here (OSError, ...)
-                self._discard(pool)
-                raise HelpersUnavailable(type(exc).__name__) from None
+                helper.kill()
+                raise HelperTimeout from None
+            if "error" in answer:
+                raise JobRefused(str(answer["error"]))
+            return answer
         raise HelpersUnavailable("helpers died twice in a row")
 
-    def _current(self) -> ProcessPoolExecutor:
-        import multiprocessing  # here: the CLI never starts helpers, nor pays the import
-        from concurrent.futures import ProcessPoolExecutor
-
+    def _pick(self) -> _Helper:
+        """The live helper with the fewest jobs (one is started if there are fewer than
+        ``processes``)."""
         with self._lock:
             if self._closed:
                 raise HelpersUnavailable("closed")
-            if self._pool is None or self._pid != os.getpid():
-                # In a forked child the parent's pool is not ours: never shut it down here.
-                self._pool = ProcessPoolExecutor(
-                    self.processes,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_helper_started,
-                    initargs=(os.getpid(),),
-                )
-                self._pid = os.getpid()
-            return self._pool
-
-    def _discard(self, pool: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is pool:
-                self._pool = None
-        pool.shutdown(wait=False, cancel_futures=True)
+            if self._pid != os.getpid():  # a forked child: the parent's helpers stay theirs
+                self._helpers, self._pid = [], os.getpid()
+            self._helpers = [h for h in self._helpers if not h.dead]
+            idle = min(self._helpers, key=lambda h: len(h.pending), default=None)
+            if idle is None or (idle.pending and len(self._helpers) < self.processes):
+                try:
+                    idle = _Helper()
+                except OSError as exc:
+                    raise HelpersUnavailable(type(exc).__name__) from None
+                self._helpers.append(idle)
+            return idle
 
     def helper_pids(self) -> list[int]:
         """The live helpers' process ids (for tests and diagnostics)."""
-        pool = self._pool
-        if pool is None or self._pid != os.getpid():
-            return []
-        processes = getattr(pool, "_processes", None) or {}
-        return sorted(pid for pid, proc in processes.items() if proc.is_alive())
+        with self._lock:
+            if self._pid != os.getpid():
+                return []
+            return sorted(h.proc.pid for h in self._helpers if not h.dead)
 
     def close(self) -> None:
-        """Stop the helpers (they finish the job in hand); later jobs raise
-        :class:`HelpersUnavailable`."""
+        """Kill the helpers and wait for them; later jobs raise :class:`HelpersUnavailable`.
+        When this returns, no helper of this process is hashing."""
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
+            helpers, self._helpers = self._helpers, []
             mine = self._pid == os.getpid()
-        if pool is not None and mine:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if mine:
+            for helper in helpers:
+                helper.kill()
 
     def __repr__(self) -> str:
         t, m, p = self.params

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--servers and --workers must be at least 1")
     if args.floor_hash_slots < 0:
         parser.error("--floor-hash-slots must be 0 (unbounded) or more")
+    if args.floor_hash_slots and not args.floor:
+        parser.error("--floor-hash-slots needs --floor")
     mix = dict(MIX)
     for item in args.mix:
         op, _, weight = item.partition("=")

@@ -26,7 +26,12 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from qimem.errors import QimemError, ValidationError
-from qimem.hashing_processes import HashingProcesses, HelpersUnavailable
+from qimem.hashing_processes import (
+    HashingProcesses,
+    HelpersUnavailable,
+    HelperTimeout,
+    JobRefused,
+)
 from qimem.identity.settings import IdentitySettings
 
 log = logging.getLogger("qimem.identity")
@@ -55,7 +60,18 @@ def validate_password(password: str) -> str:
             f"password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters",
             code="invalid_password",
         )
+    if not _encodable(password):
+        raise ValidationError("password must be valid Unicode text", code="invalid_password")
     return password
+
+
+def _encodable(text: str) -> bool:
+    """False for text with lone surrogates (JSON can carry them; UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class PasswordHashing:
@@ -79,6 +95,7 @@ class PasswordHashing:
         # helper never waits for it), hence two per helper; the helpers are the bound.
         self._slots = threading.BoundedSemaphore(2 * slots if self.helpers else slots)
         self._in_thread = threading.BoundedSemaphore(slots)  # the bound without helpers
+        self._fallback_lock = threading.Lock()
         places = settings.max_concurrent_hashes + settings.max_waiting_hashes
         self._waiting = threading.BoundedSemaphore(places)
         self._wait = settings.hash_wait_seconds
@@ -139,15 +156,23 @@ class PasswordHashing:
                     return helpers.hash(password)
                 except HelpersUnavailable as exc:
                     self._without_helpers(exc)
+                except HelperTimeout:
+                    raise LoginBusyError("password hashing is overloaded; retry shortly") from None
+                except JobRefused:
+                    raise ValidationError(
+                        "password could not be hashed", code="invalid_password"
+                    ) from None
             with self._in_thread:
                 return self._hasher.hash(password)
 
     def _without_helpers(self, exc: HelpersUnavailable) -> None:
-        """Hash in the calling threads from now on (helpers cannot be used here)."""
-        log.warning("password hashing helpers unavailable (%s); hashing in-process", exc)
-        helpers, self.helpers = self.helpers, None
-        if helpers is not None:
-            helpers.close()
+        """Hash in the calling threads from now on (helpers cannot be used here). Returns
+        once no helper is hashing, so the bound holds across the switch."""
+        with self._fallback_lock:
+            helpers, self.helpers = self.helpers, None
+            if helpers is not None:
+                log.warning("password hashing helpers unavailable (%s); hashing in-process", exc)
+                helpers.close()
 
     @property
     def dummy_hash(self) -> str:
@@ -173,6 +198,8 @@ class PasswordHashing:
         """
         if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
             password = ""
+        elif not _encodable(password):
+            password = ""  # fails, as any wrong password, after the same work
         target = stored if stored is not None else self.dummy_hash
         with self._gate(source, account):
             ok = self._verify(target, password)
@@ -185,6 +212,10 @@ class PasswordHashing:
                 return helpers.verify(target, password)
             except HelpersUnavailable as exc:
                 self._without_helpers(exc)
+            except HelperTimeout:
+                raise LoginBusyError("password hashing is overloaded; retry shortly") from None
+            except JobRefused:
+                return False
         with self._in_thread:
             try:
                 return bool(self._hasher.verify(target, password))
