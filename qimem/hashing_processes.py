@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as Late
 from typing import IO, Any
@@ -39,10 +40,23 @@ Params = tuple[int, int, int]
 HELPER_TIMEOUT = 30.0
 #: How often a helper checks that its server process is still there.
 _WATCH_INTERVAL = 0.5
-_BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.stdin.readline()); "
-    "from qimem.hashing_processes import helper_main; helper_main()"
-)
+# Before it reads anything: no SIGINT/SIGTERM (a Ctrl-C or a stop sent to the server's
+# process group; a helper ends with its input or its server), no core dumps (as
+# qimem.hardening does; the server's QIMEM_ALLOW_CORE_DUMPS is the one variable it gets).
+_BOOT = """
+import ctypes, json, os, resource, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("QIMEM_ALLOW_CORE_DUMPS", "").strip().lower() not in ("1", "true", "yes"):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    try:
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
+sys.path[:] = json.loads(sys.stdin.readline())
+from qimem.hashing_processes import helper_main
+helper_main()
+"""
 
 
 class HelpersUnavailable(Exception):
@@ -79,6 +93,7 @@ def helper_main() -> None:
     hashers: dict[tuple[int, ...], PasswordHasher] = {}
     for line in sys.stdin:
         answer: dict[str, Any]
+        job: dict[str, Any] = {}
         try:
             job = json.loads(line)
             t, m, p = (int(x) for x in job["params"])
@@ -95,6 +110,7 @@ def helper_main() -> None:
                     answer = {"ok": False}
         except Exception as exc:  # never the job's text: it holds a password
             answer = {"error": type(exc).__name__}
+        answer["id"] = job.get("id") if isinstance(job, dict) else None
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
@@ -106,7 +122,10 @@ class _Helper:
     """One helper process and the futures of its jobs, answered in order."""
 
     def __init__(self) -> None:
+        if not sys.executable:  # an embedded interpreter: no program to start
+            raise HelpersUnavailable("no Python executable")
         env = {k: v for k, v in os.environ.items() if k == "QIMEM_ALLOW_CORE_DUMPS"}
+        path = [entry for entry in sys.path if isinstance(entry, str)]
         self.proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed code)
             [sys.executable, "-I", "-c", _BOOT],
             stdin=subprocess.PIPE,
@@ -122,16 +141,24 @@ class _Helper:
         self._lock = threading.Lock()
         self.pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
         self.dead = False
-        self._stdin.write(json.dumps(sys.path) + "\n")
-        self._stdin.flush()
-        threading.Thread(target=self._read, name="qimem-hashing-answers", daemon=True).start()
+        self._next_id = 0
+        try:
+            self._stdin.write(json.dumps(path) + "\n")
+            self._stdin.flush()
+            threading.Thread(target=self._read, name="qimem-hashing-answers", daemon=True).start()
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def submit(self, job: dict[str, Any]) -> Future[dict[str, Any]]:
         future: Future[dict[str, Any]] = Future()
-        line = json.dumps(job) + "\n"
         with self._lock:
             if self.dead:
                 raise BrokenPipeError
+            self._next_id += 1
+            future.job_id = self._next_id  # type: ignore[attr-defined]
+            line = json.dumps({**job, "id": self._next_id}) + "\n"
             self.pending.append(future)
             try:
                 self._stdin.write(line)
@@ -145,15 +172,20 @@ class _Helper:
         stdout = self.proc.stdout
         assert stdout is not None
         for line in stdout:
+            answer = _answer(line)
             with self._lock:
-                future = self.pending.popleft() if self.pending else None
-            if future is not None:
-                try:
-                    future.set_result(json.loads(line))
-                except ValueError:
-                    future.set_exception(JobRefused("unreadable answer"))
+                future = self.pending[0] if self.pending else None
+                if future is None or answer is None or answer["id"] != future.job_id:  # type: ignore[attr-defined]
+                    break  # not our helper's answer: trust nothing more from it
+                self.pending.popleft()
+            future.set_result(answer)
         with self._lock:
             self._died_locked()
+            try:
+                self._stdin.close()
+            except OSError:
+                pass
+        self.proc.kill()  # if it is still there (it broke the protocol)
         stdout.close()
         try:
             self.proc.wait(timeout=5)  # reap it (it closed its stdout: it is exiting)
@@ -179,6 +211,19 @@ class _Helper:
         self.proc.wait()
 
 
+def _answer(line: str) -> dict[str, Any] | None:
+    """A helper's answer line, or None if it is not one (cut short, not JSON, no id)."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), int):
+        return None
+    return answer
+
+
 class HashingProcesses:
     """``processes`` helper processes that hash with ``params``; thread-safe; started on
     first use (and again in a forked child, which never touches its parent's)."""
@@ -190,14 +235,27 @@ class HashingProcesses:
         self._pid = os.getpid()
         self._closed = False
         self._lock = threading.Lock()
+        _instances.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The lock may have been held by another thread at the fork; the helpers are the
+        # parent's (their pipes stay open here, unused).
+        self._lock = threading.Lock()
+        self._helpers, self._pid = [], os.getpid()
 
     def verify(self, stored: str, password: str) -> bool:
         """Whether ``password`` matches ``stored`` (argon2 errors: False)."""
-        return bool(self._run({"op": "verify", "stored": stored, "password": password})["ok"])
+        ok = self._run({"op": "verify", "stored": stored, "password": password}).get("ok")
+        if not isinstance(ok, bool):
+            raise JobRefused("no verdict")
+        return ok
 
     def hash(self, password: str) -> str:
         """A PHC-encoded Argon2id hash of ``password``."""
-        return str(self._run({"op": "hash", "password": password})["hash"])
+        made = self._run({"op": "hash", "password": password}).get("hash")
+        if not isinstance(made, str):
+            raise JobRefused("no hash")
+        return made
 
     def _run(self, job: dict[str, Any]) -> dict[str, Any]:
         job["params"] = list(self.params)
@@ -228,7 +286,9 @@ class HashingProcesses:
             if idle is None or (idle.pending and len(self._helpers) < self.processes):
                 try:
                     idle = _Helper()
-                except OSError as exc:
+                except HelpersUnavailable:
+                    raise
+                except Exception as exc:  # cannot start a process here (OSError, ...)
                     raise HelpersUnavailable(type(exc).__name__) from None
                 self._helpers.append(idle)
             return idle
@@ -254,3 +314,15 @@ class HashingProcesses:
     def __repr__(self) -> str:
         t, m, p = self.params
         return f"<HashingProcesses {self.processes} argon2id m={m} t={t} p={p}>"
+
+
+_instances: weakref.WeakSet[HashingProcesses] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for instance in list(_instances):
+        instance._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

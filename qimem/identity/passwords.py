@@ -156,12 +156,8 @@ class PasswordHashing:
                     return helpers.hash(password)
                 except HelpersUnavailable as exc:
                     self._without_helpers(exc)
-                except HelperTimeout:
+                except (HelperTimeout, JobRefused):
                     raise LoginBusyError("password hashing is overloaded; retry shortly") from None
-                except JobRefused:
-                    raise ValidationError(
-                        "password could not be hashed", code="invalid_password"
-                    ) from None
             with self._in_thread:
                 return self._hasher.hash(password)
 
@@ -169,10 +165,11 @@ class PasswordHashing:
         """Hash in the calling threads from now on (helpers cannot be used here). Returns
         once no helper is hashing, so the bound holds across the switch."""
         with self._fallback_lock:
-            helpers, self.helpers = self.helpers, None
+            helpers = self.helpers
             if helpers is not None:
                 log.warning("password hashing helpers unavailable (%s); hashing in-process", exc)
-                helpers.close()
+                helpers.close()  # first: kills and reaps them, so no helper still hashes
+                self.helpers = None
 
     @property
     def dummy_hash(self) -> str:
@@ -212,10 +209,8 @@ class PasswordHashing:
                 return helpers.verify(target, password)
             except HelpersUnavailable as exc:
                 self._without_helpers(exc)
-            except HelperTimeout:
+            except (HelperTimeout, JobRefused):  # never a verdict: the input was screened
                 raise LoginBusyError("password hashing is overloaded; retry shortly") from None
-            except JobRefused:
-                return False
         with self._in_thread:
             try:
                 return bool(self._hasher.verify(target, password))
