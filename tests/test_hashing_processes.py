@@ -314,36 +314,51 @@ def _helpers_of(pid: int) -> list[int]:
     ]
 
 
-def test_qimem_serve_hashes_logins_in_one_helper_and_stops_it(
-    tmp_path: Path, processes: list[ServeProcess]
-) -> None:
+def _home(tmp_path: Path) -> Path:
+    """A home made by ``qimem init`` with one hashing slot per server process."""
     home = tmp_path / "home"
     done = qimem_process(home, "init", "--admin-password-stdin", stdin=ADMIN_PASSWORD + "\n")
     assert done.returncode == 0, done.stderr
     config = home / "config.toml"
     config.write_text(config.read_text() + "\n[identity]\nmax_concurrent_hashes = 1\n")
-    server = ServeProcess(tmp_path, home_env(home), insecure=False)
+    return home
+
+
+def _call(url: str, path: str, body: dict[str, object], token: str = "") -> tuple[int, dict]:
+    """POST JSON to ``url``/v1/auth/realms/master/``path``: (status, answer)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(
+        f"{url}/v1/auth/realms/master/{path}",
+        data=json.dumps(body).encode(),  # a lone surrogate goes as a \udXXX escape
+        headers=headers,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+def _login(url: str, password: str = ADMIN_PASSWORD) -> tuple[int, dict]:
+    return _call(
+        url, "token", {"grant_type": "password", "username": "admin", "password": password}
+    )
+
+
+def test_qimem_serve_hashes_logins_in_one_helper_and_stops_it(
+    tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    server = ServeProcess(tmp_path, home_env(_home(tmp_path)), insecure=False)
     processes.append(server)
     server.wait_ready()
 
     def call(path: str, body: dict[str, object], token: str = "") -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(
-            f"{server.url}/v1/auth/realms/master/{path}",
-            data=json.dumps(body).encode(),  # a lone surrogate goes as a \udXXX escape
-            headers=headers,
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (loopback)
-                return int(resp.status), json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), json.loads(exc.read())
+        return _call(server.url, path, body, token)
 
     def login(password: str) -> tuple[int, dict]:
-        form = {"grant_type": "password", "username": "admin", "password": password}
-        return call("token", form)
+        return _login(server.url, password)
 
     status, answer = login(ADMIN_PASSWORD)
     assert status == 200
@@ -363,3 +378,30 @@ def test_qimem_serve_hashes_logins_in_one_helper_and_stops_it(
     assert server.stop() == 0
     wait_for(lambda: not alive(replacement), timeout=10, what="the helper to stop")
     assert "Traceback" not in server.log()
+
+
+def test_workers_have_their_own_helpers_and_a_reload_or_stop_ends_them(
+    tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    server = ServeProcess(tmp_path, home_env(_home(tmp_path)), "--workers", "2", insecure=False)
+    processes.append(server)
+    server.wait_ready()
+    workers = wait_for(lambda: (w := child_pids(server.proc.pid)) and len(w) == 2 and w)
+
+    def helpers() -> list[int]:
+        return [h for w in workers for h in _helpers_of(w)]  # type: ignore[union-attr]
+
+    for _ in range(6):  # new connections: both workers are likely to serve one
+        assert _login(server.url)[0] == 200
+    before = helpers()
+    assert 1 <= len(before) <= 2  # one per worker that hashed, never more
+    assert not _helpers_of(server.proc.pid)  # the master never hashes
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in server.log(), timeout=60, what="the reload")
+    wait_for(lambda: not any(alive(h) for h in before), what="the old workers' helpers to end")
+    assert _login(server.url)[0] == 200
+    workers = child_pids(server.proc.pid)
+    after = helpers()
+    assert after and not set(after) & set(before)
+    assert server.stop() == 0
+    wait_for(lambda: not any(alive(h) for h in after), timeout=10, what="the helpers to end")
