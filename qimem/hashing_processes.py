@@ -10,12 +10,13 @@ the next login's thread to start one), about a third of the slot's time
 (docs/performance.md).
 
 A helper is ``python -I -c ...`` with an empty environment (none of the server's
-variables, such as a root key), started with ``close_fds``; it reads the server's
-``sys.path`` from its pipe, imports this module and argon2-cffi only, turns off its core
-dumps, and exits when its pipe closes or its server process is gone (within half a second,
-even after SIGKILL). Jobs and answers are JSON lines on its stdin and stdout; its stderr is
-discarded. A helper that dies is replaced; one that hangs is killed. If helpers cannot be
-started, :class:`HelpersUnavailable` tells the caller to hash in its own thread.
+variables, such as a root key), started with ``close_fds``; it takes the server's
+``sys.path`` as its argument, imports this module and argon2-cffi only, turns off its core
+dumps before it reads its pipe, and exits when its pipe closes or its server process is
+gone (within half a second, even after SIGKILL). Jobs and answers are JSON lines on its
+stdin and stdout; its stderr is discarded. A helper that dies is replaced; one that hangs
+is killed. If helpers cannot be started, :class:`HelpersUnavailable` tells the caller to
+hash in its own thread.
 """
 
 from __future__ import annotations
@@ -40,23 +41,12 @@ Params = tuple[int, int, int]
 HELPER_TIMEOUT = 30.0
 #: How often a helper checks that its server process is still there.
 _WATCH_INTERVAL = 0.5
-# Before it reads anything: no SIGINT/SIGTERM (a Ctrl-C or a stop sent to the server's
-# process group; a helper ends with its input or its server), no core dumps (as
-# qimem.hardening does; the server's QIMEM_ALLOW_CORE_DUMPS is the one variable it gets).
-_BOOT = """
-import ctypes, json, os, resource, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-if os.environ.get("QIMEM_ALLOW_CORE_DUMPS", "").strip().lower() not in ("1", "true", "yes"):
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    try:
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    except (OSError, AttributeError):
-        pass
-sys.path[:] = json.loads(sys.stdin.readline())
-from qimem.hashing_processes import helper_main
-helper_main()
-"""
+# The server's sys.path comes as an argument (not secret); passwords only on stdin, which
+# helper_main reads after it has hardened the process.
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from qimem.hashing_processes import helper_main; helper_main()"
+)
 
 
 class HelpersUnavailable(Exception):
@@ -75,10 +65,19 @@ class JobRefused(Exception):
 
 
 def helper_main() -> None:
-    """A helper's loop: one JSON job per line on stdin, one JSON answer per line on stdout."""
+    """A helper's loop: one JSON job per line on stdin, one JSON answer per line on stdout.
+
+    Before it reads anything: no core dumps (:func:`qimem.hardening.disable_core_dumps`;
+    the server's ``QIMEM_ALLOW_CORE_DUMPS`` is the one variable it gets), and no SIGINT or
+    SIGTERM (a Ctrl-C or a stop sent to the server's process group: a helper ends with its
+    input or its server)."""
+    import signal
+
     from qimem.hardening import disable_core_dumps
 
     disable_core_dumps()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     server = os.getppid()
 
     def watch() -> None:
@@ -125,9 +124,9 @@ class _Helper:
         if not sys.executable:  # an embedded interpreter: no program to start
             raise HelpersUnavailable("no Python executable")
         env = {k: v for k, v in os.environ.items() if k == "QIMEM_ALLOW_CORE_DUMPS"}
-        path = [entry for entry in sys.path if isinstance(entry, str)]
+        path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])
         self.proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed code)
-            [sys.executable, "-I", "-c", _BOOT],
+            [sys.executable, "-I", "-c", _BOOT, path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -142,14 +141,7 @@ class _Helper:
         self.pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
         self.dead = False
         self._next_id = 0
-        try:
-            self._stdin.write(json.dumps(path) + "\n")
-            self._stdin.flush()
-            threading.Thread(target=self._read, name="qimem-hashing-answers", daemon=True).start()
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        threading.Thread(target=self._read, name="qimem-hashing-answers", daemon=True).start()
 
     def submit(self, job: dict[str, Any]) -> Future[dict[str, Any]]:
         future: Future[dict[str, Any]] = Future()
@@ -187,11 +179,7 @@ class _Helper:
                 pass
         self.proc.kill()  # if it is still there (it broke the protocol)
         stdout.close()
-        try:
-            self.proc.wait(timeout=5)  # reap it (it closed its stdout: it is exiting)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
 
     def _died_locked(self) -> None:
         self.dead = True
@@ -226,13 +214,13 @@ def _answer(line: str) -> dict[str, Any] | None:
 
 class HashingProcesses:
     """``processes`` helper processes that hash with ``params``; thread-safe; started on
-    first use (and again in a forked child, which never touches its parent's)."""
+    first use (and again in a forked child, which never touches its parent's: see
+    :func:`_after_fork_in_child`)."""
 
     def __init__(self, processes: int, params: Params) -> None:
         self.processes = processes
         self.params = params
         self._helpers: list[_Helper] = []
-        self._pid = os.getpid()
         self._closed = False
         self._lock = threading.Lock()
         _instances.add(self)
@@ -241,7 +229,7 @@ class HashingProcesses:
         # The lock may have been held by another thread at the fork; the helpers are the
         # parent's (their pipes stay open here, unused).
         self._lock = threading.Lock()
-        self._helpers, self._pid = [], os.getpid()
+        self._helpers = []
 
     def verify(self, stored: str, password: str) -> bool:
         """Whether ``password`` matches ``stored`` (argon2 errors: False)."""
@@ -279,8 +267,6 @@ class HashingProcesses:
         with self._lock:
             if self._closed:
                 raise HelpersUnavailable("closed")
-            if self._pid != os.getpid():  # a forked child: the parent's helpers stay theirs
-                self._helpers, self._pid = [], os.getpid()
             self._helpers = [h for h in self._helpers if not h.dead]
             idle = min(self._helpers, key=lambda h: len(h.pending), default=None)
             if idle is None or (idle.pending and len(self._helpers) < self.processes):
@@ -296,8 +282,6 @@ class HashingProcesses:
     def helper_pids(self) -> list[int]:
         """The live helpers' process ids (for tests and diagnostics)."""
         with self._lock:
-            if self._pid != os.getpid():
-                return []
             return sorted(h.proc.pid for h in self._helpers if not h.dead)
 
     def close(self) -> None:
@@ -306,10 +290,8 @@ class HashingProcesses:
         with self._lock:
             self._closed = True
             helpers, self._helpers = self._helpers, []
-            mine = self._pid == os.getpid()
-        if mine:
-            for helper in helpers:
-                helper.kill()
+        for helper in helpers:
+            helper.kill()
 
     def __repr__(self) -> str:
         t, m, p = self.params

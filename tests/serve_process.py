@@ -124,6 +124,19 @@ class ServeProcess:
 # ---- qimem serve --workers N: the master's worker processes, read from /proc ----------
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command (state, parent, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return _stat(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
 def child_pids(pid: int) -> list[int]:
     """The live (not zombie) processes whose parent is ``pid``, from /proc."""
     found = []
@@ -131,10 +144,9 @@ def child_pids(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = _stat(entry.name)
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
         if fields[0] != "Z" and int(fields[1]) == pid:
             found.append(int(entry.name))
     return sorted(found)
@@ -142,7 +154,7 @@ def child_pids(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` (itself, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -20,7 +20,8 @@ import hmac
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -35,6 +36,7 @@ from qimem.hashing_processes import (
 from qimem.identity.settings import IdentitySettings
 
 log = logging.getLogger("qimem.identity")
+_T = TypeVar("_T")
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -150,26 +152,37 @@ class PasswordHashing:
         """A PHC-encoded Argon2id hash (``$argon2id$v=19$m=...,t=...,p=...$salt$hash``)."""
         validate_password(password)
         with self._gate():
-            helpers = self.helpers
-            if helpers is not None:
-                try:
-                    return helpers.hash(password)
-                except HelpersUnavailable as exc:
-                    self._without_helpers(exc)
-                except (HelperTimeout, JobRefused):
-                    raise LoginBusyError("password hashing is overloaded; retry shortly") from None
-            with self._in_thread:
-                return self._hasher.hash(password)
+            return self._hashed(lambda h: h.hash(password), lambda: self._hasher.hash(password))
 
-    def _without_helpers(self, exc: HelpersUnavailable) -> None:
-        """Hash in the calling threads from now on (helpers cannot be used here). Returns
-        once no helper is hashing, so the bound holds across the switch."""
+    def _hashed(
+        self, in_helpers: Callable[[HashingProcesses], _T], in_thread: Callable[[], _T]
+    ) -> _T:
+        """``in_helpers`` if helpers are in use, else ``in_thread`` under the in-thread
+        bound (called holding a gate slot)."""
+        helpers = self.helpers
+        if helpers is not None:
+            try:
+                return in_helpers(helpers)
+            except HelpersUnavailable as exc:
+                if self._stop_helpers():
+                    log.warning(
+                        "password hashing helpers unavailable (%s); hashing in-process", exc
+                    )
+            except (HelperTimeout, JobRefused):  # never a verdict: the input was screened
+                raise LoginBusyError("password hashing is overloaded; retry shortly") from None
+        with self._in_thread:
+            return in_thread()
+
+    def _stop_helpers(self) -> bool:
+        """Hash in the calling threads from now on; True if this call stopped the helpers.
+        Returns once no helper is hashing, so the bound holds across the switch."""
         with self._fallback_lock:
             helpers = self.helpers
-            if helpers is not None:
-                log.warning("password hashing helpers unavailable (%s); hashing in-process", exc)
-                helpers.close()  # first: kills and reaps them, so no helper still hashes
-                self.helpers = None
+            if helpers is None:
+                return False
+            helpers.close()  # first: kills and reaps them, so no helper still hashes
+            self.helpers = None
+            return True
 
     @property
     def dummy_hash(self) -> str:
@@ -199,28 +212,20 @@ class PasswordHashing:
             password = ""  # fails, as any wrong password, after the same work
         target = stored if stored is not None else self.dummy_hash
         with self._gate(source, account):
-            ok = self._verify(target, password)
+            ok = self._hashed(
+                lambda h: h.verify(target, password), lambda: self._verify_here(target, password)
+            )
         return ok and stored is not None
 
-    def _verify(self, target: str, password: str) -> bool:
-        helpers = self.helpers
-        if helpers is not None:
-            try:
-                return helpers.verify(target, password)
-            except HelpersUnavailable as exc:
-                self._without_helpers(exc)
-            except (HelperTimeout, JobRefused):  # never a verdict: the input was screened
-                raise LoginBusyError("password hashing is overloaded; retry shortly") from None
-        with self._in_thread:
-            try:
-                return bool(self._hasher.verify(target, password))
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
-                return False
+    def _verify_here(self, target: str, password: str) -> bool:
+        try:
+            return bool(self._hasher.verify(target, password))
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
 
     def close(self) -> None:
         """Stop the helper processes, if any (later hashes run in the calling thread)."""
-        if self.helpers is not None:
-            self.helpers.close()
+        self._stop_helpers()
 
     def needs_rehash(self, stored: str) -> bool:
         """True when ``stored`` was made with other parameters than the current ones."""

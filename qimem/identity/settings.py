@@ -124,16 +124,13 @@ def settings_from_mapping(values: dict[str, Any], source: str = "[identity]") ->
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: identity.{name} has the wrong type") from None
     settings = IdentitySettings(**kwargs)
-    if settings.audit_mode not in AUDIT_MODES:
-        raise ConfigError(f"{source}: identity.audit_mode must be one of {', '.join(AUDIT_MODES)}")
-    if settings.argon2_runs_in not in ARGON2_RUNS_IN:
-        raise ConfigError(
-            f"{source}: identity.argon2_runs_in must be one of {', '.join(ARGON2_RUNS_IN)}"
-        )
-    if settings.audit_spill_full not in AUDIT_SPILL_FULL:
-        raise ConfigError(
-            f"{source}: identity.audit_spill_full must be one of {', '.join(AUDIT_SPILL_FULL)}"
-        )
+    for name, choices in (
+        ("audit_mode", AUDIT_MODES),
+        ("argon2_runs_in", ARGON2_RUNS_IN),
+        ("audit_spill_full", AUDIT_SPILL_FULL),
+    ):
+        if getattr(settings, name) not in choices:
+            raise ConfigError(f"{source}: identity.{name} must be one of {', '.join(choices)}")
     if settings.audit_spill_max_bytes < 0 or 0 < settings.audit_spill_max_bytes < MIN_SPILL_BYTES:
         raise ConfigError(
             f"{source}: identity.audit_spill_max_bytes must be 0 (no spill) or at least "
